@@ -1,0 +1,45 @@
+//! `vmtd`: the vmthunder node daemon. Parses arguments, loads the config, sets up logging and
+//! runs [`vmthunder::daemon::Daemon`].
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+
+/// Serve base images to QEMU over NBD from a lazily filled, crash-safe node cache.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Configuration file.
+    #[arg(long, short, default_value = vmthunder::config::DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Only check the configuration and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VMT_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = vmthunder::config::Config::load(&args.config)?;
+    if args.check {
+        println!(
+            "{}: ok ({} images)",
+            args.config.display(),
+            cfg.images.len()
+        );
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(vmthunder::daemon::Daemon::run(cfg))?;
+    Ok(())
+}

@@ -1,0 +1,371 @@
+//! `vmtd`'s TOML configuration (`/etc/vmthunder/vmtd.toml` by default).
+//!
+//! Unknown keys are refused and every value is validated on load, each error naming its key, so
+//! a typo never silently falls back to a default. See the README for every key.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::fetch::origin::{OriginError, OriginUrl};
+use crate::image::ChunkSize;
+
+/// Where `vmtd` looks for its configuration when none is given.
+pub const DEFAULT_CONFIG: &str = "/etc/vmthunder/vmtd.toml";
+
+/// Errors loading or validating the configuration.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown or mistyped keys.
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A value is out of range or malformed.
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// The daemon's configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Holds `control.sock` and `exports/<image>.sock`.
+    #[serde(default = "default_run_dir")]
+    pub run_dir: PathBuf,
+    /// Holds one directory per image digest (data file, state, manifest).
+    #[serde(default = "default_cache_dir")]
+    pub cache_dir: PathBuf,
+    /// Holds boot profiles, named by image digest.
+    #[serde(default = "default_profile_dir")]
+    pub profile_dir: PathBuf,
+    /// The user that may connect to export sockets (QEMU's user under libvirt).
+    #[serde(default = "default_export_user")]
+    pub export_user: String,
+    /// Optional TCP address serving every export by name (read-only, like the sockets).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// How long one guest read may wait for an unreachable origin before it gets EIO.
+    #[serde(default = "default_fetch_timeout")]
+    pub fetch_timeout: String,
+    /// Longest upstream read made by joining adjacent missing chunks.
+    #[serde(default = "default_max_fetch")]
+    pub max_fetch: String,
+    /// How often newly fetched chunks are made durable and recorded (group commit).
+    #[serde(default = "default_commit_interval")]
+    pub commit_interval: String,
+    /// Images served at start.
+    #[serde(default, rename = "image")]
+    pub images: Vec<ImageConfig>,
+}
+
+/// One image served by the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageConfig {
+    /// The export name and socket name: `[A-Za-z0-9._-]`, 1 to 64 characters, no leading dot.
+    pub name: String,
+    /// `file:///PATH`, `nbd+unix:///EXPORT?socket=PATH` or `nbd://HOST[:PORT]/EXPORT`.
+    pub origin: String,
+    /// Power of two, 4KiB to 4MiB; 64KiB by default, or the manifest's when one is given.
+    #[serde(default)]
+    pub chunk_size: Option<String>,
+    /// Manifest file (from `vmt image manifest`); required for network origins, built by
+    /// reading the image once for file origins when absent.
+    #[serde(default)]
+    pub manifest: Option<PathBuf>,
+}
+
+/// Run-time settings derived from [`Config`], in typed units.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    pub fetch_timeout: Duration,
+    pub max_fetch: u64,
+    pub commit_interval: Duration,
+}
+
+fn default_run_dir() -> PathBuf {
+    "/run/vmthunder".into()
+}
+fn default_cache_dir() -> PathBuf {
+    "/var/lib/vmthunder/cache".into()
+}
+fn default_profile_dir() -> PathBuf {
+    "/var/lib/vmthunder/profiles".into()
+}
+fn default_export_user() -> String {
+    "libvirt-qemu".into()
+}
+fn default_fetch_timeout() -> String {
+    "30s".into()
+}
+fn default_max_fetch() -> String {
+    "1MiB".into()
+}
+fn default_commit_interval() -> String {
+    "100ms".into()
+}
+
+impl Config {
+    /// Reads and validates the configuration file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses and validates TOML text (for tests and tools).
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "<text>".into(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, p) in [
+            ("run_dir", &self.run_dir),
+            ("cache_dir", &self.cache_dir),
+            ("profile_dir", &self.profile_dir),
+        ] {
+            if !p.is_absolute() {
+                return Err(invalid(
+                    key,
+                    format!("{} must be an absolute path", p.display()),
+                ));
+            }
+        }
+        self.tuning()?;
+        let mut seen = HashSet::new();
+        for (i, img) in self.images.iter().enumerate() {
+            img.validate().map_err(|e| match e {
+                ConfigError::Invalid { key, message } => {
+                    invalid(format!("image[{i}].{key}"), message)
+                }
+                other => other,
+            })?;
+            if !seen.insert(img.name.as_str()) {
+                return Err(invalid(
+                    format!("image[{i}].name"),
+                    format!("duplicate image name {:?}", img.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn tuning(&self) -> Result<Tuning, ConfigError> {
+        let fetch_timeout =
+            parse_duration(&self.fetch_timeout).map_err(|m| invalid("fetch_timeout", m))?;
+        let commit_interval =
+            parse_duration(&self.commit_interval).map_err(|m| invalid("commit_interval", m))?;
+        if commit_interval.is_zero() || commit_interval > Duration::from_secs(60) {
+            return Err(invalid("commit_interval", "must be between 1ms and 60s"));
+        }
+        let max_fetch = parse_size(&self.max_fetch).map_err(|m| invalid("max_fetch", m))?;
+        if !(4096..=32 << 20).contains(&max_fetch) {
+            return Err(invalid("max_fetch", "must be between 4KiB and 32MiB"));
+        }
+        Ok(Tuning {
+            fetch_timeout,
+            max_fetch,
+            commit_interval,
+        })
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        self.run_dir.join("control.sock")
+    }
+
+    pub fn export_socket(&self, image: &str) -> PathBuf {
+        self.run_dir.join("exports").join(format!("{image}.sock"))
+    }
+}
+
+impl ImageConfig {
+    /// Checks every field; errors carry the field name as key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_name(&self.name).map_err(|m| invalid("name", m))?;
+        let origin = OriginUrl::parse(&self.origin)
+            .map_err(|e: OriginError| invalid("origin", e.to_string()))?;
+        self.chunk_size().map_err(|m| invalid("chunk_size", m))?;
+        if self.manifest.is_none() && !matches!(origin, OriginUrl::File(_)) {
+            return Err(invalid(
+                "manifest",
+                "a network origin needs a manifest file (build one with `vmt image manifest`)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The configured chunk size, if any.
+    pub fn chunk_size(&self) -> Result<Option<ChunkSize>, String> {
+        match &self.chunk_size {
+            None => Ok(None),
+            Some(s) => ChunkSize::new(parse_size(s)?)
+                .map(Some)
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// Image names become file names and export names: keep them to a safe alphabet.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a valid image name (1-64 of A-Z a-z 0-9 . _ -, not starting with '.')"
+        ))
+    }
+}
+
+/// Parses sizes such as `65536`, `64KiB`, `4MiB`, `1GiB` (also `K`, `M`, `G`, `KB`...: all binary).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 64KiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(format!("{s:?}: unknown size unit (use KiB, MiB, GiB)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Formats a byte count the way [`parse_size`] reads it, exactly when possible.
+pub fn format_size(n: u64) -> String {
+    for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+        if n >= 1 << shift && n % (1 << shift) == 0 {
+            return format!("{}{unit}", n >> shift);
+        }
+    }
+    format!("{n}")
+}
+
+/// Parses durations such as `500ms`, `30s`, `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 30s)"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        _ => Err(format!("{s:?}: unknown duration unit (use ms, s, m)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const GOOD: &str = r#"
+run_dir = "/run/vmthunder"
+cache_dir = "/var/lib/vmthunder/cache"
+profile_dir = "/var/lib/vmthunder/profiles"
+[[image]]
+name = "debian12"
+origin = "file:///srv/images/debian12.raw"
+chunk_size = "64KiB"
+"#;
+
+    #[test]
+    fn good_config_loads() {
+        let c = Config::from_toml(GOOD).unwrap();
+        assert_eq!(c.images.len(), 1);
+        assert_eq!(c.images[0].chunk_size().unwrap().unwrap().bytes(), 65536);
+        assert_eq!(c.tuning().unwrap().fetch_timeout, Duration::from_secs(30));
+    }
+
+    fn err(text: &str) -> String {
+        Config::from_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(err(&GOOD.replace("64KiB", "3000")).contains("image[0].chunk_size"));
+        assert!(err(&GOOD.replace("64KiB", "8MiB")).contains("power of two"));
+        assert!(
+            err(&GOOD.replace("debian12\"\norigin", "../x\"\norigin")).contains("image[0].name")
+        );
+        assert!(err(&GOOD.replace("file:///srv", "ftp://srv")).contains("image[0].origin"));
+        assert!(err(&format!("{GOOD}\nbogus = 1")).contains("bogus"));
+        assert!(err(&GOOD.replace("chunk_size", "chunksize")).contains("chunksize"));
+        assert!(err(&GOOD.replace("\"/run/vmthunder\"", "\"run\"")).contains("run_dir"));
+        let dup = format!("{GOOD}\n[[image]]\nname = \"debian12\"\norigin = \"file:///x\"\n");
+        assert!(err(&dup).contains("duplicate"));
+        let nbd = GOOD.replace(
+            "file:///srv/images/debian12.raw",
+            "nbd://127.0.0.1:10809/img",
+        );
+        assert!(err(&nbd).contains("image[0].manifest"));
+        assert!(err(&format!("fetch_timeout = \"soon\"\n{GOOD}")).contains("fetch_timeout"));
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("4M"), Ok(4 << 20));
+        assert_eq!(parse_size("123"), Ok(123));
+        assert!(parse_size("12XB").is_err());
+        assert!(parse_size("99999999999999TiB").is_err());
+        assert_eq!(format_size(65536), "64KiB");
+        assert_eq!(format_size(1000), "1000");
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("1h").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn size_roundtrip(n in 0u64..1 << 50) {
+            prop_assert_eq!(parse_size(&format_size(n)), Ok(n));
+        }
+
+        #[test]
+        fn arbitrary_toml_never_panics(s in "\\PC{0,200}") {
+            let _ = Config::from_toml(&s);
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! The control protocol on `{run_dir}/control.sock` (root only): framed, versioned JSON
+//! requests and responses, one response per request, in order.
+//!
+//! Frame (see FORMAT.md): magic `VMTC`, version u16, flags u16, payload length u32, crc32c u32
+//! of the payload, then the JSON payload. A frame with a bad magic, version, checksum or a
+//! payload over [`MAX_FRAME`] ends the connection after an error response where possible.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::config::ImageConfig;
+
+pub const MAGIC: &[u8; 4] = b"VMTC";
+pub const VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 16;
+/// Largest payload accepted either way.
+pub const MAX_FRAME: u32 = 16 << 20;
+
+/// Errors of the control protocol.
+#[derive(Debug, Error)]
+pub enum ControlError {
+    #[error("control socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("control frame has a bad magic")]
+    BadMagic,
+    #[error("control protocol version {0} is not supported (this side speaks {VERSION})")]
+    BadVersion(u16),
+    #[error("control frame of {0} bytes exceeds the limit")]
+    TooBig(u32),
+    #[error("control frame checksum mismatch")]
+    BadChecksum,
+    #[error("control message malformed: {0}")]
+    Json(String),
+    #[error("no answer from vmtd within {0:?}")]
+    Timeout(Duration),
+    #[error("cannot reach vmtd at {path}: {source}")]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// A request to the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Per-image counters and export paths.
+    Status,
+    /// Starts serving an image (not kept across restarts: put lasting images in the config).
+    ImageAdd { image: ImageConfig },
+    /// Stops serving an image; its cache stays on disk.
+    ImageRemove { name: String },
+}
+
+/// The state of one served image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageStatus {
+    pub name: String,
+    pub origin: String,
+    pub digest: String,
+    pub image_size: u64,
+    pub chunk_size: u64,
+    pub chunks_present: u64,
+    pub chunks_total: u64,
+    pub bytes_from_origin: u64,
+    pub bytes_served: u64,
+    pub chunks_fetched: u64,
+    pub upstream_reads: u64,
+    pub retries: u64,
+    pub verify_failures: u64,
+    pub failed_reads: u64,
+    pub fetching: u64,
+    pub clients: u64,
+    pub socket: String,
+    pub cache_dir: String,
+}
+
+/// A response from the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    Status {
+        version: String,
+        images: Vec<ImageStatus>,
+    },
+    Done,
+    Error {
+        message: String,
+    },
+}
+
+/// Encodes one frame.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let payload = serde_json::to_vec(msg).expect("control messages always serialize");
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Checks a frame header; returns (payload length, payload crc).
+pub fn decode_header(h: &[u8; HEADER_LEN]) -> Result<(u32, u32), ControlError> {
+    if &h[..4] != MAGIC {
+        return Err(ControlError::BadMagic);
+    }
+    let version = u16::from_le_bytes([h[4], h[5]]);
+    if version != VERSION {
+        return Err(ControlError::BadVersion(version));
+    }
+    let len = u32::from_le_bytes(h[8..12].try_into().unwrap());
+    if len > MAX_FRAME {
+        return Err(ControlError::TooBig(len));
+    }
+    Ok((len, u32::from_le_bytes(h[12..16].try_into().unwrap())))
+}
+
+/// Checks and decodes a payload.
+pub fn decode_payload<T: DeserializeOwned>(payload: &[u8], crc: u32) -> Result<T, ControlError> {
+    if crc32c::crc32c(payload) != crc {
+        return Err(ControlError::BadChecksum);
+    }
+    serde_json::from_slice(payload).map_err(|e| ControlError::Json(e.to_string()))
+}
+
+/// Reads one frame; `Ok(None)` on a clean end of stream.
+pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<T>, ControlError> {
+    let mut h = [0u8; HEADER_LEN];
+    match r.read_exact(&mut h).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let (len, crc) = decode_header(&h)?;
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload).await?;
+    decode_payload(&payload, crc).map(Some)
+}
+
+pub async fn write_frame<T: Serialize, W: AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: &T,
+) -> Result<(), ControlError> {
+    w.write_all(&encode(msg)).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// Sends one request to the daemon at `socket` and waits (bounded) for its response.
+pub async fn call(
+    socket: &Path,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Response, ControlError> {
+    let work = async {
+        let mut s = tokio::net::UnixStream::connect(socket)
+            .await
+            .map_err(|source| ControlError::Connect {
+                path: socket.display().to_string(),
+                source,
+            })?;
+        write_frame(&mut s, req).await?;
+        read_frame::<Response, _>(&mut s).await?.ok_or_else(|| {
+            ControlError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "vmtd closed the connection",
+            ))
+        })
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| ControlError::Timeout(timeout))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn roundtrip() {
+        let req = Request::ImageRemove { name: "x".into() };
+        let f = encode(&req);
+        let (len, crc) = decode_header(f[..HEADER_LEN].try_into().unwrap()).unwrap();
+        assert_eq!(len as usize, f.len() - HEADER_LEN);
+        assert_eq!(
+            decode_payload::<Request>(&f[HEADER_LEN..], crc).unwrap(),
+            req
+        );
+    }
+
+    #[test]
+    fn rejects_bad_frames() {
+        let f = encode(&Request::Status);
+        let mut h: [u8; HEADER_LEN] = f[..HEADER_LEN].try_into().unwrap();
+        h[4] = 9;
+        assert!(matches!(
+            decode_header(&h),
+            Err(ControlError::BadVersion(9))
+        ));
+        h[0] = b'X';
+        assert!(matches!(decode_header(&h), Err(ControlError::BadMagic)));
+        let mut h: [u8; HEADER_LEN] = f[..HEADER_LEN].try_into().unwrap();
+        h[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(decode_header(&h), Err(ControlError::TooBig(_))));
+        let (_, crc) = decode_header(f[..HEADER_LEN].try_into().unwrap()).unwrap();
+        assert!(matches!(
+            decode_payload::<Request>(b"{\"op\":\"status\"}x", crc),
+            Err(ControlError::BadChecksum)
+        ));
+        let junk = b"{\"op\":\"reboot\"}";
+        assert!(matches!(
+            decode_payload::<Request>(junk, crc32c::crc32c(junk)),
+            Err(ControlError::Json(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            if bytes.len() >= HEADER_LEN {
+                let _ = decode_header(bytes[..HEADER_LEN].try_into().unwrap());
+            }
+            let _ = decode_payload::<Request>(&bytes, crc32c::crc32c(&bytes));
+        }
+    }
+}

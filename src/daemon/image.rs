@@ -1,0 +1,253 @@
+//! One served image: its manifest, node cache, miss path and NBD export, plus its counters.
+//!
+//! Opening resolves the manifest first (given by the operator, or built from a file origin and
+//! remembered while the file is unchanged), because the cache directory is named by the
+//! manifest's root digest.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio::sync::watch;
+
+use crate::config::{ImageConfig, Tuning};
+use crate::fetch::flight::{FetchTuning, Fetcher};
+use crate::fetch::origin::OriginUrl;
+use crate::fetch::{BoxFuture, SourceError};
+use crate::fsutil;
+use crate::image::{ByteOffset, ChunkSize, Geometry, Manifest, ManifestError};
+use crate::nbd::proto::EIO;
+use crate::nbd::server::Export;
+use crate::store::{ChunkStore, StoreError};
+
+use super::control::ImageStatus;
+
+/// Errors opening an image.
+#[derive(Debug, Error)]
+pub enum ImageError {
+    #[error("image {name}: {message}")]
+    Invalid { name: String, message: String },
+    #[error("image {name}: {source}")]
+    Manifest { name: String, source: ManifestError },
+    #[error("image {name}: origin: {source}")]
+    Origin { name: String, source: SourceError },
+    #[error("image {name}: {source}")]
+    Store { name: String, source: StoreError },
+}
+
+/// A served image.
+pub struct Image {
+    pub name: String,
+    pub origin: String,
+    pub manifest: Arc<Manifest>,
+    pub store: Arc<ChunkStore>,
+    pub fetcher: Arc<Fetcher>,
+    pub socket: PathBuf,
+    bytes_served: AtomicU64,
+    clients: AtomicU64,
+    /// Turned true to stop this image's listener and connections.
+    pub shutdown: watch::Sender<bool>,
+}
+
+impl Image {
+    /// Opens image `cfg`: resolves its manifest, opens its cache and its origin.
+    pub async fn open(
+        cfg: &ImageConfig,
+        cache_dir: &Path,
+        tuning: Tuning,
+        socket: PathBuf,
+    ) -> Result<Arc<Image>, ImageError> {
+        let name = cfg.name.clone();
+        let invalid = |message: String| ImageError::Invalid {
+            name: name.clone(),
+            message,
+        };
+        cfg.validate().map_err(|e| invalid(e.to_string()))?;
+        let origin = OriginUrl::parse(&cfg.origin).map_err(|e| invalid(e.to_string()))?;
+        let chunk = cfg.chunk_size().map_err(&invalid)?;
+        let manifest = match (&cfg.manifest, &origin) {
+            (Some(path), _) => {
+                let m = Manifest::load(path).map_err(|source| ImageError::Manifest {
+                    name: name.clone(),
+                    source,
+                })?;
+                if let Some(c) = chunk {
+                    if c != m.geometry().chunk_size() {
+                        return Err(invalid(format!(
+                            "chunk_size {c} disagrees with the manifest's {}",
+                            m.geometry().chunk_size()
+                        )));
+                    }
+                }
+                m
+            }
+            (None, OriginUrl::File(path)) => {
+                let (path, dir, n) = (path.clone(), cache_dir.join("manifests"), name.clone());
+                let chunk = chunk.unwrap_or(ChunkSize::DEFAULT);
+                tokio::task::spawn_blocking(move || file_manifest(&path, &dir, &n, chunk))
+                    .await
+                    .map_err(|e| invalid(e.to_string()))?
+                    .map_err(|source| ImageError::Manifest {
+                        name: name.clone(),
+                        source,
+                    })?
+            }
+            (None, _) => return Err(invalid("a network origin needs a manifest".into())),
+        };
+        let source = origin.open().map_err(|source| ImageError::Origin {
+            name: name.clone(),
+            source,
+        })?;
+        let manifest = Arc::new(manifest);
+        let (dir, m) = (cache_dir.to_path_buf(), manifest.clone());
+        let store = tokio::task::spawn_blocking(move || ChunkStore::open(&dir, &m))
+            .await
+            .map_err(|e| invalid(e.to_string()))?
+            .map_err(|source| ImageError::Store {
+                name: name.clone(),
+                source,
+            })?;
+        let store = Arc::new(store);
+        let max_chunks =
+            (tuning.max_fetch / manifest.geometry().chunk_size().bytes()).max(1) as u32;
+        let fetcher = Fetcher::new(
+            store.clone(),
+            manifest.clone(),
+            source,
+            FetchTuning {
+                timeout: tuning.fetch_timeout,
+                max_chunks,
+            },
+        );
+        tracing::info!(image = %name, digest = %manifest.root(), size = manifest.geometry().image_size(),
+            present = store.present_count(), "image ready");
+        Ok(Arc::new(Image {
+            name,
+            origin: cfg.origin.clone(),
+            manifest,
+            store,
+            fetcher,
+            socket,
+            bytes_served: AtomicU64::new(0),
+            clients: AtomicU64::new(0),
+            shutdown: watch::channel(false).0,
+        }))
+    }
+
+    pub fn status(&self) -> ImageStatus {
+        let g = self.manifest.geometry();
+        let f = self.fetcher.stats();
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ImageStatus {
+            name: self.name.clone(),
+            origin: self.origin.clone(),
+            digest: self.manifest.root().to_hex(),
+            image_size: g.image_size(),
+            chunk_size: g.chunk_size().bytes(),
+            chunks_present: self.store.present_count(),
+            chunks_total: u64::from(g.chunk_count()),
+            bytes_from_origin: load(&f.bytes_from_origin),
+            bytes_served: load(&self.bytes_served),
+            chunks_fetched: load(&f.chunks_fetched),
+            upstream_reads: load(&f.upstream_reads),
+            retries: load(&f.retries),
+            verify_failures: load(&f.verify_failures),
+            failed_reads: load(&f.failed_reads),
+            fetching: self.fetcher.inflight() as u64,
+            clients: load(&self.clients),
+            socket: self.socket.display().to_string(),
+            cache_dir: self.store.dir().display().to_string(),
+        }
+    }
+}
+
+impl Export for Image {
+    fn size(&self) -> u64 {
+        self.manifest.geometry().image_size()
+    }
+
+    fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Vec<u8>, u32>> {
+        Box::pin(async move {
+            let range = self
+                .manifest
+                .geometry()
+                .chunks_covering(ByteOffset(offset), u64::from(len));
+            if !self.store.has_all(range.clone()) {
+                if let Err(e) = self.fetcher.ensure(range).await {
+                    tracing::warn!(image = %self.name, offset, len, error = %e, "read failed");
+                    return Err(EIO);
+                }
+            }
+            let mut buf = vec![0u8; len as usize];
+            if let Err(e) = self.store.read_at(offset, &mut buf) {
+                tracing::error!(image = %self.name, offset, len, error = %e, "cache read failed");
+                return Err(EIO);
+            }
+            self.bytes_served
+                .fetch_add(u64::from(len), Ordering::Relaxed);
+            Ok(buf)
+        })
+    }
+
+    fn client_changed(&self, connected: bool) {
+        if connected {
+            self.clients.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.clients.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The manifest of a file origin: reused while the file's identity (path, size, mtime, inode)
+/// and the chunk size are unchanged, else built by reading the file once.
+fn file_manifest(
+    path: &Path,
+    dir: &Path,
+    name: &str,
+    chunk: ChunkSize,
+) -> Result<Manifest, ManifestError> {
+    let io = |source: std::io::Error| ManifestError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    let stamp = format!(
+        "{}\n{}\n{}.{}\n{}\n{}\n",
+        path.display(),
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ino(),
+        chunk.bytes()
+    );
+    let (mpath, spath) = (
+        dir.join(format!("{name}.manifest")),
+        dir.join(format!("{name}.stamp")),
+    );
+    if std::fs::read_to_string(&spath).ok().as_deref() == Some(stamp.as_str()) {
+        if let Ok(m) = Manifest::load(&mpath) {
+            return Ok(m);
+        }
+    }
+    tracing::info!(file = %path.display(), "building manifest (reading the image once)");
+    let m = build_file_manifest(path, chunk)?;
+    std::fs::create_dir_all(dir).map_err(io)?;
+    m.save(&mpath)?;
+    fsutil::write_atomic(&spath, stamp.as_bytes(), 0o644).map_err(io)?;
+    Ok(m)
+}
+
+/// Builds the manifest of an image file by reading it once.
+pub fn build_file_manifest(path: &Path, chunk: ChunkSize) -> Result<Manifest, ManifestError> {
+    use std::io::Read;
+    let io = |source: std::io::Error| ManifestError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut f = std::io::BufReader::with_capacity(4 << 20, std::fs::File::open(path).map_err(io)?);
+    let size = f.get_ref().metadata().map_err(io)?.len();
+    let g = Geometry::new(size, chunk)?;
+    Manifest::build(g, |_, buf| f.read_exact(buf)).map_err(io)
+}

@@ -1,0 +1,328 @@
+//! `vmtd`: the node daemon. Holds the image registry, serves each image's NBD export and the
+//! control socket, runs the group-commit loop, and shuts down cleanly on SIGTERM/SIGINT.
+//!
+//! Lifecycle: bind everything → serve → on signal: stop accepting, stop connections, commit
+//! every cache, remove sockets, exit 0. After a crash instead, the next start finds each cache
+//! as of its last commit and stale sockets are replaced.
+
+pub mod control;
+pub mod image;
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use thiserror::Error;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use crate::config::{Config, ConfigError, ImageConfig, Tuning};
+use crate::nbd::server::{self, Export, ExportLookup, SingleExport};
+use control::{Request, Response};
+pub use image::{Image, ImageError};
+
+/// Errors that stop the daemon or refuse a control request.
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("image {0} is already served")]
+    Duplicate(String),
+    #[error("no image named {0}")]
+    UnknownImage(String),
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let path = path.display().to_string();
+    move |source| DaemonError::Io { what, path, source }
+}
+
+/// The running daemon's shared state.
+pub struct Daemon {
+    cfg: Config,
+    tuning: Tuning,
+    export_uid: Option<u32>,
+    images: RwLock<BTreeMap<String, Arc<Image>>>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl ExportLookup for Daemon {
+    fn find(&self, name: &str) -> Option<Arc<dyn Export>> {
+        self.images
+            .read()
+            .unwrap()
+            .get(name)
+            .map(|i| i.clone() as Arc<dyn Export>)
+    }
+    fn names(&self) -> Vec<String> {
+        self.images.read().unwrap().keys().cloned().collect()
+    }
+}
+
+impl Daemon {
+    /// Runs the daemon until SIGTERM or SIGINT.
+    pub async fn run(cfg: Config) -> Result<(), DaemonError> {
+        let daemon = Daemon::start(cfg).await?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(io_err("signal", Path::new("SIGTERM")))?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down");
+        daemon.stop().await;
+        Ok(())
+    }
+
+    /// Opens every configured image and starts serving.
+    pub async fn start(cfg: Config) -> Result<Arc<Daemon>, DaemonError> {
+        cfg.validate()?;
+        let tuning = cfg.tuning()?;
+        for (dir, mode) in [
+            (&cfg.run_dir, 0o755),
+            (&cfg.cache_dir, 0o700),
+            (&cfg.profile_dir, 0o755),
+        ] {
+            std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+                .map_err(io_err("chmod", dir))?;
+        }
+        let exports = cfg.run_dir.join("exports");
+        std::fs::create_dir_all(&exports).map_err(io_err("creating", &exports))?;
+        let export_uid = uid_of(&cfg.export_user);
+        if export_uid.is_none() {
+            tracing::warn!(user = %cfg.export_user, "export user does not exist; export sockets are root-only");
+        }
+        let daemon = Arc::new(Daemon {
+            tuning,
+            export_uid,
+            images: RwLock::new(BTreeMap::new()),
+            shutdown: watch::channel(false).0,
+            cfg: cfg.clone(),
+        });
+        for img in &cfg.images {
+            daemon.add_image(img).await?;
+        }
+
+        let control_path = cfg.control_socket();
+        let control = bind_unix(&control_path, None)?;
+        tokio::spawn(Daemon::serve_control(daemon.clone(), control));
+        if let Some(addr) = cfg.listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(io_err("listening on", Path::new(&addr.to_string())))?;
+            tokio::spawn(server::run_tcp(
+                l,
+                daemon.clone(),
+                daemon.shutdown.subscribe(),
+            ));
+        }
+        tokio::spawn(Daemon::commit_loop(daemon.clone()));
+        tracing::info!(control = %control_path.display(), images = cfg.images.len(), "vmtd ready");
+        Ok(daemon)
+    }
+
+    /// Stops serving and makes every cache durable.
+    pub async fn stop(&self) {
+        let _ = self.shutdown.send(true);
+        let images: Vec<Arc<Image>> = self.images.write().unwrap().values().cloned().collect();
+        for img in images {
+            let _ = img.shutdown.send(true);
+            let _ = std::fs::remove_file(&img.socket);
+            commit(&img).await;
+        }
+        let _ = std::fs::remove_file(self.cfg.control_socket());
+    }
+
+    pub fn image(&self, name: &str) -> Option<Arc<Image>> {
+        self.images.read().unwrap().get(name).cloned()
+    }
+
+    /// Opens image `cfg` and starts its export.
+    pub async fn add_image(&self, cfg: &ImageConfig) -> Result<Arc<Image>, DaemonError> {
+        if self.image(&cfg.name).is_some() {
+            return Err(DaemonError::Duplicate(cfg.name.clone()));
+        }
+        let socket = self.cfg.export_socket(&cfg.name);
+        let img = Image::open(cfg, &self.cfg.cache_dir, self.tuning, socket.clone()).await?;
+        let listener = bind_unix(&socket, self.export_uid)?;
+        {
+            let mut images = self.images.write().unwrap();
+            if images.contains_key(&cfg.name) {
+                return Err(DaemonError::Duplicate(cfg.name.clone()));
+            }
+            images.insert(cfg.name.clone(), img.clone());
+        }
+        let lookup = Arc::new(SingleExport {
+            name: cfg.name.clone(),
+            export: img.clone(),
+        });
+        tokio::spawn(server::run_unix(listener, lookup, img.shutdown.subscribe()));
+        tracing::info!(image = %cfg.name, socket = %socket.display(), "export listening");
+        Ok(img)
+    }
+
+    /// Stops serving image `name`; its cache stays on disk.
+    pub async fn remove_image(&self, name: &str) -> Result<(), DaemonError> {
+        let img = self
+            .images
+            .write()
+            .unwrap()
+            .remove(name)
+            .ok_or_else(|| DaemonError::UnknownImage(name.into()))?;
+        let _ = img.shutdown.send(true);
+        let _ = std::fs::remove_file(&img.socket);
+        commit(&img).await;
+        tracing::info!(image = %name, "image removed");
+        Ok(())
+    }
+
+    async fn handle(&self, req: Request) -> Response {
+        match req {
+            Request::Status => Response::Status {
+                version: env!("CARGO_PKG_VERSION").into(),
+                images: self
+                    .images
+                    .read()
+                    .unwrap()
+                    .values()
+                    .map(|i| i.status())
+                    .collect(),
+            },
+            Request::ImageAdd { image } => match self.add_image(&image).await {
+                Ok(_) => Response::Done,
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
+            },
+            Request::ImageRemove { name } => match self.remove_image(&name).await {
+                Ok(()) => Response::Done,
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
+            },
+        }
+    }
+
+    async fn serve_control(self: Arc<Self>, listener: UnixListener) {
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            let stream = tokio::select! {
+                r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+                _ = crate::shutdown::stopped(&mut shutdown) => return,
+            };
+            let me = self.clone();
+            tokio::spawn(async move { me.control_connection(stream).await });
+        }
+    }
+
+    async fn control_connection(&self, mut s: UnixStream) {
+        loop {
+            let resp = match control::read_frame::<Request, _>(&mut s).await {
+                Ok(None) => return,
+                Ok(Some(req)) => self.handle(req).await,
+                Err(e) => {
+                    let _ = control::write_frame(
+                        &mut s,
+                        &Response::Error {
+                            message: e.to_string(),
+                        },
+                    )
+                    .await;
+                    return;
+                }
+            };
+            if control::write_frame(&mut s, &resp).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn commit_loop(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.subscribe();
+        let mut tick = tokio::time::interval(self.tuning.commit_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = crate::shutdown::stopped(&mut shutdown) => return,
+            }
+            let images: Vec<Arc<Image>> = self.images.read().unwrap().values().cloned().collect();
+            for img in images {
+                if img.store.pending_count() > 0 {
+                    commit(&img).await;
+                }
+            }
+        }
+    }
+}
+
+async fn commit(img: &Arc<Image>) {
+    let store = img.store.clone();
+    match tokio::task::spawn_blocking(move || store.commit()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::error!(image = %img.name, error = %e, "cache commit failed; will retry")
+        }
+        Err(e) => tracing::error!(image = %img.name, error = %e, "cache commit panicked"),
+    }
+}
+
+/// Binds a unix socket, replacing a stale one, readable and writable by root and `uid` only.
+fn bind_unix(path: &Path, uid: Option<u32>) -> Result<UnixListener, DaemonError> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(DaemonError::Io {
+                what: "refusing to replace non-socket",
+                path: path.display().to_string(),
+                source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+            });
+        }
+        // A live daemon would still be accepting here: refuse to steal its socket.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::Io {
+                what: "another process is serving",
+                path: path.display().to_string(),
+                source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+            });
+        }
+        std::fs::remove_file(path).map_err(io_err("removing stale socket", path))?;
+    }
+    let l = UnixListener::bind(path).map_err(io_err("binding", path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err("chmod", path))?;
+    if let Some(uid) = uid {
+        std::os::unix::fs::chown(path, Some(uid), Some(0)).map_err(io_err("chown", path))?;
+    }
+    Ok(l)
+}
+
+/// The uid of a local user, if it exists.
+fn uid_of(user: &str) -> Option<u32> {
+    let name = CString::new(user).ok()?;
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 4096];
+    let mut out: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: all pointers are valid for the call; `buf` outlives the use of `pw`.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            name.as_ptr(),
+            &mut pw,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut out,
+        )
+    };
+    (rc == 0 && !out.is_null()).then_some(pw.pw_uid)
+}

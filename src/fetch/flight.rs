@@ -1,0 +1,421 @@
+//! The miss path: turns "these chunks must be present" into as few upstream reads as possible.
+//!
+//! - **Single flight**: a chunk has at most one fetch in progress; later misses on it wait for
+//!   that fetch's outcome instead of asking the source again.
+//! - **Coalescing**: the missing chunks of one request that lie side by side are fetched in one
+//!   upstream read, up to `max_fetch` bytes.
+//! - **Bounded retries**: a failing source is retried with exponential backoff until the fetch
+//!   budget is spent; then the waiting reads fail (NBD EIO) and the next miss starts afresh.
+//! - **Verify before store**: every chunk is checked against the manifest; a mismatch is never
+//!   stored or served.
+//!
+//! Fetches run as their own tasks, so a client that disconnects mid-read does not cancel a fetch
+//! that other clients are waiting on.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
+
+use super::{ChunkSource, SourceError};
+use crate::image::{ChunkIdx, Manifest};
+use crate::store::ChunkStore;
+
+/// Most upstream reads one image keeps in flight.
+const MAX_UPSTREAM: usize = 32;
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Why chunks could not be made present. Cloneable: one outcome reaches every waiter.
+#[derive(Debug, Clone, Error, PartialEq)]
+pub enum FetchError {
+    /// The source kept failing for the whole fetch budget.
+    #[error("fetching {what} gave up after {secs:.1}s: {last}")]
+    GaveUp {
+        what: String,
+        secs: f64,
+        last: String,
+    },
+    /// The data received does not match the manifest.
+    #[error("{0} from the origin does not match the image manifest")]
+    Verify(ChunkIdx),
+    /// The chunk could not be written to the node cache.
+    #[error("storing {idx}: {reason}")]
+    Store { idx: ChunkIdx, reason: String },
+    /// The fetch task ended without an outcome (daemon shutting down).
+    #[error("fetch aborted")]
+    Aborted,
+}
+
+/// Counters of one image's miss path.
+#[derive(Debug, Default)]
+pub struct FetchStats {
+    pub bytes_from_origin: AtomicU64,
+    pub chunks_fetched: AtomicU64,
+    pub upstream_reads: AtomicU64,
+    pub retries: AtomicU64,
+    pub verify_failures: AtomicU64,
+    pub failed_reads: AtomicU64,
+}
+
+/// Tuning of the miss path.
+#[derive(Debug, Clone, Copy)]
+pub struct FetchTuning {
+    /// Budget of one fetch, retries included.
+    pub timeout: Duration,
+    /// Largest coalesced upstream read, in chunks.
+    pub max_chunks: u32,
+}
+
+type Outcome = Option<Result<(), FetchError>>;
+
+/// The miss path of one image.
+pub struct Fetcher {
+    store: Arc<ChunkStore>,
+    manifest: Arc<Manifest>,
+    source: Arc<dyn ChunkSource>,
+    tuning: FetchTuning,
+    inflight: Mutex<HashMap<u32, watch::Receiver<Outcome>>>,
+    upstream: Semaphore,
+    stats: FetchStats,
+}
+
+impl Fetcher {
+    pub fn new(
+        store: Arc<ChunkStore>,
+        manifest: Arc<Manifest>,
+        source: Arc<dyn ChunkSource>,
+        tuning: FetchTuning,
+    ) -> Arc<Self> {
+        Arc::new(Fetcher {
+            store,
+            manifest,
+            source,
+            tuning,
+            inflight: Mutex::new(HashMap::new()),
+            upstream: Semaphore::new(MAX_UPSTREAM),
+            stats: FetchStats::default(),
+        })
+    }
+
+    pub fn stats(&self) -> &FetchStats {
+        &self.stats
+    }
+
+    pub fn source(&self) -> &Arc<dyn ChunkSource> {
+        &self.source
+    }
+
+    /// Number of chunks being fetched right now.
+    pub fn inflight(&self) -> usize {
+        self.inflight.lock().unwrap().len()
+    }
+
+    /// Makes every chunk in `range` present, fetching what is missing. Returns once they are
+    /// readable from the store, or with the first failure among them.
+    pub async fn ensure(self: &Arc<Self>, range: Range<u32>) -> Result<(), FetchError> {
+        let mut waits = Vec::new();
+        let mut mine: Vec<(u32, watch::Sender<Outcome>)> = Vec::new();
+        {
+            // `put` happens before an entry leaves this map, so checking the store under the
+            // lock cannot miss a fetch that is just finishing.
+            let mut inflight = self.inflight.lock().unwrap();
+            for i in range {
+                if self.store.has(ChunkIdx(i)) {
+                    continue;
+                }
+                if let Some(rx) = inflight.get(&i) {
+                    waits.push(rx.clone());
+                } else {
+                    let (tx, rx) = watch::channel(None);
+                    inflight.insert(i, rx.clone());
+                    waits.push(rx);
+                    mine.push((i, tx));
+                }
+            }
+        }
+        for run in runs(mine, self.tuning.max_chunks) {
+            let me = Arc::clone(self);
+            tokio::spawn(async move { me.fetch_run(run).await });
+        }
+        let mut result = Ok(());
+        for mut rx in waits {
+            let outcome = match rx.wait_for(Option::is_some).await {
+                Ok(v) => v.clone().unwrap_or(Err(FetchError::Aborted)),
+                Err(_) => Err(FetchError::Aborted),
+            };
+            if result.is_ok() {
+                result = outcome;
+            }
+        }
+        if result.is_err() {
+            self.stats.failed_reads.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn fetch_run(self: Arc<Self>, run: Vec<(u32, watch::Sender<Outcome>)>) {
+        let g = self.manifest.geometry();
+        let first = ChunkIdx(run[0].0);
+        let last = ChunkIdx(run[run.len() - 1].0);
+        let offset = g.chunk_offset(first).0;
+        let len = (g.chunk_offset(last).0 + g.chunk_len(last) as u64 - offset) as usize;
+        let outcome = match self.read_with_retries(offset, len).await {
+            Ok(data) => {
+                self.stats
+                    .bytes_from_origin
+                    .fetch_add(len as u64, Ordering::Relaxed);
+                let me = Arc::clone(&self);
+                let idxs: Vec<u32> = run.iter().map(|(i, _)| *i).collect();
+                tokio::task::spawn_blocking(move || me.verify_and_store(offset, &idxs, &data))
+                    .await
+                    .unwrap_or_else(|_| vec![Err(FetchError::Aborted); run.len()])
+            }
+            Err(e) => vec![Err(e); run.len()],
+        };
+        let mut inflight = self.inflight.lock().unwrap();
+        for ((i, tx), result) in run.into_iter().zip(outcome) {
+            inflight.remove(&i);
+            let _ = tx.send(Some(result));
+        }
+    }
+
+    fn verify_and_store(
+        &self,
+        base: u64,
+        idxs: &[u32],
+        data: &[u8],
+    ) -> Vec<Result<(), FetchError>> {
+        let g = self.manifest.geometry();
+        idxs.iter()
+            .map(|&i| {
+                let idx = ChunkIdx(i);
+                let start = (g.chunk_offset(idx).0 - base) as usize;
+                let chunk = &data[start..start + g.chunk_len(idx)];
+                if !self.manifest.verify(idx, chunk) {
+                    self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(%idx, source = %self.source.describe(), "chunk does not match the manifest; not stored");
+                    return Err(FetchError::Verify(idx));
+                }
+                self.store.put(idx, chunk).map_err(|e| FetchError::Store { idx, reason: e.to_string() })?;
+                self.stats.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            })
+            .collect()
+    }
+
+    async fn read_with_retries(&self, offset: u64, len: usize) -> Result<Vec<u8>, FetchError> {
+        let start = Instant::now();
+        let deadline = start + self.tuning.timeout;
+        let mut backoff = FIRST_BACKOFF;
+        let mut last = String::from("no attempt finished in time");
+        loop {
+            let attempt = async {
+                let _permit = self
+                    .upstream
+                    .acquire()
+                    .await
+                    .expect("semaphore never closed");
+                self.stats.upstream_reads.fetch_add(1, Ordering::Relaxed);
+                self.source.read(offset, len).await
+            };
+            match tokio::time::timeout_at(deadline, attempt).await {
+                Ok(Ok(data)) if data.len() == len => return Ok(data),
+                Ok(Ok(data)) => last = format!("short read: {} of {len} bytes", data.len()),
+                Ok(Err(e @ SourceError::OutOfRange { .. })) => {
+                    // Retrying cannot fix a source smaller than the manifest says.
+                    return Err(self.gave_up(start, e.to_string()));
+                }
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => return Err(self.gave_up(start, last)),
+            }
+            if Instant::now() + backoff >= deadline {
+                tokio::time::sleep_until(deadline).await;
+                return Err(self.gave_up(start, last));
+            }
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(source = %self.source.describe(), offset, len, error = %last, "upstream read failed; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    fn gave_up(&self, start: Instant, last: String) -> FetchError {
+        FetchError::GaveUp {
+            what: self.source.describe(),
+            secs: start.elapsed().as_secs_f64(),
+            last,
+        }
+    }
+}
+
+/// Splits sorted chunk indices into runs of adjacent chunks, each at most `max` long.
+fn runs<T>(items: Vec<(u32, T)>, max: u32) -> Vec<Vec<(u32, T)>> {
+    let mut out: Vec<Vec<(u32, T)>> = Vec::new();
+    for (i, t) in items {
+        match out.last_mut() {
+            Some(run)
+                if run.len() < max as usize && run.last().is_some_and(|(p, _)| p + 1 == i) =>
+            {
+                run.push((i, t))
+            }
+            _ => out.push(vec![(i, t)]),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fetch::BoxFuture;
+    use crate::image::{ChunkSize, Geometry};
+    use std::sync::atomic::AtomicBool;
+
+    #[test]
+    fn runs_split_on_gaps_and_size() {
+        let items: Vec<(u32, ())> = [1, 2, 3, 5, 6, 7, 8, 9].iter().map(|&i| (i, ())).collect();
+        let r: Vec<Vec<u32>> = runs(items, 3)
+            .into_iter()
+            .map(|r| r.into_iter().map(|(i, _)| i).collect())
+            .collect();
+        assert_eq!(r, vec![vec![1, 2, 3], vec![5, 6, 7], vec![8, 9]]);
+    }
+
+    /// A source over a byte vector that counts reads and can be switched off or made to lie.
+    struct MemSource {
+        data: Vec<u8>,
+        reads: AtomicU64,
+        down: AtomicBool,
+        corrupt: AtomicBool,
+    }
+
+    impl ChunkSource for MemSource {
+        fn describe(&self) -> String {
+            "memory".into()
+        }
+        fn size(&self) -> BoxFuture<'_, Result<u64, SourceError>> {
+            Box::pin(async move { Ok(self.data.len() as u64) })
+        }
+        fn read(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
+            Box::pin(async move {
+                self.reads.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if self.down.load(Ordering::SeqCst) {
+                    return Err(SourceError::Unreachable {
+                        what: "memory".into(),
+                        reason: "down".into(),
+                    });
+                }
+                let mut v = self.data[offset as usize..offset as usize + len].to_vec();
+                if self.corrupt.load(Ordering::SeqCst) {
+                    v[0] ^= 1;
+                }
+                Ok(v)
+            })
+        }
+    }
+
+    fn setup(
+        timeout: Duration,
+    ) -> (
+        tempfile::TempDir,
+        Arc<MemSource>,
+        Arc<ChunkStore>,
+        Arc<Fetcher>,
+    ) {
+        let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 31 % 256) as u8).collect();
+        let g = Geometry::new(data.len() as u64, ChunkSize::new(4096).unwrap()).unwrap();
+        let m = Manifest::build(g, |idx, buf| {
+            let o = g.chunk_offset(idx).0 as usize;
+            buf.copy_from_slice(&data[o..o + buf.len()]);
+            Ok::<_, ()>(())
+        })
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(ChunkStore::open(dir.path(), &m).unwrap());
+        let src = Arc::new(MemSource {
+            data,
+            reads: AtomicU64::new(0),
+            down: AtomicBool::new(false),
+            corrupt: AtomicBool::new(false),
+        });
+        let f = Fetcher::new(
+            store.clone(),
+            Arc::new(m),
+            src.clone(),
+            FetchTuning {
+                timeout,
+                max_chunks: 4,
+            },
+        );
+        (dir, src, store, f)
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_fetch_once() {
+        let (_d, src, store, f) = setup(Duration::from_secs(5));
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let f = f.clone();
+                tokio::spawn(async move { f.ensure(0..4).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(
+            src.reads.load(Ordering::SeqCst),
+            1,
+            "one coalesced read for chunks 0..4"
+        );
+        assert!(store.has_all(0..4));
+        f.ensure(0..4).await.unwrap();
+        assert_eq!(
+            src.reads.load(Ordering::SeqCst),
+            1,
+            "present chunks are not fetched again"
+        );
+        f.ensure(4..16).await.unwrap();
+        assert_eq!(
+            src.reads.load(Ordering::SeqCst),
+            4,
+            "12 chunks in runs of at most 4"
+        );
+    }
+
+    #[tokio::test]
+    async fn source_down_fails_within_budget_then_recovers() {
+        let (_d, src, store, f) = setup(Duration::from_millis(400));
+        src.down.store(true, Ordering::SeqCst);
+        let t0 = std::time::Instant::now();
+        assert!(matches!(
+            f.ensure(0..1).await,
+            Err(FetchError::GaveUp { .. })
+        ));
+        assert!(t0.elapsed() < Duration::from_secs(2));
+        assert!(
+            src.reads.load(Ordering::SeqCst) >= 2,
+            "retried before giving up"
+        );
+        assert!(!store.has(ChunkIdx(0)));
+        src.down.store(false, Ordering::SeqCst);
+        f.ensure(0..1).await.unwrap();
+        assert!(store.has(ChunkIdx(0)));
+    }
+
+    #[tokio::test]
+    async fn corrupt_data_is_never_stored() {
+        let (_d, src, store, f) = setup(Duration::from_secs(1));
+        src.corrupt.store(true, Ordering::SeqCst);
+        assert_eq!(f.ensure(2..3).await, Err(FetchError::Verify(ChunkIdx(2))));
+        assert!(!store.has(ChunkIdx(2)));
+        assert_eq!(f.stats().verify_failures.load(Ordering::SeqCst), 1);
+        assert_eq!(store.pending_count(), 0);
+    }
+}

@@ -1,0 +1,108 @@
+//! Where chunks come from when the node cache misses.
+//!
+//! ```text
+//!   flight::Fetcher ──(single flight, coalesced runs, bounded retries)──▶ dyn ChunkSource
+//!                                                                        ├─ file::FileSource
+//!                                                                        └─ nbd::client::NbdClient
+//! ```
+//! [`ChunkSource`] is the one seam every origin (and later every peer) plugs into: read bytes
+//! at an offset. Verification and storing happen above it, in [`flight`].
+
+pub mod file;
+pub mod flight;
+pub mod origin;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use thiserror::Error;
+
+use crate::image::{ChunkIdx, ChunkSize, Geometry, Manifest};
+
+/// A boxed future, so that sources can sit behind `dyn ChunkSource`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Errors of one read from a source. Cloneable: one failure is handed to every waiter.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum SourceError {
+    /// The source could not be reached or the connection broke.
+    #[error("{what} unreachable: {reason}")]
+    Unreachable { what: String, reason: String },
+    /// The source answered with an error code.
+    #[error("{what} answered error {errno} for {len} bytes at {offset}")]
+    Remote {
+        what: String,
+        errno: u32,
+        offset: u64,
+        len: usize,
+    },
+    /// The source broke its protocol.
+    #[error("{what}: protocol error: {reason}")]
+    Protocol { what: String, reason: String },
+    /// The read lies beyond the source's end.
+    #[error("{what}: read of {len} bytes at {offset} is beyond its size {size}")]
+    OutOfRange {
+        what: String,
+        offset: u64,
+        len: usize,
+        size: u64,
+    },
+    /// A local I/O error.
+    #[error("{what}: {reason}")]
+    Io { what: String, reason: String },
+}
+
+/// A place that can read bytes of an image: an origin or a peer.
+pub trait ChunkSource: Send + Sync + 'static {
+    /// A short description for logs and errors (no secrets).
+    fn describe(&self) -> String;
+    /// The image size in bytes (may connect to learn it).
+    fn size(&self) -> BoxFuture<'_, Result<u64, SourceError>>;
+    /// Reads exactly `len` bytes at `offset`.
+    fn read(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Vec<u8>, SourceError>>;
+}
+
+/// Builds the manifest of the image behind `source` by reading it once, in large reads.
+pub async fn build_manifest(
+    source: &dyn ChunkSource,
+    chunk: ChunkSize,
+) -> Result<Manifest, BuildError> {
+    let size = source.size().await?;
+    let geometry = Geometry::new(size, chunk)?;
+    let per_read = (8u64 << 20).max(chunk.bytes()) / chunk.bytes();
+    let mut digests = Vec::with_capacity(geometry.chunk_count() as usize);
+    let mut next = 0u32;
+    while next < geometry.chunk_count() {
+        let last = (u64::from(next) + per_read).min(u64::from(geometry.chunk_count())) as u32;
+        let offset = geometry.chunk_offset(ChunkIdx(next)).0;
+        let end = geometry.chunk_offset(ChunkIdx(last - 1)).0
+            + geometry.chunk_len(ChunkIdx(last - 1)) as u64;
+        let data = source.read(offset, (end - offset) as usize).await?;
+        let hashed = tokio::task::spawn_blocking(move || {
+            data.chunks(chunk.bytes() as usize)
+                .map(crate::image::Digest::of)
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| {
+            BuildError::Source(SourceError::Io {
+                what: "hashing".into(),
+                reason: e.to_string(),
+            })
+        })?;
+        digests.extend(hashed);
+        next = last;
+    }
+    Ok(Manifest::from_digests(geometry, digests)?)
+}
+
+/// Errors building a manifest from a source.
+#[derive(Debug, Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("origin geometry: {0}")]
+    Geometry(#[from] crate::image::GeometryError),
+    #[error(transparent)]
+    Manifest(#[from] crate::image::ManifestError),
+}

@@ -1,0 +1,331 @@
+//! NBD client used to read from an NBD origin: fixed newstyle, `OPT_GO`, pipelined `READ`s on one
+//! connection with replies matched by handle, reconnect on demand.
+//!
+//! Invariants: every request waiting on a connection is answered or failed when that connection
+//! dies (never left hanging); a request unanswered for [`IO_TIMEOUT`] kills the connection, so a
+//! half-open socket cannot stall reads forever. Retrying is the caller's job (`fetch::flight`).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::proto::*;
+use crate::fetch::{BoxFuture, ChunkSource, SourceError};
+
+/// Longest wait for a connection or for one reply before the connection is declared dead.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where an NBD server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NbdTarget {
+    Unix(PathBuf),
+    Tcp { host: String, port: u16 },
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+type BoxStream = Box<dyn Stream>;
+
+type Waiter = oneshot::Sender<Result<Vec<u8>, SourceError>>;
+
+/// Requests sent and not yet answered; `None` marks one whose caller gave up (its reply is
+/// still read off the wire and dropped).
+#[derive(Default)]
+struct Pending {
+    dead: bool,
+    map: HashMap<u64, (usize, Option<Waiter>)>,
+}
+
+struct Conn {
+    size: u64,
+    writer: tokio::sync::Mutex<WriteHalf<BoxStream>>,
+    pending: Arc<Mutex<Pending>>,
+    dead: Arc<AtomicBool>,
+    next_handle: AtomicU64,
+    reader: JoinHandle<()>,
+}
+
+impl Conn {
+    fn kill(&self) {
+        kill(&self.pending, &self.dead);
+        self.reader.abort();
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn kill(pending: &Mutex<Pending>, dead: &AtomicBool) {
+    let mut p = pending.lock().unwrap();
+    dead.store(true, Ordering::SeqCst);
+    p.dead = true;
+    p.map.clear(); // drops every waiter: each gets "connection lost"
+}
+
+/// A reconnecting NBD client for one export.
+pub struct NbdClient {
+    target: NbdTarget,
+    export: String,
+    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+}
+
+impl NbdClient {
+    pub fn new(target: NbdTarget, export: String) -> Self {
+        NbdClient {
+            target,
+            export,
+            conn: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    fn unreachable(&self, reason: impl ToString) -> SourceError {
+        SourceError::Unreachable {
+            what: self.describe(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn protocol(&self, reason: impl ToString) -> SourceError {
+        SourceError::Protocol {
+            what: self.describe(),
+            reason: reason.to_string(),
+        }
+    }
+
+    async fn connection(&self) -> Result<Arc<Conn>, SourceError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref() {
+            if !c.dead.load(Ordering::SeqCst) {
+                return Ok(c.clone());
+            }
+        }
+        *slot = None;
+        let conn = tokio::time::timeout(IO_TIMEOUT, self.connect())
+            .await
+            .map_err(|_| self.unreachable("connect and handshake timed out"))??;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn connect(&self) -> Result<Arc<Conn>, SourceError> {
+        let mut stream: BoxStream = match &self.target {
+            NbdTarget::Unix(p) => Box::new(
+                tokio::net::UnixStream::connect(p)
+                    .await
+                    .map_err(|e| self.unreachable(e))?,
+            ),
+            NbdTarget::Tcp { host, port } => {
+                let s = tokio::net::TcpStream::connect((host.as_str(), *port))
+                    .await
+                    .map_err(|e| self.unreachable(e))?;
+                let _ = s.set_nodelay(true);
+                Box::new(s)
+            }
+        };
+        let size = self.handshake(&mut stream).await?;
+        let (rd, wr) = tokio::io::split(stream);
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let dead = Arc::new(AtomicBool::new(false));
+        let reader = tokio::spawn(read_replies(
+            rd,
+            pending.clone(),
+            dead.clone(),
+            self.describe(),
+        ));
+        tracing::info!(origin = %self.describe(), size, "connected to NBD origin");
+        Ok(Arc::new(Conn {
+            size,
+            writer: tokio::sync::Mutex::new(wr),
+            pending,
+            dead,
+            next_handle: AtomicU64::new(1),
+            reader,
+        }))
+    }
+
+    async fn handshake(&self, s: &mut BoxStream) -> Result<u64, SourceError> {
+        let io = |e: std::io::Error| self.unreachable(e);
+        let mut g = [0u8; GREETING_LEN];
+        s.read_exact(&mut g).await.map_err(io)?;
+        let flags = parse_greeting(&g).map_err(|e| self.protocol(e))?;
+        let mut cflags = CLIENT_FIXED_NEWSTYLE;
+        if flags & FLAG_NO_ZEROES != 0 {
+            cflags |= CLIENT_NO_ZEROES;
+        }
+        s.write_all(&cflags.to_be_bytes()).await.map_err(io)?;
+        let data = InfoRequest {
+            name: self.export.clone(),
+            infos: vec![],
+        }
+        .encode();
+        s.write_all(
+            &OptionHeader {
+                option: OPT_GO,
+                len: data.len() as u32,
+            }
+            .encode(),
+        )
+        .await
+        .map_err(io)?;
+        s.write_all(&data).await.map_err(io)?;
+        let mut size = None;
+        loop {
+            let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
+            s.read_exact(&mut h).await.map_err(io)?;
+            let h = OptionReplyHeader::parse(&h).map_err(|e| self.protocol(e))?;
+            if h.option != OPT_GO || h.len > MAX_OPTION_LEN {
+                return Err(self.protocol(format!("unexpected option reply {h:?}")));
+            }
+            let mut data = vec![0u8; h.len as usize];
+            s.read_exact(&mut data).await.map_err(io)?;
+            match h.reply {
+                REP_ACK => break,
+                REP_INFO => {
+                    if let Some((sz, _)) = parse_info_export(&data) {
+                        size = Some(sz);
+                    }
+                }
+                r if r & (1 << 31) != 0 => {
+                    let msg = String::from_utf8_lossy(&data);
+                    return Err(self.protocol(format!(
+                        "server refused export {:?} (error {r:#x}: {msg})",
+                        self.export
+                    )));
+                }
+                _ => {}
+            }
+        }
+        size.ok_or_else(|| self.protocol("server sent no export size"))
+    }
+
+    async fn read_once(&self, offset: u64, len: usize) -> Result<Vec<u8>, SourceError> {
+        if len as u64 > u64::from(MAX_PAYLOAD) {
+            return Err(self.protocol(format!("read of {len} bytes exceeds the NBD maximum")));
+        }
+        let conn = self.connection().await?;
+        if offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > conn.size)
+        {
+            return Err(SourceError::OutOfRange {
+                what: self.describe(),
+                offset,
+                len,
+                size: conn.size,
+            });
+        }
+        let handle = conn.next_handle.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut p = conn.pending.lock().unwrap();
+            if p.dead {
+                return Err(self.unreachable("connection lost"));
+            }
+            p.map.insert(handle, (len, Some(tx)));
+        }
+        // If this future is dropped (caller timed out), forget the waiter but keep the length
+        // so the reply can still be skipped on the wire.
+        struct Forget<'a>(&'a Mutex<Pending>, u64, bool);
+        impl Drop for Forget<'_> {
+            fn drop(&mut self) {
+                if !self.2 {
+                    if let Some(e) = self.0.lock().unwrap().map.get_mut(&self.1) {
+                        e.1 = None;
+                    }
+                }
+            }
+        }
+        let mut guard = Forget(&conn.pending, handle, false);
+        let req = Request {
+            flags: 0,
+            command: CMD_READ,
+            handle,
+            offset,
+            length: len as u32,
+        };
+        let sent = {
+            let mut w = conn.writer.lock().await;
+            w.write_all(&req.encode()).await
+        };
+        if let Err(e) = sent {
+            conn.kill();
+            return Err(self.unreachable(e));
+        }
+        let result = match tokio::time::timeout(IO_TIMEOUT, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(self.unreachable("connection lost")),
+            Err(_) => {
+                conn.kill();
+                Err(self.unreachable(format!("no reply in {}s", IO_TIMEOUT.as_secs())))
+            }
+        };
+        guard.2 = true;
+        result
+    }
+}
+
+async fn read_replies(
+    mut rd: ReadHalf<BoxStream>,
+    pending: Arc<Mutex<Pending>>,
+    dead: Arc<AtomicBool>,
+    what: String,
+) {
+    let err = loop {
+        let mut h = [0u8; SIMPLE_REPLY_LEN];
+        if let Err(e) = rd.read_exact(&mut h).await {
+            break e.to_string();
+        }
+        let reply = match SimpleReply::parse(&h) {
+            Ok(r) => r,
+            Err(e) => break e.to_string(),
+        };
+        let Some((len, waiter)) = pending.lock().unwrap().map.remove(&reply.handle) else {
+            break format!("reply for unknown handle {}", reply.handle);
+        };
+        let result = if reply.error == 0 {
+            let mut buf = vec![0u8; len];
+            if let Err(e) = rd.read_exact(&mut buf).await {
+                break e.to_string();
+            }
+            Ok(buf)
+        } else {
+            Err(SourceError::Remote {
+                what: what.clone(),
+                errno: reply.error,
+                offset: 0,
+                len,
+            })
+        };
+        if let Some(w) = waiter {
+            let _ = w.send(result);
+        }
+    };
+    tracing::warn!(origin = %what, error = %err, "NBD origin connection lost");
+    kill(&pending, &dead);
+}
+
+impl ChunkSource for NbdClient {
+    fn describe(&self) -> String {
+        match &self.target {
+            NbdTarget::Unix(p) => format!("nbd+unix:///{}?socket={}", self.export, p.display()),
+            NbdTarget::Tcp { host, port } => format!("nbd://{host}:{port}/{}", self.export),
+        }
+    }
+
+    fn size(&self) -> BoxFuture<'_, Result<u64, SourceError>> {
+        Box::pin(async move { Ok(self.connection().await?.size) })
+    }
+
+    fn read(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
+        Box::pin(self.read_once(offset, len))
+    }
+}
