@@ -29,7 +29,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Image(#[from] ImageError),
+    Image(#[from] Box<ImageError>),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -154,7 +154,9 @@ impl Daemon {
             return Err(DaemonError::Duplicate(cfg.name.clone()));
         }
         let socket = self.cfg.export_socket(&cfg.name);
-        let img = Image::open(cfg, &self.cfg.cache_dir, self.tuning, socket.clone()).await?;
+        let img = Image::open(cfg, &self.cfg.cache_dir, self.tuning, socket.clone())
+            .await
+            .map_err(Box::new)?;
         let listener = bind_unix(&socket, self.export_uid)?;
         {
             let mut images = self.images.write().unwrap();
