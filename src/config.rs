@@ -22,10 +22,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/vmthunder/vmtd.toml";
 pub enum ConfigError {
     /// The file could not be read.
     #[error("config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     /// The TOML is malformed or has unknown or mistyped keys.
     #[error("config {path}: {message}")]
     Parse { path: PathBuf, message: String },
@@ -35,10 +32,7 @@ pub enum ConfigError {
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        message: message.into(),
-    }
+    ConfigError::Invalid { key: key.into(), message: message.into() }
 }
 
 /// The daemon's configuration.
@@ -124,65 +118,45 @@ fn default_commit_interval() -> String {
 impl Config {
     /// Reads and validates the configuration file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
-        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.into(),
-            message: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let cfg: Config =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Parses and validates TOML text (for tests and tools).
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: "<text>".into(),
-            message: e.to_string(),
-        })?;
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: "<text>".into(), message: e.to_string() })?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        for (key, p) in [
-            ("run_dir", &self.run_dir),
-            ("cache_dir", &self.cache_dir),
-            ("profile_dir", &self.profile_dir),
-        ] {
+        for (key, p) in [("run_dir", &self.run_dir), ("cache_dir", &self.cache_dir), ("profile_dir", &self.profile_dir)]
+        {
             if !p.is_absolute() {
-                return Err(invalid(
-                    key,
-                    format!("{} must be an absolute path", p.display()),
-                ));
+                return Err(invalid(key, format!("{} must be an absolute path", p.display())));
             }
         }
         self.tuning()?;
         let mut seen = HashSet::new();
         for (i, img) in self.images.iter().enumerate() {
             img.validate().map_err(|e| match e {
-                ConfigError::Invalid { key, message } => {
-                    invalid(format!("image[{i}].{key}"), message)
-                }
+                ConfigError::Invalid { key, message } => invalid(format!("image[{i}].{key}"), message),
                 other => other,
             })?;
             if !seen.insert(img.name.as_str()) {
-                return Err(invalid(
-                    format!("image[{i}].name"),
-                    format!("duplicate image name {:?}", img.name),
-                ));
+                return Err(invalid(format!("image[{i}].name"), format!("duplicate image name {:?}", img.name)));
             }
         }
         Ok(())
     }
 
     pub fn tuning(&self) -> Result<Tuning, ConfigError> {
-        let fetch_timeout =
-            parse_duration(&self.fetch_timeout).map_err(|m| invalid("fetch_timeout", m))?;
-        let commit_interval =
-            parse_duration(&self.commit_interval).map_err(|m| invalid("commit_interval", m))?;
+        let fetch_timeout = parse_duration(&self.fetch_timeout).map_err(|m| invalid("fetch_timeout", m))?;
+        let commit_interval = parse_duration(&self.commit_interval).map_err(|m| invalid("commit_interval", m))?;
         if commit_interval.is_zero() || commit_interval > Duration::from_secs(60) {
             return Err(invalid("commit_interval", "must be between 1ms and 60s"));
         }
@@ -190,11 +164,7 @@ impl Config {
         if !(4096..=32 << 20).contains(&max_fetch) {
             return Err(invalid("max_fetch", "must be between 4KiB and 32MiB"));
         }
-        Ok(Tuning {
-            fetch_timeout,
-            max_fetch,
-            commit_interval,
-        })
+        Ok(Tuning { fetch_timeout, max_fetch, commit_interval })
     }
 
     pub fn control_socket(&self) -> PathBuf {
@@ -210,8 +180,7 @@ impl ImageConfig {
     /// Checks every field; errors carry the field name as key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_name(&self.name).map_err(|m| invalid("name", m))?;
-        let origin = OriginUrl::parse(&self.origin)
-            .map_err(|e: OriginError| invalid("origin", e.to_string()))?;
+        let origin = OriginUrl::parse(&self.origin).map_err(|e: OriginError| invalid("origin", e.to_string()))?;
         self.chunk_size().map_err(|m| invalid("chunk_size", m))?;
         if self.manifest.is_none() && !matches!(origin, OriginUrl::File(_)) {
             return Err(invalid(
@@ -226,9 +195,7 @@ impl ImageConfig {
     pub fn chunk_size(&self) -> Result<Option<ChunkSize>, String> {
         match &self.chunk_size {
             None => Ok(None),
-            Some(s) => ChunkSize::new(parse_size(s)?)
-                .map(Some)
-                .map_err(|e| e.to_string()),
+            Some(s) => ChunkSize::new(parse_size(s)?).map(Some).map_err(|e| e.to_string()),
         }
     }
 }
@@ -238,15 +205,11 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "{name:?} is not a valid image name (1-64 of A-Z a-z 0-9 . _ -, not starting with '.')"
-        ))
+        Err(format!("{name:?} is not a valid image name (1-64 of A-Z a-z 0-9 . _ -, not starting with '.')"))
     }
 }
 
@@ -255,9 +218,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 64KiB)"))?;
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 64KiB)"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
@@ -266,8 +227,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "t" | "tb" | "tib" => 1 << 40,
         _ => return Err(format!("{s:?}: unknown size unit (use KiB, MiB, GiB)")),
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// Formats a byte count the way [`parse_size`] reads it, exactly when possible.
@@ -285,9 +245,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 30s)"))?;
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 30s)"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" | "" => Ok(Duration::from_secs(n)),
@@ -327,19 +285,14 @@ chunk_size = "64KiB"
     fn errors_name_the_key() {
         assert!(err(&GOOD.replace("64KiB", "3000")).contains("image[0].chunk_size"));
         assert!(err(&GOOD.replace("64KiB", "8MiB")).contains("power of two"));
-        assert!(
-            err(&GOOD.replace("debian12\"\norigin", "../x\"\norigin")).contains("image[0].name")
-        );
+        assert!(err(&GOOD.replace("debian12\"\norigin", "../x\"\norigin")).contains("image[0].name"));
         assert!(err(&GOOD.replace("file:///srv", "ftp://srv")).contains("image[0].origin"));
         assert!(err(&format!("{GOOD}\nbogus = 1")).contains("bogus"));
         assert!(err(&GOOD.replace("chunk_size", "chunksize")).contains("chunksize"));
         assert!(err(&GOOD.replace("\"/run/vmthunder\"", "\"run\"")).contains("run_dir"));
         let dup = format!("{GOOD}\n[[image]]\nname = \"debian12\"\norigin = \"file:///x\"\n");
         assert!(err(&dup).contains("duplicate"));
-        let nbd = GOOD.replace(
-            "file:///srv/images/debian12.raw",
-            "nbd://127.0.0.1:10809/img",
-        );
+        let nbd = GOOD.replace("file:///srv/images/debian12.raw", "nbd://127.0.0.1:10809/img");
         assert!(err(&nbd).contains("image[0].manifest"));
         assert!(err(&format!("fetch_timeout = \"soon\"\n{GOOD}")).contains("fetch_timeout"));
     }

@@ -1,4 +1,4 @@
-//! Durable file replacement: the one way every on-disk format of vmthunder is written.
+//! Durable file replacement and checksum trailers: how vmthunder writes its on-disk files.
 //!
 //! Invariant: after `write_atomic` returns, the path holds either the old or the new content in
 //! full, across a crash or power loss (temp file, fsync, rename, fsync of the directory).
@@ -14,12 +14,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
+        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -36,7 +31,7 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Appends a crc32c of `body` to it: the trailer every vmthunder format ends with.
+/// Appends a crc32c of `body` to it: the trailer of the manifest and cache state files.
 pub fn seal(mut body: Vec<u8>) -> Vec<u8> {
     let crc = crc32c::crc32c(&body);
     body.extend_from_slice(&crc.to_le_bytes());

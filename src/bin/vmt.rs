@@ -10,6 +10,7 @@ use vmthunder::config::{format_size, parse_size, ImageConfig};
 use vmthunder::daemon::control::{self, ImageStatus, Request, Response};
 use vmthunder::fetch::origin::OriginUrl;
 use vmthunder::image::ChunkSize;
+use vmthunder::libvirt::{detach, pool};
 
 /// Administer the vmthunder node daemon.
 #[derive(Parser)]
@@ -33,6 +34,56 @@ enum Cmd {
     /// Manage served images.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Manage the libvirt storage pool of VM overlays.
+    #[command(subcommand)]
+    Pool(PoolCmd),
+    /// Manage per-VM overlay volumes.
+    #[command(subcommand)]
+    Vol(VolCmd),
+    /// Copy a running VM's disk into its overlay so it no longer needs vmtd (block pull).
+    Detach {
+        domain: String,
+        #[arg(long, default_value = "vda")]
+        disk: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum PoolCmd {
+    /// Define, build, start and autostart the pool (idempotent).
+    Define {
+        #[arg(long, default_value = "vmthunder")]
+        name: String,
+        #[arg(long, default_value = "/var/lib/vmthunder/pool")]
+        path: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum VolCmd {
+    /// Create a VM's persistent qcow2 overlay backed by IMAGE's export; prints the <disk> XML.
+    Create {
+        #[arg(long)]
+        image: String,
+        vol: String,
+        #[arg(long, default_value = "vmthunder")]
+        pool: String,
+        /// Guest device in the printed <disk> XML.
+        #[arg(long, default_value = "vda")]
+        target: String,
+        /// Seconds QEMU keeps retrying the export while vmtd restarts.
+        #[arg(long, default_value_t = 10)]
+        reconnect_delay: u32,
+    },
+    /// Delete a VM's overlay.
+    Delete {
+        vol: String,
+        #[arg(long, default_value = "vmthunder")]
+        pool: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -69,10 +120,21 @@ const TIMEOUT: Duration = Duration::from_secs(600);
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    // libvirt calls block: run them on this thread, outside the async runtime.
+    match &args.cmd {
+        Cmd::Pool(PoolCmd::Define { name, path }) => {
+            let dir = pool::define(name, path)?;
+            println!("pool {name} ready at {}", dir.display());
+            return Ok(());
+        }
+        Cmd::Vol(VolCmd::Delete { vol, pool: p }) => {
+            pool::delete_volume(p, vol)?;
+            return Ok(());
+        }
+        Cmd::Detach { domain, disk, timeout } => return detach(&args.socket, domain, disk, *timeout),
+        _ => {}
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(run(args))
 }
 
@@ -116,36 +178,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::Image(ImageCmd::Add {
-            name,
-            origin,
-            chunk_size,
-            manifest,
-        }) => {
+        Cmd::Image(ImageCmd::Add { name, origin, chunk_size, manifest }) => {
             let manifest = manifest.map(|m| std::path::absolute(&m)).transpose()?;
-            let image = ImageConfig {
-                name,
-                origin,
-                chunk_size,
-                manifest,
-            };
+            let image = ImageConfig { name, origin, chunk_size, manifest };
             image.validate()?;
             call(&args.socket, Request::ImageAdd { image }).await?;
         }
+        Cmd::Vol(VolCmd::Create { image, vol, pool: p, target, reconnect_delay }) => {
+            let img = images(&args.socket)
+                .await?
+                .into_iter()
+                .find(|i| i.name == image)
+                .with_context(|| format!("vmtd serves no image named {image}"))?;
+            let socket = PathBuf::from(&img.socket);
+            let path = tokio::task::spawn_blocking({
+                let (p, vol, image, socket) = (p.clone(), vol.clone(), image.clone(), socket.clone());
+                move || pool::create_volume(&p, &vol, &image, &socket, img.image_size)
+            })
+            .await??;
+            eprintln!("created {}", path.display());
+            println!("{}", pool::disk_xml(&p, &vol, &image, &socket, &target, reconnect_delay));
+        }
+        Cmd::Pool(_) | Cmd::Vol(_) | Cmd::Detach { .. } => unreachable!("handled before the runtime starts"),
         Cmd::Image(ImageCmd::Remove { name }) => {
             call(&args.socket, Request::ImageRemove { name }).await?;
         }
-        Cmd::Image(ImageCmd::Manifest {
-            origin,
-            output,
-            chunk_size,
-        }) => {
+        Cmd::Image(ImageCmd::Manifest { origin, output, chunk_size }) => {
             let chunk = ChunkSize::new(parse_size(&chunk_size).map_err(anyhow::Error::msg)?)?;
             let origin = OriginUrl::parse(&origin)?;
             let source = origin.open()?;
-            let m = vmthunder::fetch::build_manifest(source.as_ref(), chunk)
-                .await
-                .context("building the manifest")?;
+            let m = vmthunder::fetch::build_manifest(source.as_ref(), chunk).await.context("building the manifest")?;
             m.save(&output)?;
             println!(
                 "{}: image {} bytes, {} chunks of {}, digest {}",
@@ -161,29 +223,37 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn print_status(i: &ImageStatus) {
-    let pct = if i.chunks_total == 0 {
-        0.0
-    } else {
-        100.0 * i.chunks_present as f64 / i.chunks_total as f64
-    };
+    let pct = if i.chunks_total == 0 { 0.0 } else { 100.0 * i.chunks_present as f64 / i.chunks_total as f64 };
     println!("image {}  ({})", i.name, i.origin);
     println!("  digest        {}", i.digest);
-    println!(
-        "  size          {} in chunks of {}",
-        i.image_size,
-        format_size(i.chunk_size)
-    );
-    println!(
-        "  cached        {}/{} chunks ({pct:.1}%)",
-        i.chunks_present, i.chunks_total
-    );
+    println!("  size          {} in chunks of {}", i.image_size, format_size(i.chunk_size));
+    println!("  cached        {}/{} chunks ({pct:.1}%)", i.chunks_present, i.chunks_total);
     println!(
         "  from origin   {} bytes in {} reads ({} retries, {} failed reads, {} bad chunks)",
         i.bytes_from_origin, i.upstream_reads, i.retries, i.failed_reads, i.verify_failures
     );
-    println!(
-        "  served        {} bytes to {} clients",
-        i.bytes_served, i.clients
-    );
+    println!("  served        {} bytes to {} clients", i.bytes_served, i.clients);
     println!("  export        nbd+unix:///{}?socket={}", i.name, i.socket);
+}
+
+fn detach(socket: &std::path::Path, domain: &str, disk: &str, timeout: u64) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut last = u64::MAX;
+    let mut draw = |cur: u64, end: u64| {
+        let pct = if end == 0 { 0 } else { cur * 100 / end };
+        if pct != last {
+            last = pct;
+            let bar = "#".repeat((pct / 4) as usize);
+            eprint!("\r{domain} {disk} [{bar:<25}] {pct:3}% ({} / {} MiB)", cur >> 20, end >> 20);
+            let _ = std::io::stderr().flush();
+        }
+    };
+    let others = detach::block_pull(domain, disk, Duration::from_secs(timeout), &mut draw)?;
+    eprintln!("\r{domain} {disk} [{}] 100% detached", "#".repeat(25));
+    if !others {
+        // No disk of this domain reads from vmtd any more: drop its hold.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(call(socket, Request::Release { domain: domain.to_string() }))?;
+    }
+    Ok(())
 }

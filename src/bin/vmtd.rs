@@ -21,25 +21,15 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VMT_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VMT_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let cfg = vmthunder::config::Config::load(&args.config)?;
     if args.check {
-        println!(
-            "{}: ok ({} images)",
-            args.config.display(),
-            cfg.images.len()
-        );
+        println!("{}: ok ({} images)", args.config.display(), cfg.images.len());
         return Ok(());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     rt.block_on(vmthunder::daemon::Daemon::run(cfg))?;
     Ok(())
 }

@@ -38,10 +38,7 @@ pub enum ControlError {
     #[error("no answer from vmtd within {0:?}")]
     Timeout(Duration),
     #[error("cannot reach vmtd at {path}: {source}")]
-    Connect {
-        path: String,
-        source: std::io::Error,
-    },
+    Connect { path: String, source: std::io::Error },
 }
 
 /// A request to the daemon.
@@ -54,6 +51,11 @@ pub enum Request {
     ImageAdd { image: ImageConfig },
     /// Stops serving an image; its cache stays on disk.
     ImageRemove { name: String },
+    /// Readies the exports of `images` for domain `domain` and records its hold on them
+    /// (sent by the libvirt hook before QEMU starts).
+    Assemble { domain: String, images: Vec<String> },
+    /// Drops every hold of `domain` (domain stopped or detached from vmthunder).
+    Release { domain: String },
 }
 
 /// The state of one served image.
@@ -75,6 +77,8 @@ pub struct ImageStatus {
     pub failed_reads: u64,
     pub fetching: u64,
     pub clients: u64,
+    /// Domains holding this image (assembled and not yet released).
+    pub holds: Vec<String>,
     pub socket: String,
     pub cache_dir: String,
 }
@@ -86,6 +90,10 @@ pub enum Response {
     Status {
         version: String,
         images: Vec<ImageStatus>,
+    },
+    /// Export sockets of assembled images, in request order.
+    Assembled {
+        sockets: Vec<String>,
     },
     Done,
     Error {
@@ -131,9 +139,7 @@ pub fn decode_payload<T: DeserializeOwned>(payload: &[u8], crc: u32) -> Result<T
 }
 
 /// Reads one frame; `Ok(None)` on a clean end of stream.
-pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(
-    r: &mut R,
-) -> Result<Option<T>, ControlError> {
+pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<T>, ControlError> {
     let mut h = [0u8; HEADER_LEN];
     match r.read_exact(&mut h).await {
         Ok(_) => {}
@@ -146,39 +152,24 @@ pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(
     decode_payload(&payload, crc).map(Some)
 }
 
-pub async fn write_frame<T: Serialize, W: AsyncWrite + Unpin>(
-    w: &mut W,
-    msg: &T,
-) -> Result<(), ControlError> {
+pub async fn write_frame<T: Serialize, W: AsyncWrite + Unpin>(w: &mut W, msg: &T) -> Result<(), ControlError> {
     w.write_all(&encode(msg)).await?;
     w.flush().await?;
     Ok(())
 }
 
 /// Sends one request to the daemon at `socket` and waits (bounded) for its response.
-pub async fn call(
-    socket: &Path,
-    req: &Request,
-    timeout: Duration,
-) -> Result<Response, ControlError> {
+pub async fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response, ControlError> {
     let work = async {
         let mut s = tokio::net::UnixStream::connect(socket)
             .await
-            .map_err(|source| ControlError::Connect {
-                path: socket.display().to_string(),
-                source,
-            })?;
+            .map_err(|source| ControlError::Connect { path: socket.display().to_string(), source })?;
         write_frame(&mut s, req).await?;
         read_frame::<Response, _>(&mut s).await?.ok_or_else(|| {
-            ControlError::Io(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "vmtd closed the connection",
-            ))
+            ControlError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "vmtd closed the connection"))
         })
     };
-    tokio::time::timeout(timeout, work)
-        .await
-        .map_err(|_| ControlError::Timeout(timeout))?
+    tokio::time::timeout(timeout, work).await.map_err(|_| ControlError::Timeout(timeout))?
 }
 
 #[cfg(test)]
@@ -192,10 +183,7 @@ mod tests {
         let f = encode(&req);
         let (len, crc) = decode_header(f[..HEADER_LEN].try_into().unwrap()).unwrap();
         assert_eq!(len as usize, f.len() - HEADER_LEN);
-        assert_eq!(
-            decode_payload::<Request>(&f[HEADER_LEN..], crc).unwrap(),
-            req
-        );
+        assert_eq!(decode_payload::<Request>(&f[HEADER_LEN..], crc).unwrap(), req);
     }
 
     #[test]
@@ -203,25 +191,16 @@ mod tests {
         let f = encode(&Request::Status);
         let mut h: [u8; HEADER_LEN] = f[..HEADER_LEN].try_into().unwrap();
         h[4] = 9;
-        assert!(matches!(
-            decode_header(&h),
-            Err(ControlError::BadVersion(9))
-        ));
+        assert!(matches!(decode_header(&h), Err(ControlError::BadVersion(9))));
         h[0] = b'X';
         assert!(matches!(decode_header(&h), Err(ControlError::BadMagic)));
         let mut h: [u8; HEADER_LEN] = f[..HEADER_LEN].try_into().unwrap();
         h[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(decode_header(&h), Err(ControlError::TooBig(_))));
         let (_, crc) = decode_header(f[..HEADER_LEN].try_into().unwrap()).unwrap();
-        assert!(matches!(
-            decode_payload::<Request>(b"{\"op\":\"status\"}x", crc),
-            Err(ControlError::BadChecksum)
-        ));
+        assert!(matches!(decode_payload::<Request>(b"{\"op\":\"status\"}x", crc), Err(ControlError::BadChecksum)));
         let junk = b"{\"op\":\"reboot\"}";
-        assert!(matches!(
-            decode_payload::<Request>(junk, crc32c::crc32c(junk)),
-            Err(ControlError::Json(_))
-        ));
+        assert!(matches!(decode_payload::<Request>(junk, crc32c::crc32c(junk)), Err(ControlError::Json(_))));
     }
 
     proptest! {

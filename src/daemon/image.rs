@@ -60,19 +60,13 @@ impl Image {
         socket: PathBuf,
     ) -> Result<Arc<Image>, ImageError> {
         let name = cfg.name.clone();
-        let invalid = |message: String| ImageError::Invalid {
-            name: name.clone(),
-            message,
-        };
+        let invalid = |message: String| ImageError::Invalid { name: name.clone(), message };
         cfg.validate().map_err(|e| invalid(e.to_string()))?;
         let origin = OriginUrl::parse(&cfg.origin).map_err(|e| invalid(e.to_string()))?;
         let chunk = cfg.chunk_size().map_err(&invalid)?;
         let manifest = match (&cfg.manifest, &origin) {
             (Some(path), _) => {
-                let m = Manifest::load(path).map_err(|source| ImageError::Manifest {
-                    name: name.clone(),
-                    source,
-                })?;
+                let m = Manifest::load(path).map_err(|source| ImageError::Manifest { name: name.clone(), source })?;
                 if let Some(c) = chunk {
                     if c != m.geometry().chunk_size() {
                         return Err(invalid(format!(
@@ -89,37 +83,24 @@ impl Image {
                 tokio::task::spawn_blocking(move || file_manifest(&path, &dir, &n, chunk))
                     .await
                     .map_err(|e| invalid(e.to_string()))?
-                    .map_err(|source| ImageError::Manifest {
-                        name: name.clone(),
-                        source,
-                    })?
+                    .map_err(|source| ImageError::Manifest { name: name.clone(), source })?
             }
             (None, _) => return Err(invalid("a network origin needs a manifest".into())),
         };
-        let source = origin.open().map_err(|source| ImageError::Origin {
-            name: name.clone(),
-            source,
-        })?;
+        let source = origin.open().map_err(|source| ImageError::Origin { name: name.clone(), source })?;
         let manifest = Arc::new(manifest);
         let (dir, m) = (cache_dir.to_path_buf(), manifest.clone());
         let store = tokio::task::spawn_blocking(move || ChunkStore::open(&dir, &m))
             .await
             .map_err(|e| invalid(e.to_string()))?
-            .map_err(|source| ImageError::Store {
-                name: name.clone(),
-                source,
-            })?;
+            .map_err(|source| ImageError::Store { name: name.clone(), source })?;
         let store = Arc::new(store);
-        let max_chunks =
-            (tuning.max_fetch / manifest.geometry().chunk_size().bytes()).max(1) as u32;
+        let max_chunks = (tuning.max_fetch / manifest.geometry().chunk_size().bytes()).max(1) as u32;
         let fetcher = Fetcher::new(
             store.clone(),
             manifest.clone(),
             source,
-            FetchTuning {
-                timeout: tuning.fetch_timeout,
-                max_chunks,
-            },
+            FetchTuning { timeout: tuning.fetch_timeout, max_chunks },
         );
         tracing::info!(image = %name, digest = %manifest.root(), size = manifest.geometry().image_size(),
             present = store.present_count(), "image ready");
@@ -136,7 +117,7 @@ impl Image {
         }))
     }
 
-    pub fn status(&self) -> ImageStatus {
+    pub fn status(&self, holds: Vec<String>) -> ImageStatus {
         let g = self.manifest.geometry();
         let f = self.fetcher.stats();
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -157,6 +138,7 @@ impl Image {
             failed_reads: load(&f.failed_reads),
             fetching: self.fetcher.inflight() as u64,
             clients: load(&self.clients),
+            holds,
             socket: self.socket.display().to_string(),
             cache_dir: self.store.dir().display().to_string(),
         }
@@ -170,10 +152,7 @@ impl Export for Image {
 
     fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Vec<u8>, u32>> {
         Box::pin(async move {
-            let range = self
-                .manifest
-                .geometry()
-                .chunks_covering(ByteOffset(offset), u64::from(len));
+            let range = self.manifest.geometry().chunks_covering(ByteOffset(offset), u64::from(len));
             if !self.store.has_all(range.clone()) {
                 if let Err(e) = self.fetcher.ensure(range).await {
                     tracing::warn!(image = %self.name, offset, len, error = %e, "read failed");
@@ -185,8 +164,7 @@ impl Export for Image {
                 tracing::error!(image = %self.name, offset, len, error = %e, "cache read failed");
                 return Err(EIO);
             }
-            self.bytes_served
-                .fetch_add(u64::from(len), Ordering::Relaxed);
+            self.bytes_served.fetch_add(u64::from(len), Ordering::Relaxed);
             Ok(buf)
         })
     }
@@ -202,16 +180,8 @@ impl Export for Image {
 
 /// The manifest of a file origin: reused while the file's identity (path, size, mtime, inode)
 /// and the chunk size are unchanged, else built by reading the file once.
-fn file_manifest(
-    path: &Path,
-    dir: &Path,
-    name: &str,
-    chunk: ChunkSize,
-) -> Result<Manifest, ManifestError> {
-    let io = |source: std::io::Error| ManifestError::Io {
-        path: path.display().to_string(),
-        source,
-    };
+fn file_manifest(path: &Path, dir: &Path, name: &str, chunk: ChunkSize) -> Result<Manifest, ManifestError> {
+    let io = |source: std::io::Error| ManifestError::Io { path: path.display().to_string(), source };
     let meta = std::fs::metadata(path).map_err(io)?;
     let stamp = format!(
         "{}\n{}\n{}.{}\n{}\n{}\n",
@@ -222,10 +192,7 @@ fn file_manifest(
         meta.ino(),
         chunk.bytes()
     );
-    let (mpath, spath) = (
-        dir.join(format!("{name}.manifest")),
-        dir.join(format!("{name}.stamp")),
-    );
+    let (mpath, spath) = (dir.join(format!("{name}.manifest")), dir.join(format!("{name}.stamp")));
     if std::fs::read_to_string(&spath).ok().as_deref() == Some(stamp.as_str()) {
         if let Ok(m) = Manifest::load(&mpath) {
             return Ok(m);
@@ -242,10 +209,7 @@ fn file_manifest(
 /// Builds the manifest of an image file by reading it once.
 pub fn build_file_manifest(path: &Path, chunk: ChunkSize) -> Result<Manifest, ManifestError> {
     use std::io::Read;
-    let io = |source: std::io::Error| ManifestError::Io {
-        path: path.display().to_string(),
-        source,
-    };
+    let io = |source: std::io::Error| ManifestError::Io { path: path.display().to_string(), source };
     let mut f = std::io::BufReader::with_capacity(4 << 20, std::fs::File::open(path).map_err(io)?);
     let size = f.get_ref().metadata().map_err(io)?.len();
     let g = Geometry::new(size, chunk)?;

@@ -8,10 +8,11 @@
 pub mod control;
 pub mod image;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::Mutex;
 use std::sync::{Arc, RwLock};
 
 use thiserror::Error;
@@ -23,6 +24,9 @@ use crate::nbd::server::{self, Export, ExportLookup, SingleExport};
 use control::{Request, Response};
 pub use image::{Image, ImageError};
 
+/// File that marks a directory as a vmtd `run_dir`.
+pub const RUN_DIR_MARKER: &str = "vmtd.rundir";
+
 /// Errors that stop the daemon or refuse a control request.
 #[derive(Debug, Error)]
 pub enum DaemonError {
@@ -31,15 +35,13 @@ pub enum DaemonError {
     #[error(transparent)]
     Image(#[from] Box<ImageError>),
     #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: String,
-        source: std::io::Error,
-    },
+    Io { what: &'static str, path: String, source: std::io::Error },
     #[error("image {0} is already served")]
     Duplicate(String),
     #[error("no image named {0}")]
     UnknownImage(String),
+    #[error("export of image {0} is not listening")]
+    NotListening(String),
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError {
@@ -53,16 +55,15 @@ pub struct Daemon {
     tuning: Tuning,
     export_uid: Option<u32>,
     images: RwLock<BTreeMap<String, Arc<Image>>>,
+    /// Domain name → images it holds. Soft state: lost on restart, re-sent by the hook at the
+    /// next domain start; a hold only informs operators (`vmt status`) what still needs vmtd.
+    holds: Mutex<BTreeMap<String, BTreeSet<String>>>,
     shutdown: watch::Sender<bool>,
 }
 
 impl ExportLookup for Daemon {
     fn find(&self, name: &str) -> Option<Arc<dyn Export>> {
-        self.images
-            .read()
-            .unwrap()
-            .get(name)
-            .map(|i| i.clone() as Arc<dyn Export>)
+        self.images.read().unwrap().get(name).map(|i| i.clone() as Arc<dyn Export>)
     }
     fn names(&self) -> Vec<String> {
         self.images.read().unwrap().keys().cloned().collect()
@@ -88,17 +89,16 @@ impl Daemon {
     pub async fn start(cfg: Config) -> Result<Arc<Daemon>, DaemonError> {
         cfg.validate()?;
         let tuning = cfg.tuning()?;
-        for (dir, mode) in [
-            (&cfg.run_dir, 0o755),
-            (&cfg.cache_dir, 0o700),
-            (&cfg.profile_dir, 0o755),
-        ] {
+        for (dir, mode) in [(&cfg.run_dir, 0o755), (&cfg.cache_dir, 0o700), (&cfg.profile_dir, 0o755)] {
             std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-                .map_err(io_err("chmod", dir))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(io_err("chmod", dir))?;
         }
         let exports = cfg.run_dir.join("exports");
         std::fs::create_dir_all(&exports).map_err(io_err("creating", &exports))?;
+        // Tells the libvirt hook that sockets under this run_dir are vmthunder exports, also
+        // while vmtd is stopped (so a domain start fails with a clear message then).
+        let marker = cfg.run_dir.join(RUN_DIR_MARKER);
+        std::fs::write(&marker, b"vmthunder run_dir\n").map_err(io_err("writing", &marker))?;
         let export_uid = uid_of(&cfg.export_user);
         if export_uid.is_none() {
             tracing::warn!(user = %cfg.export_user, "export user does not exist; export sockets are root-only");
@@ -107,6 +107,7 @@ impl Daemon {
             tuning,
             export_uid,
             images: RwLock::new(BTreeMap::new()),
+            holds: Mutex::new(BTreeMap::new()),
             shutdown: watch::channel(false).0,
             cfg: cfg.clone(),
         });
@@ -121,11 +122,7 @@ impl Daemon {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(io_err("listening on", Path::new(&addr.to_string())))?;
-            tokio::spawn(server::run_tcp(
-                l,
-                daemon.clone(),
-                daemon.shutdown.subscribe(),
-            ));
+            tokio::spawn(server::run_tcp(l, daemon.clone(), daemon.shutdown.subscribe()));
         }
         tokio::spawn(Daemon::commit_loop(daemon.clone()));
         tracing::info!(control = %control_path.display(), images = cfg.images.len(), "vmtd ready");
@@ -154,9 +151,7 @@ impl Daemon {
             return Err(DaemonError::Duplicate(cfg.name.clone()));
         }
         let socket = self.cfg.export_socket(&cfg.name);
-        let img = Image::open(cfg, &self.cfg.cache_dir, self.tuning, socket.clone())
-            .await
-            .map_err(Box::new)?;
+        let img = Image::open(cfg, &self.cfg.cache_dir, self.tuning, socket.clone()).await.map_err(Box::new)?;
         let listener = bind_unix(&socket, self.export_uid)?;
         {
             let mut images = self.images.write().unwrap();
@@ -165,10 +160,7 @@ impl Daemon {
             }
             images.insert(cfg.name.clone(), img.clone());
         }
-        let lookup = Arc::new(SingleExport {
-            name: cfg.name.clone(),
-            export: img.clone(),
-        });
+        let lookup = Arc::new(SingleExport { name: cfg.name.clone(), export: img.clone() });
         tokio::spawn(server::run_unix(listener, lookup, img.shutdown.subscribe()));
         tracing::info!(image = %cfg.name, socket = %socket.display(), "export listening");
         Ok(img)
@@ -176,12 +168,7 @@ impl Daemon {
 
     /// Stops serving image `name`; its cache stays on disk.
     pub async fn remove_image(&self, name: &str) -> Result<(), DaemonError> {
-        let img = self
-            .images
-            .write()
-            .unwrap()
-            .remove(name)
-            .ok_or_else(|| DaemonError::UnknownImage(name.into()))?;
+        let img = self.images.write().unwrap().remove(name).ok_or_else(|| DaemonError::UnknownImage(name.into()))?;
         let _ = img.shutdown.send(true);
         let _ = std::fs::remove_file(&img.socket);
         commit(&img).await;
@@ -189,29 +176,58 @@ impl Daemon {
         Ok(())
     }
 
+    /// Checks that every image in `images` is served and listening, then records `domain`'s
+    /// hold on them. Returns their export sockets.
+    pub fn assemble(&self, domain: &str, images: &[String]) -> Result<Vec<String>, DaemonError> {
+        let mut sockets = Vec::with_capacity(images.len());
+        for name in images {
+            let img = self.image(name).ok_or_else(|| DaemonError::UnknownImage(name.clone()))?;
+            if std::os::unix::net::UnixStream::connect(&img.socket).is_err() {
+                return Err(DaemonError::NotListening(name.clone()));
+            }
+            sockets.push(img.socket.display().to_string());
+        }
+        self.holds.lock().unwrap().entry(domain.to_string()).or_default().extend(images.iter().cloned());
+        tracing::info!(domain, ?images, "assembled");
+        Ok(sockets)
+    }
+
+    /// Drops every hold of `domain`.
+    pub fn release(&self, domain: &str) {
+        if self.holds.lock().unwrap().remove(domain).is_some() {
+            tracing::info!(domain, "released");
+        }
+    }
+
+    fn holders(&self, image: &str) -> Vec<String> {
+        let holds = self.holds.lock().unwrap();
+        holds.iter().filter(|(_, imgs)| imgs.contains(image)).map(|(d, _)| d.clone()).collect()
+    }
+
     async fn handle(&self, req: Request) -> Response {
         match req {
-            Request::Status => Response::Status {
-                version: env!("CARGO_PKG_VERSION").into(),
-                images: self
-                    .images
-                    .read()
-                    .unwrap()
-                    .values()
-                    .map(|i| i.status())
-                    .collect(),
+            Request::Status => {
+                let images: Vec<Arc<Image>> = self.images.read().unwrap().values().cloned().collect();
+                Response::Status {
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    images: images.iter().map(|i| i.status(self.holders(&i.name))).collect(),
+                }
+            }
+            Request::Assemble { domain, images } => match self.assemble(&domain, &images) {
+                Ok(sockets) => Response::Assembled { sockets },
+                Err(e) => Response::Error { message: e.to_string() },
             },
+            Request::Release { domain } => {
+                self.release(&domain);
+                Response::Done
+            }
             Request::ImageAdd { image } => match self.add_image(&image).await {
                 Ok(_) => Response::Done,
-                Err(e) => Response::Error {
-                    message: e.to_string(),
-                },
+                Err(e) => Response::Error { message: e.to_string() },
             },
             Request::ImageRemove { name } => match self.remove_image(&name).await {
                 Ok(()) => Response::Done,
-                Err(e) => Response::Error {
-                    message: e.to_string(),
-                },
+                Err(e) => Response::Error { message: e.to_string() },
             },
         }
     }
@@ -234,13 +250,7 @@ impl Daemon {
                 Ok(None) => return,
                 Ok(Some(req)) => self.handle(req).await,
                 Err(e) => {
-                    let _ = control::write_frame(
-                        &mut s,
-                        &Response::Error {
-                            message: e.to_string(),
-                        },
-                    )
-                    .await;
+                    let _ = control::write_frame(&mut s, &Response::Error { message: e.to_string() }).await;
                     return;
                 }
             };
@@ -302,8 +312,7 @@ fn bind_unix(path: &Path, uid: Option<u32>) -> Result<UnixListener, DaemonError>
         std::fs::remove_file(path).map_err(io_err("removing stale socket", path))?;
     }
     let l = UnixListener::bind(path).map_err(io_err("binding", path))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(io_err("chmod", path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_err("chmod", path))?;
     if let Some(uid) = uid {
         std::os::unix::fs::chown(path, Some(uid), Some(0)).map_err(io_err("chown", path))?;
     }
@@ -317,14 +326,6 @@ fn uid_of(user: &str) -> Option<u32> {
     let mut buf = vec![0 as libc::c_char; 4096];
     let mut out: *mut libc::passwd = std::ptr::null_mut();
     // SAFETY: all pointers are valid for the call; `buf` outlives the use of `pw`.
-    let rc = unsafe {
-        libc::getpwnam_r(
-            name.as_ptr(),
-            &mut pw,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut out,
-        )
-    };
+    let rc = unsafe { libc::getpwnam_r(name.as_ptr(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut out) };
     (rc == 0 && !out.is_null()).then_some(pw.pw_uid)
 }

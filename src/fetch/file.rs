@@ -16,21 +16,13 @@ pub struct FileSource {
 
 impl FileSource {
     pub fn open(path: &Path) -> Result<Self, SourceError> {
-        let file = File::open(path).map_err(|e| SourceError::Unreachable {
-            what: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        Ok(FileSource {
-            path: path.to_path_buf(),
-            file: Arc::new(file),
-        })
+        let file = File::open(path)
+            .map_err(|e| SourceError::Unreachable { what: path.display().to_string(), reason: e.to_string() })?;
+        Ok(FileSource { path: path.to_path_buf(), file: Arc::new(file) })
     }
 
     fn io(&self, e: impl ToString) -> SourceError {
-        SourceError::Io {
-            what: self.path.display().to_string(),
-            reason: e.to_string(),
-        }
+        SourceError::Io { what: self.path.display().to_string(), reason: e.to_string() }
     }
 }
 
@@ -40,12 +32,7 @@ impl ChunkSource for FileSource {
     }
 
     fn size(&self) -> BoxFuture<'_, Result<u64, SourceError>> {
-        Box::pin(async move {
-            self.file
-                .metadata()
-                .map(|m| m.len())
-                .map_err(|e| self.io(e))
-        })
+        Box::pin(async move { self.file.metadata().map(|m| m.len()).map_err(|e| self.io(e)) })
     }
 
     fn read(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
@@ -53,12 +40,7 @@ impl ChunkSource for FileSource {
             let file = self.file.clone();
             let size = file.metadata().map_err(|e| self.io(e))?.len();
             if offset.checked_add(len as u64).is_none_or(|end| end > size) {
-                return Err(SourceError::OutOfRange {
-                    what: self.describe(),
-                    offset,
-                    len,
-                    size,
-                });
+                return Err(SourceError::OutOfRange { what: self.describe(), offset, len, size });
             }
             tokio::task::spawn_blocking(move || {
                 let mut buf = vec![0u8; len];

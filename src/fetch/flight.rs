@@ -36,11 +36,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 pub enum FetchError {
     /// The source kept failing for the whole fetch budget.
     #[error("fetching {what} gave up after {secs:.1}s: {last}")]
-    GaveUp {
-        what: String,
-        secs: f64,
-        last: String,
-    },
+    GaveUp { what: String, secs: f64, last: String },
     /// The data received does not match the manifest.
     #[error("{0} from the origin does not match the image manifest")]
     Verify(ChunkIdx),
@@ -167,9 +163,7 @@ impl Fetcher {
         let len = (g.chunk_offset(last).0 + g.chunk_len(last) as u64 - offset) as usize;
         let outcome = match self.read_with_retries(offset, len).await {
             Ok(data) => {
-                self.stats
-                    .bytes_from_origin
-                    .fetch_add(len as u64, Ordering::Relaxed);
+                self.stats.bytes_from_origin.fetch_add(len as u64, Ordering::Relaxed);
                 let me = Arc::clone(&self);
                 let idxs: Vec<u32> = run.iter().map(|(i, _)| *i).collect();
                 tokio::task::spawn_blocking(move || me.verify_and_store(offset, &idxs, &data))
@@ -185,12 +179,7 @@ impl Fetcher {
         }
     }
 
-    fn verify_and_store(
-        &self,
-        base: u64,
-        idxs: &[u32],
-        data: &[u8],
-    ) -> Vec<Result<(), FetchError>> {
+    fn verify_and_store(&self, base: u64, idxs: &[u32], data: &[u8]) -> Vec<Result<(), FetchError>> {
         let g = self.manifest.geometry();
         idxs.iter()
             .map(|&i| {
@@ -216,11 +205,7 @@ impl Fetcher {
         let mut last = String::from("no attempt finished in time");
         loop {
             let attempt = async {
-                let _permit = self
-                    .upstream
-                    .acquire()
-                    .await
-                    .expect("semaphore never closed");
+                let _permit = self.upstream.acquire().await.expect("semaphore never closed");
                 self.stats.upstream_reads.fetch_add(1, Ordering::Relaxed);
                 self.source.read(offset, len).await
             };
@@ -246,11 +231,7 @@ impl Fetcher {
     }
 
     fn gave_up(&self, start: Instant, last: String) -> FetchError {
-        FetchError::GaveUp {
-            what: self.source.describe(),
-            secs: start.elapsed().as_secs_f64(),
-            last,
-        }
+        FetchError::GaveUp { what: self.source.describe(), secs: start.elapsed().as_secs_f64(), last }
     }
 }
 
@@ -259,11 +240,7 @@ fn runs<T>(items: Vec<(u32, T)>, max: u32) -> Vec<Vec<(u32, T)>> {
     let mut out: Vec<Vec<(u32, T)>> = Vec::new();
     for (i, t) in items {
         match out.last_mut() {
-            Some(run)
-                if run.len() < max as usize && run.last().is_some_and(|(p, _)| p + 1 == i) =>
-            {
-                run.push((i, t))
-            }
+            Some(run) if run.len() < max as usize && run.last().is_some_and(|(p, _)| p + 1 == i) => run.push((i, t)),
             _ => out.push(vec![(i, t)]),
         }
     }
@@ -280,10 +257,7 @@ mod tests {
     #[test]
     fn runs_split_on_gaps_and_size() {
         let items: Vec<(u32, ())> = [1, 2, 3, 5, 6, 7, 8, 9].iter().map(|&i| (i, ())).collect();
-        let r: Vec<Vec<u32>> = runs(items, 3)
-            .into_iter()
-            .map(|r| r.into_iter().map(|(i, _)| i).collect())
-            .collect();
+        let r: Vec<Vec<u32>> = runs(items, 3).into_iter().map(|r| r.into_iter().map(|(i, _)| i).collect()).collect();
         assert_eq!(r, vec![vec![1, 2, 3], vec![5, 6, 7], vec![8, 9]]);
     }
 
@@ -307,10 +281,7 @@ mod tests {
                 self.reads.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 if self.down.load(Ordering::SeqCst) {
-                    return Err(SourceError::Unreachable {
-                        what: "memory".into(),
-                        reason: "down".into(),
-                    });
+                    return Err(SourceError::Unreachable { what: "memory".into(), reason: "down".into() });
                 }
                 let mut v = self.data[offset as usize..offset as usize + len].to_vec();
                 if self.corrupt.load(Ordering::SeqCst) {
@@ -321,14 +292,7 @@ mod tests {
         }
     }
 
-    fn setup(
-        timeout: Duration,
-    ) -> (
-        tempfile::TempDir,
-        Arc<MemSource>,
-        Arc<ChunkStore>,
-        Arc<Fetcher>,
-    ) {
+    fn setup(timeout: Duration) -> (tempfile::TempDir, Arc<MemSource>, Arc<ChunkStore>, Arc<Fetcher>) {
         let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 31 % 256) as u8).collect();
         let g = Geometry::new(data.len() as u64, ChunkSize::new(4096).unwrap()).unwrap();
         let m = Manifest::build(g, |idx, buf| {
@@ -345,15 +309,7 @@ mod tests {
             down: AtomicBool::new(false),
             corrupt: AtomicBool::new(false),
         });
-        let f = Fetcher::new(
-            store.clone(),
-            Arc::new(m),
-            src.clone(),
-            FetchTuning {
-                timeout,
-                max_chunks: 4,
-            },
-        );
+        let f = Fetcher::new(store.clone(), Arc::new(m), src.clone(), FetchTuning { timeout, max_chunks: 4 });
         (dir, src, store, f)
     }
 
@@ -369,24 +325,12 @@ mod tests {
         for t in tasks {
             t.await.unwrap().unwrap();
         }
-        assert_eq!(
-            src.reads.load(Ordering::SeqCst),
-            1,
-            "one coalesced read for chunks 0..4"
-        );
+        assert_eq!(src.reads.load(Ordering::SeqCst), 1, "one coalesced read for chunks 0..4");
         assert!(store.has_all(0..4));
         f.ensure(0..4).await.unwrap();
-        assert_eq!(
-            src.reads.load(Ordering::SeqCst),
-            1,
-            "present chunks are not fetched again"
-        );
+        assert_eq!(src.reads.load(Ordering::SeqCst), 1, "present chunks are not fetched again");
         f.ensure(4..16).await.unwrap();
-        assert_eq!(
-            src.reads.load(Ordering::SeqCst),
-            4,
-            "12 chunks in runs of at most 4"
-        );
+        assert_eq!(src.reads.load(Ordering::SeqCst), 4, "12 chunks in runs of at most 4");
     }
 
     #[tokio::test]
@@ -394,15 +338,9 @@ mod tests {
         let (_d, src, store, f) = setup(Duration::from_millis(400));
         src.down.store(true, Ordering::SeqCst);
         let t0 = std::time::Instant::now();
-        assert!(matches!(
-            f.ensure(0..1).await,
-            Err(FetchError::GaveUp { .. })
-        ));
+        assert!(matches!(f.ensure(0..1).await, Err(FetchError::GaveUp { .. })));
         assert!(t0.elapsed() < Duration::from_secs(2));
-        assert!(
-            src.reads.load(Ordering::SeqCst) >= 2,
-            "retried before giving up"
-        );
+        assert!(src.reads.load(Ordering::SeqCst) >= 2, "retried before giving up");
         assert!(!store.has(ChunkIdx(0)));
         src.down.store(false, Ordering::SeqCst);
         f.ensure(0..1).await.unwrap();

@@ -30,23 +30,13 @@ pub enum SourceError {
     Unreachable { what: String, reason: String },
     /// The source answered with an error code.
     #[error("{what} answered error {errno} for {len} bytes at {offset}")]
-    Remote {
-        what: String,
-        errno: u32,
-        offset: u64,
-        len: usize,
-    },
+    Remote { what: String, errno: u32, offset: u64, len: usize },
     /// The source broke its protocol.
     #[error("{what}: protocol error: {reason}")]
     Protocol { what: String, reason: String },
     /// The read lies beyond the source's end.
     #[error("{what}: read of {len} bytes at {offset} is beyond its size {size}")]
-    OutOfRange {
-        what: String,
-        offset: u64,
-        len: usize,
-        size: u64,
-    },
+    OutOfRange { what: String, offset: u64, len: usize, size: u64 },
     /// A local I/O error.
     #[error("{what}: {reason}")]
     Io { what: String, reason: String },
@@ -63,10 +53,7 @@ pub trait ChunkSource: Send + Sync + 'static {
 }
 
 /// Builds the manifest of the image behind `source` by reading it once, in large reads.
-pub async fn build_manifest(
-    source: &dyn ChunkSource,
-    chunk: ChunkSize,
-) -> Result<Manifest, BuildError> {
+pub async fn build_manifest(source: &dyn ChunkSource, chunk: ChunkSize) -> Result<Manifest, BuildError> {
     let size = source.size().await?;
     let geometry = Geometry::new(size, chunk)?;
     let per_read = (8u64 << 20).max(chunk.bytes()) / chunk.bytes();
@@ -75,21 +62,13 @@ pub async fn build_manifest(
     while next < geometry.chunk_count() {
         let last = (u64::from(next) + per_read).min(u64::from(geometry.chunk_count())) as u32;
         let offset = geometry.chunk_offset(ChunkIdx(next)).0;
-        let end = geometry.chunk_offset(ChunkIdx(last - 1)).0
-            + geometry.chunk_len(ChunkIdx(last - 1)) as u64;
+        let end = geometry.chunk_offset(ChunkIdx(last - 1)).0 + geometry.chunk_len(ChunkIdx(last - 1)) as u64;
         let data = source.read(offset, (end - offset) as usize).await?;
         let hashed = tokio::task::spawn_blocking(move || {
-            data.chunks(chunk.bytes() as usize)
-                .map(crate::image::Digest::of)
-                .collect::<Vec<_>>()
+            data.chunks(chunk.bytes() as usize).map(crate::image::Digest::of).collect::<Vec<_>>()
         })
         .await
-        .map_err(|e| {
-            BuildError::Source(SourceError::Io {
-                what: "hashing".into(),
-                reason: e.to_string(),
-            })
-        })?;
+        .map_err(|e| BuildError::Source(SourceError::Io { what: "hashing".into(), reason: e.to_string() }))?;
         digests.extend(hashed);
         next = last;
     }

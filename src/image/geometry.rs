@@ -21,7 +21,7 @@ pub enum GeometryError {
     #[error("chunk size {0} must be a power of two between 4KiB and 4MiB")]
     BadChunkSize(u64),
     /// The image has more chunks than a 32-bit chunk index can name.
-    #[error("image of {size} bytes has too many chunks of {chunk} bytes (at most 2^32)")]
+    #[error("image of {size} bytes has too many chunks of {chunk} bytes (at most 2^32 - 1)")]
     TooManyChunks { size: u64, chunk: u64 },
     /// The image is empty.
     #[error("image size is zero")]
@@ -85,15 +85,9 @@ impl Geometry {
         if image_size == 0 {
             return Err(GeometryError::Empty);
         }
-        let g = Geometry {
-            image_size,
-            chunk_size,
-        };
+        let g = Geometry { image_size, chunk_size };
         if g.chunk_count_u64() > u64::from(u32::MAX) {
-            return Err(GeometryError::TooManyChunks {
-                size: image_size,
-                chunk: chunk_size.bytes(),
-            });
+            return Err(GeometryError::TooManyChunks { size: image_size, chunk: chunk_size.bytes() });
         }
         Ok(g)
     }
@@ -143,9 +137,7 @@ impl Geometry {
 
     /// True when `len` bytes from `offset` lie inside the image.
     pub fn contains(&self, offset: u64, len: u64) -> bool {
-        offset
-            .checked_add(len)
-            .is_some_and(|end| end <= self.image_size)
+        offset.checked_add(len).is_some_and(|end| end <= self.image_size)
     }
 }
 
@@ -159,14 +151,8 @@ mod tests {
         assert!(ChunkSize::new(4096).is_ok());
         assert!(ChunkSize::new(4 << 20).is_ok());
         assert_eq!(ChunkSize::new(2048), Err(GeometryError::BadChunkSize(2048)));
-        assert_eq!(
-            ChunkSize::new(8 << 20),
-            Err(GeometryError::BadChunkSize(8 << 20))
-        );
-        assert_eq!(
-            ChunkSize::new(65537),
-            Err(GeometryError::BadChunkSize(65537))
-        );
+        assert_eq!(ChunkSize::new(8 << 20), Err(GeometryError::BadChunkSize(8 << 20)));
+        assert_eq!(ChunkSize::new(65537), Err(GeometryError::BadChunkSize(65537)));
     }
 
     #[test]

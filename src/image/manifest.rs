@@ -44,10 +44,7 @@ pub enum ManifestError {
     BadRoot,
     /// Reading or writing the manifest file failed.
     #[error("manifest file {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
 }
 
 /// A 32-byte blake3 digest.
@@ -105,11 +102,7 @@ impl Manifest {
             });
         }
         let root = root_of(&geometry, &digests);
-        Ok(Manifest {
-            geometry,
-            digests,
-            root,
-        })
+        Ok(Manifest { geometry, digests, root })
     }
 
     /// Builds a manifest by reading the whole image through `read_chunk` (idx, buffer).
@@ -126,11 +119,7 @@ impl Manifest {
             digests.push(Digest::of(b));
         }
         let root = root_of(&geometry, &digests);
-        Ok(Manifest {
-            geometry,
-            digests,
-            root,
-        })
+        Ok(Manifest { geometry, digests, root })
     }
 
     pub fn geometry(&self) -> Geometry {
@@ -188,10 +177,7 @@ impl Manifest {
             return Err(ManifestError::ChunkCount { declared, expected });
         }
         let root = Digest(body[32..64].try_into().unwrap());
-        let digests: Vec<Digest> = body[HEADER_LEN..]
-            .chunks_exact(32)
-            .map(|c| Digest(c.try_into().unwrap()))
-            .collect();
+        let digests: Vec<Digest> = body[HEADER_LEN..].chunks_exact(32).map(|c| Digest(c.try_into().unwrap())).collect();
         let m = Manifest::from_digests(geometry, digests)?;
         if m.root != root {
             return Err(ManifestError::BadRoot);
@@ -200,18 +186,14 @@ impl Manifest {
     }
 
     pub fn load(path: &Path) -> Result<Self, ManifestError> {
-        let bytes = std::fs::read(path).map_err(|source| ManifestError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let bytes =
+            std::fs::read(path).map_err(|source| ManifestError::Io { path: path.display().to_string(), source })?;
         Self::decode(&bytes)
     }
 
     pub fn save(&self, path: &Path) -> Result<(), ManifestError> {
-        fsutil::write_atomic(path, &self.encode(), 0o644).map_err(|source| ManifestError::Io {
-            path: path.display().to_string(),
-            source,
-        })
+        fsutil::write_atomic(path, &self.encode(), 0o644)
+            .map_err(|source| ManifestError::Io { path: path.display().to_string(), source })
     }
 }
 
@@ -266,22 +248,13 @@ mod tests {
     fn rejects_corruption() {
         let (_, m) = sample(10_000);
         let enc = m.encode();
-        assert!(matches!(
-            Manifest::decode(&enc[..20]),
-            Err(ManifestError::Truncated(_))
-        ));
+        assert!(matches!(Manifest::decode(&enc[..20]), Err(ManifestError::Truncated(_))));
         let mut bad = enc.clone();
         bad[0] = b'X';
-        assert!(matches!(
-            Manifest::decode(&bad),
-            Err(ManifestError::BadMagic)
-        ));
+        assert!(matches!(Manifest::decode(&bad), Err(ManifestError::BadMagic)));
         let mut bad = enc.clone();
         bad[100] ^= 1;
-        assert!(matches!(
-            Manifest::decode(&bad),
-            Err(ManifestError::BadChecksum)
-        ));
+        assert!(matches!(Manifest::decode(&bad), Err(ManifestError::BadChecksum)));
         assert!(Manifest::decode(&enc[..enc.len() - 1]).is_err());
     }
 

@@ -80,25 +80,15 @@ pub struct NbdClient {
 
 impl NbdClient {
     pub fn new(target: NbdTarget, export: String) -> Self {
-        NbdClient {
-            target,
-            export,
-            conn: tokio::sync::Mutex::new(None),
-        }
+        NbdClient { target, export, conn: tokio::sync::Mutex::new(None) }
     }
 
     fn unreachable(&self, reason: impl ToString) -> SourceError {
-        SourceError::Unreachable {
-            what: self.describe(),
-            reason: reason.to_string(),
-        }
+        SourceError::Unreachable { what: self.describe(), reason: reason.to_string() }
     }
 
     fn protocol(&self, reason: impl ToString) -> SourceError {
-        SourceError::Protocol {
-            what: self.describe(),
-            reason: reason.to_string(),
-        }
+        SourceError::Protocol { what: self.describe(), reason: reason.to_string() }
     }
 
     async fn connection(&self) -> Result<Arc<Conn>, SourceError> {
@@ -118,15 +108,10 @@ impl NbdClient {
 
     async fn connect(&self) -> Result<Arc<Conn>, SourceError> {
         let mut stream: BoxStream = match &self.target {
-            NbdTarget::Unix(p) => Box::new(
-                tokio::net::UnixStream::connect(p)
-                    .await
-                    .map_err(|e| self.unreachable(e))?,
-            ),
+            NbdTarget::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await.map_err(|e| self.unreachable(e))?),
             NbdTarget::Tcp { host, port } => {
-                let s = tokio::net::TcpStream::connect((host.as_str(), *port))
-                    .await
-                    .map_err(|e| self.unreachable(e))?;
+                let s =
+                    tokio::net::TcpStream::connect((host.as_str(), *port)).await.map_err(|e| self.unreachable(e))?;
                 let _ = s.set_nodelay(true);
                 Box::new(s)
             }
@@ -135,12 +120,7 @@ impl NbdClient {
         let (rd, wr) = tokio::io::split(stream);
         let pending = Arc::new(Mutex::new(Pending::default()));
         let dead = Arc::new(AtomicBool::new(false));
-        let reader = tokio::spawn(read_replies(
-            rd,
-            pending.clone(),
-            dead.clone(),
-            self.describe(),
-        ));
+        let reader = tokio::spawn(read_replies(rd, pending.clone(), dead.clone(), self.describe()));
         tracing::info!(origin = %self.describe(), size, "connected to NBD origin");
         Ok(Arc::new(Conn {
             size,
@@ -162,20 +142,8 @@ impl NbdClient {
             cflags |= CLIENT_NO_ZEROES;
         }
         s.write_all(&cflags.to_be_bytes()).await.map_err(io)?;
-        let data = InfoRequest {
-            name: self.export.clone(),
-            infos: vec![],
-        }
-        .encode();
-        s.write_all(
-            &OptionHeader {
-                option: OPT_GO,
-                len: data.len() as u32,
-            }
-            .encode(),
-        )
-        .await
-        .map_err(io)?;
+        let data = InfoRequest { name: self.export.clone(), infos: vec![] }.encode();
+        s.write_all(&OptionHeader { option: OPT_GO, len: data.len() as u32 }.encode()).await.map_err(io)?;
         s.write_all(&data).await.map_err(io)?;
         let mut size = None;
         loop {
@@ -196,10 +164,7 @@ impl NbdClient {
                 }
                 r if r & (1 << 31) != 0 => {
                     let msg = String::from_utf8_lossy(&data);
-                    return Err(self.protocol(format!(
-                        "server refused export {:?} (error {r:#x}: {msg})",
-                        self.export
-                    )));
+                    return Err(self.protocol(format!("server refused export {:?} (error {r:#x}: {msg})", self.export)));
                 }
                 _ => {}
             }
@@ -212,16 +177,8 @@ impl NbdClient {
             return Err(self.protocol(format!("read of {len} bytes exceeds the NBD maximum")));
         }
         let conn = self.connection().await?;
-        if offset
-            .checked_add(len as u64)
-            .is_none_or(|end| end > conn.size)
-        {
-            return Err(SourceError::OutOfRange {
-                what: self.describe(),
-                offset,
-                len,
-                size: conn.size,
-            });
+        if offset.checked_add(len as u64).is_none_or(|end| end > conn.size) {
+            return Err(SourceError::OutOfRange { what: self.describe(), offset, len, size: conn.size });
         }
         let handle = conn.next_handle.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -245,13 +202,7 @@ impl NbdClient {
             }
         }
         let mut guard = Forget(&conn.pending, handle, false);
-        let req = Request {
-            flags: 0,
-            command: CMD_READ,
-            handle,
-            offset,
-            length: len as u32,
-        };
+        let req = Request { flags: 0, command: CMD_READ, handle, offset, length: len as u32 };
         let sent = {
             let mut w = conn.writer.lock().await;
             w.write_all(&req.encode()).await
@@ -273,12 +224,7 @@ impl NbdClient {
     }
 }
 
-async fn read_replies(
-    mut rd: ReadHalf<BoxStream>,
-    pending: Arc<Mutex<Pending>>,
-    dead: Arc<AtomicBool>,
-    what: String,
-) {
+async fn read_replies(mut rd: ReadHalf<BoxStream>, pending: Arc<Mutex<Pending>>, dead: Arc<AtomicBool>, what: String) {
     let err = loop {
         let mut h = [0u8; SIMPLE_REPLY_LEN];
         if let Err(e) = rd.read_exact(&mut h).await {
@@ -298,12 +244,7 @@ async fn read_replies(
             }
             Ok(buf)
         } else {
-            Err(SourceError::Remote {
-                what: what.clone(),
-                errno: reply.error,
-                offset: 0,
-                len,
-            })
+            Err(SourceError::Remote { what: what.clone(), errno: reply.error, offset: 0, len })
         };
         if let Some(w) = waiter {
             let _ = w.send(result);

@@ -1,6 +1,6 @@
-//! The NBD wire format (fixed newstyle handshake, simple replies), as pure functions over bytes.
-//! No I/O here: the server and client do the reading and writing, proptest and the fuzz target
-//! reach every parser directly. Numbers and layouts follow the protocol specification
+//! The NBD wire format (fixed newstyle handshake, simple and structured replies), as pure
+//! functions over bytes. No I/O here: the server and client do the reading and writing, and
+//! proptest reaches every parser directly. Numbers and layouts follow the protocol specification
 //! (`doc/proto.md` of the NBD project); FORMAT.md lists the subset vmthunder speaks.
 
 use thiserror::Error;
@@ -41,7 +41,6 @@ pub const REP_ERR_UNSUP: u32 = (1 << 31) | 1;
 pub const REP_ERR_POLICY: u32 = (1 << 31) | 2;
 pub const REP_ERR_INVALID: u32 = (1 << 31) | 3;
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) | 6;
-pub const REP_ERR_TOO_BIG: u32 = (1 << 31) | 9;
 
 /// Info types inside `REP_INFO`.
 pub const INFO_EXPORT: u16 = 0;
@@ -65,7 +64,6 @@ pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const EPERM: u32 = 1;
 pub const EIO: u32 = 5;
 pub const EINVAL: u32 = 22;
-pub const ESHUTDOWN: u32 = 108;
 
 /// Largest payload (read reply or write data) vmthunder accepts: the protocol's usual maximum.
 pub const MAX_PAYLOAD: u32 = 32 << 20;
@@ -140,10 +138,7 @@ impl OptionHeader {
         if magic != IHAVEOPT {
             return Err(ProtoError::BadMagic(magic));
         }
-        Ok(OptionHeader {
-            option: be_u32(b, 8),
-            len: be_u32(b, 12),
-        })
+        Ok(OptionHeader { option: be_u32(b, 8), len: be_u32(b, 12) })
     }
 
     pub fn encode(&self) -> [u8; OPTION_HEADER_LEN] {
@@ -165,25 +160,19 @@ pub struct InfoRequest {
 impl InfoRequest {
     pub fn parse(data: &[u8]) -> Result<Self, ProtoError> {
         if data.len() < 6 {
-            return Err(ProtoError::BadOption(
-                "shorter than name length and info count",
-            ));
+            return Err(ProtoError::BadOption("shorter than name length and info count"));
         }
         let name_len = be_u32(data, 0) as usize;
         let rest = &data[4..];
         if name_len > rest.len().saturating_sub(2) {
             return Err(ProtoError::BadOption("name length exceeds the option"));
         }
-        let name = std::str::from_utf8(&rest[..name_len])
-            .map_err(|_| ProtoError::BadName)?
-            .to_string();
+        let name = std::str::from_utf8(&rest[..name_len]).map_err(|_| ProtoError::BadName)?.to_string();
         let rest = &rest[name_len..];
         let count = be_u16(rest, 0) as usize;
         let rest = &rest[2..];
         if rest.len() != count * 2 {
-            return Err(ProtoError::BadOption(
-                "info count does not match the option length",
-            ));
+            return Err(ProtoError::BadOption("info count does not match the option length"));
         }
         let infos = rest.chunks_exact(2).map(|c| be_u16(c, 0)).collect();
         Ok(InfoRequest { name, infos })
@@ -226,11 +215,7 @@ impl OptionReplyHeader {
         if magic != OPT_REPLY_MAGIC {
             return Err(ProtoError::BadMagic(magic));
         }
-        Ok(OptionReplyHeader {
-            option: be_u32(b, 8),
-            reply: be_u32(b, 12),
-            len: be_u32(b, 16),
-        })
+        Ok(OptionReplyHeader { option: be_u32(b, 8), reply: be_u32(b, 12), len: be_u32(b, 16) })
     }
 }
 
@@ -255,8 +240,7 @@ pub fn info_block_size(min: u32, preferred: u32, max: u32) -> [u8; 14] {
 
 /// Parses `NBD_INFO_EXPORT` data; `None` for any other info type or a bad length.
 pub fn parse_info_export(data: &[u8]) -> Option<(u64, u16)> {
-    (data.len() == 12 && be_u16(data, 0) == INFO_EXPORT)
-        .then(|| (be_u64(data, 2), be_u16(data, 10)))
+    (data.len() == 12 && be_u16(data, 0) == INFO_EXPORT).then(|| (be_u64(data, 2), be_u16(data, 10)))
 }
 
 /// One `REP_SERVER` entry of `OPT_LIST`.
@@ -337,10 +321,7 @@ impl SimpleReply {
         if magic != SIMPLE_REPLY_MAGIC {
             return Err(ProtoError::BadMagic(u64::from(magic)));
         }
-        Ok(SimpleReply {
-            error: be_u32(b, 4),
-            handle: be_u64(b, 8),
-        })
+        Ok(SimpleReply { error: be_u32(b, 4), handle: be_u64(b, 8) })
     }
 }
 
@@ -369,12 +350,7 @@ impl StructuredHeader {
         if magic != STRUCTURED_REPLY_MAGIC {
             return Err(ProtoError::BadMagic(u64::from(magic)));
         }
-        Ok(StructuredHeader {
-            flags: be_u16(b, 4),
-            kind: be_u16(b, 6),
-            handle: be_u64(b, 8),
-            length: be_u32(b, 16),
-        })
+        Ok(StructuredHeader { flags: be_u16(b, 4), kind: be_u16(b, 6), handle: be_u64(b, 8), length: be_u32(b, 16) })
     }
 }
 
@@ -389,11 +365,7 @@ mod tests {
         assert_eq!(&g[..8], b"NBDMAGIC");
         assert_eq!(&g[8..16], b"IHAVEOPT");
         assert_eq!(parse_greeting(&g), Ok(3));
-        let r = SimpleReply {
-            error: EPERM,
-            handle: 7,
-        }
-        .encode();
+        let r = SimpleReply { error: EPERM, handle: 7 }.encode();
         assert_eq!(&r[..4], &[0x67, 0x44, 0x66, 0x98]);
         assert_eq!(export_name_reply(1, 2, false).len(), 134);
         assert_eq!(export_name_reply(1, 2, true).len(), 10);
@@ -401,10 +373,7 @@ mod tests {
 
     #[test]
     fn info_request_limits() {
-        let ok = InfoRequest {
-            name: "img".into(),
-            infos: vec![INFO_BLOCK_SIZE],
-        };
+        let ok = InfoRequest { name: "img".into(), infos: vec![INFO_BLOCK_SIZE] };
         assert_eq!(InfoRequest::parse(&ok.encode()), Ok(ok.clone()));
         let mut long = ok.encode();
         long[3] = 200;

@@ -93,26 +93,17 @@ where
     result
 }
 
-async fn send_reply<S: AsyncWrite + Unpin>(
-    s: &mut S,
-    option: u32,
-    reply: u32,
-    data: &[u8],
-) -> std::io::Result<()> {
+async fn send_reply<S: AsyncWrite + Unpin>(s: &mut S, option: u32, reply: u32, data: &[u8]) -> std::io::Result<()> {
     s.write_all(&option_reply(option, reply, data)).await
 }
 
 /// Runs the option haggling; returns the export and whether structured replies were agreed,
 /// or `None` when the client aborted cleanly.
-async fn handshake<S>(
-    s: &mut S,
-    lookup: &dyn ExportLookup,
-) -> Result<Option<(Arc<dyn Export>, bool)>, ServeError>
+async fn handshake<S>(s: &mut S, lookup: &dyn ExportLookup) -> Result<Option<(Arc<dyn Export>, bool)>, ServeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    s.write_all(&greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
-        .await?;
+    s.write_all(&greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)).await?;
     let client_flags = s.read_u32().await?;
     if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
         return Err(ServeError::ClientFlags(client_flags));
@@ -133,17 +124,14 @@ where
                 // This option has no error reply: an unknown name can only close the connection.
                 let name = String::from_utf8(data).map_err(|_| ProtoError::BadName)?;
                 let export = lookup.find(&name).ok_or(ServeError::UnknownExport(name))?;
-                s.write_all(&export_name_reply(export.size(), EXPORT_FLAGS, no_zeroes))
-                    .await?;
+                s.write_all(&export_name_reply(export.size(), EXPORT_FLAGS, no_zeroes)).await?;
                 return Ok(Some((export, structured)));
             }
             OPT_ABORT => {
                 let _ = send_reply(s, h.option, REP_ACK, &[]).await;
                 return Ok(None);
             }
-            OPT_LIST if !data.is_empty() => {
-                send_reply(s, h.option, REP_ERR_INVALID, b"OPT_LIST takes no data").await?
-            }
+            OPT_LIST if !data.is_empty() => send_reply(s, h.option, REP_ERR_INVALID, b"OPT_LIST takes no data").await?,
             OPT_LIST => {
                 for name in lookup.names() {
                     send_reply(s, h.option, REP_SERVER, &list_entry(&name)).await?;
@@ -151,35 +139,16 @@ where
                 send_reply(s, h.option, REP_ACK, &[]).await?;
             }
             OPT_INFO | OPT_GO => match InfoRequest::parse(&data) {
-                Err(e) => {
-                    send_reply(s, h.option, REP_ERR_INVALID, e.to_string().as_bytes()).await?
-                }
+                Err(e) => send_reply(s, h.option, REP_ERR_INVALID, e.to_string().as_bytes()).await?,
                 Ok(req) => match lookup.find(&req.name) {
                     None => {
-                        send_reply(
-                            s,
-                            h.option,
-                            REP_ERR_UNKNOWN,
-                            format!("no export named {:?}", req.name).as_bytes(),
-                        )
-                        .await?
+                        send_reply(s, h.option, REP_ERR_UNKNOWN, format!("no export named {:?}", req.name).as_bytes())
+                            .await?
                     }
                     Some(export) => {
-                        send_reply(
-                            s,
-                            h.option,
-                            REP_INFO,
-                            &info_export(export.size(), EXPORT_FLAGS),
-                        )
-                        .await?;
+                        send_reply(s, h.option, REP_INFO, &info_export(export.size(), EXPORT_FLAGS)).await?;
                         if req.infos.contains(&INFO_BLOCK_SIZE) {
-                            send_reply(
-                                s,
-                                h.option,
-                                REP_INFO,
-                                &info_block_size(1, 4096, MAX_PAYLOAD),
-                            )
-                            .await?;
+                            send_reply(s, h.option, REP_INFO, &info_block_size(1, 4096, MAX_PAYLOAD)).await?;
                         }
                         send_reply(s, h.option, REP_ACK, &[]).await?;
                         if h.option == OPT_GO {
@@ -189,13 +158,7 @@ where
                 },
             },
             OPT_STRUCTURED_REPLY if !data.is_empty() => {
-                send_reply(
-                    s,
-                    h.option,
-                    REP_ERR_INVALID,
-                    b"OPT_STRUCTURED_REPLY takes no data",
-                )
-                .await?
+                send_reply(s, h.option, REP_ERR_INVALID, b"OPT_STRUCTURED_REPLY takes no data").await?
             }
             OPT_STRUCTURED_REPLY => {
                 // Lets a client read an export whose size is not a multiple of its block size:
@@ -203,15 +166,7 @@ where
                 structured = true;
                 send_reply(s, h.option, REP_ACK, &[]).await?;
             }
-            OPT_STARTTLS => {
-                send_reply(
-                    s,
-                    h.option,
-                    REP_ERR_POLICY,
-                    b"TLS is not offered; use the unix socket",
-                )
-                .await?
-            }
+            OPT_STARTTLS => send_reply(s, h.option, REP_ERR_POLICY, b"TLS is not offered; use the unix socket").await?,
             _ => send_reply(s, h.option, REP_ERR_UNSUP, b"option not supported").await?,
         }
     }
@@ -227,12 +182,7 @@ struct Reply {
 
 impl Reply {
     fn error(handle: u64, error: u32) -> Self {
-        Reply {
-            handle,
-            error,
-            read_at: None,
-            data: None,
-        }
+        Reply { handle, error, read_at: None, data: None }
     }
 }
 
@@ -271,35 +221,19 @@ where
                 let len = u64::from(req.length);
                 let fits = req.offset.checked_add(len).is_some_and(|end| end <= size);
                 if req.length == 0 || req.length > MAX_PAYLOAD || !fits {
-                    if tx
-                        .send(Reply {
-                            read_at: Some(req.offset),
-                            ..Reply::error(req.handle, EINVAL)
-                        })
-                        .await
-                        .is_err()
-                    {
+                    if tx.send(Reply { read_at: Some(req.offset), ..Reply::error(req.handle, EINVAL) }).await.is_err() {
                         break Ok(());
                     }
                     None
                 } else {
-                    let permit = limit
-                        .clone()
-                        .acquire_owned()
-                        .await
-                        .expect("semaphore never closed");
+                    let permit = limit.clone().acquire_owned().await.expect("semaphore never closed");
                     let (export, tx) = (export.clone(), tx.clone());
                     tokio::spawn(async move {
                         let (error, data) = match export.read(req.offset, req.length).await {
                             Ok(data) => (0, Some(data)),
                             Err(e) => (e, None),
                         };
-                        let reply = Reply {
-                            handle: req.handle,
-                            error,
-                            read_at: Some(req.offset),
-                            data,
-                        };
+                        let reply = Reply { handle: req.handle, error, read_at: Some(req.offset), data };
                         let _ = tx.send(reply).await;
                         drop(permit);
                     });
@@ -375,14 +309,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                     w.write_all(&0u16.to_be_bytes()).await?;
                 }
                 _ => {
-                    w.write_all(
-                        &SimpleReply {
-                            error: r.error,
-                            handle: r.handle,
-                        }
-                        .encode(),
-                    )
-                    .await?;
+                    w.write_all(&SimpleReply { error: r.error, handle: r.handle }.encode()).await?;
                     if let Some(data) = &r.data {
                         w.write_all(data).await?;
                     }
@@ -396,11 +323,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
 }
 
 /// Accepts connections on a unix socket until `shutdown` turns true.
-pub async fn run_unix(
-    listener: UnixListener,
-    lookup: Arc<dyn ExportLookup>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn run_unix(listener: UnixListener, lookup: Arc<dyn ExportLookup>, mut shutdown: watch::Receiver<bool>) {
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -414,11 +337,7 @@ pub async fn run_unix(
 }
 
 /// Accepts connections on a TCP socket until `shutdown` turns true.
-pub async fn run_tcp(
-    listener: TcpListener,
-    lookup: Arc<dyn ExportLookup>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn run_tcp(listener: TcpListener, lookup: Arc<dyn ExportLookup>, mut shutdown: watch::Receiver<bool>) {
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {

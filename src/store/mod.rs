@@ -36,30 +36,19 @@ pub use state::StateError;
 pub enum StoreError {
     /// A file or directory of the cache could not be used.
     #[error("cache {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     /// The state file is unreadable or belongs to another image.
     #[error("cache state {path}: {source} (remove the directory to start this cache afresh)")]
     State { path: PathBuf, source: StateError },
     /// The data file's size does not match the image.
     #[error("cache data file {path} is {found} bytes, the image is {want} (remove the directory to start afresh)")]
-    SizeMismatch {
-        path: PathBuf,
-        found: u64,
-        want: u64,
-    },
+    SizeMismatch { path: PathBuf, found: u64, want: u64 },
     /// Another process holds this cache.
     #[error("cache {0} is in use by another process")]
     Locked(PathBuf),
     /// A chunk handed to `put` has the wrong length.
     #[error("{idx} has {got} bytes, expected {want}")]
-    BadChunkLen {
-        idx: ChunkIdx,
-        got: usize,
-        want: usize,
-    },
+    BadChunkLen { idx: ChunkIdx, got: usize, want: usize },
 }
 
 /// The cache of one image on this node.
@@ -95,12 +84,8 @@ impl ChunkStore {
         fs::create_dir_all(&dir).map_err(io(&dir))?;
 
         let lock_path = dir.join("lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io(&lock_path))?;
+        let lock =
+            OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
         // SAFETY: flock on a valid, owned descriptor.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(StoreError::Locked(dir));
@@ -116,12 +101,8 @@ impl ChunkStore {
 
         let state_path = dir.join("state");
         let durable = match fs::read(&state_path) {
-            Ok(bytes) => {
-                state::decode(&bytes, &geometry, &root).map_err(|source| StoreError::State {
-                    path: state_path.clone(),
-                    source,
-                })?
-            }
+            Ok(bytes) => state::decode(&bytes, &geometry, &root)
+                .map_err(|source| StoreError::State { path: state_path.clone(), source })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => RoaringBitmap::new(),
             Err(e) => return Err(io(&state_path)(e)),
         };
@@ -136,14 +117,9 @@ impl ChunkStore {
             .map_err(io(&data_path))?;
         let len = data.metadata().map_err(io(&data_path))?.len();
         if len == 0 && durable.is_empty() {
-            data.set_len(geometry.image_size())
-                .map_err(io(&data_path))?;
+            data.set_len(geometry.image_size()).map_err(io(&data_path))?;
         } else if len != geometry.image_size() {
-            return Err(StoreError::SizeMismatch {
-                path: data_path,
-                found: len,
-                want: geometry.image_size(),
-            });
+            return Err(StoreError::SizeMismatch { path: data_path, found: len, want: geometry.image_size() });
         }
 
         Ok(ChunkStore {
@@ -200,19 +176,12 @@ impl ChunkStore {
     pub fn put(&self, idx: ChunkIdx, data: &[u8]) -> Result<(), StoreError> {
         let want = self.geometry.chunk_len(idx);
         if data.len() != want {
-            return Err(StoreError::BadChunkLen {
-                idx,
-                got: data.len(),
-                want,
-            });
+            return Err(StoreError::BadChunkLen { idx, got: data.len(), want });
         }
         let offset = self.geometry.chunk_offset(idx).0;
         self.data
             .write_all_at(data, offset)
-            .map_err(|source| StoreError::Io {
-                path: self.dir.join("data"),
-                source,
-            })?;
+            .map_err(|source| StoreError::Io { path: self.dir.join("data"), source })?;
         self.pending.lock().unwrap().push(idx.0);
         self.readable.write().unwrap().insert(idx.0);
         Ok(())
@@ -241,19 +210,12 @@ impl ChunkStore {
 
     fn persist(&self, durable: &mut RoaringBitmap, batch: &[u32]) -> Result<(), StoreError> {
         // Every pwrite of `batch` completed before its index was queued, so this sync covers it.
-        self.data.sync_data().map_err(|source| StoreError::Io {
-            path: self.dir.join("data"),
-            source,
-        })?;
+        self.data.sync_data().map_err(|source| StoreError::Io { path: self.dir.join("data"), source })?;
         let mut next = durable.clone();
         next.extend(batch.iter().copied());
         let path = self.dir.join("state");
-        fsutil::write_atomic(
-            &path,
-            &state::encode(&self.geometry, &self.root, &next),
-            0o600,
-        )
-        .map_err(|source| StoreError::Io { path, source })?;
+        fsutil::write_atomic(&path, &state::encode(&self.geometry, &self.root, &next), 0o600)
+            .map_err(|source| StoreError::Io { path, source })?;
         *durable = next;
         Ok(())
     }
@@ -302,14 +264,8 @@ mod tests {
         let data = vec![7u8; 10_000];
         let m = manifest(&data);
         let s = ChunkStore::open(dir.path(), &m).unwrap();
-        assert!(matches!(
-            s.put(ChunkIdx(0), &data[..100]),
-            Err(StoreError::BadChunkLen { .. })
-        ));
-        assert!(matches!(
-            ChunkStore::open(dir.path(), &m),
-            Err(StoreError::Locked(_))
-        ));
+        assert!(matches!(s.put(ChunkIdx(0), &data[..100]), Err(StoreError::BadChunkLen { .. })));
+        assert!(matches!(ChunkStore::open(dir.path(), &m), Err(StoreError::Locked(_))));
     }
 
     #[test]

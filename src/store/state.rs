@@ -34,14 +34,7 @@ pub enum StateError {
     BadBitmap,
     /// The file belongs to another image or geometry.
     #[error("cache state is for image {found} ({found_size} bytes, chunk {found_chunk}), not {want} ({want_size} bytes, chunk {want_chunk})")]
-    Mismatch {
-        found: String,
-        found_size: u64,
-        found_chunk: u64,
-        want: String,
-        want_size: u64,
-        want_chunk: u64,
-    },
+    Mismatch { found: String, found_size: u64, found_chunk: u64, want: String, want_size: u64, want_chunk: u64 },
     /// The bitmap names a chunk beyond the image.
     #[error("cache state marks chunk {0} present but the image has {1} chunks")]
     OutOfRange(u32, u32),
@@ -57,18 +50,12 @@ pub fn encode(geometry: &Geometry, root: &Digest, present: &RoaringBitmap) -> Ve
     out.extend_from_slice(&geometry.image_size().to_le_bytes());
     out.extend_from_slice(&root.0);
     out.extend_from_slice(&(present.serialized_size() as u32).to_le_bytes());
-    present
-        .serialize_into(&mut out)
-        .expect("writing to a Vec cannot fail");
+    present.serialize_into(&mut out).expect("writing to a Vec cannot fail");
     fsutil::seal(out)
 }
 
 /// Decodes a state file and checks that it belongs to (`geometry`, `root`).
-pub fn decode(
-    bytes: &[u8],
-    geometry: &Geometry,
-    root: &Digest,
-) -> Result<RoaringBitmap, StateError> {
+pub fn decode(bytes: &[u8], geometry: &Geometry, root: &Digest) -> Result<RoaringBitmap, StateError> {
     if bytes.len() < HEADER_LEN + 4 {
         return Err(StateError::Truncated(bytes.len()));
     }
@@ -83,10 +70,7 @@ pub fn decode(
     let chunk = u64::from(u32::from_le_bytes(body[12..16].try_into().unwrap()));
     let size = u64::from_le_bytes(body[16..24].try_into().unwrap());
     let found_root = Digest(body[24..56].try_into().unwrap());
-    if found_root != *root
-        || size != geometry.image_size()
-        || chunk != geometry.chunk_size().bytes()
-    {
+    if found_root != *root || size != geometry.image_size() || chunk != geometry.chunk_size().bytes() {
         return Err(StateError::Mismatch {
             found: found_root.to_hex(),
             found_size: size,
@@ -100,8 +84,7 @@ pub fn decode(
     if body.len() != HEADER_LEN + len {
         return Err(StateError::BadBitmap);
     }
-    let bitmap =
-        RoaringBitmap::deserialize_from(&body[HEADER_LEN..]).map_err(|_| StateError::BadBitmap)?;
+    let bitmap = RoaringBitmap::deserialize_from(&body[HEADER_LEN..]).map_err(|_| StateError::BadBitmap)?;
     if let Some(max) = bitmap.max() {
         if max >= geometry.chunk_count() {
             return Err(StateError::OutOfRange(max, geometry.chunk_count()));
@@ -132,21 +115,12 @@ mod tests {
     fn refuses_other_image_and_range() {
         let root = Digest::of(b"img");
         let enc = encode(&geo(), &root, &RoaringBitmap::new());
-        assert!(matches!(
-            decode(&enc, &geo(), &Digest::of(b"other")),
-            Err(StateError::Mismatch { .. })
-        ));
+        assert!(matches!(decode(&enc, &geo(), &Digest::of(b"other")), Err(StateError::Mismatch { .. })));
         let small = Geometry::new(4096 * 4, ChunkSize::new(4096).unwrap()).unwrap();
-        assert!(matches!(
-            decode(&enc, &small, &root),
-            Err(StateError::Mismatch { .. })
-        ));
+        assert!(matches!(decode(&enc, &small, &root), Err(StateError::Mismatch { .. })));
         let bm: RoaringBitmap = [300u32].into_iter().collect();
         let enc = encode(&geo(), &root, &bm);
-        assert_eq!(
-            decode(&enc, &geo(), &root),
-            Err(StateError::OutOfRange(300, 256))
-        );
+        assert_eq!(decode(&enc, &geo(), &root), Err(StateError::OutOfRange(300, 256)));
     }
 
     proptest! {
