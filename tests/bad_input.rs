@@ -24,13 +24,7 @@ fn greet(env: &Env) -> Raw {
 }
 
 fn send_option(c: &mut Raw, option: u32, data: &[u8]) {
-    c.send(
-        &OptionHeader {
-            option,
-            len: data.len() as u32,
-        }
-        .encode(),
-    );
+    c.send(&OptionHeader { option, len: data.len() as u32 }.encode());
     c.send(data);
 }
 
@@ -50,29 +44,12 @@ fn option_replies(c: &mut Raw) -> (u32, Vec<Vec<u8>>) {
 }
 
 fn go(c: &mut Raw, name: &str) -> u32 {
-    send_option(
-        c,
-        OPT_GO,
-        &InfoRequest {
-            name: name.into(),
-            infos: vec![INFO_BLOCK_SIZE],
-        }
-        .encode(),
-    );
+    send_option(c, OPT_GO, &InfoRequest { name: name.into(), infos: vec![INFO_BLOCK_SIZE] }.encode());
     option_replies(c).0
 }
 
 fn request(c: &mut Raw, command: u16, handle: u64, offset: u64, length: u32) {
-    c.send(
-        &Request {
-            flags: 0,
-            command,
-            handle,
-            offset,
-            length,
-        }
-        .encode(),
-    );
+    c.send(&Request { flags: 0, command, handle, offset, length }.encode());
 }
 
 fn simple_reply(c: &mut Raw) -> SimpleReply {
@@ -102,13 +79,7 @@ fn malformed_handshakes_close_only_that_connection() {
 
     let mut c = greet(&env);
     c.send(&CLIENT_FIXED_NEWSTYLE.to_be_bytes());
-    c.send(
-        &OptionHeader {
-            option: OPT_GO,
-            len: 1 << 30,
-        }
-        .encode(),
-    );
+    c.send(&OptionHeader { option: OPT_GO, len: 1 << 30 }.encode());
     assert!(c.closed(), "huge option length");
 
     let mut c = greet(&env);
@@ -133,15 +104,7 @@ fn malformed_handshakes_close_only_that_connection() {
     send_option(&mut c, OPT_LIST, b"");
     let (last, entries) = option_replies(&mut c);
     assert_eq!((last, entries), (REP_ACK, vec![list_entry("img")]));
-    send_option(
-        &mut c,
-        OPT_INFO,
-        &InfoRequest {
-            name: "img".into(),
-            infos: vec![],
-        }
-        .encode(),
-    );
+    send_option(&mut c, OPT_INFO, &InfoRequest { name: "img".into(), infos: vec![] }.encode());
     let (last, infos) = option_replies(&mut c);
     assert_eq!(last, REP_ACK);
     let (size, flags) = parse_info_export(&infos[0]).unwrap();
@@ -149,13 +112,7 @@ fn malformed_handshakes_close_only_that_connection() {
     assert!(flags & TF_READ_ONLY != 0 && flags & TF_CAN_MULTI_CONN != 0);
     assert_eq!(go(&mut c, ""), REP_ACK, "default export name");
     request(&mut c, CMD_READ, 1, 0, 512);
-    assert_eq!(
-        simple_reply(&mut c),
-        SimpleReply {
-            error: 0,
-            handle: 1
-        }
-    );
+    assert_eq!(simple_reply(&mut c), SimpleReply { error: 0, handle: 1 });
 
     let mut c = greet(&env);
     c.send(&CLIENT_FIXED_NEWSTYLE.to_be_bytes());
@@ -176,21 +133,9 @@ fn bad_requests_get_error_replies_and_writes_are_refused() {
     // A write is refused and its payload drained: the next request is read in sync.
     request(&mut c, CMD_WRITE, 10, 0, 4096);
     c.send(&[0xAA; 4096]);
-    assert_eq!(
-        simple_reply(&mut c),
-        SimpleReply {
-            error: EPERM,
-            handle: 10
-        }
-    );
+    assert_eq!(simple_reply(&mut c), SimpleReply { error: EPERM, handle: 10 });
     request(&mut c, CMD_READ, 11, 4096, 4096);
-    assert_eq!(
-        simple_reply(&mut c),
-        SimpleReply {
-            error: 0,
-            handle: 11
-        }
-    );
+    assert_eq!(simple_reply(&mut c), SimpleReply { error: 0, handle: 11 });
     assert_eq!(c.recv(4096), &data[4096..8192]);
 
     for (cmd, handle, off, len, want) in [
@@ -204,14 +149,7 @@ fn bad_requests_get_error_replies_and_writes_are_refused() {
         (CMD_FLUSH, 27, 0, 0, 0),
     ] {
         request(&mut c, cmd, handle, off, len);
-        assert_eq!(
-            simple_reply(&mut c),
-            SimpleReply {
-                error: want,
-                handle
-            },
-            "command {cmd} off {off} len {len}"
-        );
+        assert_eq!(simple_reply(&mut c), SimpleReply { error: want, handle }, "command {cmd} off {off} len {len}");
     }
 
     // Many reads in flight on one connection: every handle answered once, data right.
@@ -224,10 +162,7 @@ fn bad_requests_get_error_replies_and_writes_are_refused() {
         assert_eq!(r.error, 0);
         let h = r.handle - 100;
         assert!(seen.insert(h));
-        assert_eq!(
-            c.recv(8192),
-            &data[(h * 8192) as usize..(h * 8192 + 8192) as usize]
-        );
+        assert_eq!(c.recv(8192), &data[(h * 8192) as usize..(h * 8192 + 8192) as usize]);
     }
 
     request(&mut c, CMD_DISC, 99, 0, 0);
@@ -242,25 +177,12 @@ fn bad_requests_get_error_replies_and_writes_are_refused() {
     assert!(c.closed(), "bad request magic");
 
     let mut c = transmitting(&env);
-    c.send(
-        &Request {
-            flags: 0,
-            command: CMD_READ,
-            handle: 1,
-            offset: 0,
-            length: 4096,
-        }
-        .encode()[..10],
-    );
+    c.send(&Request { flags: 0, command: CMD_READ, handle: 1, offset: 0, length: 4096 }.encode()[..10]);
     drop(c);
 
     assert!(vmtd.alive());
     assert!(qemu_img_identical(&img, &env.export_uri("img")));
-    assert_eq!(
-        status(&env, "img").clients,
-        0,
-        "every connection was accounted for"
-    );
+    assert_eq!(status(&env, "img").clients, 0, "every connection was accounted for");
 }
 
 #[test]
@@ -320,21 +242,9 @@ fn bad_configs_fail_with_the_key_named() {
     write_image(&img, 65536, 1);
     let cases = [
         ("bogus_key = 1", "", "bogus_key"),
-        (
-            "",
-            "[[image]]\nname = \"a b\"\norigin = \"file:///x\"\n",
-            "image[0].name",
-        ),
-        (
-            "",
-            "[[image]]\nname = \"a\"\norigin = \"file:///x\"\nchunk_size = \"3KiB\"\n",
-            "image[0].chunk_size",
-        ),
-        (
-            "",
-            "[[image]]\nname = \"a\"\norigin = \"nbd://h/e\"\n",
-            "image[0].manifest",
-        ),
+        ("", "[[image]]\nname = \"a b\"\norigin = \"file:///x\"\n", "image[0].name"),
+        ("", "[[image]]\nname = \"a\"\norigin = \"file:///x\"\nchunk_size = \"3KiB\"\n", "image[0].chunk_size"),
+        ("", "[[image]]\nname = \"a\"\norigin = \"nbd://h/e\"\n", "image[0].manifest"),
         ("fetch_timeout = \"forever\"", "", "fetch_timeout"),
         ("max_fetch = \"1GiB\"", "", "max_fetch"),
         ("run_dir = 5", "", "run_dir"),
@@ -351,19 +261,8 @@ fn bad_configs_fail_with_the_key_named() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/vmtd.toml"));
 
     // A valid config with an image whose origin is missing: a clear error at start.
-    let cfg = env.config(
-        "",
-        "[[image]]\nname = \"a\"\norigin = \"file:///nonexistent/a.raw\"\n",
-    );
-    let out = run(Command::new("timeout")
-        .arg("30")
-        .arg(VMTD)
-        .arg("--config")
-        .arg(&cfg));
+    let cfg = env.config("", "[[image]]\nname = \"a\"\norigin = \"file:///nonexistent/a.raw\"\n");
+    let out = run(Command::new("timeout").arg("30").arg(VMTD).arg("--config").arg(&cfg));
     assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("image a"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("image a"), "{}", String::from_utf8_lossy(&out.stderr));
 }

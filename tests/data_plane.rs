@@ -30,19 +30,12 @@ fn file_origin_served_identically_and_second_pass_is_free() {
 
     assert!(qemu_img_identical(&img, &uri), "second pass differs");
     let s2 = status(&env, "img");
-    assert_eq!(
-        s2.bytes_from_origin, s1.bytes_from_origin,
-        "second pass must take nothing from the origin"
-    );
+    assert_eq!(s2.bytes_from_origin, s1.bytes_from_origin, "second pass must take nothing from the origin");
     assert!(s2.bytes_served > s1.bytes_served);
 
     // nbdinfo: the export is listed, read-only, of the image's size.
     let out = run_limited(30, "nbdinfo", &["--json", &uri]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let export = &info["exports"][0];
     assert_eq!(export["export-name"], "img");
@@ -55,15 +48,9 @@ fn file_origin_served_identically_and_second_pass_is_free() {
     // Export socket: root and the export user only.
     let meta = std::fs::metadata(env.export_sock("img")).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-    let want_uid = Command::new("id")
-        .args(["-u", "libvirt-qemu"])
-        .output()
-        .unwrap();
+    let want_uid = Command::new("id").args(["-u", "libvirt-qemu"]).output().unwrap();
     if want_uid.status.success() {
-        let uid: u32 = String::from_utf8_lossy(&want_uid.stdout)
-            .trim()
-            .parse()
-            .unwrap();
+        let uid: u32 = String::from_utf8_lossy(&want_uid.stdout).trim().parse().unwrap();
         assert_eq!(meta.uid(), uid, "export socket belongs to libvirt-qemu");
     }
     let ctl = std::fs::metadata(env.control_sock()).unwrap();
@@ -74,11 +61,7 @@ fn file_origin_served_identically_and_second_pass_is_free() {
     assert!(!env.export_sock("img").exists() && !env.control_sock().exists());
 }
 
-fn nbd_origin_setup(
-    env: &Env,
-    size: usize,
-    head: &str,
-) -> (std::path::PathBuf, Proc, std::path::PathBuf) {
+fn nbd_origin_setup(env: &Env, size: usize, head: &str) -> (std::path::PathBuf, Proc, std::path::PathBuf) {
     let img = env.path("origin.raw");
     write_image(&img, size, 2);
     let osock = env.path("origin.sock");
@@ -94,15 +77,8 @@ fn nbd_origin_setup(
         "--chunk-size",
         "64KiB",
     ]));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let images = format!(
-        "[[image]]\nname = \"img\"\norigin = \"{ouri}\"\nmanifest = \"{}\"\n",
-        manifest.display()
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let images = format!("[[image]]\nname = \"img\"\norigin = \"{ouri}\"\nmanifest = \"{}\"\n", manifest.display());
     let cfg = env.config(head, &images);
     (img, origin, cfg)
 }
@@ -122,10 +98,7 @@ fn nbd_origin_served_identically_and_cache_survives_restart_without_origin() {
     origin.kill9();
     let _vmtd = start_vmtd(&env, &cfg);
     let after = status(&env, "img");
-    assert_eq!(
-        after.chunks_present, after.chunks_total,
-        "cache reopened complete"
-    );
+    assert_eq!(after.chunks_present, after.chunks_total, "cache reopened complete");
     assert!(qemu_img_identical(&img, &uri));
     let after = status(&env, "img");
     assert_eq!(after.bytes_from_origin, 0);
@@ -142,33 +115,18 @@ fn origin_outage_gives_bounded_eio_then_recovers() {
     assert!(qemu_io_read(&uri, 0, half), "first half readable");
     origin.kill9();
 
-    assert!(
-        qemu_io_read(&uri, 0, half),
-        "cached half keeps working with the origin down"
-    );
+    assert!(qemu_io_read(&uri, 0, half), "cached half keeps working with the origin down");
     let t0 = Instant::now();
-    assert!(
-        !qemu_io_read(&uri, half, 65536),
-        "uncached read must fail while the origin is down"
-    );
+    assert!(!qemu_io_read(&uri, half, 65536), "uncached read must fail while the origin is down");
     let waited = t0.elapsed();
-    assert!(
-        waited >= Duration::from_millis(1500),
-        "failed before the fetch budget: {waited:?}"
-    );
-    assert!(
-        waited < Duration::from_secs(20),
-        "fetch budget not bounded: {waited:?}"
-    );
+    assert!(waited >= Duration::from_millis(1500), "failed before the fetch budget: {waited:?}");
+    assert!(waited < Duration::from_secs(20), "fetch budget not bounded: {waited:?}");
     let s = status(&env, "img");
     assert!(s.failed_reads >= 1 && s.retries >= 1, "{s:?}");
 
     let osock = env.path("origin.sock");
     let _origin = start_qemu_nbd(&img, &osock);
-    assert!(
-        qemu_img_identical(&img, &uri),
-        "reads recover when the origin returns"
-    );
+    assert!(qemu_img_identical(&img, &uri), "reads recover when the origin returns");
 }
 
 #[test]
@@ -189,25 +147,13 @@ fn chunk_failing_its_manifest_is_never_stored_or_served() {
     let mut bad = data.clone();
     bad[5 * 65536 + 100] ^= 0xff;
     std::fs::write(&img, &bad).unwrap();
-    let cfg = env.config(
-        "fetch_timeout = \"2s\"",
-        &file_image(
-            "img",
-            &img,
-            &format!("manifest = \"{}\"", manifest.display()),
-        ),
-    );
+    let cfg = env
+        .config("fetch_timeout = \"2s\"", &file_image("img", &img, &format!("manifest = \"{}\"", manifest.display())));
     let mut vmtd = start_vmtd(&env, &cfg);
     let uri = env.export_uri("img");
     assert!(qemu_io_read(&uri, 4 * 65536, 65536), "good chunk readable");
-    assert!(
-        !qemu_io_read(&uri, 5 * 65536, 4096),
-        "corrupt chunk must not be served"
-    );
-    assert!(
-        !qemu_io_read(&uri, 5 * 65536, 4096),
-        "and not on a second try either"
-    );
+    assert!(!qemu_io_read(&uri, 5 * 65536, 4096), "corrupt chunk must not be served");
+    assert!(!qemu_io_read(&uri, 5 * 65536, 4096), "and not on a second try either");
     let s = status(&env, "img");
     assert!(s.verify_failures >= 2, "{s:?}");
     assert_eq!(s.chunks_present, 1);
@@ -215,12 +161,7 @@ fn chunk_failing_its_manifest_is_never_stored_or_served() {
 
     let m = Manifest::load(&manifest).unwrap();
     let dir = env.path("cache").join(m.root().to_hex());
-    let present = state::decode(
-        &std::fs::read(dir.join("state")).unwrap(),
-        &m.geometry(),
-        &m.root(),
-    )
-    .unwrap();
+    let present = state::decode(&std::fs::read(dir.join("state")).unwrap(), &m.geometry(), &m.root()).unwrap();
     assert!(present.contains(4) && !present.contains(5));
 }
 
@@ -246,26 +187,14 @@ fn kill9_during_reads_leaves_a_consistent_cache() {
     for round in 0..rounds {
         let mut vmtd = start_vmtd(&env, &cfg);
         // A full sequential read plus random reads, concurrently.
-        let seq = Command::new("timeout")
-            .args(["60", "nbdcopy", &uri, "null:"])
-            .spawn()
-            .unwrap();
-        let mut seq = Proc {
-            child: Some(seq),
-            name: "nbdcopy".into(),
-        };
+        let seq = Command::new("timeout").args(["60", "nbdcopy", &uri, "null:"]).spawn().unwrap();
+        let mut seq = Proc { child: Some(seq), name: "nbdcopy".into() };
         let mut script = Vec::new();
         for _ in 0..64 {
             let off = (next() % (size as u64 / 4096)) * 4096;
             script.extend(["-c".to_string(), format!("read {off} 4096")]);
         }
-        let mut args = vec![
-            "60".to_string(),
-            "qemu-io".into(),
-            "-r".into(),
-            "-f".into(),
-            "raw".into(),
-        ];
+        let mut args = vec!["60".to_string(), "qemu-io".into(), "-r".into(), "-f".into(), "raw".into()];
         args.extend(script);
         args.push(uri.clone());
         let rnd = Command::new("timeout")
@@ -274,10 +203,7 @@ fn kill9_during_reads_leaves_a_consistent_cache() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let mut rnd = Proc {
-            child: Some(rnd),
-            name: "qemu-io".into(),
-        };
+        let mut rnd = Proc { child: Some(rnd), name: "qemu-io".into() };
         std::thread::sleep(Duration::from_millis(30 + next() % 400));
         vmtd.kill9();
         seq.kill9();
@@ -286,9 +212,7 @@ fn kill9_during_reads_leaves_a_consistent_cache() {
         let m = Manifest::load(&env.path("cache/manifests/img.manifest")).unwrap();
         let dir = env.path("cache").join(m.root().to_hex());
         let present = match std::fs::read(dir.join("state")) {
-            Ok(b) => {
-                state::decode(&b, &m.geometry(), &m.root()).expect("state decodes after kill -9")
-            }
+            Ok(b) => state::decode(&b, &m.geometry(), &m.root()).expect("state decodes after kill -9"),
             Err(_) => Default::default(),
         };
         let cache = std::fs::read(dir.join("data")).unwrap();
@@ -306,10 +230,7 @@ fn kill9_during_reads_leaves_a_consistent_cache() {
         last_present = present.len();
     }
     // The cache grew across rounds and a final full read is still identical.
-    assert!(
-        last_present > 0,
-        "no chunk was ever committed in {rounds} rounds"
-    );
+    assert!(last_present > 0, "no chunk was ever committed in {rounds} rounds");
     let _vmtd = start_vmtd(&env, &cfg);
     assert!(qemu_img_identical(&img, &uri));
 }
@@ -333,43 +254,22 @@ fn images_added_and_removed_at_run_time() {
         "--chunk-size",
         "128KiB",
     ]));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(qemu_img_identical(&img, &env.export_uri("late")));
     assert_eq!(status(&env, "late").chunk_size, 128 << 10);
 
-    let dup = run(Command::new(VMT).args([
-        "--socket",
-        ctl.to_str().unwrap(),
-        "image",
-        "add",
-        "late",
-        &origin,
-    ]));
+    let dup = run(Command::new(VMT).args(["--socket", ctl.to_str().unwrap(), "image", "add", "late", &origin]));
     assert!(!dup.status.success());
     assert!(String::from_utf8_lossy(&dup.stderr).contains("already served"));
-    let hostile = run(Command::new(VMT).args([
-        "--socket",
-        ctl.to_str().unwrap(),
-        "image",
-        "add",
-        "../evil",
-        &origin,
-    ]));
+    let hostile = run(Command::new(VMT).args(["--socket", ctl.to_str().unwrap(), "image", "add", "../evil", &origin]));
     assert!(!hostile.status.success());
     assert!(String::from_utf8_lossy(&hostile.stderr).contains("not a valid image name"));
 
-    let out =
-        run(Command::new(VMT).args(["--socket", ctl.to_str().unwrap(), "image", "remove", "late"]));
+    let out = run(Command::new(VMT).args(["--socket", ctl.to_str().unwrap(), "image", "remove", "late"]));
     assert!(out.status.success());
     assert!(!env.export_sock("late").exists());
-    let list =
-        run(Command::new(VMT).args(["--socket", ctl.to_str().unwrap(), "image", "list", "--json"]));
+    let list = run(Command::new(VMT).args(["--socket", ctl.to_str().unwrap(), "image", "list", "--json"]));
     assert_eq!(String::from_utf8_lossy(&list.stdout).trim(), "[]");
-    let gone =
-        run(Command::new(VMT).args(["--socket", ctl.to_str().unwrap(), "image", "remove", "late"]));
+    let gone = run(Command::new(VMT).args(["--socket", ctl.to_str().unwrap(), "image", "remove", "late"]));
     assert!(String::from_utf8_lossy(&gone.stderr).contains("no image named late"));
 }

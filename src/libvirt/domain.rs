@@ -159,7 +159,7 @@ mod tests {
         assert!(matches!(parse("<pool><name>x</name></pool>", &run_dir), Err(DomainXmlError::Malformed(_))));
         let mismatch = OVERLAY.replace("name='debian12'", "name='other'");
         assert!(matches!(parse(&mismatch, &run_dir), Err(DomainXmlError::BadDisk { .. })));
-        let hostile = OVERLAY.replace("exports/debian12.sock", "exports/a b'.sock").replace("name='debian12'", "");
+        let hostile = OVERLAY.replace("exports/debian12.sock", "exports/a &quot;b.sock").replace("name='debian12'", "");
         assert!(matches!(parse(&hostile, &run_dir), Err(DomainXmlError::BadDisk { .. })));
     }
 

@@ -17,10 +17,7 @@ pub const VMT: &str = env!("CARGO_BIN_EXE_vmt");
 pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -56,12 +53,7 @@ pub struct Env {
 
 impl Env {
     pub fn new() -> Self {
-        Env {
-            dir: tempfile::Builder::new()
-                .prefix("vmt-test-")
-                .tempdir()
-                .unwrap(),
-        }
+        Env { dir: tempfile::Builder::new().prefix("vmt-test-").tempdir().unwrap() }
     }
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
@@ -73,10 +65,7 @@ impl Env {
         self.run_dir().join("exports").join(format!("{name}.sock"))
     }
     pub fn export_uri(&self, name: &str) -> String {
-        format!(
-            "nbd+unix:///{name}?socket={}",
-            self.export_sock(name).display()
-        )
+        format!("nbd+unix:///{name}?socket={}", self.export_sock(name).display())
     }
     pub fn control_sock(&self) -> PathBuf {
         self.run_dir().join("control.sock")
@@ -96,10 +85,7 @@ impl Env {
 }
 
 pub fn file_image(name: &str, path: &Path, extra: &str) -> String {
-    format!(
-        "[[image]]\nname = \"{name}\"\norigin = \"file://{}\"\n{extra}\n",
-        path.display()
-    )
+    format!("[[image]]\nname = \"{name}\"\norigin = \"file://{}\"\n{extra}\n", path.display())
 }
 
 /// A child process killed (SIGKILL) and reaped on drop.
@@ -136,9 +122,7 @@ impl Proc {
         }
     }
     pub fn alive(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().unwrap().is_none())
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 }
 
@@ -150,11 +134,7 @@ impl Drop for Proc {
 
 /// Starts vmtd on `config` and waits until its control socket answers.
 pub fn start_vmtd(env: &Env, config: &Path) -> Proc {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(env.path("vmtd.log"))
-        .unwrap();
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(env.path("vmtd.log")).unwrap();
     let child = Command::new(VMTD)
         .arg("--config")
         .arg(config)
@@ -163,10 +143,7 @@ pub fn start_vmtd(env: &Env, config: &Path) -> Proc {
         .stderr(log)
         .spawn()
         .unwrap();
-    let mut p = Proc {
-        child: Some(child),
-        name: "vmtd".into(),
-    };
+    let mut p = Proc { child: Some(child), name: "vmtd".into() };
     let sock = env.control_sock();
     wait_until("vmtd control socket", Duration::from_secs(60), || {
         assert!(
@@ -180,10 +157,7 @@ pub fn start_vmtd(env: &Env, config: &Path) -> Proc {
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
 pub fn call(sock: &Path, req: Request) -> Result<Response, control::ControlError> {
@@ -216,52 +190,26 @@ pub fn start_qemu_nbd(file: &Path, sock: &Path) -> Proc {
         .stderr(Stdio::null())
         .spawn()
         .expect("qemu-nbd is installed (scripts/setup)");
-    let p = Proc {
-        child: Some(child),
-        name: "qemu-nbd".into(),
-    };
-    wait_until("qemu-nbd socket", Duration::from_secs(20), || {
-        UnixStream::connect(sock).is_ok()
-    });
+    let p = Proc { child: Some(child), name: "qemu-nbd".into() };
+    wait_until("qemu-nbd socket", Duration::from_secs(20), || UnixStream::connect(sock).is_ok());
     p
 }
 
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     out
 }
 
 /// Runs a client command with a time limit (NBD clients have no I/O timeout of their own).
 pub fn run_limited(secs: u32, prog: &str, args: &[&str]) -> Output {
-    run(Command::new("timeout")
-        .arg(secs.to_string())
-        .arg(prog)
-        .args(args))
+    run(Command::new("timeout").arg(secs.to_string()).arg(prog).args(args))
 }
 
 /// `qemu-img compare` of a raw file with an NBD URI: true when identical.
 pub fn qemu_img_identical(file: &Path, uri: &str) -> bool {
-    let out = run_limited(
-        120,
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            file.to_str().unwrap(),
-            uri,
-        ],
-    );
+    let out = run_limited(120, "qemu-img", &["compare", "-f", "raw", "-F", "raw", file.to_str().unwrap(), uri]);
     if !out.status.success() {
-        eprintln!(
-            "qemu-img compare: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        eprintln!("qemu-img compare: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     }
     out.status.success()
 }
@@ -270,11 +218,7 @@ pub fn qemu_img_identical(file: &Path, uri: &str) -> bool {
 pub fn qemu_io_read(uri: &str, off: u64, len: u64) -> bool {
     let cmd = format!("read {off} {len}");
     let out = run_limited(120, "qemu-io", &["-r", "-f", "raw", "-c", &cmd, uri]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     out.status.success() && !text.contains("failed")
 }
 
@@ -301,12 +245,7 @@ impl Raw {
         loop {
             match self.0.read(&mut b) {
                 Ok(0) => return true,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                     return false
                 }
                 Err(_) => return true,

@@ -1,0 +1,307 @@
+//! `virsh start` through vmthunder, against the real libvirtd + QEMU (TCG) that scripts/test
+//! starts, with the hook and binaries it installs, and the tiny guest of scripts/build-guest.
+//! The guest checksums its disk (or writes / reads a marker, or reads it in a loop) on the
+//! serial console and powers off.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const BOOT_LIMIT: Duration = Duration::from_secs(240);
+
+struct Guest {
+    kernel: PathBuf,
+    initrd: PathBuf,
+    disk: PathBuf,
+    sha256: String,
+}
+
+fn guest() -> Guest {
+    let dir = PathBuf::from(std::env::var("VMT_GUEST_DIR").unwrap_or_else(|_| "/var/cache/vmthunder/guest".into()));
+    let sha = std::fs::read_to_string(dir.join("disk.sha256"))
+        .unwrap_or_else(|_| panic!("no test guest in {}: run scripts/build-guest (scripts/test does)", dir.display()));
+    Guest {
+        kernel: dir.join("vmlinuz"),
+        initrd: dir.join("initrd.img"),
+        disk: dir.join("disk.raw"),
+        sha256: sha.split_whitespace().next().unwrap().to_string(),
+    }
+}
+
+fn virsh(args: &[&str]) -> Output {
+    run(Command::new("timeout").arg("120").arg("virsh").args(["-q", "-c", "qemu:///system"]).args(args))
+}
+
+fn require_libvirt() {
+    let v = virsh(&["version"]);
+    assert!(v.status.success(), "libvirtd is not running: run the tests through scripts/test");
+    assert!(
+        Path::new("/etc/libvirt/hooks/qemu.d/vmthunder").exists(),
+        "the vmthunder hook is not installed: run the tests through scripts/test"
+    );
+}
+
+fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("vmt-{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+}
+
+/// A libvirt environment: a vmtd serving the guest disk as image `guest` and a pool of
+/// overlays, both private to this test. QEMU (user libvirt-qemu) must reach the sockets.
+struct Node {
+    env: Env,
+    vmtd: Proc,
+    cfg: PathBuf,
+    pool: String,
+    guest: Guest,
+}
+
+impl Node {
+    fn new() -> Node {
+        require_libvirt();
+        let env = Env::new();
+        std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let guest = guest();
+        let cfg = env.config("", &file_image("guest", &guest.disk, ""));
+        let vmtd = start_vmtd(&env, &cfg);
+        let pool = unique("pool");
+        let pool_dir = env.path("pool");
+        let out = run(Command::new(VMT).args(["pool", "define", "--name", &pool, "--path", pool_dir.to_str().unwrap()]));
+        assert!(out.status.success(), "pool define: {}", String::from_utf8_lossy(&out.stderr));
+        Node { env, vmtd, cfg, pool, guest }
+    }
+
+    fn vmt(&self, args: &[&str]) -> Output {
+        run(Command::new(VMT).arg("--socket").arg(self.env.control_sock()).args(args))
+    }
+
+    /// Creates an overlay volume and returns the `<disk>` XML printed for it.
+    fn volume(&self, vol: &str) -> String {
+        let out = self.vmt(&["vol", "create", "--image", "guest", "--pool", &self.pool, vol]);
+        assert!(out.status.success(), "vol create: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn domain(&self, disk_xml: &str, cmdline: &str) -> Domain {
+        Domain::define(&self.env, &self.guest, disk_xml, cmdline)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = virsh(&["pool-destroy", &self.pool]);
+        let _ = virsh(&["pool-undefine", &self.pool]);
+    }
+}
+
+struct Domain {
+    name: String,
+    console: PathBuf,
+}
+
+impl Domain {
+    fn define(env: &Env, guest: &Guest, disk_xml: &str, cmdline: &str) -> Domain {
+        let name = unique("vm");
+        let console = env.path(&format!("{name}.console"));
+        let xml = format!(
+            "<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{kernel}</kernel><initrd>{initrd}</initrd>
+    <cmdline>console=ttyS0 panic=-1 {cmdline}</cmdline></os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>
+  <devices>
+    {disk_xml}
+    <serial type='file'><source path='{console}'/><target port='0'/></serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>",
+            kernel = guest.kernel.display(),
+            initrd = guest.initrd.display(),
+            console = console.display()
+        );
+        let path = env.path(&format!("{name}.xml"));
+        std::fs::write(&path, xml).unwrap();
+        let out = virsh(&["define", path.to_str().unwrap()]);
+        assert!(out.status.success(), "define: {}", String::from_utf8_lossy(&out.stderr));
+        Domain { name, console }
+    }
+
+    fn start(&self) -> Output {
+        let _ = std::fs::remove_file(&self.console);
+        virsh(&["start", &self.name])
+    }
+
+    fn console(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    /// Waits until the console shows `marker`; panics with the console on timeout or error.
+    fn wait_for(&self, marker: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let c = self.console();
+            if c.contains(marker) {
+                return c;
+            }
+            assert!(!c.contains("VMT-ERROR"), "guest {} failed:\n{c}", self.name);
+            assert!(start.elapsed() < BOOT_LIMIT, "guest {} never printed {marker}:\n{c}", self.name);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn wait_shutoff(&self) {
+        wait_until("domain shut off", Duration::from_secs(60), || {
+            String::from_utf8_lossy(&virsh(&["domstate", &self.name]).stdout).contains("shut off")
+        });
+    }
+
+    /// Starts the domain and waits for a clean power-off; returns the console.
+    fn boot(&self) -> String {
+        let out = self.start();
+        assert!(out.status.success(), "start {}: {}", self.name, String::from_utf8_lossy(&out.stderr));
+        let c = self.wait_for("VMT-DONE");
+        self.wait_shutoff();
+        c
+    }
+}
+
+impl Drop for Domain {
+    fn drop(&mut self) {
+        let _ = virsh(&["destroy", &self.name]);
+        let _ = virsh(&["undefine", &self.name]);
+    }
+}
+
+fn console_value(console: &str, key: &str) -> Option<String> {
+    console.lines().find_map(|l| l.trim().strip_prefix(key).map(|v| v.trim().to_string()))
+}
+
+#[test]
+fn virsh_start_boots_vms_through_vmthunder_and_keeps_their_writes() {
+    let node = Node::new();
+    let disk1 = node.volume("vm1.qcow2");
+    assert!(disk1.contains("<reconnect delay="), "{disk1}");
+    let vm1 = node.domain(&disk1, "vmt.mode=checksum");
+    let c = vm1.boot();
+    assert_eq!(console_value(&c, "VMT-SHA256").as_deref(), Some(node.guest.sha256.as_str()), "{c}");
+    let s1 = status(&node.env, "guest");
+    assert!(s1.chunks_fetched > 0 && s1.bytes_from_origin > 0, "{s1:?}");
+    assert!(s1.holds.is_empty(), "hold released when the domain stopped: {s1:?}");
+
+    // A second VM of the same image on this node: nothing more from the origin.
+    let vm2 = node.domain(&node.volume("vm2.qcow2"), "vmt.mode=checksum");
+    let c = vm2.boot();
+    assert_eq!(console_value(&c, "VMT-SHA256").as_deref(), Some(node.guest.sha256.as_str()));
+    let s2 = status(&node.env, "guest");
+    assert_eq!(s2.bytes_from_origin, s1.bytes_from_origin, "second VM took bytes from the origin");
+    assert!(s2.bytes_served > s1.bytes_served);
+
+    // Writes land in the VM's own overlay and survive a restart of the domain.
+    let disk3 = node.volume("vm3.qcow2");
+    let marker = format!("m{}", std::process::id());
+    let writer = node.domain(&disk3, &format!("vmt.mode=write vmt.marker={marker}"));
+    assert!(writer.boot().contains(&format!("VMT-WROTE {marker}")));
+    drop(writer);
+    let reader = node.domain(&disk3, "vmt.mode=readmarker");
+    let c = reader.boot();
+    assert_eq!(console_value(&c, "VMT-MARKER").as_deref(), Some(marker.as_str()), "{c}");
+    // ...and only there: the base image and the other VMs are untouched.
+    let c = vm1.boot();
+    assert_eq!(console_value(&c, "VMT-SHA256").as_deref(), Some(node.guest.sha256.as_str()));
+}
+
+#[test]
+fn hook_fails_start_at_once_when_vmtd_is_down_and_leaves_other_domains_alone() {
+    let mut node = Node::new();
+    let vm = node.domain(&node.volume("down.qcow2"), "vmt.mode=checksum");
+    assert_eq!(node.vmtd.terminate(), Some(0));
+    let t0 = Instant::now();
+    let out = vm.start();
+    let took = t0.elapsed();
+    assert!(!out.status.success(), "start must fail while vmtd is down");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vmthunder") && err.contains("is vmtd running?"), "{err}");
+    assert!(took < Duration::from_secs(20), "hook took {took:?}");
+
+    // A domain with no vmthunder disk starts as usual (the hook does not contact vmtd).
+    let plain = node.env.path("plain.raw");
+    std::fs::copy(&node.guest.disk, &plain).unwrap();
+    let disk = format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>",
+        plain.display()
+    );
+    let other = node.domain(&disk, "vmt.mode=checksum");
+    let c = other.boot();
+    assert_eq!(console_value(&c, "VMT-SHA256").as_deref(), Some(node.guest.sha256.as_str()));
+
+    // Unknown image: a clear reason, nothing started.
+    node.vmtd = start_vmtd(&node.env, &node.cfg);
+    let bogus = node.volume("bogus.qcow2").replace("guest.sock", "nosuch.sock").replace("name='guest'", "name='nosuch'");
+    let vm = node.domain(&bogus, "vmt.mode=checksum");
+    let out = vm.start();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no image named nosuch"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn hostile_volume_names_are_refused() {
+    let node = Node::new();
+    for bad in ["../escape.qcow2", "a b.qcow2", "x'y.qcow2", "$(touch /tmp/pwned)"] {
+        let out = node.vmt(&["vol", "create", "--image", "guest", "--pool", &node.pool, bad]);
+        assert!(!out.status.success(), "{bad} accepted");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid image name"), "{bad}");
+    }
+    assert!(!node.env.path("escape.qcow2").exists() && !Path::new("/tmp/pwned").exists());
+    assert_eq!(std::fs::read_dir(node.env.path("pool")).unwrap().count(), 0, "nothing written to the pool");
+    let out = node.vmt(&["vol", "create", "--image", "nosuch", "--pool", &node.pool, "v.qcow2"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no image named nosuch"));
+}
+
+#[test]
+fn vmtd_restart_during_guest_reads_is_invisible_to_the_guest() {
+    let mut node = Node::new();
+    let vm = node.domain(&node.volume("restart.qcow2"), "vmt.mode=readloop vmt.loops=4");
+    assert!(vm.start().status.success());
+    vm.wait_for("VMT-LOOP 1 ");
+    // Restart vmtd while the guest keeps reading (kill -9: no clean shutdown either).
+    node.vmtd.kill9();
+    node.vmtd = start_vmtd(&node.env, &node.cfg);
+    let c = vm.wait_for("VMT-DONE");
+    vm.wait_shutoff();
+    let loops: Vec<&str> = c.lines().filter(|l| l.contains("VMT-LOOP")).collect();
+    assert_eq!(loops.len(), 4, "{c}");
+    for l in loops {
+        assert!(l.ends_with(&node.guest.sha256), "wrong data after restart: {l}\n{c}");
+    }
+    assert!(!c.contains("I/O error"), "{c}");
+}
+
+#[test]
+fn detached_vm_keeps_running_without_vmtd() {
+    let mut node = Node::new();
+    let vm = node.domain(&node.volume("detach.qcow2"), "vmt.mode=readloop vmt.loops=3");
+    assert!(vm.start().status.success());
+    vm.wait_for("VMT-LOOP 1 ");
+    assert!(!status(&node.env, "guest").holds.is_empty(), "running domain holds the image");
+    let out = node.vmt(&["detach", &vm.name, "--disk", "vda"]);
+    assert!(out.status.success(), "detach: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(status(&node.env, "guest").holds.is_empty(), "detach dropped the hold");
+    let xml = String::from_utf8_lossy(&virsh(&["dumpxml", &vm.name]).stdout).to_string();
+    assert!(!xml.contains("protocol='nbd'"), "backing chain still names the export:\n{xml}");
+    assert_eq!(node.vmtd.terminate(), Some(0));
+    let c = vm.wait_for("VMT-DONE");
+    vm.wait_shutoff();
+    let loops: Vec<&str> = c.lines().filter(|l| l.contains("VMT-LOOP")).collect();
+    assert_eq!(loops.len(), 3, "{c}");
+    assert!(loops.iter().all(|l| l.ends_with(&node.guest.sha256)), "{c}");
+}
