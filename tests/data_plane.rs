@@ -273,3 +273,30 @@ fn images_added_and_removed_at_run_time() {
     let gone = run(Command::new(VMT).args(["--socket", ctl.to_str().unwrap(), "image", "remove", "late"]));
     assert!(String::from_utf8_lossy(&gone.stderr).contains("no image named late"));
 }
+
+#[test]
+fn complete_fills_the_cache_at_the_given_pace_then_the_origin_is_not_needed() {
+    let env = Env::new();
+    let (img, mut origin, cfg) = nbd_origin_setup(&env, 8 * MIB, "");
+    let _vmtd = start_vmtd(&env, &cfg);
+    let ctl = env.control_sock();
+    let t0 = Instant::now();
+    let out = run(Command::new(VMT).args([
+        "--socket",
+        ctl.to_str().unwrap(),
+        "complete",
+        "img",
+        "--rate",
+        "16MiB",
+        "--wait",
+    ]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(t0.elapsed() >= Duration::from_millis(350), "8 MiB at 16 MiB/s took only {:?}", t0.elapsed());
+    let s = status(&env, "img");
+    assert_eq!(s.chunks_present, s.chunks_total);
+    origin.kill9();
+    assert!(qemu_img_identical(&img, &env.export_uri("img")));
+    assert_eq!(status(&env, "img").bytes_from_origin, s.bytes_from_origin);
+    let bad = run(Command::new(VMT).args(["--socket", ctl.to_str().unwrap(), "complete", "nosuch"]));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no image named nosuch"));
+}

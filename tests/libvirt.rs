@@ -72,7 +72,8 @@ impl Node {
         let vmtd = start_vmtd(&env, &cfg);
         let pool = unique("pool");
         let pool_dir = env.path("pool");
-        let out = run(Command::new(VMT).args(["pool", "define", "--name", &pool, "--path", pool_dir.to_str().unwrap()]));
+        let out =
+            run(Command::new(VMT).args(["pool", "define", "--name", &pool, "--path", pool_dir.to_str().unwrap()]));
         assert!(out.status.success(), "pool define: {}", String::from_utf8_lossy(&out.stderr));
         Node { env, vmtd, cfg, pool, guest }
     }
@@ -246,11 +247,16 @@ fn hook_fails_start_at_once_when_vmtd_is_down_and_leaves_other_domains_alone() {
 
     // Unknown image: a clear reason, nothing started.
     node.vmtd = start_vmtd(&node.env, &node.cfg);
-    let bogus = node.volume("bogus.qcow2").replace("guest.sock", "nosuch.sock").replace("name='guest'", "name='nosuch'");
+    let bogus =
+        node.volume("bogus.qcow2").replace("guest.sock", "nosuch.sock").replace("name='guest'", "name='nosuch'");
     let vm = node.domain(&bogus, "vmt.mode=checksum");
     let out = vm.start();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no image named nosuch"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no image named nosuch"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -40,6 +40,17 @@ enum Cmd {
     /// Manage per-VM overlay volumes.
     #[command(subcommand)]
     Vol(VolCmd),
+    /// Fill the node cache with every chunk of an image in the background, so the node no
+    /// longer needs the origin.
+    Complete {
+        image: String,
+        /// Pace, e.g. 50MiB (per second); unlimited by default.
+        #[arg(long)]
+        rate: Option<String>,
+        /// Wait, showing progress, until the cache is complete.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Copy a running VM's disk into its overlay so it no longer needs vmtd (block pull).
     Detach {
         domain: String,
@@ -198,6 +209,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .await??;
             eprintln!("created {}", path.display());
             println!("{}", pool::disk_xml(&p, &vol, &image, &socket, &target, reconnect_delay));
+        }
+        Cmd::Complete { image, rate, wait } => {
+            let rate = rate.map(|r| parse_size(&r)).transpose().map_err(anyhow::Error::msg)?;
+            call(&args.socket, Request::Complete { name: image.clone(), rate }).await?;
+            if !wait {
+                eprintln!("completing the cache of {image} in the background (see `vmt status`)");
+                return Ok(());
+            }
+            loop {
+                let i = images(&args.socket).await?.into_iter().find(|i| i.name == image).context("image vanished")?;
+                eprint!("\r{image}: {}/{} chunks", i.chunks_present, i.chunks_total);
+                if i.chunks_present == i.chunks_total {
+                    eprintln!(" complete");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
         }
         Cmd::Pool(_) | Cmd::Vol(_) | Cmd::Detach { .. } => unreachable!("handled before the runtime starts"),
         Cmd::Image(ImageCmd::Remove { name }) => {

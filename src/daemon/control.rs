@@ -56,6 +56,9 @@ pub enum Request {
     Assemble { domain: String, images: Vec<String> },
     /// Drops every hold of `domain` (domain stopped or detached from vmthunder).
     Release { domain: String },
+    /// Fetches every missing chunk of image `name` in the background, at most `rate` bytes/s
+    /// (unlimited when absent), so the node stops needing the origin.
+    Complete { name: String, rate: Option<u64> },
 }
 
 /// The state of one served image.

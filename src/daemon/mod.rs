@@ -221,6 +221,13 @@ impl Daemon {
                 self.release(&domain);
                 Response::Done
             }
+            Request::Complete { name, rate } => match self.image(&name) {
+                Some(img) => {
+                    tokio::spawn(complete(img, rate));
+                    Response::Done
+                }
+                None => Response::Error { message: DaemonError::UnknownImage(name).to_string() },
+            },
             Request::ImageAdd { image } => match self.add_image(&image).await {
                 Ok(_) => Response::Done,
                 Err(e) => Response::Error { message: e.to_string() },
@@ -277,6 +284,46 @@ impl Daemon {
             }
         }
     }
+}
+
+/// Fills `img`'s cache with every chunk, one coalesced run at a time so guest misses are never
+/// queued behind it, paced to `rate` bytes/s. Stops when the image is removed or vmtd stops.
+async fn complete(img: Arc<Image>, rate: Option<u64>) {
+    let g = img.manifest.geometry();
+    let step = img.fetcher.max_chunks();
+    let mut shutdown = img.shutdown.subscribe();
+    let start = tokio::time::Instant::now();
+    let mut fetched = 0u64;
+    let mut next = 0u32;
+    tracing::info!(image = %img.name, ?rate, "completing the cache");
+    while next < g.chunk_count() {
+        if *shutdown.borrow() {
+            return;
+        }
+        let end = next.saturating_add(step).min(g.chunk_count());
+        if !img.store.has_all(next..end) {
+            let before = img.fetcher.stats().bytes_from_origin.load(std::sync::atomic::Ordering::Relaxed);
+            if let Err(e) = img.fetcher.ensure(next..end).await {
+                tracing::warn!(image = %img.name, error = %e, "completing: fetch failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    _ = crate::shutdown::stopped(&mut shutdown) => return,
+                }
+                continue;
+            }
+            fetched +=
+                img.fetcher.stats().bytes_from_origin.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(before);
+            if let Some(rate) = rate.filter(|r| *r > 0) {
+                let due = start + std::time::Duration::from_secs_f64(fetched as f64 / rate as f64);
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due) => {}
+                    _ = crate::shutdown::stopped(&mut shutdown) => return,
+                }
+            }
+        }
+        next = end;
+    }
+    tracing::info!(image = %img.name, fetched, "cache complete");
 }
 
 async fn commit(img: &Arc<Image>) {

@@ -107,6 +107,11 @@ impl Fetcher {
         &self.source
     }
 
+    /// Largest number of chunks fetched in one upstream read.
+    pub fn max_chunks(&self) -> u32 {
+        self.tuning.max_chunks
+    }
+
     /// Number of chunks being fetched right now.
     pub fn inflight(&self) -> usize {
         self.inflight.lock().unwrap().len()
