@@ -32,6 +32,7 @@ pub fn block_pull(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<bool, DetachError> {
     let lv = |e: virt::error::Error| DetachError::Libvirt(e.to_string());
+    virt::error::clear_error_callback();
     let conn = virt::connect::Connect::open(Some(SYSTEM_URI)).map_err(lv)?;
     let dom = conn.lookup_domain_by_name(name).map_err(lv)?;
     if !dom.is_active().map_err(lv)? {

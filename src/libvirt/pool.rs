@@ -35,6 +35,8 @@ fn lv(e: virt::error::Error) -> PoolError {
 }
 
 pub fn connect() -> Result<Connect, PoolError> {
+    // libvirt prints every error to stderr by default; ours are returned and reported once.
+    virt::error::clear_error_callback();
     Connect::open(Some(SYSTEM_URI)).map_err(lv)
 }
 
