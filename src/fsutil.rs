@@ -10,7 +10,8 @@ use std::path::Path;
 
 /// Replaces `path` with `bytes` atomically and durably. `mode` applies to the new file.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    // A bare file name has an empty parent: that is the current directory.
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let result = (|| {
@@ -62,6 +63,17 @@ mod tests {
             assert_eq!(unseal(&bad), None, "flip at {i} not detected");
         }
         assert_eq!(unseal(&sealed[..3]), None);
+    }
+
+    #[test]
+    fn atomic_write_to_a_bare_file_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = std::env::current_dir().unwrap();
+        std::env::set_current_dir(dir.path()).unwrap();
+        let r = write_atomic(Path::new("bare"), b"x", 0o600);
+        std::env::set_current_dir(old).unwrap();
+        r.unwrap();
+        assert_eq!(fs::read(dir.path().join("bare")).unwrap(), b"x");
     }
 
     #[test]

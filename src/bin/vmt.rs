@@ -262,6 +262,9 @@ fn print_status(i: &ImageStatus) {
     );
     println!("  served        {} bytes to {} clients", i.bytes_served, i.clients);
     println!("  export        nbd+unix:///{}?socket={}", i.name, i.socket);
+    if !i.holds.is_empty() {
+        println!("  held by       {}", i.holds.join(", "));
+    }
 }
 
 fn detach(socket: &std::path::Path, domain: &str, disk: &str, timeout: u64) -> anyhow::Result<()> {
@@ -277,7 +280,7 @@ fn detach(socket: &std::path::Path, domain: &str, disk: &str, timeout: u64) -> a
         }
     };
     let others = detach::block_pull(domain, disk, Duration::from_secs(timeout), &mut draw)?;
-    eprintln!("\r{domain} {disk} [{}] 100% detached", "#".repeat(25));
+    eprintln!("\r{domain} {disk} [{}] 100% detached{:20}", "#".repeat(25), "");
     if !others {
         // No disk of this domain reads from vmtd any more: drop its hold.
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

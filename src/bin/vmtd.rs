@@ -20,6 +20,13 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // glibc gives each thread that allocates its own arena and keeps freed buffers there; with
+    // tokio's worker and blocking threads passing MiB-sized buffers around, that alone grows RSS
+    // by tens of MiB. Two arenas keep it small at no measurable cost to throughput.
+    // SAFETY: called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VMT_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)

@@ -9,15 +9,16 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use thiserror::Error;
 use tokio::sync::watch;
 
 use crate::config::{ImageConfig, Tuning};
-use crate::fetch::flight::{FetchTuning, Fetcher};
+use crate::fetch::flight::{FetchTuning, Fetcher, RunData};
 use crate::fetch::origin::OriginUrl;
 use crate::fetch::{BoxFuture, SourceError};
 use crate::fsutil;
-use crate::image::{ByteOffset, ChunkSize, Geometry, Manifest, ManifestError};
+use crate::image::{ByteOffset, ChunkIdx, ChunkSize, Geometry, Manifest, ManifestError};
 use crate::nbd::proto::EIO;
 use crate::nbd::server::Export;
 use crate::store::{ChunkStore, StoreError};
@@ -49,6 +50,8 @@ pub struct Image {
     clients: AtomicU64,
     /// Turned true to stop this image's listener and connections.
     pub shutdown: watch::Sender<bool>,
+    /// Set while a background fill (`vmt complete`) runs, so requests do not stack up.
+    pub completing: std::sync::atomic::AtomicBool,
 }
 
 impl Image {
@@ -114,6 +117,7 @@ impl Image {
             bytes_served: AtomicU64::new(0),
             clients: AtomicU64::new(0),
             shutdown: watch::channel(false).0,
+            completing: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -145,25 +149,63 @@ impl Image {
     }
 }
 
+impl Image {
+    /// Builds a read that spans several fetched runs and cached chunks, chunk by chunk.
+    fn assemble(
+        &self,
+        offset: u64,
+        len: u32,
+        range: std::ops::Range<u32>,
+        runs: &[Arc<RunData>],
+    ) -> Result<Vec<u8>, u32> {
+        let g = self.manifest.geometry();
+        let mut buf = vec![0u8; len as usize];
+        let end = offset + u64::from(len);
+        for i in range {
+            let c = ChunkIdx(i);
+            let start = g.chunk_offset(c).0.max(offset);
+            let stop = (g.chunk_offset(c).0 + g.chunk_len(c) as u64).min(end);
+            let piece = &mut buf[(start - offset) as usize..(stop - offset) as usize];
+            match runs.iter().find_map(|r| r.slice(start, piece.len())) {
+                Some(bytes) => piece.copy_from_slice(bytes),
+                None => self.read_store(start, piece)?,
+            }
+        }
+        Ok(buf)
+    }
+
+    fn read_store(&self, offset: u64, buf: &mut [u8]) -> Result<(), u32> {
+        self.store.read_at(offset, buf).map_err(|e| {
+            tracing::error!(image = %self.name, offset, len = buf.len(), error = %e, "cache read failed");
+            EIO
+        })
+    }
+}
+
 impl Export for Image {
     fn size(&self) -> u64 {
         self.manifest.geometry().image_size()
     }
 
-    fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Vec<u8>, u32>> {
+    fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, u32>> {
         Box::pin(async move {
-            let range = self.manifest.geometry().chunks_covering(ByteOffset(offset), u64::from(len));
-            if !self.store.has_all(range.clone()) {
-                if let Err(e) = self.fetcher.ensure(range).await {
+            let g = self.manifest.geometry();
+            let range = g.chunks_covering(ByteOffset(offset), u64::from(len));
+            let buf = if self.store.has_all(range.clone()) {
+                let mut buf = vec![0u8; len as usize];
+                self.read_store(offset, &mut buf)?;
+                Bytes::from(buf)
+            } else {
+                let runs = self.fetcher.ensure(range.clone()).await.map_err(|e| {
                     tracing::warn!(image = %self.name, offset, len, error = %e, "read failed");
-                    return Err(EIO);
+                    EIO
+                })?;
+                match runs.iter().find_map(|r| r.share(offset, len as usize)) {
+                    // The common cold read: one fetched run holds it all, share its buffer.
+                    Some(shared) => shared,
+                    None => Bytes::from(self.assemble(offset, len, range, &runs)?),
                 }
-            }
-            let mut buf = vec![0u8; len as usize];
-            if let Err(e) = self.store.read_at(offset, &mut buf) {
-                tracing::error!(image = %self.name, offset, len, error = %e, "cache read failed");
-                return Err(EIO);
-            }
+            };
             self.bytes_served.fetch_add(u64::from(len), Ordering::Relaxed);
             Ok(buf)
         })

@@ -223,7 +223,12 @@ impl Daemon {
             }
             Request::Complete { name, rate } => match self.image(&name) {
                 Some(img) => {
-                    tokio::spawn(complete(img, rate));
+                    if !img.completing.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                        tokio::spawn(async move {
+                            complete(&img, rate).await;
+                            img.completing.store(false, std::sync::atomic::Ordering::SeqCst);
+                        });
+                    }
                     Response::Done
                 }
                 None => Response::Error { message: DaemonError::UnknownImage(name).to_string() },
@@ -288,7 +293,7 @@ impl Daemon {
 
 /// Fills `img`'s cache with every chunk, one coalesced run at a time so guest misses are never
 /// queued behind it, paced to `rate` bytes/s. Stops when the image is removed or vmtd stops.
-async fn complete(img: Arc<Image>, rate: Option<u64>) {
+async fn complete(img: &Arc<Image>, rate: Option<u64>) {
     let g = img.manifest.geometry();
     let step = img.fetcher.max_chunks();
     let mut shutdown = img.shutdown.subscribe();

@@ -9,6 +9,11 @@
 //! - **Verify before store**: every chunk is checked against the manifest; a mismatch is never
 //!   stored or served.
 //!
+//! - **Serve from memory**: waiters get the verified bytes of the run they waited on as soon as
+//!   they are checked; writing them to the node cache follows off their critical path. A chunk
+//!   leaves the in-flight map only after it is in the store, so a reader that arrives meanwhile
+//!   joins the finished flight and gets the same bytes.
+//!
 //! Fetches run as their own tasks, so a client that disconnects mid-read does not cancel a fetch
 //! that other clients are waiting on.
 
@@ -18,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use thiserror::Error;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
@@ -26,7 +32,7 @@ use super::{ChunkSource, SourceError};
 use crate::image::{ChunkIdx, Manifest};
 use crate::store::ChunkStore;
 
-/// Most upstream reads one image keeps in flight.
+/// Most runs one image has in flight (reading upstream or waiting to be stored).
 const MAX_UPSTREAM: usize = 32;
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -68,7 +74,29 @@ pub struct FetchTuning {
     pub max_chunks: u32,
 }
 
-type Outcome = Option<Result<(), FetchError>>;
+/// Verified bytes of one coalesced upstream read, starting at byte `offset` of the image.
+#[derive(Debug)]
+pub struct RunData {
+    pub offset: u64,
+    pub bytes: Bytes,
+}
+
+impl RunData {
+    /// The bytes of `[offset, offset + len)` that this run holds, if it holds all of them.
+    pub fn slice(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        let start = offset.checked_sub(self.offset)? as usize;
+        self.bytes.get(start..start.checked_add(len)?)
+    }
+
+    /// Like [`RunData::slice`], sharing the buffer instead of copying.
+    pub fn share(&self, offset: u64, len: usize) -> Option<Bytes> {
+        self.slice(offset, len)?;
+        let start = (offset - self.offset) as usize;
+        Some(self.bytes.slice(start..start + len))
+    }
+}
+
+type Outcome = Option<Result<Arc<RunData>, FetchError>>;
 
 /// The miss path of one image.
 pub struct Fetcher {
@@ -117,9 +145,10 @@ impl Fetcher {
         self.inflight.lock().unwrap().len()
     }
 
-    /// Makes every chunk in `range` present, fetching what is missing. Returns once they are
-    /// readable from the store, or with the first failure among them.
-    pub async fn ensure(self: &Arc<Self>, range: Range<u32>) -> Result<(), FetchError> {
+    /// Makes every chunk in `range` present, fetching what is missing. Returns the fetched runs
+    /// that hold the chunks which were missing (chunks not covered by them are in the store), or
+    /// the first failure among them.
+    pub async fn ensure(self: &Arc<Self>, range: Range<u32>) -> Result<Vec<Arc<RunData>>, FetchError> {
         let mut waits = Vec::new();
         let mut mine: Vec<(u32, watch::Sender<Outcome>)> = Vec::new();
         {
@@ -144,20 +173,31 @@ impl Fetcher {
             let me = Arc::clone(self);
             tokio::spawn(async move { me.fetch_run(run).await });
         }
-        let mut result = Ok(());
+        let mut data: Vec<Arc<RunData>> = Vec::new();
+        let mut failure = None;
         for mut rx in waits {
             let outcome = match rx.wait_for(Option::is_some).await {
                 Ok(v) => v.clone().unwrap_or(Err(FetchError::Aborted)),
                 Err(_) => Err(FetchError::Aborted),
             };
-            if result.is_ok() {
-                result = outcome;
+            match outcome {
+                Ok(run) => {
+                    if !data.iter().any(|d| Arc::ptr_eq(d, &run)) {
+                        data.push(run);
+                    }
+                }
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
             }
         }
-        if result.is_err() {
-            self.stats.failed_reads.fetch_add(1, Ordering::Relaxed);
+        match failure {
+            None => Ok(data),
+            Some(e) => {
+                self.stats.failed_reads.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
         }
-        result
     }
 
     async fn fetch_run(self: Arc<Self>, run: Vec<(u32, watch::Sender<Outcome>)>) {
@@ -166,41 +206,69 @@ impl Fetcher {
         let last = ChunkIdx(run[run.len() - 1].0);
         let offset = g.chunk_offset(first).0;
         let len = (g.chunk_offset(last).0 + g.chunk_len(last) as u64 - offset) as usize;
-        let outcome = match self.read_with_retries(offset, len).await {
-            Ok(data) => {
-                self.stats.bytes_from_origin.fetch_add(len as u64, Ordering::Relaxed);
-                let me = Arc::clone(&self);
-                let idxs: Vec<u32> = run.iter().map(|(i, _)| *i).collect();
-                tokio::task::spawn_blocking(move || me.verify_and_store(offset, &idxs, &data))
-                    .await
-                    .unwrap_or_else(|_| vec![Err(FetchError::Aborted); run.len()])
+        // Held until the run is stored: bounds both upstream reads in flight and fetched bytes
+        // waiting for the data file.
+        let _permit = self.upstream.acquire().await.expect("semaphore never closed");
+        let data = match self.read_with_retries(offset, len).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                let mut inflight = self.inflight.lock().unwrap();
+                for (i, tx) in run {
+                    inflight.remove(&i);
+                    let _ = tx.send(Some(Err(e.clone())));
+                }
+                return;
             }
-            Err(e) => vec![Err(e); run.len()],
         };
-        let mut inflight = self.inflight.lock().unwrap();
-        for ((i, tx), result) in run.into_iter().zip(outcome) {
-            inflight.remove(&i);
-            let _ = tx.send(Some(result));
+        self.stats.bytes_from_origin.fetch_add(len as u64, Ordering::Relaxed);
+        let me = Arc::clone(&self);
+        let finished = tokio::task::spawn_blocking(move || {
+            let run_data = Arc::new(RunData { offset, bytes: Bytes::from(data) });
+            // Verify, hand the bytes to the waiters, then store: the write is off their path.
+            let verified: Vec<bool> = run.iter().map(|(i, _)| me.verify(&run_data, ChunkIdx(*i))).collect();
+            for ((i, tx), ok) in run.iter().zip(&verified) {
+                let outcome = if *ok { Ok(run_data.clone()) } else { Err(FetchError::Verify(ChunkIdx(*i))) };
+                let _ = tx.send(Some(outcome));
+            }
+            let mut results = Vec::with_capacity(run.len());
+            for ((i, _), ok) in run.iter().zip(&verified) {
+                let idx = ChunkIdx(*i);
+                let stored = if *ok { me.store(&run_data, idx) } else { Ok(()) };
+                results.push((*i, stored));
+            }
+            let mut inflight = me.inflight.lock().unwrap();
+            for ((i, tx), (_, stored)) in run.into_iter().zip(results) {
+                inflight.remove(&i);
+                if let Err(e) = stored {
+                    // Served from memory already; a later read will fetch it again.
+                    tracing::error!(idx = i, error = %e, "storing a fetched chunk failed");
+                    let _ = tx.send(Some(Err(e)));
+                }
+            }
+        })
+        .await;
+        if finished.is_err() {
+            tracing::error!("verify-and-store task failed");
         }
     }
 
-    fn verify_and_store(&self, base: u64, idxs: &[u32], data: &[u8]) -> Vec<Result<(), FetchError>> {
+    fn verify(&self, run: &RunData, idx: ChunkIdx) -> bool {
         let g = self.manifest.geometry();
-        idxs.iter()
-            .map(|&i| {
-                let idx = ChunkIdx(i);
-                let start = (g.chunk_offset(idx).0 - base) as usize;
-                let chunk = &data[start..start + g.chunk_len(idx)];
-                if !self.manifest.verify(idx, chunk) {
-                    self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(%idx, source = %self.source.describe(), "chunk does not match the manifest; not stored");
-                    return Err(FetchError::Verify(idx));
-                }
-                self.store.put(idx, chunk).map_err(|e| FetchError::Store { idx, reason: e.to_string() })?;
-                self.stats.chunks_fetched.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            })
-            .collect()
+        let chunk = run.slice(g.chunk_offset(idx).0, g.chunk_len(idx)).unwrap_or_default();
+        if self.manifest.verify(idx, chunk) {
+            return true;
+        }
+        self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(%idx, source = %self.source.describe(), "chunk does not match the manifest; not stored");
+        false
+    }
+
+    fn store(&self, run: &RunData, idx: ChunkIdx) -> Result<(), FetchError> {
+        let g = self.manifest.geometry();
+        let chunk = run.slice(g.chunk_offset(idx).0, g.chunk_len(idx)).unwrap_or_default();
+        self.store.put(idx, chunk).map_err(|e| FetchError::Store { idx, reason: e.to_string() })?;
+        self.stats.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     async fn read_with_retries(&self, offset: u64, len: usize) -> Result<Vec<u8>, FetchError> {
@@ -210,7 +278,6 @@ impl Fetcher {
         let mut last = String::from("no attempt finished in time");
         loop {
             let attempt = async {
-                let _permit = self.upstream.acquire().await.expect("semaphore never closed");
                 self.stats.upstream_reads.fetch_add(1, Ordering::Relaxed);
                 self.source.read(offset, len).await
             };
@@ -297,6 +364,17 @@ mod tests {
         }
     }
 
+    /// Waits until every started fetch has been stored (stores follow the waiters' wake-up).
+    async fn settled(f: &Fetcher) {
+        for _ in 0..400 {
+            if f.inflight() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("fetches never settled");
+    }
+
     fn setup(timeout: Duration) -> (tempfile::TempDir, Arc<MemSource>, Arc<ChunkStore>, Arc<Fetcher>) {
         let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 31 % 256) as u8).collect();
         let g = Geometry::new(data.len() as u64, ChunkSize::new(4096).unwrap()).unwrap();
@@ -328,11 +406,14 @@ mod tests {
             })
             .collect();
         for t in tasks {
-            t.await.unwrap().unwrap();
+            let runs = t.await.unwrap().unwrap();
+            assert_eq!(runs.len(), 1);
+            assert_eq!(runs[0].slice(0, 4096).unwrap(), &src.data[..4096]);
         }
         assert_eq!(src.reads.load(Ordering::SeqCst), 1, "one coalesced read for chunks 0..4");
+        settled(&f).await;
         assert!(store.has_all(0..4));
-        f.ensure(0..4).await.unwrap();
+        assert!(f.ensure(0..4).await.unwrap().is_empty(), "present chunks come from the store");
         assert_eq!(src.reads.load(Ordering::SeqCst), 1, "present chunks are not fetched again");
         f.ensure(4..16).await.unwrap();
         assert_eq!(src.reads.load(Ordering::SeqCst), 4, "12 chunks in runs of at most 4");
@@ -349,6 +430,7 @@ mod tests {
         assert!(!store.has(ChunkIdx(0)));
         src.down.store(false, Ordering::SeqCst);
         f.ensure(0..1).await.unwrap();
+        settled(&f).await;
         assert!(store.has(ChunkIdx(0)));
     }
 
@@ -356,7 +438,8 @@ mod tests {
     async fn corrupt_data_is_never_stored() {
         let (_d, src, store, f) = setup(Duration::from_secs(1));
         src.corrupt.store(true, Ordering::SeqCst);
-        assert_eq!(f.ensure(2..3).await, Err(FetchError::Verify(ChunkIdx(2))));
+        assert_eq!(f.ensure(2..3).await.unwrap_err(), FetchError::Verify(ChunkIdx(2)));
+        settled(&f).await;
         assert!(!store.has(ChunkIdx(2)));
         assert_eq!(f.stats().verify_failures.load(Ordering::SeqCst), 1);
         assert_eq!(store.pending_count(), 0);

@@ -54,6 +54,9 @@ pub fn block_pull(
             _ => return Err(lv(virt::error::Error::last_error())),
         }
         if start.elapsed() > limit {
+            // Leave no job behind: the domain stays on its NBD backing, unchanged.
+            // SAFETY: as above.
+            unsafe { virt::sys::virDomainBlockJobAbort(dom.as_ptr(), cdisk.as_ptr(), 0) };
             return Err(DetachError::Timeout { disk: disk.into(), secs: limit.as_secs() });
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -12,6 +12,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
@@ -28,7 +29,7 @@ pub trait Export: Send + Sync + 'static {
     fn size(&self) -> u64;
     /// Reads `len` bytes at `offset` (already checked to lie inside the export). The error is an
     /// NBD error value such as [`EIO`].
-    fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Vec<u8>, u32>>;
+    fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, u32>>;
     /// Called when a client enters / leaves the transmission phase.
     fn client_changed(&self, _connected: bool) {}
 }
@@ -177,7 +178,7 @@ struct Reply {
     error: u32,
     /// `Some(offset)` for a READ: sent as a structured reply when those were agreed.
     read_at: Option<u64>,
-    data: Option<Vec<u8>>,
+    data: Option<Bytes>,
 }
 
 impl Reply {

@@ -64,6 +64,9 @@ pub struct ChunkStore {
     pending: Mutex<Vec<u32>>,
     /// Chunks recorded in the state file; the lock also serialises commits.
     durable: Mutex<RoaringBitmap>,
+    /// Serialises data-file writes: concurrent buffered writes to one file contend on the
+    /// inode lock in the kernel, and spinning there costs more than queueing here.
+    write: Mutex<()>,
 }
 
 impl ChunkStore {
@@ -131,6 +134,7 @@ impl ChunkStore {
             readable: RwLock::new(durable.clone()),
             pending: Mutex::new(Vec::new()),
             durable: Mutex::new(durable),
+            write: Mutex::new(()),
         })
     }
 
@@ -179,9 +183,12 @@ impl ChunkStore {
             return Err(StoreError::BadChunkLen { idx, got: data.len(), want });
         }
         let offset = self.geometry.chunk_offset(idx).0;
-        self.data
-            .write_all_at(data, offset)
-            .map_err(|source| StoreError::Io { path: self.dir.join("data"), source })?;
+        {
+            let _queue = self.write.lock().unwrap();
+            self.data
+                .write_all_at(data, offset)
+                .map_err(|source| StoreError::Io { path: self.dir.join("data"), source })?;
+        }
         self.pending.lock().unwrap().push(idx.0);
         self.readable.write().unwrap().insert(idx.0);
         Ok(())
