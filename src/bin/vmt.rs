@@ -271,7 +271,7 @@ fn detach(socket: &std::path::Path, domain: &str, disk: &str, timeout: u64) -> a
     use std::io::Write;
     let mut last = u64::MAX;
     let mut draw = |cur: u64, end: u64| {
-        let pct = if end == 0 { 0 } else { cur * 100 / end };
+        let pct = (cur * 100).checked_div(end).unwrap_or(0);
         if pct != last {
             last = pct;
             let bar = "#".repeat((pct / 4) as usize);
