@@ -64,10 +64,14 @@ struct Node {
 
 impl Node {
     fn new() -> Node {
+        Node::serving(guest())
+    }
+
+    /// A node whose vmtd serves `guest.disk` as image `guest`.
+    fn serving(guest: Guest) -> Node {
         require_libvirt();
         let env = Env::new();
         std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let guest = guest();
         let cfg = env.config("", &file_image("guest", &guest.disk, ""));
         let vmtd = start_vmtd(&env, &cfg);
         let pool = unique("pool");
@@ -90,7 +94,7 @@ impl Node {
     }
 
     fn domain(&self, disk_xml: &str, cmdline: &str) -> Domain {
-        Domain::define(&self.env, &self.guest, disk_xml, cmdline)
+        Domain::define(&self.env, &self.guest, disk_xml, &format!("console=ttyS0 panic=-1 {cmdline}"), 256, 1)
     }
 }
 
@@ -107,17 +111,17 @@ struct Domain {
 }
 
 impl Domain {
-    fn define(env: &Env, guest: &Guest, disk_xml: &str, cmdline: &str) -> Domain {
+    fn define(env: &Env, guest: &Guest, disk_xml: &str, cmdline: &str, mib: u32, cpus: u32) -> Domain {
         let name = unique("vm");
         let console = env.path(&format!("{name}.console"));
         let xml = format!(
             "<domain type='qemu'>
   <name>{name}</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
+  <memory unit='MiB'>{mib}</memory>
+  <vcpu>{cpus}</vcpu>
   <os><type arch='x86_64' machine='q35'>hvm</type>
     <kernel>{kernel}</kernel><initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 panic=-1 {cmdline}</cmdline></os>
+    <cmdline>{cmdline}</cmdline></os>
   <features><acpi/></features>
   <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>
   <devices>
@@ -310,4 +314,32 @@ fn detached_vm_keeps_running_without_vmtd() {
     let loops: Vec<&str> = c.lines().filter(|l| l.contains("VMT-LOOP")).collect();
     assert_eq!(loops.len(), 3, "{c}");
     assert!(loops.iter().all(|l| l.ends_with(&node.guest.sha256)), "{c}");
+}
+
+/// The real Debian guest of scripts/build-debian-guest (systemd, first boot) boots through a
+/// vmthunder volume and reads only a small part of its image.
+#[test]
+fn debian_guest_boots_through_vmthunder_reading_only_what_it_needs() {
+    let dir = PathBuf::from(std::env::var("VMT_DEBIAN_DIR").unwrap_or_else(|_| "/var/cache/vmthunder/debian".into()));
+    let sha = std::fs::read_to_string(dir.join("debian.sha256")).unwrap_or_else(|_| {
+        panic!("no Debian guest in {}: run scripts/build-debian-guest (scripts/test does)", dir.display())
+    });
+    let debian = Guest {
+        kernel: dir.join("vmlinuz"),
+        initrd: dir.join("initrd.img"),
+        disk: dir.join("debian.raw"),
+        sha256: sha.split_whitespace().next().unwrap().to_string(),
+    };
+    let node = Node::serving(debian);
+    let disk = node.volume("debian.qcow2");
+    let vm = Domain::define(&node.env, &node.guest, &disk, "root=/dev/vda ro console=ttyS0", 1024, 2);
+    assert!(vm.start().status.success());
+    let c = vm.wait_for("VMT-BOOTED");
+    vm.wait_shutoff();
+    let s = status(&node.env, "guest");
+    assert!(s.bytes_from_origin > 0, "{s:?}");
+    assert!(s.bytes_from_origin * 4 < s.image_size, "a boot should fetch a small part of the image: {s:?}\n{c}");
+    // The base image is untouched by the guest's writes (they went to its overlay).
+    let out = run(Command::new("sha256sum").arg(&node.guest.disk));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&node.guest.sha256));
 }
