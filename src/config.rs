@@ -63,6 +63,21 @@ pub struct Config {
     /// How often newly fetched chunks are made durable and recorded (group commit).
     #[serde(default = "default_commit_interval")]
     pub commit_interval: String,
+    /// Record the first boot of an image that has no profile (started by the libvirt hook).
+    #[serde(default = "default_true")]
+    pub auto_record: bool,
+    /// How long a recording runs unless the domain stops or it is stopped first.
+    #[serde(default = "default_record_duration")]
+    pub record_duration: String,
+    /// A profile chunk not read by this many merged boots in a row is dropped (0: never).
+    #[serde(default = "default_age_out")]
+    pub profile_age_out: u32,
+    /// Prefetch runs in flight per image.
+    #[serde(default = "default_prefetch_concurrency")]
+    pub prefetch_concurrency: usize,
+    /// Optional cap on prefetch traffic, e.g. "50MiB" (per second).
+    #[serde(default)]
+    pub prefetch_rate: Option<String>,
     /// Images served at start.
     #[serde(default, rename = "image")]
     pub images: Vec<ImageConfig>,
@@ -91,8 +106,22 @@ pub struct Tuning {
     pub fetch_timeout: Duration,
     pub max_fetch: u64,
     pub commit_interval: Duration,
+    pub record_duration: Duration,
+    pub prefetch_rate: Option<u64>,
 }
 
+fn default_true() -> bool {
+    true
+}
+fn default_record_duration() -> String {
+    "120s".into()
+}
+fn default_age_out() -> u32 {
+    3
+}
+fn default_prefetch_concurrency() -> usize {
+    4
+}
 fn default_run_dir() -> PathBuf {
     "/run/vmthunder".into()
 }
@@ -164,7 +193,16 @@ impl Config {
         if !(4096..=32 << 20).contains(&max_fetch) {
             return Err(invalid("max_fetch", "must be between 4KiB and 32MiB"));
         }
-        Ok(Tuning { fetch_timeout, max_fetch, commit_interval })
+        let record_duration = parse_duration(&self.record_duration).map_err(|m| invalid("record_duration", m))?;
+        if record_duration.is_zero() || record_duration > Duration::from_secs(3600) {
+            return Err(invalid("record_duration", "must be between 1ms and 60m"));
+        }
+        if !(1..=64).contains(&self.prefetch_concurrency) {
+            return Err(invalid("prefetch_concurrency", "must be between 1 and 64"));
+        }
+        let prefetch_rate =
+            self.prefetch_rate.as_deref().map(parse_size).transpose().map_err(|m| invalid("prefetch_rate", m))?;
+        Ok(Tuning { fetch_timeout, max_fetch, commit_interval, record_duration, prefetch_rate })
     }
 
     pub fn control_socket(&self) -> PathBuf {
@@ -295,6 +333,9 @@ chunk_size = "64KiB"
         let nbd = GOOD.replace("file:///srv/images/debian12.raw", "nbd://127.0.0.1:10809/img");
         assert!(err(&nbd).contains("image[0].manifest"));
         assert!(err(&format!("fetch_timeout = \"soon\"\n{GOOD}")).contains("fetch_timeout"));
+        assert!(err(&format!("record_duration = \"0s\"\n{GOOD}")).contains("record_duration"));
+        assert!(err(&format!("prefetch_concurrency = 0\n{GOOD}")).contains("prefetch_concurrency"));
+        assert!(err(&format!("prefetch_rate = \"fast\"\n{GOOD}")).contains("prefetch_rate"));
     }
 
     #[test]

@@ -9,5 +9,6 @@ pub mod fsutil;
 pub mod image;
 pub mod libvirt;
 pub mod nbd;
+pub mod profile;
 pub mod shutdown;
 pub mod store;

@@ -39,6 +39,9 @@ pub enum ControlError {
     Timeout(Duration),
     #[error("cannot reach vmtd at {path}: {source}")]
     Connect { path: String, source: std::io::Error },
+    /// vmtd answered with an error.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// A request to the daemon.
@@ -59,6 +62,40 @@ pub enum Request {
     /// Fetches every missing chunk of image `name` in the background, at most `rate` bytes/s
     /// (unlimited when absent), so the node stops needing the origin.
     Complete { name: String, rate: Option<u64> },
+    /// Starts recording the boot profile of `image` for `duration_ms` (the configured
+    /// `record_duration` when absent), on behalf of `domain` when given.
+    RecordStart { image: String, duration_ms: Option<u64>, domain: Option<String> },
+    /// Stops the recording of `image` and merges it into the image's profile.
+    RecordStop { image: String },
+    /// Prefetches `image` from its profile (or the profile file `profile`), at most `rate`
+    /// bytes/s. Replaces a prefetch already running for the image.
+    Prefetch { image: String, profile: Option<String>, rate: Option<u64> },
+    /// Stops a running prefetch of `image`.
+    PrefetchCancel { image: String },
+    /// The profiles vmtd knows (loaded from `profile_dir`).
+    ProfileList,
+}
+
+/// Progress of an image's prefetch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefetchStatus {
+    pub total_chunks: u64,
+    pub done_chunks: u64,
+    pub scheduled_bytes: u64,
+    pub finished: bool,
+    pub error: Option<String>,
+}
+
+/// A profile known to vmtd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileInfo {
+    pub digest: String,
+    /// The served image with this digest, if any.
+    pub image: Option<String>,
+    pub boots: u32,
+    pub chunks: u64,
+    pub bytes: u64,
+    pub path: String,
 }
 
 /// The state of one served image.
@@ -82,6 +119,14 @@ pub struct ImageStatus {
     pub clients: u64,
     /// Domains holding this image (assembled and not yet released).
     pub holds: Vec<String>,
+    /// Guest reads, and those that had to wait for a fetch.
+    pub reads: u64,
+    pub reads_waited: u64,
+    /// A recording is running (for this domain, or "" when started by hand).
+    pub recording: Option<String>,
+    /// Chunks in the image's profile, when it has one.
+    pub profile_chunks: Option<u64>,
+    pub prefetch: Option<PrefetchStatus>,
     pub socket: String,
     pub cache_dir: String,
 }
@@ -93,10 +138,22 @@ pub enum Response {
     Status {
         version: String,
         images: Vec<ImageStatus>,
+        /// Profile files in `profile_dir` refused since start (malformed or misnamed).
+        profiles_rejected: u64,
     },
     /// Export sockets of assembled images, in request order.
     Assembled {
         sockets: Vec<String>,
+    },
+    /// A recording was stopped and merged into the profile at `path`.
+    Recorded {
+        path: String,
+        boots: u32,
+        chunks: u64,
+        bytes: u64,
+    },
+    Profiles {
+        profiles: Vec<ProfileInfo>,
     },
     Done,
     Error {
@@ -173,6 +230,22 @@ pub async fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Res
         })
     };
     tokio::time::timeout(timeout, work).await.map_err(|_| ControlError::Timeout(timeout))?
+}
+
+/// Like [`call`], turning an error response into [`ControlError::Refused`].
+pub async fn ask(socket: &Path, req: &Request, timeout: Duration) -> Result<Response, ControlError> {
+    match call(socket, req, timeout).await? {
+        Response::Error { message } => Err(ControlError::Refused(message)),
+        r => Ok(r),
+    }
+}
+
+/// The status of every image served by the vmtd at `socket`.
+pub async fn status(socket: &Path, timeout: Duration) -> Result<Vec<ImageStatus>, ControlError> {
+    match ask(socket, &Request::Status, timeout).await? {
+        Response::Status { images, .. } => Ok(images),
+        other => Err(ControlError::Json(format!("unexpected answer {other:?}"))),
+    }
 }
 
 #[cfg(test)]

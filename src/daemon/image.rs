@@ -23,7 +23,9 @@ use crate::nbd::proto::EIO;
 use crate::nbd::server::Export;
 use crate::store::{ChunkStore, StoreError};
 
-use super::control::ImageStatus;
+use super::control::{ImageStatus, PrefetchStatus};
+use crate::profile::prefetch;
+use crate::profile::recorder::Recorder;
 
 /// Errors opening an image.
 #[derive(Debug, Error)]
@@ -52,6 +54,11 @@ pub struct Image {
     pub shutdown: watch::Sender<bool>,
     /// Set while a background fill (`vmt complete`) runs, so requests do not stack up.
     pub completing: std::sync::atomic::AtomicBool,
+    pub recorder: Recorder,
+    /// The running or last prefetch job.
+    pub prefetch: std::sync::Mutex<Option<Arc<prefetch::Job>>>,
+    reads: AtomicU64,
+    reads_waited: AtomicU64,
 }
 
 impl Image {
@@ -118,10 +125,14 @@ impl Image {
             clients: AtomicU64::new(0),
             shutdown: watch::channel(false).0,
             completing: std::sync::atomic::AtomicBool::new(false),
+            recorder: Recorder::default(),
+            prefetch: std::sync::Mutex::new(None),
+            reads: AtomicU64::new(0),
+            reads_waited: AtomicU64::new(0),
         }))
     }
 
-    pub fn status(&self, holds: Vec<String>) -> ImageStatus {
+    pub fn status(&self, holds: Vec<String>, profile_chunks: Option<u64>) -> ImageStatus {
         let g = self.manifest.geometry();
         let f = self.fetcher.stats();
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -143,6 +154,17 @@ impl Image {
             fetching: self.fetcher.inflight() as u64,
             clients: load(&self.clients),
             holds,
+            reads: load(&self.reads),
+            reads_waited: load(&self.reads_waited),
+            recording: self.recorder.running().map(Option::unwrap_or_default),
+            profile_chunks,
+            prefetch: self.prefetch.lock().unwrap().as_ref().map(|j| PrefetchStatus {
+                total_chunks: load(&j.total_chunks),
+                done_chunks: load(&j.done_chunks),
+                scheduled_bytes: load(&j.fetched_bytes),
+                finished: j.finished.load(Ordering::SeqCst),
+                error: j.error.lock().unwrap().clone(),
+            }),
             socket: self.socket.display().to_string(),
             cache_dir: self.store.dir().display().to_string(),
         }
@@ -191,11 +213,14 @@ impl Export for Image {
         Box::pin(async move {
             let g = self.manifest.geometry();
             let range = g.chunks_covering(ByteOffset(offset), u64::from(len));
+            self.recorder.note(range.clone());
+            self.reads.fetch_add(1, Ordering::Relaxed);
             let buf = if self.store.has_all(range.clone()) {
                 let mut buf = vec![0u8; len as usize];
                 self.read_store(offset, &mut buf)?;
                 Bytes::from(buf)
             } else {
+                self.reads_waited.fetch_add(1, Ordering::Relaxed);
                 let runs = self.fetcher.ensure(range.clone()).await.map_err(|e| {
                     tracing::warn!(image = %self.name, offset, len, error = %e, "read failed");
                     EIO

@@ -7,6 +7,7 @@
 
 pub mod control;
 pub mod image;
+mod profiles;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
@@ -14,6 +15,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use thiserror::Error;
 use tokio::net::{UnixListener, UnixStream};
@@ -42,6 +44,8 @@ pub enum DaemonError {
     UnknownImage(String),
     #[error("export of image {0} is not listening")]
     NotListening(String),
+    #[error("{0}")]
+    Profile(String),
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError {
@@ -58,6 +62,11 @@ pub struct Daemon {
     /// Domain name → images it holds. Soft state: lost on restart, re-sent by the hook at the
     /// next domain start; a hold only informs operators (`vmt status`) what still needs vmtd.
     holds: Mutex<BTreeMap<String, BTreeSet<String>>>,
+    profiles: RwLock<profiles::ProfileMap>,
+    profile_watch: Mutex<Option<notify::RecommendedWatcher>>,
+    profiles_rejected: std::sync::atomic::AtomicU64,
+    /// For timers that must not keep the daemon alive.
+    weak: std::sync::Weak<Daemon>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -103,14 +112,25 @@ impl Daemon {
         if export_uid.is_none() {
             tracing::warn!(user = %cfg.export_user, "export user does not exist; export sockets are root-only");
         }
-        let daemon = Arc::new(Daemon {
+        let daemon = Arc::new_cyclic(|weak| Daemon {
             tuning,
             export_uid,
             images: RwLock::new(BTreeMap::new()),
             holds: Mutex::new(BTreeMap::new()),
+            profiles: RwLock::new(Default::default()),
+            profile_watch: Mutex::new(None),
+            profiles_rejected: Default::default(),
+            weak: weak.clone(),
             shutdown: watch::channel(false).0,
             cfg: cfg.clone(),
         });
+        daemon.load_profiles();
+        match daemon.watch_profiles() {
+            Ok(w) => *daemon.profile_watch.lock().unwrap() = Some(w),
+            Err(e) => {
+                tracing::warn!(dir = %cfg.profile_dir.display(), error = %e, "cannot watch the profile directory; new profiles load at restart")
+            }
+        }
         for img in &cfg.images {
             daemon.add_image(img).await?;
         }
@@ -189,6 +209,25 @@ impl Daemon {
         }
         self.holds.lock().unwrap().entry(domain.to_string()).or_default().extend(images.iter().cloned());
         tracing::info!(domain, ?images, "assembled");
+        // Prefetch ahead of this boot from the image's profile, or learn one from this boot.
+        for name in images {
+            let Some(img) = self.image(name) else { continue };
+            let running = img
+                .prefetch
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|j| !j.finished.load(std::sync::atomic::Ordering::SeqCst));
+            if self.profile_of(&img).is_some() {
+                if !running {
+                    if let Err(e) = self.start_prefetch(&img, None, None) {
+                        tracing::warn!(image = %name, error = %e, "prefetch not started");
+                    }
+                }
+            } else if self.cfg.auto_record && img.recorder.running().is_none() {
+                let _ = self.start_recording(&img, Some(domain.to_string()), self.tuning.record_duration);
+            }
+        }
         Ok(sockets)
     }
 
@@ -197,6 +236,7 @@ impl Daemon {
         if self.holds.lock().unwrap().remove(domain).is_some() {
             tracing::info!(domain, "released");
         }
+        self.stop_recordings_of(domain);
     }
 
     fn holders(&self, image: &str) -> Vec<String> {
@@ -210,7 +250,11 @@ impl Daemon {
                 let images: Vec<Arc<Image>> = self.images.read().unwrap().values().cloned().collect();
                 Response::Status {
                     version: env!("CARGO_PKG_VERSION").into(),
-                    images: images.iter().map(|i| i.status(self.holders(&i.name))).collect(),
+                    images: images
+                        .iter()
+                        .map(|i| i.status(self.holders(&i.name), self.profile_of(i).map(|p| p.entries.len() as u64)))
+                        .collect(),
+                    profiles_rejected: self.profiles_rejected.load(std::sync::atomic::Ordering::Relaxed),
                 }
             }
             Request::Assemble { domain, images } => match self.assemble(&domain, &images) {
@@ -221,6 +265,58 @@ impl Daemon {
                 self.release(&domain);
                 Response::Done
             }
+            Request::RecordStart { image, duration_ms, domain } => {
+                let d = duration_ms.map(Duration::from_millis).unwrap_or(self.tuning.record_duration);
+                match self.image(&image) {
+                    Some(img) => done(self.start_recording(&img, domain, d)),
+                    None => unknown(image),
+                }
+            }
+            Request::RecordStop { image } => match self.image(&image) {
+                Some(img) => match self.stop_recording(&img) {
+                    Ok(p) => Response::Recorded {
+                        path: self
+                            .cfg
+                            .profile_dir
+                            .join(crate::profile::Profile::file_name(&p.root))
+                            .display()
+                            .to_string(),
+                        boots: p.boots,
+                        chunks: p.entries.len() as u64,
+                        bytes: p.bytes(),
+                    },
+                    Err(e) => Response::Error { message: e.to_string() },
+                },
+                None => unknown(image),
+            },
+            Request::Prefetch { image, profile, rate } => match self.image(&image) {
+                Some(img) => {
+                    let given = match profile.map(|p| std::fs::read(&p).map_err(|e| format!("profile {p}: {e}"))) {
+                        None => Ok(None),
+                        Some(Err(e)) => Err(e),
+                        Some(Ok(bytes)) => {
+                            crate::profile::Profile::decode_for(&bytes, &img.manifest.root(), &img.manifest.geometry())
+                                .map(|p| Some(Arc::new(p)))
+                                .map_err(|e| e.to_string())
+                        }
+                    };
+                    match given {
+                        Ok(p) => done(self.start_prefetch(&img, p, rate)),
+                        Err(message) => Response::Error { message },
+                    }
+                }
+                None => unknown(image),
+            },
+            Request::PrefetchCancel { image } => match self.image(&image) {
+                Some(img) => {
+                    if let Some(j) = img.prefetch.lock().unwrap().as_ref() {
+                        j.cancel();
+                    }
+                    Response::Done
+                }
+                None => unknown(image),
+            },
+            Request::ProfileList => Response::Profiles { profiles: self.profile_list() },
             Request::Complete { name, rate } => match self.image(&name) {
                 Some(img) => {
                     if !img.completing.swap(true, std::sync::atomic::Ordering::SeqCst) {
@@ -289,6 +385,17 @@ impl Daemon {
             }
         }
     }
+}
+
+fn done(r: Result<(), DaemonError>) -> Response {
+    match r {
+        Ok(()) => Response::Done,
+        Err(e) => Response::Error { message: e.to_string() },
+    }
+}
+
+fn unknown(image: String) -> Response {
+    Response::Error { message: DaemonError::UnknownImage(image).to_string() }
 }
 
 /// Fills `img`'s cache with every chunk, one coalesced run at a time so guest misses are never

@@ -65,6 +65,14 @@ pub struct FetchStats {
     pub failed_reads: AtomicU64,
 }
 
+/// Who needs a fetch: a guest read waiting now, or prefetch working ahead of the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    Guest,
+    /// Takes an upstream slot only while no guest fetch waits for one.
+    Prefetch,
+}
+
 /// Tuning of the miss path.
 #[derive(Debug, Clone, Copy)]
 pub struct FetchTuning {
@@ -106,6 +114,8 @@ pub struct Fetcher {
     tuning: FetchTuning,
     inflight: Mutex<HashMap<u32, watch::Receiver<Outcome>>>,
     upstream: Semaphore,
+    /// Guest runs waiting for an upstream slot: prefetch stands back while this is non-zero.
+    guests_waiting: std::sync::atomic::AtomicUsize,
     stats: FetchStats,
 }
 
@@ -123,6 +133,7 @@ impl Fetcher {
             tuning,
             inflight: Mutex::new(HashMap::new()),
             upstream: Semaphore::new(MAX_UPSTREAM),
+            guests_waiting: std::sync::atomic::AtomicUsize::new(0),
             stats: FetchStats::default(),
         })
     }
@@ -149,6 +160,15 @@ impl Fetcher {
     /// that hold the chunks which were missing (chunks not covered by them are in the store), or
     /// the first failure among them.
     pub async fn ensure(self: &Arc<Self>, range: Range<u32>) -> Result<Vec<Arc<RunData>>, FetchError> {
+        self.ensure_with(range, Priority::Guest).await
+    }
+
+    /// [`Fetcher::ensure`] on behalf of `priority`.
+    pub async fn ensure_with(
+        self: &Arc<Self>,
+        range: Range<u32>,
+        priority: Priority,
+    ) -> Result<Vec<Arc<RunData>>, FetchError> {
         let mut waits = Vec::new();
         let mut mine: Vec<(u32, watch::Sender<Outcome>)> = Vec::new();
         {
@@ -171,7 +191,7 @@ impl Fetcher {
         }
         for run in runs(mine, self.tuning.max_chunks) {
             let me = Arc::clone(self);
-            tokio::spawn(async move { me.fetch_run(run).await });
+            tokio::spawn(async move { me.fetch_run(run, priority).await });
         }
         let mut data: Vec<Arc<RunData>> = Vec::new();
         let mut failure = None;
@@ -200,7 +220,33 @@ impl Fetcher {
         }
     }
 
-    async fn fetch_run(self: Arc<Self>, run: Vec<(u32, watch::Sender<Outcome>)>) {
+    async fn slot(&self, priority: Priority) -> tokio::sync::SemaphorePermit<'_> {
+        if let Ok(p) = self.upstream.try_acquire() {
+            if priority == Priority::Guest || self.guests_waiting.load(Ordering::SeqCst) == 0 {
+                return p;
+            }
+            drop(p);
+        }
+        match priority {
+            Priority::Guest => {
+                self.guests_waiting.fetch_add(1, Ordering::SeqCst);
+                let p = self.upstream.acquire().await.expect("semaphore never closed");
+                self.guests_waiting.fetch_sub(1, Ordering::SeqCst);
+                p
+            }
+            Priority::Prefetch => loop {
+                // Polling keeps the guest path free of any hand-off to prefetch.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                if self.guests_waiting.load(Ordering::SeqCst) == 0 {
+                    if let Ok(p) = self.upstream.try_acquire() {
+                        return p;
+                    }
+                }
+            },
+        }
+    }
+
+    async fn fetch_run(self: Arc<Self>, run: Vec<(u32, watch::Sender<Outcome>)>, priority: Priority) {
         let g = self.manifest.geometry();
         let first = ChunkIdx(run[0].0);
         let last = ChunkIdx(run[run.len() - 1].0);
@@ -208,7 +254,7 @@ impl Fetcher {
         let len = (g.chunk_offset(last).0 + g.chunk_len(last) as u64 - offset) as usize;
         // Held until the run is stored: bounds both upstream reads in flight and fetched bytes
         // waiting for the data file.
-        let _permit = self.upstream.acquire().await.expect("semaphore never closed");
+        let _permit = self.slot(priority).await;
         let data = match self.read_with_retries(offset, len).await {
             Ok(bytes) => bytes,
             Err(e) => {

@@ -1,0 +1,94 @@
+//! `vmt-prefetch`: warm a node's cache from a boot profile before VMs are scheduled.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use vmthunder::config::{format_size, parse_size};
+use vmthunder::daemon::control::{self, Request};
+
+/// Warm vmthunder's node cache ahead of boots.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// vmtd's control socket.
+    #[arg(long, global = true, default_value = "/run/vmthunder/control.sock")]
+    socket: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fetch the chunks of an image's boot profile into the node cache, showing progress.
+    /// Interrupting stops the prefetch; what was fetched stays cached.
+    Warm {
+        #[arg(long)]
+        image: String,
+        /// A profile file instead of the image's own profile.
+        #[arg(long)]
+        profile: Option<PathBuf>,
+        /// Cap, e.g. 50MiB (per second).
+        #[arg(long)]
+        rate: Option<String>,
+    },
+}
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let Cmd::Warm { image, profile, rate } = args.cmd;
+    let sock = &args.socket;
+    let rate = rate.map(|r| parse_size(&r)).transpose().map_err(anyhow::Error::msg)?;
+    let profile = profile.map(|p| std::path::absolute(&p).map(|p| p.display().to_string())).transpose()?;
+    control::ask(sock, &Request::Prefetch { image: image.clone(), profile, rate }, TIMEOUT).await?;
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::signal::ctrl_c() => {
+                control::ask(sock, &Request::PrefetchCancel { image: image.clone() }, TIMEOUT).await?;
+                eprintln!("\ninterrupted: prefetch of {image} stopped; chunks fetched so far stay cached");
+                std::process::exit(130);
+            }
+        }
+        let status = control::status(sock, TIMEOUT).await?;
+        let img = status.into_iter().find(|i| i.name == image).context("image no longer served")?;
+        let job = img.prefetch.context("vmtd reports no prefetch for this image")?;
+        let secs = start.elapsed().as_secs_f64().max(0.001);
+        let per_chunk = img.chunk_size;
+        let done = job.done_chunks * per_chunk;
+        let total = job.total_chunks * per_chunk;
+        let speed = done as f64 / secs;
+        let eta = if speed > 0.0 { total.saturating_sub(done) as f64 / speed } else { 0.0 };
+        let pct = (job.done_chunks * 100).checked_div(job.total_chunks).unwrap_or(100);
+        eprint!(
+            "\r{image} [{:<25}] {pct:3}% {} / {}  {}/s  ETA {eta:.0}s   ",
+            "#".repeat((pct / 4) as usize),
+            format_size(done),
+            format_size(total),
+            format_size(speed as u64)
+        );
+        let _ = std::io::stderr().flush();
+        if job.finished {
+            eprintln!();
+            if let Some(e) = job.error {
+                bail!("prefetch of {image} failed: {e}");
+            }
+            println!(
+                "{image}: {} chunks of the profile present ({} cached of {} in the image)",
+                job.total_chunks, img.chunks_present, img.chunks_total
+            );
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! `vmt-profile`: record, inspect and merge boot profiles (see FORMAT.md for the file format).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use vmthunder::config::{format_size, parse_duration};
+use vmthunder::daemon::control::{self, Request, Response};
+use vmthunder::profile::Profile;
+
+/// Record, show and merge vmthunder boot profiles.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// vmtd's control socket.
+    #[arg(long, global = true, default_value = "/run/vmthunder/control.sock")]
+    socket: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Record the next boot of an image (its guest reads) into the image's profile.
+    Record {
+        #[arg(long)]
+        image: String,
+        /// Stop after this long (default: vmtd's record_duration).
+        #[arg(long)]
+        duration: Option<String>,
+        /// Also stop when this domain stops.
+        #[arg(long)]
+        domain: Option<String>,
+    },
+    /// Stop recording (one image, or every image being recorded) and save the profile.
+    Stop {
+        #[arg(long)]
+        image: Option<String>,
+    },
+    /// Show a profile: an image served by vmtd, or a profile file.
+    Show { target: String },
+    /// Merge profile B (newer) into A, writing OUT.
+    Merge {
+        a: PathBuf,
+        b: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Drop chunks missed by this many boots in a row (0: keep all).
+        #[arg(long, default_value_t = 3)]
+        age_out: u32,
+    },
+    /// List the profiles vmtd knows.
+    List,
+}
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(run(args))
+}
+
+fn load(path: &Path) -> anyhow::Result<Profile> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Profile::decode(&bytes).with_context(|| format!("{}", path.display()))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let sock = &args.socket;
+    match args.cmd {
+        Cmd::Record { image, duration, domain } => {
+            let duration_ms = duration
+                .map(|d| parse_duration(&d).map(|d| d.as_millis() as u64))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            control::ask(sock, &Request::RecordStart { image: image.clone(), duration_ms, domain }, TIMEOUT).await?;
+            eprintln!("recording {image}; stop with `vmt-profile stop --image {image}`");
+        }
+        Cmd::Stop { image } => {
+            let images = match image {
+                Some(i) => vec![i],
+                None => control::status(sock, TIMEOUT)
+                    .await?
+                    .into_iter()
+                    .filter(|i| i.recording.is_some())
+                    .map(|i| i.name)
+                    .collect(),
+            };
+            if images.is_empty() {
+                bail!("no image is being recorded");
+            }
+            for image in images {
+                match control::ask(sock, &Request::RecordStop { image: image.clone() }, TIMEOUT).await? {
+                    Response::Recorded { path, boots, chunks, bytes } => {
+                        println!("{image}: {chunks} chunks ({}) from {boots} boots in {path}", format_size(bytes))
+                    }
+                    other => bail!("unexpected answer from vmtd: {other:?}"),
+                }
+            }
+        }
+        Cmd::Show { target } => {
+            let path = if Path::new(&target).exists() {
+                PathBuf::from(&target)
+            } else {
+                let list = match control::ask(sock, &Request::ProfileList, TIMEOUT).await? {
+                    Response::Profiles { profiles } => profiles,
+                    other => bail!("unexpected answer from vmtd: {other:?}"),
+                };
+                let p = list.into_iter().find(|p| p.image.as_deref() == Some(target.as_str()) || p.digest == target);
+                PathBuf::from(
+                    p.with_context(|| format!("no profile for {target} (neither a file nor an image with a profile)"))?
+                        .path,
+                )
+            };
+            show(&load(&path)?);
+        }
+        Cmd::Merge { a, b, output, age_out } => {
+            let merged = load(&a)?.merge(&load(&b)?, age_out)?;
+            vmthunder::fsutil::write_atomic(&output, &merged.encode(), 0o644)
+                .with_context(|| format!("writing {}", output.display()))?;
+            println!("{}: {} chunks from {} boots", output.display(), merged.entries.len(), merged.boots);
+        }
+        Cmd::List => match control::ask(sock, &Request::ProfileList, TIMEOUT).await? {
+            Response::Profiles { profiles } => {
+                for p in profiles {
+                    let image = p.image.unwrap_or_else(|| "-".into());
+                    println!(
+                        "{image}\t{}\t{} boots\t{} chunks\t{}\t{}",
+                        p.digest,
+                        p.boots,
+                        p.chunks,
+                        format_size(p.bytes),
+                        p.path
+                    );
+                }
+            }
+            other => bail!("unexpected answer from vmtd: {other:?}"),
+        },
+    }
+    Ok(())
+}
+
+fn show(p: &Profile) {
+    println!("image digest  {}", p.root);
+    println!("image         {} bytes in chunks of {}", p.image_size, format_size(p.chunk_size));
+    println!("boots merged  {}", p.boots);
+    println!(
+        "working set   {} chunks, {} bytes ({:.1}% of the image)",
+        p.entries.len(),
+        p.bytes(),
+        100.0 * p.bytes() as f64 / p.image_size as f64
+    );
+    let buckets = p.buckets();
+    let most = buckets.iter().map(|(_, b)| b.len()).max().unwrap_or(1);
+    println!("first needed  (per second after the first read)");
+    for (start, chunks) in &buckets {
+        let bar = "#".repeat(((chunks.len() * 40).div_ceil(most)) as usize);
+        println!(
+            "  {:>5}s  {:>7} chunks  {:>10}  {bar}",
+            start / 1000,
+            chunks.len(),
+            format_size(chunks.len() * p.chunk_size)
+        );
+    }
+}

@@ -1,0 +1,93 @@
+//! Prefetch: fetches a profile's chunks in deadline order ahead of the guest, through the same
+//! miss path (single flight, verification, store) at low priority.
+//!
+//! Priority: guest misses never wait behind prefetch. Prefetch keeps at most `concurrency` runs
+//! in flight and takes an upstream slot only when no guest fetch is waiting for one
+//! ([`crate::fetch::flight::Priority`]). Chunks already present are skipped.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::format::Profile;
+use crate::fetch::flight::{Fetcher, Priority};
+use crate::store::ChunkStore;
+
+/// Progress of one prefetch job, shared with `vmt-prefetch` through the status.
+#[derive(Debug, Default)]
+pub struct Job {
+    pub total_chunks: AtomicU64,
+    pub done_chunks: AtomicU64,
+    pub fetched_bytes: AtomicU64,
+    pub cancelled: AtomicBool,
+    pub finished: AtomicBool,
+    pub error: Mutex<Option<String>>,
+}
+
+impl Job {
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Runs prefetch of `profile` until done, cancelled or failed.
+pub async fn run(
+    fetcher: Arc<Fetcher>,
+    store: Arc<ChunkStore>,
+    profile: Arc<Profile>,
+    rate: Option<u64>,
+    concurrency: usize,
+    job: Arc<Job>,
+) {
+    let max = fetcher.max_chunks() as usize;
+    // Runs of chunks adjacent in the image and consecutive in deadline order.
+    let mut runs: Vec<std::ops::Range<u32>> = Vec::new();
+    for e in &profile.entries {
+        match runs.last_mut() {
+            Some(r) if r.end == e.chunk && r.len() < max => r.end += 1,
+            _ => runs.push(e.chunk..e.chunk + 1),
+        }
+    }
+    job.total_chunks.store(profile.entries.len() as u64, Ordering::SeqCst);
+    let start = Instant::now();
+    let chunk_size = store.geometry().chunk_size().bytes();
+    let mut tasks = JoinSet::new();
+    let mut failure = None;
+    for run in runs {
+        if job.cancelled.load(Ordering::SeqCst) || failure.is_some() {
+            break;
+        }
+        if store.has_all(run.clone()) {
+            job.done_chunks.fetch_add(run.len() as u64, Ordering::Relaxed);
+            continue;
+        }
+        while tasks.len() >= concurrency {
+            if let Some(Ok(Err(e))) = tasks.join_next().await {
+                failure.get_or_insert(e);
+            }
+        }
+        if let Some(rate) = rate.filter(|r| *r > 0) {
+            let due = start + Duration::from_secs_f64(job.fetched_bytes.load(Ordering::Relaxed) as f64 / rate as f64);
+            tokio::time::sleep_until(due).await;
+        }
+        let (f, j, n) = (fetcher.clone(), job.clone(), run.len() as u64);
+        job.fetched_bytes.fetch_add(n * chunk_size, Ordering::Relaxed);
+        tasks.spawn(async move {
+            let r = f.ensure_with(run, Priority::Prefetch).await.map(|_| ()).map_err(|e| e.to_string());
+            j.done_chunks.fetch_add(n, Ordering::Relaxed);
+            r
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(Err(e)) = r {
+            failure.get_or_insert(e);
+        }
+    }
+    if let Some(e) = failure {
+        *job.error.lock().unwrap() = Some(e);
+    }
+    job.finished.store(true, Ordering::SeqCst);
+}
