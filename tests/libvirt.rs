@@ -342,4 +342,16 @@ fn debian_guest_boots_through_vmthunder_reading_only_what_it_needs() {
     // The base image is untouched by the guest's writes (they went to its overlay).
     let out = run(Command::new("sha256sum").arg(&node.guest.disk));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with(&node.guest.sha256));
+
+    // The first boot of an image without a profile was recorded (hook: prepare → release).
+    let s = status(&node.env, "guest");
+    let chunks = s.profile_chunks.expect("the first boot left a profile");
+    assert!(chunks > 0 && chunks <= s.chunks_present, "{s:?}");
+    let show = run(Command::new(env!("CARGO_BIN_EXE_vmt-profile"))
+        .arg("--socket")
+        .arg(node.env.control_sock())
+        .args(["show", "guest"]));
+    let show = String::from_utf8_lossy(&show.stdout).to_string();
+    assert!(show.contains(&format!("working set   {chunks} chunks")), "{show}");
+    eprintln!("Debian boot profile:\n{show}");
 }
