@@ -49,6 +49,37 @@ pub fn unseal(bytes: &[u8]) -> Option<&[u8]> {
     (crc32c::crc32c(body) == want).then_some(body)
 }
 
+/// Why a sealed file was refused by [`open_sealed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SealError {
+    Truncated(usize),
+    BadMagic,
+    BadVersion(u16),
+    BadChecksum,
+}
+
+/// Checks the frame shared by the manifest, cache state and profile files — an 8-byte magic, a
+/// little-endian u16 version right after it, at least `header_len` bytes, a crc32c trailer — and
+/// returns the bytes without the trailer.
+pub fn open_sealed<'a>(
+    bytes: &'a [u8],
+    magic: &[u8; 8],
+    version: u16,
+    header_len: usize,
+) -> Result<&'a [u8], SealError> {
+    if bytes.len() < header_len.max(10) + 4 {
+        return Err(SealError::Truncated(bytes.len()));
+    }
+    if &bytes[..8] != magic {
+        return Err(SealError::BadMagic);
+    }
+    let found = u16::from_le_bytes([bytes[8], bytes[9]]);
+    if found != version {
+        return Err(SealError::BadVersion(found));
+    }
+    unseal(bytes).ok_or(SealError::BadChecksum)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

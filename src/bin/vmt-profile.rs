@@ -14,7 +14,7 @@ use vmthunder::profile::Profile;
 #[command(version)]
 struct Args {
     /// vmtd's control socket.
-    #[arg(long, global = true, default_value = "/run/vmthunder/control.sock")]
+    #[arg(long, global = true, default_value = control::DEFAULT_SOCKET)]
     socket: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,

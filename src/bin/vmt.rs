@@ -17,7 +17,7 @@ use vmthunder::libvirt::{detach, pool};
 #[command(version)]
 struct Args {
     /// vmtd's control socket.
-    #[arg(long, global = true, default_value = "/run/vmthunder/control.sock")]
+    #[arg(long, global = true, default_value = control::DEFAULT_SOCKET)]
     socket: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
@@ -261,6 +261,21 @@ fn print_status(i: &ImageStatus) {
         i.bytes_from_origin, i.upstream_reads, i.retries, i.failed_reads, i.verify_failures
     );
     println!("  served        {} bytes to {} clients", i.bytes_served, i.clients);
+    println!("  guest reads   {} ({} waited for a fetch)", i.reads, i.reads_waited);
+    match (&i.recording, i.profile_chunks) {
+        (Some(d), _) if !d.is_empty() => println!("  profile       recording the boot of {d}"),
+        (Some(_), _) => println!("  profile       recording"),
+        (None, Some(n)) => println!("  profile       {n} chunks"),
+        (None, None) => println!("  profile       none"),
+    }
+    if let Some(p) = &i.prefetch {
+        let state = match (&p.error, p.finished) {
+            (Some(e), _) => format!("failed: {e}"),
+            (None, true) => "done".into(),
+            (None, false) => "running".into(),
+        };
+        println!("  prefetch      {}/{} chunks, {state}", p.done_chunks, p.total_chunks);
+    }
     println!("  export        nbd+unix:///{}?socket={}", i.name, i.socket);
     if !i.holds.is_empty() {
         println!("  held by       {}", i.holds.join(", "));

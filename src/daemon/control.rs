@@ -14,6 +14,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::config::ImageConfig;
 
+/// Where `vmt` and friends find vmtd with the default `run_dir`.
+pub const DEFAULT_SOCKET: &str = "/run/vmthunder/control.sock";
 pub const MAGIC: &[u8; 4] = b"VMTC";
 pub const VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 16;

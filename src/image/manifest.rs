@@ -155,17 +155,7 @@ impl Manifest {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, ManifestError> {
-        if bytes.len() < HEADER_LEN + 4 {
-            return Err(ManifestError::Truncated(bytes.len()));
-        }
-        if &bytes[..8] != MAGIC {
-            return Err(ManifestError::BadMagic);
-        }
-        let version = u16::from_le_bytes([bytes[8], bytes[9]]);
-        if version != VERSION {
-            return Err(ManifestError::BadVersion(version));
-        }
-        let body = fsutil::unseal(bytes).ok_or(ManifestError::BadChecksum)?;
+        let body = fsutil::open_sealed(bytes, MAGIC, VERSION, HEADER_LEN)?;
         let u32_at = |o: usize| u32::from_le_bytes(body[o..o + 4].try_into().unwrap());
         let u64_at = |o: usize| u64::from_le_bytes(body[o..o + 8].try_into().unwrap());
         let chunk = ChunkSize::new(u64::from(u32_at(12)))?;
@@ -194,6 +184,17 @@ impl Manifest {
     pub fn save(&self, path: &Path) -> Result<(), ManifestError> {
         fsutil::write_atomic(path, &self.encode(), 0o644)
             .map_err(|source| ManifestError::Io { path: path.display().to_string(), source })
+    }
+}
+
+impl From<fsutil::SealError> for ManifestError {
+    fn from(e: fsutil::SealError) -> Self {
+        match e {
+            fsutil::SealError::Truncated(n) => ManifestError::Truncated(n),
+            fsutil::SealError::BadMagic => ManifestError::BadMagic,
+            fsutil::SealError::BadVersion(v) => ManifestError::BadVersion(v),
+            fsutil::SealError::BadChecksum => ManifestError::BadChecksum,
+        }
     }
 }
 

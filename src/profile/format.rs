@@ -87,6 +87,17 @@ struct Body {
     buckets: Vec<(u32, Vec<u8>)>,
 }
 
+impl From<fsutil::SealError> for ProfileError {
+    fn from(e: fsutil::SealError) -> Self {
+        match e {
+            fsutil::SealError::Truncated(n) => ProfileError::Truncated(n),
+            fsutil::SealError::BadMagic => ProfileError::BadMagic,
+            fsutil::SealError::BadVersion(v) => ProfileError::BadVersion(v),
+            fsutil::SealError::BadChecksum => ProfileError::BadChecksum,
+        }
+    }
+}
+
 fn zigzag(d: i64) -> u64 {
     ((d << 1) ^ (d >> 63)) as u64
 }
@@ -227,17 +238,7 @@ impl Profile {
         if bytes.len() > MAX_PROFILE_BYTES {
             return Err(ProfileError::TooBig(bytes.len()));
         }
-        if bytes.len() < HEADER_LEN + 4 {
-            return Err(ProfileError::Truncated(bytes.len()));
-        }
-        if &bytes[..8] != MAGIC {
-            return Err(ProfileError::BadMagic);
-        }
-        let version = u16::from_le_bytes([bytes[8], bytes[9]]);
-        if version != VERSION {
-            return Err(ProfileError::BadVersion(version));
-        }
-        let b = fsutil::unseal(bytes).ok_or(ProfileError::BadChecksum)?;
+        let b = fsutil::open_sealed(bytes, MAGIC, VERSION, HEADER_LEN)?;
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
         let chunk_size = u64::from(u32_at(12));
         let image_size = u64::from_le_bytes(b[16..24].try_into().unwrap());

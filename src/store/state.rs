@@ -40,6 +40,17 @@ pub enum StateError {
     OutOfRange(u32, u32),
 }
 
+impl From<fsutil::SealError> for StateError {
+    fn from(e: fsutil::SealError) -> Self {
+        match e {
+            fsutil::SealError::Truncated(n) => StateError::Truncated(n),
+            fsutil::SealError::BadMagic => StateError::BadMagic,
+            fsutil::SealError::BadVersion(v) => StateError::BadVersion(v),
+            fsutil::SealError::BadChecksum => StateError::BadChecksum,
+        }
+    }
+}
+
 /// Encodes the presence bitmap of the image (`geometry`, `root`).
 pub fn encode(geometry: &Geometry, root: &Digest, present: &RoaringBitmap) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + present.serialized_size() + 4);
@@ -56,17 +67,7 @@ pub fn encode(geometry: &Geometry, root: &Digest, present: &RoaringBitmap) -> Ve
 
 /// Decodes a state file and checks that it belongs to (`geometry`, `root`).
 pub fn decode(bytes: &[u8], geometry: &Geometry, root: &Digest) -> Result<RoaringBitmap, StateError> {
-    if bytes.len() < HEADER_LEN + 4 {
-        return Err(StateError::Truncated(bytes.len()));
-    }
-    if &bytes[..8] != MAGIC {
-        return Err(StateError::BadMagic);
-    }
-    let version = u16::from_le_bytes([bytes[8], bytes[9]]);
-    if version != VERSION {
-        return Err(StateError::BadVersion(version));
-    }
-    let body = fsutil::unseal(bytes).ok_or(StateError::BadChecksum)?;
+    let body = fsutil::open_sealed(bytes, MAGIC, VERSION, HEADER_LEN)?;
     let chunk = u64::from(u32::from_le_bytes(body[12..16].try_into().unwrap()));
     let size = u64::from_le_bytes(body[16..24].try_into().unwrap());
     let found_root = Digest(body[24..56].try_into().unwrap());
