@@ -84,6 +84,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             if let Some(e) = job.error {
                 bail!("prefetch of {image} failed: {e}");
             }
+            if job.cancelled {
+                bail!("prefetch of {image} was stopped before it finished (cancelled, replaced or image removed)");
+            }
             println!(
                 "{image}: {} chunks of the profile present ({} cached of {} in the image)",
                 job.total_chunks, img.chunks_present, img.chunks_total

@@ -158,7 +158,12 @@ async fn call(socket: &std::path::Path, req: Request) -> anyhow::Result<Response
 
 async fn images(socket: &std::path::Path) -> anyhow::Result<Vec<ImageStatus>> {
     match call(socket, Request::Status).await? {
-        Response::Status { images, .. } => Ok(images),
+        Response::Status { images, profiles_rejected, .. } => {
+            if profiles_rejected > 0 {
+                eprintln!("note: vmtd refused {profiles_rejected} profile file(s) since start (see its log)");
+            }
+            Ok(images)
+        }
         r => bail!("unexpected answer from vmtd: {r:?}"),
     }
 }

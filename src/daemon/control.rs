@@ -85,6 +85,8 @@ pub struct PrefetchStatus {
     pub done_chunks: u64,
     pub scheduled_bytes: u64,
     pub finished: bool,
+    /// Stopped before the end (`prefetch_cancel`, a newer prefetch, or the image removed).
+    pub cancelled: bool,
     pub error: Option<String>,
 }
 

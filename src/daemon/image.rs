@@ -132,6 +132,13 @@ impl Image {
         }))
     }
 
+    /// Stops this image's prefetch, if one runs.
+    pub fn cancel_prefetch(&self) {
+        if let Some(j) = self.prefetch.lock().unwrap().as_ref() {
+            j.cancel();
+        }
+    }
+
     pub fn status(&self, holds: Vec<String>, profile_chunks: Option<u64>) -> ImageStatus {
         let g = self.manifest.geometry();
         let f = self.fetcher.stats();
@@ -163,6 +170,7 @@ impl Image {
                 done_chunks: load(&j.done_chunks),
                 scheduled_bytes: load(&j.fetched_bytes),
                 finished: j.finished.load(Ordering::SeqCst),
+                cancelled: j.cancelled.load(Ordering::SeqCst),
                 error: j.error.lock().unwrap().clone(),
             }),
             socket: self.socket.display().to_string(),

@@ -154,6 +154,7 @@ impl Daemon {
         let _ = self.shutdown.send(true);
         let images: Vec<Arc<Image>> = self.images.write().unwrap().values().cloned().collect();
         for img in images {
+            img.cancel_prefetch();
             let _ = img.shutdown.send(true);
             let _ = std::fs::remove_file(&img.socket);
             commit(&img).await;
@@ -189,6 +190,7 @@ impl Daemon {
     /// Stops serving image `name`; its cache stays on disk.
     pub async fn remove_image(&self, name: &str) -> Result<(), DaemonError> {
         let img = self.images.write().unwrap().remove(name).ok_or_else(|| DaemonError::UnknownImage(name.into()))?;
+        img.cancel_prefetch();
         let _ = img.shutdown.send(true);
         let _ = std::fs::remove_file(&img.socket);
         commit(&img).await;
@@ -267,6 +269,9 @@ impl Daemon {
             }
             Request::RecordStart { image, duration_ms, domain } => {
                 let d = duration_ms.map(Duration::from_millis).unwrap_or(self.tuning.record_duration);
+                if d.is_zero() || d > Duration::from_secs(3600) {
+                    return Response::Error { message: "recording duration must be between 1ms and 60m".into() };
+                }
                 match self.image(&image) {
                     Some(img) => done(self.start_recording(&img, domain, d)),
                     None => unknown(image),
@@ -309,9 +314,7 @@ impl Daemon {
             },
             Request::PrefetchCancel { image } => match self.image(&image) {
                 Some(img) => {
-                    if let Some(j) = img.prefetch.lock().unwrap().as_ref() {
-                        j.cancel();
-                    }
+                    img.cancel_prefetch();
                     Response::Done
                 }
                 None => unknown(image),
