@@ -32,6 +32,9 @@ pub enum SourceError {
     /// The source answered with an error code.
     #[error("{what} answered error {errno} for {len} bytes at {offset}")]
     Remote { what: String, errno: u32, offset: u64, len: usize },
+    /// The source refused us access (login or authentication failure).
+    #[error("{what} refused the login: {reason}")]
+    Refused { what: String, reason: String },
     /// The source broke its protocol.
     #[error("{what}: protocol error: {reason}")]
     Protocol { what: String, reason: String },

@@ -505,6 +505,9 @@ impl IscsiClient {
                 SourceError::Unreachable { what, reason: e.to_string() }
             }
             IscsiError::Login(ref l) if l.is_transient() => SourceError::Unreachable { what, reason: e.to_string() },
+            IscsiError::Login(ref l @ (LoginError::Refused { .. } | LoginError::NeedsChap)) => {
+                SourceError::Refused { what, reason: l.to_string() }
+            }
             IscsiError::Scsi(_) => SourceError::Io { what, reason: e.to_string() },
             _ => SourceError::Protocol { what, reason: e.to_string() },
         }

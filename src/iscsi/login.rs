@@ -29,7 +29,7 @@ const MAX_TEXT: usize = 64 << 10;
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum LoginError {
     /// The target refused the login with a status (class, detail).
-    #[error("target refused login: {} (status {class:#04x}/{detail:#04x})", login_status(*class, *detail))]
+    #[error("{} (status {class:#04x}/{detail:#04x})", login_status(*class, *detail))]
     Refused { class: u8, detail: u8 },
     /// The target wants CHAP and no credentials are configured.
     #[error("target requires CHAP authentication: configure chap_user and chap_secret_file")]
@@ -247,6 +247,10 @@ impl Login {
         self.rounds += 1;
         if self.rounds > MAX_ROUNDS {
             return Err(LoginError::Protocol(format!("no agreement after {MAX_ROUNDS} round trips")));
+        }
+        if r.status_class == 2 && r.status_detail == 1 && self.params.credentials.is_none() {
+            // Offered AuthMethod=None only, and the target wants more.
+            return Err(LoginError::NeedsChap);
         }
         if r.status_class != 0 {
             return Err(LoginError::Refused { class: r.status_class, detail: r.status_detail });
