@@ -45,6 +45,8 @@ struct Tgtd {
     image: PathBuf,
     chap: Option<(String, String)>,
     proc: Option<Proc>,
+    /// Once a client knows the portal, restarts must keep its port.
+    launched: bool,
 }
 
 impl Tgtd {
@@ -55,6 +57,7 @@ impl Tgtd {
             image: image.into(),
             chap: chap.map(|(u, p)| (u.into(), p.into())),
             proc: None,
+            launched: false,
         };
         t.launch();
         t
@@ -70,19 +73,44 @@ impl Tgtd {
         assert!(out.status.success(), "tgtadm {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// Starts tgtd; if it exits at start (a port taken meanwhile), tries other ports.
     fn launch(&mut self) {
-        let child = Command::new("/usr/sbin/tgtd")
-            .args(["-f", "-C", &self.control.to_string(), "--iscsi", &format!("portal=127.0.0.1:{}", self.port)])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tgtd is installed (scripts/setup)");
-        let mut p = Proc { child: Some(child), name: "tgtd".into() };
-        wait_until("tgtd control port", Duration::from_secs(20), || {
-            assert!(p.alive(), "tgtd exited at start");
-            self.adm(&["--op", "show", "--mode", "target"]).status.success()
-        });
+        let mut tries = 0;
+        let p = loop {
+            let log = std::env::temp_dir().join(format!("vmt-test-tgtd.{}.log", self.control));
+            let child = Command::new("/usr/sbin/tgtd")
+                .args(["-f", "-C", &self.control.to_string(), "--iscsi", &format!("portal=127.0.0.1:{}", self.port)])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .expect("tgtd is installed (scripts/setup)");
+            let mut p = Proc { child: Some(child), name: "tgtd".into() };
+            let start = Instant::now();
+            let up = loop {
+                if !p.alive() {
+                    break false;
+                }
+                if self.adm(&["--op", "show", "--mode", "target"]).status.success() {
+                    break true;
+                }
+                assert!(start.elapsed() < Duration::from_secs(20), "tgtd control port not up after 20s");
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let _ = std::fs::remove_file(&log);
+            if up {
+                break p;
+            }
+            tries += 1;
+            assert!(tries < 5, "tgtd exited at start:\n{text}");
+            eprintln!("tgtd exited at start, trying another control port:\n{text}");
+            self.control = control_port();
+            if !self.launched {
+                self.port = free_port();
+            }
+        };
         self.proc = Some(p);
+        self.launched = true;
         self.adm_ok(&["--op", "new", "--mode", "target", "--tid", "1", "-T", IQN]);
         let img = self.image.to_str().unwrap().to_string();
         self.adm_ok(&["--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", &img]);
@@ -305,7 +333,17 @@ enum Lie {
     BadSense,
     /// Answers READ with CHECK CONDITION (medium error).
     MediumError,
+    /// Rejects every READ (command not supported).
+    Reject,
+    /// Asks for a logout (asynchronous event 1) instead of answering READ.
+    AsyncLogout,
+    /// No lie: honest zero blocks, each READ preceded by a NOP-In ping that must be answered.
+    Pings,
 }
+
+/// NOP-Outs received that answered the fake target's pings (TTT [`PING_TTT`]).
+static PINGS_ANSWERED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+const PING_TTT: u32 = 0x1234_5678;
 
 const FAKE_BLOCKS: u64 = 2048; // 1 MiB of 512-byte blocks
 
@@ -365,6 +403,9 @@ fn fake_session(mut s: TcpStream, lie: Lie) -> std::io::Result<()> {
     }
     loop {
         let cmd = read_pdu_sync(&mut s, digests)?;
+        if cmd.opcode() == OP_NOP_OUT && cmd.itt() == RESERVED_TAG && cmd.u32_at(20) == PING_TTT {
+            PINGS_ANSWERED.fetch_add(1, Ordering::SeqCst);
+        }
         if cmd.opcode() != OP_SCSI_CMD {
             continue;
         }
@@ -417,6 +458,24 @@ fn fake_session(mut s: TcpStream, lie: Lie) -> std::io::Result<()> {
                     p.data = vec![0x10, 0x00, 0x70, 0x00];
                     p
                 }
+                Lie::Reject => {
+                    let mut p = target_pdu(OP_REJECT, RESERVED_TAG, stat_sn, sn);
+                    p.bhs[2] = 0x05;
+                    p.data = cmd.bhs.to_vec();
+                    p
+                }
+                Lie::AsyncLogout => {
+                    let mut p = target_pdu(OP_ASYNC, RESERVED_TAG, stat_sn, sn);
+                    p.bhs[36] = 1;
+                    p
+                }
+                Lie::Pings => {
+                    let mut ping = target_pdu(OP_NOP_IN, RESERVED_TAG, stat_sn, sn);
+                    ping.set_u64(8, cmd.u64_at(8));
+                    ping.set_u32(20, PING_TTT);
+                    s.write_all(&ping.encode(digests))?;
+                    data_in(vec![0u8; len as usize], stat_sn)
+                }
                 Lie::MediumError => {
                     let mut p = target_pdu(OP_SCSI_RSP, itt, stat_sn, sn);
                     p.bhs[1] = 0x80;
@@ -447,7 +506,10 @@ fn hostile_target_answers_give_clear_errors_and_nothing_cached() {
         (Lie::BadDigest, "data digest mismatch"),
         (Lie::BadSense, "sense length"),
         (Lie::MediumError, "MEDIUM ERROR"),
+        (Lie::Reject, "command not supported"),
+        (Lie::AsyncLogout, "asynchronous event 1"),
         (Lie::WrongData, ""),
+        (Lie::Pings, ""),
     ];
     let rt = rt();
     for (lie, want) in cases {
@@ -463,6 +525,10 @@ fn hostile_target_answers_give_clear_errors_and_nothing_cached() {
         });
         match lie {
             Lie::WrongData => assert_eq!(got.unwrap(), vec![0x5a; 65536]),
+            Lie::Pings => {
+                assert_eq!(got.unwrap(), vec![0; 65536]);
+                wait_until("NOP-Out answers", Duration::from_secs(10), || PINGS_ANSWERED.load(Ordering::SeqCst) > 0);
+            }
             _ => {
                 let e = got.unwrap_err().to_string();
                 assert!(e.contains(want), "{lie:?}: {e}");

@@ -348,7 +348,7 @@ async fn read_pdu(rd: &mut OwnedReadHalf, digests: Digests, max_data: u32) -> Re
     }
     let mut rest = vec![0u8; f.rest_len];
     rd.read_exact(&mut rest).await.map_err(|e| IscsiError::Io(format!("truncated PDU: {e}")))?;
-    Ok(TargetPdu::parse(Pdu::decode(&bhs, &rest, digests)?)?)
+    Ok(TargetPdu::parse(Pdu::decode_owned(&bhs, rest, digests)?)?)
 }
 
 /// Handles one PDU of the full feature phase; an error kills the connection.

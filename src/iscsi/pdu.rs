@@ -213,6 +213,26 @@ impl Pdu {
         Ok(Pdu { bhs: *bhs, ahs: ahs.to_vec(), data })
     }
 
+    /// As [`Pdu::decode`], taking `rest` by value: when no AHS or header digest precedes the
+    /// data segment, `rest` itself becomes the data (truncated), so a large Data-In is not copied
+    /// once more on its way to the command's buffer.
+    pub fn decode_owned(bhs: &[u8; BHS_LEN], mut rest: Vec<u8>, digests: Digests) -> Result<Pdu, PduError> {
+        let f = Frame::of(bhs, digests)?;
+        if f.ahs_len != 0 || digests.header || rest.len() < f.rest_len {
+            return Pdu::decode(bhs, &rest, digests);
+        }
+        if f.data_len > 0 && digests.data {
+            let padded = f.data_len + pad4(f.data_len);
+            let got = u32::from_le_bytes(rest[padded..padded + 4].try_into().expect("4 bytes"));
+            let want = digest_bytes(&[&rest[..padded]]);
+            if got != want {
+                return Err(PduError::DataDigest { got, want });
+            }
+        }
+        rest.truncate(f.data_len);
+        Ok(Pdu { bhs: *bhs, ahs: Vec::new(), data: rest })
+    }
+
     /// Decodes one PDU from the front of `buf`: `Ok(None)` when more bytes are needed, else the
     /// PDU and how many bytes it took.
     pub fn decode_prefix(buf: &[u8], digests: Digests) -> Result<Option<(Pdu, usize)>, PduError> {
@@ -660,6 +680,19 @@ mod tests {
             prop_assert_eq!(&q.bhs[8..], &p.bhs[8..]);
             prop_assert_eq!(q.ahs, p.ahs);
             prop_assert_eq!(q.data, p.data);
+        }
+
+        #[test]
+        fn owned_decode_agrees(buf in proptest::collection::vec(any::<u8>(), 48..400), h: bool, d: bool) {
+            let digests = Digests { header: h, data: d };
+            let bhs: [u8; 48] = buf[..48].try_into().unwrap();
+            let rest = buf[48..].to_vec();
+            prop_assert_eq!(Pdu::decode_owned(&bhs, rest.clone(), digests), Pdu::decode(&bhs, &rest, digests));
+            let mut p = Pdu::new(OP_DATA_IN);
+            p.data = buf[48..].to_vec();
+            let wire = p.encode(digests);
+            let bhs: [u8; 48] = wire[..48].try_into().unwrap();
+            prop_assert_eq!(Pdu::decode_owned(&bhs, wire[48..].to_vec(), digests).unwrap().data, p.data);
         }
 
         #[test]
