@@ -31,7 +31,8 @@ fn free_port() -> u16 {
 fn control_port() -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(0);
     loop {
-        let n = 20000 + (std::process::id() % 2000) as u16 * 8 + NEXT.fetch_add(1, Ordering::SeqCst) % 8;
+        // tgtd takes control ports up to 32767.
+        let n = 10000 + (std::process::id() % 2000) as u16 * 8 + NEXT.fetch_add(1, Ordering::SeqCst) % 8;
         if !Path::new(&format!("/var/run/tgtd/socket.{n}")).exists() {
             return n;
         }
