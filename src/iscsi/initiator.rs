@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
@@ -321,7 +321,10 @@ impl Session {
 }
 
 /// Reads target PDUs until the connection fails; then fails every waiting command.
-async fn read_loop(mut rd: OwnedReadHalf, shared: Arc<Shared>, writer: Writer, n: Negotiated) {
+async fn read_loop(rd: OwnedReadHalf, shared: Arc<Shared>, writer: Writer, n: Negotiated) {
+    // Buffered: a 48-byte header and a small PDU cost no syscall of their own; reads as large
+    // as the buffer bypass it. (Login reads stay unbuffered, so no byte is left behind there.)
+    let mut rd = tokio::io::BufReader::with_capacity(64 << 10, rd);
     let reason = loop {
         match read_pdu(&mut rd, n.digests, n.our_max_recv).await {
             Err(e) => break e.to_string(),
@@ -336,7 +339,7 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: Arc<Shared>, writer: Writer, n
     shared.kill(&reason);
 }
 
-async fn read_pdu(rd: &mut OwnedReadHalf, digests: Digests, max_data: u32) -> Result<TargetPdu, IscsiError> {
+async fn read_pdu<R: AsyncRead + Unpin>(rd: &mut R, digests: Digests, max_data: u32) -> Result<TargetPdu, IscsiError> {
     let mut bhs = [0u8; BHS_LEN];
     rd.read_exact(&mut bhs).await.map_err(|e| IscsiError::Io(e.to_string()))?;
     let f = Frame::of(&bhs, digests)?;
