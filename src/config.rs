@@ -13,6 +13,7 @@ use thiserror::Error;
 
 use crate::fetch::origin::{OriginError, OriginUrl};
 use crate::image::ChunkSize;
+use crate::iscsi::chap::Credentials;
 
 /// Where `vmtd` looks for its configuration when none is given.
 pub const DEFAULT_CONFIG: &str = "/etc/vmthunder/vmtd.toml";
@@ -89,7 +90,8 @@ pub struct Config {
 pub struct ImageConfig {
     /// The export name and socket name: `[A-Za-z0-9._-]`, 1 to 64 characters, no leading dot.
     pub name: String,
-    /// `file:///PATH`, `nbd+unix:///EXPORT?socket=PATH` or `nbd://HOST[:PORT]/EXPORT`.
+    /// `file:///PATH`, `nbd+unix:///EXPORT?socket=PATH`, `nbd://HOST[:PORT]/EXPORT` or
+    /// `iscsi://HOST[:PORT]/IQN/LUN`.
     pub origin: String,
     /// Power of two, 4KiB to 4MiB; 64KiB by default, or the manifest's when one is given.
     #[serde(default)]
@@ -98,6 +100,13 @@ pub struct ImageConfig {
     /// reading the image once for file origins when absent.
     #[serde(default)]
     pub manifest: Option<PathBuf>,
+    /// CHAP user name for an iSCSI origin (with `chap_secret_file`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chap_user: Option<String>,
+    /// File holding the CHAP secret (one line; accessible by its owner only). Secrets never
+    /// appear in the config, URLs or command lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chap_secret_file: Option<PathBuf>,
 }
 
 /// Run-time settings derived from [`Config`], in typed units.
@@ -226,7 +235,27 @@ impl ImageConfig {
                 "a network origin needs a manifest file (build one with `vmt image manifest`)",
             ));
         }
+        match (&self.chap_user, &self.chap_secret_file) {
+            (None, None) => {}
+            (Some(_), None) => return Err(invalid("chap_secret_file", "chap_user needs chap_secret_file")),
+            (None, Some(_)) => return Err(invalid("chap_user", "chap_secret_file needs chap_user")),
+            (Some(user), Some(file)) => {
+                if !matches!(origin, OriginUrl::Iscsi(_)) {
+                    return Err(invalid("chap_user", "CHAP applies to iscsi:// origins only"));
+                }
+                validate_chap_user(user).map_err(|m| invalid("chap_user", m))?;
+                check_secret_file(file).map_err(|m| invalid("chap_secret_file", m))?;
+            }
+        }
         Ok(())
+    }
+
+    /// The CHAP credentials of this image, read from `chap_secret_file`, if configured.
+    pub fn chap_credentials(&self) -> Result<Option<Credentials>, ConfigError> {
+        match (&self.chap_user, &self.chap_secret_file) {
+            (Some(user), Some(file)) => load_chap(user, file).map(Some),
+            _ => Ok(None),
+        }
     }
 
     /// The configured chunk size, if any.
@@ -236,6 +265,53 @@ impl ImageConfig {
             Some(s) => ChunkSize::new(parse_size(s)?).map(Some).map_err(|e| e.to_string()),
         }
     }
+}
+
+/// CHAP names travel as login text: printable, no NUL, bounded.
+fn validate_chap_user(user: &str) -> Result<(), String> {
+    if user.is_empty() || user.len() > 255 || user.chars().any(|c| c.is_control()) {
+        return Err(format!("{user:?} is not a valid CHAP user name (1-255 printable characters)"));
+    }
+    Ok(())
+}
+
+/// A secret file must be a regular file that only its owner can access.
+fn check_secret_file(path: &Path) -> Result<std::fs::Metadata, String> {
+    use std::os::unix::fs::PermissionsExt;
+    if !path.is_absolute() {
+        return Err(format!("{} must be an absolute path", path.display()));
+    }
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} is accessible by group or others (mode {mode:04o}); a CHAP secret must be mode 0600 or 0400",
+            path.display()
+        ));
+    }
+    Ok(meta)
+}
+
+/// Loads CHAP credentials: `user` and the secret held in `file` (mode checked, one trailing
+/// newline dropped). Used by `vmtd` and by `vmt image manifest --chap-secret-file`.
+pub fn load_chap(user: &str, file: &Path) -> Result<Credentials, ConfigError> {
+    validate_chap_user(user).map_err(|m| invalid("chap_user", m))?;
+    check_secret_file(file).map_err(|m| invalid("chap_secret_file", m))?;
+    let mut secret =
+        std::fs::read(file).map_err(|e| invalid("chap_secret_file", format!("{}: {e}", file.display())))?;
+    if secret.ends_with(b"\n") {
+        secret.pop();
+        if secret.ends_with(b"\r") {
+            secret.pop();
+        }
+    }
+    if secret.is_empty() || secret.len() > 255 || secret.contains(&0) {
+        return Err(invalid("chap_secret_file", format!("{}: the secret must be 1-255 bytes, no NUL", file.display())));
+    }
+    Ok(Credentials::new(user, secret))
 }
 
 /// Image names become file names and export names: keep them to a safe alphabet.
@@ -336,6 +412,30 @@ chunk_size = "64KiB"
         assert!(err(&format!("record_duration = \"0s\"\n{GOOD}")).contains("record_duration"));
         assert!(err(&format!("prefetch_concurrency = 0\n{GOOD}")).contains("prefetch_concurrency"));
         assert!(err(&format!("prefetch_rate = \"fast\"\n{GOOD}")).contains("prefetch_rate"));
+    }
+
+    #[test]
+    fn chap_keys_are_validated() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret-s3cret\n").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let iscsi = GOOD.replace("file:///srv/images/debian12.raw", "iscsi://10.0.0.1/iqn.2026-01.x:d/1")
+            + "manifest = \"/m\"\n";
+        let with = |extra: &str| format!("{iscsi}{extra}\n");
+        let ok = with(&format!("chap_user = \"u\"\nchap_secret_file = \"{}\"", secret.display()));
+        let c = Config::from_toml(&ok).unwrap();
+        let creds = c.images[0].chap_credentials().unwrap().unwrap();
+        assert_eq!(creds, Credentials::new("u", "s3cret-s3cret"));
+        assert!(err(&with("chap_user = \"u\"")).contains("image[0].chap_secret_file"));
+        assert!(err(&with(&format!("chap_secret_file = \"{}\"", secret.display()))).contains("image[0].chap_user"));
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = err(&ok);
+        assert!(e.contains("image[0].chap_secret_file") && e.contains("0644"), "{e}");
+        assert!(!e.contains("s3cret"));
+        let file_origin = format!("{GOOD}chap_user = \"u\"\nchap_secret_file = \"{}\"\n", secret.display());
+        assert!(err(&file_origin).contains("iscsi"));
     }
 
     #[test]

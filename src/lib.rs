@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod fetch;
 pub mod fsutil;
 pub mod image;
+pub mod iscsi;
 pub mod libvirt;
 pub mod nbd;
 pub mod profile;

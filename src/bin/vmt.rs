@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use vmthunder::config::{format_size, parse_size, ImageConfig};
+use vmthunder::config::{format_size, load_chap, parse_size, ImageConfig};
 use vmthunder::daemon::control::{self, ImageStatus, Request, Response};
 use vmthunder::fetch::origin::OriginUrl;
 use vmthunder::image::ChunkSize;
@@ -107,13 +107,19 @@ enum ImageCmd {
     /// Serve an image until vmtd stops (lasting images belong in vmtd.toml).
     Add {
         name: String,
-        /// file:///PATH, nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT
+        /// file:///PATH, nbd+unix:///EXPORT?socket=PATH, nbd://HOST[:PORT]/EXPORT or iscsi://HOST[:PORT]/IQN/LUN
         origin: String,
         #[arg(long)]
         chunk_size: Option<String>,
         /// Manifest file (required for network origins).
         #[arg(long)]
         manifest: Option<PathBuf>,
+        /// CHAP user for an iscsi:// origin.
+        #[arg(long, requires = "chap_secret_file")]
+        chap_user: Option<String>,
+        /// File holding the CHAP secret (mode 0600; the secret never goes on the command line).
+        #[arg(long, requires = "chap_user")]
+        chap_secret_file: Option<PathBuf>,
     },
     /// Stop serving an image (its cache stays on disk).
     Remove { name: String },
@@ -124,6 +130,12 @@ enum ImageCmd {
         output: PathBuf,
         #[arg(long, default_value = "64KiB")]
         chunk_size: String,
+        /// CHAP user for an iscsi:// origin.
+        #[arg(long, requires = "chap_secret_file")]
+        chap_user: Option<String>,
+        /// File holding the CHAP secret (mode 0600; the secret never goes on the command line).
+        #[arg(long, requires = "chap_user")]
+        chap_secret_file: Option<PathBuf>,
     },
 }
 
@@ -194,9 +206,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::Image(ImageCmd::Add { name, origin, chunk_size, manifest }) => {
+        Cmd::Image(ImageCmd::Add { name, origin, chunk_size, manifest, chap_user, chap_secret_file }) => {
             let manifest = manifest.map(|m| std::path::absolute(&m)).transpose()?;
-            let image = ImageConfig { name, origin, chunk_size, manifest };
+            let chap_secret_file = chap_secret_file.map(|m| std::path::absolute(&m)).transpose()?;
+            let image = ImageConfig { name, origin, chunk_size, manifest, chap_user, chap_secret_file };
             image.validate()?;
             call(&args.socket, Request::ImageAdd { image }).await?;
         }
@@ -236,11 +249,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Cmd::Image(ImageCmd::Remove { name }) => {
             call(&args.socket, Request::ImageRemove { name }).await?;
         }
-        Cmd::Image(ImageCmd::Manifest { origin, output, chunk_size }) => {
+        Cmd::Image(ImageCmd::Manifest { origin, output, chunk_size, chap_user, chap_secret_file }) => {
             let chunk = ChunkSize::new(parse_size(&chunk_size).map_err(anyhow::Error::msg)?)?;
             let origin = OriginUrl::parse(&origin)?;
-            let source = origin.open()?;
-            let m = vmthunder::fetch::build_manifest(source.as_ref(), chunk).await.context("building the manifest")?;
+            let credentials = match (&chap_user, &chap_secret_file) {
+                (Some(user), Some(file)) => Some(load_chap(user, &std::path::absolute(file)?)?),
+                _ => None,
+            };
+            let source = origin.open(credentials)?;
+            let built = vmthunder::fetch::build_manifest(source.as_ref(), chunk).await;
+            source.close().await;
+            let m = built.context("building the manifest")?;
             m.save(&output)?;
             println!(
                 "{}: image {} bytes, {} chunks of {}, digest {}",

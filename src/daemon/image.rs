@@ -97,7 +97,8 @@ impl Image {
             }
             (None, _) => return Err(invalid("a network origin needs a manifest".into())),
         };
-        let source = origin.open().map_err(|source| ImageError::Origin { name: name.clone(), source })?;
+        let credentials = cfg.chap_credentials().map_err(|e| invalid(e.to_string()))?;
+        let source = origin.open(credentials).map_err(|source| ImageError::Origin { name: name.clone(), source })?;
         let manifest = Arc::new(manifest);
         let (dir, m) = (cache_dir.to_path_buf(), manifest.clone());
         let store = tokio::task::spawn_blocking(move || ChunkStore::open(&dir, &m))

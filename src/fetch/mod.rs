@@ -3,7 +3,8 @@
 //! ```text
 //!   flight::Fetcher ──(single flight, coalesced runs, bounded retries)──▶ dyn ChunkSource
 //!                                                                        ├─ file::FileSource
-//!                                                                        └─ nbd::client::NbdClient
+//!                                                                        ├─ nbd::client::NbdClient
+//!                                                                        └─ iscsi::initiator::IscsiClient
 //! ```
 //! [`ChunkSource`] is the one seam every origin (and later every peer) plugs into: read bytes
 //! at an offset. Verification and storing happen above it, in [`flight`].
@@ -31,6 +32,9 @@ pub enum SourceError {
     /// The source answered with an error code.
     #[error("{what} answered error {errno} for {len} bytes at {offset}")]
     Remote { what: String, errno: u32, offset: u64, len: usize },
+    /// The source refused us access (login or authentication failure).
+    #[error("{what} refused the login: {reason}")]
+    Refused { what: String, reason: String },
     /// The source broke its protocol.
     #[error("{what}: protocol error: {reason}")]
     Protocol { what: String, reason: String },
@@ -50,6 +54,11 @@ pub trait ChunkSource: Send + Sync + 'static {
     fn size(&self) -> BoxFuture<'_, Result<u64, SourceError>>;
     /// Reads exactly `len` bytes at `offset`.
     fn read(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Vec<u8>, SourceError>>;
+    /// Ends any session politely (an iSCSI logout); reads after it reconnect. Sources without
+    /// sessions need not implement it.
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// Builds the manifest of the image behind `source` by reading it once, in large reads.

@@ -3,6 +3,8 @@
 //! - `file:///ABSOLUTE/PATH`
 //! - `nbd+unix:///EXPORT?socket=/ABSOLUTE/PATH` (empty EXPORT: the server's default export)
 //! - `nbd://HOST[:PORT]/EXPORT` (port 10809 by default; IPv6 hosts in brackets)
+//! - `iscsi://HOST[:PORT]/IQN/LUN` (port 3260 by default; CHAP credentials never in the URL,
+//!   they come from the image's configuration)
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,6 +13,8 @@ use thiserror::Error;
 
 use super::file::FileSource;
 use super::{ChunkSource, SourceError};
+use crate::iscsi::chap::Credentials;
+use crate::iscsi::initiator::{IscsiClient, IscsiOptions, IscsiTarget, ISCSI_DEFAULT_PORT};
 use crate::nbd::client::{NbdClient, NbdTarget};
 
 /// The NBD port registered with IANA.
@@ -20,7 +24,7 @@ pub const NBD_DEFAULT_PORT: u16 = 10809;
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum OriginError {
     #[error(
-        "{0:?}: unsupported origin (use file:///PATH, nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT)"
+        "{0:?}: unsupported origin (use file:///PATH, nbd+unix:///EXPORT?socket=PATH, nbd://HOST[:PORT]/EXPORT or iscsi://HOST[:PORT]/IQN/LUN)"
     )]
     Scheme(String),
     #[error("{0:?}: the path must be absolute")]
@@ -29,6 +33,10 @@ pub enum OriginError {
     MissingSocket(String),
     #[error("{0:?}: bad host or port")]
     BadHost(String),
+    #[error("{0:?}: iscsi needs /IQN/LUN after the host (LUN 0 to 16383)")]
+    BadIscsiPath(String),
+    #[error("{0:?}: credentials do not belong in the URL (use chap_user and chap_secret_file)")]
+    UserInfo(String),
 }
 
 /// A parsed origin.
@@ -36,6 +44,7 @@ pub enum OriginError {
 pub enum OriginUrl {
     File(PathBuf),
     Nbd { target: NbdTarget, export: String },
+    Iscsi(IscsiTarget),
 }
 
 impl OriginUrl {
@@ -58,22 +67,42 @@ impl OriginUrl {
         }
         if let Some(rest) = url.strip_prefix("nbd://") {
             let (authority, export) = rest.split_once('/').unwrap_or((rest, ""));
-            let (host, port) = split_host_port(authority).ok_or_else(|| OriginError::BadHost(url.into()))?;
+            let (host, port) =
+                split_host_port(authority, NBD_DEFAULT_PORT).ok_or_else(|| OriginError::BadHost(url.into()))?;
             return Ok(OriginUrl::Nbd { target: NbdTarget::Tcp { host, port }, export: export.into() });
+        }
+        if let Some(rest) = url.strip_prefix("iscsi://") {
+            let (authority, path) = rest.split_once('/').ok_or_else(|| OriginError::BadIscsiPath(url.into()))?;
+            if authority.contains('@') {
+                return Err(OriginError::UserInfo(url.into()));
+            }
+            let (host, port) =
+                split_host_port(authority, ISCSI_DEFAULT_PORT).ok_or_else(|| OriginError::BadHost(url.into()))?;
+            let (iqn, lun) = path.rsplit_once('/').ok_or_else(|| OriginError::BadIscsiPath(url.into()))?;
+            let lun: u16 =
+                lun.parse().ok().filter(|&l| l < 16384).ok_or_else(|| OriginError::BadIscsiPath(url.into()))?;
+            if iqn.is_empty() || iqn.contains(['/', '?', ' ']) {
+                return Err(OriginError::BadIscsiPath(url.into()));
+            }
+            return Ok(OriginUrl::Iscsi(IscsiTarget { host, port, iqn: iqn.into(), lun }));
         }
         Err(OriginError::Scheme(url.into()))
     }
 
-    /// Opens the origin. Network origins connect lazily, on the first read.
-    pub fn open(&self) -> Result<Arc<dyn ChunkSource>, SourceError> {
+    /// Opens the origin with the image's CHAP `credentials` (used by iSCSI origins only).
+    /// Network origins connect lazily, on the first read.
+    pub fn open(&self, credentials: Option<Credentials>) -> Result<Arc<dyn ChunkSource>, SourceError> {
         Ok(match self {
             OriginUrl::File(p) => Arc::new(FileSource::open(p)?),
             OriginUrl::Nbd { target, export } => Arc::new(NbdClient::new(target.clone(), export.clone())),
+            OriginUrl::Iscsi(target) => {
+                Arc::new(IscsiClient::new(target.clone(), IscsiOptions { credentials, ..Default::default() }))
+            }
         })
     }
 }
 
-fn split_host_port(authority: &str) -> Option<(String, u16)> {
+fn split_host_port(authority: &str, default_port: u16) -> Option<(String, u16)> {
     let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
         let (h, after) = rest.split_once(']')?;
         (h, after.strip_prefix(':'))
@@ -88,7 +117,7 @@ fn split_host_port(authority: &str) -> Option<(String, u16)> {
     }
     let port = match port {
         Some(p) => p.parse().ok().filter(|&p| p != 0)?,
-        None => NBD_DEFAULT_PORT,
+        None => default_port,
     };
     Some((host.to_string(), port))
 }
@@ -115,6 +144,15 @@ mod tests {
             OriginUrl::parse("nbd://[::1]:1234/"),
             Ok(OriginUrl::Nbd { target: NbdTarget::Tcp { host: "::1".into(), port: 1234 }, export: "".into() })
         );
+        let iqn = "iqn.2026-01.org.example:disk1";
+        assert_eq!(
+            OriginUrl::parse(&format!("iscsi://10.0.0.2/{iqn}/1")),
+            Ok(OriginUrl::Iscsi(IscsiTarget { host: "10.0.0.2".into(), port: 3260, iqn: iqn.into(), lun: 1 }))
+        );
+        assert_eq!(
+            OriginUrl::parse(&format!("iscsi://[fd00::1]:3261/{iqn}/0")),
+            Ok(OriginUrl::Iscsi(IscsiTarget { host: "fd00::1".into(), port: 3261, iqn: iqn.into(), lun: 0 }))
+        );
     }
 
     #[test]
@@ -125,5 +163,11 @@ mod tests {
         assert!(matches!(OriginUrl::parse("nbd+unix:///img?socket=rel"), Err(OriginError::MissingSocket(_))));
         assert!(matches!(OriginUrl::parse("nbd://host:99999/x"), Err(OriginError::BadHost(_))));
         assert!(matches!(OriginUrl::parse("nbd://:80/x"), Err(OriginError::BadHost(_))));
+        assert!(matches!(OriginUrl::parse("iscsi://h/iqn.x"), Err(OriginError::BadIscsiPath(_))));
+        assert!(matches!(OriginUrl::parse("iscsi://h/iqn.x/a"), Err(OriginError::BadIscsiPath(_))));
+        assert!(matches!(OriginUrl::parse("iscsi://h/iqn.x/16384"), Err(OriginError::BadIscsiPath(_))));
+        assert!(matches!(OriginUrl::parse("iscsi://h//1"), Err(OriginError::BadIscsiPath(_))));
+        assert!(matches!(OriginUrl::parse("iscsi://h"), Err(OriginError::BadIscsiPath(_))));
+        assert!(matches!(OriginUrl::parse("iscsi://u:p@h/iqn.x/1"), Err(OriginError::UserInfo(_))));
     }
 }
