@@ -201,3 +201,21 @@ fn hostile_profile_files_are_refused_and_the_previous_profile_kept() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is for image"), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(Path::new(&env.control_sock()).exists() && try_status(&env.control_sock()).is_some(), "vmtd stays up");
 }
+
+/// The profiles shipped in profiles/ decode, and each is named by its image digest.
+#[test]
+fn shipped_profiles_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "profile") {
+            let p =
+                Profile::decode(&std::fs::read(&path).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(path.file_name().unwrap().to_str().unwrap(), Profile::file_name(&p.root));
+            assert!(!p.entries.is_empty());
+            n += 1;
+        }
+    }
+    assert!(n >= 1, "no profiles in {}", dir.display());
+}
