@@ -7,6 +7,7 @@ mod common;
 use std::process::Command;
 
 use common::*;
+use vmthunder::daemon::control::{self, Response};
 use vmthunder::nbd::proto::*;
 
 fn serve_one(env: &Env) -> (Proc, std::path::PathBuf, Vec<u8>) {
@@ -185,40 +186,27 @@ fn bad_requests_get_error_replies_and_writes_are_refused() {
     assert_eq!(status(&env, "img").clients, 0, "every connection was accounted for");
 }
 
+/// Reads one control response frame off a raw connection.
+fn control_reply(c: &mut Raw) -> Response {
+    let (len, crc) = control::decode_header(&c.recv(control::HEADER_LEN).try_into().unwrap()).unwrap();
+    control::decode_payload(&c.recv(len as usize), crc).unwrap()
+}
+
 #[test]
 fn control_socket_garbage_is_answered_not_fatal() {
     let env = Env::new();
     let (mut vmtd, _, _) = serve_one(&env);
     let mut c = Raw::connect(&env.control_sock());
     c.send(b"GET / HTTP/1.1\r\n\r\n");
-    let h: [u8; 16] = c.recv(16).try_into().unwrap();
-    let (len, crc) = vmthunder::daemon::control::decode_header(&h).unwrap();
-    let resp: vmthunder::daemon::control::Response =
-        vmthunder::daemon::control::decode_payload(&c.recv(len as usize), crc).unwrap();
-    assert!(
-        matches!(resp, vmthunder::daemon::control::Response::Error { ref message } if message.contains("magic")),
-        "{resp:?}"
-    );
+    let resp = control_reply(&mut c);
+    assert!(matches!(resp, Response::Error { ref message } if message.contains("magic")), "{resp:?}");
     assert!(c.closed());
 
     // A well-framed but unknown request.
-    let payload = br#"{"op":"format_disk"}"#;
-    let mut frame = b"VMTC".to_vec();
-    frame.extend_from_slice(&1u16.to_le_bytes());
-    frame.extend_from_slice(&0u16.to_le_bytes());
-    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    frame.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
-    frame.extend_from_slice(payload);
     let mut c = Raw::connect(&env.control_sock());
-    c.send(&frame);
-    let h: [u8; 16] = c.recv(16).try_into().unwrap();
-    let (len, crc) = vmthunder::daemon::control::decode_header(&h).unwrap();
-    let resp: vmthunder::daemon::control::Response =
-        vmthunder::daemon::control::decode_payload(&c.recv(len as usize), crc).unwrap();
-    assert!(
-        matches!(resp, vmthunder::daemon::control::Response::Error { ref message } if message.contains("format_disk")),
-        "{resp:?}"
-    );
+    c.send(&control::encode(&serde_json::json!({ "op": "format_disk" })));
+    let resp = control_reply(&mut c);
+    assert!(matches!(resp, Response::Error { ref message } if message.contains("format_disk")), "{resp:?}");
 
     // An image whose origin does not exist: refused, daemon fine.
     let add = run(Command::new(VMT).args([

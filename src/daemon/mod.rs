@@ -142,7 +142,7 @@ impl Daemon {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(io_err("listening on", Path::new(&addr.to_string())))?;
-            tokio::spawn(server::run_tcp(l, daemon.clone(), daemon.shutdown.subscribe()));
+            tokio::spawn(server::run(l, daemon.clone(), daemon.shutdown.subscribe()));
         }
         tokio::spawn(Daemon::commit_loop(daemon.clone()));
         tracing::info!(control = %control_path.display(), images = cfg.images.len(), "vmtd ready");
@@ -182,7 +182,7 @@ impl Daemon {
             images.insert(cfg.name.clone(), img.clone());
         }
         let lookup = Arc::new(SingleExport { name: cfg.name.clone(), export: img.clone() });
-        tokio::spawn(server::run_unix(listener, lookup, img.shutdown.subscribe()));
+        tokio::spawn(server::run(listener, lookup, img.shutdown.subscribe()));
         tracing::info!(image = %cfg.name, socket = %socket.display(), "export listening");
         Ok(img)
     }

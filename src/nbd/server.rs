@@ -323,31 +323,39 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Accepts connections on a unix socket until `shutdown` turns true.
-pub async fn run_unix(listener: UnixListener, lookup: Arc<dyn ExportLookup>, mut shutdown: watch::Receiver<bool>) {
-    loop {
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => { tracing::warn!(error = %e, "accept failed"); tokio::time::sleep(std::time::Duration::from_millis(50)).await; continue }
-            },
-            _ = crate::shutdown::stopped(&mut shutdown) => return,
-        };
-        spawn_connection(stream, lookup.clone(), shutdown.clone());
+/// A listening socket the server can accept NBD connections on.
+pub trait Listen: Send + 'static {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept_stream(&self) -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Listen for UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_stream(&self) -> std::io::Result<Self::Stream> {
+        Ok(self.accept().await?.0)
     }
 }
 
-/// Accepts connections on a TCP socket until `shutdown` turns true.
-pub async fn run_tcp(listener: TcpListener, lookup: Arc<dyn ExportLookup>, mut shutdown: watch::Receiver<bool>) {
+impl Listen for TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_stream(&self) -> std::io::Result<Self::Stream> {
+        let s = self.accept().await?.0;
+        // Replies are written whole; Nagle would only delay the last segment of each.
+        let _ = s.set_nodelay(true);
+        Ok(s)
+    }
+}
+
+/// Accepts connections on `listener` until `shutdown` turns true.
+pub async fn run<L: Listen>(listener: L, lookup: Arc<dyn ExportLookup>, mut shutdown: watch::Receiver<bool>) {
     loop {
         let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
+            r = listener.accept_stream() => match r {
+                Ok(s) => s,
                 Err(e) => { tracing::warn!(error = %e, "accept failed"); tokio::time::sleep(std::time::Duration::from_millis(50)).await; continue }
             },
             _ = crate::shutdown::stopped(&mut shutdown) => return,
         };
-        let _ = stream.set_nodelay(true);
         spawn_connection(stream, lookup.clone(), shutdown.clone());
     }
 }
