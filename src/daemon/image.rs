@@ -245,6 +245,10 @@ impl Export for Image {
         })
     }
 
+    fn stop_signal(&self) -> Option<watch::Receiver<bool>> {
+        Some(self.shutdown.subscribe())
+    }
+
     fn client_changed(&self, connected: bool) {
         if connected {
             self.clients.fetch_add(1, Ordering::Relaxed);

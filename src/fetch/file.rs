@@ -39,7 +39,7 @@ impl ChunkSource for FileSource {
         Box::pin(async move {
             let file = self.file.clone();
             let size = file.metadata().map_err(|e| self.io(e))?.len();
-            if offset.checked_add(len as u64).is_none_or(|end| end > size) {
+            if !crate::image::geometry::within(offset, len as u64, size) {
                 return Err(SourceError::OutOfRange { what: self.describe(), offset, len, size });
             }
             tokio::task::spawn_blocking(move || {

@@ -142,10 +142,6 @@ impl Fetcher {
         &self.stats
     }
 
-    pub fn source(&self) -> &Arc<dyn ChunkSource> {
-        &self.source
-    }
-
     /// Largest number of chunks fetched in one upstream read.
     pub fn max_chunks(&self) -> u32 {
         self.tuning.max_chunks
@@ -214,7 +210,9 @@ impl Fetcher {
         match failure {
             None => Ok(data),
             Some(e) => {
-                self.stats.failed_reads.fetch_add(1, Ordering::Relaxed);
+                if priority == Priority::Guest {
+                    self.stats.failed_reads.fetch_add(1, Ordering::Relaxed);
+                }
                 Err(e)
             }
         }
@@ -267,6 +265,7 @@ impl Fetcher {
             }
         };
         self.stats.bytes_from_origin.fetch_add(len as u64, Ordering::Relaxed);
+        let idxs: Vec<u32> = run.iter().map(|(i, _)| *i).collect();
         let me = Arc::clone(&self);
         let finished = tokio::task::spawn_blocking(move || {
             let run_data = Arc::new(RunData { offset, bytes: Bytes::from(data) });
@@ -294,7 +293,13 @@ impl Fetcher {
         })
         .await;
         if finished.is_err() {
+            // Its senders are gone (waiters see `Aborted`); without their entries the next
+            // read of these chunks starts a fresh fetch instead of joining a dead one.
             tracing::error!("verify-and-store task failed");
+            let mut inflight = self.inflight.lock().unwrap();
+            for i in idxs {
+                inflight.remove(&i);
+            }
         }
     }
 

@@ -119,11 +119,6 @@ impl Geometry {
         (self.image_size.saturating_sub(start)).min(self.chunk_size.bytes()) as usize
     }
 
-    /// The chunk holding byte `offset`.
-    pub fn chunk_of(&self, offset: ByteOffset) -> ChunkIdx {
-        ChunkIdx((offset.0 >> self.chunk_size.shift()) as u32)
-    }
-
     /// Chunks covering `len` bytes from `offset`, clipped to the image. Empty for `len == 0`.
     pub fn chunks_covering(&self, offset: ByteOffset, len: u64) -> Range<u32> {
         if len == 0 || offset.0 >= self.image_size {
@@ -137,8 +132,13 @@ impl Geometry {
 
     /// True when `len` bytes from `offset` lie inside the image.
     pub fn contains(&self, offset: u64, len: u64) -> bool {
-        offset.checked_add(len).is_some_and(|end| end <= self.image_size)
+        within(offset, len, self.image_size)
     }
+}
+
+/// True when `len` bytes from `offset` end at or before `size` (no overflow).
+pub fn within(offset: u64, len: u64, size: u64) -> bool {
+    offset.checked_add(len).is_some_and(|end| end <= size)
 }
 
 #[cfg(test)]

@@ -177,7 +177,7 @@ impl NbdClient {
             return Err(self.protocol(format!("read of {len} bytes exceeds the NBD maximum")));
         }
         let conn = self.connection().await?;
-        if offset.checked_add(len as u64).is_none_or(|end| end > conn.size) {
+        if !crate::image::geometry::within(offset, len as u64, conn.size) {
             return Err(SourceError::OutOfRange { what: self.describe(), offset, len, size: conn.size });
         }
         let handle = conn.next_handle.fetch_add(1, Ordering::Relaxed);

@@ -32,6 +32,11 @@ pub trait Export: Send + Sync + 'static {
     fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, u32>>;
     /// Called when a client enters / leaves the transmission phase.
     fn client_changed(&self, _connected: bool) {}
+    /// Turns true when this export stops being served; its connections then close, also on
+    /// listeners that serve other exports.
+    fn stop_signal(&self) -> Option<watch::Receiver<bool>> {
+        None
+    }
 }
 
 /// Finds exports by name for a listener.
@@ -89,7 +94,8 @@ where
         return Ok(());
     };
     export.client_changed(true);
-    let result = transmission(stream, export.clone(), structured, shutdown).await;
+    let own = export.stop_signal();
+    let result = transmission(stream, export.clone(), structured, shutdown, own).await;
     export.client_changed(false);
     result
 }
@@ -192,6 +198,7 @@ async fn transmission<S>(
     export: Arc<dyn Export>,
     structured: bool,
     mut shutdown: watch::Receiver<bool>,
+    mut own: Option<watch::Receiver<bool>>,
 ) -> Result<(), ServeError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -206,6 +213,12 @@ where
         let read = tokio::select! {
             r = rd.read_exact(&mut hdr) => r,
             _ = crate::shutdown::stopped(&mut shutdown) => { writer.abort(); return Ok(()) }
+            _ = async {
+                match own.as_mut() {
+                    Some(rx) => crate::shutdown::stopped(rx).await,
+                    None => std::future::pending().await,
+                }
+            } => { writer.abort(); return Ok(()) }
         };
         match read {
             Ok(_) => {}
@@ -220,7 +233,7 @@ where
         let immediate = match req.command {
             CMD_READ => {
                 let len = u64::from(req.length);
-                let fits = req.offset.checked_add(len).is_some_and(|end| end <= size);
+                let fits = crate::image::geometry::within(req.offset, len, size);
                 if req.length == 0 || req.length > MAX_PAYLOAD || !fits {
                     if tx.send(Reply { read_at: Some(req.offset), ..Reply::error(req.handle, EINVAL) }).await.is_err() {
                         break Ok(());

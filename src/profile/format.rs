@@ -180,9 +180,10 @@ impl Profile {
 
     /// Total bytes of the chunks in the profile.
     pub fn bytes(&self) -> u64 {
-        let chunks = self.image_size.div_ceil(self.chunk_size);
-        let last_len = self.image_size - (chunks - 1) * self.chunk_size;
-        self.entries.iter().map(|e| if u64::from(e.chunk) == chunks - 1 { last_len } else { self.chunk_size }).sum()
+        match crate::image::ChunkSize::new(self.chunk_size).and_then(|c| Geometry::new(self.image_size, c)) {
+            Ok(g) => self.entries.iter().map(|e| g.chunk_len(crate::image::ChunkIdx(e.chunk)) as u64).sum(),
+            Err(_) => 0,
+        }
     }
 
     /// Chunks per time bucket: (bucket start in ms, chunks whose deadline falls in it).

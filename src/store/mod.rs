@@ -146,10 +146,6 @@ impl ChunkStore {
         self.geometry
     }
 
-    pub fn root(&self) -> Digest {
-        self.root
-    }
-
     /// True when chunk `idx` can be served from this cache.
     pub fn has(&self, idx: ChunkIdx) -> bool {
         self.readable.read().unwrap().contains(idx.0)
