@@ -23,7 +23,7 @@ fn file_origin_served_identically_and_second_pass_is_free() {
 
     let uri = env.export_uri("img");
     assert!(qemu_img_identical(&img, &uri), "first pass differs");
-    let s1 = status(&env, "img");
+    let s1 = settled(&env, "img");
     assert_eq!(s1.chunks_present, s1.chunks_total);
     assert!(s1.bytes_from_origin >= data.len() as u64, "{s1:?}");
     assert_eq!(s1.verify_failures, 0);
@@ -91,7 +91,7 @@ fn nbd_origin_served_identically_and_cache_survives_restart_without_origin() {
     let mut vmtd = start_vmtd(&env, &cfg);
     let uri = env.export_uri("img");
     assert!(qemu_img_identical(&img, &uri));
-    let before = status(&env, "img");
+    let before = settled(&env, "img");
     assert_eq!(before.chunks_present, before.chunks_total);
     assert_eq!(vmtd.terminate(), Some(0));
 
@@ -155,7 +155,7 @@ fn chunk_failing_its_manifest_is_never_stored_or_served() {
     assert!(qemu_io_read(&uri, 4 * 65536, 65536), "good chunk readable");
     assert!(!qemu_io_read(&uri, 5 * 65536, 4096), "corrupt chunk must not be served");
     assert!(!qemu_io_read(&uri, 5 * 65536, 4096), "and not on a second try either");
-    let s = status(&env, "img");
+    let s = settled(&env, "img");
     assert!(s.verify_failures >= 2, "{s:?}");
     assert_eq!(s.chunks_present, 1);
     assert_eq!(vmtd.terminate(), Some(0));

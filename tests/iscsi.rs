@@ -200,7 +200,7 @@ fn iscsi_origin_served_identically_through_vmtd() {
     let _vmtd = start_vmtd(&env, &cfg);
     let uri = env.export_uri("img");
     assert!(qemu_img_identical(&img, &uri), "vmtd export differs from the LUN's file");
-    let s = status(&env, "img");
+    let s = settled(&env, "img");
     assert_eq!(s.chunks_present, s.chunks_total);
     assert_eq!(s.verify_failures, 0);
     assert!(s.bytes_from_origin >= 20 * MIB as u64);
@@ -300,7 +300,7 @@ fn tgtd_restart_mid_read_recovers_without_a_wrong_byte() {
     std::thread::sleep(Duration::from_secs(2));
     tgtd.launch();
     assert!(compare.join().unwrap(), "data after the restart differs");
-    let s = status(&env, "img");
+    let s = settled(&env, "img");
     assert_eq!(s.chunks_present, s.chunks_total);
     assert_eq!(s.verify_failures, 0);
     assert!(s.retries > 0, "reads were retried across the outage: {s:?}");

@@ -171,10 +171,7 @@ impl Fetcher {
             // `put` happens before an entry leaves this map, so checking the store under the
             // lock cannot miss a fetch that is just finishing.
             let mut inflight = self.inflight.lock().unwrap();
-            for i in range {
-                if self.store.has(ChunkIdx(i)) {
-                    continue;
-                }
+            for i in self.store.missing(range) {
                 if let Some(rx) = inflight.get(&i) {
                     waits.push(rx.clone());
                 } else {
@@ -275,14 +272,23 @@ impl Fetcher {
                 let outcome = if *ok { Ok(run_data.clone()) } else { Err(FetchError::Verify(ChunkIdx(*i))) };
                 let _ = tx.send(Some(outcome));
             }
-            let mut results = Vec::with_capacity(run.len());
-            for ((i, _), ok) in run.iter().zip(&verified) {
-                let idx = ChunkIdx(*i);
-                let stored = if *ok { me.store(&run_data, idx) } else { Ok(()) };
-                results.push((*i, stored));
+            // One write per stretch of verified chunks (the run is contiguous).
+            let mut results: Vec<Result<(), FetchError>> = vec![Ok(()); run.len()];
+            let mut k = 0;
+            while k < run.len() {
+                if !verified[k] {
+                    k += 1;
+                    continue;
+                }
+                let start = k;
+                while k < run.len() && verified[k] {
+                    k += 1;
+                }
+                let stored = me.store_span(&run_data, run[start].0..run[k - 1].0 + 1);
+                results[start..k].fill(stored);
             }
             let mut inflight = me.inflight.lock().unwrap();
-            for ((i, tx), (_, stored)) in run.into_iter().zip(results) {
+            for ((i, tx), stored) in run.into_iter().zip(results) {
                 inflight.remove(&i);
                 if let Err(e) = stored {
                     // Served from memory already; a later read will fetch it again.
@@ -314,11 +320,15 @@ impl Fetcher {
         false
     }
 
-    fn store(&self, run: &RunData, idx: ChunkIdx) -> Result<(), FetchError> {
+    fn store_span(&self, run: &RunData, span: Range<u32>) -> Result<(), FetchError> {
         let g = self.manifest.geometry();
-        let chunk = run.slice(g.chunk_offset(idx).0, g.chunk_len(idx)).unwrap_or_default();
-        self.store.put(idx, chunk).map_err(|e| FetchError::Store { idx, reason: e.to_string() })?;
-        self.stats.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+        let (first, last) = (ChunkIdx(span.start), ChunkIdx(span.end - 1));
+        let offset = g.chunk_offset(first).0;
+        let len = (g.chunk_offset(last).0 + g.chunk_len(last) as u64 - offset) as usize;
+        let bytes = run.slice(offset, len).unwrap_or_default();
+        let n = u64::from(span.end - span.start);
+        self.store.put_span(span, bytes).map_err(|e| FetchError::Store { idx: first, reason: e.to_string() })?;
+        self.stats.chunks_fetched.fetch_add(n, Ordering::Relaxed);
         Ok(())
     }
 

@@ -75,8 +75,15 @@ pub async fn run(
         }
         let (f, j, n) = (fetcher.clone(), job.clone(), run.len() as u64);
         job.fetched_bytes.fetch_add(n * chunk_size, Ordering::Relaxed);
+        let s = store.clone();
         tasks.spawn(async move {
-            let r = f.ensure_with(run, Priority::Prefetch).await.map(|_| ()).map_err(|e| e.to_string());
+            let r = f.ensure_with(run.clone(), Priority::Prefetch).await.map(|_| ()).map_err(|e| e.to_string());
+            // Readers get fetched bytes before they are written; a warmed chunk counts as done
+            // once it is in the node cache.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while r.is_ok() && !s.has_all(run.clone()) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
             j.done_chunks.fetch_add(n, Ordering::Relaxed);
             r
         });

@@ -174,20 +174,34 @@ impl ChunkStore {
 
     /// Stores verified chunk `idx`. It is served at once and made durable by the next commit.
     pub fn put(&self, idx: ChunkIdx, data: &[u8]) -> Result<(), StoreError> {
-        let want = self.geometry.chunk_len(idx);
-        if data.len() != want {
-            return Err(StoreError::BadChunkLen { idx, got: data.len(), want });
+        self.put_span(idx.0..idx.0 + 1, data)
+    }
+
+    /// Stores the verified, adjacent chunks `span` (their bytes back to back in `data`) with one
+    /// write. They are served at once and made durable by the next commit.
+    pub fn put_span(&self, span: std::ops::Range<u32>, data: &[u8]) -> Result<(), StoreError> {
+        let first = ChunkIdx(span.start);
+        let last = ChunkIdx(span.end.saturating_sub(1).max(span.start));
+        let offset = self.geometry.chunk_offset(first).0;
+        let want = (self.geometry.chunk_offset(last).0 + self.geometry.chunk_len(last) as u64 - offset) as usize;
+        if span.is_empty() || span.end > self.geometry.chunk_count() || data.len() != want {
+            return Err(StoreError::BadChunkLen { idx: first, got: data.len(), want });
         }
-        let offset = self.geometry.chunk_offset(idx).0;
         {
             let _queue = self.write.lock().unwrap();
             self.data
                 .write_all_at(data, offset)
                 .map_err(|source| StoreError::Io { path: self.dir.join("data"), source })?;
         }
-        self.pending.lock().unwrap().push(idx.0);
-        self.readable.write().unwrap().insert(idx.0);
+        self.pending.lock().unwrap().extend(span.clone());
+        self.readable.write().unwrap().insert_range(span);
         Ok(())
+    }
+
+    /// The chunks of `range` that cannot be served yet (one look at the presence map).
+    pub fn missing(&self, range: std::ops::Range<u32>) -> Vec<u32> {
+        let readable = self.readable.read().unwrap();
+        range.filter(|i| !readable.contains(*i)).collect()
     }
 
     /// Number of chunks written but not yet committed.
@@ -268,6 +282,13 @@ mod tests {
         let m = manifest(&data);
         let s = ChunkStore::open(dir.path(), &m).unwrap();
         assert!(matches!(s.put(ChunkIdx(0), &data[..100]), Err(StoreError::BadChunkLen { .. })));
+        assert!(matches!(s.put_span(0..2, &data[..4096]), Err(StoreError::BadChunkLen { .. })));
+        assert!(matches!(s.put_span(1..1, &[]), Err(StoreError::BadChunkLen { .. })));
+        assert!(matches!(s.put_span(2..4, &data[8192..]), Err(StoreError::BadChunkLen { .. })), "beyond the image");
+        s.put_span(1..3, &data[4096..]).unwrap();
+        assert!(s.has_all(1..3) && !s.has(ChunkIdx(0)));
+        assert_eq!(s.missing(0..3), vec![0]);
+        assert_eq!(s.pending_count(), 2);
         assert!(matches!(ChunkStore::open(dir.path(), &m), Err(StoreError::Locked(_))));
     }
 

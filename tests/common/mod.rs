@@ -171,6 +171,12 @@ pub fn try_status(sock: &Path) -> Option<Vec<ImageStatus>> {
     }
 }
 
+/// Status once every started fetch of `image` is stored (stores follow the readers' replies).
+pub fn settled(env: &Env, image: &str) -> ImageStatus {
+    wait_until("fetches stored", Duration::from_secs(30), || status(env, image).fetching == 0);
+    status(env, image)
+}
+
 pub fn status(env: &Env, image: &str) -> ImageStatus {
     try_status(&env.control_sock())
         .expect("vmtd answers status")
