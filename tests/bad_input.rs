@@ -5,6 +5,7 @@
 mod common;
 
 use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 use vmthunder::daemon::control::{self, Response};
@@ -183,7 +184,9 @@ fn bad_requests_get_error_replies_and_writes_are_refused() {
 
     assert!(vmtd.alive());
     assert!(qemu_img_identical(&img, &env.export_uri("img")));
-    assert_eq!(status(&env, "img").clients, 0, "every connection was accounted for");
+    // The server notices the last disconnects asynchronously; every connection must be
+    // accounted for within a bounded time, a leak never reaches zero.
+    wait_until("every connection accounted for", Duration::from_secs(10), || status(&env, "img").clients == 0);
 }
 
 /// Reads one control response frame off a raw connection.
