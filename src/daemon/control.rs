@@ -146,6 +146,10 @@ pub struct ImageStatus {
 #[serde(deny_unknown_fields)]
 pub struct PeerStatus {
     pub peers_usable: u64,
+    /// Sessions open to peers (each brings that peer's have-map).
+    pub sessions: u64,
+    /// Chunks of this image that usable peers are known to hold.
+    pub chunks_at_peers: u64,
     pub peers_banned: u64,
     /// Bans since start (a peer sent data not matching the manifest).
     pub bans: u64,

@@ -214,6 +214,8 @@ impl Image {
                 let (st, sum) = (s.stats(), s.summary());
                 PeerStatus {
                     peers_usable: sum.usable,
+                    sessions: s.sessions(),
+                    chunks_at_peers: sum.chunks_at_peers,
                     peers_banned: sum.banned,
                     bans: sum.bans_total,
                     bytes_from_peers: load(&st.bytes_from_peers),

@@ -77,6 +77,8 @@ pub struct Summary {
     pub usable: u64,
     pub banned: u64,
     pub bans_total: u64,
+    /// Chunks some usable peer is known to hold.
+    pub chunks_at_peers: u64,
 }
 
 fn node_hash(name: &str) -> u64 {
@@ -238,9 +240,12 @@ impl Selector {
                 p.have.clear();
             }
             Outcome::Corrupt => {
+                // Replies already in flight when the ban began do not count as new bans.
+                if p.banned_until.is_none_or(|t| now >= t) {
+                    self.bans += 1;
+                }
                 p.banned_until = Some(now + BAN);
                 p.have.clear();
-                self.bans += 1;
             }
         }
     }
@@ -261,6 +266,13 @@ impl Selector {
             usable: self.peers.values().filter(|p| Self::usable(p, now)).count() as u64,
             banned: self.peers.values().filter(|p| p.banned_until.is_some_and(|t| now < t)).count() as u64,
             bans_total: self.bans,
+            chunks_at_peers: {
+                let mut all = RoaringBitmap::new();
+                for p in self.peers.values().filter(|p| Self::usable(p, now)) {
+                    all |= &p.have;
+                }
+                all.len()
+            },
         }
     }
 }

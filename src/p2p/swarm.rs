@@ -97,9 +97,31 @@ impl Swarm {
         self.selector.lock().unwrap().summary(Instant::now())
     }
 
-    /// The member list from the trackers.
+    /// The member list from the trackers. Sessions to new members open in the background, so
+    /// their have-maps are known before the first miss that could use them.
     pub fn set_members(&self, nodes: &[String]) {
-        self.selector.lock().unwrap().set_members(nodes.iter().map(String::as_str));
+        let new: Vec<String> = {
+            let mut sel = self.selector.lock().unwrap();
+            let before = sel.members();
+            sel.set_members(nodes.iter().map(String::as_str));
+            sel.members().into_iter().filter(|n| !before.contains(n)).collect()
+        };
+        let Some(me) = self.weak.upgrade() else { return };
+        for node in new {
+            let me = me.clone();
+            tokio::spawn(async move {
+                if me.session(&node).await.is_err() {
+                    me.selector.lock().unwrap().unreachable(&node, Instant::now());
+                }
+            });
+        }
+    }
+
+    /// Peer sessions open now.
+    pub fn sessions(&self) -> u64 {
+        let slots: Vec<SessionSlot> = self.conns.lock().unwrap().values().cloned().collect();
+        slots.iter().filter(|s| s.try_lock().ok().is_some_and(|g| g.as_ref().is_some_and(|c| !c.is_closed()))).count()
+            as u64
     }
 
     pub fn members(&self) -> Vec<String> {
