@@ -299,6 +299,10 @@ impl PeerExport for Image {
         Some(g.chunk_offset(last).0 + g.chunk_len(last) as u64 - g.chunk_offset(ChunkIdx(run.start)).0)
     }
 
+    fn have_count(&self) -> u64 {
+        self.store.present_count()
+    }
+
     fn have(&self) -> roaring::RoaringBitmap {
         self.store.present()
     }

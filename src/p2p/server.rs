@@ -31,6 +31,8 @@ const PING_INTERVAL: Duration = Duration::from_millis(250);
 /// One image as the peer server sees it.
 pub trait PeerExport: Send + Sync + 'static {
     fn chunk_count(&self) -> u32;
+    /// How many chunks this node holds; cheap, and grows whenever `have` does.
+    fn have_count(&self) -> u64;
     /// Bytes in chunks `run`, or `None` if `run` is out of range.
     fn run_len(&self, run: Range<u32>) -> Option<u64>;
     /// The chunks this node holds.
@@ -230,6 +232,7 @@ impl PeerServer {
 /// nothing else is sent.
 async fn announce(export: Arc<dyn PeerExport>, tx: mpsc::Sender<(Frame, Option<OwnedSemaphorePermit>)>) {
     let mut sent = export.have();
+    let mut count = sent.len();
     if tx.send((Frame::with_tail(Message::Have, bitmap_bytes(&sent)), None)).await.is_err() {
         return;
     }
@@ -237,10 +240,17 @@ async fn announce(export: Arc<dyn PeerExport>, tx: mpsc::Sender<(Frame, Option<O
     let mut tick = tokio::time::interval(HAVE_INTERVAL);
     loop {
         tick.tick().await;
-        let now = export.have();
-        let added = &now - &sent;
-        let frame = if !added.is_empty() {
+        // Chunks are only ever added, so an unchanged count means nothing new to announce.
+        let added = if export.have_count() != count {
+            let now = export.have();
+            let added = &now - &sent;
+            count = now.len();
             sent = now;
+            added
+        } else {
+            RoaringBitmap::new()
+        };
+        let frame = if !added.is_empty() {
             Frame::with_tail(Message::HaveDelta, bitmap_bytes(&added))
         } else if last.elapsed() >= PING_INTERVAL {
             Frame::new(Message::Ping)
