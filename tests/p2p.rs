@@ -102,12 +102,16 @@ impl Cluster {
 
     /// Starts a node; `p2p_extra` goes into its `[p2p]` section, `vars` into its environment.
     fn add_node(&mut self, p2p_extra: &str, vars: &[(&str, &str)]) -> usize {
+        let trackers = format!("\"127.0.0.1:{}\"", self.tracker_port);
+        self.add_node_with_trackers(&trackers, p2p_extra, vars)
+    }
+
+    fn add_node_with_trackers(&mut self, trackers: &str, p2p_extra: &str, vars: &[(&str, &str)]) -> usize {
         let env = Env::new();
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let head = format!(
-            "[p2p]\nlisten = \"{addr}\"\ntrackers = [\"127.0.0.1:{}\"]\ncluster_key_file = \"{}\"\nheartbeat = \"200ms\"\n{p2p_extra}\n",
-            self.tracker_port,
+            "[p2p]\nlisten = \"{addr}\"\ntrackers = [{trackers}]\ncluster_key_file = \"{}\"\nheartbeat = \"200ms\"\n{p2p_extra}\n",
             self.key_file().display()
         );
         let cfg = env.config(&head, &file_image("img", &self.img, "chunk_size = \"64KiB\""));
@@ -269,6 +273,23 @@ fn the_tracker_may_die_and_come_back() {
     c.wait_known(late, 128);
     assert!(c.nodes[late].identical(&c.img));
     assert_eq!(c.nodes[late].status().origin, 0, "the newcomer found its peers through the restarted tracker");
+}
+
+#[test]
+fn any_one_of_several_trackers_serves() {
+    let mut c = Cluster::new(4 * MIB);
+    // Each node names the live tracker and one that is down, in a different order.
+    let dead = format!("\"127.0.0.1:{}\"", free_port());
+    let live = format!("\"127.0.0.1:{}\"", c.tracker_port);
+    let a = c.add_node_with_trackers(&format!("{dead}, {live}"), "", &[]);
+    let b = c.add_node_with_trackers(&format!("{live}, {dead}"), "", &[]);
+    c.wait_meshed(&[a, b]);
+    assert_eq!(c.nodes[a].node_status().trackers_up, 1);
+    assert!(c.nodes[a].identical(&c.img));
+    c.wait_known(b, 64);
+    let before = c.nodes[b].status().origin;
+    assert!(c.nodes[b].identical(&c.img));
+    assert_eq!(c.nodes[b].status().origin, before, "B found A through the tracker that is up");
 }
 
 #[test]
