@@ -40,11 +40,23 @@ pub enum ConnError {
     Timeout,
 }
 
+/// Largest body of a frame that carries no chunk data (handshake, requests, tracker
+/// registrations): a party that may not send data cannot make us allocate more than this.
+pub const SMALL_FRAME: usize = 4096;
+
 /// Reads one frame.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ConnError> {
+    read_frame_within(r, usize::MAX).await
+}
+
+/// Reads one frame whose body is at most `max` bytes.
+pub async fn read_frame_within<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Frame, ConnError> {
     let mut head = [0u8; HEADER_LEN];
     r.read_exact(&mut head).await?;
     let header = wire::decode_header(&head)?;
+    if header.body_len() > max {
+        return Err(WireError::TooBig { msg: header.msg_len, tail: header.tail_len }.into());
+    }
     let mut body = BytesMut::zeroed(header.body_len());
     r.read_exact(&mut body).await?;
     Ok(wire::decode_body(&header, body.freeze())?)
@@ -114,7 +126,7 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     me: &str,
 ) -> Result<Authenticated, ConnError> {
     let run = async {
-        let (node, image, nonce_c) = match read_frame(s).await?.msg {
+        let (node, image, nonce_c) = match read_frame_within(s, SMALL_FRAME).await?.msg {
             Message::Hello { node, image, nonce } => (node, image, nonce),
             other => return Err(ConnError::Unexpected { expected: "Hello", got: Box::new(other) }),
         };
@@ -122,7 +134,7 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         let nonce_s = nonce();
         let proof = key.proof(Role::Server, me, &image, &nonce_c, &nonce_s);
         write_frame(s, &Frame::new(Message::Challenge { node: me.into(), nonce: nonce_s, proof })).await?;
-        let proof = match read_frame(s).await?.msg {
+        let proof = match read_frame_within(s, SMALL_FRAME).await?.msg {
             Message::Proof { proof } => proof,
             other => return Err(ConnError::Unexpected { expected: "Proof", got: Box::new(other) }),
         };

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::auth::ClusterKey;
-use super::conn::{read_frame, server_handshake, write_frame, ConnError};
+use super::conn::{read_frame_within, server_handshake, write_frame, ConnError, SMALL_FRAME};
 use super::wire::{Bytes32, Frame, Message, MAX_TAIL};
 use crate::fetch::BoxFuture;
 
@@ -27,6 +27,8 @@ use crate::fetch::BoxFuture;
 const HAVE_INTERVAL: Duration = Duration::from_millis(100);
 /// Longest silence on an idle session (peers give up on us after their `stall`).
 const PING_INTERVAL: Duration = Duration::from_millis(250);
+/// Most sessions (and handshakes in progress) at once; more connections are closed at once.
+const MAX_SESSIONS: usize = 1024;
 
 /// One image as the peer server sees it.
 pub trait PeerExport: Send + Sync + 'static {
@@ -111,14 +113,21 @@ impl PeerServer {
 
     /// Accepts sessions until `shutdown` turns true.
     pub async fn run(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+        let sessions = Arc::new(Semaphore::new(MAX_SESSIONS));
         loop {
             let s = tokio::select! {
                 r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
                 _ = shutdown.wait_for(|v| *v) => return,
             };
+            let Ok(permit) = sessions.clone().try_acquire_owned() else {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("{MAX_SESSIONS} peer sessions open; connection refused");
+                continue;
+            };
             let me = self.clone();
             let mut stop = shutdown.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 tokio::select! {
                     _ = me.session(s) => {}
                     _ = stop.wait_for(|v| *v) => {}
@@ -156,7 +165,7 @@ impl PeerServer {
         let announcer = tokio::spawn(announce(export.clone(), tx.clone()));
         let queued = Arc::new(AtomicUsize::new(0));
         let why = loop {
-            let (id, first, count) = match read_frame(&mut rd).await {
+            let (id, first, count) = match read_frame_within(&mut rd, SMALL_FRAME).await {
                 Ok(Frame { msg: Message::Request { id, first, count }, .. }) => (id, first, count),
                 Ok(f) => break ConnError::Unexpected { expected: "Request", got: Box::new(f.msg) }.to_string(),
                 Err(e) => break e.to_string(),

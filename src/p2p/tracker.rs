@@ -13,7 +13,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::auth::ClusterKey;
-use super::conn::{client_handshake, read_frame, server_handshake, write_frame, ConnError};
+use super::conn::{
+    client_handshake, read_frame, read_frame_within, server_handshake, write_frame, ConnError, SMALL_FRAME,
+};
 use super::wire::{Bytes32, Frame, Message};
 
 /// The image field of a tracker session's `Hello`.
@@ -59,13 +61,19 @@ impl Tracker {
 
     /// Accepts node sessions until `shutdown` turns true.
     pub async fn run(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+        let sessions = Arc::new(tokio::sync::Semaphore::new(MAX_NODES));
         loop {
             let s = tokio::select! {
                 r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
                 _ = shutdown.wait_for(|v| *v) => return,
             };
+            let Ok(permit) = sessions.clone().try_acquire_owned() else {
+                tracing::warn!("{MAX_NODES} tracker sessions open; connection refused");
+                continue;
+            };
             let me = self.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 if let Err(e) = me.session(s).await {
                     tracing::debug!(error = %e, "tracker session ended");
                 }
@@ -83,7 +91,7 @@ impl Tracker {
             }
         };
         loop {
-            let image = match read_frame(&mut s).await?.msg {
+            let image = match read_frame_within(&mut s, SMALL_FRAME).await?.msg {
                 Message::Register { image } => image,
                 other => return Err(ConnError::Unexpected { expected: "Register", got: Box::new(other) }),
             };
