@@ -3,9 +3,10 @@
 //! the next one when a peer refuses, fails, stalls or lies.
 //!
 //! Peer data is verified against the manifest here, chunk by chunk, before it goes anywhere: a
-//! mismatch drops the data, bans the peer and reads the run elsewhere. (The fetcher verifies
-//! everything once more before storing; hashing is cheap next to a network read.) Origin errors
-//! are returned as they are, so the fetcher's retry budget applies to them unchanged.
+//! mismatch drops the data, bans the peer and reads the run elsewhere. Origin bytes are passed
+//! on unchecked, and origin errors as they are, so the fetcher verifies them and applies its
+//! retry budget exactly as without peers; a read served wholly by peers is reported as checked
+//! and not hashed twice.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -214,8 +215,9 @@ impl Swarm {
         }
     }
 
-    /// Reads one stripe's piece of a run from the best source that answers.
-    async fn read_piece(&self, run: Range<u32>) -> Result<Bytes, SourceError> {
+    /// Reads one stripe's piece of a run from the best source that answers; true when the
+    /// bytes came from a peer (and were verified here).
+    async fn read_piece(&self, run: Range<u32>) -> Result<(Bytes, bool), SourceError> {
         let mut tried: Vec<String> = Vec::new();
         loop {
             let choice = self.selector.lock().unwrap().choose(run.clone(), Instant::now(), &tried);
@@ -227,12 +229,12 @@ impl Swarm {
                     let len = (g.chunk_offset(last).0 + g.chunk_len(last) as u64 - offset) as usize;
                     let data = self.origin.read(offset, len).await?;
                     self.stats.bytes_from_origin.fetch_add(data.len() as u64, Ordering::Relaxed);
-                    return Ok(Bytes::from(data));
+                    return Ok((Bytes::from(data), false));
                 }
                 Choice::Peer { node, .. } => match self.ask(&node, run.clone()).await {
                     Ok(bytes) => {
                         self.stats.bytes_from_peers.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                        return Ok(bytes);
+                        return Ok((bytes, true));
                     }
                     Err(_) => tried.push(node),
                 },
@@ -251,6 +253,10 @@ impl ChunkSource for Swarm {
     }
 
     fn read(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
+        Box::pin(async move { self.read_checked(offset, len).await.map(|(d, _)| d) })
+    }
+
+    fn read_checked(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<(Vec<u8>, bool), SourceError>> {
         Box::pin(async move {
             let g = self.manifest.geometry();
             let run = g.chunks_covering(crate::image::ByteOffset(offset), len as u64);
@@ -258,7 +264,7 @@ impl ChunkSource for Swarm {
             let pieces = self.selector.lock().unwrap().split(run);
             let Some(me) = self.weak.upgrade().filter(|_| aligned && !pieces.is_empty()) else {
                 // Not a chunk-aligned run (never asked by the fetcher): read the origin as is.
-                return self.origin.read(offset, len).await;
+                return self.origin.read(offset, len).await.map(|d| (d, false));
             };
             let mut tasks = tokio::task::JoinSet::new();
             for (k, piece) in pieces.into_iter().enumerate() {
@@ -266,16 +272,19 @@ impl ChunkSource for Swarm {
                 tasks.spawn(async move { (k, me.read_piece(piece).await) });
             }
             let mut parts: Vec<Option<Bytes>> = vec![None; tasks.len()];
+            let mut all_checked = true;
             while let Some(done) = tasks.join_next().await {
                 let (k, r) = done.map_err(|e| SourceError::Io { what: "peer read".into(), reason: e.to_string() })?;
-                parts[k] = Some(r?);
+                let (bytes, checked) = r?;
+                all_checked &= checked;
+                parts[k] = Some(bytes);
             }
             let mut out = Vec::with_capacity(len);
             for p in parts.into_iter().flatten() {
                 out.extend_from_slice(&p);
             }
             out.truncate(len);
-            Ok(out)
+            Ok((out, all_checked))
         })
     }
 
