@@ -177,7 +177,7 @@ pub struct NodeP2pStatus {
     pub requests: u64,
     pub busy: u64,
     pub not_have: u64,
-    /// Trackers that answered the last heartbeat.
+    /// Trackers that answered within the membership window (three heartbeats and a second).
     pub trackers_up: u64,
 }
 

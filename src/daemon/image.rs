@@ -303,6 +303,10 @@ impl PeerExport for Image {
         self.store.present_count()
     }
 
+    fn holds(&self, run: std::ops::Range<u32>) -> bool {
+        self.store.has_all(run)
+    }
+
     fn have(&self) -> roaring::RoaringBitmap {
         self.store.present()
     }

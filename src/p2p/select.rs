@@ -199,9 +199,11 @@ impl Selector {
     }
 
     /// Where to read `run` (one stripe at most, see [`Selector::split`]) from, avoiding the
-    /// peers in `exclude` (already tried for this run). An owner that was tried and failed is
-    /// not replaced by the next-ranked node: that node would not see itself as owner and refuse,
-    /// so such a run goes to the origin until the failed peer drops out of everyone's view.
+    /// peers in `exclude` (already tried for this run). An owner in `exclude` (it refused, or
+    /// failed) sends the run to the origin rather than to the next-ranked node, which would
+    /// refuse unless it too saw the owner as gone. An owner that failed is also marked down, so
+    /// later runs of its stripes go to the next-ranked node, which owns them in the view of
+    /// every node that noticed the failure.
     pub fn choose(&self, run: Range<u32>, now: Instant, exclude: &[String]) -> Choice {
         let holder = self
             .peers

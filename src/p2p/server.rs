@@ -39,6 +39,8 @@ pub trait PeerExport: Send + Sync + 'static {
     fn run_len(&self, run: Range<u32>) -> Option<u64>;
     /// The chunks this node holds.
     fn have(&self) -> RoaringBitmap;
+    /// Whether this node holds every chunk of `run`.
+    fn holds(&self, run: Range<u32>) -> bool;
     /// The bytes of `run` if this node holds it, or fetches it because it owns its stripe;
     /// `None` when neither (the asker then goes elsewhere).
     fn serve(&self, run: Range<u32>) -> BoxFuture<'_, Option<Bytes>>;
@@ -202,12 +204,22 @@ impl PeerServer {
         run: Range<u32>,
         tx: &mpsc::Sender<(Frame, Option<OwnedSemaphorePermit>)>,
     ) {
+        // A reply from the cache takes its upload slot before reading, so replies waiting for a
+        // slot hold no chunk bytes; one the owner must fetch first takes it after.
+        let early = if export.holds(run.clone()) {
+            Some(self.slots.clone().acquire_owned().await.expect("semaphore never closed"))
+        } else {
+            None
+        };
         let Some(bytes) = export.serve(run).await else {
             self.stats.not_have.fetch_add(1, Ordering::Relaxed);
             let _ = tx.send((Frame::new(Message::NotHave { id }), None)).await;
             return;
         };
-        let permit = self.slots.clone().acquire_owned().await.expect("semaphore never closed");
+        let permit = match early {
+            Some(p) => p,
+            None => self.slots.clone().acquire_owned().await.expect("semaphore never closed"),
+        };
         self.pace(bytes.len() as u64).await;
         let bytes = if self.corrupt {
             let mut v = bytes.to_vec();
