@@ -62,11 +62,18 @@ impl PeerConn {
         stall: Duration,
         selector: Arc<Mutex<Selector>>,
     ) -> Result<Arc<PeerConn>, ConnError> {
-        let mut s = tokio::time::timeout(stall.max(Duration::from_secs(1)), TcpStream::connect(node))
-            .await
-            .map_err(|_| ConnError::Timeout)??;
-        s.set_nodelay(true)?;
-        let name = client_handshake(&mut s, key, me, image).await?;
+        // A frozen peer still completes TCP handshakes (the kernel does), so the whole opening,
+        // not just the connect, is bounded by the stall limit: a read never waits longer on a
+        // peer that cannot answer.
+        let limit = stall.max(Duration::from_secs(1));
+        let (s, name) = tokio::time::timeout(limit, async {
+            let mut s = TcpStream::connect(node).await?;
+            s.set_nodelay(true)?;
+            let name = client_handshake(&mut s, key, me, image).await?;
+            Ok::<_, ConnError>((s, name))
+        })
+        .await
+        .map_err(|_| ConnError::Timeout)??;
         if name != node {
             // A peer answering under another name would corrupt everyone's ownership view.
             return Err(ConnError::BadNode(name));
