@@ -258,6 +258,11 @@ impl Selector {
         self.finished(node, Outcome::Failed, now);
     }
 
+    /// Whether `node` is a member that may be asked now (not backing off, not banned).
+    pub fn usable_now(&self, node: &str, now: Instant) -> bool {
+        self.peers.get(node).is_some_and(|p| Self::usable(p, now))
+    }
+
     pub fn is_banned(&self, node: &str, now: Instant) -> bool {
         self.peers.get(node).and_then(|p| p.banned_until).is_some_and(|t| now < t)
     }

@@ -98,17 +98,26 @@ impl Swarm {
         self.selector.lock().unwrap().summary(Instant::now())
     }
 
-    /// The member list from the trackers. Sessions to new members open in the background, so
-    /// their have-maps are known before the first miss that could use them.
+    /// The member list from the trackers. Sessions to members open in the background (to new
+    /// ones, and again to ones whose session ended and that are not backing off), so their
+    /// have-maps are known before the first miss that could use them.
     pub fn set_members(&self, nodes: &[String]) {
-        let new: Vec<String> = {
+        let now = Instant::now();
+        let usable: Vec<String> = {
             let mut sel = self.selector.lock().unwrap();
-            let before = sel.members();
             sel.set_members(nodes.iter().map(String::as_str));
-            sel.members().into_iter().filter(|n| !before.contains(n)).collect()
+            sel.members().into_iter().filter(|n| sel.usable_now(n, now)).collect()
         };
         let Some(me) = self.weak.upgrade() else { return };
-        for node in new {
+        for node in usable {
+            let idle = {
+                let conns = self.conns.lock().unwrap();
+                // A locked slot is connecting already.
+                conns.get(&node).is_none_or(|s| s.try_lock().is_ok_and(|g| g.as_ref().is_none_or(|c| c.is_closed())))
+            };
+            if !idle {
+                continue;
+            }
             let me = me.clone();
             tokio::spawn(async move {
                 if me.session(&node).await.is_err() {
