@@ -321,7 +321,7 @@ impl PeerExport for Image {
                 return None;
             }
             let offset = self.manifest.geometry().chunk_offset(ChunkIdx(run.start)).0;
-            self.bytes(offset, len, Priority::Guest).await.ok()
+            self.bytes(offset, len, Priority::Relay).await.ok()
         })
     }
 

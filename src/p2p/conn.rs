@@ -57,9 +57,11 @@ pub async fn read_frame_within<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> R
     if header.body_len() > max {
         return Err(WireError::TooBig { msg: header.msg_len, tail: header.tail_len }.into());
     }
-    let mut body = BytesMut::zeroed(header.body_len());
-    r.read_exact(&mut body).await?;
-    Ok(wire::decode_body(&header, body.freeze())?)
+    let mut msg = vec![0u8; header.msg_len as usize];
+    r.read_exact(&mut msg).await?;
+    let mut tail = BytesMut::zeroed(header.tail_len as usize);
+    r.read_exact(&mut tail).await?;
+    Ok(wire::decode_body(&header, &msg, tail.freeze())?)
 }
 
 /// Writes one frame; the tail goes out without being copied.

@@ -23,6 +23,9 @@ use super::wire::Bytes32;
 use crate::fetch::{BoxFuture, ChunkSource, SourceError};
 use crate::image::{ChunkIdx, Manifest};
 
+/// Largest peer reply verified on a runtime thread.
+const INLINE_VERIFY: usize = 256 << 10;
+
 /// Timing of peer sessions.
 #[derive(Debug, Clone, Copy)]
 pub struct SwarmTuning {
@@ -208,19 +211,25 @@ impl Swarm {
             tracing::warn!(peer = node, got = bytes.len(), want, "peer sent a reply of the wrong length");
             return Err(Outcome::Corrupt);
         }
-        let m = self.manifest.clone();
-        let checked = tokio::task::spawn_blocking(move || {
+        let check = move |m: &Manifest, bytes: &[u8]| {
             let base = g.chunk_offset(first).0;
-            let ok = run.clone().all(|i| {
+            run.clone().all(|i| {
                 let start = (g.chunk_offset(ChunkIdx(i)).0 - base) as usize;
                 m.verify(ChunkIdx(i), &bytes[start..start + g.chunk_len(ChunkIdx(i))])
-            });
-            (ok, bytes)
-        })
-        .await;
-        match checked {
-            Ok((true, bytes)) => Ok(bytes),
-            _ => Err(Outcome::Corrupt),
+            })
+        };
+        // Hashing a few chunks takes tens of microseconds: cheaper in place than a hand-off to
+        // the blocking pool. Longer runs go there, off the runtime's threads.
+        let ok = if bytes.len() <= INLINE_VERIFY {
+            check(&self.manifest, &bytes)
+        } else {
+            let (m, b) = (self.manifest.clone(), bytes.clone());
+            tokio::task::spawn_blocking(move || check(&m, &b)).await.unwrap_or(false)
+        };
+        if ok {
+            Ok(bytes)
+        } else {
+            Err(Outcome::Corrupt)
         }
     }
 
@@ -281,12 +290,19 @@ impl ChunkSource for Swarm {
                 tasks.spawn(async move { (k, me.read_piece(piece).await) });
             }
             let mut parts: Vec<Option<Bytes>> = vec![None; tasks.len()];
+            let single = parts.len() == 1;
             let mut all_checked = true;
             while let Some(done) = tasks.join_next().await {
                 let (k, r) = done.map_err(|e| SourceError::Io { what: "peer read".into(), reason: e.to_string() })?;
                 let (bytes, checked) = r?;
                 all_checked &= checked;
                 parts[k] = Some(bytes);
+            }
+            if single {
+                // Usually the reply's own buffer, taken over without a copy.
+                let mut out = Vec::from(parts.pop().flatten().unwrap_or_default());
+                out.truncate(len);
+                return Ok((out, all_checked));
             }
             let mut out = Vec::with_capacity(len);
             for p in parts.into_iter().flatten() {
