@@ -51,6 +51,9 @@ enum Cmd {
         #[arg(long)]
         wait: bool,
     },
+    /// Record every NBD request an image's export receives (for `vmt bench replay`).
+    #[command(subcommand)]
+    Trace(TraceCmd),
     /// Copy a running VM's disk into its overlay so it no longer needs vmtd (block pull).
     Detach {
         domain: String,
@@ -59,6 +62,18 @@ enum Cmd {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 3600)]
         timeout: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum TraceCmd {
+    /// Start tracing the requests of IMAGE's export.
+    Start { image: String },
+    /// Stop tracing IMAGE and write the trace as CSV (t_s,op,offset,length).
+    Stop {
+        image: String,
+        #[arg(short, long)]
+        output: PathBuf,
     },
 }
 
@@ -243,6 +258,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        Cmd::Trace(TraceCmd::Start { image }) => {
+            call(&args.socket, Request::TraceStart { image: image.clone() }).await?;
+            eprintln!("tracing the requests of {image} (stop with `vmt trace stop {image} -o FILE`)");
+        }
+        Cmd::Trace(TraceCmd::Stop { image, output }) => {
+            // vmtd writes the file itself: give it a path that does not depend on its cwd.
+            let path = std::path::absolute(&output)?.display().to_string();
+            match call(&args.socket, Request::TraceStop { image, path }).await? {
+                Response::Traced { path, rows, dropped } => {
+                    println!("{path}: {rows} requests");
+                    if dropped > 0 {
+                        eprintln!("note: {dropped} more requests did not fit in the trace and were not kept");
+                    }
+                }
+                r => bail!("unexpected answer from vmtd: {r:?}"),
             }
         }
         Cmd::Pool(_) | Cmd::Vol(_) | Cmd::Detach { .. } => unreachable!("handled before the runtime starts"),
