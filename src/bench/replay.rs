@@ -149,6 +149,13 @@ pub fn plan(rows: &[Row], scale: f64) -> Result<Vec<Burst>, ReplayError> {
     Ok(bursts)
 }
 
+/// The requests of `rows` (in trace order) recorded at or after `from` seconds: replaying from
+/// there leaves out a leading phase, such as a kernel's start before its first disk read, that
+/// every node spends idle whatever the server.
+pub fn skip_before(rows: &[Row], from: f64) -> &[Row] {
+    &rows[rows.partition_point(|r| r.t_s < from)..]
+}
+
 /// An NBD server as the replay sees it.
 pub trait ReplayTarget: Send + Sync + 'static {
     fn read(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<(), String>>;
@@ -244,6 +251,16 @@ mod tests {
         assert_eq!(shape, vec![(0, vec![0, 1, 2]), (50, vec![3]), (100, vec![0, 4])]);
         assert!(plan(&rows, -1.0).is_err() && plan(&rows, f64::NAN).is_err());
         assert!(plan(&[], 1.0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn skipping_the_start_keeps_later_requests() {
+        let rows = [row(0.1, Op::Read, 0), row(0.4, Op::Read, 1), row(9.0, Op::Read, 2), row(9.5, Op::Read, 3)];
+        assert_eq!(skip_before(&rows, 0.0).len(), 4);
+        assert_eq!(skip_before(&rows, 9.0).iter().map(|r| r.offset).collect::<Vec<_>>(), vec![2, 3]);
+        assert!(skip_before(&rows, 100.0).is_empty());
+        let b = plan(skip_before(&rows, 5.0), 1.0).unwrap();
+        assert_eq!(b[0].think, Duration::ZERO, "the first kept burst goes at once");
     }
 
     #[test]

@@ -97,6 +97,10 @@ enum BenchCmd {
         /// Factor applied to the recorded think times (0.25: a TCG-recorded boot at KVM pace).
         #[arg(long, default_value_t = 1.0)]
         scale: f64,
+        /// Replay only the requests recorded at or after this many seconds into the trace (the
+        /// first of them is sent at once).
+        #[arg(long, default_value_t = 0.0)]
+        from: f64,
         /// Seconds one request may take before it counts as a read error.
         #[arg(long, default_value_t = 30.0)]
         timeout: f64,
@@ -352,13 +356,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
 async fn bench(cmd: BenchCmd) -> anyhow::Result<()> {
     use vmthunder::bench::{replay, trace};
     match cmd {
-        BenchCmd::Replay { trace: file, export, name, scale, timeout, start_at, json } => {
+        BenchCmd::Replay { trace: file, export, name, scale, from, timeout, start_at, json } => {
             if !(timeout.is_finite() && timeout > 0.0 && timeout <= 86400.0) {
                 bail!("--timeout {timeout}: give a number of seconds above 0, at most 86400");
             }
             let op_timeout = Duration::from_secs_f64(timeout);
             let rows = trace::load(&file)?;
-            let bursts = replay::plan(&rows, scale)?;
+            if !from.is_finite() {
+                bail!("--from {from}: give a number of seconds");
+            }
+            let bursts = replay::plan(replay::skip_before(&rows, from), scale)?;
             let addr = replay::ExportAddr::parse(&export, name.as_deref())?;
             let client = replay::connect(&addr, op_timeout).await?;
             if let Some(at) = start_at {
