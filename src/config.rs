@@ -79,9 +79,129 @@ pub struct Config {
     /// Optional cap on prefetch traffic, e.g. "50MiB" (per second).
     #[serde(default)]
     pub prefetch_rate: Option<String>,
+    /// Peer-to-peer relay between nodes (off when absent).
+    #[serde(default)]
+    pub p2p: Option<P2pConfig>,
     /// Images served at start.
     #[serde(default, rename = "image")]
     pub images: Vec<ImageConfig>,
+}
+
+/// The `[p2p]` section: this node's peer server, its trackers and the shared cluster key.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct P2pConfig {
+    /// Address of this node's peer server.
+    pub listen: SocketAddr,
+    /// The address peers reach this node at (its name in the cluster); `listen` by default,
+    /// which then must not be a wildcard address.
+    #[serde(default)]
+    pub advertise: Option<SocketAddr>,
+    /// Trackers (`HOST:PORT`), all registered with; the union of their answers is used.
+    pub trackers: Vec<String>,
+    /// File holding the cluster key (at least 16 bytes; owner-only permissions).
+    pub cluster_key_file: PathBuf,
+    /// How often this node registers with the trackers.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat: String,
+    /// Silence after which a peer session counts as dead and its requests go elsewhere.
+    #[serde(default = "default_peer_stall")]
+    pub peer_stall: String,
+    /// Longest wait for one peer request (an owner may first read the origin).
+    #[serde(default = "default_peer_timeout")]
+    pub peer_timeout: String,
+    /// Ownership unit: each stripe of this many bytes is read from the origin by one node.
+    #[serde(default = "default_stripe")]
+    pub stripe: String,
+    /// Chunk replies sent to peers at once.
+    #[serde(default = "default_upload_slots")]
+    pub upload_slots: usize,
+    /// Optional cap on upload traffic to peers, e.g. "50MiB" (per second).
+    #[serde(default)]
+    pub upload_rate: Option<String>,
+}
+
+/// Run-time settings of the `[p2p]` section, in typed units.
+#[derive(Debug, Clone)]
+pub struct P2pTuning {
+    pub listen: SocketAddr,
+    pub advertise: String,
+    pub heartbeat: Duration,
+    pub peer_stall: Duration,
+    pub peer_timeout: Duration,
+    pub stripe: u64,
+    pub upload_slots: usize,
+    pub upload_rate: Option<u64>,
+}
+
+fn default_heartbeat() -> String {
+    "1s".into()
+}
+fn default_peer_stall() -> String {
+    "1s".into()
+}
+fn default_peer_timeout() -> String {
+    "10s".into()
+}
+fn default_stripe() -> String {
+    "1MiB".into()
+}
+fn default_upload_slots() -> usize {
+    16
+}
+
+impl P2pConfig {
+    /// Checks every field; errors carry `p2p.FIELD` as key. The key file is checked here too,
+    /// so a bad key stops vmtd at start rather than at the first peer.
+    pub fn tuning(&self) -> Result<P2pTuning, ConfigError> {
+        let advertise = self.advertise.unwrap_or(self.listen);
+        if advertise.ip().is_unspecified() || advertise.port() == 0 {
+            let key = if self.advertise.is_some() { "p2p.advertise" } else { "p2p.listen" };
+            return Err(invalid(key, "peers need a concrete address and port (set p2p.advertise)"));
+        }
+        if self.trackers.is_empty() {
+            return Err(invalid("p2p.trackers", "name at least one tracker (HOST:PORT)"));
+        }
+        for t in &self.trackers {
+            if !t.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0)) {
+                return Err(invalid("p2p.trackers", format!("{t:?} is not HOST:PORT")));
+            }
+        }
+        if !self.cluster_key_file.is_absolute() {
+            return Err(invalid("p2p.cluster_key_file", "must be an absolute path"));
+        }
+        crate::p2p::auth::ClusterKey::load(&self.cluster_key_file)
+            .map_err(|e| invalid("p2p.cluster_key_file", e.to_string()))?;
+        let dur = |key: &str, v: &str, max: Duration| {
+            let d = parse_duration(v).map_err(|m| invalid(format!("p2p.{key}"), m))?;
+            if d < Duration::from_millis(10) || d > max {
+                return Err(invalid(format!("p2p.{key}"), format!("must be between 10ms and {max:?}")));
+            }
+            Ok(d)
+        };
+        let heartbeat = dur("heartbeat", &self.heartbeat, Duration::from_secs(60))?;
+        let peer_stall = dur("peer_stall", &self.peer_stall, Duration::from_secs(60))?;
+        let peer_timeout = dur("peer_timeout", &self.peer_timeout, Duration::from_secs(600))?;
+        let stripe = parse_size(&self.stripe).map_err(|m| invalid("p2p.stripe", m))?;
+        if !(4096..=1 << 30).contains(&stripe) {
+            return Err(invalid("p2p.stripe", "must be between 4KiB and 1GiB"));
+        }
+        if !(1..=1024).contains(&self.upload_slots) {
+            return Err(invalid("p2p.upload_slots", "must be between 1 and 1024"));
+        }
+        let upload_rate =
+            self.upload_rate.as_deref().map(parse_size).transpose().map_err(|m| invalid("p2p.upload_rate", m))?;
+        Ok(P2pTuning {
+            listen: self.listen,
+            advertise: advertise.to_string(),
+            heartbeat,
+            peer_stall,
+            peer_timeout,
+            stripe,
+            upload_slots: self.upload_slots,
+            upload_rate,
+        })
+    }
 }
 
 /// One image served by the daemon.
@@ -179,6 +299,9 @@ impl Config {
             }
         }
         self.tuning()?;
+        if let Some(p) = &self.p2p {
+            p.tuning()?;
+        }
         let mut seen = HashSet::new();
         for (i, img) in self.images.iter().enumerate() {
             img.validate().map_err(|e| match e {

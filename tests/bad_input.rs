@@ -231,6 +231,40 @@ fn bad_configs_fail_with_the_key_named() {
     let env = Env::new();
     let img = env.path("img.raw");
     write_image(&img, 65536, 1);
+    let (key, open_key) = (env.path("cluster.key"), env.path("open.key"));
+    for (path, mode) in [(&key, 0o600), (&open_key, 0o644)] {
+        std::fs::write(path, "0123456789abcdef0123456789abcdef").unwrap();
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+    }
+    let p2p = |body: &str, key: &std::path::Path| {
+        format!("[p2p]\ntrackers = [\"10.0.0.2:7070\"]\ncluster_key_file = \"{}\"\n{body}", key.display())
+    };
+    let p2p_cases = [
+        (p2p("listen = \"0.0.0.0:7000\"", &key), "p2p.listen"),
+        (p2p("listen = \"10.0.0.5:7000\"\nadvertise = \"0.0.0.0:7000\"", &key), "p2p.advertise"),
+        (p2p("listen = \"10.0.0.5:7000\"", &open_key), "p2p.cluster_key_file"),
+        (p2p("listen = \"10.0.0.5:7000\"", &env.path("missing.key")), "p2p.cluster_key_file"),
+        (p2p("listen = \"10.0.0.5:7000\"\nheartbeat = \"0s\"", &key), "p2p.heartbeat"),
+        (p2p("listen = \"10.0.0.5:7000\"\nstripe = \"1KiB\"", &key), "p2p.stripe"),
+        (p2p("listen = \"10.0.0.5:7000\"\nupload_slots = 0", &key), "p2p.upload_slots"),
+        (p2p("listen = \"10.0.0.5:7000\"\npeers = []", &key), "peers"),
+        (
+            format!(
+                "[p2p]\nlisten = \"10.0.0.5:7000\"\ntrackers = [\"nohost\"]\ncluster_key_file = \"{}\"",
+                key.display()
+            ),
+            "p2p.trackers",
+        ),
+    ];
+    for (head, key) in &p2p_cases {
+        let cfg = env.config(head, "");
+        let out = run(Command::new(VMTD).arg("--check").arg("--config").arg(&cfg));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "accepted: {head}");
+        assert!(err.contains(key), "error for {key} does not name it: {err}");
+    }
+    let cfg = env.config(&p2p("listen = \"10.0.0.5:7000\"", &key), "");
+    assert!(run(Command::new(VMTD).arg("--check").arg("--config").arg(&cfg)).status.success());
     let cases = [
         ("bogus_key = 1", "", "bogus_key"),
         ("", "[[image]]\nname = \"a b\"\norigin = \"file:///x\"\n", "image[0].name"),

@@ -443,6 +443,21 @@ fn print_status(i: &ImageStatus) {
         };
         println!("  prefetch      {}/{} chunks, {state}", p.done_chunks, p.total_chunks);
     }
+    if let Some(p) = &i.p2p {
+        println!(
+            "  peers         {} known, {} usable, {} banned ({} bans since start)",
+            i.peers, p.peers_usable, p.peers_banned, p.bans
+        );
+        println!(
+            "  peer traffic  {} bytes in, {} bytes out; {} requests ({} refused, {} failed, {} bad replies)",
+            p.bytes_from_peers,
+            p.bytes_to_peers,
+            p.peer_requests,
+            p.peer_refusals,
+            p.peer_failures,
+            p.peer_verify_failures
+        );
+    }
     println!("  export        nbd+unix:///{}?socket={}", i.name, i.socket);
     if !i.holds.is_empty() {
         println!("  held by       {}", i.holds.join(", "));

@@ -140,6 +140,52 @@ pub struct ImageStatus {
     pub prefetch: Option<PrefetchStatus>,
     pub socket: String,
     pub cache_dir: String,
+    /// Peers known for this image (from the trackers); 0 without `[p2p]`.
+    #[serde(default)]
+    pub peers: u64,
+    /// Peer traffic of this image, with `[p2p]` configured.
+    #[serde(default)]
+    pub p2p: Option<PeerStatus>,
+}
+
+/// Peer-to-peer counters of one image.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerStatus {
+    pub peers_usable: u64,
+    /// Sessions open to peers (each brings that peer's have-map).
+    pub sessions: u64,
+    /// Chunks of this image that usable peers are known to hold.
+    pub chunks_at_peers: u64,
+    pub peers_banned: u64,
+    /// Bans since start (a peer sent data not matching the manifest).
+    pub bans: u64,
+    pub bytes_from_peers: u64,
+    pub bytes_to_peers: u64,
+    pub peer_requests: u64,
+    /// Requests a peer answered with not-have or busy.
+    pub peer_refusals: u64,
+    /// Requests that failed: no session, broken or stalled session, timeout.
+    pub peer_failures: u64,
+    /// Replies that did not match the manifest (dropped, peer banned).
+    pub peer_verify_failures: u64,
+}
+
+/// The node's peer server and tracker sessions.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeP2pStatus {
+    /// This node's name among its peers (its advertised address).
+    pub node: String,
+    /// Authenticated peer sessions opened to this node since start.
+    pub sessions: u64,
+    /// Sessions refused (authentication failed or malformed handshake).
+    pub refused: u64,
+    pub requests: u64,
+    pub busy: u64,
+    pub not_have: u64,
+    /// Trackers that answered within the membership window (three heartbeats and a second).
+    pub trackers_up: u64,
 }
 
 /// A response from the daemon.
@@ -151,6 +197,9 @@ pub enum Response {
         images: Vec<ImageStatus>,
         /// Profile files in `profile_dir` refused since start (malformed or misnamed).
         profiles_rejected: u64,
+        /// The peer server, with `[p2p]` configured.
+        #[serde(default)]
+        p2p: Option<NodeP2pStatus>,
     },
     /// Export sockets of assembled images, in request order.
     Assembled {

@@ -14,7 +14,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 use crate::config::{ImageConfig, Tuning};
-use crate::fetch::flight::{FetchTuning, Fetcher, RunData};
+use crate::fetch::flight::{FetchTuning, Fetcher, Priority, RunData};
 use crate::fetch::origin::OriginUrl;
 use crate::fetch::{BoxFuture, SourceError};
 use crate::fsutil;
@@ -23,9 +23,12 @@ use crate::nbd::proto::EIO;
 use crate::nbd::server::Export;
 use crate::store::{ChunkStore, StoreError};
 
-use super::control::{ImageStatus, PrefetchStatus};
+use super::control::{ImageStatus, PeerStatus, PrefetchStatus};
 use crate::bench::trace::{self, Tracer};
 use crate::nbd::proto::{CMD_FLUSH, CMD_READ, CMD_WRITE};
+use crate::p2p::auth::ClusterKey;
+use crate::p2p::server::PeerExport;
+use crate::p2p::swarm::{Swarm, SwarmTuning};
 use crate::profile::prefetch;
 use crate::profile::recorder::Recorder;
 
@@ -63,6 +66,21 @@ pub struct Image {
     pub tracer: Tracer,
     reads: AtomicU64,
     reads_waited: AtomicU64,
+    /// The peer-aware source, with `[p2p]` configured.
+    pub swarm: Option<Arc<Swarm>>,
+    bytes_to_peers: AtomicU64,
+}
+
+/// What an image needs to take part in peer-to-peer relay.
+#[derive(Debug, Clone)]
+pub struct PeerContext {
+    /// This node's name (advertised peer address).
+    pub me: String,
+    pub key: ClusterKey,
+    pub stall: std::time::Duration,
+    pub request_timeout: std::time::Duration,
+    /// Ownership stripe in bytes.
+    pub stripe: u64,
 }
 
 impl Image {
@@ -72,6 +90,7 @@ impl Image {
         cache_dir: &Path,
         tuning: Tuning,
         socket: PathBuf,
+        peers: Option<&PeerContext>,
     ) -> Result<Arc<Image>, ImageError> {
         let name = cfg.name.clone();
         let invalid = |message: String| ImageError::Invalid { name: name.clone(), message };
@@ -111,6 +130,15 @@ impl Image {
             .map_err(|source| ImageError::Store { name: name.clone(), source })?;
         let store = Arc::new(store);
         let max_chunks = (tuning.max_fetch / manifest.geometry().chunk_size().bytes()).max(1) as u32;
+        let swarm = peers.map(|p| {
+            let stripe = (p.stripe / manifest.geometry().chunk_size().bytes()).max(1) as u32;
+            let tuning = SwarmTuning { stall: p.stall, request_timeout: p.request_timeout, stripe };
+            Swarm::new(&p.me, p.key.clone(), manifest.clone(), source.clone(), tuning)
+        });
+        let source: Arc<dyn crate::fetch::ChunkSource> = match &swarm {
+            Some(s) => s.clone(),
+            None => source,
+        };
         let fetcher = Fetcher::new(
             store.clone(),
             manifest.clone(),
@@ -135,6 +163,8 @@ impl Image {
             tracer: Tracer::default(),
             reads: AtomicU64::new(0),
             reads_waited: AtomicU64::new(0),
+            swarm,
+            bytes_to_peers: AtomicU64::new(0),
         }))
     }
 
@@ -157,7 +187,10 @@ impl Image {
             chunk_size: g.chunk_size().bytes(),
             chunks_present: self.store.present_count(),
             chunks_total: u64::from(g.chunk_count()),
-            bytes_from_origin: load(&f.bytes_from_origin),
+            bytes_from_origin: match &self.swarm {
+                Some(s) => load(&s.stats().bytes_from_origin),
+                None => load(&f.bytes_from_origin),
+            },
             bytes_served: load(&self.bytes_served),
             chunks_fetched: load(&f.chunks_fetched),
             upstream_reads: load(&f.upstream_reads),
@@ -182,6 +215,23 @@ impl Image {
             }),
             socket: self.socket.display().to_string(),
             cache_dir: self.store.dir().display().to_string(),
+            peers: self.swarm.as_ref().map_or(0, |s| s.summary().members),
+            p2p: self.swarm.as_ref().map(|s| {
+                let (st, sum) = (s.stats(), s.summary());
+                PeerStatus {
+                    peers_usable: sum.usable,
+                    sessions: s.sessions(),
+                    chunks_at_peers: sum.chunks_at_peers,
+                    peers_banned: sum.banned,
+                    bans: sum.bans_total,
+                    bytes_from_peers: load(&st.bytes_from_peers),
+                    bytes_to_peers: load(&self.bytes_to_peers),
+                    peer_requests: load(&st.peer_requests),
+                    peer_refusals: load(&st.peer_refusals),
+                    peer_failures: load(&st.peer_failures),
+                    peer_verify_failures: load(&st.peer_verify_failures),
+                }
+            }),
         }
     }
 }
@@ -219,6 +269,73 @@ impl Image {
     }
 }
 
+impl Image {
+    /// The bytes of `[offset, offset + len)`, fetched first if missing: from the cache, or
+    /// shared from the fetched run that holds them.
+    async fn bytes(&self, offset: u64, len: u32, priority: Priority) -> Result<Bytes, u32> {
+        let range = self.manifest.geometry().chunks_covering(ByteOffset(offset), u64::from(len));
+        if self.store.has_all(range.clone()) {
+            let mut buf = vec![0u8; len as usize];
+            self.read_store(offset, &mut buf)?;
+            return Ok(Bytes::from(buf));
+        }
+        let runs = self.fetcher.ensure_with(range.clone(), priority).await.map_err(|e| {
+            tracing::warn!(image = %self.name, offset, len, error = %e, "read failed");
+            EIO
+        })?;
+        match runs.iter().find_map(|r| r.share(offset, len as usize)) {
+            // The common cold read: one fetched run holds it all, share its buffer.
+            Some(shared) => Ok(shared),
+            None => Ok(Bytes::from(self.assemble(offset, len, range, &runs)?)),
+        }
+    }
+}
+
+impl PeerExport for Image {
+    fn chunk_count(&self) -> u32 {
+        self.manifest.geometry().chunk_count()
+    }
+
+    fn run_len(&self, run: std::ops::Range<u32>) -> Option<u64> {
+        let g = self.manifest.geometry();
+        if run.is_empty() || run.end > g.chunk_count() {
+            return None;
+        }
+        let last = ChunkIdx(run.end - 1);
+        Some(g.chunk_offset(last).0 + g.chunk_len(last) as u64 - g.chunk_offset(ChunkIdx(run.start)).0)
+    }
+
+    fn have_count(&self) -> u64 {
+        self.store.present_count()
+    }
+
+    fn holds(&self, run: std::ops::Range<u32>) -> bool {
+        self.store.has_all(run)
+    }
+
+    fn have(&self) -> roaring::RoaringBitmap {
+        self.store.present()
+    }
+
+    fn serve(&self, run: std::ops::Range<u32>) -> BoxFuture<'_, Option<Bytes>> {
+        Box::pin(async move {
+            let len = u32::try_from(self.run_len(run.clone())?).ok()?;
+            let held = self.store.has_all(run.clone());
+            // Fetch on a peer's behalf only for stripes this node owns: everyone else would
+            // otherwise turn every miss into one more origin read.
+            if !held && !self.swarm.as_ref().is_some_and(|s| s.owns(run.start)) {
+                return None;
+            }
+            let offset = self.manifest.geometry().chunk_offset(ChunkIdx(run.start)).0;
+            self.bytes(offset, len, Priority::Guest).await.ok()
+        })
+    }
+
+    fn uploaded(&self, bytes: u64) {
+        self.bytes_to_peers.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
 impl Export for Image {
     fn size(&self) -> u64 {
         self.manifest.geometry().image_size()
@@ -226,26 +343,13 @@ impl Export for Image {
 
     fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, u32>> {
         Box::pin(async move {
-            let g = self.manifest.geometry();
-            let range = g.chunks_covering(ByteOffset(offset), u64::from(len));
+            let range = self.manifest.geometry().chunks_covering(ByteOffset(offset), u64::from(len));
             self.recorder.note(range.clone());
             self.reads.fetch_add(1, Ordering::Relaxed);
-            let buf = if self.store.has_all(range.clone()) {
-                let mut buf = vec![0u8; len as usize];
-                self.read_store(offset, &mut buf)?;
-                Bytes::from(buf)
-            } else {
+            if !self.store.has_all(range) {
                 self.reads_waited.fetch_add(1, Ordering::Relaxed);
-                let runs = self.fetcher.ensure(range.clone()).await.map_err(|e| {
-                    tracing::warn!(image = %self.name, offset, len, error = %e, "read failed");
-                    EIO
-                })?;
-                match runs.iter().find_map(|r| r.share(offset, len as usize)) {
-                    // The common cold read: one fetched run holds it all, share its buffer.
-                    Some(shared) => shared,
-                    None => Bytes::from(self.assemble(offset, len, range, &runs)?),
-                }
-            };
+            }
+            let buf = self.bytes(offset, len, Priority::Guest).await?;
             self.bytes_served.fetch_add(u64::from(len), Ordering::Relaxed);
             Ok(buf)
         })

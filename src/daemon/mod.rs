@@ -7,6 +7,7 @@
 
 pub mod control;
 pub mod image;
+mod peers;
 mod profiles;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -65,6 +66,8 @@ pub struct Daemon {
     profiles: RwLock<profiles::ProfileMap>,
     profile_watch: Mutex<Option<notify::RecommendedWatcher>>,
     profiles_rejected: std::sync::atomic::AtomicU64,
+    /// Peer server and trackers, with `[p2p]` configured.
+    peers: Option<Arc<peers::Peers>>,
     /// For timers that must not keep the daemon alive.
     weak: std::sync::Weak<Daemon>,
     shutdown: watch::Sender<bool>,
@@ -112,7 +115,20 @@ impl Daemon {
         if export_uid.is_none() {
             tracing::warn!(user = %cfg.export_user, "export user does not exist; export sockets are root-only");
         }
-        let daemon = Arc::new_cyclic(|weak| Daemon {
+        let p2p = match &cfg.p2p {
+            Some(p) => {
+                let t = p.tuning()?;
+                let key = crate::p2p::auth::ClusterKey::load(&p.cluster_key_file)
+                    .map_err(|e| ConfigError::Invalid { key: "p2p.cluster_key_file".into(), message: e.to_string() })?;
+                let listener = tokio::net::TcpListener::bind(t.listen)
+                    .await
+                    .map_err(io_err("peer server listening on", Path::new(&t.listen.to_string())))?;
+                Some((t, key, listener))
+            }
+            None => None,
+        };
+        let daemon = Arc::new_cyclic(|weak: &std::sync::Weak<Daemon>| Daemon {
+            peers: p2p.as_ref().map(|(t, key, _)| Arc::new(peers::Peers::new(t, key.clone(), weak.clone()))),
             tuning,
             export_uid,
             images: RwLock::new(BTreeMap::new()),
@@ -144,6 +160,14 @@ impl Daemon {
                 .map_err(io_err("listening on", Path::new(&addr.to_string())))?;
             tokio::spawn(server::run(l, daemon.clone(), daemon.shutdown.subscribe()));
         }
+        if let (Some(peers), Some((t, _, listener))) = (&daemon.peers, p2p) {
+            tokio::spawn(peers.server.clone().run(listener, daemon.shutdown.subscribe()));
+            for (i, addr) in cfg.p2p.iter().flat_map(|p| p.trackers.iter()).enumerate() {
+                let w = Arc::downgrade(&daemon);
+                tokio::spawn(peers::Peers::heartbeats(w, i, addr.clone(), daemon.shutdown.subscribe()));
+            }
+            tracing::info!(node = %t.advertise, listen = %t.listen, "peer server listening");
+        }
         tokio::spawn(Daemon::commit_loop(daemon.clone()));
         tracing::info!(control = %control_path.display(), images = cfg.images.len(), "vmtd ready");
         Ok(daemon)
@@ -172,7 +196,8 @@ impl Daemon {
             return Err(DaemonError::Duplicate(cfg.name.clone()));
         }
         let socket = self.cfg.export_socket(&cfg.name);
-        let img = Image::open(cfg, &self.cfg.cache_dir, self.tuning, socket.clone()).await.map_err(Box::new)?;
+        let ctx = self.peers.as_ref().map(|p| &p.ctx);
+        let img = Image::open(cfg, &self.cfg.cache_dir, self.tuning, socket.clone(), ctx).await.map_err(Box::new)?;
         let listener = bind_unix(&socket, self.export_uid)?;
         {
             let mut images = self.images.write().unwrap();
@@ -257,6 +282,7 @@ impl Daemon {
                         .map(|i| i.status(self.holders(&i.name), self.profile_of(i).map(|p| p.entries.len() as u64)))
                         .collect(),
                     profiles_rejected: self.profiles_rejected.load(std::sync::atomic::Ordering::Relaxed),
+                    p2p: self.peers.as_ref().map(|p| p.status()),
                 }
             }
             Request::Assemble { domain, images } => match self.assemble(&domain, &images) {

@@ -250,8 +250,8 @@ impl Fetcher {
         // Held until the run is stored: bounds both upstream reads in flight and fetched bytes
         // waiting for the data file.
         let _permit = self.slot(priority).await;
-        let data = match self.read_with_retries(offset, len).await {
-            Ok(bytes) => bytes,
+        let (data, checked) = match self.read_with_retries(offset, len).await {
+            Ok(read) => read,
             Err(e) => {
                 let mut inflight = self.inflight.lock().unwrap();
                 for (i, tx) in run {
@@ -267,7 +267,7 @@ impl Fetcher {
         let finished = tokio::task::spawn_blocking(move || {
             let run_data = Arc::new(RunData { offset, bytes: Bytes::from(data) });
             // Verify, hand the bytes to the waiters, then store: the write is off their path.
-            let verified: Vec<bool> = run.iter().map(|(i, _)| me.verify(&run_data, ChunkIdx(*i))).collect();
+            let verified: Vec<bool> = run.iter().map(|(i, _)| checked || me.verify(&run_data, ChunkIdx(*i))).collect();
             for ((i, tx), ok) in run.iter().zip(&verified) {
                 let outcome = if *ok { Ok(run_data.clone()) } else { Err(FetchError::Verify(ChunkIdx(*i))) };
                 let _ = tx.send(Some(outcome));
@@ -332,7 +332,7 @@ impl Fetcher {
         Ok(())
     }
 
-    async fn read_with_retries(&self, offset: u64, len: usize) -> Result<Vec<u8>, FetchError> {
+    async fn read_with_retries(&self, offset: u64, len: usize) -> Result<(Vec<u8>, bool), FetchError> {
         let start = Instant::now();
         let deadline = start + self.tuning.timeout;
         let mut backoff = FIRST_BACKOFF;
@@ -340,11 +340,11 @@ impl Fetcher {
         loop {
             let attempt = async {
                 self.stats.upstream_reads.fetch_add(1, Ordering::Relaxed);
-                self.source.read(offset, len).await
+                self.source.read_checked(offset, len).await
             };
             match tokio::time::timeout_at(deadline, attempt).await {
-                Ok(Ok(data)) if data.len() == len => return Ok(data),
-                Ok(Ok(data)) => last = format!("short read: {} of {len} bytes", data.len()),
+                Ok(Ok((data, checked))) if data.len() == len => return Ok((data, checked)),
+                Ok(Ok((data, _))) => last = format!("short read: {} of {len} bytes", data.len()),
                 Ok(Err(e @ SourceError::OutOfRange { .. })) => {
                     // Retrying cannot fix a source smaller than the manifest says.
                     return Err(self.gave_up(start, e.to_string()));

@@ -54,6 +54,12 @@ pub trait ChunkSource: Send + Sync + 'static {
     fn size(&self) -> BoxFuture<'_, Result<u64, SourceError>>;
     /// Reads exactly `len` bytes at `offset`.
     fn read(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Vec<u8>, SourceError>>;
+    /// Like [`ChunkSource::read`], also saying whether the bytes were already checked against
+    /// this image's manifest (by a source that verifies what it relays), so the fetcher need
+    /// not hash them again.
+    fn read_checked(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<(Vec<u8>, bool), SourceError>> {
+        Box::pin(async move { self.read(offset, len).await.map(|d| (d, false)) })
+    }
     /// Ends any session politely (an iSCSI logout); reads after it reconnect. Sources without
     /// sessions need not implement it.
     fn close(&self) -> BoxFuture<'_, ()> {

@@ -134,11 +134,17 @@ impl Drop for Proc {
 
 /// Starts vmtd on `config` and waits until its control socket answers.
 pub fn start_vmtd(env: &Env, config: &Path) -> Proc {
+    start_vmtd_with(env, config, &[])
+}
+
+/// [`start_vmtd`] with extra environment variables.
+pub fn start_vmtd_with(env: &Env, config: &Path, vars: &[(&str, &str)]) -> Proc {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(env.path("vmtd.log")).unwrap();
     let child = Command::new(VMTD)
         .arg("--config")
         .arg(config)
         .env("VMT_LOG", "info")
+        .envs(vars.iter().copied())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

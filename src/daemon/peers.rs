@@ -1,0 +1,156 @@
+//! vmtd's part in the peer-to-peer relay: its peer server and its tracker heartbeats.
+//!
+//! One heartbeat task per tracker registers every image with a swarm; each image's member list
+//! is every node some tracker named within the last three heartbeats. That window smooths over
+//! a tracker restart (its first answers list only the nodes that re-registered so far). When no
+//! tracker has answered within the window, members are left as they were: the node keeps using
+//! the peers it knows, and the origin.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::control::NodeP2pStatus;
+use super::image::PeerContext;
+use super::Daemon;
+use crate::config::P2pTuning;
+use crate::p2p::auth::ClusterKey;
+use crate::p2p::server::{PeerExport, PeerLookup, PeerServer, UploadLimits};
+use crate::p2p::tracker::TrackerClient;
+use crate::p2p::wire::Bytes32;
+
+/// Requests one peer session may queue before it gets `Busy`.
+const MAX_QUEUE: usize = 512;
+
+/// What the trackers said: image → node → when last named, and tracker → when last answered.
+#[derive(Default)]
+struct Answers {
+    seen: HashMap<Bytes32, HashMap<String, Instant>>,
+    answered: HashMap<usize, Instant>,
+}
+
+/// The node's peer-to-peer state.
+pub struct Peers {
+    pub ctx: PeerContext,
+    pub server: Arc<PeerServer>,
+    heartbeat: Duration,
+    answers: Mutex<Answers>,
+    trackers_up: AtomicU64,
+}
+
+/// Finds images for the peer server without keeping the daemon alive.
+struct Lookup(Weak<Daemon>);
+
+impl PeerLookup for Lookup {
+    fn find(&self, image: &Bytes32) -> Option<Arc<dyn PeerExport>> {
+        let d = self.0.upgrade()?;
+        let images = d.images.read().unwrap();
+        images.values().find(|i| i.swarm.is_some() && i.manifest.root().0 == *image).map(|i| i.clone() as _)
+    }
+}
+
+impl Peers {
+    pub fn new(t: &P2pTuning, key: ClusterKey, daemon: Weak<Daemon>) -> Peers {
+        let ctx = PeerContext {
+            me: t.advertise.clone(),
+            key: key.clone(),
+            stall: t.peer_stall,
+            request_timeout: t.peer_timeout,
+            stripe: t.stripe,
+        };
+        let limits = UploadLimits { slots: t.upload_slots, rate: t.upload_rate, max_queue: MAX_QUEUE };
+        let server = PeerServer::new(&t.advertise, key, Arc::new(Lookup(daemon)), limits);
+        Peers {
+            ctx,
+            server,
+            heartbeat: t.heartbeat,
+            answers: Mutex::new(Answers::default()),
+            trackers_up: AtomicU64::new(0),
+        }
+    }
+
+    pub fn status(&self) -> NodeP2pStatus {
+        let s = self.server.stats();
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        NodeP2pStatus {
+            node: self.ctx.me.clone(),
+            sessions: load(&s.sessions),
+            refused: load(&s.refused),
+            requests: load(&s.requests),
+            busy: load(&s.busy),
+            not_have: load(&s.not_have),
+            trackers_up: load(&self.trackers_up),
+        }
+    }
+
+    /// Registers with tracker `idx` at `addr` every heartbeat until shutdown.
+    pub async fn heartbeats(daemon: Weak<Daemon>, idx: usize, addr: String, mut shutdown: watch::Receiver<bool>) {
+        let Some(peers) = daemon.upgrade().and_then(|d| d.peers.clone()) else { return };
+        let mut client = TrackerClient::new(&addr, &peers.ctx.me, peers.ctx.key.clone());
+        let mut tick = tokio::time::interval(peers.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut was_up = true;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait_for(|v| *v) => return,
+            }
+            let Some(d) = daemon.upgrade() else { return };
+            let ids: Vec<Bytes32> =
+                d.images.read().unwrap().values().filter(|i| i.swarm.is_some()).map(|i| i.manifest.root().0).collect();
+            if ids.is_empty() {
+                continue;
+            }
+            let limit = peers.heartbeat.max(Duration::from_secs(1));
+            match client.heartbeat(&ids, limit).await {
+                Ok(answer) => {
+                    if !was_up {
+                        tracing::info!(tracker = %client.addr(), "tracker reachable again");
+                    }
+                    was_up = true;
+                    let now = Instant::now();
+                    let mut a = peers.answers.lock().unwrap();
+                    a.answered.insert(idx, now);
+                    for (image, nodes) in answer {
+                        let seen = a.seen.entry(image).or_default();
+                        for n in nodes {
+                            seen.insert(n, now);
+                        }
+                    }
+                }
+                Err(e) => {
+                    if was_up {
+                        tracing::warn!(tracker = %client.addr(), error = %e, "tracker unreachable; keeping known peers");
+                    }
+                    was_up = false;
+                }
+            }
+            peers.apply(&d);
+        }
+    }
+
+    /// Sets each image's members to the nodes named within the window, if any tracker answered
+    /// within it.
+    fn apply(&self, d: &Daemon) {
+        let window = self.heartbeat * 3 + Duration::from_secs(1);
+        let mut a = self.answers.lock().unwrap();
+        let up = a.answered.values().filter(|t| t.elapsed() <= window).count();
+        self.trackers_up.store(up as u64, Ordering::Relaxed);
+        if up == 0 {
+            return;
+        }
+        for seen in a.seen.values_mut() {
+            seen.retain(|_, t| t.elapsed() <= window);
+        }
+        for img in d.images.read().unwrap().values() {
+            let Some(swarm) = &img.swarm else { continue };
+            let nodes: Vec<String> =
+                a.seen.get(&img.manifest.root().0).map(|m| m.keys().cloned().collect()).unwrap_or_default();
+            swarm.set_members(&nodes);
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Frame I/O over a byte stream and the authenticated handshake that opens every peer and
+//! tracker connection. Nothing is served or believed before the handshake completes.
+//!
+//! ```text
+//! client                                   server
+//!   Hello { node, image, nonce_c }   ──▶
+//!                                    ◀──   Challenge { node, nonce_s, proof_s }
+//!   (checks proof_s)
+//!   Proof { proof_c }                ──▶   (checks proof_c; a wrong one closes the connection)
+//! ```
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::auth::{nonce, ClusterKey, Role};
+use super::wire::{self, Bytes32, Frame, Message, WireError, HEADER_LEN};
+
+/// How long a handshake may take before the connection is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest node name (a socket address) accepted.
+pub const MAX_NODE_NAME: usize = 64;
+
+/// Errors of one connection.
+#[derive(Debug, Error)]
+pub enum ConnError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("expected {expected}, got {got:?}")]
+    Unexpected { expected: &'static str, got: Box<Message> },
+    #[error("peer {0} failed authentication")]
+    Auth(String),
+    #[error("bad node name {0:?}")]
+    BadNode(String),
+    #[error("handshake timed out")]
+    Timeout,
+}
+
+/// Largest body of a frame that carries no chunk data (handshake, requests, tracker
+/// registrations): a party that may not send data cannot make us allocate more than this.
+pub const SMALL_FRAME: usize = 4096;
+
+/// Reads one frame.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ConnError> {
+    read_frame_within(r, usize::MAX).await
+}
+
+/// Reads one frame whose body is at most `max` bytes.
+pub async fn read_frame_within<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Frame, ConnError> {
+    let mut head = [0u8; HEADER_LEN];
+    r.read_exact(&mut head).await?;
+    let header = wire::decode_header(&head)?;
+    if header.body_len() > max {
+        return Err(WireError::TooBig { msg: header.msg_len, tail: header.tail_len }.into());
+    }
+    let mut body = BytesMut::zeroed(header.body_len());
+    r.read_exact(&mut body).await?;
+    Ok(wire::decode_body(&header, body.freeze())?)
+}
+
+/// Writes one frame; the tail goes out without being copied.
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<(), ConnError> {
+    w.write_all(&f.encode_head()).await?;
+    if !f.tail.is_empty() {
+        w.write_all(&f.tail).await?;
+    }
+    Ok(())
+}
+
+/// A node name is its peer address: `host:port`, printable, short.
+pub fn check_node(node: &str) -> Result<(), ConnError> {
+    let ok = !node.is_empty()
+        && node.len() <= MAX_NODE_NAME
+        && node.bytes().all(|b| b.is_ascii_graphic())
+        && node.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(ConnError::BadNode(node.chars().take(MAX_NODE_NAME).collect()))
+    }
+}
+
+/// The client side: proves itself to the server at the other end and checks the server's
+/// proof. Returns the server's node name.
+pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    key: &ClusterKey,
+    me: &str,
+    image: Bytes32,
+) -> Result<String, ConnError> {
+    let run = async {
+        let nonce_c = nonce();
+        write_frame(s, &Frame::new(Message::Hello { node: me.into(), image, nonce: nonce_c })).await?;
+        let (node, nonce_s, proof) = match read_frame(s).await?.msg {
+            Message::Challenge { node, nonce, proof } => (node, nonce, proof),
+            other => return Err(ConnError::Unexpected { expected: "Challenge", got: Box::new(other) }),
+        };
+        check_node(&node)?;
+        if !key.check(&proof, Role::Server, &node, &image, &nonce_c, &nonce_s) {
+            return Err(ConnError::Auth(node));
+        }
+        let proof = key.proof(Role::Client, me, &image, &nonce_c, &nonce_s);
+        write_frame(s, &Frame::new(Message::Proof { proof })).await?;
+        Ok(node)
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, run).await.map_err(|_| ConnError::Timeout)?
+}
+
+/// What the server learns from a successful handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authenticated {
+    pub node: String,
+    pub image: Bytes32,
+}
+
+/// The server side: answers a client's `Hello` with a challenge and checks its proof. The
+/// caller looks the image up only afterwards, so an outsider learns nothing about what is
+/// served here.
+pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    key: &ClusterKey,
+    me: &str,
+) -> Result<Authenticated, ConnError> {
+    let run = async {
+        let (node, image, nonce_c) = match read_frame_within(s, SMALL_FRAME).await?.msg {
+            Message::Hello { node, image, nonce } => (node, image, nonce),
+            other => return Err(ConnError::Unexpected { expected: "Hello", got: Box::new(other) }),
+        };
+        check_node(&node)?;
+        let nonce_s = nonce();
+        let proof = key.proof(Role::Server, me, &image, &nonce_c, &nonce_s);
+        write_frame(s, &Frame::new(Message::Challenge { node: me.into(), nonce: nonce_s, proof })).await?;
+        let proof = match read_frame_within(s, SMALL_FRAME).await?.msg {
+            Message::Proof { proof } => proof,
+            other => return Err(ConnError::Unexpected { expected: "Proof", got: Box::new(other) }),
+        };
+        if !key.check(&proof, Role::Client, &node, &image, &nonce_c, &nonce_s) {
+            return Err(ConnError::Auth(node));
+        }
+        Ok(Authenticated { node, image })
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, run).await.map_err(|_| ConnError::Timeout)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(s: &str) -> ClusterKey {
+        ClusterKey::from_secret(s.as_bytes()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn both_sides_authenticate_with_the_same_key() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let k = key("the cluster key of this test");
+        let (k2, img) = (k.clone(), [5u8; 32]);
+        let server = tokio::spawn(async move { server_handshake(&mut b, &k2, "10.0.0.2:7000").await });
+        let peer = client_handshake(&mut a, &k, "10.0.0.1:7000", img).await.unwrap();
+        assert_eq!(peer, "10.0.0.2:7000");
+        let auth = server.await.unwrap().unwrap();
+        assert_eq!(auth, Authenticated { node: "10.0.0.1:7000".into(), image: img });
+    }
+
+    #[tokio::test]
+    async fn a_wrong_key_is_refused_on_both_sides() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let server =
+            tokio::spawn(async move { server_handshake(&mut b, &key("the server's own key"), "10.0.0.2:7000").await });
+        let r = client_handshake(&mut a, &key("an outsider's guess!"), "10.0.0.1:7000", [0; 32]).await;
+        assert!(matches!(r, Err(ConnError::Auth(_))), "{r:?}");
+        drop(a);
+        assert!(server.await.unwrap().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_forged_proof_is_refused_by_the_server() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let k = key("the cluster key of this test");
+        let server = tokio::spawn(async move { server_handshake(&mut b, &k, "10.0.0.2:7000").await });
+        write_frame(&mut a, &Frame::new(Message::Hello { node: "1.2.3.4:5".into(), image: [0; 32], nonce: [0; 32] }))
+            .await
+            .unwrap();
+        let _challenge = read_frame(&mut a).await.unwrap();
+        write_frame(&mut a, &Frame::new(Message::Proof { proof: [0; 32] })).await.unwrap();
+        assert!(matches!(server.await.unwrap(), Err(ConnError::Auth(_))));
+    }
+
+    #[test]
+    fn node_names_are_checked() {
+        assert!(check_node("10.77.0.11:7000").is_ok());
+        assert!(check_node("[::1]:7000").is_ok());
+        for bad in ["", "nohost", ":7000", "a:99999", "a b:1", &"x".repeat(70)] {
+            assert!(check_node(bad).is_err(), "{bad:?}");
+        }
+    }
+}

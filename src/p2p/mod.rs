@@ -1,0 +1,22 @@
+//! Peer-to-peer relay: nodes serve their cached chunks to each other, so the origin sends each
+//! chunk about once however many nodes boot.
+//!
+//! ```text
+//!   fetch::Fetcher ──▶ swarm::Swarm (a ChunkSource) ──▶ select::Selector (pure: which source?)
+//!                           │                               ├─ peer holding the run (have-maps)
+//!                           │                               ├─ the stripe's owner (rendezvous)
+//!                           │                               └─ origin
+//!                           └─ peer::PeerConn ══ wire frames, conn handshake ══▶ server::PeerServer
+//!   tracker::TrackerClient ── heartbeats ──▶ tracker::Tracker (soft state: who serves what)
+//! ```
+//! Every session starts with a mutual cluster-key challenge–response ([`auth`]); every chunk a
+//! peer sends is verified against the manifest before it is used.
+
+pub mod auth;
+pub mod conn;
+pub mod peer;
+pub mod select;
+pub mod server;
+pub mod swarm;
+pub mod tracker;
+pub mod wire;

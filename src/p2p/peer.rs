@@ -1,0 +1,154 @@
+//! Our side of a session with one peer for one image: requests out, data and have-maps in.
+//!
+//! One reader task dispatches replies to the requests waiting on them and feeds have-maps into
+//! the image's [`Selector`]; one writer task sends requests. The server pings an idle session,
+//! so silence longer than `stall` means the peer is dead or hung: the session closes and every
+//! request on it fails at once, to be retried elsewhere.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use roaring::RoaringBitmap;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use super::auth::ClusterKey;
+use super::conn::{client_handshake, read_frame, write_frame, ConnError};
+use super::select::Selector;
+use super::wire::{Bytes32, Frame, Message};
+
+/// How a request to a peer ended, short of data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    NotHave,
+    Busy,
+    /// The session closed, stalled or broke the protocol.
+    Closed,
+}
+
+type Reply = Result<Bytes, Refusal>;
+
+/// An open session with one peer.
+pub struct PeerConn {
+    node: String,
+    tx: mpsc::Sender<Frame>,
+    pending: Mutex<HashMap<u32, oneshot::Sender<Reply>>>,
+    next: AtomicU32,
+    closed: AtomicBool,
+}
+
+/// Removes a request's entry when its caller stops waiting (it timed out or was dropped).
+struct Waiting<'a> {
+    conn: &'a PeerConn,
+    id: u32,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.conn.pending.lock().unwrap().remove(&self.id);
+    }
+}
+
+impl PeerConn {
+    /// Connects to `node` (its peer address), authenticates, and starts the session.
+    pub async fn connect(
+        node: &str,
+        me: &str,
+        key: &ClusterKey,
+        image: Bytes32,
+        stall: Duration,
+        selector: Arc<Mutex<Selector>>,
+    ) -> Result<Arc<PeerConn>, ConnError> {
+        // A frozen peer still completes TCP handshakes (the kernel does), so the whole opening,
+        // not just the connect, is bounded by the stall limit: a read never waits longer on a
+        // peer that cannot answer.
+        let limit = stall.max(Duration::from_secs(1));
+        let (s, name) = tokio::time::timeout(limit, async {
+            let mut s = TcpStream::connect(node).await?;
+            s.set_nodelay(true)?;
+            let name = client_handshake(&mut s, key, me, image).await?;
+            Ok::<_, ConnError>((s, name))
+        })
+        .await
+        .map_err(|_| ConnError::Timeout)??;
+        if name != node {
+            // A peer answering under another name would corrupt everyone's ownership view.
+            return Err(ConnError::BadNode(name));
+        }
+        let (mut rd, mut wr) = s.into_split();
+        let (tx, mut rx) = mpsc::channel::<Frame>(256);
+        let conn = Arc::new(PeerConn {
+            node: node.into(),
+            tx,
+            pending: Mutex::new(HashMap::new()),
+            next: AtomicU32::new(1),
+            closed: AtomicBool::new(false),
+        });
+        let writer = tokio::spawn(async move {
+            while let Some(f) = rx.recv().await {
+                if write_frame(&mut wr, &f).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let me = conn.clone();
+        tokio::spawn(async move {
+            let why = loop {
+                let f = match tokio::time::timeout(stall, read_frame(&mut rd)).await {
+                    Err(_) => break format!("silent for {stall:?}"),
+                    Ok(Err(e)) => break e.to_string(),
+                    Ok(Ok(f)) => f,
+                };
+                let (id, reply) = match f.msg {
+                    Message::Data { id } => (id, Ok(f.tail)),
+                    Message::NotHave { id } => (id, Err(Refusal::NotHave)),
+                    Message::Busy { id } => (id, Err(Refusal::Busy)),
+                    Message::Have | Message::HaveDelta => {
+                        let Ok(map) = RoaringBitmap::deserialize_from(&f.tail[..]) else {
+                            break "malformed have-map".into();
+                        };
+                        let mut sel = selector.lock().unwrap();
+                        if f.msg == Message::Have {
+                            sel.have_full(&me.node, map);
+                        } else {
+                            sel.have_added(&me.node, &map);
+                        }
+                        continue;
+                    }
+                    Message::Ping => continue,
+                    other => break format!("unexpected {other:?}"),
+                };
+                if let Some(w) = me.pending.lock().unwrap().remove(&id) {
+                    let _ = w.send(reply);
+                }
+            };
+            tracing::debug!(peer = %me.node, reason = %why, "peer session ended");
+            me.closed.store(true, Ordering::SeqCst);
+            selector.lock().unwrap().disconnected(&me.node);
+            // Dropping the senders fails every waiting request with `Closed`.
+            me.pending.lock().unwrap().clear();
+            writer.abort();
+        });
+        Ok(conn)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Asks for chunks `first..first + count`.
+    pub async fn request(&self, first: u32, count: u32) -> Reply {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().unwrap().insert(id, tx);
+        let _waiting = Waiting { conn: self, id };
+        if self.is_closed() {
+            return Err(Refusal::Closed);
+        }
+        self.tx.send(Frame::new(Message::Request { id, first, count })).await.map_err(|_| Refusal::Closed)?;
+        rx.await.unwrap_or(Err(Refusal::Closed))
+    }
+}

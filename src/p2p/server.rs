@@ -1,0 +1,292 @@
+//! The peer server of a node: serves the chunks this node holds (or, for stripes it owns,
+//! fetches once and then serves) to authenticated peers, read-only.
+//!
+//! Per session: the handshake first (an unauthenticated or malformed client gets nothing and is
+//! dropped), then the full have-map, then have-deltas as chunks arrive and pings while idle.
+//! Requests are served concurrently; uploads are capped node-wide in concurrency and bytes per
+//! second, and a session with too many requests queued gets `Busy`. Any malformed frame or
+//! out-of-range request ends that session only.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use roaring::RoaringBitmap;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use super::auth::ClusterKey;
+use super::conn::{read_frame_within, server_handshake, write_frame, ConnError, SMALL_FRAME};
+use super::wire::{Bytes32, Frame, Message, MAX_TAIL};
+use crate::fetch::BoxFuture;
+
+/// How often a session looks for new chunks to announce.
+const HAVE_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest silence on an idle session (peers give up on us after their `stall`).
+const PING_INTERVAL: Duration = Duration::from_millis(250);
+/// Most sessions (and handshakes in progress) at once; more connections are closed at once.
+const MAX_SESSIONS: usize = 1024;
+
+/// One image as the peer server sees it.
+pub trait PeerExport: Send + Sync + 'static {
+    fn chunk_count(&self) -> u32;
+    /// How many chunks this node holds; cheap, and grows whenever `have` does.
+    fn have_count(&self) -> u64;
+    /// Bytes in chunks `run`, or `None` if `run` is out of range.
+    fn run_len(&self, run: Range<u32>) -> Option<u64>;
+    /// The chunks this node holds.
+    fn have(&self) -> RoaringBitmap;
+    /// Whether this node holds every chunk of `run`.
+    fn holds(&self, run: Range<u32>) -> bool;
+    /// The bytes of `run` if this node holds it, or fetches it because it owns its stripe;
+    /// `None` when neither (the asker then goes elsewhere).
+    fn serve(&self, run: Range<u32>) -> BoxFuture<'_, Option<Bytes>>;
+    /// Counts bytes sent to peers.
+    fn uploaded(&self, bytes: u64);
+}
+
+/// Finds the image a peer asks for by its identity (manifest root digest).
+pub trait PeerLookup: Send + Sync + 'static {
+    fn find(&self, image: &Bytes32) -> Option<Arc<dyn PeerExport>>;
+}
+
+/// Upload caps of one node.
+#[derive(Debug, Clone, Copy)]
+pub struct UploadLimits {
+    /// Chunk replies being sent at once, node-wide.
+    pub slots: usize,
+    /// Bytes per second, node-wide; `None` for no cap.
+    pub rate: Option<u64>,
+    /// Requests one session may have queued before it gets `Busy`.
+    pub max_queue: usize,
+}
+
+/// Counters of the peer server.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub sessions: AtomicU64,
+    pub refused: AtomicU64,
+    pub requests: AtomicU64,
+    pub busy: AtomicU64,
+    pub not_have: AtomicU64,
+}
+
+/// The node's peer server.
+pub struct PeerServer {
+    me: String,
+    key: ClusterKey,
+    lookup: Arc<dyn PeerLookup>,
+    limits: UploadLimits,
+    slots: Arc<Semaphore>,
+    /// When the upload link is next free under the rate cap.
+    next_free: Mutex<Instant>,
+    stats: ServerStats,
+    /// Test switch: flip a byte in every chunk sent, to prove that receivers catch it.
+    corrupt: bool,
+}
+
+/// The environment variable that turns on [`PeerServer`]'s corrupting test switch.
+pub const CORRUPT_SWITCH: &str = "VMT_TEST_CORRUPT_UPLOADS";
+
+impl PeerServer {
+    pub fn new(me: &str, key: ClusterKey, lookup: Arc<dyn PeerLookup>, limits: UploadLimits) -> Arc<PeerServer> {
+        let corrupt = std::env::var_os(CORRUPT_SWITCH).is_some_and(|v| v == "1");
+        if corrupt {
+            tracing::warn!("{CORRUPT_SWITCH}=1: this node sends corrupted chunks to its peers (test switch)");
+        }
+        Arc::new(PeerServer {
+            me: me.into(),
+            key,
+            lookup,
+            limits,
+            slots: Arc::new(Semaphore::new(limits.slots.max(1))),
+            next_free: Mutex::new(Instant::now()),
+            stats: ServerStats::default(),
+            corrupt,
+        })
+    }
+
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+
+    /// Accepts sessions until `shutdown` turns true.
+    pub async fn run(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+        let sessions = Arc::new(Semaphore::new(MAX_SESSIONS));
+        loop {
+            let s = tokio::select! {
+                r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+                _ = shutdown.wait_for(|v| *v) => return,
+            };
+            let Ok(permit) = sessions.clone().try_acquire_owned() else {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("{MAX_SESSIONS} peer sessions open; connection refused");
+                continue;
+            };
+            let me = self.clone();
+            let mut stop = shutdown.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                tokio::select! {
+                    _ = me.session(s) => {}
+                    _ = stop.wait_for(|v| *v) => {}
+                }
+            });
+        }
+    }
+
+    async fn session(self: Arc<Self>, mut s: TcpStream) {
+        let _ = s.set_nodelay(true);
+        let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        let auth = match server_handshake(&mut s, &self.key, &self.me).await {
+            Ok(a) => a,
+            Err(e) => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, error = %e, "peer session refused");
+                return;
+            }
+        };
+        let Some(export) = self.lookup.find(&auth.image) else {
+            tracing::debug!(peer = %auth.node, "peer asked for an image not served here");
+            return;
+        };
+        self.stats.sessions.fetch_add(1, Ordering::Relaxed);
+        let (mut rd, mut wr) = s.into_split();
+        let (tx, mut rx) = mpsc::channel::<(Frame, Option<OwnedSemaphorePermit>)>(64);
+        let writer = tokio::spawn(async move {
+            while let Some((f, permit)) = rx.recv().await {
+                if write_frame(&mut wr, &f).await.is_err() {
+                    break;
+                }
+                drop(permit);
+            }
+        });
+        let announcer = tokio::spawn(announce(export.clone(), tx.clone()));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let why = loop {
+            let (id, first, count) = match read_frame_within(&mut rd, SMALL_FRAME).await {
+                Ok(Frame { msg: Message::Request { id, first, count }, .. }) => (id, first, count),
+                Ok(f) => break ConnError::Unexpected { expected: "Request", got: Box::new(f.msg) }.to_string(),
+                Err(e) => break e.to_string(),
+            };
+            let run = first..first.saturating_add(count);
+            let fits = count > 0 && export.run_len(run.clone()).is_some_and(|n| n <= u64::from(MAX_TAIL));
+            if !fits {
+                break format!("request for chunks {first}+{count} is out of range");
+            }
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            if queued.load(Ordering::Relaxed) >= self.limits.max_queue {
+                self.stats.busy.fetch_add(1, Ordering::Relaxed);
+                let _ = tx.send((Frame::new(Message::Busy { id }), None)).await;
+                continue;
+            }
+            queued.fetch_add(1, Ordering::Relaxed);
+            let (me, export, tx, queued) = (self.clone(), export.clone(), tx.clone(), queued.clone());
+            tokio::spawn(async move {
+                me.reply(export, id, run, &tx).await;
+                queued.fetch_sub(1, Ordering::Relaxed);
+            });
+        };
+        tracing::debug!(peer = %auth.node, reason = %why, "peer session ended");
+        announcer.abort();
+        drop(tx);
+        // Replies still being prepared hold senders; the writer ends when the last is done.
+        let _ = writer.await;
+    }
+
+    async fn reply(
+        &self,
+        export: Arc<dyn PeerExport>,
+        id: u32,
+        run: Range<u32>,
+        tx: &mpsc::Sender<(Frame, Option<OwnedSemaphorePermit>)>,
+    ) {
+        // A reply from the cache takes its upload slot before reading, so replies waiting for a
+        // slot hold no chunk bytes; one the owner must fetch first takes it after.
+        let early = if export.holds(run.clone()) {
+            Some(self.slots.clone().acquire_owned().await.expect("semaphore never closed"))
+        } else {
+            None
+        };
+        let Some(bytes) = export.serve(run).await else {
+            self.stats.not_have.fetch_add(1, Ordering::Relaxed);
+            let _ = tx.send((Frame::new(Message::NotHave { id }), None)).await;
+            return;
+        };
+        let permit = match early {
+            Some(p) => p,
+            None => self.slots.clone().acquire_owned().await.expect("semaphore never closed"),
+        };
+        self.pace(bytes.len() as u64).await;
+        let bytes = if self.corrupt {
+            let mut v = bytes.to_vec();
+            for b in v.iter_mut().step_by(4096) {
+                *b ^= 0x5A;
+            }
+            Bytes::from(v)
+        } else {
+            bytes
+        };
+        let n = bytes.len() as u64;
+        if tx.send((Frame::with_tail(Message::Data { id }, bytes), Some(permit))).await.is_ok() {
+            export.uploaded(n);
+        }
+    }
+
+    /// Waits for this reply's turn under the upload rate cap.
+    async fn pace(&self, bytes: u64) {
+        let Some(rate) = self.limits.rate.filter(|r| *r > 0) else { return };
+        let start = {
+            let mut next = self.next_free.lock().unwrap();
+            let start = (*next).max(Instant::now());
+            *next = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
+            start
+        };
+        tokio::time::sleep_until(start).await;
+    }
+}
+
+/// Sends the full have-map, then the chunks gained every [`HAVE_INTERVAL`], and pings while
+/// nothing else is sent.
+async fn announce(export: Arc<dyn PeerExport>, tx: mpsc::Sender<(Frame, Option<OwnedSemaphorePermit>)>) {
+    let mut sent = export.have();
+    let mut count = sent.len();
+    if tx.send((Frame::with_tail(Message::Have, bitmap_bytes(&sent)), None)).await.is_err() {
+        return;
+    }
+    let mut last = Instant::now();
+    let mut tick = tokio::time::interval(HAVE_INTERVAL);
+    loop {
+        tick.tick().await;
+        // Chunks are only ever added, so an unchanged count means nothing new to announce.
+        let added = if export.have_count() != count {
+            let now = export.have();
+            let added = &now - &sent;
+            count = now.len();
+            sent = now;
+            added
+        } else {
+            RoaringBitmap::new()
+        };
+        let frame = if !added.is_empty() {
+            Frame::with_tail(Message::HaveDelta, bitmap_bytes(&added))
+        } else if last.elapsed() >= PING_INTERVAL {
+            Frame::new(Message::Ping)
+        } else {
+            continue;
+        };
+        if tx.send((frame, None)).await.is_err() {
+            return;
+        }
+        last = Instant::now();
+    }
+}
+
+fn bitmap_bytes(map: &RoaringBitmap) -> Bytes {
+    let mut v = Vec::with_capacity(map.serialized_size());
+    map.serialize_into(&mut v).expect("writing to a Vec cannot fail");
+    Bytes::from(v)
+}

@@ -1,0 +1,303 @@
+//! The peer-aware source of one image: a [`ChunkSource`] that reads each run from the source the
+//! [`Selector`] picks (a peer holding it, the stripe's owner, or the origin) and falls back to
+//! the next one when a peer refuses, fails, stalls or lies.
+//!
+//! Peer data is verified against the manifest here, chunk by chunk, before it goes anywhere: a
+//! mismatch drops the data, bans the peer and reads the run elsewhere. Origin bytes are passed
+//! on unchecked, and origin errors as they are, so the fetcher verifies them and applies its
+//! retry budget exactly as without peers; a read served wholly by peers is reported as checked
+//! and not hashed twice.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::auth::ClusterKey;
+use super::peer::{PeerConn, Refusal};
+use super::select::{Choice, Outcome, Selector, Summary};
+use super::wire::Bytes32;
+use crate::fetch::{BoxFuture, ChunkSource, SourceError};
+use crate::image::{ChunkIdx, Manifest};
+
+/// Timing of peer sessions.
+#[derive(Debug, Clone, Copy)]
+pub struct SwarmTuning {
+    /// Silence after which a peer session counts as dead.
+    pub stall: Duration,
+    /// Longest wait for one peer request (an owner may first fetch from the origin).
+    pub request_timeout: Duration,
+    /// Ownership unit, in chunks.
+    pub stripe: u32,
+}
+
+/// Counters of one image's peer traffic (downloads; uploads are counted by the server).
+#[derive(Debug, Default)]
+pub struct SwarmStats {
+    pub bytes_from_peers: AtomicU64,
+    pub bytes_from_origin: AtomicU64,
+    pub peer_requests: AtomicU64,
+    pub peer_refusals: AtomicU64,
+    pub peer_failures: AtomicU64,
+    pub peer_verify_failures: AtomicU64,
+}
+
+/// The session with one peer, if open; its lock is held while connecting.
+type SessionSlot = Arc<tokio::sync::Mutex<Option<Arc<PeerConn>>>>;
+
+/// The peer-aware source of one image.
+pub struct Swarm {
+    me: String,
+    key: ClusterKey,
+    image: Bytes32,
+    manifest: Arc<Manifest>,
+    origin: Arc<dyn ChunkSource>,
+    selector: Arc<Mutex<Selector>>,
+    /// One slot per peer: connecting holds the slot's lock, so one session per peer is made.
+    conns: Mutex<HashMap<String, SessionSlot>>,
+    tuning: SwarmTuning,
+    stats: SwarmStats,
+    weak: Weak<Swarm>,
+}
+
+impl Swarm {
+    pub fn new(
+        me: &str,
+        key: ClusterKey,
+        manifest: Arc<Manifest>,
+        origin: Arc<dyn ChunkSource>,
+        tuning: SwarmTuning,
+    ) -> Arc<Swarm> {
+        Arc::new_cyclic(|weak| Swarm {
+            me: me.into(),
+            key,
+            image: manifest.root().0,
+            selector: Arc::new(Mutex::new(Selector::new(me, tuning.stripe))),
+            manifest,
+            origin,
+            conns: Mutex::new(HashMap::new()),
+            tuning,
+            stats: SwarmStats::default(),
+            weak: weak.clone(),
+        })
+    }
+
+    /// The image identity peers and trackers know it by.
+    pub fn image_id(&self) -> Bytes32 {
+        self.image
+    }
+
+    pub fn stats(&self) -> &SwarmStats {
+        &self.stats
+    }
+
+    pub fn summary(&self) -> Summary {
+        self.selector.lock().unwrap().summary(Instant::now())
+    }
+
+    /// The member list from the trackers. Sessions to members open in the background (to new
+    /// ones, and again to ones whose session ended and that are not backing off), so their
+    /// have-maps are known before the first miss that could use them.
+    pub fn set_members(&self, nodes: &[String]) {
+        let now = Instant::now();
+        let usable: Vec<String> = {
+            let mut sel = self.selector.lock().unwrap();
+            sel.set_members(nodes.iter().map(String::as_str));
+            sel.members().into_iter().filter(|n| sel.usable_now(n, now)).collect()
+        };
+        let Some(me) = self.weak.upgrade() else { return };
+        for node in usable {
+            let idle = {
+                let conns = self.conns.lock().unwrap();
+                // A locked slot is connecting already.
+                conns.get(&node).is_none_or(|s| s.try_lock().is_ok_and(|g| g.as_ref().is_none_or(|c| c.is_closed())))
+            };
+            if !idle {
+                continue;
+            }
+            let me = me.clone();
+            tokio::spawn(async move {
+                if me.session(&node).await.is_err() {
+                    me.selector.lock().unwrap().unreachable(&node, Instant::now());
+                }
+            });
+        }
+    }
+
+    /// Peer sessions open now.
+    pub fn sessions(&self) -> u64 {
+        let slots: Vec<SessionSlot> = self.conns.lock().unwrap().values().cloned().collect();
+        slots.iter().filter(|s| s.try_lock().ok().is_some_and(|g| g.as_ref().is_some_and(|c| !c.is_closed()))).count()
+            as u64
+    }
+
+    pub fn members(&self) -> Vec<String> {
+        self.selector.lock().unwrap().members()
+    }
+
+    /// Whether this node fetches the stripe of `chunk` from the origin for its peers.
+    pub fn owns(&self, chunk: u32) -> bool {
+        self.selector.lock().unwrap().owns(chunk, Instant::now())
+    }
+
+    async fn session(&self, node: &str) -> Result<Arc<PeerConn>, Refusal> {
+        let slot = self.conns.lock().unwrap().entry(node.to_string()).or_default().clone();
+        let mut slot = slot.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        match PeerConn::connect(node, &self.me, &self.key, self.image, self.tuning.stall, self.selector.clone()).await {
+            Ok(c) => {
+                *slot = Some(c.clone());
+                Ok(c)
+            }
+            Err(e) => {
+                tracing::warn!(peer = node, error = %e, "cannot open a peer session");
+                *slot = None;
+                Err(Refusal::Closed)
+            }
+        }
+    }
+
+    /// Asks `node` for `run` and checks what comes back.
+    async fn ask(&self, node: &str, run: Range<u32>) -> Result<Bytes, Outcome> {
+        self.selector.lock().unwrap().started(node);
+        let outcome = async {
+            let conn = self.session(node).await.map_err(|_| Outcome::Failed)?;
+            self.stats.peer_requests.fetch_add(1, Ordering::Relaxed);
+            let reply = tokio::time::timeout(self.tuning.request_timeout, conn.request(run.start, run.end - run.start))
+                .await
+                .map_err(|_| Outcome::Failed)?;
+            match reply {
+                Ok(bytes) => self.verify(node, run.clone(), bytes).await,
+                Err(Refusal::NotHave) => Err(Outcome::NotHave),
+                Err(Refusal::Busy) => Err(Outcome::Busy),
+                Err(Refusal::Closed) => Err(Outcome::Failed),
+            }
+        }
+        .await;
+        let how = match &outcome {
+            Ok(_) => Outcome::Served,
+            Err(o) => *o,
+        };
+        match how {
+            Outcome::Served => {}
+            Outcome::NotHave | Outcome::Busy => {
+                self.stats.peer_refusals.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Failed => {
+                self.stats.peer_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Corrupt => {
+                self.stats.peer_verify_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(peer = node, "peer sent data that does not match the manifest; banned");
+            }
+        }
+        self.selector.lock().unwrap().finished(node, how, Instant::now());
+        outcome
+    }
+
+    async fn verify(&self, node: &str, run: Range<u32>, bytes: Bytes) -> Result<Bytes, Outcome> {
+        let g = self.manifest.geometry();
+        let (first, last) = (ChunkIdx(run.start), ChunkIdx(run.end - 1));
+        let want = g.chunk_offset(last).0 + g.chunk_len(last) as u64 - g.chunk_offset(first).0;
+        if bytes.len() as u64 != want {
+            tracing::warn!(peer = node, got = bytes.len(), want, "peer sent a reply of the wrong length");
+            return Err(Outcome::Corrupt);
+        }
+        let m = self.manifest.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            let base = g.chunk_offset(first).0;
+            let ok = run.clone().all(|i| {
+                let start = (g.chunk_offset(ChunkIdx(i)).0 - base) as usize;
+                m.verify(ChunkIdx(i), &bytes[start..start + g.chunk_len(ChunkIdx(i))])
+            });
+            (ok, bytes)
+        })
+        .await;
+        match checked {
+            Ok((true, bytes)) => Ok(bytes),
+            _ => Err(Outcome::Corrupt),
+        }
+    }
+
+    /// Reads one stripe's piece of a run from the best source that answers; true when the
+    /// bytes came from a peer (and were verified here).
+    async fn read_piece(&self, run: Range<u32>) -> Result<(Bytes, bool), SourceError> {
+        let mut tried: Vec<String> = Vec::new();
+        loop {
+            let choice = self.selector.lock().unwrap().choose(run.clone(), Instant::now(), &tried);
+            match choice {
+                Choice::Origin => {
+                    let g = self.manifest.geometry();
+                    let (first, last) = (ChunkIdx(run.start), ChunkIdx(run.end - 1));
+                    let offset = g.chunk_offset(first).0;
+                    let len = (g.chunk_offset(last).0 + g.chunk_len(last) as u64 - offset) as usize;
+                    let data = self.origin.read(offset, len).await?;
+                    self.stats.bytes_from_origin.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    return Ok((Bytes::from(data), false));
+                }
+                Choice::Peer { node, .. } => match self.ask(&node, run.clone()).await {
+                    Ok(bytes) => {
+                        self.stats.bytes_from_peers.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                        return Ok((bytes, true));
+                    }
+                    Err(_) => tried.push(node),
+                },
+            }
+        }
+    }
+}
+
+impl ChunkSource for Swarm {
+    fn describe(&self) -> String {
+        format!("{} (with peers)", self.origin.describe())
+    }
+
+    fn size(&self) -> BoxFuture<'_, Result<u64, SourceError>> {
+        self.origin.size()
+    }
+
+    fn read(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
+        Box::pin(async move { self.read_checked(offset, len).await.map(|(d, _)| d) })
+    }
+
+    fn read_checked(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<(Vec<u8>, bool), SourceError>> {
+        Box::pin(async move {
+            let g = self.manifest.geometry();
+            let run = g.chunks_covering(crate::image::ByteOffset(offset), len as u64);
+            let aligned = g.chunk_offset(ChunkIdx(run.start)).0 == offset;
+            let pieces = self.selector.lock().unwrap().split(run);
+            let Some(me) = self.weak.upgrade().filter(|_| aligned && !pieces.is_empty()) else {
+                // Not a chunk-aligned run (never asked by the fetcher): read the origin as is.
+                return self.origin.read(offset, len).await.map(|d| (d, false));
+            };
+            let mut tasks = tokio::task::JoinSet::new();
+            for (k, piece) in pieces.into_iter().enumerate() {
+                let me = me.clone();
+                tasks.spawn(async move { (k, me.read_piece(piece).await) });
+            }
+            let mut parts: Vec<Option<Bytes>> = vec![None; tasks.len()];
+            let mut all_checked = true;
+            while let Some(done) = tasks.join_next().await {
+                let (k, r) = done.map_err(|e| SourceError::Io { what: "peer read".into(), reason: e.to_string() })?;
+                let (bytes, checked) = r?;
+                all_checked &= checked;
+                parts[k] = Some(bytes);
+            }
+            let mut out = Vec::with_capacity(len);
+            for p in parts.into_iter().flatten() {
+                out.extend_from_slice(&p);
+            }
+            out.truncate(len);
+            Ok((out, all_checked))
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        self.origin.close()
+    }
+}

@@ -1,0 +1,281 @@
+//! The peer and tracker wire format: length-prefixed, checksummed frames carrying one postcard
+//! message and, for chunk data and have-maps, a raw byte tail (see FORMAT.md).
+//!
+//! ```text
+//! magic "VMTP" | version u16 | flags u16 (0) | msg_len u32 | tail_len u32 | crc32c u32 (msg ‖ tail)
+//! msg: postcard(Message)           tail: chunk bytes (Data) or a serialized roaring bitmap (Have*)
+//! ```
+//! Pure codec, no I/O: the caller reads [`HEADER_LEN`] bytes, asks [`decode_header`] how much
+//! more to read, then [`decode_body`]. Every length is checked against a limit before anything
+//! is allocated, so a hostile peer cannot make us allocate more than one frame's worth.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub const MAGIC: &[u8; 4] = b"VMTP";
+pub const VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 20;
+/// Largest postcard message (the peer lists of a tracker reply are the largest).
+pub const MAX_MSG: u32 = 1 << 20;
+/// Largest tail: one coalesced read (`max_fetch` is at most 32 MiB) or one have-map.
+pub const MAX_TAIL: u32 = 32 << 20;
+/// Random challenge length.
+pub const NONCE_LEN: usize = 32;
+
+/// A 32-byte digest or nonce.
+pub type Bytes32 = [u8; 32];
+
+/// Errors decoding a frame. Any of them ends the connection it came from.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("frame has a bad magic")]
+    BadMagic,
+    #[error("peer protocol version {0} is not supported (this side speaks {VERSION})")]
+    BadVersion(u16),
+    #[error("frame flags {0:#x} are not understood")]
+    BadFlags(u16),
+    #[error("frame of {msg} + {tail} bytes exceeds the limits")]
+    TooBig { msg: u32, tail: u32 },
+    #[error("frame checksum mismatch")]
+    BadChecksum,
+    #[error("frame body length disagrees with its header")]
+    BadLength,
+    #[error("frame message malformed: {0}")]
+    Malformed(String),
+    #[error("a {0} frame carries no tail")]
+    UnexpectedTail(&'static str),
+}
+
+/// One message. Handshake first (`Hello`, `Challenge`, `Proof`), then either a peer session
+/// (have-maps, requests, data) or tracker traffic (`Register`, `Peers`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Client → server: who I am, which image (all zero for the tracker), my challenge.
+    Hello { node: String, image: Bytes32, nonce: Bytes32 },
+    /// Server → client: the server's challenge and its proof that it holds the cluster key.
+    Challenge { node: String, nonce: Bytes32, proof: Bytes32 },
+    /// Client → server: the client's proof.
+    Proof { proof: Bytes32 },
+    /// Server → client: the full set of chunks the server holds (tail: roaring bitmap).
+    Have,
+    /// Server → client: chunks gained since the last have-map (tail: roaring bitmap).
+    HaveDelta,
+    /// Client → server: please send chunks `first..first + count`.
+    Request { id: u32, first: u32, count: u32 },
+    /// Server → client: the bytes of request `id` (tail: the chunks' bytes).
+    Data { id: u32 },
+    /// Server → client: I do not have (and will not fetch) what request `id` asks.
+    NotHave { id: u32 },
+    /// Server → client: too many requests queued here; ask someone else.
+    Busy { id: u32 },
+    /// Liveness, sent by a server while the session is idle.
+    Ping,
+    /// Node → tracker: I serve `image` at my peer address `node`.
+    Register { image: Bytes32 },
+    /// Tracker → node: the live nodes serving `image` (the asker excluded).
+    Peers { image: Bytes32, nodes: Vec<String> },
+}
+
+impl Message {
+    fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Challenge { .. } => "Challenge",
+            Message::Proof { .. } => "Proof",
+            Message::Have => "Have",
+            Message::HaveDelta => "HaveDelta",
+            Message::Request { .. } => "Request",
+            Message::Data { .. } => "Data",
+            Message::NotHave { .. } => "NotHave",
+            Message::Busy { .. } => "Busy",
+            Message::Ping => "Ping",
+            Message::Register { .. } => "Register",
+            Message::Peers { .. } => "Peers",
+        }
+    }
+
+    fn takes_tail(&self) -> bool {
+        matches!(self, Message::Have | Message::HaveDelta | Message::Data { .. })
+    }
+}
+
+/// A decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub msg: Message,
+    pub tail: Bytes,
+}
+
+impl Frame {
+    pub fn new(msg: Message) -> Frame {
+        Frame { msg, tail: Bytes::new() }
+    }
+
+    pub fn with_tail(msg: Message, tail: Bytes) -> Frame {
+        Frame { msg, tail }
+    }
+
+    /// The header and the message; the tail follows on the wire as is (no copy of chunk data).
+    pub fn encode_head(&self) -> Vec<u8> {
+        let msg = postcard::to_allocvec(&self.msg).expect("messages always serialize");
+        let mut crc = crc32c::crc32c(&msg);
+        crc = crc32c::crc32c_append(crc, &self.tail);
+        let mut out = Vec::with_capacity(HEADER_LEN + msg.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_be_bytes());
+        out.extend_from_slice(&0u16.to_be_bytes());
+        out.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+        out.extend_from_slice(&(self.tail.len() as u32).to_be_bytes());
+        out.extend_from_slice(&crc.to_be_bytes());
+        out.extend_from_slice(&msg);
+        out
+    }
+
+    /// The whole frame in one buffer (tests and small frames).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.encode_head();
+        out.extend_from_slice(&self.tail);
+        out
+    }
+}
+
+/// What a header announces: the body that follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub msg_len: u32,
+    pub tail_len: u32,
+    pub crc: u32,
+}
+
+impl Header {
+    pub fn body_len(&self) -> usize {
+        self.msg_len as usize + self.tail_len as usize
+    }
+}
+
+/// Checks a frame header.
+pub fn decode_header(h: &[u8; HEADER_LEN]) -> Result<Header, WireError> {
+    if &h[0..4] != MAGIC {
+        return Err(WireError::BadMagic);
+    }
+    let version = u16::from_be_bytes([h[4], h[5]]);
+    if version != VERSION {
+        return Err(WireError::BadVersion(version));
+    }
+    let flags = u16::from_be_bytes([h[6], h[7]]);
+    if flags != 0 {
+        return Err(WireError::BadFlags(flags));
+    }
+    let msg_len = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
+    let tail_len = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
+    if msg_len > MAX_MSG || tail_len > MAX_TAIL {
+        return Err(WireError::TooBig { msg: msg_len, tail: tail_len });
+    }
+    Ok(Header { msg_len, tail_len, crc: u32::from_be_bytes([h[16], h[17], h[18], h[19]]) })
+}
+
+/// Checks and decodes the body announced by `header`.
+pub fn decode_body(header: &Header, mut body: Bytes) -> Result<Frame, WireError> {
+    if body.len() != header.body_len() {
+        return Err(WireError::BadLength);
+    }
+    if crc32c::crc32c(&body) != header.crc {
+        return Err(WireError::BadChecksum);
+    }
+    let tail = body.split_off(header.msg_len as usize);
+    let msg: Message = postcard::from_bytes(&body).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if !tail.is_empty() && !msg.takes_tail() {
+        return Err(WireError::UnexpectedTail(msg.name()));
+    }
+    Ok(Frame { msg, tail })
+}
+
+/// Decodes one whole frame from `buf` (tests and fuzzing).
+pub fn decode(buf: &[u8]) -> Result<Frame, WireError> {
+    let head: &[u8; HEADER_LEN] = buf.get(..HEADER_LEN).and_then(|h| h.try_into().ok()).ok_or(WireError::BadLength)?;
+    let header = decode_header(head)?;
+    decode_body(&header, Bytes::copy_from_slice(&buf[HEADER_LEN..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn messages() -> Vec<Frame> {
+        vec![
+            Frame::new(Message::Hello { node: "10.0.0.1:7000".into(), image: [7; 32], nonce: [9; 32] }),
+            Frame::new(Message::Challenge { node: "n".into(), nonce: [1; 32], proof: [2; 32] }),
+            Frame::new(Message::Proof { proof: [3; 32] }),
+            Frame::with_tail(Message::Have, Bytes::from_static(b"bitmap")),
+            Frame::with_tail(Message::Data { id: 5 }, Bytes::from(vec![0xAB; 4096])),
+            Frame::new(Message::Request { id: 1, first: 2, count: 3 }),
+            Frame::new(Message::NotHave { id: 1 }),
+            Frame::new(Message::Busy { id: 1 }),
+            Frame::new(Message::Ping),
+            Frame::new(Message::Register { image: [4; 32] }),
+            Frame::new(Message::Peers { image: [4; 32], nodes: vec!["a:1".into(), "b:2".into()] }),
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for f in messages() {
+            assert_eq!(decode(&f.encode()).unwrap(), f);
+        }
+    }
+
+    #[test]
+    fn damaged_frames_are_refused() {
+        let good = Frame::with_tail(Message::Data { id: 5 }, Bytes::from(vec![1; 100])).encode();
+        let mut b = good.clone();
+        b[0] = b'X';
+        assert_eq!(decode(&b), Err(WireError::BadMagic));
+        let mut b = good.clone();
+        b[5] = 9;
+        assert_eq!(decode(&b), Err(WireError::BadVersion(9)));
+        let mut b = good.clone();
+        b[7] = 1;
+        assert_eq!(decode(&b), Err(WireError::BadFlags(1)));
+        let mut b = good.clone();
+        *b.last_mut().unwrap() ^= 1;
+        assert_eq!(decode(&b), Err(WireError::BadChecksum));
+        let mut b = good.clone();
+        b[12..16].copy_from_slice(&(MAX_TAIL + 1).to_be_bytes());
+        assert!(matches!(decode(&b), Err(WireError::TooBig { .. })));
+        assert_eq!(decode(&good[..good.len() - 1]), Err(WireError::BadLength));
+        // A tail on a message that takes none.
+        let f = Frame::with_tail(Message::Ping, Bytes::from_static(b"x"));
+        assert_eq!(decode(&f.encode()), Err(WireError::UnexpectedTail("Ping")));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(buf in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode(&buf);
+        }
+
+        #[test]
+        fn arbitrary_bodies_under_a_valid_header_never_panic(
+            body in proptest::collection::vec(any::<u8>(), 0..256), split in 0usize..256
+        ) {
+            let split = split.min(body.len());
+            let mut f = Vec::new();
+            f.extend_from_slice(MAGIC);
+            f.extend_from_slice(&VERSION.to_be_bytes());
+            f.extend_from_slice(&0u16.to_be_bytes());
+            f.extend_from_slice(&(split as u32).to_be_bytes());
+            f.extend_from_slice(&((body.len() - split) as u32).to_be_bytes());
+            f.extend_from_slice(&crc32c::crc32c(&body).to_be_bytes());
+            f.extend_from_slice(&body);
+            let _ = decode(&f);
+        }
+
+        #[test]
+        fn requests_round_trip(id: u32, first: u32, count: u32) {
+            let f = Frame::new(Message::Request { id, first, count });
+            prop_assert_eq!(decode(&f.encode()).unwrap(), f);
+        }
+    }
+}
