@@ -2,6 +2,7 @@
 //! QEMU over NBD from a local, crash-safe chunk cache and fetches only the chunks guests read.
 //! See DESIGN.md for the architecture and FORMAT.md for every on-disk and wire format.
 
+pub mod bench;
 pub mod config;
 pub mod daemon;
 pub mod fetch;

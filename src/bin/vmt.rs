@@ -51,6 +51,12 @@ enum Cmd {
         #[arg(long)]
         wait: bool,
     },
+    /// Record every NBD request an image's export receives (for `vmt bench replay`).
+    #[command(subcommand)]
+    Trace(TraceCmd),
+    /// Replay request traces against NBD exports; measure traces.
+    #[command(subcommand)]
+    Bench(BenchCmd),
     /// Copy a running VM's disk into its overlay so it no longer needs vmtd (block pull).
     Detach {
         domain: String,
@@ -59,6 +65,61 @@ enum Cmd {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 3600)]
         timeout: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum TraceCmd {
+    /// Start tracing the requests of IMAGE's export.
+    Start { image: String },
+    /// Stop tracing IMAGE and write the trace as CSV (t_s,op,offset,length).
+    Stop {
+        image: String,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Replay a request trace against an NBD export, closed loop (see README), and report the
+    /// elapsed time. Exits non-zero when a read failed.
+    Replay {
+        /// Trace file (CSV from `vmt trace stop`).
+        #[arg(long)]
+        trace: PathBuf,
+        /// A unix socket path, nbd://HOST[:PORT]/NAME or nbd+unix:///NAME?socket=PATH.
+        #[arg(long)]
+        export: String,
+        /// Export name on a unix socket (default: the socket's file stem).
+        #[arg(long)]
+        name: Option<String>,
+        /// Factor applied to the recorded think times (0.25: a TCG-recorded boot at KVM pace).
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Replay only the requests recorded at or after this many seconds into the trace (the
+        /// first of them is sent at once).
+        #[arg(long, default_value_t = 0.0)]
+        from: f64,
+        /// Seconds one request may take before it counts as a read error.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+        /// Connect, then wait until this wall-clock time (seconds since the Unix epoch) before
+        /// replaying: lets many nodes start together.
+        #[arg(long)]
+        start_at: Option<f64>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// How much of the image a trace reads: distinct bytes and chunks touched.
+    Footprint {
+        #[arg(long)]
+        trace: PathBuf,
+        #[arg(long, default_value = "64KiB")]
+        chunk_size: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -245,6 +306,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
+        Cmd::Trace(TraceCmd::Start { image }) => {
+            call(&args.socket, Request::TraceStart { image: image.clone() }).await?;
+            eprintln!("tracing the requests of {image} (stop with `vmt trace stop {image} -o FILE`)");
+        }
+        Cmd::Trace(TraceCmd::Stop { image, output }) => {
+            // vmtd writes the file itself: give it a path that does not depend on its cwd.
+            let path = std::path::absolute(&output)?.display().to_string();
+            match call(&args.socket, Request::TraceStop { image, path }).await? {
+                Response::Traced { path, rows, dropped } => {
+                    println!("{path}: {rows} requests");
+                    if dropped > 0 {
+                        eprintln!("note: {dropped} more requests did not fit in the trace and were not kept");
+                    }
+                }
+                r => bail!("unexpected answer from vmtd: {r:?}"),
+            }
+        }
+        Cmd::Bench(cmd) => bench(cmd).await?,
         Cmd::Pool(_) | Cmd::Vol(_) | Cmd::Detach { .. } => unreachable!("handled before the runtime starts"),
         Cmd::Image(ImageCmd::Remove { name }) => {
             call(&args.socket, Request::ImageRemove { name }).await?;
@@ -269,6 +348,70 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 format_size(chunk.bytes()),
                 m.root()
             );
+        }
+    }
+    Ok(())
+}
+
+async fn bench(cmd: BenchCmd) -> anyhow::Result<()> {
+    use vmthunder::bench::{replay, trace};
+    match cmd {
+        BenchCmd::Replay { trace: file, export, name, scale, from, timeout, start_at, json } => {
+            if !(timeout.is_finite() && timeout > 0.0 && timeout <= 86400.0) {
+                bail!("--timeout {timeout}: give a number of seconds above 0, at most 86400");
+            }
+            let op_timeout = Duration::from_secs_f64(timeout);
+            let rows = trace::load(&file)?;
+            if !from.is_finite() {
+                bail!("--from {from}: give a number of seconds");
+            }
+            let bursts = replay::plan(replay::skip_before(&rows, from), scale)?;
+            let addr = replay::ExportAddr::parse(&export, name.as_deref())?;
+            let client = replay::connect(&addr, op_timeout).await?;
+            if let Some(at) = start_at {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
+                if !at.is_finite() || at - now > 3600.0 {
+                    bail!("--start-at {at} is not within the next hour");
+                }
+                if at > now {
+                    tokio::time::sleep(Duration::from_secs_f64(at - now)).await;
+                } else {
+                    eprintln!("note: --start-at was {:.3} s ago; starting now", now - at);
+                }
+            }
+            let report = replay::replay(client, &bursts, op_timeout).await;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{report}");
+            }
+            for e in &report.first_errors {
+                eprintln!("failed: {e}");
+            }
+            if report.read_errors > 0 {
+                bail!("{} of {} requests failed", report.read_errors, report.ops);
+            }
+        }
+        BenchCmd::Footprint { trace: file, chunk_size, json } => {
+            let chunk = parse_size(&chunk_size).map_err(anyhow::Error::msg)?;
+            if chunk == 0 {
+                bail!("--chunk-size must be above 0");
+            }
+            let f = trace::footprint(&trace::load(&file)?, chunk);
+            if json {
+                println!("{}", serde_json::to_string(&f)?);
+            } else {
+                println!(
+                    "{} reads, {} bytes read, {} distinct bytes ({:.1} MiB), {} chunks of {} touched ({:.1} MiB)",
+                    f.reads,
+                    f.bytes_read,
+                    f.distinct_bytes,
+                    f.distinct_bytes as f64 / 1048576.0,
+                    f.chunks,
+                    format_size(chunk),
+                    (f.chunks * chunk) as f64 / 1048576.0
+                );
+            }
         }
     }
     Ok(())

@@ -76,6 +76,10 @@ pub enum Request {
     PrefetchCancel { image: String },
     /// The profiles vmtd knows (loaded from `profile_dir`).
     ProfileList,
+    /// Starts tracing every NBD request the export of `image` receives.
+    TraceStart { image: String },
+    /// Stops the trace of `image` and writes it as CSV to `path` (absolute), atomically.
+    TraceStop { image: String, path: String },
 }
 
 /// Progress of an image's prefetch.
@@ -128,6 +132,9 @@ pub struct ImageStatus {
     pub reads_waited: u64,
     /// A recording is running (for this domain, or "" when started by hand).
     pub recording: Option<String>,
+    /// A request trace is running (`trace_start`).
+    #[serde(default)]
+    pub tracing: bool,
     /// Chunks in the image's profile, when it has one.
     pub profile_chunks: Option<u64>,
     pub prefetch: Option<PrefetchStatus>,
@@ -207,6 +214,13 @@ pub enum Response {
     },
     Profiles {
         profiles: Vec<ProfileInfo>,
+    },
+    /// A trace was stopped and written to `path`: `rows` requests, and `dropped` more that did
+    /// not fit in memory.
+    Traced {
+        path: String,
+        rows: u64,
+        dropped: u64,
     },
     Done,
     Error {

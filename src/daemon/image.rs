@@ -24,6 +24,8 @@ use crate::nbd::server::Export;
 use crate::store::{ChunkStore, StoreError};
 
 use super::control::{ImageStatus, PeerStatus, PrefetchStatus};
+use crate::bench::trace::{self, Tracer};
+use crate::nbd::proto::{CMD_FLUSH, CMD_READ, CMD_WRITE};
 use crate::p2p::auth::ClusterKey;
 use crate::p2p::server::PeerExport;
 use crate::p2p::swarm::{Swarm, SwarmTuning};
@@ -60,6 +62,8 @@ pub struct Image {
     pub recorder: Recorder,
     /// The running or last prefetch job.
     pub prefetch: std::sync::Mutex<Option<Arc<prefetch::Job>>>,
+    /// Request trace (`vmt trace start/stop`).
+    pub tracer: Tracer,
     reads: AtomicU64,
     reads_waited: AtomicU64,
     /// The peer-aware source, with `[p2p]` configured.
@@ -156,6 +160,7 @@ impl Image {
             completing: std::sync::atomic::AtomicBool::new(false),
             recorder: Recorder::default(),
             prefetch: std::sync::Mutex::new(None),
+            tracer: Tracer::default(),
             reads: AtomicU64::new(0),
             reads_waited: AtomicU64::new(0),
             swarm,
@@ -198,6 +203,7 @@ impl Image {
             reads: load(&self.reads),
             reads_waited: load(&self.reads_waited),
             recording: self.recorder.running().map(Option::unwrap_or_default),
+            tracing: self.tracer.running(),
             profile_chunks,
             prefetch: self.prefetch.lock().unwrap().as_ref().map(|j| PrefetchStatus {
                 total_chunks: load(&j.total_chunks),
@@ -351,6 +357,16 @@ impl Export for Image {
 
     fn stop_signal(&self) -> Option<watch::Receiver<bool>> {
         Some(self.shutdown.subscribe())
+    }
+
+    fn request_received(&self, command: u16, offset: u64, length: u32) {
+        let op = match command {
+            CMD_READ => trace::Op::Read,
+            CMD_WRITE => trace::Op::Write,
+            CMD_FLUSH => trace::Op::Flush,
+            _ => return,
+        };
+        self.tracer.note(op, offset, u64::from(length));
     }
 
     fn client_changed(&self, connected: bool) {

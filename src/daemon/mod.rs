@@ -346,6 +346,18 @@ impl Daemon {
                 None => unknown(image),
             },
             Request::ProfileList => Response::Profiles { profiles: self.profile_list() },
+            Request::TraceStart { image } => match self.image(&image) {
+                Some(img) if img.tracer.start() => Response::Done,
+                Some(_) => Response::Error { message: format!("image {image} is already being traced") },
+                None => unknown(image),
+            },
+            Request::TraceStop { image, path } => match self.image(&image) {
+                Some(img) => match self.stop_trace(&img, &path).await {
+                    Ok(r) => r,
+                    Err(message) => Response::Error { message },
+                },
+                None => unknown(image),
+            },
             Request::Complete { name, rate } => match self.image(&name) {
                 Some(img) => {
                     if !img.completing.swap(true, std::sync::atomic::Ordering::SeqCst) {
@@ -367,6 +379,24 @@ impl Daemon {
                 Err(e) => Response::Error { message: e.to_string() },
             },
         }
+    }
+
+    /// Stops the trace of `img` and writes it to `path`. The trace is gone afterwards even when
+    /// writing fails: keeping it would leave tracing on with nobody to stop it.
+    async fn stop_trace(&self, img: &Image, path: &str) -> Result<Response, String> {
+        let file = std::path::PathBuf::from(path);
+        if !file.is_absolute() {
+            return Err(format!("trace path {path} is not absolute"));
+        }
+        let traced = img.tracer.stop().ok_or_else(|| format!("image {} is not being traced", img.name))?;
+        let rows = traced.rows.len() as u64;
+        let csv = crate::bench::trace::to_csv(&traced.rows);
+        tokio::task::spawn_blocking(move || crate::fsutil::write_atomic(&file, csv.as_bytes(), 0o644))
+            .await
+            .map_err(|e| format!("writing trace {path}: {e}"))?
+            .map_err(|e| format!("writing trace {path}: {e}"))?;
+        tracing::info!(image = %img.name, path, rows, dropped = traced.dropped, "trace written");
+        Ok(Response::Traced { path: path.to_string(), rows, dropped: traced.dropped })
     }
 
     async fn serve_control(self: Arc<Self>, listener: UnixListener) {

@@ -1,9 +1,11 @@
-//! NBD client used to read from an NBD origin: fixed newstyle, `OPT_GO`, pipelined `READ`s on one
-//! connection with replies matched by handle, reconnect on demand.
+//! NBD client used to read from an NBD origin (and by `vmt bench replay`): fixed newstyle,
+//! `OPT_GO`, pipelined `READ`s and `FLUSH`es on one connection with replies matched by handle,
+//! reconnect on demand.
 //!
 //! Invariants: every request waiting on a connection is answered or failed when that connection
-//! dies (never left hanging); a request unanswered for [`IO_TIMEOUT`] kills the connection, so a
-//! half-open socket cannot stall reads forever. Retrying is the caller's job (`fetch::flight`).
+//! dies (never left hanging); a request unanswered for [`IO_TIMEOUT`] (or the client's own
+//! timeout) kills the connection, so a half-open socket cannot stall reads forever. Retrying is
+//! the caller's job (`fetch::flight`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -44,6 +46,8 @@ struct Pending {
 
 struct Conn {
     size: u64,
+    /// Transmission flags the server sent (`TF_*`).
+    flags: u16,
     writer: tokio::sync::Mutex<WriteHalf<BoxStream>>,
     pending: Arc<Mutex<Pending>>,
     dead: Arc<AtomicBool>,
@@ -76,11 +80,32 @@ pub struct NbdClient {
     target: NbdTarget,
     export: String,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    io_timeout: Duration,
 }
 
 impl NbdClient {
     pub fn new(target: NbdTarget, export: String) -> Self {
-        NbdClient { target, export, conn: tokio::sync::Mutex::new(None) }
+        Self::with_timeout(target, export, IO_TIMEOUT)
+    }
+
+    /// A client whose connect and per-reply limit is `io_timeout` instead of [`IO_TIMEOUT`].
+    pub fn with_timeout(target: NbdTarget, export: String, io_timeout: Duration) -> Self {
+        NbdClient { target, export, conn: tokio::sync::Mutex::new(None), io_timeout }
+    }
+
+    /// Connects now (the handshake included) rather than at the first request.
+    pub async fn connect_now(&self) -> Result<(), SourceError> {
+        self.connection().await.map(|_| ())
+    }
+
+    /// Sends a FLUSH and waits for its reply. A server that does not offer flushes (no
+    /// `TF_SEND_FLUSH`) is not sent one: the call succeeds at once, as there is nothing to flush.
+    pub async fn flush(&self) -> Result<(), SourceError> {
+        let conn = self.connection().await?;
+        if conn.flags & TF_SEND_FLUSH == 0 {
+            return Ok(());
+        }
+        self.request(&conn, CMD_FLUSH, 0, 0).await.map(|_| ())
     }
 
     fn unreachable(&self, reason: impl ToString) -> SourceError {
@@ -99,7 +124,7 @@ impl NbdClient {
             }
         }
         *slot = None;
-        let conn = tokio::time::timeout(IO_TIMEOUT, self.connect())
+        let conn = tokio::time::timeout(self.io_timeout, self.connect())
             .await
             .map_err(|_| self.unreachable("connect and handshake timed out"))??;
         *slot = Some(conn.clone());
@@ -116,7 +141,7 @@ impl NbdClient {
                 Box::new(s)
             }
         };
-        let size = self.handshake(&mut stream).await?;
+        let (size, flags) = self.handshake(&mut stream).await?;
         let (rd, wr) = tokio::io::split(stream);
         let pending = Arc::new(Mutex::new(Pending::default()));
         let dead = Arc::new(AtomicBool::new(false));
@@ -124,6 +149,7 @@ impl NbdClient {
         tracing::info!(origin = %self.describe(), size, "connected to NBD origin");
         Ok(Arc::new(Conn {
             size,
+            flags,
             writer: tokio::sync::Mutex::new(wr),
             pending,
             dead,
@@ -132,7 +158,8 @@ impl NbdClient {
         }))
     }
 
-    async fn handshake(&self, s: &mut BoxStream) -> Result<u64, SourceError> {
+    /// Returns the export's size and transmission flags.
+    async fn handshake(&self, s: &mut BoxStream) -> Result<(u64, u16), SourceError> {
         let io = |e: std::io::Error| self.unreachable(e);
         let mut g = [0u8; GREETING_LEN];
         s.read_exact(&mut g).await.map_err(io)?;
@@ -158,8 +185,8 @@ impl NbdClient {
             match h.reply {
                 REP_ACK => break,
                 REP_INFO => {
-                    if let Some((sz, _)) = parse_info_export(&data) {
-                        size = Some(sz);
+                    if let Some(info) = parse_info_export(&data) {
+                        size = Some(info);
                     }
                 }
                 r if r & (1 << 31) != 0 => {
@@ -180,6 +207,12 @@ impl NbdClient {
         if !crate::image::geometry::within(offset, len as u64, conn.size) {
             return Err(SourceError::OutOfRange { what: self.describe(), offset, len, size: conn.size });
         }
+        self.request(&conn, CMD_READ, offset, len).await
+    }
+
+    /// Sends one request and waits for its reply; `len` is both the request's length and the
+    /// payload the reply carries (0 for a FLUSH).
+    async fn request(&self, conn: &Conn, command: u16, offset: u64, len: usize) -> Result<Vec<u8>, SourceError> {
         let handle = conn.next_handle.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -202,7 +235,7 @@ impl NbdClient {
             }
         }
         let mut guard = Forget(&conn.pending, handle, false);
-        let req = Request { flags: 0, command: CMD_READ, handle, offset, length: len as u32 };
+        let req = Request { flags: 0, command, handle, offset, length: len as u32 };
         let sent = {
             let mut w = conn.writer.lock().await;
             w.write_all(&req.encode()).await
@@ -211,12 +244,12 @@ impl NbdClient {
             conn.kill();
             return Err(self.unreachable(e));
         }
-        let result = match tokio::time::timeout(IO_TIMEOUT, rx).await {
+        let result = match tokio::time::timeout(self.io_timeout, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(self.unreachable("connection lost")),
             Err(_) => {
                 conn.kill();
-                Err(self.unreachable(format!("no reply in {}s", IO_TIMEOUT.as_secs())))
+                Err(self.unreachable(format!("no reply in {:?}", self.io_timeout)))
             }
         };
         guard.2 = true;

@@ -32,6 +32,9 @@ pub trait Export: Send + Sync + 'static {
     fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, u32>>;
     /// Called when a client enters / leaves the transmission phase.
     fn client_changed(&self, _connected: bool) {}
+    /// Called as each valid READ, WRITE or FLUSH request arrives, before it is handled (the
+    /// request tracer's tap: arrival order and time are what a replay needs).
+    fn request_received(&self, _command: u16, _offset: u64, _length: u32) {}
     /// Turns true when this export stops being served; its connections then close, also on
     /// listeners that serve other exports.
     fn stop_signal(&self) -> Option<watch::Receiver<bool>> {
@@ -240,6 +243,7 @@ where
                     }
                     None
                 } else {
+                    export.request_received(req.command, req.offset, req.length);
                     let permit = limit.clone().acquire_owned().await.expect("semaphore never closed");
                     let (export, tx) = (export.clone(), tx.clone());
                     tokio::spawn(async move {
@@ -271,10 +275,14 @@ where
                 if left > 0 {
                     break Ok(());
                 }
+                export.request_received(req.command, req.offset, req.length);
                 Some(EPERM)
             }
             CMD_TRIM | CMD_WRITE_ZEROES => Some(EPERM),
-            CMD_FLUSH => Some(0),
+            CMD_FLUSH => {
+                export.request_received(req.command, req.offset, req.length);
+                Some(0)
+            }
             CMD_DISC => break Ok(()),
             _ => Some(EINVAL),
         };
