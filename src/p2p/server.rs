@@ -23,10 +23,10 @@ use super::conn::{read_frame_within, server_handshake, write_frame, ConnError, S
 use super::wire::{Bytes32, Frame, Message, MAX_TAIL};
 use crate::fetch::BoxFuture;
 
-/// How often a session looks for new chunks to announce.
-const HAVE_INTERVAL: Duration = Duration::from_millis(100);
-/// Longest silence on an idle session (peers give up on us after their `stall`).
-const PING_INTERVAL: Duration = Duration::from_millis(250);
+/// How often a session announces new chunks, or pings when there are none: the longest silence
+/// on a session (peers give up on us after their `stall`, 1 s by default). New chunks matter
+/// less than their count suggests: while nobody holds a chunk its owner is asked anyway.
+const HAVE_INTERVAL: Duration = Duration::from_millis(250);
 /// Most sessions (and handshakes in progress) at once; more connections are closed at once.
 const MAX_SESSIONS: usize = 1024;
 
@@ -249,15 +249,13 @@ impl PeerServer {
     }
 }
 
-/// Sends the full have-map, then the chunks gained every [`HAVE_INTERVAL`], and pings while
-/// nothing else is sent.
+/// Sends the full have-map, then every [`HAVE_INTERVAL`] the chunks gained, or a ping.
 async fn announce(export: Arc<dyn PeerExport>, tx: mpsc::Sender<(Frame, Option<OwnedSemaphorePermit>)>) {
     let mut sent = export.have();
     let mut count = sent.len();
     if tx.send((Frame::with_tail(Message::Have, bitmap_bytes(&sent)), None)).await.is_err() {
         return;
     }
-    let mut last = Instant::now();
     let mut tick = tokio::time::interval(HAVE_INTERVAL);
     loop {
         tick.tick().await;
@@ -273,15 +271,12 @@ async fn announce(export: Arc<dyn PeerExport>, tx: mpsc::Sender<(Frame, Option<O
         };
         let frame = if !added.is_empty() {
             Frame::with_tail(Message::HaveDelta, bitmap_bytes(&added))
-        } else if last.elapsed() >= PING_INTERVAL {
-            Frame::new(Message::Ping)
         } else {
-            continue;
+            Frame::new(Message::Ping)
         };
         if tx.send((frame, None)).await.is_err() {
             return;
         }
-        last = Instant::now();
     }
 }
 

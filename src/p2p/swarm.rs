@@ -284,25 +284,26 @@ impl ChunkSource for Swarm {
                 // Not a chunk-aligned run (never asked by the fetcher): read the origin as is.
                 return self.origin.read(offset, len).await.map(|d| (d, false));
             };
+            if let [piece] = &pieces[..] {
+                // The usual case: one stripe, read in this task. The reply's own buffer is
+                // usually taken over without a copy.
+                let (bytes, checked) = self.read_piece(piece.clone()).await?;
+                let mut out = Vec::from(bytes);
+                out.truncate(len);
+                return Ok((out, checked));
+            }
             let mut tasks = tokio::task::JoinSet::new();
             for (k, piece) in pieces.into_iter().enumerate() {
                 let me = me.clone();
                 tasks.spawn(async move { (k, me.read_piece(piece).await) });
             }
             let mut parts: Vec<Option<Bytes>> = vec![None; tasks.len()];
-            let single = parts.len() == 1;
             let mut all_checked = true;
             while let Some(done) = tasks.join_next().await {
                 let (k, r) = done.map_err(|e| SourceError::Io { what: "peer read".into(), reason: e.to_string() })?;
                 let (bytes, checked) = r?;
                 all_checked &= checked;
                 parts[k] = Some(bytes);
-            }
-            if single {
-                // Usually the reply's own buffer, taken over without a copy.
-                let mut out = Vec::from(parts.pop().flatten().unwrap_or_default());
-                out.truncate(len);
-                return Ok((out, all_checked));
             }
             let mut out = Vec::with_capacity(len);
             for p in parts.into_iter().flatten() {
