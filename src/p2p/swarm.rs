@@ -1,5 +1,6 @@
 //! The peer-aware source of one image: a [`ChunkSource`] that reads each run from the source the
-//! [`Selector`] picks (a peer holding it, the stripe's owner, or the origin) and falls back to
+//! [`Selector`] picks (a peer holding it, this node's parent in the stripe's relay tree, or the
+//! origin) and falls back to
 //! the next one when a peer refuses, fails, stalls or lies.
 //!
 //! Peer data is verified against the manifest here, chunk by chunk, before it goes anywhere: a
@@ -31,10 +32,12 @@ const INLINE_VERIFY: usize = 256 << 10;
 pub struct SwarmTuning {
     /// Silence after which a peer session counts as dead.
     pub stall: Duration,
-    /// Longest wait for one peer request (an owner may first fetch from the origin).
+    /// Longest wait for one peer request (a parent may first fetch the run itself).
     pub request_timeout: Duration,
-    /// Ownership unit, in chunks.
+    /// Unit of the relay trees, in chunks.
     pub stripe: u32,
+    /// Fan-out of the relay trees.
+    pub fanout: u32,
 }
 
 /// Counters of one image's peer traffic (downloads; uploads are counted by the server).
@@ -78,7 +81,7 @@ impl Swarm {
             me: me.into(),
             key,
             image: manifest.root().0,
-            selector: Arc::new(Mutex::new(Selector::new(me, tuning.stripe))),
+            selector: Arc::new(Mutex::new(Selector::new(me, tuning.stripe, tuning.fanout))),
             manifest,
             origin,
             conns: Mutex::new(HashMap::new()),
@@ -141,9 +144,10 @@ impl Swarm {
         self.selector.lock().unwrap().members()
     }
 
-    /// Whether this node fetches the stripe of `chunk` from the origin for its peers.
-    pub fn owns(&self, chunk: u32) -> bool {
-        self.selector.lock().unwrap().owns(chunk, Instant::now())
+    /// Whether this node fetches the stripe of `chunk` on behalf of `requester` (it ranks above
+    /// it in the stripe's tree).
+    pub fn relays_for(&self, chunk: u32, requester: &str) -> bool {
+        self.selector.lock().unwrap().relays_for(chunk, requester)
     }
 
     async fn session(&self, node: &str) -> Result<Arc<PeerConn>, Refusal> {
