@@ -71,11 +71,7 @@ pub enum Priority {
     Guest,
     /// Takes an upstream slot only while no guest fetch waits for one.
     Prefetch,
-    /// A fetch on behalf of a peer, by the owner of the chunks' stripe. It has slots of its own:
-    /// were it to share the guests' slots, nodes whose slots all wait on each other's relays
-    /// would deadlock until their peer requests time out. A relay fetch never waits on another
-    /// relay (an owner reads the origin or a node holding the chunks), so this pool always
-    /// drains.
+    /// A fetch on behalf of a peer (this node relays the chunks' stripe for it).
     Relay,
 }
 
@@ -120,7 +116,6 @@ pub struct Fetcher {
     tuning: FetchTuning,
     inflight: Mutex<HashMap<u32, watch::Receiver<Outcome>>>,
     upstream: Semaphore,
-    relay: Semaphore,
     /// Guest runs waiting for an upstream slot: prefetch stands back while this is non-zero.
     guests_waiting: std::sync::atomic::AtomicUsize,
     stats: FetchStats,
@@ -140,7 +135,6 @@ impl Fetcher {
             tuning,
             inflight: Mutex::new(HashMap::new()),
             upstream: Semaphore::new(MAX_UPSTREAM),
-            relay: Semaphore::new(MAX_UPSTREAM),
             guests_waiting: std::sync::atomic::AtomicUsize::new(0),
             stats: FetchStats::default(),
         })
@@ -223,22 +217,31 @@ impl Fetcher {
         }
     }
 
-    async fn slot(&self, priority: Priority) -> tokio::sync::SemaphorePermit<'_> {
+    /// The upstream slot a fetch holds until its run is stored; none with a peer-aware source.
+    /// There a fetch may wait on a relay up its stripe's tree, which may join a fetch queued for
+    /// a slot on that node, whose slots may all be held by fetches waiting on relays here: any
+    /// slot held across a peer read can close such a cycle (a deadlock until the peer requests
+    /// time out). The source bounds its origin reads itself, relays in flight are bounded by the
+    /// peer sessions' queues, and prefetch by its own concurrency.
+    async fn slot(&self, priority: Priority) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        if self.source.waits_on_peers() {
+            return None;
+        }
         match priority {
-            Priority::Relay => self.relay.acquire().await.expect("semaphore never closed"),
+            Priority::Relay => None,
             Priority::Guest => {
                 if let Ok(p) = self.upstream.try_acquire() {
-                    return p;
+                    return Some(p);
                 }
                 self.guests_waiting.fetch_add(1, Ordering::SeqCst);
                 let p = self.upstream.acquire().await.expect("semaphore never closed");
                 self.guests_waiting.fetch_sub(1, Ordering::SeqCst);
-                p
+                Some(p)
             }
             Priority::Prefetch => loop {
                 if self.guests_waiting.load(Ordering::SeqCst) == 0 {
                     if let Ok(p) = self.upstream.try_acquire() {
-                        return p;
+                        return Some(p);
                     }
                 }
                 // Polling keeps the guest path free of any hand-off to prefetch.

@@ -60,6 +60,12 @@ pub trait ChunkSource: Send + Sync + 'static {
     fn read_checked(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<(Vec<u8>, bool), SourceError>> {
         Box::pin(async move { self.read(offset, len).await.map(|d| (d, false)) })
     }
+    /// Whether a read may wait on other nodes' fetches (a peer-aware source). The fetcher then
+    /// holds no upstream slot across reads: slots held while waiting on peers that hold slots
+    /// while waiting on us would deadlock.
+    fn waits_on_peers(&self) -> bool {
+        false
+    }
     /// Ends any session politely (an iSCSI logout); reads after it reconnect. Sources without
     /// sessions need not implement it.
     fn close(&self) -> BoxFuture<'_, ()> {

@@ -24,6 +24,9 @@ use super::wire::Bytes32;
 use crate::fetch::{BoxFuture, ChunkSource, SourceError};
 use crate::image::{ChunkIdx, Manifest};
 
+/// Origin reads in flight per image.
+const ORIGIN_SLOTS: usize = 32;
+
 /// Largest peer reply verified on a runtime thread.
 const INLINE_VERIFY: usize = 256 << 10;
 
@@ -66,6 +69,8 @@ pub struct Swarm {
     conns: Mutex<HashMap<String, SessionSlot>>,
     tuning: SwarmTuning,
     stats: SwarmStats,
+    /// Bounds origin reads in flight (the fetcher holds no slots over a peer-aware source).
+    origin_slots: tokio::sync::Semaphore,
     weak: Weak<Swarm>,
 }
 
@@ -87,6 +92,7 @@ impl Swarm {
             conns: Mutex::new(HashMap::new()),
             tuning,
             stats: SwarmStats::default(),
+            origin_slots: tokio::sync::Semaphore::new(ORIGIN_SLOTS),
             weak: weak.clone(),
         })
     }
@@ -177,7 +183,11 @@ impl Swarm {
             self.stats.peer_requests.fetch_add(1, Ordering::Relaxed);
             let reply = tokio::time::timeout(self.tuning.request_timeout, conn.request(run.start, run.end - run.start))
                 .await
-                .map_err(|_| Outcome::Failed)?;
+                .map_err(|_| {
+                    tracing::warn!(peer = node, first = run.start, count = run.end - run.start,
+                        timeout = ?self.tuning.request_timeout, "peer request timed out");
+                    Outcome::Failed
+                })?;
             match reply {
                 Ok(bytes) => self.verify(node, run.clone(), bytes).await,
                 Err(Refusal::NotHave) => Err(Outcome::NotHave),
@@ -249,6 +259,7 @@ impl Swarm {
                     let (first, last) = (ChunkIdx(run.start), ChunkIdx(run.end - 1));
                     let offset = g.chunk_offset(first).0;
                     let len = (g.chunk_offset(last).0 + g.chunk_len(last) as u64 - offset) as usize;
+                    let _slot = self.origin_slots.acquire().await.expect("semaphore never closed");
                     let data = self.origin.read(offset, len).await?;
                     self.stats.bytes_from_origin.fetch_add(data.len() as u64, Ordering::Relaxed);
                     return Ok((Bytes::from(data), false));
@@ -316,6 +327,10 @@ impl ChunkSource for Swarm {
             out.truncate(len);
             Ok((out, all_checked))
         })
+    }
+
+    fn waits_on_peers(&self) -> bool {
+        true
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
