@@ -110,9 +110,13 @@ pub struct P2pConfig {
     /// Longest wait for one peer request (an owner may first read the origin).
     #[serde(default = "default_peer_timeout")]
     pub peer_timeout: String,
-    /// Ownership unit: each stripe of this many bytes is read from the origin by one node.
+    /// Unit of the relay trees: each stripe of this many bytes has its own tree of nodes, whose
+    /// root alone reads it from the origin.
     #[serde(default = "default_stripe")]
     pub stripe: String,
+    /// Fan-out of the relay trees: most peers one node relays a stripe to.
+    #[serde(default = "default_fanout")]
+    pub fanout: u32,
     /// Chunk replies sent to peers at once.
     #[serde(default = "default_upload_slots")]
     pub upload_slots: usize,
@@ -130,6 +134,7 @@ pub struct P2pTuning {
     pub peer_stall: Duration,
     pub peer_timeout: Duration,
     pub stripe: u64,
+    pub fanout: u32,
     pub upload_slots: usize,
     pub upload_rate: Option<u64>,
 }
@@ -145,6 +150,9 @@ fn default_peer_timeout() -> String {
 }
 fn default_stripe() -> String {
     "1MiB".into()
+}
+fn default_fanout() -> u32 {
+    4
 }
 fn default_upload_slots() -> usize {
     16
@@ -186,6 +194,9 @@ impl P2pConfig {
         if !(4096..=1 << 30).contains(&stripe) {
             return Err(invalid("p2p.stripe", "must be between 4KiB and 1GiB"));
         }
+        if !(1..=64).contains(&self.fanout) {
+            return Err(invalid("p2p.fanout", "must be between 1 and 64"));
+        }
         if !(1..=1024).contains(&self.upload_slots) {
             return Err(invalid("p2p.upload_slots", "must be between 1 and 1024"));
         }
@@ -198,6 +209,7 @@ impl P2pConfig {
             peer_stall,
             peer_timeout,
             stripe,
+            fanout: self.fanout,
             upload_slots: self.upload_slots,
             upload_rate,
         })

@@ -197,6 +197,29 @@ fn concurrent_readers_take_each_chunk_from_the_origin_about_once() {
 }
 
 #[test]
+fn relay_chains_climb_to_the_root_of_each_stripe() {
+    // Fan-out 1 turns every stripe's tree into a chain through all five nodes: reads climb up
+    // to four relays, each fetching the run from the next before serving it.
+    let mut c = Cluster::new(16 * MIB);
+    let nodes: Vec<usize> = (0..5).map(|_| c.add_node("fanout = 1", &[])).collect();
+    c.wait_meshed(&nodes);
+    let mut readers: Vec<_> = nodes.iter().map(|&i| compare_in_background(&c, i)).collect();
+    for r in &mut readers {
+        assert!(r.wait().unwrap().success(), "every node serves the image identically");
+    }
+    let size = c.data.len() as u64;
+    let origin: u64 = nodes.iter().map(|&i| settled(&c.nodes[i].env, "img").bytes_from_origin).sum();
+    assert!(origin >= size && origin <= size + size / 20, "origin sent {origin} bytes for an image of {size}");
+    let relayed: Vec<u64> = nodes.iter().map(|&i| c.nodes[i].status().p2p.bytes_to_peers).collect();
+    // In a chain every node but the last relays each stripe once: about 4 × the image in all,
+    // spread over the nodes.
+    let total: u64 = relayed.iter().sum();
+    assert!(total >= 3 * size && total <= 4 * size + size / 5, "relayed {total}: {relayed:?}");
+    assert!(relayed.iter().filter(|&&r| r > 0).count() >= 4, "uploads spread: {relayed:?}");
+    assert!(nodes.iter().all(|&i| c.nodes[i].status().failed == 0));
+}
+
+#[test]
 fn a_peer_serving_corrupt_data_is_banned_and_no_bad_byte_reaches_a_client() {
     let mut c = Cluster::new(8 * MIB);
     let liar = c.add_node("", &[("VMT_TEST_CORRUPT_UPLOADS", "1")]);

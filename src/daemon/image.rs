@@ -79,8 +79,10 @@ pub struct PeerContext {
     pub key: ClusterKey,
     pub stall: std::time::Duration,
     pub request_timeout: std::time::Duration,
-    /// Ownership stripe in bytes.
+    /// Relay tree unit in bytes.
     pub stripe: u64,
+    /// Relay tree fan-out.
+    pub fanout: u32,
 }
 
 impl Image {
@@ -132,7 +134,7 @@ impl Image {
         let max_chunks = (tuning.max_fetch / manifest.geometry().chunk_size().bytes()).max(1) as u32;
         let swarm = peers.map(|p| {
             let stripe = (p.stripe / manifest.geometry().chunk_size().bytes()).max(1) as u32;
-            let tuning = SwarmTuning { stall: p.stall, request_timeout: p.request_timeout, stripe };
+            let tuning = SwarmTuning { stall: p.stall, request_timeout: p.request_timeout, stripe, fanout: p.fanout };
             Swarm::new(&p.me, p.key.clone(), manifest.clone(), source.clone(), tuning)
         });
         let source: Arc<dyn crate::fetch::ChunkSource> = match &swarm {
@@ -317,17 +319,17 @@ impl PeerExport for Image {
         self.store.present()
     }
 
-    fn serve(&self, run: std::ops::Range<u32>) -> BoxFuture<'_, Option<Bytes>> {
+    fn serve<'a>(&'a self, run: std::ops::Range<u32>, requester: &'a str) -> BoxFuture<'a, Option<Bytes>> {
         Box::pin(async move {
             let len = u32::try_from(self.run_len(run.clone())?).ok()?;
             let held = self.store.has_all(run.clone());
-            // Fetch on a peer's behalf only for stripes this node owns: everyone else would
-            // otherwise turn every miss into one more origin read.
-            if !held && !self.swarm.as_ref().is_some_and(|s| s.owns(run.start)) {
+            // Fetch on a peer's behalf only when this node ranks above it in the stripe's tree:
+            // relay chains then always climb to the root and never loop.
+            if !held && !self.swarm.as_ref().is_some_and(|s| s.relays_for(run.start, requester)) {
                 return None;
             }
             let offset = self.manifest.geometry().chunk_offset(ChunkIdx(run.start)).0;
-            self.bytes(offset, len, Priority::Guest).await.ok()
+            self.bytes(offset, len, Priority::Relay).await.ok()
         })
     }
 

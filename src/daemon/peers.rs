@@ -61,6 +61,7 @@ impl Peers {
             stall: t.peer_stall,
             request_timeout: t.peer_timeout,
             stripe: t.stripe,
+            fanout: t.fanout,
         };
         let limits = UploadLimits { slots: t.upload_slots, rate: t.upload_rate, max_queue: MAX_QUEUE };
         let server = PeerServer::new(&t.advertise, key, Arc::new(Lookup(daemon)), limits);

@@ -71,6 +71,12 @@ pub enum Priority {
     Guest,
     /// Takes an upstream slot only while no guest fetch waits for one.
     Prefetch,
+    /// A fetch on behalf of a peer, by the owner of the chunks' stripe. It has slots of its own:
+    /// were it to share the guests' slots, nodes whose slots all wait on each other's relays
+    /// would deadlock until their peer requests time out. A relay fetch never waits on another
+    /// relay (an owner reads the origin or a node holding the chunks), so this pool always
+    /// drains.
+    Relay,
 }
 
 /// Tuning of the miss path.
@@ -114,6 +120,7 @@ pub struct Fetcher {
     tuning: FetchTuning,
     inflight: Mutex<HashMap<u32, watch::Receiver<Outcome>>>,
     upstream: Semaphore,
+    relay: Semaphore,
     /// Guest runs waiting for an upstream slot: prefetch stands back while this is non-zero.
     guests_waiting: std::sync::atomic::AtomicUsize,
     stats: FetchStats,
@@ -133,6 +140,7 @@ impl Fetcher {
             tuning,
             inflight: Mutex::new(HashMap::new()),
             upstream: Semaphore::new(MAX_UPSTREAM),
+            relay: Semaphore::new(MAX_UPSTREAM),
             guests_waiting: std::sync::atomic::AtomicUsize::new(0),
             stats: FetchStats::default(),
         })
@@ -216,27 +224,25 @@ impl Fetcher {
     }
 
     async fn slot(&self, priority: Priority) -> tokio::sync::SemaphorePermit<'_> {
-        if let Ok(p) = self.upstream.try_acquire() {
-            if priority == Priority::Guest || self.guests_waiting.load(Ordering::SeqCst) == 0 {
-                return p;
-            }
-            drop(p);
-        }
         match priority {
+            Priority::Relay => self.relay.acquire().await.expect("semaphore never closed"),
             Priority::Guest => {
+                if let Ok(p) = self.upstream.try_acquire() {
+                    return p;
+                }
                 self.guests_waiting.fetch_add(1, Ordering::SeqCst);
                 let p = self.upstream.acquire().await.expect("semaphore never closed");
                 self.guests_waiting.fetch_sub(1, Ordering::SeqCst);
                 p
             }
             Priority::Prefetch => loop {
-                // Polling keeps the guest path free of any hand-off to prefetch.
-                tokio::time::sleep(Duration::from_millis(2)).await;
                 if self.guests_waiting.load(Ordering::SeqCst) == 0 {
                     if let Ok(p) = self.upstream.try_acquire() {
                         return p;
                     }
                 }
+                // Polling keeps the guest path free of any hand-off to prefetch.
+                tokio::time::sleep(Duration::from_millis(2)).await;
             },
         }
     }

@@ -57,9 +57,19 @@ pub async fn read_frame_within<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> R
     if header.body_len() > max {
         return Err(WireError::TooBig { msg: header.msg_len, tail: header.tail_len }.into());
     }
-    let mut body = BytesMut::zeroed(header.body_len());
-    r.read_exact(&mut body).await?;
-    Ok(wire::decode_body(&header, body.freeze())?)
+    let mut msg = vec![0u8; header.msg_len as usize];
+    r.read_exact(&mut msg).await?;
+    // Read into spare capacity: zeroing a buffer that is about to be overwritten costs as much
+    // as the checksum.
+    let want = header.tail_len as usize;
+    let mut tail = BytesMut::with_capacity(want);
+    while tail.len() < want {
+        let mut limited = (&mut *r).take((want - tail.len()) as u64);
+        if limited.read_buf(&mut tail).await? == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+    }
+    Ok(wire::decode_body(&header, &msg, tail.freeze())?)
 }
 
 /// Writes one frame; the tail goes out without being copied.

@@ -3,14 +3,21 @@
 //!
 //! For a run of missing chunks:
 //! 1. a live peer whose have-map holds the whole run, the least loaded first;
-//! 2. otherwise the run's *owner*: every stripe of `stripe` chunks has one owner among the live
-//!    members (rendezvous hashing on node name and stripe), and only the owner reads that stripe
-//!    from the origin; everyone else asks the owner, which fetches once and serves them all;
-//! 3. the origin, when this node is the owner, or when every candidate failed.
+//! 2. otherwise this node's *parent* in the run's stripe tree: every stripe of `stripe` chunks
+//!    ranks the live members and this node by a rendezvous score of (node name, stripe); in that
+//!    order they form a tree of fan-out `fanout` (the node at place i has the one at place
+//!    (i − 1) / fanout as parent), whose root reads the stripe from the origin and every other
+//!    node from its parent, which fetches it first if need be;
+//! 3. the origin, when this node is the root, or when its parent failed.
 //!
-//! Rendezvous hashing needs no coordination beyond the member list the tracker hands out, and a
-//! node that joins or dies moves only the stripes it owns. Peers that fail are avoided for a
-//! backoff that doubles with each failure; peers that sent corrupt data are banned.
+//! A node relays for a requester only if its own score for the stripe is higher: scores depend on
+//! names and stripes alone, not on who is a member, so every relay chain climbs strictly in
+//! score and can never loop, whatever each node's view of the membership. Each stripe has its
+//! own tree, so every node is an inner node of some trees and a leaf of most: the uploads of a
+//! storm spread over all nodes, and a node's uplink serves at most `fanout` copies of a run at
+//! once. The trees need no coordination beyond the member list, and a node that joins or dies
+//! moves only the places below it. Peers that fail are avoided for a backoff that doubles with
+//! each failure; peers that sent corrupt data are banned.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -27,10 +34,11 @@ pub const BAN: Duration = Duration::from_secs(300);
 /// Where to read a run from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Choice {
-    /// Ask this peer; `owner` says it was chosen as the stripe's owner, not for its have-map.
+    /// Ask this peer; `parent` says it was chosen as this node's parent in the stripe's tree,
+    /// not for its have-map.
     Peer {
         node: String,
-        owner: bool,
+        parent: bool,
     },
     Origin,
 }
@@ -66,6 +74,7 @@ pub struct Selector {
     me: String,
     me_hash: u64,
     stripe: u32,
+    fanout: u32,
     peers: HashMap<String, Peer>,
     bans: u64,
 }
@@ -95,17 +104,24 @@ fn score(node: u64, stripe: u32) -> u64 {
 }
 
 impl Selector {
-    /// `me` is this node's peer name (its advertised address); `stripe` the ownership unit in
-    /// chunks (at least 1).
-    pub fn new(me: &str, stripe: u32) -> Selector {
-        Selector { me: me.into(), me_hash: node_hash(me), stripe: stripe.max(1), peers: HashMap::new(), bans: 0 }
+    /// `me` is this node's peer name (its advertised address); `stripe` the unit of the relay
+    /// trees in chunks, `fanout` their fan-out (both at least 1).
+    pub fn new(me: &str, stripe: u32, fanout: u32) -> Selector {
+        Selector {
+            me: me.into(),
+            me_hash: node_hash(me),
+            stripe: stripe.max(1),
+            fanout: fanout.max(1),
+            peers: HashMap::new(),
+            bans: 0,
+        }
     }
 
     pub fn me(&self) -> &str {
         &self.me
     }
 
-    /// The chunks of `run` split at stripe boundaries: each piece has one owner.
+    /// The chunks of `run` split at stripe boundaries: each piece has one tree.
     pub fn split(&self, run: Range<u32>) -> Vec<Range<u32>> {
         let mut out = Vec::new();
         let mut at = run.start;
@@ -175,35 +191,45 @@ impl Selector {
         p.member && p.down_until.is_none_or(|t| now >= t) && p.banned_until.is_none_or(|t| now >= t)
     }
 
-    /// The owner of the stripe holding `chunk` among usable members and this node; `None`
-    /// means this node.
-    pub fn owner(&self, chunk: u32, now: Instant) -> Option<&str> {
+    /// This node's parent in the tree of the stripe holding `chunk`, among usable members;
+    /// `None` when this node is the root.
+    pub fn parent(&self, chunk: u32, now: Instant) -> Option<&str> {
         let stripe = chunk / self.stripe;
-        let mut best: (u64, Option<&str>) = (score(self.me_hash, stripe), None);
-        for (n, p) in &self.peers {
-            if !Self::usable(p, now) {
-                continue;
-            }
-            let s = score(p.hash, stripe);
-            if s > best.0 || (s == best.0 && best.1.is_some_and(|b| n.as_str() < b)) {
-                best = (s, Some(n));
-            }
+        let mine = score(self.me_hash, stripe);
+        // Nodes ranked above this one, best first; this node's place is their count.
+        let mut above: Vec<(u64, &str)> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| Self::usable(p, now))
+            .map(|(n, p)| (score(p.hash, stripe), n.as_str()))
+            .filter(|&(s, n)| (s, n) > (mine, self.me.as_str()))
+            .collect();
+        if above.is_empty() {
+            return None;
         }
-        best.1
+        let place = above.len();
+        let parent = (place - 1) / self.fanout as usize;
+        above.sort_unstable_by(|a, b| b.cmp(a));
+        Some(above[parent].1)
     }
 
-    /// Whether this node owns the stripe of `chunk` (it then fetches it from the origin for
-    /// peers that ask).
-    pub fn owns(&self, chunk: u32, now: Instant) -> bool {
-        self.owner(chunk, now).is_none()
+    /// Whether this node relays the stripe of `chunk` for `requester`: it must rank above it, so
+    /// that every relay chain climbs towards the root (see the module doc).
+    pub fn relays_for(&self, chunk: u32, requester: &str) -> bool {
+        let stripe = chunk / self.stripe;
+        (score(self.me_hash, stripe), self.me.as_str()) > (score(node_hash(requester), stripe), requester)
+    }
+
+    /// Whether this node is the root of the tree of the stripe of `chunk` (it reads that stripe
+    /// from the origin).
+    pub fn is_root(&self, chunk: u32, now: Instant) -> bool {
+        self.parent(chunk, now).is_none()
     }
 
     /// Where to read `run` (one stripe at most, see [`Selector::split`]) from, avoiding the
-    /// peers in `exclude` (already tried for this run). An owner in `exclude` (it refused, or
-    /// failed) sends the run to the origin rather than to the next-ranked node, which would
-    /// refuse unless it too saw the owner as gone. An owner that failed is also marked down, so
-    /// later runs of its stripes go to the next-ranked node, which owns them in the view of
-    /// every node that noticed the failure.
+    /// peers in `exclude` (already tried for this run). A parent in `exclude` (it refused or
+    /// failed) sends the run to the origin: this read is late already. A parent that failed is
+    /// also marked down, so later runs of its stripes go to the parent the tree has without it.
     pub fn choose(&self, run: Range<u32>, now: Instant, exclude: &[String]) -> Choice {
         let holder = self
             .peers
@@ -211,10 +237,10 @@ impl Selector {
             .filter(|(n, p)| Self::usable(p, now) && !exclude.contains(n) && p.have.contains_range(run.clone()))
             .min_by(|a, b| a.1.load.cmp(&b.1.load).then_with(|| a.0.cmp(b.0)));
         if let Some((n, _)) = holder {
-            return Choice::Peer { node: n.clone(), owner: false };
+            return Choice::Peer { node: n.clone(), parent: false };
         }
-        match self.owner(run.start, now) {
-            Some(n) if !exclude.iter().any(|e| e == n) => Choice::Peer { node: n.to_string(), owner: true },
+        match self.parent(run.start, now) {
+            Some(n) if !exclude.iter().any(|e| e == n) => Choice::Peer { node: n.to_string(), parent: true },
             _ => Choice::Origin,
         }
     }
@@ -293,12 +319,12 @@ mod tests {
         (0..n).map(|i| format!("10.0.0.{}:7000", 10 + i)).collect()
     }
 
-    fn cluster(n: usize, stripe: u32) -> Vec<Selector> {
+    fn cluster(n: usize, stripe: u32, fanout: u32) -> Vec<Selector> {
         let names = nodes(n);
         names
             .iter()
             .map(|me| {
-                let mut s = Selector::new(me, stripe);
+                let mut s = Selector::new(me, stripe, fanout);
                 s.set_members(names.iter().map(String::as_str));
                 s
             })
@@ -306,65 +332,73 @@ mod tests {
     }
 
     #[test]
-    fn every_node_agrees_on_one_owner_per_stripe_and_load_spreads() {
+    fn each_stripe_forms_one_tree_of_bounded_fanout_and_roots_spread() {
         let now = Instant::now();
-        let c = cluster(16, 4);
-        let names = nodes(16);
-        let mut owned = vec![0u32; 16];
-        for stripe in 0..1600u32 {
+        let (n, fanout) = (24, 4);
+        let c = cluster(n, 4, fanout);
+        let names = nodes(n);
+        let mut roots = vec![0u32; n];
+        for stripe in 0..2400u32 {
             let chunk = stripe * 4;
-            let owners: Vec<usize> = c
-                .iter()
-                .filter(|s| s.owns(chunk, now))
-                .map(|s| names.iter().position(|n| n == s.me()).unwrap())
-                .collect();
-            assert_eq!(owners.len(), 1, "stripe {stripe} has exactly one owner");
-            owned[owners[0]] += 1;
-            for s in &c {
-                let expect = if s.me() == names[owners[0]] {
-                    Choice::Origin
-                } else {
-                    Choice::Peer { node: names[owners[0]].clone(), owner: true }
-                };
-                assert_eq!(s.choose(chunk..chunk + 4, now, &[]), expect);
+            let root: Vec<usize> = (0..n).filter(|&i| c[i].is_root(chunk, now)).collect();
+            assert_eq!(root.len(), 1, "stripe {stripe} has one root");
+            roots[root[0]] += 1;
+            let mut children = vec![0u32; n];
+            for (i, s) in c.iter().enumerate() {
+                let Some(p) = s.parent(chunk, now) else { continue };
+                let p = names.iter().position(|x| x == p).unwrap();
+                children[p] += 1;
+                assert!(c[p].relays_for(chunk, &names[i]), "a parent relays for its children");
+                assert!(!s.relays_for(chunk, &names[p]), "never the other way round");
+                assert_eq!(s.choose(chunk..chunk + 4, now, &[]), Choice::Peer { node: names[p].clone(), parent: true });
+                // Climbing from any node reaches the root within log_fanout(n) + 1 hops.
+                let (mut at, mut hops) = (i, 0);
+                while let Some(up) = c[at].parent(chunk, now) {
+                    at = names.iter().position(|x| x == up).unwrap();
+                    hops += 1;
+                    assert!(hops <= 3, "tree too deep");
+                }
+                assert_eq!(at, root[0]);
             }
+            assert!(children.iter().all(|&k| k <= fanout), "fan-out bounded: {children:?}");
+            assert_eq!(c[root[0]].choose(chunk..chunk + 1, now, &[]), Choice::Origin);
         }
-        assert!(owned.iter().all(|&o| (50..=150).contains(&o)), "ownership is spread: {owned:?}");
+        assert!(roots.iter().all(|&r| (50..=150).contains(&r)), "roots are spread: {roots:?}");
     }
 
     #[test]
-    fn a_holder_wins_over_the_owner_and_the_least_loaded_holder_first() {
+    fn a_holder_wins_over_the_parent_and_the_least_loaded_holder_first() {
         let now = Instant::now();
-        let mut s = cluster(4, 4).remove(0);
+        let mut s = cluster(4, 4, 4).remove(0);
         let names = nodes(4);
         let mut have = RoaringBitmap::new();
         have.insert_range(0..8);
         s.have_full(&names[1], have.clone());
         s.have_full(&names[2], have);
         s.started(&names[1]);
-        assert_eq!(s.choose(0..4, now, &[]), Choice::Peer { node: names[2].clone(), owner: false });
+        assert_eq!(s.choose(0..4, now, &[]), Choice::Peer { node: names[2].clone(), parent: false });
         assert_eq!(
             s.choose(0..4, now, std::slice::from_ref(&names[2])),
-            Choice::Peer { node: names[1].clone(), owner: false }
+            Choice::Peer { node: names[1].clone(), parent: false }
         );
         // Not all of the run: the have-map does not count.
-        assert!(matches!(s.choose(6..10, now, &[]), Choice::Origin | Choice::Peer { owner: true, .. }));
+        assert!(matches!(s.choose(6..10, now, &[]), Choice::Origin | Choice::Peer { parent: true, .. }));
     }
 
     #[test]
     fn failed_peers_back_off_and_return_and_corrupt_ones_are_banned() {
         let t0 = Instant::now();
         let names = nodes(2);
-        let mut s = Selector::new(&names[0], 1);
+        let mut s = Selector::new(&names[0], 1, 4);
         s.set_members(names.iter().map(String::as_str));
-        // A stripe owned by the other node.
-        let chunk = (0..1000).find(|&c| !s.owns(c, t0)).unwrap();
+        // A stripe whose root is the other node.
+        let chunk = (0..1000).find(|&c| !s.is_root(c, t0)).unwrap();
         s.started(&names[1]);
         s.finished(&names[1], Outcome::Failed, t0);
         assert_eq!(s.choose(chunk..chunk + 1, t0, &[]), Choice::Origin, "down peer skipped");
-        assert!(s.owns(chunk, t0));
+        assert!(s.is_root(chunk, t0));
         let back = t0 + FIRST_DOWN;
-        assert_eq!(s.choose(chunk..chunk + 1, back, &[]), Choice::Peer { node: names[1].clone(), owner: true });
+        assert_eq!(s.choose(chunk..chunk + 1, back, &[]), Choice::Peer { node: names[1].clone(), parent: true });
         s.unreachable(&names[1], back);
         assert_eq!(s.choose(chunk..chunk + 1, back + FIRST_DOWN, &[]), Choice::Origin, "second failure: longer");
         assert!(s.choose(chunk..chunk + 1, back + FIRST_DOWN * 2, &[]) != Choice::Origin);
@@ -379,7 +413,7 @@ mod tests {
 
     #[test]
     fn split_cuts_at_stripe_boundaries() {
-        let s = Selector::new("a:1", 4);
+        let s = Selector::new("a:1", 4, 4);
         assert_eq!(s.split(2..11), vec![2..4, 4..8, 8..11]);
         assert_eq!(s.split(4..8), vec![4..8]);
         assert!(s.split(5..5).is_empty());
@@ -387,15 +421,17 @@ mod tests {
 
     proptest! {
         /// However views differ (nodes missing from some member lists, some peers down), every
-        /// choice names a member that is usable and not excluded, or the origin.
+        /// choice names a member that is usable and not excluded, or the origin; and a chosen
+        /// parent always agrees to relay for this node, so requests climb and never loop.
         #[test]
-        fn choices_are_always_usable(
+        fn choices_are_always_usable_and_parents_accept(
             n in 2usize..12, missing in proptest::collection::vec(any::<bool>(), 12),
-            down in proptest::collection::vec(any::<bool>(), 12), chunk in 0u32..10_000, stripe in 1u32..64
+            down in proptest::collection::vec(any::<bool>(), 12), chunk in 0u32..10_000,
+            stripe in 1u32..64, fanout in 1u32..6
         ) {
             let now = Instant::now();
             let names = nodes(n);
-            let mut s = Selector::new(&names[0], stripe);
+            let mut s = Selector::new(&names[0], stripe, fanout);
             s.set_members(names.iter().enumerate().filter(|(i, _)| !missing[*i]).map(|(_, n)| n.as_str()));
             for (i, name) in names.iter().enumerate().skip(1) {
                 if down[i] {
@@ -405,9 +441,13 @@ mod tests {
             let exclude = vec![names[n - 1].clone()];
             match s.choose(chunk..chunk + 1, now, &exclude) {
                 Choice::Origin => {}
-                Choice::Peer { node, .. } => {
+                Choice::Peer { node, parent } => {
                     let i = names.iter().position(|x| *x == node).unwrap();
                     prop_assert!(i != 0 && !missing[i] && !down[i] && node != exclude[0]);
+                    if parent {
+                        let p = Selector::new(&node, stripe, fanout);
+                        prop_assert!(p.relays_for(chunk, &names[0]));
+                    }
                 }
             }
         }

@@ -1,5 +1,5 @@
-//! The peer server of a node: serves the chunks this node holds (or, for stripes it owns,
-//! fetches once and then serves) to authenticated peers, read-only.
+//! The peer server of a node: serves the chunks this node holds (or, for peers below it in a
+//! stripe's relay tree, fetches once and then serves) to authenticated peers, read-only.
 //!
 //! Per session: the handshake first (an unauthenticated or malformed client gets nothing and is
 //! dropped), then the full have-map, then have-deltas as chunks arrive and pings while idle.
@@ -23,10 +23,10 @@ use super::conn::{read_frame_within, server_handshake, write_frame, ConnError, S
 use super::wire::{Bytes32, Frame, Message, MAX_TAIL};
 use crate::fetch::BoxFuture;
 
-/// How often a session looks for new chunks to announce.
-const HAVE_INTERVAL: Duration = Duration::from_millis(100);
-/// Longest silence on an idle session (peers give up on us after their `stall`).
-const PING_INTERVAL: Duration = Duration::from_millis(250);
+/// How often a session announces new chunks, or pings when there are none: the longest silence
+/// on a session (peers give up on us after their `stall`, 1 s by default). New chunks matter
+/// less than their count suggests: while nobody holds a chunk its tree is climbed anyway.
+const HAVE_INTERVAL: Duration = Duration::from_millis(250);
 /// Most sessions (and handshakes in progress) at once; more connections are closed at once.
 const MAX_SESSIONS: usize = 1024;
 
@@ -41,9 +41,9 @@ pub trait PeerExport: Send + Sync + 'static {
     fn have(&self) -> RoaringBitmap;
     /// Whether this node holds every chunk of `run`.
     fn holds(&self, run: Range<u32>) -> bool;
-    /// The bytes of `run` if this node holds it, or fetches it because it owns its stripe;
-    /// `None` when neither (the asker then goes elsewhere).
-    fn serve(&self, run: Range<u32>) -> BoxFuture<'_, Option<Bytes>>;
+    /// The bytes of `run` if this node holds it, or fetches it for `requester`, which it ranks
+    /// above in the stripe's tree; `None` when neither (the asker then goes elsewhere).
+    fn serve<'a>(&'a self, run: Range<u32>, requester: &'a str) -> BoxFuture<'a, Option<Bytes>>;
     /// Counts bytes sent to peers.
     fn uploaded(&self, bytes: u64);
 }
@@ -185,8 +185,9 @@ impl PeerServer {
             }
             queued.fetch_add(1, Ordering::Relaxed);
             let (me, export, tx, queued) = (self.clone(), export.clone(), tx.clone(), queued.clone());
+            let requester = auth.node.clone();
             tokio::spawn(async move {
-                me.reply(export, id, run, &tx).await;
+                me.reply(export, id, run, &requester, &tx).await;
                 queued.fetch_sub(1, Ordering::Relaxed);
             });
         };
@@ -202,16 +203,17 @@ impl PeerServer {
         export: Arc<dyn PeerExport>,
         id: u32,
         run: Range<u32>,
+        requester: &str,
         tx: &mpsc::Sender<(Frame, Option<OwnedSemaphorePermit>)>,
     ) {
         // A reply from the cache takes its upload slot before reading, so replies waiting for a
-        // slot hold no chunk bytes; one the owner must fetch first takes it after.
+        // slot hold no chunk bytes; one this node must fetch first takes it after.
         let early = if export.holds(run.clone()) {
             Some(self.slots.clone().acquire_owned().await.expect("semaphore never closed"))
         } else {
             None
         };
-        let Some(bytes) = export.serve(run).await else {
+        let Some(bytes) = export.serve(run, requester).await else {
             self.stats.not_have.fetch_add(1, Ordering::Relaxed);
             let _ = tx.send((Frame::new(Message::NotHave { id }), None)).await;
             return;
@@ -249,15 +251,13 @@ impl PeerServer {
     }
 }
 
-/// Sends the full have-map, then the chunks gained every [`HAVE_INTERVAL`], and pings while
-/// nothing else is sent.
+/// Sends the full have-map, then every [`HAVE_INTERVAL`] the chunks gained, or a ping.
 async fn announce(export: Arc<dyn PeerExport>, tx: mpsc::Sender<(Frame, Option<OwnedSemaphorePermit>)>) {
     let mut sent = export.have();
     let mut count = sent.len();
     if tx.send((Frame::with_tail(Message::Have, bitmap_bytes(&sent)), None)).await.is_err() {
         return;
     }
-    let mut last = Instant::now();
     let mut tick = tokio::time::interval(HAVE_INTERVAL);
     loop {
         tick.tick().await;
@@ -273,15 +273,12 @@ async fn announce(export: Arc<dyn PeerExport>, tx: mpsc::Sender<(Frame, Option<O
         };
         let frame = if !added.is_empty() {
             Frame::with_tail(Message::HaveDelta, bitmap_bytes(&added))
-        } else if last.elapsed() >= PING_INTERVAL {
-            Frame::new(Message::Ping)
         } else {
-            continue;
+            Frame::new(Message::Ping)
         };
         if tx.send((frame, None)).await.is_err() {
             return;
         }
-        last = Instant::now();
     }
 }
 

@@ -1,5 +1,6 @@
 //! The peer-aware source of one image: a [`ChunkSource`] that reads each run from the source the
-//! [`Selector`] picks (a peer holding it, the stripe's owner, or the origin) and falls back to
+//! [`Selector`] picks (a peer holding it, this node's parent in the stripe's relay tree, or the
+//! origin) and falls back to
 //! the next one when a peer refuses, fails, stalls or lies.
 //!
 //! Peer data is verified against the manifest here, chunk by chunk, before it goes anywhere: a
@@ -23,15 +24,20 @@ use super::wire::Bytes32;
 use crate::fetch::{BoxFuture, ChunkSource, SourceError};
 use crate::image::{ChunkIdx, Manifest};
 
+/// Largest peer reply verified on a runtime thread.
+const INLINE_VERIFY: usize = 256 << 10;
+
 /// Timing of peer sessions.
 #[derive(Debug, Clone, Copy)]
 pub struct SwarmTuning {
     /// Silence after which a peer session counts as dead.
     pub stall: Duration,
-    /// Longest wait for one peer request (an owner may first fetch from the origin).
+    /// Longest wait for one peer request (a parent may first fetch the run itself).
     pub request_timeout: Duration,
-    /// Ownership unit, in chunks.
+    /// Unit of the relay trees, in chunks.
     pub stripe: u32,
+    /// Fan-out of the relay trees.
+    pub fanout: u32,
 }
 
 /// Counters of one image's peer traffic (downloads; uploads are counted by the server).
@@ -75,7 +81,7 @@ impl Swarm {
             me: me.into(),
             key,
             image: manifest.root().0,
-            selector: Arc::new(Mutex::new(Selector::new(me, tuning.stripe))),
+            selector: Arc::new(Mutex::new(Selector::new(me, tuning.stripe, tuning.fanout))),
             manifest,
             origin,
             conns: Mutex::new(HashMap::new()),
@@ -138,9 +144,10 @@ impl Swarm {
         self.selector.lock().unwrap().members()
     }
 
-    /// Whether this node fetches the stripe of `chunk` from the origin for its peers.
-    pub fn owns(&self, chunk: u32) -> bool {
-        self.selector.lock().unwrap().owns(chunk, Instant::now())
+    /// Whether this node fetches the stripe of `chunk` on behalf of `requester` (it ranks above
+    /// it in the stripe's tree).
+    pub fn relays_for(&self, chunk: u32, requester: &str) -> bool {
+        self.selector.lock().unwrap().relays_for(chunk, requester)
     }
 
     async fn session(&self, node: &str) -> Result<Arc<PeerConn>, Refusal> {
@@ -208,19 +215,25 @@ impl Swarm {
             tracing::warn!(peer = node, got = bytes.len(), want, "peer sent a reply of the wrong length");
             return Err(Outcome::Corrupt);
         }
-        let m = self.manifest.clone();
-        let checked = tokio::task::spawn_blocking(move || {
+        let check = move |m: &Manifest, bytes: &[u8]| {
             let base = g.chunk_offset(first).0;
-            let ok = run.clone().all(|i| {
+            run.clone().all(|i| {
                 let start = (g.chunk_offset(ChunkIdx(i)).0 - base) as usize;
                 m.verify(ChunkIdx(i), &bytes[start..start + g.chunk_len(ChunkIdx(i))])
-            });
-            (ok, bytes)
-        })
-        .await;
-        match checked {
-            Ok((true, bytes)) => Ok(bytes),
-            _ => Err(Outcome::Corrupt),
+            })
+        };
+        // Hashing a few chunks takes tens of microseconds: cheaper in place than a hand-off to
+        // the blocking pool. Longer runs go there, off the runtime's threads.
+        let ok = if bytes.len() <= INLINE_VERIFY {
+            check(&self.manifest, &bytes)
+        } else {
+            let (m, b) = (self.manifest.clone(), bytes.clone());
+            tokio::task::spawn_blocking(move || check(&m, &b)).await.unwrap_or(false)
+        };
+        if ok {
+            Ok(bytes)
+        } else {
+            Err(Outcome::Corrupt)
         }
     }
 
@@ -275,6 +288,14 @@ impl ChunkSource for Swarm {
                 // Not a chunk-aligned run (never asked by the fetcher): read the origin as is.
                 return self.origin.read(offset, len).await.map(|d| (d, false));
             };
+            if let [piece] = &pieces[..] {
+                // The usual case: one stripe, read in this task. The reply's own buffer is
+                // usually taken over without a copy.
+                let (bytes, checked) = self.read_piece(piece.clone()).await?;
+                let mut out = Vec::from(bytes);
+                out.truncate(len);
+                return Ok((out, checked));
+            }
             let mut tasks = tokio::task::JoinSet::new();
             for (k, piece) in pieces.into_iter().enumerate() {
                 let me = me.clone();

@@ -175,16 +175,16 @@ pub fn decode_header(h: &[u8; HEADER_LEN]) -> Result<Header, WireError> {
     Ok(Header { msg_len, tail_len, crc: u32::from_be_bytes([h[16], h[17], h[18], h[19]]) })
 }
 
-/// Checks and decodes the body announced by `header`.
-pub fn decode_body(header: &Header, mut body: Bytes) -> Result<Frame, WireError> {
-    if body.len() != header.body_len() {
+/// Checks and decodes the body announced by `header`: its message part and its tail (kept in
+/// a buffer of its own, so chunk data is handed on without a copy).
+pub fn decode_body(header: &Header, msg: &[u8], tail: Bytes) -> Result<Frame, WireError> {
+    if msg.len() != header.msg_len as usize || tail.len() != header.tail_len as usize {
         return Err(WireError::BadLength);
     }
-    if crc32c::crc32c(&body) != header.crc {
+    if crc32c::crc32c_append(crc32c::crc32c(msg), &tail) != header.crc {
         return Err(WireError::BadChecksum);
     }
-    let tail = body.split_off(header.msg_len as usize);
-    let msg: Message = postcard::from_bytes(&body).map_err(|e| WireError::Malformed(e.to_string()))?;
+    let msg: Message = postcard::from_bytes(msg).map_err(|e| WireError::Malformed(e.to_string()))?;
     if !tail.is_empty() && !msg.takes_tail() {
         return Err(WireError::UnexpectedTail(msg.name()));
     }
@@ -195,7 +195,12 @@ pub fn decode_body(header: &Header, mut body: Bytes) -> Result<Frame, WireError>
 pub fn decode(buf: &[u8]) -> Result<Frame, WireError> {
     let head: &[u8; HEADER_LEN] = buf.get(..HEADER_LEN).and_then(|h| h.try_into().ok()).ok_or(WireError::BadLength)?;
     let header = decode_header(head)?;
-    decode_body(&header, Bytes::copy_from_slice(&buf[HEADER_LEN..]))
+    let body = &buf[HEADER_LEN..];
+    if body.len() != header.body_len() {
+        return Err(WireError::BadLength);
+    }
+    let (msg, tail) = body.split_at(header.msg_len as usize);
+    decode_body(&header, msg, Bytes::copy_from_slice(tail))
 }
 
 #[cfg(test)]
