@@ -184,7 +184,7 @@ impl Fetcher {
                 }
             }
         }
-        for run in runs(mine, self.tuning.max_chunks) {
+        for run in runs(mine, self.tuning.max_chunks, self.source.run_boundary()) {
             let me = Arc::clone(self);
             tokio::spawn(async move { me.fetch_run(run, priority).await });
         }
@@ -377,12 +377,16 @@ impl Fetcher {
     }
 }
 
-/// Splits sorted chunk indices into runs of adjacent chunks, each at most `max` long.
-fn runs<T>(items: Vec<(u32, T)>, max: u32) -> Vec<Vec<(u32, T)>> {
+/// Splits sorted chunk indices into runs of adjacent chunks, each at most `max` long and, with
+/// `boundary`, never crossing a multiple of it.
+fn runs<T>(items: Vec<(u32, T)>, max: u32, boundary: Option<u32>) -> Vec<Vec<(u32, T)>> {
     let mut out: Vec<Vec<(u32, T)>> = Vec::new();
     for (i, t) in items {
+        let cut = boundary.is_some_and(|b| b > 0 && i % b == 0);
         match out.last_mut() {
-            Some(run) if run.len() < max as usize && run.last().is_some_and(|(p, _)| p + 1 == i) => run.push((i, t)),
+            Some(run) if !cut && run.len() < max as usize && run.last().is_some_and(|(p, _)| p + 1 == i) => {
+                run.push((i, t))
+            }
             _ => out.push(vec![(i, t)]),
         }
     }
@@ -399,8 +403,12 @@ mod tests {
     #[test]
     fn runs_split_on_gaps_and_size() {
         let items: Vec<(u32, ())> = [1, 2, 3, 5, 6, 7, 8, 9].iter().map(|&i| (i, ())).collect();
-        let r: Vec<Vec<u32>> = runs(items, 3).into_iter().map(|r| r.into_iter().map(|(i, _)| i).collect()).collect();
+        let r: Vec<Vec<u32>> =
+            runs(items.clone(), 3, None).into_iter().map(|r| r.into_iter().map(|(i, _)| i).collect()).collect();
         assert_eq!(r, vec![vec![1, 2, 3], vec![5, 6, 7], vec![8, 9]]);
+        let r: Vec<Vec<u32>> =
+            runs(items, 8, Some(4)).into_iter().map(|r| r.into_iter().map(|(i, _)| i).collect()).collect();
+        assert_eq!(r, vec![vec![1, 2, 3], vec![5, 6, 7], vec![8, 9]], "cut at multiples of 4");
     }
 
     /// A source over a byte vector that counts reads and can be switched off or made to lie.

@@ -66,6 +66,12 @@ pub trait ChunkSource: Send + Sync + 'static {
     fn waits_on_peers(&self) -> bool {
         false
     }
+    /// A chunk index multiple that coalesced runs must not cross (a peer-aware source's stripe:
+    /// a run spanning two stripes would make a relay of one wait on the tree of the other, and
+    /// waits between trees can form cycles).
+    fn run_boundary(&self) -> Option<u32> {
+        None
+    }
     /// Ends any session politely (an iSCSI logout); reads after it reconnect. Sources without
     /// sessions need not implement it.
     fn close(&self) -> BoxFuture<'_, ()> {

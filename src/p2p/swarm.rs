@@ -333,6 +333,10 @@ impl ChunkSource for Swarm {
         true
     }
 
+    fn run_boundary(&self) -> Option<u32> {
+        Some(self.tuning.stripe)
+    }
+
     fn close(&self) -> BoxFuture<'_, ()> {
         self.origin.close()
     }
