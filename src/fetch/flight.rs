@@ -273,40 +273,14 @@ impl Fetcher {
         self.stats.bytes_from_origin.fetch_add(len as u64, Ordering::Relaxed);
         let idxs: Vec<u32> = run.iter().map(|(i, _)| *i).collect();
         let me = Arc::clone(&self);
-        let finished = tokio::task::spawn_blocking(move || {
-            let run_data = Arc::new(RunData { offset, bytes: Bytes::from(data) });
-            // Verify, hand the bytes to the waiters, then store: the write is off their path.
-            let verified: Vec<bool> = run.iter().map(|(i, _)| checked || me.verify(&run_data, ChunkIdx(*i))).collect();
-            for ((i, tx), ok) in run.iter().zip(&verified) {
-                let outcome = if *ok { Ok(run_data.clone()) } else { Err(FetchError::Verify(ChunkIdx(*i))) };
-                let _ = tx.send(Some(outcome));
-            }
-            // One write per stretch of verified chunks (the run is contiguous).
-            let mut results: Vec<Result<(), FetchError>> = vec![Ok(()); run.len()];
-            let mut k = 0;
-            while k < run.len() {
-                if !verified[k] {
-                    k += 1;
-                    continue;
-                }
-                let start = k;
-                while k < run.len() && verified[k] {
-                    k += 1;
-                }
-                let stored = me.store_span(&run_data, run[start].0..run[k - 1].0 + 1);
-                results[start..k].fill(stored);
-            }
-            let mut inflight = me.inflight.lock().unwrap();
-            for ((i, tx), stored) in run.into_iter().zip(results) {
-                inflight.remove(&i);
-                if let Err(e) = stored {
-                    // Served from memory already; a later read will fetch it again.
-                    tracing::error!(idx = i, error = %e, "storing a fetched chunk failed");
-                    let _ = tx.send(Some(Err(e)));
-                }
-            }
-        })
-        .await;
+        let finish = move || me.finish(offset, data, checked, run);
+        // A run that is checked already (by a peer-aware source) only needs its write to the page
+        // cache: cheaper here than a hand-off to the blocking pool and back.
+        let finished = if checked {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(finish)).map_err(|_| ())
+        } else {
+            tokio::task::spawn_blocking(finish).await.map_err(|_| ())
+        };
         if finished.is_err() {
             // Its senders are gone (waiters see `Aborted`); without their entries the next
             // read of these chunks starts a fresh fetch instead of joining a dead one.
@@ -314,6 +288,42 @@ impl Fetcher {
             let mut inflight = self.inflight.lock().unwrap();
             for i in idxs {
                 inflight.remove(&i);
+            }
+        }
+    }
+
+    /// Verifies a fetched run (unless `checked`), hands it to its waiters, stores it, and lets
+    /// its chunks leave the in-flight map.
+    fn finish(&self, offset: u64, data: Vec<u8>, checked: bool, run: Vec<(u32, watch::Sender<Outcome>)>) {
+        let run_data = Arc::new(RunData { offset, bytes: Bytes::from(data) });
+        // Verify, hand the bytes to the waiters, then store: the write is off their path.
+        let verified: Vec<bool> = run.iter().map(|(i, _)| checked || self.verify(&run_data, ChunkIdx(*i))).collect();
+        for ((i, tx), ok) in run.iter().zip(&verified) {
+            let outcome = if *ok { Ok(run_data.clone()) } else { Err(FetchError::Verify(ChunkIdx(*i))) };
+            let _ = tx.send(Some(outcome));
+        }
+        // One write per stretch of verified chunks (the run is contiguous).
+        let mut results: Vec<Result<(), FetchError>> = vec![Ok(()); run.len()];
+        let mut k = 0;
+        while k < run.len() {
+            if !verified[k] {
+                k += 1;
+                continue;
+            }
+            let start = k;
+            while k < run.len() && verified[k] {
+                k += 1;
+            }
+            let stored = self.store_span(&run_data, run[start].0..run[k - 1].0 + 1);
+            results[start..k].fill(stored);
+        }
+        let mut inflight = self.inflight.lock().unwrap();
+        for ((i, tx), stored) in run.into_iter().zip(results) {
+            inflight.remove(&i);
+            if let Err(e) = stored {
+                // Served from memory already; a later read will fetch it again.
+                tracing::error!(idx = i, error = %e, "storing a fetched chunk failed");
+                let _ = tx.send(Some(Err(e)));
             }
         }
     }
