@@ -154,6 +154,21 @@ fn compare_in_background(c: &Cluster, i: usize) -> std::process::Child {
         .unwrap()
 }
 
+/// Reads the whole image through every node of `nodes` at once and checks the data, and that the
+/// origin sent each chunk about once (at most 5% more) in all. Returns the image size.
+fn read_everywhere_at_once(c: &Cluster, nodes: &[usize]) -> u64 {
+    c.wait_meshed(nodes);
+    let mut readers: Vec<_> = nodes.iter().map(|&i| compare_in_background(c, i)).collect();
+    for r in &mut readers {
+        assert!(r.wait().unwrap().success(), "every node serves the image identically");
+    }
+    let size = c.data.len() as u64;
+    let origin: u64 = nodes.iter().map(|&i| settled(&c.nodes[i].env, "img").bytes_from_origin).sum();
+    assert!(origin >= size, "every chunk came from the origin once: {origin}");
+    assert!(origin <= size + size / 20, "origin sent {origin} bytes for an image of {size}");
+    size
+}
+
 #[test]
 fn a_node_reads_what_its_peer_holds_from_the_peer() {
     let mut c = Cluster::new(16 * MIB);
@@ -182,15 +197,7 @@ fn a_node_reads_what_its_peer_holds_from_the_peer() {
 fn concurrent_readers_take_each_chunk_from_the_origin_about_once() {
     let mut c = Cluster::new(32 * MIB);
     let nodes: Vec<usize> = (0..3).map(|_| c.add_node("", &[])).collect();
-    c.wait_meshed(&nodes);
-    let mut readers: Vec<_> = nodes.iter().map(|&i| compare_in_background(&c, i)).collect();
-    for r in &mut readers {
-        assert!(r.wait().unwrap().success(), "every node serves the image identically");
-    }
-    let origin: u64 = nodes.iter().map(|&i| settled(&c.nodes[i].env, "img").bytes_from_origin).sum();
-    let size = c.data.len() as u64;
-    assert!(origin >= size, "every chunk came from the origin once: {origin}");
-    assert!(origin <= size + size / 20, "origin sent {origin} bytes for an image of {size}");
+    let size = read_everywhere_at_once(&c, &nodes);
     let from_peers: u64 = nodes.iter().map(|&i| c.nodes[i].status().p2p.bytes_from_peers).sum();
     assert!(from_peers >= size, "the rest came from peers: {from_peers}");
     assert!(nodes.iter().all(|&i| c.nodes[i].status().failed == 0));
@@ -202,14 +209,7 @@ fn relay_chains_climb_to_the_root_of_each_stripe() {
     // to four relays, each fetching the run from the next before serving it.
     let mut c = Cluster::new(16 * MIB);
     let nodes: Vec<usize> = (0..5).map(|_| c.add_node("fanout = 1", &[])).collect();
-    c.wait_meshed(&nodes);
-    let mut readers: Vec<_> = nodes.iter().map(|&i| compare_in_background(&c, i)).collect();
-    for r in &mut readers {
-        assert!(r.wait().unwrap().success(), "every node serves the image identically");
-    }
-    let size = c.data.len() as u64;
-    let origin: u64 = nodes.iter().map(|&i| settled(&c.nodes[i].env, "img").bytes_from_origin).sum();
-    assert!(origin >= size && origin <= size + size / 20, "origin sent {origin} bytes for an image of {size}");
+    let size = read_everywhere_at_once(&c, &nodes);
     let relayed: Vec<u64> = nodes.iter().map(|&i| c.nodes[i].status().p2p.bytes_to_peers).collect();
     // In a chain every node but the last relays each stripe once: about 4 × the image in all,
     // spread over the nodes.
