@@ -312,7 +312,12 @@ impl Config {
         }
         self.tuning()?;
         if let Some(p) = &self.p2p {
-            p.tuning()?;
+            let t = p.tuning()?;
+            // A relay that may wait as long as a guest read may would turn a hung parent into
+            // EIO for the guest instead of a fallback to the origin.
+            if t.peer_timeout >= self.tuning()?.fetch_timeout {
+                return Err(invalid("p2p.peer_timeout", "must be shorter than fetch_timeout"));
+            }
         }
         let mut seen = HashSet::new();
         for (i, img) in self.images.iter().enumerate() {

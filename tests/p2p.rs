@@ -323,6 +323,27 @@ fn any_one_of_several_trackers_serves() {
 }
 
 #[test]
+fn removing_an_image_ends_its_peer_sessions_and_it_can_come_back() {
+    let mut c = Cluster::new(4 * MIB);
+    let a = c.add_node("", &[]);
+    let b = c.add_node("", &[]);
+    c.wait_meshed(&[a, b]);
+    let vmt = |args: &[&str]| {
+        let ctl = c.nodes[a].env.control_sock();
+        let out = run(Command::new(VMT).arg("--socket").arg(&ctl).args(args));
+        assert!(out.status.success(), "vmt {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    vmt(&["image", "remove", "img"]);
+    // B's session to A ends with A's image: A no longer serves it to peers.
+    wait_until("B's session to A closed", Duration::from_secs(20), || c.nodes[b].status().p2p.sessions == 0);
+    // The cache is free again (its lock went with the last session): the image comes back.
+    let origin = format!("file://{}", c.img.display());
+    vmt(&["image", "add", "img", &origin, "--chunk-size", "64KiB"]);
+    c.wait_meshed(&[a, b]);
+    assert!(c.nodes[a].identical(&c.img));
+}
+
+#[test]
 fn unauthenticated_and_malformed_peer_frames_only_end_their_connection() {
     let mut c = Cluster::new(4 * MIB);
     let a = c.add_node("", &[]);

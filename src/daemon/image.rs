@@ -325,7 +325,7 @@ impl PeerExport for Image {
             let held = self.store.has_all(run.clone());
             // Fetch on a peer's behalf only when this node ranks above it in the stripe's tree:
             // relay chains then always climb to the root and never loop.
-            if !held && !self.swarm.as_ref().is_some_and(|s| s.relays_for(run.start, requester)) {
+            if !held && !self.swarm.as_ref().is_some_and(|s| s.relays_for(run.clone(), requester)) {
                 return None;
             }
             let offset = self.manifest.geometry().chunk_offset(ChunkIdx(run.start)).0;
@@ -335,6 +335,10 @@ impl PeerExport for Image {
 
     fn uploaded(&self, bytes: u64) {
         self.bytes_to_peers.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn served_until(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
     }
 }
 

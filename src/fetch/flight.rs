@@ -34,6 +34,8 @@ use crate::store::ChunkStore;
 
 /// Most runs one image has in flight (reading upstream or waiting to be stored).
 const MAX_UPSTREAM: usize = 32;
+/// Longest checked run stored on a runtime thread.
+const INLINE_STORE: usize = 1 << 20;
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -274,9 +276,10 @@ impl Fetcher {
         let idxs: Vec<u32> = run.iter().map(|(i, _)| *i).collect();
         let me = Arc::clone(&self);
         let finish = move || me.finish(offset, data, checked, run);
-        // A run that is checked already (by a peer-aware source) only needs its write to the page
-        // cache: cheaper here than a hand-off to the blocking pool and back.
-        let finished = if checked {
+        // A short run that is checked already (by a peer-aware source) only needs its write to
+        // the page cache: cheaper here than a hand-off to the blocking pool and back. Longer
+        // writes, which dirty-page throttling can hold up, stay off the runtime's threads.
+        let finished = if checked && len <= INLINE_STORE {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(finish)).map_err(|_| ())
         } else {
             tokio::task::spawn_blocking(finish).await.map_err(|_| ())

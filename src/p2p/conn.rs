@@ -51,21 +51,41 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ConnEr
 
 /// Reads one frame whose body is at most `max` bytes.
 pub async fn read_frame_within<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Frame, ConnError> {
+    read_frame_progressing(r, max, None).await
+}
+
+/// Reads one frame whose body is at most `max` bytes, failing with [`ConnError::Timeout`] if
+/// `stall` passes with no byte arriving (the first byte of the frame included). Progress is
+/// what counts, not the whole frame: a large reply on a slow link is not a stall.
+pub async fn read_frame_progressing<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+    stall: Option<std::time::Duration>,
+) -> Result<Frame, ConnError> {
+    async fn bounded<T>(
+        stall: Option<std::time::Duration>,
+        f: impl std::future::Future<Output = std::io::Result<T>>,
+    ) -> Result<T, ConnError> {
+        match stall {
+            Some(d) => Ok(tokio::time::timeout(d, f).await.map_err(|_| ConnError::Timeout)??),
+            None => Ok(f.await?),
+        }
+    }
     let mut head = [0u8; HEADER_LEN];
-    r.read_exact(&mut head).await?;
+    bounded(stall, r.read_exact(&mut head)).await?;
     let header = wire::decode_header(&head)?;
     if header.body_len() > max {
         return Err(WireError::TooBig { msg: header.msg_len, tail: header.tail_len }.into());
     }
     let mut msg = vec![0u8; header.msg_len as usize];
-    r.read_exact(&mut msg).await?;
+    bounded(stall, r.read_exact(&mut msg)).await?;
     // Read into spare capacity: zeroing a buffer that is about to be overwritten costs as much
     // as the checksum.
     let want = header.tail_len as usize;
     let mut tail = BytesMut::with_capacity(want);
     while tail.len() < want {
         let mut limited = (&mut *r).take((want - tail.len()) as u64);
-        if limited.read_buf(&mut tail).await? == 0 {
+        if bounded(stall, limited.read_buf(&mut tail)).await? == 0 {
             return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
         }
     }
@@ -105,7 +125,7 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     let run = async {
         let nonce_c = nonce();
         write_frame(s, &Frame::new(Message::Hello { node: me.into(), image, nonce: nonce_c })).await?;
-        let (node, nonce_s, proof) = match read_frame(s).await?.msg {
+        let (node, nonce_s, proof) = match read_frame_within(s, SMALL_FRAME).await?.msg {
             Message::Challenge { node, nonce, proof } => (node, nonce, proof),
             other => return Err(ConnError::Unexpected { expected: "Challenge", got: Box::new(other) }),
         };

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use super::auth::ClusterKey;
-use super::conn::{client_handshake, read_frame, write_frame, ConnError};
+use super::conn::{client_handshake, read_frame_progressing, write_frame, ConnError};
 use super::select::Selector;
 use super::wire::{Bytes32, Frame, Message};
 
@@ -38,6 +38,8 @@ pub struct PeerConn {
     pending: Mutex<HashMap<u32, oneshot::Sender<Reply>>>,
     next: AtomicU32,
     closed: AtomicBool,
+    /// Wakes the reader to end the session from our side.
+    stop: tokio::sync::Notify,
 }
 
 /// Removes a request's entry when its caller stops waiting (it timed out or was dropped).
@@ -86,6 +88,7 @@ impl PeerConn {
             pending: Mutex::new(HashMap::new()),
             next: AtomicU32::new(1),
             closed: AtomicBool::new(false),
+            stop: tokio::sync::Notify::new(),
         });
         let writer = tokio::spawn(async move {
             while let Some(f) = rx.recv().await {
@@ -97,10 +100,13 @@ impl PeerConn {
         let me = conn.clone();
         tokio::spawn(async move {
             let why = loop {
-                let f = match tokio::time::timeout(stall, read_frame(&mut rd)).await {
-                    Err(_) => break format!("silent for {stall:?}"),
-                    Ok(Err(e)) => break e.to_string(),
-                    Ok(Ok(f)) => f,
+                let f = tokio::select! {
+                    r = read_frame_progressing(&mut rd, usize::MAX, Some(stall)) => match r {
+                        Err(ConnError::Timeout) => break format!("silent for {stall:?}"),
+                        Err(e) => break e.to_string(),
+                        Ok(f) => f,
+                    },
+                    _ = me.stop.notified() => break "closed by this node".to_string(),
                 };
                 let (id, reply) = match f.msg {
                     Message::Data { id } => (id, Ok(f.tail)),
@@ -137,6 +143,12 @@ impl PeerConn {
 
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Ends the session: its requests fail at once, the peer's have-map is forgotten, and the
+    /// next request opens a fresh session (with a fresh have-map).
+    pub fn close(&self) {
+        self.stop.notify_one();
     }
 
     /// Asks for chunks `first..first + count`.

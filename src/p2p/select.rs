@@ -231,11 +231,14 @@ impl Selector {
     /// failed) sends the run to the origin: this read is late already. A parent that failed is
     /// also marked down, so later runs of its stripes go to the parent the tree has without it.
     pub fn choose(&self, run: Range<u32>, now: Instant, exclude: &[String]) -> Choice {
+        // Among equally loaded holders, each asker prefers a different one (a score of holder,
+        // asker and stripe), so that a popular run's holders share the askers.
+        let stripe = run.start / self.stripe;
         let holder = self
             .peers
             .iter()
             .filter(|(n, p)| Self::usable(p, now) && !exclude.contains(n) && p.have.contains_range(run.clone()))
-            .min_by(|a, b| a.1.load.cmp(&b.1.load).then_with(|| a.0.cmp(b.0)));
+            .min_by_key(|(n, p)| (p.load, std::cmp::Reverse(score(p.hash ^ self.me_hash, stripe)), n.as_str()));
         if let Some((n, _)) = holder {
             return Choice::Peer { node: n.clone(), parent: false };
         }

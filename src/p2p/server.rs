@@ -27,8 +27,23 @@ use crate::fetch::BoxFuture;
 /// on a session (peers give up on us after their `stall`, 1 s by default). New chunks matter
 /// less than their count suggests: while nobody holds a chunk its tree is climbed anyway.
 const HAVE_INTERVAL: Duration = Duration::from_millis(250);
-/// Most sessions (and handshakes in progress) at once; more connections are closed at once.
-const MAX_SESSIONS: usize = 1024;
+/// Most sessions at once; more connections are closed at once.
+const MAX_SESSIONS: usize = 4096;
+/// Most handshakes in progress at once: idle connections that never authenticate cannot take
+/// the places of real peers' sessions for longer than one handshake timeout each.
+const MAX_HANDSHAKES: usize = 64;
+/// Longest one frame may take to write: a peer that stopped reading (frozen, or its network
+/// gone without a reset) would otherwise hold upload slots for ever.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Takes one request off a session's queue count when its reply task ends, however it ends.
+struct Queued(Arc<AtomicUsize>);
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// One image as the peer server sees it.
 pub trait PeerExport: Send + Sync + 'static {
@@ -46,6 +61,8 @@ pub trait PeerExport: Send + Sync + 'static {
     fn serve<'a>(&'a self, run: Range<u32>, requester: &'a str) -> BoxFuture<'a, Option<Bytes>>;
     /// Counts bytes sent to peers.
     fn uploaded(&self, bytes: u64);
+    /// Turns true when the image stops being served: its sessions end then.
+    fn served_until(&self) -> watch::Receiver<bool>;
 }
 
 /// Finds the image a peer asks for by its identity (manifest root digest).
@@ -116,14 +133,17 @@ impl PeerServer {
     /// Accepts sessions until `shutdown` turns true.
     pub async fn run(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
         let sessions = Arc::new(Semaphore::new(MAX_SESSIONS));
+        let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
         loop {
             let s = tokio::select! {
                 r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
                 _ = shutdown.wait_for(|v| *v) => return,
             };
-            let Ok(permit) = sessions.clone().try_acquire_owned() else {
+            let (Ok(permit), Ok(shaking)) =
+                (sessions.clone().try_acquire_owned(), handshakes.clone().try_acquire_owned())
+            else {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("{MAX_SESSIONS} peer sessions open; connection refused");
+                tracing::warn!("too many peer sessions or handshakes; connection refused");
                 continue;
             };
             let me = self.clone();
@@ -131,17 +151,19 @@ impl PeerServer {
             tokio::spawn(async move {
                 let _permit = permit;
                 tokio::select! {
-                    _ = me.session(s) => {}
+                    _ = me.session(s, shaking) => {}
                     _ = stop.wait_for(|v| *v) => {}
                 }
             });
         }
     }
 
-    async fn session(self: Arc<Self>, mut s: TcpStream) {
+    async fn session(self: Arc<Self>, mut s: TcpStream, shaking: OwnedSemaphorePermit) {
         let _ = s.set_nodelay(true);
         let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-        let auth = match server_handshake(&mut s, &self.key, &self.me).await {
+        let handshake = server_handshake(&mut s, &self.key, &self.me).await;
+        drop(shaking);
+        let auth = match handshake {
             Ok(a) => a,
             Err(e) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -156,18 +178,29 @@ impl PeerServer {
         self.stats.sessions.fetch_add(1, Ordering::Relaxed);
         let (mut rd, mut wr) = s.into_split();
         let (tx, mut rx) = mpsc::channel::<(Frame, Option<OwnedSemaphorePermit>)>(64);
+        let writer_gone = Arc::new(tokio::sync::Notify::new());
+        let gone = writer_gone.clone();
         let writer = tokio::spawn(async move {
             while let Some((f, permit)) = rx.recv().await {
-                if write_frame(&mut wr, &f).await.is_err() {
-                    break;
+                match tokio::time::timeout(WRITE_TIMEOUT, write_frame(&mut wr, &f)).await {
+                    Ok(Ok(())) => drop(permit),
+                    _ => break,
                 }
-                drop(permit);
             }
+            // Frames still queued, and their upload slots, go with the channel.
+            drop(rx);
+            gone.notify_one();
         });
         let announcer = tokio::spawn(announce(export.clone(), tx.clone()));
         let queued = Arc::new(AtomicUsize::new(0));
+        let mut removed = export.served_until();
         let why = loop {
-            let (id, first, count) = match read_frame_within(&mut rd, SMALL_FRAME).await {
+            let read = tokio::select! {
+                r = read_frame_within(&mut rd, SMALL_FRAME) => r,
+                _ = writer_gone.notified() => break "the peer stopped reading".to_string(),
+                _ = removed.wait_for(|v| *v) => break "the image is no longer served".to_string(),
+            };
+            let (id, first, count) = match read {
                 Ok(Frame { msg: Message::Request { id, first, count }, .. }) => (id, first, count),
                 Ok(f) => break ConnError::Unexpected { expected: "Request", got: Box::new(f.msg) }.to_string(),
                 Err(e) => break e.to_string(),
@@ -184,11 +217,11 @@ impl PeerServer {
                 continue;
             }
             queued.fetch_add(1, Ordering::Relaxed);
-            let (me, export, tx, queued) = (self.clone(), export.clone(), tx.clone(), queued.clone());
+            let (me, export, tx, slot) = (self.clone(), export.clone(), tx.clone(), Queued(queued.clone()));
             let requester = auth.node.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 me.reply(export, id, run, &requester, &tx).await;
-                queued.fetch_sub(1, Ordering::Relaxed);
             });
         };
         tracing::debug!(peer = %auth.node, reason = %why, "peer session ended");

@@ -150,10 +150,13 @@ impl Swarm {
         self.selector.lock().unwrap().members()
     }
 
-    /// Whether this node fetches the stripe of `chunk` on behalf of `requester` (it ranks above
-    /// it in the stripe's tree).
-    pub fn relays_for(&self, chunk: u32, requester: &str) -> bool {
-        self.selector.lock().unwrap().relays_for(chunk, requester)
+    /// Whether this node fetches `run` on behalf of `requester`: the run lies in one stripe (of
+    /// this node's stripe size) and this node ranks above the requester in that stripe's tree.
+    /// A run across a stripe boundary would be fetched in pieces, some possibly from nodes that
+    /// rank below the requester: a wait that could close a cycle.
+    pub fn relays_for(&self, run: Range<u32>, requester: &str) -> bool {
+        let sel = self.selector.lock().unwrap();
+        sel.split(run.clone()).len() == 1 && sel.relays_for(run.start, requester)
     }
 
     async fn session(&self, node: &str) -> Result<Arc<PeerConn>, Refusal> {
@@ -186,6 +189,8 @@ impl Swarm {
                 .map_err(|_| {
                     tracing::warn!(peer = node, first = run.start, count = run.end - run.start,
                         timeout = ?self.tuning.request_timeout, "peer request timed out");
+                    // Its have-map is forgotten on failure; only a fresh session brings it back.
+                    conn.close();
                     Outcome::Failed
                 })?;
             match reply {
@@ -271,6 +276,19 @@ impl Swarm {
                     }
                     Err(_) => tried.push(node),
                 },
+            }
+        }
+    }
+}
+
+impl Drop for Swarm {
+    /// The image is gone: its sessions end (their reader tasks would keep them open).
+    fn drop(&mut self) {
+        for slot in self.conns.lock().unwrap().values() {
+            if let Ok(g) = slot.try_lock() {
+                if let Some(c) = g.as_ref() {
+                    c.close();
+                }
             }
         }
     }
