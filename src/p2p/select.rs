@@ -14,8 +14,8 @@
 //! names and stripes alone, not on who is a member, so every relay chain climbs strictly in
 //! score and can never loop, whatever each node's view of the membership. Each stripe has its
 //! own tree, so every node is an inner node of some trees and a leaf of most: the uploads of a
-//! storm spread over all nodes, and a node's uplink serves at most `fanout` copies of a run at
-//! once. The trees need no coordination beyond the member list, and a node that joins or dies
+//! storm spread over all nodes, and a node makes at most `fanout` copies of a run as a relay
+//! parent (holders, chosen for their have-maps, serve outside the trees). The trees need no coordination beyond the member list, and a node that joins or dies
 //! moves only the places below it. Peers that fail are avoided for a backoff that doubles with
 //! each failure; peers that sent corrupt data are banned.
 
