@@ -32,7 +32,8 @@ use super::{ChunkSource, SourceError};
 use crate::image::{ChunkIdx, Manifest};
 use crate::store::ChunkStore;
 
-/// Most runs one image has in flight (reading upstream or waiting to be stored).
+/// Most runs one image has in flight (reading upstream or waiting to be stored), over a source
+/// that does not wait on peers; a peer-aware source bounds its origin reads itself.
 const MAX_UPSTREAM: usize = 32;
 /// Longest checked run stored on a runtime thread.
 const INLINE_STORE: usize = 1 << 20;
@@ -259,7 +260,7 @@ impl Fetcher {
         let offset = g.chunk_offset(first).0;
         let len = (g.chunk_offset(last).0 + g.chunk_len(last) as u64 - offset) as usize;
         // Held until the run is stored: bounds both upstream reads in flight and fetched bytes
-        // waiting for the data file.
+        // waiting for the data file (none over a peer-aware source, see `slot`).
         let _permit = self.slot(priority).await;
         let (data, checked) = match self.read_with_retries(offset, len).await {
             Ok(read) => read,
