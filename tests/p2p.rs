@@ -86,6 +86,15 @@ impl Cluster {
         c
     }
 
+    /// A cluster of two default nodes that know each other; returns it and their indices.
+    fn pair(size: usize) -> (Cluster, usize, usize) {
+        let mut c = Cluster::new(size);
+        let a = c.add_node("", &[]);
+        let b = c.add_node("", &[]);
+        c.wait_meshed(&[a, b]);
+        (c, a, b)
+    }
+
     fn key_file(&self) -> PathBuf {
         self.shared.path("cluster.key")
     }
@@ -171,18 +180,16 @@ fn read_everywhere_at_once(c: &Cluster, nodes: &[usize]) -> u64 {
 
 #[test]
 fn a_node_reads_what_its_peer_holds_from_the_peer() {
-    let mut c = Cluster::new(16 * MIB);
-    let a = c.add_node("", &[]);
-    let b = c.add_node("", &[]);
-    c.wait_meshed(&[a, b]);
+    let (c, a, b) = Cluster::pair(16 * MIB);
     assert!(c.nodes[a].identical(&c.img));
-    // A's misses on stripes B owns went through B, which read them from the origin once.
+    // A's misses on stripes whose tree B roots went through B, which read them from the origin
+    // once.
     let origin = |c: &Cluster| {
         settled(&c.nodes[a].env, "img").bytes_from_origin + settled(&c.nodes[b].env, "img").bytes_from_origin
     };
     assert_eq!(origin(&c), c.data.len() as u64, "each chunk crossed the origin link once");
     let relayed = c.nodes[b].status().p2p.bytes_to_peers;
-    assert!(relayed > 0 && relayed < c.data.len() as u64, "B relayed the stripes it owns: {relayed}");
+    assert!(relayed > 0 && relayed < c.data.len() as u64, "B relayed the stripes it roots: {relayed}");
     // B learns A's have-map through its session, then reads the rest from A.
     c.wait_known(b, 256);
     assert!(c.nodes[b].identical(&c.img));
@@ -282,10 +289,7 @@ fn a_peer_that_stalls_mid_read_is_left_within_the_stall_limit() {
 
 #[test]
 fn the_tracker_may_die_and_come_back() {
-    let mut c = Cluster::new(8 * MIB);
-    let a = c.add_node("", &[]);
-    let b = c.add_node("", &[]);
-    c.wait_meshed(&[a, b]);
+    let (mut c, a, b) = Cluster::pair(8 * MIB);
     c.tracker.as_mut().unwrap().kill9();
     wait_until("trackers reported down", Duration::from_secs(20), || c.nodes[a].node_status().trackers_up == 0);
     assert_eq!(c.nodes[a].status().peers, 1, "known peers are kept while no tracker answers");
@@ -324,10 +328,7 @@ fn any_one_of_several_trackers_serves() {
 
 #[test]
 fn removing_an_image_ends_its_peer_sessions_and_it_can_come_back() {
-    let mut c = Cluster::new(4 * MIB);
-    let a = c.add_node("", &[]);
-    let b = c.add_node("", &[]);
-    c.wait_meshed(&[a, b]);
+    let (c, a, b) = Cluster::pair(4 * MIB);
     let vmt = |args: &[&str]| {
         let ctl = c.nodes[a].env.control_sock();
         let out = run(Command::new(VMT).arg("--socket").arg(&ctl).args(args));

@@ -294,10 +294,6 @@ impl Image {
 }
 
 impl PeerExport for Image {
-    fn chunk_count(&self) -> u32 {
-        self.manifest.geometry().chunk_count()
-    }
-
     fn run_len(&self, run: std::ops::Range<u32>) -> Option<u64> {
         let g = self.manifest.geometry();
         if run.is_empty() || run.end > g.chunk_count() {

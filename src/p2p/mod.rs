@@ -4,7 +4,7 @@
 //! ```text
 //!   fetch::Fetcher ──▶ swarm::Swarm (a ChunkSource) ──▶ select::Selector (pure: which source?)
 //!                           │                               ├─ peer holding the run (have-maps)
-//!                           │                               ├─ the stripe's owner (rendezvous)
+//!                           │                               ├─ parent in the stripe's relay tree
 //!                           │                               └─ origin
 //!                           └─ peer::PeerConn ══ wire frames, conn handshake ══▶ server::PeerServer
 //!   tracker::TrackerClient ── heartbeats ──▶ tracker::Tracker (soft state: who serves what)

@@ -77,7 +77,7 @@ impl PeerConn {
         .await
         .map_err(|_| ConnError::Timeout)??;
         if name != node {
-            // A peer answering under another name would corrupt everyone's ownership view.
+            // A peer answering under another name would corrupt everyone's relay trees.
             return Err(ConnError::BadNode(name));
         }
         let (mut rd, mut wr) = s.into_split();

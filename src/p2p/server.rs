@@ -47,7 +47,6 @@ impl Drop for Queued {
 
 /// One image as the peer server sees it.
 pub trait PeerExport: Send + Sync + 'static {
-    fn chunk_count(&self) -> u32;
     /// How many chunks this node holds; cheap, and grows whenever `have` does.
     fn have_count(&self) -> u64;
     /// Bytes in chunks `run`, or `None` if `run` is out of range.

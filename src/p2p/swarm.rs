@@ -97,11 +97,6 @@ impl Swarm {
         })
     }
 
-    /// The image identity peers and trackers know it by.
-    pub fn image_id(&self) -> Bytes32 {
-        self.image
-    }
-
     pub fn stats(&self) -> &SwarmStats {
         &self.stats
     }
@@ -144,10 +139,6 @@ impl Swarm {
         let slots: Vec<SessionSlot> = self.conns.lock().unwrap().values().cloned().collect();
         slots.iter().filter(|s| s.try_lock().ok().is_some_and(|g| g.as_ref().is_some_and(|c| !c.is_closed()))).count()
             as u64
-    }
-
-    pub fn members(&self) -> Vec<String> {
-        self.selector.lock().unwrap().members()
     }
 
     /// Whether this node fetches `run` on behalf of `requester`: the run lies in one stripe (of
