@@ -14,6 +14,8 @@ use thiserror::Error;
 use crate::fetch::origin::{OriginError, OriginUrl};
 use crate::image::ChunkSize;
 use crate::iscsi::chap::Credentials;
+use crate::iscsi::initiator::IscsiOptions;
+use crate::iscsi::pdu::Digests;
 
 /// Where `vmtd` looks for its configuration when none is given.
 pub const DEFAULT_CONFIG: &str = "/etc/vmthunder/vmtd.toml";
@@ -79,6 +81,10 @@ pub struct Config {
     /// Optional cap on prefetch traffic, e.g. "50MiB" (per second).
     #[serde(default)]
     pub prefetch_rate: Option<String>,
+    /// Threads running the daemon's tasks: 0 for one per core; 1 runs everything on one thread
+    /// (the cheapest when the node has many daemons per core, as in an emulated cluster).
+    #[serde(default)]
+    pub worker_threads: usize,
     /// Peer-to-peer relay between nodes (off when absent).
     #[serde(default)]
     pub p2p: Option<P2pConfig>,
@@ -239,6 +245,12 @@ pub struct ImageConfig {
     /// appear in the config, URLs or command lines.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chap_secret_file: Option<PathBuf>,
+    /// Offer CRC32C header digests to an iSCSI origin (RFC 7143 §13.1); the target may refuse.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub iscsi_header_digest: bool,
+    /// Offer CRC32C data digests to an iSCSI origin; the target may refuse.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub iscsi_data_digest: bool,
 }
 
 /// Run-time settings derived from [`Config`], in typed units.
@@ -282,7 +294,7 @@ fn default_max_fetch() -> String {
     "1MiB".into()
 }
 fn default_commit_interval() -> String {
-    "100ms".into()
+    "1s".into()
 }
 
 impl Config {
@@ -349,6 +361,9 @@ impl Config {
         if !(1..=64).contains(&self.prefetch_concurrency) {
             return Err(invalid("prefetch_concurrency", "must be between 1 and 64"));
         }
+        if self.worker_threads > 1024 {
+            return Err(invalid("worker_threads", "must be between 0 (one per core) and 1024"));
+        }
         let prefetch_rate =
             self.prefetch_rate.as_deref().map(parse_size).transpose().map_err(|m| invalid("prefetch_rate", m))?;
         Ok(Tuning { fetch_timeout, max_fetch, commit_interval, record_duration, prefetch_rate })
@@ -387,15 +402,27 @@ impl ImageConfig {
                 check_secret_file(file).map_err(|m| invalid("chap_secret_file", m))?;
             }
         }
+        if !matches!(origin, OriginUrl::Iscsi(_)) {
+            for (key, on) in
+                [("iscsi_header_digest", self.iscsi_header_digest), ("iscsi_data_digest", self.iscsi_data_digest)]
+            {
+                if on {
+                    return Err(invalid(key, "digests apply to iscsi:// origins only"));
+                }
+            }
+        }
         Ok(())
     }
 
-    /// The CHAP credentials of this image, read from `chap_secret_file`, if configured.
-    pub fn chap_credentials(&self) -> Result<Option<Credentials>, ConfigError> {
-        match (&self.chap_user, &self.chap_secret_file) {
-            (Some(user), Some(file)) => load_chap(user, file).map(Some),
-            _ => Ok(None),
-        }
+    /// How to log in to this image's iSCSI origin: CHAP credentials (read from
+    /// `chap_secret_file`) and the digests to offer.
+    pub fn iscsi_options(&self) -> Result<IscsiOptions, ConfigError> {
+        let credentials = match (&self.chap_user, &self.chap_secret_file) {
+            (Some(user), Some(file)) => Some(load_chap(user, file)?),
+            _ => None,
+        };
+        let digests = Digests { header: self.iscsi_header_digest, data: self.iscsi_data_digest };
+        Ok(IscsiOptions { credentials, digests })
     }
 
     /// The configured chunk size, if any.
@@ -551,6 +578,7 @@ chunk_size = "64KiB"
         assert!(err(&format!("fetch_timeout = \"soon\"\n{GOOD}")).contains("fetch_timeout"));
         assert!(err(&format!("record_duration = \"0s\"\n{GOOD}")).contains("record_duration"));
         assert!(err(&format!("prefetch_concurrency = 0\n{GOOD}")).contains("prefetch_concurrency"));
+        assert!(err(&format!("worker_threads = 5000\n{GOOD}")).contains("worker_threads"));
         assert!(err(&format!("prefetch_rate = \"fast\"\n{GOOD}")).contains("prefetch_rate"));
     }
 
@@ -566,8 +594,15 @@ chunk_size = "64KiB"
         let with = |extra: &str| format!("{iscsi}{extra}\n");
         let ok = with(&format!("chap_user = \"u\"\nchap_secret_file = \"{}\"", secret.display()));
         let c = Config::from_toml(&ok).unwrap();
-        let creds = c.images[0].chap_credentials().unwrap().unwrap();
-        assert_eq!(creds, Credentials::new("u", "s3cret-s3cret"));
+        let opts = c.images[0].iscsi_options().unwrap();
+        assert_eq!(opts.credentials.unwrap(), Credentials::new("u", "s3cret-s3cret"));
+        assert_eq!(opts.digests, Digests::default(), "no digests unless asked for");
+        let c = Config::from_toml(&with("iscsi_header_digest = true\niscsi_data_digest = true")).unwrap();
+        let opts = c.images[0].iscsi_options().unwrap();
+        assert!(opts.credentials.is_none());
+        assert_eq!(opts.digests, Digests { header: true, data: true });
+        assert!(err(&format!("{GOOD}iscsi_data_digest = true\n")).contains("image[0].iscsi_data_digest"));
+        assert!(err(&with("iscsi_header_digest = \"yes\"")).contains("iscsi_header_digest"));
         assert!(err(&with("chap_user = \"u\"")).contains("image[0].chap_secret_file"));
         assert!(err(&with(&format!("chap_secret_file = \"{}\"", secret.display()))).contains("image[0].chap_user"));
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();

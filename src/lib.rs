@@ -11,6 +11,7 @@ pub mod image;
 pub mod iscsi;
 pub mod libvirt;
 pub mod nbd;
+pub mod netio;
 pub mod p2p;
 pub mod profile;
 pub mod shutdown;

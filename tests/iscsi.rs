@@ -123,6 +123,14 @@ impl Tgtd {
         wait_until("tgtd portal", Duration::from_secs(20), || TcpStream::connect(("127.0.0.1", self.port)).is_ok());
     }
 
+    /// Makes the target ask for CRC32C header and data digests (tgtd's default is None, which
+    /// wins over an initiator's offer).
+    fn want_digests(&self) {
+        for key in ["HeaderDigest", "DataDigest"] {
+            self.adm_ok(&["--op", "update", "--mode", "target", "--tid", "1", "-n", key, "-v", "CRC32C,None"]);
+        }
+    }
+
     /// Stops tgtd the only way it stops (it ignores SIGTERM): target offline, deleted, then
     /// the system; SIGKILL if it is still there after that.
     fn stop(&mut self) {
@@ -196,10 +204,17 @@ fn iscsi_origin_served_identically_through_vmtd() {
     assert!(out.status.success());
     assert_eq!(std::fs::read(&manifest).unwrap(), std::fs::read(&from_file).unwrap());
 
-    let cfg = env.config("", &iscsi_image(&tgtd.url(), &manifest, ""));
+    // With both digests offered and wanted by the target, every PDU of the session carries
+    // CRC32C.
+    tgtd.want_digests();
+    let digests = "iscsi_header_digest = true\niscsi_data_digest = true";
+    let cfg = env.config("", &iscsi_image(&tgtd.url(), &manifest, digests));
     let _vmtd = start_vmtd(&env, &cfg);
     let uri = env.export_uri("img");
     assert!(qemu_img_identical(&img, &uri), "vmtd export differs from the LUN's file");
+    let log = std::fs::read_to_string(env.path("vmtd.log")).unwrap();
+    let login = log.lines().find(|l| l.contains("logged in to iSCSI target")).expect("a login line");
+    assert!(login.contains("header_digest=true data_digest=true"), "digests not in force: {login}");
     let s = settled(&env, "img");
     assert_eq!(s.chunks_present, s.chunks_total);
     assert_eq!(s.verify_failures, 0);
@@ -212,6 +227,7 @@ fn digests_and_unaligned_reads_against_tgtd() {
     let img = env.path("lun.raw");
     let data = write_image(&img, 4 * MIB, 12);
     let tgtd = Tgtd::start(&img, None);
+    tgtd.want_digests();
     let target = IscsiTarget { host: "127.0.0.1".into(), port: tgtd.port, iqn: IQN.into(), lun: 1 };
     let opts = IscsiOptions { credentials: None, digests: Digests { header: true, data: true } };
     let client = IscsiClient::new(target, opts);

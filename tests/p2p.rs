@@ -200,6 +200,47 @@ fn a_node_reads_what_its_peer_holds_from_the_peer() {
     assert!(c.nodes[a].node_status().sessions >= 1);
 }
 
+/// Payload bytes sent and received so far on the TCP connections to or from `addr`'s port.
+fn bytes_on_sessions(addr: &str) -> u64 {
+    let port = addr.rsplit_once(':').unwrap().1;
+    let filter = format!("( sport = :{port} or dport = :{port} )");
+    let out = Command::new("ss").args(["-tinH", "state", "established", &filter]).output().unwrap();
+    assert!(out.status.success(), "ss: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("bytes_sent:").or_else(|| w.strip_prefix("bytes_received:")))
+        .map(|n| n.parse::<u64>().unwrap())
+        .sum()
+}
+
+#[test]
+fn a_quiet_session_carries_nothing_and_stays_open() {
+    let mut c = Cluster::new(4 * MIB);
+    // A short stall limit: a node that still took an idle session's silence for a hung peer
+    // would drop the session within the quiet time below.
+    c.stall = "300ms";
+    let a = c.add_node("", &[]);
+    let b = c.add_node("", &[]);
+    c.wait_meshed(&[a, b]);
+    assert!(c.nodes[a].identical(&c.img));
+    c.wait_known(b, 64);
+    // The last have-deltas go out within a tick of the last chunk; then both sides fall quiet.
+    let mut last = bytes_on_sessions(&c.nodes[b].addr);
+    wait_until("sessions quiet", Duration::from_secs(20), || {
+        std::thread::sleep(Duration::from_millis(600));
+        let now = bytes_on_sessions(&c.nodes[b].addr);
+        std::mem::replace(&mut last, now) == now
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(bytes_on_sessions(&c.nodes[b].addr), last, "an idle session carries no frames, not even pings");
+    let sb = c.nodes[b].status();
+    assert!(sb.p2p.sessions >= 1 && sb.p2p.peer_failures == 0, "the session stayed open: {:?}", sb.p2p);
+    // The quiet session still serves: B reads the rest from A at once, with no failure.
+    assert!(c.nodes[b].identical(&c.img));
+    let sb = c.nodes[b].status();
+    assert!(sb.p2p.bytes_from_peers > 0 && sb.p2p.peer_failures == 0 && sb.failed == 0, "{:?}", sb.p2p);
+}
+
 #[test]
 fn concurrent_readers_take_each_chunk_from_the_origin_about_once() {
     let mut c = Cluster::new(32 * MIB);

@@ -181,8 +181,8 @@ pub async fn connect(addr: &ExportAddr, op_timeout: Duration) -> Result<Arc<NbdC
 /// Waits until `due`, to within a fraction of a millisecond. tokio's timer rounds every sleep up
 /// to whole milliseconds, which would add up to 1 ms to each think time: over the hundreds of
 /// short gaps of a boot that is a large part of it. So the timer only takes the wait to within
-/// 2 ms, and a blocking-pool thread sleeps the rest (nothing is in flight meanwhile: the loop is
-/// closed).
+/// 2 ms, and the thread sleeps the rest. Blocking is harmless here: the loop is closed, nothing
+/// is in flight meanwhile, and a hand-off to another thread would cost more than the wait.
 async fn wait_until(due: Instant) {
     if let Some(coarse) = due.checked_sub(Duration::from_millis(2)) {
         if coarse > Instant::now() {
@@ -191,7 +191,7 @@ async fn wait_until(due: Instant) {
     }
     let rest = due.saturating_duration_since(Instant::now());
     if !rest.is_zero() {
-        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
+        std::thread::sleep(rest);
     }
 }
 

@@ -10,6 +10,8 @@ use vmthunder::config::{format_size, load_chap, parse_size, ImageConfig};
 use vmthunder::daemon::control::{self, ImageStatus, Request, Response};
 use vmthunder::fetch::origin::OriginUrl;
 use vmthunder::image::ChunkSize;
+use vmthunder::iscsi::initiator::IscsiOptions;
+use vmthunder::iscsi::pdu::Digests;
 use vmthunder::libvirt::{detach, pool};
 
 /// Administer the vmthunder node daemon.
@@ -175,12 +177,8 @@ enum ImageCmd {
         /// Manifest file (required for network origins).
         #[arg(long)]
         manifest: Option<PathBuf>,
-        /// CHAP user for an iscsi:// origin.
-        #[arg(long, requires = "chap_secret_file")]
-        chap_user: Option<String>,
-        /// File holding the CHAP secret (mode 0600; the secret never goes on the command line).
-        #[arg(long, requires = "chap_user")]
-        chap_secret_file: Option<PathBuf>,
+        #[command(flatten)]
+        iscsi: IscsiArgs,
     },
     /// Stop serving an image (its cache stays on disk).
     Remove { name: String },
@@ -191,13 +189,26 @@ enum ImageCmd {
         output: PathBuf,
         #[arg(long, default_value = "64KiB")]
         chunk_size: String,
-        /// CHAP user for an iscsi:// origin.
-        #[arg(long, requires = "chap_secret_file")]
-        chap_user: Option<String>,
-        /// File holding the CHAP secret (mode 0600; the secret never goes on the command line).
-        #[arg(long, requires = "chap_user")]
-        chap_secret_file: Option<PathBuf>,
+        #[command(flatten)]
+        iscsi: IscsiArgs,
     },
+}
+
+/// How to log in to an iscsi:// origin.
+#[derive(clap::Args)]
+struct IscsiArgs {
+    /// CHAP user for an iscsi:// origin.
+    #[arg(long, requires = "chap_secret_file")]
+    chap_user: Option<String>,
+    /// File holding the CHAP secret (mode 0600; the secret never goes on the command line).
+    #[arg(long, requires = "chap_user")]
+    chap_secret_file: Option<PathBuf>,
+    /// Offer CRC32C header digests to an iscsi:// origin.
+    #[arg(long)]
+    iscsi_header_digest: bool,
+    /// Offer CRC32C data digests to an iscsi:// origin.
+    #[arg(long)]
+    iscsi_data_digest: bool,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(600);
@@ -218,7 +229,13 @@ fn main() -> anyhow::Result<()> {
         Cmd::Detach { domain, disk, timeout } => return detach(&args.socket, domain, disk, *timeout),
         _ => {}
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = if matches!(args.cmd, Cmd::Bench(BenchCmd::Replay { .. })) {
+        // A replay stands in for one guest: one thread, so that emulating many nodes on one
+        // machine spends its CPU on the servers under test, not on waking worker threads.
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?
+    };
     rt.block_on(run(args))
 }
 
@@ -267,10 +284,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::Image(ImageCmd::Add { name, origin, chunk_size, manifest, chap_user, chap_secret_file }) => {
+        Cmd::Image(ImageCmd::Add { name, origin, chunk_size, manifest, iscsi }) => {
             let manifest = manifest.map(|m| std::path::absolute(&m)).transpose()?;
-            let chap_secret_file = chap_secret_file.map(|m| std::path::absolute(&m)).transpose()?;
-            let image = ImageConfig { name, origin, chunk_size, manifest, chap_user, chap_secret_file };
+            let chap_secret_file = iscsi.chap_secret_file.map(|m| std::path::absolute(&m)).transpose()?;
+            let image = ImageConfig {
+                name,
+                origin,
+                chunk_size,
+                manifest,
+                chap_user: iscsi.chap_user,
+                chap_secret_file,
+                iscsi_header_digest: iscsi.iscsi_header_digest,
+                iscsi_data_digest: iscsi.iscsi_data_digest,
+            };
             image.validate()?;
             call(&args.socket, Request::ImageAdd { image }).await?;
         }
@@ -328,14 +354,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Cmd::Image(ImageCmd::Remove { name }) => {
             call(&args.socket, Request::ImageRemove { name }).await?;
         }
-        Cmd::Image(ImageCmd::Manifest { origin, output, chunk_size, chap_user, chap_secret_file }) => {
+        Cmd::Image(ImageCmd::Manifest { origin, output, chunk_size, iscsi }) => {
             let chunk = ChunkSize::new(parse_size(&chunk_size).map_err(anyhow::Error::msg)?)?;
             let origin = OriginUrl::parse(&origin)?;
-            let credentials = match (&chap_user, &chap_secret_file) {
+            let credentials = match (&iscsi.chap_user, &iscsi.chap_secret_file) {
                 (Some(user), Some(file)) => Some(load_chap(user, &std::path::absolute(file)?)?),
                 _ => None,
             };
-            let source = origin.open(credentials)?;
+            let digests = Digests { header: iscsi.iscsi_header_digest, data: iscsi.iscsi_data_digest };
+            if digests != Digests::default() && !matches!(origin, OriginUrl::Iscsi(_)) {
+                bail!("--iscsi-header-digest and --iscsi-data-digest apply to iscsi:// origins only");
+            }
+            let source = origin.open(IscsiOptions { credentials, digests })?;
             let built = vmthunder::fetch::build_manifest(source.as_ref(), chunk).await;
             source.close().await;
             let m = built.context("building the manifest")?;

@@ -30,13 +30,24 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VMT_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cfg = vmthunder::config::Config::load(&args.config)?;
     if args.check {
         println!("{}: ok ({} images)", args.config.display(), cfg.images.len());
         return Ok(());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    let mut rt = match cfg.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 1 {
+                b.worker_threads(n);
+            }
+            b
+        }
+    };
+    let rt = rt.enable_all().build().context("starting the runtime")?;
     rt.block_on(vmthunder::daemon::Daemon::run(cfg))?;
     Ok(())
 }

@@ -122,8 +122,8 @@ impl Image {
             }
             (None, _) => return Err(invalid("a network origin needs a manifest".into())),
         };
-        let credentials = cfg.chap_credentials().map_err(|e| invalid(e.to_string()))?;
-        let source = origin.open(credentials).map_err(|source| ImageError::Origin { name: name.clone(), source })?;
+        let iscsi = cfg.iscsi_options().map_err(|e| invalid(e.to_string()))?;
+        let source = origin.open(iscsi).map_err(|source| ImageError::Origin { name: name.clone(), source })?;
         let manifest = Arc::new(manifest);
         let (dir, m) = (cache_dir.to_path_buf(), manifest.clone());
         let store = tokio::task::spawn_blocking(move || ChunkStore::open(&dir, &m))
@@ -264,10 +264,12 @@ impl Image {
     }
 
     fn read_store(&self, offset: u64, buf: &mut [u8]) -> Result<(), u32> {
-        self.store.read_at(offset, buf).map_err(|e| {
-            tracing::error!(image = %self.name, offset, len = buf.len(), error = %e, "cache read failed");
-            EIO
-        })
+        self.store.read_at(offset, buf).map_err(|e| self.read_failed(offset, e))
+    }
+
+    fn read_failed(&self, offset: u64, e: std::io::Error) -> u32 {
+        tracing::error!(image = %self.name, offset, error = %e, "cache read failed");
+        EIO
     }
 }
 
@@ -277,9 +279,7 @@ impl Image {
     async fn bytes(&self, offset: u64, len: u32, priority: Priority) -> Result<Bytes, u32> {
         let range = self.manifest.geometry().chunks_covering(ByteOffset(offset), u64::from(len));
         if self.store.has_all(range.clone()) {
-            let mut buf = vec![0u8; len as usize];
-            self.read_store(offset, &mut buf)?;
-            return Ok(Bytes::from(buf));
+            return self.store.read_vec(offset, len as usize).map(Bytes::from).map_err(|e| self.read_failed(offset, e));
         }
         let runs = self.fetcher.ensure_with(range.clone(), priority).await.map_err(|e| {
             tracing::warn!(image = %self.name, offset, len, error = %e, "read failed");

@@ -13,7 +13,6 @@ use thiserror::Error;
 
 use super::file::FileSource;
 use super::{ChunkSource, SourceError};
-use crate::iscsi::chap::Credentials;
 use crate::iscsi::initiator::{IscsiClient, IscsiOptions, IscsiTarget, ISCSI_DEFAULT_PORT};
 use crate::nbd::client::{NbdClient, NbdTarget};
 
@@ -89,15 +88,13 @@ impl OriginUrl {
         Err(OriginError::Scheme(url.into()))
     }
 
-    /// Opens the origin with the image's CHAP `credentials` (used by iSCSI origins only).
+    /// Opens the origin; `iscsi` (CHAP credentials, digests) is used by iSCSI origins only.
     /// Network origins connect lazily, on the first read.
-    pub fn open(&self, credentials: Option<Credentials>) -> Result<Arc<dyn ChunkSource>, SourceError> {
+    pub fn open(&self, iscsi: IscsiOptions) -> Result<Arc<dyn ChunkSource>, SourceError> {
         Ok(match self {
             OriginUrl::File(p) => Arc::new(FileSource::open(p)?),
             OriginUrl::Nbd { target, export } => Arc::new(NbdClient::new(target.clone(), export.clone())),
-            OriginUrl::Iscsi(target) => {
-                Arc::new(IscsiClient::new(target.clone(), IscsiOptions { credentials, ..Default::default() }))
-            }
+            OriginUrl::Iscsi(target) => Arc::new(IscsiClient::new(target.clone(), iscsi)),
         })
     }
 }

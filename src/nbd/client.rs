@@ -257,7 +257,10 @@ impl NbdClient {
     }
 }
 
-async fn read_replies(mut rd: ReadHalf<BoxStream>, pending: Arc<Mutex<Pending>>, dead: Arc<AtomicBool>, what: String) {
+async fn read_replies(rd: ReadHalf<BoxStream>, pending: Arc<Mutex<Pending>>, dead: Arc<AtomicBool>, what: String) {
+    // A reply's header and the start of its data come in one read; the rest of a large reply
+    // bypasses the buffer.
+    let mut rd = tokio::io::BufReader::with_capacity(4096, rd);
     let err = loop {
         let mut h = [0u8; SIMPLE_REPLY_LEN];
         if let Err(e) = rd.read_exact(&mut h).await {
@@ -271,11 +274,10 @@ async fn read_replies(mut rd: ReadHalf<BoxStream>, pending: Arc<Mutex<Pending>>,
             break format!("reply for unknown handle {}", reply.handle);
         };
         let result = if reply.error == 0 {
-            let mut buf = vec![0u8; len];
-            if let Err(e) = rd.read_exact(&mut buf).await {
-                break e.to_string();
+            match crate::netio::read_exact_vec(&mut rd, len).await {
+                Ok(buf) => Ok(buf),
+                Err(e) => break e.to_string(),
             }
-            Ok(buf)
         } else {
             Err(SourceError::Remote { what: what.clone(), errno: reply.error, offset: 0, len })
         };

@@ -5,7 +5,7 @@
 //!   socket ─▶ reader loop ──(one task per READ, bounded)──▶ Export::read
 //!                 │                                            │
 //!                 └──(immediate errors)──▶ mpsc ◀──────────────┘
-//!                                            └─▶ writer task ─▶ socket (batched flushes)
+//!                                            └─▶ writer task ─▶ socket (gathered writes)
 //! ```
 //! A bad frame ends that connection only; nothing a client sends can panic the daemon. Writes
 //! are refused with EPERM (their payload is read and dropped so the stream stays in sync).
@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch, Semaphore};
 
@@ -298,16 +298,27 @@ where
     result
 }
 
+/// Most replies gathered into one `writev`, and the most payload bytes they may carry.
+const MAX_BATCH: usize = 64;
+const MAX_BATCH_BYTES: usize = 4 << 20;
+
 async fn write_replies<W: AsyncWrite + Unpin>(
-    wr: W,
+    mut w: W,
     mut rx: mpsc::Receiver<Reply>,
     structured: bool,
 ) -> std::io::Result<()> {
-    let mut w = BufWriter::with_capacity(256 << 10, wr);
+    // Replies that are ready go out together: their headers side by side in one buffer, their
+    // payloads as they are, all in one gathered write.
+    let mut heads: Vec<u8> = Vec::new();
+    let mut batch: Vec<(std::ops::Range<usize>, Option<Bytes>)> = Vec::new();
     while let Some(first) = rx.recv().await {
+        heads.clear();
+        batch.clear();
+        let mut bytes = 0;
         let mut next = Some(first);
         while let Some(r) = next {
-            match (structured, r.read_at, &r.data) {
+            let at = heads.len();
+            let data = match (structured, r.read_at, r.data) {
                 (true, Some(offset), Some(data)) => {
                     let h = StructuredHeader {
                         flags: REPLY_FLAG_DONE,
@@ -315,9 +326,9 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                         handle: r.handle,
                         length: 8 + data.len() as u32,
                     };
-                    w.write_all(&h.encode()).await?;
-                    w.write_all(&offset.to_be_bytes()).await?;
-                    w.write_all(data).await?;
+                    heads.extend_from_slice(&h.encode());
+                    heads.extend_from_slice(&offset.to_be_bytes());
+                    Some(data)
                 }
                 (true, Some(_), None) => {
                     let h = StructuredHeader {
@@ -326,20 +337,28 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                         handle: r.handle,
                         length: 6,
                     };
-                    w.write_all(&h.encode()).await?;
-                    w.write_all(&r.error.to_be_bytes()).await?;
-                    w.write_all(&0u16.to_be_bytes()).await?;
+                    heads.extend_from_slice(&h.encode());
+                    heads.extend_from_slice(&r.error.to_be_bytes());
+                    heads.extend_from_slice(&0u16.to_be_bytes());
+                    None
                 }
-                _ => {
-                    w.write_all(&SimpleReply { error: r.error, handle: r.handle }.encode()).await?;
-                    if let Some(data) = &r.data {
-                        w.write_all(data).await?;
-                    }
+                (_, _, data) => {
+                    heads.extend_from_slice(&SimpleReply { error: r.error, handle: r.handle }.encode());
+                    data
                 }
-            }
-            next = rx.try_recv().ok();
+            };
+            bytes += data.as_ref().map_or(0, Bytes::len);
+            batch.push((at..heads.len(), data));
+            next = if batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES { rx.try_recv().ok() } else { None };
         }
-        w.flush().await?;
+        let mut bufs: Vec<&[u8]> = Vec::with_capacity(batch.len() * 2);
+        for (head, data) in &batch {
+            bufs.push(&heads[head.clone()]);
+            if let Some(d) = data {
+                bufs.push(d);
+            }
+        }
+        crate::netio::write_all_vectored(&mut w, &bufs).await?;
     }
     Ok(())
 }

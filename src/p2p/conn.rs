@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use super::auth::{nonce, ClusterKey, Role};
 use super::wire::{self, Bytes32, Frame, Message, WireError, HEADER_LEN};
@@ -92,13 +92,9 @@ pub async fn read_frame_progressing<R: AsyncRead + Unpin>(
     Ok(wire::decode_body(&header, &msg, tail.freeze())?)
 }
 
-/// Writes one frame; the tail goes out without being copied.
+/// Writes one frame in one system call where the socket allows; the tail is not copied.
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<(), ConnError> {
-    w.write_all(&f.encode_head()).await?;
-    if !f.tail.is_empty() {
-        w.write_all(&f.tail).await?;
-    }
-    Ok(())
+    Ok(crate::netio::write_all_vectored(w, &[&f.encode_head(), &f.tail]).await?)
 }
 
 /// A node name is its peer address: `host:port`, printable, short.

@@ -1,9 +1,12 @@
 //! Our side of a session with one peer for one image: requests out, data and have-maps in.
 //!
 //! One reader task dispatches replies to the requests waiting on them and feeds have-maps into
-//! the image's [`Selector`]; one writer task sends requests. The server pings an idle session,
-//! so silence longer than `stall` means the peer is dead or hung: the session closes and every
-//! request on it fails at once, to be retried elsewhere.
+//! the image's [`Selector`]; one writer task sends requests. While a request of ours is in
+//! progress the server sends something at least every 250 ms (a ping if nothing else), so
+//! silence longer than `stall` while we wait means the peer is dead or hung: the session closes
+//! and every request on it fails at once, to be retried elsewhere. A session with no request
+//! pending may be silent for ever: it costs nothing, and a dead peer is found by the next
+//! request to it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -12,6 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use roaring::RoaringBitmap;
+use tokio::io::AsyncBufReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
@@ -40,6 +44,8 @@ pub struct PeerConn {
     closed: AtomicBool,
     /// Wakes the reader to end the session from our side.
     stop: tokio::sync::Notify,
+    /// Wakes the reader when a request is added: its stall clock runs only while one is pending.
+    requested: tokio::sync::Notify,
 }
 
 /// Removes a request's entry when its caller stops waiting (it timed out or was dropped).
@@ -80,7 +86,10 @@ impl PeerConn {
             // A peer answering under another name would corrupt everyone's relay trees.
             return Err(ConnError::BadNode(name));
         }
-        let (mut rd, mut wr) = s.into_split();
+        let (rd, mut wr) = s.into_split();
+        // Buffered: a frame's header and message come in one read, and the reader can wait for
+        // the next frame's first byte without consuming it.
+        let mut rd = tokio::io::BufReader::with_capacity(16 << 10, rd);
         let (tx, mut rx) = mpsc::channel::<Frame>(256);
         let conn = Arc::new(PeerConn {
             node: node.into(),
@@ -89,6 +98,7 @@ impl PeerConn {
             next: AtomicU32::new(1),
             closed: AtomicBool::new(false),
             stop: tokio::sync::Notify::new(),
+            requested: tokio::sync::Notify::new(),
         });
         let writer = tokio::spawn(async move {
             while let Some(f) = rx.recv().await {
@@ -99,15 +109,39 @@ impl PeerConn {
         });
         let me = conn.clone();
         tokio::spawn(async move {
+            // Silence counts from the last frame, or from when a request found the session
+            // quiet; the frame itself must then keep arriving (no `stall` between its bytes).
+            let mut heard = tokio::time::Instant::now();
             let why = loop {
-                let f = tokio::select! {
-                    r = read_frame_progressing(&mut rd, usize::MAX, Some(stall)) => match r {
-                        Err(ConnError::Timeout) => break format!("silent for {stall:?}"),
-                        Err(e) => break e.to_string(),
-                        Ok(f) => f,
+                let waiting = !me.pending.lock().unwrap().is_empty();
+                let ready = tokio::select! {
+                    // Waits for the first byte of the next frame without taking it.
+                    r = rd.fill_buf() => match r {
+                        Ok([]) => Err("closed by the peer".to_string()),
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(e.to_string()),
                     },
-                    _ = me.stop.notified() => break "closed by this node".to_string(),
+                    _ = tokio::time::sleep_until(heard + stall), if waiting => {
+                        if me.pending.lock().unwrap().is_empty() {
+                            continue;
+                        }
+                        Err(format!("silent for {stall:?}"))
+                    }
+                    _ = me.requested.notified(), if !waiting => {
+                        heard = tokio::time::Instant::now();
+                        continue;
+                    }
+                    _ = me.stop.notified() => Err("closed by this node".to_string()),
                 };
+                if let Err(why) = ready {
+                    break why;
+                }
+                let f = match read_frame_progressing(&mut rd, usize::MAX, Some(stall)).await {
+                    Err(ConnError::Timeout) => break format!("silent for {stall:?} within a frame"),
+                    Err(e) => break e.to_string(),
+                    Ok(f) => f,
+                };
+                heard = tokio::time::Instant::now();
                 let (id, reply) = match f.msg {
                     Message::Data { id } => (id, Ok(f.tail)),
                     Message::NotHave { id } => (id, Err(Refusal::NotHave)),
@@ -156,6 +190,7 @@ impl PeerConn {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().unwrap().insert(id, tx);
+        self.requested.notify_one();
         let _waiting = Waiting { conn: self, id };
         if self.is_closed() {
             return Err(Refusal::Closed);

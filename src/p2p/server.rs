@@ -2,7 +2,8 @@
 //! stripe's relay tree, fetches once and then serves) to authenticated peers, read-only.
 //!
 //! Per session: the handshake first (an unauthenticated or malformed client gets nothing and is
-//! dropped), then the full have-map, then have-deltas as chunks arrive and pings while idle.
+//! dropped), then the full have-map, then have-deltas as chunks arrive, and pings while a request
+//! is in progress with nothing else to send; a quiet session sends nothing.
 //! Requests are served concurrently; uploads are capped node-wide in concurrency and bytes per
 //! second, and a session with too many requests queued gets `Busy`. Any malformed frame or
 //! out-of-range request ends that session only.
@@ -23,10 +24,15 @@ use super::conn::{read_frame_within, server_handshake, write_frame, ConnError, S
 use super::wire::{Bytes32, Frame, Message, MAX_TAIL};
 use crate::fetch::BoxFuture;
 
-/// How often a session announces new chunks, or pings when there are none: the longest silence
-/// on a session (peers give up on us after their `stall`, 1 s by default). New chunks matter
-/// less than their count suggests: while nobody holds a chunk its tree is climbed anyway.
+/// How often a busy session announces new chunks, or pings while the peer waits on us with
+/// nothing else to send: the longest silence a waiting peer sees (it gives up on us after its
+/// `stall`, 1 s by default). New chunks matter less than their count suggests: while nobody
+/// holds a chunk its tree is climbed anyway.
 const HAVE_INTERVAL: Duration = Duration::from_millis(250);
+/// How often a quiet session (no request in progress, no chunk gained) looks for new chunks.
+/// A quiet session sends nothing at all: a cluster of idle nodes costs no traffic and no
+/// wake-ups beyond this, and a peer with no request pending does not watch for silence.
+const QUIET_INTERVAL: Duration = Duration::from_secs(1);
 /// Most sessions at once; more connections are closed at once.
 const MAX_SESSIONS: usize = 4096;
 /// Most handshakes in progress at once: idle connections that never authenticate cannot take
@@ -175,7 +181,9 @@ impl PeerServer {
             return;
         };
         self.stats.sessions.fetch_add(1, Ordering::Relaxed);
-        let (mut rd, mut wr) = s.into_split();
+        let (rd, mut wr) = s.into_split();
+        // Requests are small: one read takes in several.
+        let mut rd = tokio::io::BufReader::with_capacity(4096, rd);
         let (tx, mut rx) = mpsc::channel::<(Frame, Option<OwnedSemaphorePermit>)>(64);
         let writer_gone = Arc::new(tokio::sync::Notify::new());
         let gone = writer_gone.clone();
@@ -190,8 +198,9 @@ impl PeerServer {
             drop(rx);
             gone.notify_one();
         });
-        let announcer = tokio::spawn(announce(export.clone(), tx.clone()));
         let queued = Arc::new(AtomicUsize::new(0));
+        let requested = Arc::new(tokio::sync::Notify::new());
+        let announcer = tokio::spawn(announce(export.clone(), tx.clone(), queued.clone(), requested.clone()));
         let mut removed = export.served_until();
         let why = loop {
             let read = tokio::select! {
@@ -215,7 +224,9 @@ impl PeerServer {
                 let _ = tx.send((Frame::new(Message::Busy { id }), None)).await;
                 continue;
             }
-            queued.fetch_add(1, Ordering::Relaxed);
+            if queued.fetch_add(1, Ordering::Relaxed) == 0 {
+                requested.notify_one();
+            }
             let (me, export, tx, slot) = (self.clone(), export.clone(), tx.clone(), Queued(queued.clone()));
             let requester = auth.node.clone();
             tokio::spawn(async move {
@@ -283,31 +294,43 @@ impl PeerServer {
     }
 }
 
-/// Sends the full have-map, then every [`HAVE_INTERVAL`] the chunks gained, or a ping.
-async fn announce(export: Arc<dyn PeerExport>, tx: mpsc::Sender<(Frame, Option<OwnedSemaphorePermit>)>) {
+/// Sends the full have-map, then, every [`HAVE_INTERVAL`] while the session is busy, the chunks
+/// gained or, if there are none and a request of the peer's is in progress, a ping. A quiet
+/// session is looked at every [`QUIET_INTERVAL`], or at once when a request arrives.
+async fn announce(
+    export: Arc<dyn PeerExport>,
+    tx: mpsc::Sender<(Frame, Option<OwnedSemaphorePermit>)>,
+    queued: Arc<AtomicUsize>,
+    requested: Arc<tokio::sync::Notify>,
+) {
     let mut sent = export.have();
     let mut count = sent.len();
     if tx.send((Frame::with_tail(Message::Have, bitmap_bytes(&sent)), None)).await.is_err() {
         return;
     }
-    let mut tick = tokio::time::interval(HAVE_INTERVAL);
+    let mut busy = false;
     loop {
-        tick.tick().await;
+        if busy {
+            tokio::time::sleep(HAVE_INTERVAL).await;
+        } else {
+            tokio::select! {
+                _ = tokio::time::sleep(QUIET_INTERVAL) => {}
+                _ = requested.notified() => {}
+            }
+        }
         // Chunks are only ever added, so an unchanged count means nothing new to announce.
-        let added = if export.have_count() != count {
+        let frame = if export.have_count() != count {
             let now = export.have();
             let added = &now - &sent;
             count = now.len();
             sent = now;
-            added
+            (!added.is_empty()).then(|| Frame::with_tail(Message::HaveDelta, bitmap_bytes(&added)))
         } else {
-            RoaringBitmap::new()
+            None
         };
-        let frame = if !added.is_empty() {
-            Frame::with_tail(Message::HaveDelta, bitmap_bytes(&added))
-        } else {
-            Frame::new(Message::Ping)
-        };
+        let waiting = queued.load(Ordering::Relaxed) > 0;
+        busy = frame.is_some() || waiting;
+        let Some(frame) = frame.or_else(|| waiting.then(|| Frame::new(Message::Ping))) else { continue };
         if tx.send((frame, None)).await.is_err() {
             return;
         }

@@ -172,6 +172,31 @@ impl ChunkStore {
         self.data.read_exact_at(buf, offset)
     }
 
+    /// Reads `len` image bytes at `offset` into a new buffer; the caller has checked that the
+    /// chunks are present. The buffer is not zeroed first: the read fills it.
+    pub fn read_vec(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let mut buf = Vec::<u8>::with_capacity(len);
+        while buf.len() < len {
+            let done = buf.len();
+            let at = i64::try_from(offset + done as u64).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+            // SAFETY: the kernel writes at most `len - done` bytes into the spare capacity, and
+            // the length grows by exactly what it reports written.
+            let n = unsafe { libc::pread(self.data.as_raw_fd(), buf.as_mut_ptr().add(done).cast(), len - done, at) };
+            match n {
+                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                n if n < 0 => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+                // SAFETY: `n` more bytes were initialised by the read above.
+                n => unsafe { buf.set_len(done + n as usize) },
+            }
+        }
+        Ok(buf)
+    }
+
     /// Stores verified chunk `idx`. It is served at once and made durable by the next commit.
     pub fn put(&self, idx: ChunkIdx, data: &[u8]) -> Result<(), StoreError> {
         self.put_span(idx.0..idx.0 + 1, data)
@@ -273,6 +298,8 @@ mod tests {
         let mut buf = vec![0u8; 4096];
         s.read_at(4096, &mut buf).unwrap();
         assert_eq!(buf, &data[4096..8192]);
+        assert_eq!(s.read_vec(4100, 3000).unwrap(), &data[4100..7100]);
+        assert!(s.read_vec(19_000, 2000).is_err(), "beyond the end of the data file");
     }
 
     #[test]
