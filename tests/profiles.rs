@@ -86,10 +86,21 @@ fn record_show_merge_and_warm_a_fresh_cache() {
     // which the boot's reads never wait for the origin.
     assert_eq!(vmtd.terminate(), Some(0));
     std::fs::remove_dir_all(env.path("cache")).unwrap();
-    let _vmtd = start_vmtd(&env, &cfg);
+    let mut vmtd = start_vmtd(&env, &cfg);
     assert_eq!(status(&env, "img").chunks_present, 0);
     let out = tool(VMT_PREFETCH, &env, &["warm", "--image", "img", "--rate", "100MiB"]);
     ok(&out);
+    let s = status(&env, "img");
+    assert_eq!(s.chunks_present, 5, "{s:?}");
+    // The same with --detach: it returns once vmtd took the job, which then runs on its own.
+    assert_eq!(vmtd.terminate(), Some(0));
+    std::fs::remove_dir_all(env.path("cache")).unwrap();
+    let _vmtd = start_vmtd(&env, &cfg);
+    let out = ok(&tool(VMT_PREFETCH, &env, &["warm", "--image", "img", "--detach"]));
+    assert!(out.contains("img: prefetch started"), "{out}");
+    wait_until("detached prefetch done", Duration::from_secs(20), || {
+        status(&env, "img").prefetch.is_some_and(|j| j.finished && j.error.is_none())
+    });
     let s = status(&env, "img");
     assert_eq!(s.chunks_present, 5, "{s:?}");
     read_chunks(&env, &[5, 10, 11, 50, 60]);

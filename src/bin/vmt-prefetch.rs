@@ -33,6 +33,9 @@ enum Cmd {
         /// Cap, e.g. 50MiB (per second).
         #[arg(long)]
         rate: Option<String>,
+        /// Start the prefetch and return at once; `vmt status` shows its progress.
+        #[arg(long)]
+        detach: bool,
     },
 }
 
@@ -45,11 +48,15 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let Cmd::Warm { image, profile, rate } = args.cmd;
+    let Cmd::Warm { image, profile, rate, detach } = args.cmd;
     let sock = &args.socket;
     let rate = rate.map(|r| parse_size(&r)).transpose().map_err(anyhow::Error::msg)?;
     let profile = profile.map(|p| std::path::absolute(&p).map(|p| p.display().to_string())).transpose()?;
     control::ask(sock, &Request::Prefetch { image: image.clone(), profile, rate }, TIMEOUT).await?;
+    if detach {
+        println!("{image}: prefetch started (progress: vmt status)");
+        return Ok(());
+    }
     let start = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
