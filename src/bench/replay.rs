@@ -90,6 +90,11 @@ pub struct Report {
     /// Reads (and flushes) that failed or ran out of time.
     pub read_errors: u64,
     pub writes_skipped: u64,
+    /// Time spent waiting for bursts to be answered: the elapsed time less the think times.
+    pub waiting_s: f64,
+    /// Median and 99th percentile of the requests' times from sending to answer, in ms.
+    pub latency_ms_p50: f64,
+    pub latency_ms_p99: f64,
     /// The first few failures, for the operator (not part of the JSON report).
     #[serde(skip)]
     pub first_errors: Vec<String>,
@@ -102,8 +107,16 @@ impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "replayed {} requests in {:.3} s: {} bytes read, {} read errors, {} writes skipped",
-            self.ops, self.elapsed_s, self.bytes, self.read_errors, self.writes_skipped
+            "replayed {} requests in {:.3} s ({:.3} s waiting; latency p50 {:.2} ms, p99 {:.2} ms): {} bytes read, \
+             {} read errors, {} writes skipped",
+            self.ops,
+            self.elapsed_s,
+            self.waiting_s,
+            self.latency_ms_p50,
+            self.latency_ms_p99,
+            self.bytes,
+            self.read_errors,
+            self.writes_skipped
         )
     }
 }
@@ -198,10 +211,13 @@ async fn wait_until(due: Instant) {
 /// Plays `bursts` against `target`, each request bounded by `op_timeout`.
 pub async fn replay<T: ReplayTarget>(target: Arc<T>, bursts: &[Burst], op_timeout: Duration) -> Report {
     let mut report = Report::default();
+    let mut latencies: Vec<Duration> = Vec::new();
+    let mut waiting = Duration::ZERO;
     let start = Instant::now();
     let mut answered = start;
     for burst in bursts {
         wait_until(answered + burst.think).await;
+        let sent = Instant::now();
         let mut inflight = JoinSet::new();
         for row in &burst.rows {
             let (target, row) = (target.clone(), *row);
@@ -216,7 +232,7 @@ pub async fn replay<T: ReplayTarget>(target: Arc<T>, bursts: &[Burst], op_timeou
                                 _ => target.read(row.offset, row.length as usize).await.map(|()| row.length),
                             }
                         };
-                        match tokio::time::timeout(op_timeout, work).await {
+                        let result = match tokio::time::timeout(op_timeout, work).await {
                             Ok(Ok(bytes)) => Ok(bytes),
                             Ok(Err(e)) => Err(format!("{} {}+{}: {e}", row.op.as_str(), row.offset, row.length)),
                             Err(_) => Err(format!(
@@ -225,21 +241,36 @@ pub async fn replay<T: ReplayTarget>(target: Arc<T>, bursts: &[Burst], op_timeou
                                 row.offset,
                                 row.length
                             )),
-                        }
+                        };
+                        (result, sent.elapsed())
                     });
                 }
             }
         }
         while let Some(done) = inflight.join_next().await {
             match done {
-                Ok(Ok(bytes)) => report.bytes += bytes,
-                Ok(Err(e)) => report.failed(e),
+                Ok((result, took)) => {
+                    latencies.push(took);
+                    match result {
+                        Ok(bytes) => report.bytes += bytes,
+                        Err(e) => report.failed(e),
+                    }
+                }
                 Err(e) => report.failed(format!("request task: {e}")),
             }
         }
         answered = Instant::now();
+        waiting += answered - sent;
     }
     report.elapsed_s = answered.duration_since(start).as_secs_f64();
+    report.waiting_s = waiting.as_secs_f64();
+    latencies.sort_unstable();
+    let pick = |q: f64| {
+        let i = ((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len().max(1)) - 1;
+        latencies.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    report.latency_ms_p50 = pick(0.5);
+    report.latency_ms_p99 = pick(0.99);
     report
 }
 
@@ -343,6 +374,9 @@ mod tests {
         assert!(at(666) >= at(3) + Duration::from_millis(9), "{sent:?}");
         assert_eq!((r.ops, r.bytes, r.read_errors, r.writes_skipped), (4, 3 * 4096, 1, 1));
         assert!(r.elapsed_s >= 0.36 && r.elapsed_s < 2.0, "{r:?}");
+        // 300 ms of it waiting on the slow read, 60 ms thinking.
+        assert!(r.waiting_s >= 0.3 && r.waiting_s < r.elapsed_s - 0.05, "{r:?}");
+        assert!(r.latency_ms_p99 >= 300.0 && r.latency_ms_p50 < 100.0, "{r:?}");
     }
 
     #[tokio::test]
