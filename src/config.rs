@@ -113,7 +113,7 @@ pub struct P2pConfig {
     /// Silence after which a peer session counts as dead and its requests go elsewhere.
     #[serde(default = "default_peer_stall")]
     pub peer_stall: String,
-    /// Longest wait for one peer request (an owner may first read the origin).
+    /// Longest wait for one peer request (a parent may first have to fetch the run itself).
     #[serde(default = "default_peer_timeout")]
     pub peer_timeout: String,
     /// Unit of the relay trees: each stripe of this many bytes has its own tree of nodes, whose
@@ -195,6 +195,12 @@ impl P2pConfig {
         };
         let heartbeat = dur("heartbeat", &self.heartbeat, Duration::from_secs(60))?;
         let peer_stall = dur("peer_stall", &self.peer_stall, Duration::from_secs(60))?;
+        // A waiting client hears from the server at least every HAVE_INTERVAL: a shorter limit
+        // would take every relay that is still fetching for a hung peer.
+        let min_stall = crate::p2p::server::HAVE_INTERVAL * 2;
+        if peer_stall < min_stall {
+            return Err(invalid("p2p.peer_stall", format!("must be at least {min_stall:?}")));
+        }
         let peer_timeout = dur("peer_timeout", &self.peer_timeout, Duration::from_secs(600))?;
         let stripe = parse_size(&self.stripe).map_err(|m| invalid("p2p.stripe", m))?;
         if !(4096..=1 << 30).contains(&stripe) {

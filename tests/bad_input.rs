@@ -245,6 +245,7 @@ fn bad_configs_fail_with_the_key_named() {
         (p2p("listen = \"10.0.0.5:7000\"", &open_key), "p2p.cluster_key_file"),
         (p2p("listen = \"10.0.0.5:7000\"", &env.path("missing.key")), "p2p.cluster_key_file"),
         (p2p("listen = \"10.0.0.5:7000\"\nheartbeat = \"0s\"", &key), "p2p.heartbeat"),
+        (p2p("listen = \"10.0.0.5:7000\"\npeer_stall = \"100ms\"", &key), "p2p.peer_stall"),
         (p2p("listen = \"10.0.0.5:7000\"\nstripe = \"1KiB\"", &key), "p2p.stripe"),
         (p2p("listen = \"10.0.0.5:7000\"\nupload_slots = 0", &key), "p2p.upload_slots"),
         (p2p("listen = \"10.0.0.5:7000\"\nfanout = 0", &key), "p2p.fanout"),

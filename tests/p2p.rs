@@ -216,23 +216,25 @@ fn bytes_on_sessions(addr: &str) -> u64 {
 #[test]
 fn a_quiet_session_carries_nothing_and_stays_open() {
     let mut c = Cluster::new(4 * MIB);
-    // A short stall limit: a node that still took an idle session's silence for a hung peer
+    // The shortest stall limit: a node that still took an idle session's silence for a hung peer
     // would drop the session within the quiet time below.
-    c.stall = "300ms";
+    c.stall = "600ms";
     let a = c.add_node("", &[]);
     let b = c.add_node("", &[]);
     c.wait_meshed(&[a, b]);
     assert!(c.nodes[a].identical(&c.img));
     c.wait_known(b, 64);
-    // The last have-deltas go out within a tick of the last chunk; then both sides fall quiet.
-    let mut last = bytes_on_sessions(&c.nodes[b].addr);
+    // The last have-deltas go out within a tick of the last chunk; then both sessions (A's to
+    // B and B's to A) fall quiet.
+    let both = |c: &Cluster| bytes_on_sessions(&c.nodes[a].addr) + bytes_on_sessions(&c.nodes[b].addr);
+    let mut last = both(&c);
     wait_until("sessions quiet", Duration::from_secs(20), || {
         std::thread::sleep(Duration::from_millis(600));
-        let now = bytes_on_sessions(&c.nodes[b].addr);
+        let now = both(&c);
         std::mem::replace(&mut last, now) == now
     });
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(bytes_on_sessions(&c.nodes[b].addr), last, "an idle session carries no frames, not even pings");
+    assert_eq!(both(&c), last, "idle sessions carry no frames, not even pings");
     let sb = c.nodes[b].status();
     assert!(sb.p2p.sessions >= 1 && sb.p2p.peer_failures == 0, "the session stayed open: {:?}", sb.p2p);
     // The quiet session still serves: B reads the rest from A at once, with no failure.
@@ -452,7 +454,6 @@ fn unauthenticated_and_malformed_peer_frames_only_end_their_connection() {
     c.wait_meshed(&[a, b]);
     c.wait_known(b, 64);
     assert!(c.nodes[b].identical(&c.img));
-    let (before, read) = (c.nodes[b].status().origin, c.nodes[b].identical(&c.img));
-    assert!(read);
-    assert_eq!(c.nodes[b].status().origin, before);
+    let s = c.nodes[b].status();
+    assert!(s.p2p.bytes_from_peers > 0 && s.failed == 0, "the new peer read from A: {:?}", s.p2p);
 }

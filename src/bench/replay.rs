@@ -232,7 +232,9 @@ pub async fn replay<T: ReplayTarget>(target: Arc<T>, bursts: &[Burst], op_timeou
                                 _ => target.read(row.offset, row.length as usize).await.map(|()| row.length),
                             }
                         };
-                        let result = match tokio::time::timeout(op_timeout, work).await {
+                        // The client's own timeout (the same `op_timeout`) comes first and resets
+                        // a hung connection; this one only backs it up.
+                        let result = match tokio::time::timeout(op_timeout + op_timeout / 2, work).await {
                             Ok(Ok(bytes)) => Ok(bytes),
                             Ok(Err(e)) => Err(format!("{} {}+{}: {e}", row.op.as_str(), row.offset, row.length)),
                             Err(_) => Err(format!(

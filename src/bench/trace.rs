@@ -31,7 +31,7 @@ pub enum TraceError {
     Line { line: usize, reason: String },
 }
 
-/// A trace holds at most this many rows (24 bytes each in memory); requests beyond it are
+/// A trace holds at most this many rows (32 bytes each in memory); requests beyond it are
 /// counted as dropped rather than growing vmtd without bound while an operator forgets a trace.
 pub const MAX_ROWS: usize = 1 << 23;
 

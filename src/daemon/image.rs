@@ -281,6 +281,9 @@ impl Image {
         if self.store.has_all(range.clone()) {
             return self.store.read_vec(offset, len as usize).map(Bytes::from).map_err(|e| self.read_failed(offset, e));
         }
+        if priority == Priority::Guest {
+            self.reads_waited.fetch_add(1, Ordering::Relaxed);
+        }
         let runs = self.fetcher.ensure_with(range.clone(), priority).await.map_err(|e| {
             tracing::warn!(image = %self.name, offset, len, error = %e, "read failed");
             EIO
@@ -295,12 +298,7 @@ impl Image {
 
 impl PeerExport for Image {
     fn run_len(&self, run: std::ops::Range<u32>) -> Option<u64> {
-        let g = self.manifest.geometry();
-        if run.is_empty() || run.end > g.chunk_count() {
-            return None;
-        }
-        let last = ChunkIdx(run.end - 1);
-        Some(g.chunk_offset(last).0 + g.chunk_len(last) as u64 - g.chunk_offset(ChunkIdx(run.start)).0)
+        self.manifest.geometry().run_bytes(run).map(|(_, len)| len as u64)
     }
 
     fn have_count(&self) -> u64 {
@@ -346,11 +344,8 @@ impl Export for Image {
     fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, u32>> {
         Box::pin(async move {
             let range = self.manifest.geometry().chunks_covering(ByteOffset(offset), u64::from(len));
-            self.recorder.note(range.clone());
+            self.recorder.note(range);
             self.reads.fetch_add(1, Ordering::Relaxed);
-            if !self.store.has_all(range) {
-                self.reads_waited.fetch_add(1, Ordering::Relaxed);
-            }
             let buf = self.bytes(offset, len, Priority::Guest).await?;
             self.bytes_served.fetch_add(u64::from(len), Ordering::Relaxed);
             Ok(buf)

@@ -384,17 +384,21 @@ impl Daemon {
     /// Stops the trace of `img` and writes it to `path`. The trace is gone afterwards even when
     /// writing fails: keeping it would leave tracing on with nobody to stop it.
     async fn stop_trace(&self, img: &Image, path: &str) -> Result<Response, String> {
+        let traced = img.tracer.stop().ok_or_else(|| format!("image {} is not being traced", img.name))?;
         let file = std::path::PathBuf::from(path);
         if !file.is_absolute() {
             return Err(format!("trace path {path} is not absolute"));
         }
-        let traced = img.tracer.stop().ok_or_else(|| format!("image {} is not being traced", img.name))?;
         let rows = traced.rows.len() as u64;
-        let csv = crate::bench::trace::to_csv(&traced.rows);
-        tokio::task::spawn_blocking(move || crate::fsutil::write_atomic(&file, csv.as_bytes(), 0o644))
-            .await
-            .map_err(|e| format!("writing trace {path}: {e}"))?
-            .map_err(|e| format!("writing trace {path}: {e}"))?;
+        // A full trace is hundreds of MiB of text: formatted off the runtime's threads too.
+        let traced_rows = traced.rows;
+        tokio::task::spawn_blocking(move || {
+            let csv = crate::bench::trace::to_csv(&traced_rows);
+            crate::fsutil::write_atomic(&file, csv.as_bytes(), 0o644)
+        })
+        .await
+        .map_err(|e| format!("writing trace {path}: {e}"))?
+        .map_err(|e| format!("writing trace {path}: {e}"))?;
         tracing::info!(image = %img.name, path, rows, dropped = traced.dropped, "trace written");
         Ok(Response::Traced { path: path.to_string(), rows, dropped: traced.dropped })
     }

@@ -35,7 +35,8 @@ use crate::store::ChunkStore;
 /// Most runs one image has in flight (reading upstream or waiting to be stored), over a source
 /// that does not wait on peers; a peer-aware source bounds its origin reads itself.
 const MAX_UPSTREAM: usize = 32;
-/// Longest checked run stored on a runtime thread.
+/// Longest checked run stored on a runtime thread: with peers a run stays inside one stripe, so
+/// at the default 1 MiB stripes and `max_fetch` every such run is stored in place.
 const INLINE_STORE: usize = 1 << 20;
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -254,11 +255,12 @@ impl Fetcher {
     }
 
     async fn fetch_run(self: Arc<Self>, run: Vec<(u32, watch::Sender<Outcome>)>, priority: Priority) {
-        let g = self.manifest.geometry();
-        let first = ChunkIdx(run[0].0);
-        let last = ChunkIdx(run[run.len() - 1].0);
-        let offset = g.chunk_offset(first).0;
-        let len = (g.chunk_offset(last).0 + g.chunk_len(last) as u64 - offset) as usize;
+        let (offset, len) = self
+            .manifest
+            .geometry()
+            .run_bytes(run[0].0..run[run.len() - 1].0 + 1)
+            .map(|(o, l)| (o.0, l))
+            .expect("fetched runs are adjacent chunks inside the image");
         // Held until the run is stored: bounds both upstream reads in flight and fetched bytes
         // waiting for the data file (none over a peer-aware source, see `slot`).
         let _permit = self.slot(priority).await;
@@ -277,9 +279,9 @@ impl Fetcher {
         let idxs: Vec<u32> = run.iter().map(|(i, _)| *i).collect();
         let me = Arc::clone(&self);
         let finish = move || me.finish(offset, data, checked, run);
-        // A short run that is checked already (by a peer-aware source) only needs its write to
-        // the page cache: cheaper here than a hand-off to the blocking pool and back. Longer
-        // writes, which dirty-page throttling can hold up, stay off the runtime's threads.
+        // A run of up to 1 MiB that is checked already (by a peer-aware source) only needs its
+        // write to the page cache: cheaper here than a hand-off to the blocking pool and back,
+        // at the risk of a dirty-page throttle holding this thread. Longer writes stay off the runtime's threads.
         let finished = if checked && len <= INLINE_STORE {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(finish)).map_err(|_| ())
         } else {
@@ -344,11 +346,10 @@ impl Fetcher {
     }
 
     fn store_span(&self, run: &RunData, span: Range<u32>) -> Result<(), FetchError> {
-        let g = self.manifest.geometry();
-        let (first, last) = (ChunkIdx(span.start), ChunkIdx(span.end - 1));
-        let offset = g.chunk_offset(first).0;
-        let len = (g.chunk_offset(last).0 + g.chunk_len(last) as u64 - offset) as usize;
-        let bytes = run.slice(offset, len).unwrap_or_default();
+        let first = ChunkIdx(span.start);
+        let (offset, len) =
+            self.manifest.geometry().run_bytes(span.clone()).expect("stored spans are chunks inside the image");
+        let bytes = run.slice(offset.0, len).unwrap_or_default();
         let n = u64::from(span.end - span.start);
         self.store.put_span(span, bytes).map_err(|e| FetchError::Store { idx: first, reason: e.to_string() })?;
         self.stats.chunks_fetched.fetch_add(n, Ordering::Relaxed);

@@ -119,6 +119,17 @@ impl Geometry {
         (self.image_size.saturating_sub(start)).min(self.chunk_size.bytes()) as usize
     }
 
+    /// Where the adjacent chunks `run` lie: their first byte and their length in bytes, or
+    /// `None` for an empty run or one reaching past the last chunk.
+    pub fn run_bytes(&self, run: Range<u32>) -> Option<(ByteOffset, usize)> {
+        if run.is_empty() || run.end > self.chunk_count() {
+            return None;
+        }
+        let last = ChunkIdx(run.end - 1);
+        let start = self.chunk_offset(ChunkIdx(run.start)).0;
+        Some((ByteOffset(start), (self.chunk_offset(last).0 + self.chunk_len(last) as u64 - start) as usize))
+    }
+
     /// Chunks covering `len` bytes from `offset`, clipped to the image. Empty for `len == 0`.
     pub fn chunks_covering(&self, offset: ByteOffset, len: u64) -> Range<u32> {
         if len == 0 || offset.0 >= self.image_size {

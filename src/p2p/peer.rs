@@ -68,6 +68,7 @@ impl PeerConn {
         key: &ClusterKey,
         image: Bytes32,
         stall: Duration,
+        chunks: u32,
         selector: Arc<Mutex<Selector>>,
     ) -> Result<Arc<PeerConn>, ConnError> {
         // A frozen peer still completes TCP handshakes (the kernel does), so the whole opening,
@@ -147,7 +148,7 @@ impl PeerConn {
                     Message::NotHave { id } => (id, Err(Refusal::NotHave)),
                     Message::Busy { id } => (id, Err(Refusal::Busy)),
                     Message::Have | Message::HaveDelta => {
-                        let Ok(map) = RoaringBitmap::deserialize_from(&f.tail[..]) else {
+                        let Some(map) = decode_have(&f.tail, chunks) else {
                             break "malformed have-map".into();
                         };
                         let mut sel = selector.lock().unwrap();
@@ -197,5 +198,57 @@ impl PeerConn {
         }
         self.tx.send(Frame::new(Message::Request { id, first, count })).await.map_err(|_| Refusal::Closed)?;
         rx.await.unwrap_or(Err(Refusal::Closed))
+    }
+}
+/// A peer's have-map, if it is a valid Roaring bitmap of chunks below `chunks`. The container
+/// count in its header is checked before decoding: a Roaring decoder gives every container of
+/// runs a full 8 KiB bitmap, so a small hostile map could otherwise cost hundreds of MiB.
+fn decode_have(tail: &[u8], chunks: u32) -> Option<RoaringBitmap> {
+    const SERIAL_COOKIE_NO_RUNCONTAINER: u32 = 12346;
+    const SERIAL_COOKIE: u32 = 12347;
+    let word = |at: usize| tail.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+    let cookie = word(0)?;
+    let containers = if cookie & 0xFFFF == SERIAL_COOKIE {
+        (cookie >> 16) + 1
+    } else if cookie == SERIAL_COOKIE_NO_RUNCONTAINER {
+        word(4)?
+    } else {
+        return None;
+    };
+    if containers > chunks.div_ceil(1 << 16) {
+        return None;
+    }
+    let map = RoaringBitmap::deserialize_from(tail).ok()?;
+    map.max().is_none_or(|m| m < chunks).then_some(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(map: &RoaringBitmap) -> Vec<u8> {
+        let mut v = Vec::new();
+        map.serialize_into(&mut v).unwrap();
+        v
+    }
+
+    #[test]
+    fn have_maps_are_bounded_by_the_image() {
+        let mut map: RoaringBitmap = (0..100).collect();
+        map.insert_range(500..1000);
+        assert_eq!(decode_have(&bytes(&map), 1000), Some(map.clone()));
+        assert_eq!(decode_have(&bytes(&RoaringBitmap::new()), 1000), Some(RoaringBitmap::new()));
+        assert_eq!(decode_have(&bytes(&map), 999), None, "a chunk past the image");
+        // More containers than the image has room for: refused before decoding, whether the
+        // header counts them in the cookie (maps with runs) or in the word after it.
+        let wide: RoaringBitmap = (0..64u32).map(|c| c << 16).collect();
+        assert_eq!(decode_have(&bytes(&wide), 1000), None);
+        assert_eq!(decode_have(&bytes(&wide), u32::MAX), Some(wide));
+        let runs_cookie = (12347u32 | (999 << 16)).to_le_bytes();
+        assert_eq!(decode_have(&runs_cookie, 1000), None, "1000 run containers announced");
+        assert_eq!(decode_have(&[], 1000), None);
+        assert_eq!(decode_have(&[1, 2, 3, 4, 5, 6, 7, 8], 1000), None);
+        let b = bytes(&map);
+        assert_eq!(decode_have(&b[..b.len() - 1], 1000), None, "truncated");
     }
 }

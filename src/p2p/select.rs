@@ -227,9 +227,11 @@ impl Selector {
     }
 
     /// Where to read `run` (one stripe at most, see [`Selector::split`]) from, avoiding the
-    /// peers in `exclude` (already tried for this run). A parent in `exclude` (it refused or
-    /// failed) sends the run to the origin: this read is late already. A parent that failed is
-    /// also marked down, so later runs of its stripes go to the parent the tree has without it.
+    /// peers in `exclude` (already tried for this run). Once a peer refused or failed this run
+    /// (`exclude` is not empty), it goes to a usable holder if there is one, else to the origin,
+    /// never to a parent: this read is late already, and climbing further could use up the
+    /// fetch's time before the origin gets its turn. A parent that failed is also marked down,
+    /// so later runs of its stripes go to the parent the tree has without it.
     pub fn choose(&self, run: Range<u32>, now: Instant, exclude: &[String]) -> Choice {
         // Among equally loaded holders, each asker prefers a different one (a score of holder,
         // asker and stripe), so that a popular run's holders share the askers.
@@ -243,7 +245,7 @@ impl Selector {
             return Choice::Peer { node: n.clone(), parent: false };
         }
         match self.parent(run.start, now) {
-            Some(n) if !exclude.iter().any(|e| e == n) => Choice::Peer { node: n.to_string(), parent: true },
+            Some(n) if exclude.is_empty() => Choice::Peer { node: n.to_string(), parent: true },
             _ => Choice::Origin,
         }
     }
@@ -265,9 +267,13 @@ impl Selector {
             }
             Outcome::NotHave | Outcome::Busy => {}
             Outcome::Failed => {
-                p.failures = p.failures.saturating_add(1);
-                let backoff = FIRST_DOWN.saturating_mul(1 << (p.failures - 1).min(16)).min(MAX_DOWN);
-                p.down_until = Some(now + backoff);
+                // One outage fails every request in flight on the session at once: only the
+                // first failure of it lengthens the backoff.
+                if p.down_until.is_none_or(|t| now >= t) {
+                    p.failures = p.failures.saturating_add(1);
+                    let backoff = FIRST_DOWN.saturating_mul(1 << (p.failures - 1).min(16)).min(MAX_DOWN);
+                    p.down_until = Some(now + backoff);
+                }
                 p.have.clear();
             }
             Outcome::Corrupt => {
@@ -389,6 +395,28 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_parent_sends_the_run_to_the_origin_not_up_the_tree() {
+        let t0 = Instant::now();
+        let names = nodes(3);
+        // Fan-out 1: each stripe's tree is a chain; find a stripe where this node is last.
+        let mut all = cluster(3, 1, 1);
+        let ranks_last = |c: u32| {
+            all[0].parent(c, t0).is_some_and(|p| {
+                let i = names.iter().position(|n| n == p).unwrap();
+                all[i].parent(c, t0).is_some()
+            })
+        };
+        let chunk = (0..1000).find(|&c| ranks_last(c)).unwrap();
+        let mut s = all.swap_remove(0);
+        let parent = s.parent(chunk, t0).unwrap().to_string();
+        s.started(&parent);
+        s.finished(&parent, Outcome::Failed, t0);
+        assert!(s.parent(chunk, t0).is_some(), "the tree without the failed parent still has one");
+        assert_eq!(s.choose(chunk..chunk + 1, t0, &[parent]), Choice::Origin);
+        assert!(matches!(s.choose(chunk..chunk + 1, t0, &[]), Choice::Peer { parent: true, .. }));
+    }
+
+    #[test]
     fn failed_peers_back_off_and_return_and_corrupt_ones_are_banned() {
         let t0 = Instant::now();
         let names = nodes(2);
@@ -396,11 +424,18 @@ mod tests {
         s.set_members(names.iter().map(String::as_str));
         // A stripe whose root is the other node.
         let chunk = (0..1000).find(|&c| !s.is_root(c, t0)).unwrap();
-        s.started(&names[1]);
-        s.finished(&names[1], Outcome::Failed, t0);
+        // Three requests in flight fail together (one outage): one step of backoff, not three.
+        for _ in 0..3 {
+            s.started(&names[1]);
+        }
+        for _ in 0..3 {
+            s.finished(&names[1], Outcome::Failed, t0);
+        }
         assert_eq!(s.choose(chunk..chunk + 1, t0, &[]), Choice::Origin, "down peer skipped");
         assert!(s.is_root(chunk, t0));
         let back = t0 + FIRST_DOWN;
+        // A tried peer (here the parent itself) sends the run to the origin, not up the tree.
+        assert_eq!(s.choose(chunk..chunk + 1, back, std::slice::from_ref(&names[1])), Choice::Origin);
         assert_eq!(s.choose(chunk..chunk + 1, back, &[]), Choice::Peer { node: names[1].clone(), parent: true });
         s.unreachable(&names[1], back);
         assert_eq!(s.choose(chunk..chunk + 1, back + FIRST_DOWN, &[]), Choice::Origin, "second failure: longer");

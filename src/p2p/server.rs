@@ -28,7 +28,7 @@ use crate::fetch::BoxFuture;
 /// nothing else to send: the longest silence a waiting peer sees (it gives up on us after its
 /// `stall`, 1 s by default). New chunks matter less than their count suggests: while nobody
 /// holds a chunk its tree is climbed anyway.
-const HAVE_INTERVAL: Duration = Duration::from_millis(250);
+pub const HAVE_INTERVAL: Duration = Duration::from_millis(250);
 /// How often a quiet session (no request in progress, no chunk gained) looks for new chunks.
 /// A quiet session sends nothing at all: a cluster of idle nodes costs no traffic and no
 /// wake-ups beyond this, and a peer with no request pending does not watch for silence.
@@ -48,6 +48,15 @@ struct Queued(Arc<AtomicUsize>);
 impl Drop for Queued {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -200,7 +209,10 @@ impl PeerServer {
         });
         let queued = Arc::new(AtomicUsize::new(0));
         let requested = Arc::new(tokio::sync::Notify::new());
-        let announcer = tokio::spawn(announce(export.clone(), tx.clone(), queued.clone(), requested.clone()));
+        // Aborted however the session ends (also when dropped at shutdown): a quiet announcer
+        // never sends, so it would never notice that the session is gone.
+        let announcer =
+            AbortOnDrop(tokio::spawn(announce(export.clone(), tx.clone(), queued.clone(), requested.clone())));
         let mut removed = export.served_until();
         let why = loop {
             let read = tokio::select! {
@@ -235,7 +247,7 @@ impl PeerServer {
             });
         };
         tracing::debug!(peer = %auth.node, reason = %why, "peer session ended");
-        announcer.abort();
+        drop(announcer);
         drop(tx);
         // Replies still being prepared hold senders; the writer ends when the last is done.
         let _ = writer.await;

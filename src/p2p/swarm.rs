@@ -156,7 +156,17 @@ impl Swarm {
         if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
-        match PeerConn::connect(node, &self.me, &self.key, self.image, self.tuning.stall, self.selector.clone()).await {
+        match PeerConn::connect(
+            node,
+            &self.me,
+            &self.key,
+            self.image,
+            self.tuning.stall,
+            self.manifest.geometry().chunk_count(),
+            self.selector.clone(),
+        )
+        .await
+        {
             Ok(c) => {
                 *slot = Some(c.clone());
                 Ok(c)
@@ -215,8 +225,8 @@ impl Swarm {
 
     async fn verify(&self, node: &str, run: Range<u32>, bytes: Bytes) -> Result<Bytes, Outcome> {
         let g = self.manifest.geometry();
-        let (first, last) = (ChunkIdx(run.start), ChunkIdx(run.end - 1));
-        let want = g.chunk_offset(last).0 + g.chunk_len(last) as u64 - g.chunk_offset(first).0;
+        let first = ChunkIdx(run.start);
+        let want = g.run_bytes(run.clone()).map_or(0, |(_, len)| len as u64);
         if bytes.len() as u64 != want {
             tracing::warn!(peer = node, got = bytes.len(), want, "peer sent a reply of the wrong length");
             return Err(Outcome::Corrupt);
@@ -251,10 +261,12 @@ impl Swarm {
             let choice = self.selector.lock().unwrap().choose(run.clone(), Instant::now(), &tried);
             match choice {
                 Choice::Origin => {
-                    let g = self.manifest.geometry();
-                    let (first, last) = (ChunkIdx(run.start), ChunkIdx(run.end - 1));
-                    let offset = g.chunk_offset(first).0;
-                    let len = (g.chunk_offset(last).0 + g.chunk_len(last) as u64 - offset) as usize;
+                    let (offset, len) = self
+                        .manifest
+                        .geometry()
+                        .run_bytes(run.clone())
+                        .map(|(o, l)| (o.0, l))
+                        .expect("pieces are chunks inside the image");
                     let _slot = self.origin_slots.acquire().await.expect("semaphore never closed");
                     let data = self.origin.read(offset, len).await?;
                     self.stats.bytes_from_origin.fetch_add(data.len() as u64, Ordering::Relaxed);

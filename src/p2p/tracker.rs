@@ -13,10 +13,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::auth::ClusterKey;
-use super::conn::{
-    client_handshake, read_frame, read_frame_within, server_handshake, write_frame, ConnError, SMALL_FRAME,
-};
-use super::wire::{Bytes32, Frame, Message};
+use super::conn::{client_handshake, read_frame_within, server_handshake, write_frame, ConnError, SMALL_FRAME};
+use super::wire::{Bytes32, Frame, Message, MAX_MSG};
 
 /// The image field of a tracker session's `Hello`.
 pub const TRACKER_IMAGE: Bytes32 = [0; 32];
@@ -29,22 +27,40 @@ pub struct Tracker {
     me: String,
     key: ClusterKey,
     ttl: Duration,
-    nodes: Mutex<HashMap<Bytes32, HashMap<String, Instant>>>,
+    nodes: Mutex<Table>,
+}
+
+/// Live nodes per image, and when expired entries of other images were last swept out.
+#[derive(Default)]
+struct Table {
+    images: HashMap<Bytes32, HashMap<String, Instant>>,
+    swept: Option<Instant>,
 }
 
 impl Tracker {
     pub fn new(me: &str, key: ClusterKey, ttl: Duration) -> Arc<Tracker> {
-        Arc::new(Tracker { me: me.into(), key, ttl, nodes: Mutex::new(HashMap::new()) })
+        Arc::new(Tracker { me: me.into(), key, ttl, nodes: Mutex::new(Table::default()) })
     }
 
     /// Records `node` for `image` and returns the other live nodes of `image`.
     pub fn register(&self, image: Bytes32, node: &str, now: Instant) -> Vec<String> {
-        let mut all = self.nodes.lock().unwrap();
+        let mut table = self.nodes.lock().unwrap();
         let ttl = self.ttl;
-        all.retain(|_, m| {
+        let live = |m: &mut HashMap<String, Instant>| {
             m.retain(|_, t| now.duration_since(*t) < ttl);
             !m.is_empty()
-        });
+        };
+        // Every registration expires its own image; the whole table, whose size grows with
+        // images times nodes, is swept at most once per ttl.
+        if table.swept.is_none_or(|t| now.duration_since(t) >= ttl) {
+            table.images.retain(|_, m| live(m));
+            table.swept = Some(now);
+        } else if let Some(m) = table.images.get_mut(&image) {
+            if !live(m) {
+                table.images.remove(&image);
+            }
+        }
+        let all = &mut table.images;
         if all.len() >= MAX_IMAGES && !all.contains_key(&image) {
             tracing::warn!("tracker full: {MAX_IMAGES} images; registration ignored");
         } else {
@@ -143,7 +159,7 @@ impl TrackerClient {
         let mut out = HashMap::new();
         for image in images {
             write_frame(s, &Frame::new(Message::Register { image: *image })).await?;
-            match read_frame(s).await?.msg {
+            match read_frame_within(s, MAX_MSG as usize).await?.msg {
                 Message::Peers { image: i, nodes } if i == *image => {
                     out.insert(i, nodes.into_iter().filter(|n| super::conn::check_node(n).is_ok()).collect());
                 }

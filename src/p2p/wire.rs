@@ -7,7 +7,8 @@
 //! ```
 //! Pure codec, no I/O: the caller reads [`HEADER_LEN`] bytes, asks [`decode_header`] how much
 //! more to read, then [`decode_body`]. Every length is checked against a limit before anything
-//! is allocated, so a hostile peer cannot make us allocate more than one frame's worth.
+//! is allocated, so a hostile peer cannot make us allocate more than one frame's worth (and a
+//! have-map tail is checked against the image before it is decoded, see `peer::decode_have`).
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -69,7 +70,8 @@ pub enum Message {
     NotHave { id: u32 },
     /// Server → client: too many requests queued here; ask someone else.
     Busy { id: u32 },
-    /// Liveness, sent by a server while the session is idle.
+    /// Liveness, sent by a server while a request of the client's is in progress and nothing
+    /// else is sent.
     Ping,
     /// Node → tracker: I serve `image` at my peer address `node`.
     Register { image: Bytes32 },

@@ -206,12 +206,13 @@ impl ChunkStore {
     /// write. They are served at once and made durable by the next commit.
     pub fn put_span(&self, span: std::ops::Range<u32>, data: &[u8]) -> Result<(), StoreError> {
         let first = ChunkIdx(span.start);
-        let last = ChunkIdx(span.end.saturating_sub(1).max(span.start));
-        let offset = self.geometry.chunk_offset(first).0;
-        let want = (self.geometry.chunk_offset(last).0 + self.geometry.chunk_len(last) as u64 - offset) as usize;
-        if span.is_empty() || span.end > self.geometry.chunk_count() || data.len() != want {
-            return Err(StoreError::BadChunkLen { idx: first, got: data.len(), want });
-        }
+        let offset = match self.geometry.run_bytes(span.clone()) {
+            Some((offset, want)) if data.len() == want => offset.0,
+            found => {
+                let want = found.map_or(0, |(_, want)| want);
+                return Err(StoreError::BadChunkLen { idx: first, got: data.len(), want });
+            }
+        };
         {
             let _queue = self.write.lock().unwrap();
             self.data
