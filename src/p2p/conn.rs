@@ -20,6 +20,9 @@ use super::wire::{self, Bytes32, Frame, Message, WireError, HEADER_LEN};
 
 /// How long a handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most handshakes in progress at once on a peer server or a tracker: idle connections that never authenticate cannot take
+/// the places of real sessions for longer than one handshake timeout each.
+pub const MAX_HANDSHAKES: usize = 64;
 /// Longest node name (a socket address) accepted.
 pub const MAX_NODE_NAME: usize = 64;
 

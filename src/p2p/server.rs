@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::auth::ClusterKey;
-use super::conn::{read_frame_within, server_handshake, write_frame, ConnError, SMALL_FRAME};
+use super::conn::{read_frame_within, server_handshake, write_frame, ConnError, MAX_HANDSHAKES, SMALL_FRAME};
 use super::wire::{Bytes32, Frame, Message, MAX_TAIL};
 use crate::fetch::BoxFuture;
 
@@ -35,9 +35,6 @@ pub const HAVE_INTERVAL: Duration = Duration::from_millis(250);
 const QUIET_INTERVAL: Duration = Duration::from_secs(1);
 /// Most sessions at once; more connections are closed at once.
 const MAX_SESSIONS: usize = 4096;
-/// Most handshakes in progress at once: idle connections that never authenticate cannot take
-/// the places of real peers' sessions for longer than one handshake timeout each.
-const MAX_HANDSHAKES: usize = 64;
 /// Longest one frame may take to write: a peer that stopped reading (frozen, or its network
 /// gone without a reset) would otherwise hold upload slots for ever.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -13,7 +13,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::auth::ClusterKey;
-use super::conn::{client_handshake, read_frame_within, server_handshake, write_frame, ConnError, SMALL_FRAME};
+use super::conn::{
+    client_handshake, read_frame_within, server_handshake, write_frame, ConnError, MAX_HANDSHAKES, SMALL_FRAME,
+};
 use super::wire::{Bytes32, Frame, Message, MAX_MSG};
 
 /// The image field of a tracker session's `Hello`.
@@ -78,28 +80,33 @@ impl Tracker {
     /// Accepts node sessions until `shutdown` turns true.
     pub async fn run(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
         let sessions = Arc::new(tokio::sync::Semaphore::new(MAX_NODES));
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         loop {
             let s = tokio::select! {
                 r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
                 _ = shutdown.wait_for(|v| *v) => return,
             };
-            let Ok(permit) = sessions.clone().try_acquire_owned() else {
-                tracing::warn!("{MAX_NODES} tracker sessions open; connection refused");
+            let (Ok(permit), Ok(shaking)) =
+                (sessions.clone().try_acquire_owned(), handshakes.clone().try_acquire_owned())
+            else {
+                tracing::warn!("too many tracker sessions or handshakes; connection refused");
                 continue;
             };
             let me = self.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                if let Err(e) = me.session(s).await {
+                if let Err(e) = me.session(s, shaking).await {
                     tracing::debug!(error = %e, "tracker session ended");
                 }
             });
         }
     }
 
-    async fn session(&self, mut s: TcpStream) -> Result<(), ConnError> {
+    async fn session(&self, mut s: TcpStream, shaking: tokio::sync::OwnedSemaphorePermit) -> Result<(), ConnError> {
         let _ = s.set_nodelay(true);
-        let auth = match server_handshake(&mut s, &self.key, &self.me).await {
+        let handshake = server_handshake(&mut s, &self.key, &self.me).await;
+        drop(shaking);
+        let auth = match handshake {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(peer = ?s.peer_addr().ok(), error = %e, "tracker session refused");
