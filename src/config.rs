@@ -17,6 +17,9 @@ use crate::iscsi::chap::Credentials;
 use crate::iscsi::initiator::IscsiOptions;
 use crate::iscsi::pdu::Digests;
 
+mod nbd;
+pub use nbd::NbdConfig;
+
 /// Where `vmtd` looks for its configuration when none is given.
 pub const DEFAULT_CONFIG: &str = "/etc/vmthunder/vmtd.toml";
 
@@ -85,6 +88,9 @@ pub struct Config {
     /// (the cheapest when the node has many daemons per core, as in an emulated cluster).
     #[serde(default)]
     pub worker_threads: usize,
+    /// What NBD clients may cost this node (connections, bytes in flight, timeouts).
+    #[serde(default)]
+    pub nbd: NbdConfig,
     /// Peer-to-peer relay between nodes (off when absent).
     #[serde(default)]
     pub p2p: Option<P2pConfig>,
@@ -329,6 +335,7 @@ impl Config {
             }
         }
         self.tuning()?;
+        self.nbd.limits()?;
         if let Some(p) = &self.p2p {
             let t = p.tuning()?;
             // A relay that may wait as long as a guest read may would turn a hung parent into

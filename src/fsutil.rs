@@ -3,31 +3,30 @@
 //! Invariant: after `write_atomic` returns, the path holds either the old or the new content in
 //! full, across a crash or power loss (temp file, fsync, rename, fsync of the directory).
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 /// Replaces `path` with `bytes` atomically and durably. `mode` applies to the new file.
+///
+/// The temp file gets an unpredictable name and is created with `O_EXCL` (the `tempfile`
+/// crate), so a symlink or file planted in `path`'s directory can never be written through:
+/// this runs as root in directories an operator names (`vmt trace stop -o`).
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     // A bare file name has an empty parent: that is the current directory.
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    // Unique per call, so concurrent writers of one path never share a temp file.
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(".{name}.tmp.{}.{seq}", std::process::id()));
-    let result = (|| {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        sync_dir(dir)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .permissions(fs::Permissions::from_mode(mode))
+        .tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    // On error the temp file is removed when `tmp` drops.
+    tmp.persist(path).map_err(|e| e.error)?;
+    sync_dir(dir)
 }
 
 /// Makes a rename or create inside `dir` durable.
@@ -118,5 +117,21 @@ mod tests {
         write_atomic(&p, b"two", 0o600).unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn atomic_write_never_follows_a_planted_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"keep").unwrap();
+        // Plant links under every name the old scheme would have used.
+        for seq in 0..4 {
+            let planted = dir.path().join(format!(".out.tmp.{}.{seq}", std::process::id()));
+            std::os::unix::fs::symlink(&victim, planted).unwrap();
+        }
+        write_atomic(&dir.path().join("out"), b"new", 0o644).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"keep");
+        assert_eq!(fs::read(dir.path().join("out")).unwrap(), b"new");
     }
 }

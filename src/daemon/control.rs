@@ -80,6 +80,9 @@ pub enum Request {
     TraceStart { image: String },
     /// Stops the trace of `image` and writes it as CSV to `path` (absolute), atomically.
     TraceStop { image: String, path: String },
+    /// Reads every chunk of `image`'s cache and checks it against the manifest; chunks that
+    /// fail are dropped (fetched again when read).
+    CacheVerify { image: String },
 }
 
 /// Progress of an image's prefetch.
@@ -214,6 +217,11 @@ pub enum Response {
     },
     Profiles {
         profiles: Vec<ProfileInfo>,
+    },
+    /// `checked` cached chunks were read, `bad` of them failed and were dropped.
+    Verified {
+        checked: u64,
+        bad: u64,
     },
     /// A trace was stopped and written to `path`: `rows` requests, and `dropped` more that did
     /// not fit in memory.

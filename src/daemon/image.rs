@@ -126,7 +126,8 @@ impl Image {
         let source = origin.open(iscsi).map_err(|source| ImageError::Origin { name: name.clone(), source })?;
         let manifest = Arc::new(manifest);
         let (dir, m) = (cache_dir.to_path_buf(), manifest.clone());
-        let store = tokio::task::spawn_blocking(move || ChunkStore::open(&dir, &m))
+        let faults = store_faults(&name).map_err(&invalid)?;
+        let store = tokio::task::spawn_blocking(move || ChunkStore::open_with_faults(&dir, &m, faults))
             .await
             .map_err(|e| invalid(e.to_string()))?
             .map_err(|source| ImageError::Store { name: name.clone(), source })?;
@@ -238,48 +239,53 @@ impl Image {
     }
 }
 
-impl Image {
-    /// Builds a read that spans several fetched runs and cached chunks, chunk by chunk.
-    fn assemble(
-        &self,
-        offset: u64,
-        len: u32,
-        range: std::ops::Range<u32>,
-        runs: &[Arc<RunData>],
-    ) -> Result<Vec<u8>, u32> {
-        let g = self.manifest.geometry();
-        let mut buf = vec![0u8; len as usize];
-        let end = offset + u64::from(len);
-        for i in range {
-            let c = ChunkIdx(i);
-            let start = g.chunk_offset(c).0.max(offset);
-            let stop = (g.chunk_offset(c).0 + g.chunk_len(c) as u64).min(end);
-            let piece = &mut buf[(start - offset) as usize..(stop - offset) as usize];
-            match runs.iter().find_map(|r| r.slice(start, piece.len())) {
-                Some(bytes) => piece.copy_from_slice(bytes),
-                None => self.read_store(start, piece)?,
-            }
+/// Builds a read that spans several fetched runs and cached chunks, chunk by chunk; `None` when
+/// a cached chunk could not be read (the store then forgot it). Blocks on the cache.
+fn assemble(
+    store: &ChunkStore,
+    offset: u64,
+    len: u32,
+    range: std::ops::Range<u32>,
+    runs: &[Arc<RunData>],
+) -> Option<Vec<u8>> {
+    let g = store.geometry();
+    let mut buf = vec![0u8; len as usize];
+    let end = offset + u64::from(len);
+    for i in range {
+        let c = ChunkIdx(i);
+        let start = g.chunk_offset(c).0.max(offset);
+        let stop = (g.chunk_offset(c).0 + g.chunk_len(c) as u64).min(end);
+        let piece = &mut buf[(start - offset) as usize..(stop - offset) as usize];
+        match runs.iter().find_map(|r| r.slice(start, piece.len())) {
+            Some(bytes) => piece.copy_from_slice(bytes),
+            None => store.read_at(start, piece).ok()?,
         }
-        Ok(buf)
     }
-
-    fn read_store(&self, offset: u64, buf: &mut [u8]) -> Result<(), u32> {
-        self.store.read_at(offset, buf).map_err(|e| self.read_failed(offset, e))
-    }
-
-    fn read_failed(&self, offset: u64, e: std::io::Error) -> u32 {
-        tracing::error!(image = %self.name, offset, error = %e, "cache read failed");
-        EIO
-    }
+    Some(buf)
 }
 
 impl Image {
     /// The bytes of `[offset, offset + len)`, fetched first if missing: from the cache, or
-    /// shared from the fetched run that holds them.
+    /// shared from the fetched run that holds them. Cache reads run on the blocking pool: a slow
+    /// cache disk must not hold the runtime's threads, which serve every other image too.
     async fn bytes(&self, offset: u64, len: u32, priority: Priority) -> Result<Bytes, u32> {
+        // A cached chunk that cannot be read back is forgotten by the store, so the second round
+        // fetches it again; only a cache failing twice in a row for one read gives EIO.
+        for _ in 0..2 {
+            if let Some(bytes) = self.try_bytes(offset, len, priority).await? {
+                return Ok(bytes);
+            }
+            tracing::warn!(image = %self.name, offset, len, "cache read failed; fetching the chunks again");
+        }
+        Err(EIO)
+    }
+
+    async fn try_bytes(&self, offset: u64, len: u32, priority: Priority) -> Result<Option<Bytes>, u32> {
         let range = self.manifest.geometry().chunks_covering(ByteOffset(offset), u64::from(len));
+        let store = self.store.clone();
         if self.store.has_all(range.clone()) {
-            return self.store.read_vec(offset, len as usize).map(Bytes::from).map_err(|e| self.read_failed(offset, e));
+            let read = tokio::task::spawn_blocking(move || store.read_vec(offset, len as usize).ok());
+            return Ok(read.await.map_err(|_| EIO)?.map(Bytes::from));
         }
         if priority == Priority::Guest {
             self.reads_waited.fetch_add(1, Ordering::Relaxed);
@@ -289,9 +295,17 @@ impl Image {
             EIO
         })?;
         match runs.iter().find_map(|r| r.share(offset, len as usize)) {
-            // The common cold read: one fetched run holds it all, share its buffer.
-            Some(shared) => Ok(shared),
-            None => Ok(Bytes::from(self.assemble(offset, len, range, &runs)?)),
+            // The common cold read: one fetched run holds it all, share its buffer. A small read
+            // of a much longer run (a prefetch's) gets a copy instead: a reply waiting to be
+            // written then pins no more memory than the NBD budgets charge it.
+            Some(shared) if shared.len() * 2 >= runs.iter().map(|r| r.bytes.len()).max().unwrap_or(0) => {
+                Ok(Some(shared))
+            }
+            Some(shared) => Ok(Some(Bytes::copy_from_slice(&shared))),
+            None => {
+                let read = tokio::task::spawn_blocking(move || assemble(&store, offset, len, range, &runs));
+                Ok(read.await.map_err(|_| EIO)?.map(Bytes::from))
+            }
         }
     }
 }
@@ -366,20 +380,44 @@ impl Export for Image {
         self.tracer.note(op, offset, u64::from(length));
     }
 
-    fn client_changed(&self, connected: bool) {
-        if connected {
-            self.clients.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.clients.fetch_sub(1, Ordering::Relaxed);
-        }
+    fn client_joined(&self, max: u64) -> bool {
+        self.clients.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1)).is_ok()
     }
+
+    fn client_left(&self) {
+        self.clients.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The store faults `VMTHUNDER_STORE_FAULTS` injects into image `name`'s cache (testing only).
+fn store_faults(name: &str) -> Result<Vec<crate::store::io::Fault>, String> {
+    let Ok(spec) = std::env::var("VMTHUNDER_STORE_FAULTS") else { return Ok(Vec::new()) };
+    let mut faults = crate::store::io::parse_faults(&spec).map_err(|e| e.to_string())?;
+    faults.retain(|f| f.image.as_deref().is_none_or(|i| i == name));
+    if !faults.is_empty() {
+        tracing::warn!(image = name, spec, "injecting cache faults (VMTHUNDER_STORE_FAULTS)");
+    }
+    Ok(faults)
 }
 
 /// The manifest of a file origin: reused while the file's identity (path, size, mtime, inode)
 /// and the chunk size are unchanged, else built by reading the file once.
 fn file_manifest(path: &Path, dir: &Path, name: &str, chunk: ChunkSize) -> Result<Manifest, ManifestError> {
     let io = |source: std::io::Error| ManifestError::Io { path: path.display().to_string(), source };
-    let meta = std::fs::metadata(path).map_err(io)?;
+    let (mpath, spath) = (dir.join(format!("{name}.manifest")), dir.join(format!("{name}.stamp")));
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        // The origin is not there (a mount not up yet): serve what the cache holds under the
+        // manifest built last time, and read the origin once it is back.
+        Err(e) => match Manifest::load(&mpath) {
+            Ok(m) if m.geometry().chunk_size() == chunk => {
+                tracing::warn!(file = %path.display(), error = %e,
+                    "origin unavailable; using the manifest remembered from its last build");
+                return Ok(m);
+            }
+            _ => return Err(io(e)),
+        },
+    };
     let stamp = format!(
         "{}\n{}\n{}.{}\n{}\n{}\n",
         path.display(),
@@ -389,7 +427,6 @@ fn file_manifest(path: &Path, dir: &Path, name: &str, chunk: ChunkSize) -> Resul
         meta.ino(),
         chunk.bytes()
     );
-    let (mpath, spath) = (dir.join(format!("{name}.manifest")), dir.join(format!("{name}.stamp")));
     if std::fs::read_to_string(&spath).ok().as_deref() == Some(stamp.as_str()) {
         if let Ok(m) = Manifest::load(&mpath) {
             return Ok(m);

@@ -68,6 +68,8 @@ pub struct Daemon {
     profiles_rejected: std::sync::atomic::AtomicU64,
     /// Peer server and trackers, with `[p2p]` configured.
     peers: Option<Arc<peers::Peers>>,
+    /// What NBD clients may cost the node, shared by every export and listener.
+    nbd: Arc<crate::nbd::limits::Budgets>,
     /// For timers that must not keep the daemon alive.
     weak: std::sync::Weak<Daemon>,
     shutdown: watch::Sender<bool>,
@@ -101,6 +103,8 @@ impl Daemon {
     pub async fn start(cfg: Config) -> Result<Arc<Daemon>, DaemonError> {
         cfg.validate()?;
         let tuning = cfg.tuning()?;
+        let nbd_limits = cfg.nbd.limits()?;
+        raise_fd_limit(nbd_limits.max_connections);
         for (dir, mode) in [(&cfg.run_dir, 0o755), (&cfg.cache_dir, 0o700), (&cfg.profile_dir, 0o755)] {
             std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(io_err("chmod", dir))?;
@@ -131,6 +135,7 @@ impl Daemon {
             peers: p2p.as_ref().map(|(t, key, _)| Arc::new(peers::Peers::new(t, key.clone(), weak.clone()))),
             tuning,
             export_uid,
+            nbd: crate::nbd::limits::Budgets::new(nbd_limits),
             images: RwLock::new(BTreeMap::new()),
             holds: Mutex::new(BTreeMap::new()),
             profiles: RwLock::new(Default::default()),
@@ -158,7 +163,7 @@ impl Daemon {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(io_err("listening on", Path::new(&addr.to_string())))?;
-            tokio::spawn(server::run(l, daemon.clone(), daemon.shutdown.subscribe()));
+            tokio::spawn(server::run(l, daemon.clone(), daemon.nbd.clone(), daemon.shutdown.subscribe()));
         }
         if let (Some(peers), Some((t, _, listener))) = (&daemon.peers, p2p) {
             tokio::spawn(peers.server.clone().run(listener, daemon.shutdown.subscribe()));
@@ -207,7 +212,7 @@ impl Daemon {
             images.insert(cfg.name.clone(), img.clone());
         }
         let lookup = Arc::new(SingleExport { name: cfg.name.clone(), export: img.clone() });
-        tokio::spawn(server::run(listener, lookup, img.shutdown.subscribe()));
+        tokio::spawn(server::run(listener, lookup, self.nbd.clone(), img.shutdown.subscribe()));
         tracing::info!(image = %cfg.name, socket = %socket.display(), "export listening");
         Ok(img)
     }
@@ -225,11 +230,12 @@ impl Daemon {
 
     /// Checks that every image in `images` is served and listening, then records `domain`'s
     /// hold on them. Returns their export sockets.
-    pub fn assemble(&self, domain: &str, images: &[String]) -> Result<Vec<String>, DaemonError> {
+    pub async fn assemble(&self, domain: &str, images: &[String]) -> Result<Vec<String>, DaemonError> {
         let mut sockets = Vec::with_capacity(images.len());
         for name in images {
             let img = self.image(name).ok_or_else(|| DaemonError::UnknownImage(name.clone()))?;
-            if std::os::unix::net::UnixStream::connect(&img.socket).is_err() {
+            let probe = tokio::time::timeout(Duration::from_secs(5), tokio::net::UnixStream::connect(&img.socket));
+            if !matches!(probe.await, Ok(Ok(_))) {
                 return Err(DaemonError::NotListening(name.clone()));
             }
             sockets.push(img.socket.display().to_string());
@@ -259,11 +265,11 @@ impl Daemon {
     }
 
     /// Drops every hold of `domain`.
-    pub fn release(&self, domain: &str) {
+    pub async fn release(&self, domain: &str) {
         if self.holds.lock().unwrap().remove(domain).is_some() {
             tracing::info!(domain, "released");
         }
-        self.stop_recordings_of(domain);
+        self.stop_recordings_of(domain).await;
     }
 
     fn holders(&self, image: &str) -> Vec<String> {
@@ -285,12 +291,12 @@ impl Daemon {
                     p2p: self.peers.as_ref().map(|p| p.status()),
                 }
             }
-            Request::Assemble { domain, images } => match self.assemble(&domain, &images) {
+            Request::Assemble { domain, images } => match self.assemble(&domain, &images).await {
                 Ok(sockets) => Response::Assembled { sockets },
                 Err(e) => Response::Error { message: e.to_string() },
             },
             Request::Release { domain } => {
-                self.release(&domain);
+                self.release(&domain).await;
                 Response::Done
             }
             Request::RecordStart { image, duration_ms, domain } => {
@@ -304,7 +310,7 @@ impl Daemon {
                 }
             }
             Request::RecordStop { image } => match self.image(&image) {
-                Some(img) => match self.stop_recording(&img) {
+                Some(img) => match self.stop_recording(&img).await {
                     Ok(p) => Response::Recorded {
                         path: self
                             .cfg
@@ -369,6 +375,19 @@ impl Daemon {
                     Response::Done
                 }
                 None => Response::Error { message: DaemonError::UnknownImage(name).to_string() },
+            },
+            Request::CacheVerify { image } => match self.image(&image) {
+                Some(img) => {
+                    let (store, manifest) = (img.store.clone(), img.manifest.clone());
+                    match tokio::task::spawn_blocking(move || store.verify(&manifest)).await {
+                        Ok(r) => {
+                            tracing::info!(image, checked = r.checked, bad = r.bad, "cache verified");
+                            Response::Verified { checked: r.checked, bad: r.bad }
+                        }
+                        Err(e) => Response::Error { message: format!("verifying {image}: {e}") },
+                    }
+                }
+                None => unknown(image),
             },
             Request::ImageAdd { image } => match self.add_image(&image).await {
                 Ok(_) => Response::Done,
@@ -506,7 +525,7 @@ async fn commit(img: &Arc<Image>) {
     match tokio::task::spawn_blocking(move || store.commit()).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => {
-            tracing::error!(image = %img.name, error = %e, "cache commit failed; will retry")
+            tracing::error!(image = %img.name, error = %e, "cache commit failed")
         }
         Err(e) => tracing::error!(image = %img.name, error = %e, "cache commit panicked"),
     }
@@ -539,6 +558,22 @@ fn bind_unix(path: &Path, uid: Option<u32>) -> Result<UnixListener, DaemonError>
         std::os::unix::fs::chown(path, Some(uid), Some(0)).map_err(io_err("chown", path))?;
     }
     Ok(l)
+}
+
+/// Raises the soft limit on open files to the hard one: every NBD connection, peer session and
+/// cache file costs a descriptor, and the usual soft limit of 1024 is below the default caps.
+fn raise_fd_limit(connections: usize) {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain system calls on a valid, owned struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+    if (lim.rlim_cur as usize) < connections + 256 {
+        tracing::warn!(open_files = lim.rlim_cur, connections, "the open-file limit is below nbd.max_connections");
+    }
 }
 
 /// The uid of a local user, if it exists.

@@ -41,7 +41,7 @@ impl Daemon {
         tokio::spawn(async move {
             tokio::time::sleep(duration).await;
             if let (Some(me), Some(rec)) = (me.upgrade(), img.recorder.stop(Some(id))) {
-                if let Err(e) = me.save_recording(&img, &rec.touches) {
+                if let Err(e) = me.save_recording(&img, &rec.touches).await {
                     tracing::error!(image = %img.name, error = %e, "saving the recorded profile failed");
                 }
             }
@@ -50,41 +50,49 @@ impl Daemon {
     }
 
     /// Stops `img`'s recording and merges it into its profile.
-    pub fn stop_recording(&self, img: &Image) -> Result<Arc<Profile>, DaemonError> {
+    pub async fn stop_recording(&self, img: &Image) -> Result<Arc<Profile>, DaemonError> {
         let rec = img
             .recorder
             .stop(None)
             .ok_or_else(|| DaemonError::Profile(format!("image {} is not being recorded", img.name)))?;
-        self.save_recording(img, &rec.touches)
+        self.save_recording(img, &rec.touches).await
     }
 
     /// Stops recordings that `domain` started (its boot is over).
-    pub(super) fn stop_recordings_of(&self, domain: &str) {
+    pub(super) async fn stop_recordings_of(&self, domain: &str) {
         let images: Vec<Arc<Image>> = self.images.read().unwrap().values().cloned().collect();
         for img in images {
             if img.recorder.running() == Some(Some(domain.to_string())) {
-                if let Err(e) = self.stop_recording(&img) {
+                if let Err(e) = self.stop_recording(&img).await {
                     tracing::error!(image = %img.name, error = %e, "saving the recorded profile failed");
                 }
             }
         }
     }
 
-    fn save_recording(&self, img: &Image, touches: &[(u32, u32)]) -> Result<Arc<Profile>, DaemonError> {
+    /// Merges a recording into the image's profile and saves it, off the runtime's threads
+    /// (the file is written and synced).
+    async fn save_recording(&self, img: &Image, touches: &[(u32, u32)]) -> Result<Arc<Profile>, DaemonError> {
         let boot = Profile::from_touches(img.manifest.root(), &img.manifest.geometry(), touches);
         if boot.entries.is_empty() {
             return Err(DaemonError::Profile(format!("recording of {} saw no reads; profile unchanged", img.name)));
         }
-        let merged = match self.profile_of(img) {
-            Some(old) => old.merge(&boot, self.cfg.profile_age_out).map_err(|e| DaemonError::Profile(e.to_string()))?,
-            None => boot,
-        };
-        let path = self.profile_path(img);
-        fsutil::write_atomic(&path, &merged.encode(), 0o644).map_err(|source| DaemonError::Io {
-            what: "writing profile",
-            path: path.display().to_string(),
-            source,
-        })?;
+        let (old, age_out, path) = (self.profile_of(img), self.cfg.profile_age_out, self.profile_path(img));
+        let file = path.clone();
+        let merged = tokio::task::spawn_blocking(move || {
+            let merged = match old {
+                Some(old) => old.merge(&boot, age_out).map_err(|e| DaemonError::Profile(e.to_string()))?,
+                None => boot,
+            };
+            fsutil::write_atomic(&file, &merged.encode(), 0o644).map_err(|source| DaemonError::Io {
+                what: "writing profile",
+                path: file.display().to_string(),
+                source,
+            })?;
+            Ok::<_, DaemonError>(merged)
+        })
+        .await
+        .map_err(|e| DaemonError::Profile(format!("saving the profile of {}: {e}", img.name)))??;
         let merged = Arc::new(merged);
         self.profiles.write().unwrap().insert(img.manifest.root().to_hex(), merged.clone());
         tracing::info!(image = %img.name, boots = merged.boots, chunks = merged.entries.len(), path = %path.display(), "profile saved");

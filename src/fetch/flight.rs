@@ -35,9 +35,6 @@ use crate::store::ChunkStore;
 /// Most runs one image has in flight (reading upstream or waiting to be stored), over a source
 /// that does not wait on peers; a peer-aware source bounds its origin reads itself.
 const MAX_UPSTREAM: usize = 32;
-/// Longest checked run stored on a runtime thread: with peers a run stays inside one stripe, so
-/// at the default 1 MiB stripes and `max_fetch` every such run is stored in place.
-const INLINE_STORE: usize = 1 << 20;
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -111,6 +108,31 @@ impl RunData {
 }
 
 type Outcome = Option<Result<Arc<RunData>, FetchError>>;
+
+/// The in-flight entries one fetch owns. However the fetch ends (an outcome, cancellation, or a
+/// panic in the source or the store), dropping the claim removes the entries it still holds and
+/// tells their waiters `Aborted`, so the next read of those chunks starts a fresh fetch instead
+/// of joining one that will never finish.
+struct Claim {
+    fetcher: Arc<Fetcher>,
+    run: Vec<(u32, watch::Sender<Outcome>)>,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if self.run.is_empty() {
+            return;
+        }
+        // May run while unwinding from a panic taken under this lock: never panic again here.
+        let mut inflight = self.fetcher.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, tx) in self.run.drain(..) {
+            if inflight.get(&i).is_some_and(|rx| rx.same_channel(&tx.subscribe())) {
+                inflight.remove(&i);
+            }
+            tx.send_if_modified(|o| o.is_none() && o.replace(Err(FetchError::Aborted)).is_none());
+        }
+    }
+}
 
 /// The miss path of one image.
 pub struct Fetcher {
@@ -261,6 +283,8 @@ impl Fetcher {
             .run_bytes(run[0].0..run[run.len() - 1].0 + 1)
             .map(|(o, l)| (o.0, l))
             .expect("fetched runs are adjacent chunks inside the image");
+        // From here on the entries leave the in-flight map however this task ends.
+        let mut claim = Claim { fetcher: self.clone(), run };
         // Held until the run is stored: bounds both upstream reads in flight and fetched bytes
         // waiting for the data file (none over a peer-aware source, see `slot`).
         let _permit = self.slot(priority).await;
@@ -268,7 +292,7 @@ impl Fetcher {
             Ok(read) => read,
             Err(e) => {
                 let mut inflight = self.inflight.lock().unwrap();
-                for (i, tx) in run {
+                for (i, tx) in claim.run.drain(..) {
                     inflight.remove(&i);
                     let _ = tx.send(Some(Err(e.clone())));
                 }
@@ -276,32 +300,21 @@ impl Fetcher {
             }
         };
         self.stats.bytes_from_origin.fetch_add(len as u64, Ordering::Relaxed);
-        let idxs: Vec<u32> = run.iter().map(|(i, _)| *i).collect();
         let me = Arc::clone(&self);
-        let finish = move || me.finish(offset, data, checked, run);
-        // A run of up to 1 MiB that is checked already (by a peer-aware source) only needs its
-        // write to the page cache: cheaper here than a hand-off to the blocking pool and back,
-        // at the risk of a dirty-page throttle holding this thread. Longer writes stay off the runtime's threads.
-        let finished = if checked && len <= INLINE_STORE {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(finish)).map_err(|_| ())
-        } else {
-            tokio::task::spawn_blocking(finish).await.map_err(|_| ())
-        };
-        if finished.is_err() {
-            // Its senders are gone (waiters see `Aborted`); without their entries the next
-            // read of these chunks starts a fresh fetch instead of joining a dead one.
+        // Hashing and the data-file write run on the blocking pool: a slow or failing cache disk
+        // must never hold a runtime thread, which with `worker_threads = 1` is every session's.
+        let finish = move || me.finish(offset, data, checked, claim);
+        if tokio::task::spawn_blocking(finish).await.is_err() {
+            // The claim moved into the task cleaned up the in-flight entries as it unwound.
             tracing::error!("verify-and-store task failed");
-            let mut inflight = self.inflight.lock().unwrap();
-            for i in idxs {
-                inflight.remove(&i);
-            }
         }
     }
 
     /// Verifies a fetched run (unless `checked`), hands it to its waiters, stores it, and lets
     /// its chunks leave the in-flight map.
-    fn finish(&self, offset: u64, data: Vec<u8>, checked: bool, run: Vec<(u32, watch::Sender<Outcome>)>) {
+    fn finish(&self, offset: u64, data: Vec<u8>, checked: bool, mut claim: Claim) {
         let run_data = Arc::new(RunData { offset, bytes: Bytes::from(data) });
+        let run = &claim.run;
         // Verify, hand the bytes to the waiters, then store: the write is off their path.
         let verified: Vec<bool> = run.iter().map(|(i, _)| checked || self.verify(&run_data, ChunkIdx(*i))).collect();
         for ((i, tx), ok) in run.iter().zip(&verified) {
@@ -324,12 +337,15 @@ impl Fetcher {
             results[start..k].fill(stored);
         }
         let mut inflight = self.inflight.lock().unwrap();
-        for ((i, tx), stored) in run.into_iter().zip(results) {
+        for ((i, _tx), stored) in claim.run.drain(..).zip(results) {
             inflight.remove(&i);
+            // Served from memory (also to readers that joined meanwhile: the outcome stays the
+            // verified bytes); a later read fetches it again. A degraded store said so once
+            // already: no line per chunk.
             if let Err(e) = stored {
-                // Served from memory already; a later read will fetch it again.
-                tracing::error!(idx = i, error = %e, "storing a fetched chunk failed");
-                let _ = tx.send(Some(Err(e)));
+                if !self.store.degraded() {
+                    tracing::warn!(idx = i, error = %e, "storing a fetched chunk failed");
+                }
             }
         }
     }
@@ -432,6 +448,7 @@ mod tests {
         reads: AtomicU64,
         down: AtomicBool,
         corrupt: AtomicBool,
+        panic: AtomicBool,
     }
 
     impl ChunkSource for MemSource {
@@ -445,6 +462,9 @@ mod tests {
             Box::pin(async move {
                 self.reads.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(20)).await;
+                if self.panic.swap(false, Ordering::SeqCst) {
+                    panic!("a source bug");
+                }
                 if self.down.load(Ordering::SeqCst) {
                     return Err(SourceError::Unreachable { what: "memory".into(), reason: "down".into() });
                 }
@@ -484,6 +504,7 @@ mod tests {
             reads: AtomicU64::new(0),
             down: AtomicBool::new(false),
             corrupt: AtomicBool::new(false),
+            panic: AtomicBool::new(false),
         });
         let f = Fetcher::new(store.clone(), Arc::new(m), src.clone(), FetchTuning { timeout, max_chunks: 4 });
         (dir, src, store, f)
@@ -536,5 +557,17 @@ mod tests {
         assert!(!store.has(ChunkIdx(2)));
         assert_eq!(f.stats().verify_failures.load(Ordering::SeqCst), 1);
         assert_eq!(store.pending_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_fetch_that_panics_leaves_no_dead_entries() {
+        let (_d, src, store, f) = setup(Duration::from_secs(1));
+        src.panic.store(true, Ordering::SeqCst);
+        assert_eq!(f.ensure(1..3).await.unwrap_err(), FetchError::Aborted);
+        assert_eq!(f.inflight(), 0, "the panicked fetch's entries are gone");
+        let runs = f.ensure(1..3).await.unwrap();
+        assert_eq!(runs[0].slice(4096, 8192).unwrap(), &src.data[4096..12288]);
+        settled(&f).await;
+        assert!(store.has_all(1..3));
     }
 }

@@ -92,7 +92,7 @@ impl OriginUrl {
     /// Network origins connect lazily, on the first read.
     pub fn open(&self, iscsi: IscsiOptions) -> Result<Arc<dyn ChunkSource>, SourceError> {
         Ok(match self {
-            OriginUrl::File(p) => Arc::new(FileSource::open(p)?),
+            OriginUrl::File(p) => Arc::new(FileSource::new(p)),
             OriginUrl::Nbd { target, export } => Arc::new(NbdClient::new(target.clone(), export.clone())),
             OriginUrl::Iscsi(target) => Arc::new(IscsiClient::new(target.clone(), iscsi)),
         })

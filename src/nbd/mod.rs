@@ -2,5 +2,7 @@
 //! ([`client`]); [`proto`] is the I/O-free codec both share.
 
 pub mod client;
+pub mod limits;
 pub mod proto;
 pub mod server;
+mod transmit;

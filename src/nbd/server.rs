@@ -1,14 +1,8 @@
-//! NBD server: fixed newstyle handshake, then a read-only transmission phase with many requests
-//! in flight per connection and replies in completion order.
+//! NBD server: accepts connections within the node's connection cap, runs the fixed newstyle
+//! handshake within `handshake_timeout`, then hands the connection to [`super::transmit`].
 //!
-//! ```text
-//!   socket ─▶ reader loop ──(one task per READ, bounded)──▶ Export::read
-//!                 │                                            │
-//!                 └──(immediate errors)──▶ mpsc ◀──────────────┘
-//!                                            └─▶ writer task ─▶ socket (gathered writes)
-//! ```
-//! A bad frame ends that connection only; nothing a client sends can panic the daemon. Writes
-//! are refused with EPERM (their payload is read and dropped so the stream stays in sync).
+//! A bad frame ends that connection only; nothing a client sends can panic the daemon, and
+//! nothing it does can hold more than its budgets (see [`super::limits`]).
 
 use std::sync::Arc;
 
@@ -16,13 +10,11 @@ use bytes::Bytes;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::watch;
 
+use super::limits::Budgets;
 use super::proto::*;
 use crate::fetch::BoxFuture;
-
-/// Requests one connection may have in flight before the server stops reading from it.
-const MAX_INFLIGHT: usize = 128;
 
 /// Something the server can export.
 pub trait Export: Send + Sync + 'static {
@@ -30,8 +22,14 @@ pub trait Export: Send + Sync + 'static {
     /// Reads `len` bytes at `offset` (already checked to lie inside the export). The error is an
     /// NBD error value such as [`EIO`].
     fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, u32>>;
-    /// Called when a client enters / leaves the transmission phase.
-    fn client_changed(&self, _connected: bool) {}
+    /// Called when a client enters the transmission phase: false refuses it, as the export
+    /// already serves `max` clients. A client admitted here is later let go with
+    /// [`Export::client_left`].
+    fn client_joined(&self, _max: u64) -> bool {
+        true
+    }
+    /// Called when an admitted client leaves the transmission phase.
+    fn client_left(&self) {}
     /// Called as each valid READ, WRITE or FLUSH request arrives, before it is handled (the
     /// request tracer's tap: arrival order and time are what a replay needs).
     fn request_received(&self, _command: u16, _offset: u64, _length: u32) {}
@@ -76,6 +74,16 @@ pub enum ServeError {
     ClientFlags(u32),
     #[error("client sent a {0}-byte payload, more than the server accepts")]
     PayloadTooBig(u32),
+    #[error("no handshake within {0:?}")]
+    HandshakeTimeout(std::time::Duration),
+    #[error("a reply could not be written within {0:?} (the client is not reading)")]
+    WriteTimeout(std::time::Duration),
+    #[error("idle for {0:?}")]
+    Idle(std::time::Duration),
+    #[error("a long read failed after its first piece was sent")]
+    ReadFailedMidReply,
+    #[error("export already serves {0} clients")]
+    TooManyClients(u64),
 }
 
 const EXPORT_FLAGS: u16 = TF_HAS_FLAGS | TF_READ_ONLY | TF_SEND_FLUSH | TF_CAN_MULTI_CONN;
@@ -84,22 +92,24 @@ const EXPORT_FLAGS: u16 = TF_HAS_FLAGS | TF_READ_ONLY | TF_SEND_FLUSH | TF_CAN_M
 pub async fn serve<S>(
     mut stream: S,
     lookup: Arc<dyn ExportLookup>,
+    budgets: Arc<Budgets>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ServeError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let t = budgets.limits.handshake_timeout;
+    let max = budgets.limits.max_connections_per_export;
     let export = tokio::select! {
-        r = handshake(&mut stream, lookup.as_ref()) => r?,
+        r = tokio::time::timeout(t, handshake(&mut stream, lookup.as_ref(), max)) => r.map_err(|_| ServeError::HandshakeTimeout(t))??,
         _ = crate::shutdown::stopped(&mut shutdown) => return Ok(()),
     };
     let Some((export, structured)) = export else {
         return Ok(());
     };
-    export.client_changed(true);
     let own = export.stop_signal();
-    let result = transmission(stream, export.clone(), structured, shutdown, own).await;
-    export.client_changed(false);
+    let result = super::transmit::transmission(stream, export.clone(), structured, budgets, shutdown, own).await;
+    export.client_left();
     result
 }
 
@@ -109,7 +119,11 @@ async fn send_reply<S: AsyncWrite + Unpin>(s: &mut S, option: u32, reply: u32, d
 
 /// Runs the option haggling; returns the export and whether structured replies were agreed,
 /// or `None` when the client aborted cleanly.
-async fn handshake<S>(s: &mut S, lookup: &dyn ExportLookup) -> Result<Option<(Arc<dyn Export>, bool)>, ServeError>
+async fn handshake<S>(
+    s: &mut S,
+    lookup: &dyn ExportLookup,
+    max_clients: u64,
+) -> Result<Option<(Arc<dyn Export>, bool)>, ServeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -134,7 +148,13 @@ where
                 // This option has no error reply: an unknown name can only close the connection.
                 let name = String::from_utf8(data).map_err(|_| ProtoError::BadName)?;
                 let export = lookup.find(&name).ok_or(ServeError::UnknownExport(name))?;
-                s.write_all(&export_name_reply(export.size(), EXPORT_FLAGS, no_zeroes)).await?;
+                if !export.client_joined(max_clients) {
+                    return Err(ServeError::TooManyClients(max_clients));
+                }
+                if let Err(e) = s.write_all(&export_name_reply(export.size(), EXPORT_FLAGS, no_zeroes)).await {
+                    export.client_left();
+                    return Err(e.into());
+                }
                 return Ok(Some((export, structured)));
             }
             OPT_ABORT => {
@@ -156,14 +176,28 @@ where
                             .await?
                     }
                     Some(export) => {
-                        send_reply(s, h.option, REP_INFO, &info_export(export.size(), EXPORT_FLAGS)).await?;
-                        if req.infos.contains(&INFO_BLOCK_SIZE) {
-                            send_reply(s, h.option, REP_INFO, &info_block_size(1, 4096, MAX_PAYLOAD)).await?;
+                        if h.option == OPT_GO && !export.client_joined(max_clients) {
+                            let why = format!("export {:?} already serves {max_clients} clients", req.name);
+                            send_reply(s, h.option, REP_ERR_POLICY, why.as_bytes()).await?;
+                            return Err(ServeError::TooManyClients(max_clients));
                         }
-                        send_reply(s, h.option, REP_ACK, &[]).await?;
+                        let sent = async {
+                            send_reply(s, h.option, REP_INFO, &info_export(export.size(), EXPORT_FLAGS)).await?;
+                            if req.infos.contains(&INFO_BLOCK_SIZE) {
+                                send_reply(s, h.option, REP_INFO, &info_block_size(1, 4096, MAX_PAYLOAD)).await?;
+                            }
+                            send_reply(s, h.option, REP_ACK, &[]).await
+                        }
+                        .await;
                         if h.option == OPT_GO {
+                            // Joined above: leave again if the replies could not be sent.
+                            if let Err(e) = sent {
+                                export.client_left();
+                                return Err(e.into());
+                            }
                             return Ok(Some((export, structured)));
                         }
+                        sent?;
                     }
                 },
             },
@@ -180,187 +214,6 @@ where
             _ => send_reply(s, h.option, REP_ERR_UNSUP, b"option not supported").await?,
         }
     }
-}
-
-struct Reply {
-    handle: u64,
-    error: u32,
-    /// `Some(offset)` for a READ: sent as a structured reply when those were agreed.
-    read_at: Option<u64>,
-    data: Option<Bytes>,
-}
-
-impl Reply {
-    fn error(handle: u64, error: u32) -> Self {
-        Reply { handle, error, read_at: None, data: None }
-    }
-}
-
-async fn transmission<S>(
-    stream: S,
-    export: Arc<dyn Export>,
-    structured: bool,
-    mut shutdown: watch::Receiver<bool>,
-    mut own: Option<watch::Receiver<bool>>,
-) -> Result<(), ServeError>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut rd, wr) = tokio::io::split(stream);
-    let (tx, rx) = mpsc::channel::<Reply>(MAX_INFLIGHT);
-    let mut writer = tokio::spawn(write_replies(wr, rx, structured));
-    let limit = Arc::new(Semaphore::new(MAX_INFLIGHT));
-    let size = export.size();
-    let result: Result<(), ServeError> = loop {
-        let mut hdr = [0u8; REQUEST_LEN];
-        let read = tokio::select! {
-            r = rd.read_exact(&mut hdr) => r,
-            _ = crate::shutdown::stopped(&mut shutdown) => { writer.abort(); return Ok(()) }
-            _ = async {
-                match own.as_mut() {
-                    Some(rx) => crate::shutdown::stopped(rx).await,
-                    None => std::future::pending().await,
-                }
-            } => { writer.abort(); return Ok(()) }
-        };
-        match read {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
-            Err(e) => break Err(e.into()),
-        }
-        let req = match Request::parse(&hdr) {
-            Ok(r) => r,
-            Err(e) => break Err(e.into()),
-        };
-        tracing::trace!(?req, "nbd request");
-        let immediate = match req.command {
-            CMD_READ => {
-                let len = u64::from(req.length);
-                let fits = crate::image::geometry::within(req.offset, len, size);
-                if req.length == 0 || req.length > MAX_PAYLOAD || !fits {
-                    if tx.send(Reply { read_at: Some(req.offset), ..Reply::error(req.handle, EINVAL) }).await.is_err() {
-                        break Ok(());
-                    }
-                    None
-                } else {
-                    export.request_received(req.command, req.offset, req.length);
-                    let permit = limit.clone().acquire_owned().await.expect("semaphore never closed");
-                    let (export, tx) = (export.clone(), tx.clone());
-                    tokio::spawn(async move {
-                        let (error, data) = match export.read(req.offset, req.length).await {
-                            Ok(data) => (0, Some(data)),
-                            Err(e) => (e, None),
-                        };
-                        let reply = Reply { handle: req.handle, error, read_at: Some(req.offset), data };
-                        let _ = tx.send(reply).await;
-                        drop(permit);
-                    });
-                    None
-                }
-            }
-            CMD_WRITE => {
-                if req.length > MAX_PAYLOAD {
-                    break Err(ServeError::PayloadTooBig(req.length));
-                }
-                // Drain the payload so the next header is read in sync.
-                let mut left = u64::from(req.length);
-                let mut sink = [0u8; 8192];
-                while left > 0 {
-                    let n = left.min(sink.len() as u64) as usize;
-                    if rd.read_exact(&mut sink[..n]).await.is_err() {
-                        break;
-                    }
-                    left -= n as u64;
-                }
-                if left > 0 {
-                    break Ok(());
-                }
-                export.request_received(req.command, req.offset, req.length);
-                Some(EPERM)
-            }
-            CMD_TRIM | CMD_WRITE_ZEROES => Some(EPERM),
-            CMD_FLUSH => {
-                export.request_received(req.command, req.offset, req.length);
-                Some(0)
-            }
-            CMD_DISC => break Ok(()),
-            _ => Some(EINVAL),
-        };
-        if let Some(error) = immediate {
-            if tx.send(Reply::error(req.handle, error)).await.is_err() {
-                break Ok(());
-            }
-        }
-    };
-    // Replies still being computed hold senders; the writer ends after the last one is sent.
-    drop(tx);
-    let _ = (&mut writer).await;
-    result
-}
-
-/// Most replies gathered into one `writev`, and the most payload bytes they may carry.
-const MAX_BATCH: usize = 64;
-const MAX_BATCH_BYTES: usize = 4 << 20;
-
-async fn write_replies<W: AsyncWrite + Unpin>(
-    mut w: W,
-    mut rx: mpsc::Receiver<Reply>,
-    structured: bool,
-) -> std::io::Result<()> {
-    // Replies that are ready go out together: their headers side by side in one buffer, their
-    // payloads as they are, all in one gathered write.
-    let mut heads: Vec<u8> = Vec::new();
-    let mut batch: Vec<(std::ops::Range<usize>, Option<Bytes>)> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        heads.clear();
-        batch.clear();
-        let mut bytes = 0;
-        let mut next = Some(first);
-        while let Some(r) = next {
-            let at = heads.len();
-            let data = match (structured, r.read_at, r.data) {
-                (true, Some(offset), Some(data)) => {
-                    let h = StructuredHeader {
-                        flags: REPLY_FLAG_DONE,
-                        kind: REPLY_TYPE_OFFSET_DATA,
-                        handle: r.handle,
-                        length: 8 + data.len() as u32,
-                    };
-                    heads.extend_from_slice(&h.encode());
-                    heads.extend_from_slice(&offset.to_be_bytes());
-                    Some(data)
-                }
-                (true, Some(_), None) => {
-                    let h = StructuredHeader {
-                        flags: REPLY_FLAG_DONE,
-                        kind: REPLY_TYPE_ERROR,
-                        handle: r.handle,
-                        length: 6,
-                    };
-                    heads.extend_from_slice(&h.encode());
-                    heads.extend_from_slice(&r.error.to_be_bytes());
-                    heads.extend_from_slice(&0u16.to_be_bytes());
-                    None
-                }
-                (_, _, data) => {
-                    heads.extend_from_slice(&SimpleReply { error: r.error, handle: r.handle }.encode());
-                    data
-                }
-            };
-            bytes += data.as_ref().map_or(0, Bytes::len);
-            batch.push((at..heads.len(), data));
-            next = if batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES { rx.try_recv().ok() } else { None };
-        }
-        let mut bufs: Vec<&[u8]> = Vec::with_capacity(batch.len() * 2);
-        for (head, data) in &batch {
-            bufs.push(&heads[head.clone()]);
-            if let Some(d) = data {
-                bufs.push(d);
-            }
-        }
-        crate::netio::write_all_vectored(&mut w, &bufs).await?;
-    }
-    Ok(())
 }
 
 /// A listening socket the server can accept NBD connections on.
@@ -386,8 +239,14 @@ impl Listen for TcpListener {
     }
 }
 
-/// Accepts connections on `listener` until `shutdown` turns true.
-pub async fn run<L: Listen>(listener: L, lookup: Arc<dyn ExportLookup>, mut shutdown: watch::Receiver<bool>) {
+/// Accepts connections on `listener` until `shutdown` turns true. Past the node's connection
+/// cap a connection is closed at once; the ones already served are not disturbed.
+pub async fn run<L: Listen>(
+    listener: L,
+    lookup: Arc<dyn ExportLookup>,
+    budgets: Arc<Budgets>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let stream = tokio::select! {
             r = listener.accept_stream() => match r {
@@ -396,17 +255,13 @@ pub async fn run<L: Listen>(listener: L, lookup: Arc<dyn ExportLookup>, mut shut
             },
             _ = crate::shutdown::stopped(&mut shutdown) => return,
         };
-        spawn_connection(stream, lookup.clone(), shutdown.clone());
+        let Some(slot) = budgets.admit() else { continue };
+        let (lookup, budgets, shutdown) = (lookup.clone(), budgets.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = serve(stream, lookup, budgets, shutdown).await {
+                tracing::info!(error = %e, "nbd connection closed");
+            }
+            drop(slot);
+        });
     }
-}
-
-fn spawn_connection<S>(stream: S, lookup: Arc<dyn ExportLookup>, shutdown: watch::Receiver<bool>)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    tokio::spawn(async move {
-        if let Err(e) = serve(stream, lookup, shutdown).await {
-            tracing::info!(error = %e, "nbd connection closed");
-        }
-    });
 }

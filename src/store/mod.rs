@@ -10,26 +10,40 @@
 //! - only chunks already verified against the manifest are `put`;
 //! - a chunk enters the *persisted* presence map only after an fdatasync of the data file that
 //!   follows its write (group commit: one sync covers every chunk put before it);
+//! - a failed write or sync is never retried into "durable": a sync that fails drops every chunk
+//!   written since the last good sync (Linux reports a writeback error once, so the next sync
+//!   would succeed over lost pages), and the data file is reopened;
+//! - a chunk that cannot be read back is forgotten (dropped from both maps) and fetched again;
 //! - on open, the state file must name this image (root digest, size, chunk size) or opening
 //!   fails: a cache is never served for another image.
 //!
 //! Chunks are readable from memory before they are durable: after a crash they are simply
-//! fetched again, never served from a state that claims more than the disk holds.
+//! fetched again, never served from a state that claims more than the disk holds. A cache that
+//! keeps failing stops caching for a while ([`DEGRADE_AFTER`], [`DEGRADE_FOR`]); reads are then
+//! served from the origin or peers without it. All calls block: callers use the blocking pool.
 
+pub mod io;
 pub mod state;
 
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use roaring::RoaringBitmap;
 use thiserror::Error;
 
 use crate::fsutil;
 use crate::image::{ChunkIdx, Digest, Geometry, Manifest};
+use io::{DataFile, Fault, FaultyFile, PlainFile};
 pub use state::StateError;
+
+/// Failed writes or syncs in a row after which the cache stops caching for [`DEGRADE_FOR`].
+pub const DEGRADE_AFTER: u32 = 3;
+/// How long a failing cache stops caching before it tries again.
+pub const DEGRADE_FOR: Duration = Duration::from_secs(30);
 
 /// Errors of the chunk store.
 #[derive(Debug, Error)]
@@ -49,6 +63,30 @@ pub enum StoreError {
     /// A chunk handed to `put` has the wrong length.
     #[error("{idx} has {got} bytes, expected {want}")]
     BadChunkLen { idx: ChunkIdx, got: usize, want: usize },
+    /// The data file's sync failed: the chunks written since the last good sync were dropped.
+    #[error("cache {path}: sync failed, {dropped} chunks dropped and to be fetched again: {source}")]
+    SyncFailed { path: PathBuf, dropped: usize, source: std::io::Error },
+    /// The cache failed repeatedly and is not caching for now.
+    #[error("cache {0} is failing; not caching for now")]
+    Degraded(PathBuf),
+}
+
+/// Counters of the store's failures.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    pub write_errors: AtomicU64,
+    pub sync_errors: AtomicU64,
+    pub read_errors: AtomicU64,
+    /// Chunks dropped from the presence map by a failure or a failed verification.
+    pub chunks_dropped: AtomicU64,
+}
+
+/// What [`ChunkStore::verify`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VerifyReport {
+    pub checked: u64,
+    /// Chunks whose bytes do not match the manifest or cannot be read; they were dropped.
+    pub bad: u64,
 }
 
 /// The cache of one image on this node.
@@ -56,17 +94,25 @@ pub struct ChunkStore {
     dir: PathBuf,
     geometry: Geometry,
     root: Digest,
-    data: File,
+    data: RwLock<Arc<dyn DataFile>>,
     _lock: File,
     /// Chunks whose data is in the data file (maybe not yet durable): safe to serve.
     readable: RwLock<RoaringBitmap>,
     /// Chunks written since the last commit.
     pending: Mutex<Vec<u32>>,
+    /// Chunks that failed a read since the last commit: removed from the state file there.
+    forgotten: Mutex<Vec<u32>>,
     /// Chunks recorded in the state file; the lock also serialises commits.
     durable: Mutex<RoaringBitmap>,
-    /// Serialises data-file writes: concurrent buffered writes to one file contend on the
-    /// inode lock in the kernel, and spinning there costs more than queueing here.
+    /// Serialises data-file writes with their entry in `pending`, and a failed sync's drop of
+    /// `pending` with both: a write is either dropped by that sync or made after it. Also,
+    /// concurrent buffered writes to one file contend on the inode lock in the kernel, and
+    /// spinning there costs more than queueing here.
     write: Mutex<()>,
+    /// Failed writes and syncs in a row, and when a degraded cache may try again.
+    failures: AtomicU32,
+    degraded_until: Mutex<Option<Instant>>,
+    stats: StoreStats,
 }
 
 impl ChunkStore {
@@ -77,6 +123,11 @@ impl ChunkStore {
 
     /// Opens (or creates) the cache of `manifest`'s image under `cache_dir`.
     pub fn open(cache_dir: &Path, manifest: &Manifest) -> Result<Self, StoreError> {
+        Self::open_with_faults(cache_dir, manifest, Vec::new())
+    }
+
+    /// [`ChunkStore::open`] with `faults` injected into the data file's I/O (tests).
+    pub fn open_with_faults(cache_dir: &Path, manifest: &Manifest, faults: Vec<Fault>) -> Result<Self, StoreError> {
         let geometry = manifest.geometry();
         let root = manifest.root();
         let dir = Self::dir_for(cache_dir, &root);
@@ -111,30 +162,30 @@ impl ChunkStore {
         };
 
         let data_path = dir.join("data");
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&data_path)
-            .map_err(io(&data_path))?;
-        let len = data.metadata().map_err(io(&data_path))?.len();
+        let plain = PlainFile::open(&data_path).map_err(io(&data_path))?;
+        let len = plain.file().metadata().map_err(io(&data_path))?.len();
         if len == 0 && durable.is_empty() {
-            data.set_len(geometry.image_size()).map_err(io(&data_path))?;
+            plain.file().set_len(geometry.image_size()).map_err(io(&data_path))?;
         } else if len != geometry.image_size() {
             return Err(StoreError::SizeMismatch { path: data_path, found: len, want: geometry.image_size() });
         }
+        let data: Arc<dyn DataFile> =
+            if faults.is_empty() { Arc::new(plain) } else { Arc::new(FaultyFile::new(Arc::new(plain), faults)) };
 
         Ok(ChunkStore {
             dir,
             geometry,
             root,
-            data,
+            data: RwLock::new(data),
             _lock: lock,
             readable: RwLock::new(durable.clone()),
             pending: Mutex::new(Vec::new()),
+            forgotten: Mutex::new(Vec::new()),
             durable: Mutex::new(durable),
             write: Mutex::new(()),
+            failures: AtomicU32::new(0),
+            degraded_until: Mutex::new(None),
+            stats: StoreStats::default(),
         })
     }
 
@@ -144,6 +195,19 @@ impl ChunkStore {
 
     pub fn geometry(&self) -> Geometry {
         self.geometry
+    }
+
+    pub fn stats(&self) -> &StoreStats {
+        &self.stats
+    }
+
+    /// True while the cache is failing and not caching.
+    pub fn degraded(&self) -> bool {
+        self.degraded_until.lock().unwrap().is_some_and(|t| Instant::now() < t)
+    }
+
+    fn file(&self) -> Arc<dyn DataFile> {
+        self.data.read().unwrap().clone()
     }
 
     /// True when chunk `idx` can be served from this cache.
@@ -167,34 +231,32 @@ impl ChunkStore {
         self.readable.read().unwrap().clone()
     }
 
-    /// Reads image bytes at `offset`; the caller has checked that the chunks are present.
+    /// Reads image bytes at `offset`; the caller has checked that the chunks are present. On an
+    /// I/O error the chunks read are forgotten, so the next read fetches them again.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.data.read_exact_at(buf, offset)
+        self.file().read_at(buf, offset).inspect_err(|_| self.read_failed(offset, buf.len()))
     }
 
     /// Reads `len` image bytes at `offset` into a new buffer; the caller has checked that the
-    /// chunks are present. The buffer is not zeroed first: the read fills it.
+    /// chunks are present. On an I/O error the chunks read are forgotten, as by `read_at`.
     pub fn read_vec(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-        let mut buf = Vec::<u8>::with_capacity(len);
-        while buf.len() < len {
-            let done = buf.len();
-            let at = i64::try_from(offset + done as u64).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-            // SAFETY: the kernel writes at most `len - done` bytes into the spare capacity, and
-            // the length grows by exactly what it reports written.
-            let n = unsafe { libc::pread(self.data.as_raw_fd(), buf.as_mut_ptr().add(done).cast(), len - done, at) };
-            match n {
-                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                n if n < 0 => {
-                    let e = std::io::Error::last_os_error();
-                    if e.kind() != std::io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
-                // SAFETY: `n` more bytes were initialised by the read above.
-                n => unsafe { buf.set_len(done + n as usize) },
-            }
-        }
-        Ok(buf)
+        self.file().read_vec(offset, len).inspect_err(|_| self.read_failed(offset, len))
+    }
+
+    fn read_failed(&self, offset: u64, len: usize) {
+        self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+        let range = self.geometry.chunks_covering(crate::image::ByteOffset(offset), len as u64);
+        self.forget(range);
+    }
+
+    /// Drops the chunks of `range` from the presence map: they are fetched again when read, and
+    /// the next commit removes them from the state file.
+    pub fn forget(&self, range: std::ops::Range<u32>) {
+        let mut readable = self.readable.write().unwrap();
+        let gone: Vec<u32> = range.filter(|i| readable.remove(*i)).collect();
+        drop(readable);
+        self.stats.chunks_dropped.fetch_add(gone.len() as u64, Ordering::Relaxed);
+        self.forgotten.lock().unwrap().extend(gone);
     }
 
     /// Stores verified chunk `idx`. It is served at once and made durable by the next commit.
@@ -213,15 +275,28 @@ impl ChunkStore {
                 return Err(StoreError::BadChunkLen { idx: first, got: data.len(), want });
             }
         };
-        {
-            let _queue = self.write.lock().unwrap();
-            self.data
-                .write_all_at(data, offset)
-                .map_err(|source| StoreError::Io { path: self.dir.join("data"), source })?;
+        if self.degraded() {
+            return Err(StoreError::Degraded(self.dir.clone()));
+        }
+        let _queue = self.write.lock().unwrap();
+        if let Err(source) = self.file().write_at(data, offset) {
+            self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+            self.failed(&source);
+            return Err(StoreError::Io { path: self.dir.join("data"), source });
         }
         self.pending.lock().unwrap().extend(span.clone());
         self.readable.write().unwrap().insert_range(span);
         Ok(())
+    }
+
+    /// Counts a failed write or sync; enough of them in a row stop caching for a while.
+    fn failed(&self, e: &std::io::Error) {
+        if self.failures.fetch_add(1, Ordering::SeqCst) + 1 >= DEGRADE_AFTER {
+            self.failures.store(0, Ordering::SeqCst);
+            *self.degraded_until.lock().unwrap() = Some(Instant::now() + DEGRADE_FOR);
+            tracing::error!(cache = %self.dir.display(), error = %e, retry_in = ?DEGRADE_FOR,
+                "cache keeps failing: serving from the origin and peers without caching");
+        }
     }
 
     /// The chunks of `range` that cannot be served yet (one look at the presence map).
@@ -236,31 +311,96 @@ impl ChunkStore {
     }
 
     /// Group commit: makes every chunk put so far durable, then records them in the state file.
-    /// Returns how many chunks were newly recorded.
+    /// Returns how many chunks were newly recorded. A failed sync drops every chunk written
+    /// since the last good one and is never retried into success.
     pub fn commit(&self) -> Result<usize, StoreError> {
         let mut durable = self.durable.lock().unwrap();
         let batch = std::mem::take(&mut *self.pending.lock().unwrap());
-        if batch.is_empty() {
+        let forgotten = std::mem::take(&mut *self.forgotten.lock().unwrap());
+        if batch.is_empty() && forgotten.is_empty() {
             return Ok(0);
         }
-        let result = self.persist(&mut durable, &batch);
-        if result.is_err() {
-            // Not recorded: keep them pending so the next commit tries again.
-            self.pending.lock().unwrap().extend_from_slice(&batch);
-        }
-        result.map(|()| batch.len())
-    }
-
-    fn persist(&self, durable: &mut RoaringBitmap, batch: &[u32]) -> Result<(), StoreError> {
         // Every pwrite of `batch` completed before its index was queued, so this sync covers it.
-        self.data.sync_data().map_err(|source| StoreError::Io { path: self.dir.join("data"), source })?;
+        if let Err(source) = self.file().sync_data() {
+            return Err(self.sync_failed(&mut durable, batch, forgotten, source));
+        }
+        self.failures.store(0, Ordering::SeqCst);
         let mut next = durable.clone();
         next.extend(batch.iter().copied());
+        for i in forgotten {
+            next.remove(i);
+        }
         let path = self.dir.join("state");
-        fsutil::write_atomic(&path, &state::encode(&self.geometry, &self.root, &next), 0o600)
-            .map_err(|source| StoreError::Io { path, source })?;
+        if let Err(source) = fsutil::write_atomic(&path, &state::encode(&self.geometry, &self.root, &next), 0o600) {
+            // The data is durable; only its record is not. Try again at the next commit.
+            self.pending.lock().unwrap().extend_from_slice(&batch);
+            return Err(StoreError::Io { path, source });
+        }
         *durable = next;
-        Ok(())
+        Ok(batch.len())
+    }
+
+    /// After a failed sync: drops `batch` and every chunk written since (their pages may be lost
+    /// and the error is reported only once), records the state without them, reopens the file.
+    fn sync_failed(
+        &self,
+        durable: &mut RoaringBitmap,
+        batch: Vec<u32>,
+        mut forgotten: Vec<u32>,
+        source: std::io::Error,
+    ) -> StoreError {
+        self.stats.sync_errors.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.join("data");
+        let dropped = {
+            let _queue = self.write.lock().unwrap();
+            let mut lost = batch;
+            lost.append(&mut self.pending.lock().unwrap());
+            let mut readable = self.readable.write().unwrap();
+            for i in &lost {
+                readable.remove(*i);
+            }
+            drop(readable);
+            match self.file().reopen() {
+                Ok(file) => *self.data.write().unwrap() = file,
+                Err(e) => tracing::error!(path = %path.display(), error = %e, "reopening the cache data file failed"),
+            }
+            forgotten.extend_from_slice(&lost);
+            lost.len()
+        };
+        self.stats.chunks_dropped.fetch_add(dropped as u64, Ordering::Relaxed);
+        // A rewrite of a durable chunk may have been lost too: record the state without them.
+        let mut next = durable.clone();
+        for i in &forgotten {
+            next.remove(*i);
+        }
+        let state = self.dir.join("state");
+        match fsutil::write_atomic(&state, &state::encode(&self.geometry, &self.root, &next), 0o600) {
+            Ok(()) => *durable = next,
+            Err(_) => self.forgotten.lock().unwrap().extend(forgotten),
+        }
+        tracing::error!(path = %path.display(), error = %source, dropped, "cache sync failed; chunks dropped");
+        self.failed(&source);
+        StoreError::SyncFailed { path, dropped, source }
+    }
+
+    /// Reads every present chunk and checks it against `manifest`; chunks that fail are
+    /// forgotten (fetched again when read). Blocks for as long as reading the cache takes.
+    pub fn verify(&self, manifest: &Manifest) -> VerifyReport {
+        let mut report = VerifyReport::default();
+        for i in self.present() {
+            let idx = ChunkIdx(i);
+            let ok = match self.file().read_vec(self.geometry.chunk_offset(idx).0, self.geometry.chunk_len(idx)) {
+                Ok(bytes) => manifest.verify(idx, &bytes),
+                Err(_) => false,
+            };
+            report.checked += 1;
+            if !ok {
+                report.bad += 1;
+                tracing::error!(cache = %self.dir.display(), %idx, "cached chunk fails verification; dropped");
+                self.forget(i..i + 1);
+            }
+        }
+        report
     }
 }
 
@@ -268,6 +408,7 @@ impl ChunkStore {
 mod tests {
     use super::*;
     use crate::image::ChunkSize;
+    use io::parse_faults;
 
     fn manifest(data: &[u8]) -> Manifest {
         let g = Geometry::new(data.len() as u64, ChunkSize::new(4096).unwrap()).unwrap();
@@ -335,5 +476,71 @@ mod tests {
         fs::write(&state, &bytes).unwrap();
         let err = ChunkStore::open(dir.path(), &m).err().unwrap().to_string();
         assert!(err.contains("checksum"), "{err}");
+    }
+
+    #[test]
+    fn a_failed_sync_drops_its_batch_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        let m = manifest(&data);
+        let s = ChunkStore::open_with_faults(dir.path(), &m, parse_faults("sync=eio/2").unwrap()).unwrap();
+        s.put(ChunkIdx(0), &data[..4096]).unwrap();
+        assert_eq!(s.commit().unwrap(), 1, "the first sync succeeds");
+        s.put(ChunkIdx(1), &data[4096..8192]).unwrap();
+        s.put(ChunkIdx(2), &data[8192..12288]).unwrap();
+        assert!(matches!(s.commit(), Err(StoreError::SyncFailed { dropped: 2, .. })));
+        assert!(!s.has(ChunkIdx(1)) && !s.has(ChunkIdx(2)), "not served from memory either");
+        assert!(s.has(ChunkIdx(0)));
+        assert_eq!(s.commit().unwrap(), 0, "nothing is retried into durable");
+        assert_eq!(s.stats().sync_errors.load(Ordering::Relaxed), 1);
+        drop(s);
+        let s = ChunkStore::open(dir.path(), &m).unwrap();
+        assert_eq!(s.present().iter().collect::<Vec<_>>(), vec![0]);
+        assert_eq!(s.verify(&m), VerifyReport { checked: 1, bad: 0 });
+    }
+
+    #[test]
+    fn a_failed_read_forgets_the_chunk_and_a_failing_cache_degrades() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 241) as u8).collect();
+        let m = manifest(&data);
+        let s =
+            ChunkStore::open_with_faults(dir.path(), &m, parse_faults("read=eio/2,write=enospc/2").unwrap()).unwrap();
+        s.put_span(0..2, &data[..8192]).unwrap();
+        assert!(s.put(ChunkIdx(2), &data[8192..12288]).is_err(), "second write fails");
+        assert!(!s.has(ChunkIdx(2)));
+        s.commit().unwrap();
+        assert!(s.read_vec(0, 100).is_ok());
+        assert!(s.read_vec(4096, 100).is_err(), "second read fails");
+        assert!(s.has(ChunkIdx(0)) && !s.has(ChunkIdx(1)), "the chunk read is forgotten");
+        s.commit().unwrap();
+        drop(s);
+        let s = ChunkStore::open_with_faults(dir.path(), &m, parse_faults("write=eio").unwrap()).unwrap();
+        assert_eq!(s.present().iter().collect::<Vec<_>>(), vec![0], "forgotten in the state file too");
+        for _ in 0..DEGRADE_AFTER {
+            assert!(matches!(s.put(ChunkIdx(3), &data[12288..16384]), Err(StoreError::Io { .. })));
+        }
+        assert!(s.degraded());
+        assert!(matches!(s.put(ChunkIdx(3), &data[12288..16384]), Err(StoreError::Degraded(_))));
+        assert_eq!(s.stats().write_errors.load(Ordering::Relaxed), u64::from(DEGRADE_AFTER));
+    }
+
+    #[test]
+    fn verify_drops_chunks_that_do_not_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 239) as u8).collect();
+        let m = manifest(&data);
+        let s = ChunkStore::open(dir.path(), &m).unwrap();
+        s.put_span(0..3, &data[..12288]).unwrap();
+        s.commit().unwrap();
+        // Damage chunk 1 behind the store's back.
+        std::os::unix::fs::FileExt::write_all_at(
+            &File::options().write(true).open(s.dir().join("data")).unwrap(),
+            b"x",
+            5000,
+        )
+        .unwrap();
+        assert_eq!(s.verify(&m), VerifyReport { checked: 3, bad: 1 });
+        assert_eq!(s.missing(0..3), vec![1]);
     }
 }
