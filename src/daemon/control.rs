@@ -149,6 +149,34 @@ pub struct ImageStatus {
     /// Peer traffic of this image, with `[p2p]` configured.
     #[serde(default)]
     pub p2p: Option<PeerStatus>,
+    /// Failures of this image's cache disk.
+    #[serde(default)]
+    pub cache: CacheHealth,
+}
+
+/// Failures of one image's cache disk since start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheHealth {
+    pub write_errors: u64,
+    pub sync_errors: u64,
+    pub read_errors: u64,
+    /// Chunks dropped from the cache by those failures or by `vmt cache verify`.
+    pub chunks_dropped: u64,
+    /// True while the cache keeps failing and is not caching.
+    pub degraded: bool,
+}
+
+/// The node's NBD clients against their limits.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NbdStatus {
+    /// Connections open now (handshakes included), and the node's cap.
+    pub connections: u64,
+    pub max_connections: u64,
+    /// Connections refused at a cap since start.
+    pub refused: u64,
+    /// Reply bytes held for clients now, and the node's budget.
+    pub bytes_in_flight: u64,
+    pub node_bytes: u64,
 }
 
 /// Peer-to-peer counters of one image.
@@ -203,6 +231,8 @@ pub enum Response {
         /// The peer server, with `[p2p]` configured.
         #[serde(default)]
         p2p: Option<NodeP2pStatus>,
+        #[serde(default)]
+        nbd: NbdStatus,
     },
     /// Export sockets of assembled images, in request order.
     Assembled {

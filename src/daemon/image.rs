@@ -219,6 +219,16 @@ impl Image {
             socket: self.socket.display().to_string(),
             cache_dir: self.store.dir().display().to_string(),
             peers: self.swarm.as_ref().map_or(0, |s| s.summary().members),
+            cache: {
+                let st = self.store.stats();
+                super::control::CacheHealth {
+                    write_errors: load(&st.write_errors),
+                    sync_errors: load(&st.sync_errors),
+                    read_errors: load(&st.read_errors),
+                    chunks_dropped: load(&st.chunks_dropped),
+                    degraded: self.store.degraded(),
+                }
+            },
             p2p: self.swarm.as_ref().map(|s| {
                 let (st, sum) = (s.stats(), s.summary());
                 PeerStatus {
@@ -269,9 +279,10 @@ impl Image {
     /// shared from the fetched run that holds them. Cache reads run on the blocking pool: a slow
     /// cache disk must not hold the runtime's threads, which serve every other image too.
     async fn bytes(&self, offset: u64, len: u32, priority: Priority) -> Result<Bytes, u32> {
-        // A cached chunk that cannot be read back is forgotten by the store, so the second round
-        // fetches it again; only a cache failing twice in a row for one read gives EIO.
-        for _ in 0..2 {
+        // A cached chunk that cannot be read back is forgotten by the store, so the next round
+        // fetches it again. Each failed round forgets at least one chunk of the range: this ends.
+        let chunks = self.manifest.geometry().chunks_covering(ByteOffset(offset), u64::from(len)).len();
+        for _ in 0..=chunks {
             if let Some(bytes) = self.try_bytes(offset, len, priority).await? {
                 return Ok(bytes);
             }

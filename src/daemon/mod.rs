@@ -289,6 +289,13 @@ impl Daemon {
                         .collect(),
                     profiles_rejected: self.profiles_rejected.load(std::sync::atomic::Ordering::Relaxed),
                     p2p: self.peers.as_ref().map(|p| p.status()),
+                    nbd: control::NbdStatus {
+                        connections: self.nbd.connections() as u64,
+                        max_connections: self.nbd.limits.max_connections as u64,
+                        refused: self.nbd.refused.load(std::sync::atomic::Ordering::Relaxed),
+                        bytes_in_flight: self.nbd.node_bytes_in_flight() as u64,
+                        node_bytes: self.nbd.limits.node_bytes as u64,
+                    },
                 }
             }
             Request::Assemble { domain, images } => match self.assemble(&domain, &images).await {

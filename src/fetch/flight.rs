@@ -30,7 +30,7 @@ use tokio::time::Instant;
 
 use super::{ChunkSource, SourceError};
 use crate::image::{ChunkIdx, Manifest};
-use crate::store::ChunkStore;
+use crate::store::{ChunkStore, StoreError};
 
 /// Most runs one image has in flight (reading upstream or waiting to be stored), over a source
 /// that does not wait on peers; a peer-aware source bounds its origin reads itself.
@@ -47,9 +47,6 @@ pub enum FetchError {
     /// The data received does not match the manifest.
     #[error("{0} from the origin does not match the image manifest")]
     Verify(ChunkIdx),
-    /// The chunk could not be written to the node cache.
-    #[error("storing {idx}: {reason}")]
-    Store { idx: ChunkIdx, reason: String },
     /// The fetch task ended without an outcome (daemon shutting down).
     #[error("fetch aborted")]
     Aborted,
@@ -322,7 +319,6 @@ impl Fetcher {
             let _ = tx.send(Some(outcome));
         }
         // One write per stretch of verified chunks (the run is contiguous).
-        let mut results: Vec<Result<(), FetchError>> = vec![Ok(()); run.len()];
         let mut k = 0;
         while k < run.len() {
             if !verified[k] {
@@ -333,20 +329,13 @@ impl Fetcher {
             while k < run.len() && verified[k] {
                 k += 1;
             }
-            let stored = self.store_span(&run_data, run[start].0..run[k - 1].0 + 1);
-            results[start..k].fill(stored);
+            self.store_span(&run_data, run[start].0..run[k - 1].0 + 1);
         }
+        // Chunks that could not be stored were served from memory (also to readers that joined
+        // meanwhile: the outcome stays the verified bytes); a later read fetches them again.
         let mut inflight = self.inflight.lock().unwrap();
-        for ((i, _tx), stored) in claim.run.drain(..).zip(results) {
+        for (i, _tx) in claim.run.drain(..) {
             inflight.remove(&i);
-            // Served from memory (also to readers that joined meanwhile: the outcome stays the
-            // verified bytes); a later read fetches it again. A degraded store said so once
-            // already: no line per chunk.
-            if let Err(e) = stored {
-                if !self.store.degraded() {
-                    tracing::warn!(idx = i, error = %e, "storing a fetched chunk failed");
-                }
-            }
         }
     }
 
@@ -361,15 +350,20 @@ impl Fetcher {
         false
     }
 
-    fn store_span(&self, run: &RunData, span: Range<u32>) -> Result<(), FetchError> {
-        let first = ChunkIdx(span.start);
+    /// Writes a verified span to the cache; a failure is logged (not per chunk when the store
+    /// has said why once already) and costs nothing else: the bytes were served from memory.
+    fn store_span(&self, run: &RunData, span: Range<u32>) {
         let (offset, len) =
             self.manifest.geometry().run_bytes(span.clone()).expect("stored spans are chunks inside the image");
         let bytes = run.slice(offset.0, len).unwrap_or_default();
         let n = u64::from(span.end - span.start);
-        self.store.put_span(span, bytes).map_err(|e| FetchError::Store { idx: first, reason: e.to_string() })?;
-        self.stats.chunks_fetched.fetch_add(n, Ordering::Relaxed);
-        Ok(())
+        match self.store.put_span(span.clone(), bytes) {
+            Ok(()) => {
+                self.stats.chunks_fetched.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(StoreError::Degraded(_) | StoreError::Forgetting(_)) => {}
+            Err(e) => tracing::warn!(chunks = ?span, error = %e, "storing fetched chunks failed"),
+        }
     }
 
     async fn read_with_retries(&self, offset: u64, len: usize) -> Result<(Vec<u8>, bool), FetchError> {
@@ -498,6 +492,7 @@ mod tests {
         })
         .unwrap();
         let dir = tempfile::tempdir().unwrap();
+        let m = Arc::new(m);
         let store = Arc::new(ChunkStore::open(dir.path(), &m).unwrap());
         let src = Arc::new(MemSource {
             data,
@@ -506,7 +501,7 @@ mod tests {
             corrupt: AtomicBool::new(false),
             panic: AtomicBool::new(false),
         });
-        let f = Fetcher::new(store.clone(), Arc::new(m), src.clone(), FetchTuning { timeout, max_chunks: 4 });
+        let f = Fetcher::new(store.clone(), m, src.clone(), FetchTuning { timeout, max_chunks: 4 });
         (dir, src, store, f)
     }
 

@@ -107,6 +107,11 @@ impl Budgets {
         Held { _connection: c, _node: n }
     }
 
+    /// Connections open now (handshakes included).
+    pub fn connections(&self) -> usize {
+        self.limits.max_connections - self.connections.available_permits()
+    }
+
     /// Reply bytes in flight on the node now.
     pub fn node_bytes_in_flight(&self) -> usize {
         self.limits.node_bytes - self.node_bytes.available_permits()

@@ -159,14 +159,23 @@ pub fn parse_faults(spec: &str) -> Result<Vec<Fault>, FaultSpecError> {
 }
 
 /// A [`DataFile`] that suffers the given faults; counts survive [`DataFile::reopen`].
+///
+/// A failed sync loses what it should have made durable, as a disk that failed writeback does:
+/// every range written since the last good sync is overwritten with [`LOST`] bytes, so a store
+/// that served such a chunk afterwards would serve wrong bytes, and a test can tell.
 pub struct FaultyFile {
     inner: Arc<dyn DataFile>,
     rules: Arc<Vec<(Fault, AtomicU64)>>,
+    unsynced: Arc<std::sync::Mutex<Vec<(u64, usize)>>>,
 }
+
+/// What a failed sync leaves where its data was.
+pub const LOST: u8 = 0xEE;
 
 impl FaultyFile {
     pub fn new(inner: Arc<dyn DataFile>, faults: Vec<Fault>) -> Self {
-        FaultyFile { inner, rules: Arc::new(faults.into_iter().map(|f| (f, AtomicU64::new(0))).collect()) }
+        let rules = Arc::new(faults.into_iter().map(|f| (f, AtomicU64::new(0))).collect());
+        FaultyFile { inner, rules, unsynced: Default::default() }
     }
 
     fn check(&self, op: FaultOp) -> io::Result<()> {
@@ -197,21 +206,35 @@ impl DataFile for FaultyFile {
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         // A failed write may have written part of its data, as a real one may.
         if let Err(e) = self.check(FaultOp::Write) {
-            let _ = self.inner.write_at(&data[..data.len() / 2], offset);
+            let _ = self.inner.write_at(&vec![LOST; data.len() / 2], offset);
             return Err(e);
         }
-        self.inner.write_at(data, offset)
+        self.inner.write_at(data, offset)?;
+        self.unsynced.lock().unwrap().push((offset, data.len()));
+        Ok(())
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        // The sync is made either way: the file's errors are reported once, as Linux does.
-        let real = self.inner.sync_data();
-        self.check(FaultOp::Sync)?;
-        real
+        let mut unsynced = self.unsynced.lock().unwrap();
+        if let Err(e) = self.check(FaultOp::Sync) {
+            for (offset, len) in unsynced.drain(..) {
+                self.inner.write_at(&vec![LOST; len], offset)?;
+            }
+            // Made durable as lost: a page cache dropped after the failure shows the same.
+            let _ = self.inner.sync_data();
+            return Err(e);
+        }
+        self.inner.sync_data()?;
+        unsynced.clear();
+        Ok(())
     }
 
     fn reopen(&self) -> io::Result<Arc<dyn DataFile>> {
-        Ok(Arc::new(FaultyFile { inner: self.inner.reopen()?, rules: self.rules.clone() }))
+        Ok(Arc::new(FaultyFile {
+            inner: self.inner.reopen()?,
+            rules: self.rules.clone(),
+            unsynced: self.unsynced.clone(),
+        }))
     }
 }
 
@@ -243,9 +266,12 @@ mod tests {
         assert!(f.sync_data().is_ok());
         let err = f.sync_data().unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EIO));
+        assert_eq!(f.read_vec(0, 4).unwrap(), b"abcd", "synced before the failure: kept");
+        f.write_at(b"efgh", 4).unwrap();
         let again = f.reopen().unwrap();
         assert!(again.sync_data().is_ok(), "the third sync");
+        again.write_at(b"ijkl", 8).unwrap();
         assert!(again.sync_data().is_err(), "counts survive a reopen");
-        assert_eq!(again.read_vec(0, 4).unwrap(), b"abcd");
+        assert_eq!(again.read_vec(0, 12).unwrap(), b"abcdefgh\xee\xee\xee\xee", "the failed sync lost its write");
     }
 }

@@ -13,12 +13,16 @@
 //! - a failed write or sync is never retried into "durable": a sync that fails drops every chunk
 //!   written since the last good sync (Linux reports a writeback error once, so the next sync
 //!   would succeed over lost pages), and the data file is reopened;
-//! - a chunk that cannot be read back is forgotten (dropped from both maps) and fetched again;
+//! - a chunk that cannot be read back is forgotten and fetched again; it is not cached again
+//!   until a commit has recorded that it is gone, so a crash can never leave the state file
+//!   claiming a chunk whose rewrite was lost;
 //! - on open, the state file must name this image (root digest, size, chunk size) or opening
 //!   fails: a cache is never served for another image.
 //!
-//! Chunks are readable from memory before they are durable: after a crash they are simply
-//! fetched again, never served from a state that claims more than the disk holds. A cache that
+//! Chunks are readable before they are durable: after a crash they are simply fetched again,
+//! never served from a state that claims more than the disk holds. Until its sync succeeds, a
+//! chunk's bytes are checked against the manifest on every read: a writeback may fail (and the
+//! page cache drop the data) long before the sync reports it. A cache that
 //! keeps failing stops caching for a while ([`DEGRADE_AFTER`], [`DEGRADE_FOR`]); reads are then
 //! served from the origin or peers without it. All calls block: callers use the blocking pool.
 
@@ -66,6 +70,9 @@ pub enum StoreError {
     /// The data file's sync failed: the chunks written since the last good sync were dropped.
     #[error("cache {path}: sync failed, {dropped} chunks dropped and to be fetched again: {source}")]
     SyncFailed { path: PathBuf, dropped: usize, source: std::io::Error },
+    /// The chunk was dropped and is cached again only after the next commit records that.
+    #[error("{0} was dropped from the cache and is not cached again until the next commit")]
+    Forgetting(ChunkIdx),
     /// The cache failed repeatedly and is not caching for now.
     #[error("cache {0} is failing; not caching for now")]
     Degraded(PathBuf),
@@ -89,6 +96,14 @@ pub struct VerifyReport {
     pub bad: u64,
 }
 
+/// Which chunks can be served, under one lock so a reader sees both sets at one moment.
+struct Presence {
+    /// Chunks whose data is in the data file: safe to serve.
+    readable: RoaringBitmap,
+    /// Readable chunks whose sync has not succeeded yet: checked on every read.
+    unsettled: RoaringBitmap,
+}
+
 /// The cache of one image on this node.
 pub struct ChunkStore {
     dir: PathBuf,
@@ -96,12 +111,14 @@ pub struct ChunkStore {
     root: Digest,
     data: RwLock<Arc<dyn DataFile>>,
     _lock: File,
-    /// Chunks whose data is in the data file (maybe not yet durable): safe to serve.
-    readable: RwLock<RoaringBitmap>,
+    /// Chunks whose data is in the data file, and which of them are not durable yet.
+    presence: RwLock<Presence>,
+    manifest: Arc<Manifest>,
     /// Chunks written since the last commit.
     pending: Mutex<Vec<u32>>,
-    /// Chunks that failed a read since the last commit: removed from the state file there.
-    forgotten: Mutex<Vec<u32>>,
+    /// Chunks dropped after a failed read or verification that the state file may still claim:
+    /// `put` refuses them until a commit has recorded their removal.
+    forgotten: Mutex<RoaringBitmap>,
     /// Chunks recorded in the state file; the lock also serialises commits.
     durable: Mutex<RoaringBitmap>,
     /// Serialises data-file writes with their entry in `pending`, and a failed sync's drop of
@@ -122,12 +139,16 @@ impl ChunkStore {
     }
 
     /// Opens (or creates) the cache of `manifest`'s image under `cache_dir`.
-    pub fn open(cache_dir: &Path, manifest: &Manifest) -> Result<Self, StoreError> {
+    pub fn open(cache_dir: &Path, manifest: &Arc<Manifest>) -> Result<Self, StoreError> {
         Self::open_with_faults(cache_dir, manifest, Vec::new())
     }
 
     /// [`ChunkStore::open`] with `faults` injected into the data file's I/O (tests).
-    pub fn open_with_faults(cache_dir: &Path, manifest: &Manifest, faults: Vec<Fault>) -> Result<Self, StoreError> {
+    pub fn open_with_faults(
+        cache_dir: &Path,
+        manifest: &Arc<Manifest>,
+        faults: Vec<Fault>,
+    ) -> Result<Self, StoreError> {
         let geometry = manifest.geometry();
         let root = manifest.root();
         let dir = Self::dir_for(cache_dir, &root);
@@ -178,9 +199,10 @@ impl ChunkStore {
             root,
             data: RwLock::new(data),
             _lock: lock,
-            readable: RwLock::new(durable.clone()),
+            presence: RwLock::new(Presence { readable: durable.clone(), unsettled: RoaringBitmap::new() }),
+            manifest: manifest.clone(),
             pending: Mutex::new(Vec::new()),
-            forgotten: Mutex::new(Vec::new()),
+            forgotten: Mutex::new(RoaringBitmap::new()),
             durable: Mutex::new(durable),
             write: Mutex::new(()),
             failures: AtomicU32::new(0),
@@ -212,35 +234,75 @@ impl ChunkStore {
 
     /// True when chunk `idx` can be served from this cache.
     pub fn has(&self, idx: ChunkIdx) -> bool {
-        self.readable.read().unwrap().contains(idx.0)
+        self.presence.read().unwrap().readable.contains(idx.0)
     }
 
     /// True when every chunk in `range` can be served from this cache.
     pub fn has_all(&self, range: std::ops::Range<u32>) -> bool {
         let len = u64::from(range.end - range.start);
-        len == 0 || self.readable.read().unwrap().range_cardinality(range) == len
+        len == 0 || self.presence.read().unwrap().readable.range_cardinality(range) == len
     }
 
     /// Number of chunks that can be served.
     pub fn present_count(&self) -> u64 {
-        self.readable.read().unwrap().len()
+        self.presence.read().unwrap().readable.len()
     }
 
     /// A copy of the set of chunks that can be served.
     pub fn present(&self) -> RoaringBitmap {
-        self.readable.read().unwrap().clone()
+        self.presence.read().unwrap().readable.clone()
     }
 
     /// Reads image bytes at `offset`; the caller has checked that the chunks are present. On an
-    /// I/O error the chunks read are forgotten, so the next read fetches them again.
+    /// I/O error, or a chunk that is no longer present or fails its check, the chunks read are
+    /// forgotten (the next read fetches them again) and an error returned.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.file().read_at(buf, offset).inspect_err(|_| self.read_failed(offset, buf.len()))
+        let bytes = self.read_vec(offset, buf.len())?;
+        buf.copy_from_slice(&bytes);
+        Ok(())
     }
 
-    /// Reads `len` image bytes at `offset` into a new buffer; the caller has checked that the
-    /// chunks are present. On an I/O error the chunks read are forgotten, as by `read_at`.
+    /// Reads `len` image bytes at `offset` into a new buffer, checked as [`ChunkStore::read_at`]
+    /// says. Durable chunks are read as they are; chunks not durable yet are read whole and
+    /// checked against the manifest.
     pub fn read_vec(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-        self.file().read_vec(offset, len).inspect_err(|_| self.read_failed(offset, len))
+        let range = self.geometry.chunks_covering(crate::image::ByteOffset(offset), len as u64);
+        let unsettled: Vec<u32> = {
+            let p = self.presence.read().unwrap();
+            if p.readable.range_cardinality(range.clone()) != u64::from(range.end - range.start) {
+                return Err(std::io::Error::other("chunks left the cache during the read"));
+            }
+            p.unsettled.iter().skip_while(|i| *i < range.start).take_while(|i| *i < range.end).collect()
+        };
+        let result = if unsettled.is_empty() {
+            self.file().read_vec(offset, len)
+        } else {
+            self.read_checked(offset, len, range, &unsettled)
+        };
+        result.inspect_err(|_| self.read_failed(offset, len))
+    }
+
+    /// Reads the whole chunks of `range`, checks `suspects` among them against the manifest, and
+    /// returns the `len` bytes at `offset`.
+    fn read_checked(
+        &self,
+        offset: u64,
+        len: usize,
+        range: std::ops::Range<u32>,
+        suspects: &[u32],
+    ) -> std::io::Result<Vec<u8>> {
+        let (start, total) = self.geometry.run_bytes(range).ok_or(std::io::ErrorKind::InvalidInput)?;
+        let whole = self.file().read_vec(start.0, total)?;
+        for &i in suspects {
+            let idx = ChunkIdx(i);
+            let at = (self.geometry.chunk_offset(idx).0 - start.0) as usize;
+            if !self.manifest.verify(idx, &whole[at..at + self.geometry.chunk_len(idx)]) {
+                tracing::error!(cache = %self.dir.display(), %idx, "cached chunk lost before it was durable; fetching it again");
+                return Err(std::io::Error::other(format!("{idx} lost before it was durable")));
+            }
+        }
+        let from = (offset - start.0) as usize;
+        Ok(whole[from..from + len].to_vec())
     }
 
     fn read_failed(&self, offset: u64, len: usize) {
@@ -250,13 +312,17 @@ impl ChunkStore {
     }
 
     /// Drops the chunks of `range` from the presence map: they are fetched again when read, and
-    /// the next commit removes them from the state file.
+    /// cached again once the next commit has removed them from the state file.
     pub fn forget(&self, range: std::ops::Range<u32>) {
-        let mut readable = self.readable.write().unwrap();
-        let gone: Vec<u32> = range.filter(|i| readable.remove(*i)).collect();
-        drop(readable);
-        self.stats.chunks_dropped.fetch_add(gone.len() as u64, Ordering::Relaxed);
-        self.forgotten.lock().unwrap().extend(gone);
+        let mut forgotten = self.forgotten.lock().unwrap();
+        let mut presence = self.presence.write().unwrap();
+        for i in range {
+            presence.unsettled.remove(i);
+            if presence.readable.remove(i) {
+                self.stats.chunks_dropped.fetch_add(1, Ordering::Relaxed);
+                forgotten.insert(i);
+            }
+        }
     }
 
     /// Stores verified chunk `idx`. It is served at once and made durable by the next commit.
@@ -279,13 +345,18 @@ impl ChunkStore {
             return Err(StoreError::Degraded(self.dir.clone()));
         }
         let _queue = self.write.lock().unwrap();
+        if self.forgotten.lock().unwrap().range_cardinality(span.clone()) > 0 {
+            return Err(StoreError::Forgetting(first));
+        }
         if let Err(source) = self.file().write_at(data, offset) {
             self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
             self.failed(&source);
             return Err(StoreError::Io { path: self.dir.join("data"), source });
         }
         self.pending.lock().unwrap().extend(span.clone());
-        self.readable.write().unwrap().insert_range(span);
+        let mut presence = self.presence.write().unwrap();
+        presence.readable.insert_range(span.clone());
+        presence.unsettled.insert_range(span);
         Ok(())
     }
 
@@ -301,8 +372,8 @@ impl ChunkStore {
 
     /// The chunks of `range` that cannot be served yet (one look at the presence map).
     pub fn missing(&self, range: std::ops::Range<u32>) -> Vec<u32> {
-        let readable = self.readable.read().unwrap();
-        range.filter(|i| !readable.contains(*i)).collect()
+        let presence = self.presence.read().unwrap();
+        range.filter(|i| !presence.readable.contains(*i)).collect()
     }
 
     /// Number of chunks written but not yet committed.
@@ -316,20 +387,18 @@ impl ChunkStore {
     pub fn commit(&self) -> Result<usize, StoreError> {
         let mut durable = self.durable.lock().unwrap();
         let batch = std::mem::take(&mut *self.pending.lock().unwrap());
-        let forgotten = std::mem::take(&mut *self.forgotten.lock().unwrap());
+        let forgotten = self.forgotten.lock().unwrap().clone();
         if batch.is_empty() && forgotten.is_empty() {
             return Ok(0);
         }
         // Every pwrite of `batch` completed before its index was queued, so this sync covers it.
         if let Err(source) = self.file().sync_data() {
-            return Err(self.sync_failed(&mut durable, batch, forgotten, source));
+            return Err(self.sync_failed(batch, source));
         }
         self.failures.store(0, Ordering::SeqCst);
         let mut next = durable.clone();
         next.extend(batch.iter().copied());
-        for i in forgotten {
-            next.remove(i);
-        }
+        next -= &forgotten;
         let path = self.dir.join("state");
         if let Err(source) = fsutil::write_atomic(&path, &state::encode(&self.geometry, &self.root, &next), 0o600) {
             // The data is durable; only its record is not. Try again at the next commit.
@@ -337,47 +406,39 @@ impl ChunkStore {
             return Err(StoreError::Io { path, source });
         }
         *durable = next;
+        let mut presence = self.presence.write().unwrap();
+        for i in &batch {
+            presence.unsettled.remove(*i);
+        }
+        drop(presence);
+        // Recorded as gone: these may be cached again.
+        *self.forgotten.lock().unwrap() -= &forgotten;
         Ok(batch.len())
     }
 
     /// After a failed sync: drops `batch` and every chunk written since (their pages may be lost
-    /// and the error is reported only once), records the state without them, reopens the file.
-    fn sync_failed(
-        &self,
-        durable: &mut RoaringBitmap,
-        batch: Vec<u32>,
-        mut forgotten: Vec<u32>,
-        source: std::io::Error,
-    ) -> StoreError {
+    /// and the error is reported only once), and reopens the file. None of them is in the state
+    /// file: a chunk the state claims is never rewritten (see `forgotten`).
+    fn sync_failed(&self, batch: Vec<u32>, source: std::io::Error) -> StoreError {
         self.stats.sync_errors.fetch_add(1, Ordering::Relaxed);
         let path = self.dir.join("data");
         let dropped = {
             let _queue = self.write.lock().unwrap();
             let mut lost = batch;
             lost.append(&mut self.pending.lock().unwrap());
-            let mut readable = self.readable.write().unwrap();
+            let mut presence = self.presence.write().unwrap();
             for i in &lost {
-                readable.remove(*i);
+                presence.readable.remove(*i);
+                presence.unsettled.remove(*i);
             }
-            drop(readable);
+            drop(presence);
             match self.file().reopen() {
                 Ok(file) => *self.data.write().unwrap() = file,
                 Err(e) => tracing::error!(path = %path.display(), error = %e, "reopening the cache data file failed"),
             }
-            forgotten.extend_from_slice(&lost);
             lost.len()
         };
         self.stats.chunks_dropped.fetch_add(dropped as u64, Ordering::Relaxed);
-        // A rewrite of a durable chunk may have been lost too: record the state without them.
-        let mut next = durable.clone();
-        for i in &forgotten {
-            next.remove(*i);
-        }
-        let state = self.dir.join("state");
-        match fsutil::write_atomic(&state, &state::encode(&self.geometry, &self.root, &next), 0o600) {
-            Ok(()) => *durable = next,
-            Err(_) => self.forgotten.lock().unwrap().extend(forgotten),
-        }
         tracing::error!(path = %path.display(), error = %source, dropped, "cache sync failed; chunks dropped");
         self.failed(&source);
         StoreError::SyncFailed { path, dropped, source }
@@ -410,13 +471,14 @@ mod tests {
     use crate::image::ChunkSize;
     use io::parse_faults;
 
-    fn manifest(data: &[u8]) -> Manifest {
+    fn manifest(data: &[u8]) -> Arc<Manifest> {
         let g = Geometry::new(data.len() as u64, ChunkSize::new(4096).unwrap()).unwrap();
         Manifest::build(g, |idx, buf| {
             let o = g.chunk_offset(idx).0 as usize;
             buf.copy_from_slice(&data[o..o + buf.len()]);
             Ok::<_, ()>(())
         })
+        .map(Arc::new)
         .unwrap()
     }
 
@@ -513,6 +575,7 @@ mod tests {
         assert!(s.read_vec(0, 100).is_ok());
         assert!(s.read_vec(4096, 100).is_err(), "second read fails");
         assert!(s.has(ChunkIdx(0)) && !s.has(ChunkIdx(1)), "the chunk read is forgotten");
+        assert!(matches!(s.put(ChunkIdx(1), &data[4096..8192]), Err(StoreError::Forgetting(_))), "until recorded");
         s.commit().unwrap();
         drop(s);
         let s = ChunkStore::open_with_faults(dir.path(), &m, parse_faults("write=eio").unwrap()).unwrap();
@@ -542,5 +605,16 @@ mod tests {
         .unwrap();
         assert_eq!(s.verify(&m), VerifyReport { checked: 3, bad: 1 });
         assert_eq!(s.missing(0..3), vec![1]);
+        // A chunk not yet durable is checked on every read: its loss is caught, not served.
+        s.put(ChunkIdx(3), &data[12288..16384]).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(
+            &File::options().write(true).open(s.dir().join("data")).unwrap(),
+            b"y",
+            13000,
+        )
+        .unwrap();
+        assert!(s.read_vec(12300, 100).is_err());
+        assert!(!s.has(ChunkIdx(3)));
+        assert_eq!(s.read_vec(8300, 3000).unwrap(), &data[8300..11300], "durable chunks read as they are");
     }
 }
