@@ -39,7 +39,7 @@ impl Default for NbdLimits {
         NbdLimits {
             max_connections: 1024,
             max_connections_per_export: 256,
-            connection_bytes: 8 << 20,
+            connection_bytes: 4 << 20,
             node_bytes: 256 << 20,
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
