@@ -95,7 +95,7 @@ mod tests {
         assert_eq!(NbdConfig::default().limits().unwrap(), NbdLimits::default());
         let t: NbdConfig = toml::from_str("connection_bytes = \"64KiB\"").unwrap();
         assert!(t.limits().unwrap_err().to_string().contains("nbd.connection_bytes"));
-        let t: NbdConfig = toml::from_str("node_bytes = \"4MiB\"").unwrap();
+        let t: NbdConfig = toml::from_str("node_bytes = \"2MiB\"").unwrap();
         assert!(t.limits().unwrap_err().to_string().contains("nbd.node_bytes"));
         let t: NbdConfig = toml::from_str("write_timeout = \"1ms\"").unwrap();
         assert!(t.limits().unwrap_err().to_string().contains("nbd.write_timeout"));
