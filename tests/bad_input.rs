@@ -275,6 +275,11 @@ fn bad_configs_fail_with_the_key_named() {
         ("fetch_timeout = \"forever\"", "", "fetch_timeout"),
         ("max_fetch = \"1GiB\"", "", "max_fetch"),
         ("run_dir = 5", "", "run_dir"),
+        ("[nbd]\nconnection_bytes = \"4KiB\"", "", "nbd.connection_bytes"),
+        ("[nbd]\nnode_bytes = \"lots\"", "", "nbd.node_bytes"),
+        ("[nbd]\nmax_connections = 0", "", "nbd.max_connections"),
+        ("[nbd]\nwrite_timeout = \"0s\"", "", "nbd.write_timeout"),
+        ("[nbd]\nmax_conns = 5", "", "max_conns"),
     ];
     for (head, images, key) in cases {
         let cfg = env.config(head, images);

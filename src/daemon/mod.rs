@@ -431,22 +431,31 @@ impl Daemon {
 
     async fn serve_control(self: Arc<Self>, listener: UnixListener) {
         let mut shutdown = self.shutdown.subscribe();
+        let slots = Arc::new(tokio::sync::Semaphore::new(CONTROL_CONNECTIONS));
         loop {
             let stream = tokio::select! {
                 r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
                 _ = crate::shutdown::stopped(&mut shutdown) => return,
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::warn!("control connection refused: {CONTROL_CONNECTIONS} are open");
+                continue;
+            };
             let me = self.clone();
-            tokio::spawn(async move { me.control_connection(stream).await });
+            tokio::spawn(async move {
+                me.control_connection(stream).await;
+                drop(slot);
+            });
         }
     }
 
     async fn control_connection(&self, mut s: UnixStream) {
         loop {
-            let resp = match control::read_frame::<Request, _>(&mut s).await {
-                Ok(None) => return,
-                Ok(Some(req)) => self.handle(req).await,
-                Err(e) => {
+            let frame = tokio::time::timeout(CONTROL_IDLE, control::read_frame::<Request, _>(&mut s)).await;
+            let resp = match frame {
+                Err(_) | Ok(Ok(None)) => return,
+                Ok(Ok(Some(req))) => self.handle(req).await,
+                Ok(Err(e)) => {
                     let _ = control::write_frame(&mut s, &Response::Error { message: e.to_string() }).await;
                     return;
                 }
@@ -566,6 +575,11 @@ fn bind_unix(path: &Path, uid: Option<u32>) -> Result<UnixListener, DaemonError>
     }
     Ok(l)
 }
+
+/// Control connections open at once; more are closed at accept (the socket is root-only).
+const CONTROL_CONNECTIONS: usize = 64;
+/// How long a control connection may take to send its next request.
+const CONTROL_IDLE: Duration = Duration::from_secs(60);
 
 /// Raises the soft limit on open files to the hard one: every NBD connection, peer session and
 /// cache file costs a descriptor, and the usual soft limit of 1024 is below the default caps.
