@@ -62,28 +62,6 @@ fn file_origin_served_identically_and_second_pass_is_free() {
     assert!(!env.export_sock("img").exists() && !env.control_sock().exists());
 }
 
-fn nbd_origin_setup(env: &Env, size: usize, head: &str) -> (std::path::PathBuf, Proc, std::path::PathBuf) {
-    let img = env.path("origin.raw");
-    write_image(&img, size, 2);
-    let osock = env.path("origin.sock");
-    let origin = start_qemu_nbd(&img, &osock);
-    let ouri = format!("nbd+unix:///img?socket={}", osock.display());
-    let manifest = env.path("img.manifest");
-    let out = run(Command::new(VMT).args([
-        "image",
-        "manifest",
-        &ouri,
-        "-o",
-        manifest.to_str().unwrap(),
-        "--chunk-size",
-        "64KiB",
-    ]));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let images = format!("[[image]]\nname = \"img\"\norigin = \"{ouri}\"\nmanifest = \"{}\"\n", manifest.display());
-    let cfg = env.config(head, &images);
-    (img, origin, cfg)
-}
-
 #[test]
 fn nbd_origin_served_identically_and_cache_survives_restart_without_origin() {
     let env = Env::new();

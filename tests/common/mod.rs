@@ -266,3 +266,27 @@ impl Raw {
         }
     }
 }
+
+/// An image served by `qemu-nbd` as an NBD origin, its manifest, and a config serving it as
+/// image `img` (with `head` on top): returns the image file, the origin process and the config.
+pub fn nbd_origin_setup(env: &Env, size: usize, head: &str) -> (std::path::PathBuf, Proc, std::path::PathBuf) {
+    let img = env.path("origin.raw");
+    write_image(&img, size, 2);
+    let osock = env.path("origin.sock");
+    let origin = start_qemu_nbd(&img, &osock);
+    let ouri = format!("nbd+unix:///img?socket={}", osock.display());
+    let manifest = env.path("img.manifest");
+    let out = run(Command::new(VMT).args([
+        "image",
+        "manifest",
+        &ouri,
+        "-o",
+        manifest.to_str().unwrap(),
+        "--chunk-size",
+        "64KiB",
+    ]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let images = format!("[[image]]\nname = \"img\"\norigin = \"{ouri}\"\nmanifest = \"{}\"\n", manifest.display());
+    let cfg = env.config(head, &images);
+    (img, origin, cfg)
+}
