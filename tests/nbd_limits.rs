@@ -155,3 +155,29 @@ fn raise_fd_limit(want: u64) {
     lim.rlim_cur = lim.rlim_max;
     unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
 }
+
+/// A long read pipelined with many short ones on a connection with the smallest budget: every
+/// reply arrives, with the right bytes (the long read is streamed while short replies queue).
+#[test]
+fn long_and_short_reads_mixed_on_a_small_budget_all_complete() {
+    let env = Env::new();
+    let img = env.path("img.raw");
+    let data = write_image(&img, 40 * MIB as usize, 24);
+    let cfg = env.config("[nbd]\nconnection_bytes = \"1MiB\"\n", &file_image("img", &img, ""));
+    let _vmtd = start_vmtd(&env, &cfg);
+    let mut c = transmitting(&env, "img");
+    let short = |h: u64| (h * 131_072) % (39 * MIB);
+    c.send(&Request { flags: 0, command: CMD_READ, handle: 0, offset: MIB, length: 32 << 20 }.encode());
+    for h in 1..=200u64 {
+        c.send(&Request { flags: 0, command: CMD_READ, handle: h, offset: short(h), length: 65536 }.encode());
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..=200 {
+        let r = SimpleReply::parse(&c.recv(SIMPLE_REPLY_LEN).try_into().unwrap()).unwrap();
+        assert_eq!(r.error, 0);
+        let (at, len) = if r.handle == 0 { (MIB, 32 * MIB) } else { (short(r.handle), 65536) };
+        let got = c.recv(len as usize);
+        assert!(got == data[at as usize..(at + len) as usize], "reply {} differs", r.handle);
+        assert!(seen.insert(r.handle), "reply {} twice", r.handle);
+    }
+}

@@ -4,7 +4,8 @@
 //! read that produces them starts, and are released only once the reply is written: a client
 //! that stops reading its replies stops being served at its own budget, and all clients
 //! together never hold more than the node's. Reads longer than [`PIECE`] are produced and
-//! written a piece at a time, so a 32 MiB request costs no more than 2 MiB in flight.
+//! written a piece at a time, two pieces in flight, charged to the node only: a connection holds
+//! at most its own budget plus 2 MiB.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -60,7 +61,7 @@ pub struct Budgets {
 
 /// Bytes charged to a connection and the node, released on drop (once the reply is written).
 pub struct Held {
-    _connection: OwnedSemaphorePermit,
+    _connection: Option<OwnedSemaphorePermit>,
     _node: OwnedSemaphorePermit,
 }
 
@@ -104,7 +105,15 @@ impl Budgets {
         let bytes = bytes.max(1);
         let c = connection.clone().acquire_many_owned(bytes).await.expect("budgets are never closed");
         let n = self.node_bytes.clone().acquire_many_owned(bytes).await.expect("budgets are never closed");
-        Held { _connection: c, _node: n }
+        Held { _connection: Some(c), _node: n }
+    }
+
+    /// Charges `bytes` of a long read's piece to the node only. A connection streams one long
+    /// read at a time with two pieces in flight, which bounds it; charging its own budget too
+    /// could wait forever on replies queued behind the very read being streamed.
+    pub async fn hold_piece(&self, bytes: u32) -> Held {
+        let n = self.node_bytes.clone().acquire_many_owned(bytes.max(1)).await.expect("budgets are never closed");
+        Held { _connection: None, _node: n }
     }
 
     /// Connections open now (handshakes included).

@@ -58,9 +58,10 @@ struct Conn {
 }
 
 impl Conn {
-    /// Reads `[offset, offset + len)` with its bytes held against the budgets.
-    async fn read(&self, offset: u64, len: u32) -> (Result<Bytes, u32>, Held) {
-        let held = self.budgets.hold(&self.bytes, len).await;
+    /// Reads one piece `[offset, offset + len)` of a long read, its bytes held against the
+    /// node's budget (see [`Budgets::hold_piece`]).
+    async fn read_piece(&self, offset: u64, len: u32) -> (Result<Bytes, u32>, Held) {
+        let held = self.budgets.hold_piece(len).await;
         (self.export.read(offset, len).await, held)
     }
 }
@@ -256,6 +257,10 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             }
         }
         write_timed(&mut w, &bufs, t).await?;
+        drop(bufs);
+        // Written: give the budgets back now, not when the next reply arrives (which may be
+        // waiting for exactly this room).
+        batch.clear();
     }
 }
 
@@ -304,7 +309,7 @@ async fn stream_read<W: AsyncWrite + Unpin>(
     let end = offset + u64::from(len);
     let piece_at = |at: u64| (at, (end - at).min(u64::from(PIECE)) as u32);
     let mut at = offset;
-    let mut ready = Some(conn.read(offset, piece_at(offset).1).await);
+    let mut ready = Some(conn.read_piece(offset, piece_at(offset).1).await);
     while let Some((data, held)) = ready.take() {
         let first = at == offset;
         let data = match data {
@@ -332,7 +337,7 @@ async fn stream_read<W: AsyncWrite + Unpin>(
         let bufs: [&[u8]; 2] = [&head, &data];
         let write = write_timed(w, &bufs, t);
         if next_at < end {
-            let (written, next) = tokio::join!(write, conn.read(next_at, piece_at(next_at).1));
+            let (written, next) = tokio::join!(write, conn.read_piece(next_at, piece_at(next_at).1));
             written?;
             ready = Some(next);
         } else {
