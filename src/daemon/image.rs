@@ -276,8 +276,9 @@ fn assemble(
 
 impl Image {
     /// The bytes of `[offset, offset + len)`, fetched first if missing: from the cache, or
-    /// shared from the fetched run that holds them. Cache reads run on the blocking pool: a slow
-    /// cache disk must not hold the runtime's threads, which serve every other image too.
+    /// shared from the fetched run that holds them. Cache reads that would wait for the disk run
+    /// on the blocking pool: a slow cache disk must not hold the runtime's threads, which serve
+    /// every other image too.
     async fn bytes(&self, offset: u64, len: u32, priority: Priority) -> Result<Bytes, u32> {
         // A cached chunk that cannot be read back is forgotten by the store, so the next round
         // fetches it again. Each failed round forgets at least one chunk of the range: this ends.
@@ -295,6 +296,10 @@ impl Image {
         let range = self.manifest.geometry().chunks_covering(ByteOffset(offset), u64::from(len));
         let store = self.store.clone();
         if self.store.has_all(range.clone()) {
+            // The common hit: the bytes are in the page cache, read at once without a hand-off.
+            if let Some(bytes) = self.store.read_vec_nowait(offset, len as usize) {
+                return Ok(Some(Bytes::from(bytes)));
+            }
             let read = tokio::task::spawn_blocking(move || store.read_vec(offset, len as usize).ok());
             return Ok(read.await.map_err(|_| EIO)?.map(Bytes::from));
         }

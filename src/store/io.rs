@@ -23,6 +23,12 @@ pub trait DataFile: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Reads `len` bytes at `offset` into a new buffer.
     fn read_vec(&self, offset: u64, len: usize) -> io::Result<Vec<u8>>;
+    /// Reads `len` bytes at `offset` only if that cannot block on the disk (all of it is in the
+    /// page cache): `None` when it would, or on any error (the blocking read then reports it).
+    /// Cheap enough for a runtime thread.
+    fn read_nowait(&self, _offset: u64, _len: usize) -> Option<Vec<u8>> {
+        None
+    }
     /// Writes all of `data` at `offset`.
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()>;
     /// `fdatasync`: makes every completed write durable, or reports that some may be lost.
@@ -79,6 +85,21 @@ impl DataFile for PlainFile {
 
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(data, offset)
+    }
+
+    fn read_nowait(&self, offset: u64, len: usize) -> Option<Vec<u8>> {
+        let mut buf = Vec::<u8>::with_capacity(len);
+        let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: len };
+        let at = i64::try_from(offset).ok()?;
+        // SAFETY: the kernel writes at most `len` bytes into the buffer's capacity; RWF_NOWAIT
+        // makes it return EAGAIN (or a short count) instead of waiting for the disk.
+        let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+        if n != len as isize {
+            return None;
+        }
+        // SAFETY: all `len` bytes were initialised by the read above.
+        unsafe { buf.set_len(len) };
+        Some(buf)
     }
 
     fn sync_data(&self) -> io::Result<()> {
@@ -203,6 +224,14 @@ impl DataFile for FaultyFile {
         self.inner.read_vec(offset, len)
     }
 
+    fn read_nowait(&self, offset: u64, len: usize) -> Option<Vec<u8>> {
+        // Reads with faults take the blocking path, where the faults are.
+        if self.rules.iter().any(|(f, _)| f.op == FaultOp::Read) {
+            return None;
+        }
+        self.inner.read_nowait(offset, len)
+    }
+
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         // A failed write may have written part of its data, as a real one may.
         if let Err(e) = self.check(FaultOp::Write) {
@@ -273,5 +302,7 @@ mod tests {
         again.write_at(b"ijkl", 8).unwrap();
         assert!(again.sync_data().is_err(), "counts survive a reopen");
         assert_eq!(again.read_vec(0, 12).unwrap(), b"abcdefgh\xee\xee\xee\xee", "the failed sync lost its write");
+        assert_eq!(again.read_nowait(2, 4).as_deref(), Some(&b"cdef"[..]), "in the page cache: no wait");
+        assert!(again.read_nowait(8, 100).is_none(), "short: beyond the end");
     }
 }

@@ -444,6 +444,21 @@ impl ChunkStore {
         StoreError::SyncFailed { path, dropped, source }
     }
 
+    /// [`ChunkStore::read_vec`] only if it can be done at once, on the calling (runtime) thread:
+    /// every chunk durable and every byte in the page cache. `None` otherwise, or on any error:
+    /// then call `read_vec` on the blocking pool.
+    pub fn read_vec_nowait(&self, offset: u64, len: usize) -> Option<Vec<u8>> {
+        let range = self.geometry.chunks_covering(crate::image::ByteOffset(offset), len as u64);
+        {
+            let p = self.presence.read().unwrap();
+            let n = u64::from(range.end - range.start);
+            if p.readable.range_cardinality(range.clone()) != n || p.unsettled.range_cardinality(range) != 0 {
+                return None;
+            }
+        }
+        self.file().read_nowait(offset, len)
+    }
+
     /// Reads every present chunk and checks it against `manifest`; chunks that fail are
     /// forgotten (fetched again when read). Blocks for as long as reading the cache takes.
     pub fn verify(&self, manifest: &Manifest) -> VerifyReport {
