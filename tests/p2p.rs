@@ -696,6 +696,20 @@ fn a_peer_that_never_reads_its_replies_holds_no_more_than_the_reply_budget() {
         .collect();
     rt.block_on(async {
         for s in &mut sessions {
+            // A small, fixed receive buffer (no autotuning): the node's writes stall at once.
+            let small: libc::c_int = 64 << 10;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&*s);
+            // SAFETY: a valid socket descriptor and a c_int option value of the given size.
+            let r = unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUF,
+                    (&small as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(r, 0);
             for id in 1..=16 {
                 write_frame(s, &Frame::new(Message::Request { id, first: 0, count: 512 })).await.unwrap();
             }
