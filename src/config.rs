@@ -135,6 +135,14 @@ pub struct P2pConfig {
     /// Optional cap on upload traffic to peers, e.g. "50MiB" (per second).
     #[serde(default)]
     pub upload_rate: Option<String>,
+    /// Bytes of replies to peers held at once, node-wide, each from its request's arrival until
+    /// it is written; a request past it gets `Busy`.
+    #[serde(default = "default_upload_buffer")]
+    pub upload_buffer: String,
+    /// Node names one IP address may hold peer sessions under at once (a node holds one session
+    /// per image), and handshakes it may have in progress.
+    #[serde(default = "default_peers_per_address")]
+    pub peers_per_address: usize,
 }
 
 /// Run-time settings of the `[p2p]` section, in typed units.
@@ -149,6 +157,8 @@ pub struct P2pTuning {
     pub fanout: u32,
     pub upload_slots: usize,
     pub upload_rate: Option<u64>,
+    pub upload_buffer: u64,
+    pub peers_per_address: usize,
 }
 
 fn default_heartbeat() -> String {
@@ -168,6 +178,12 @@ fn default_fanout() -> u32 {
 }
 fn default_upload_slots() -> usize {
     16
+}
+fn default_upload_buffer() -> String {
+    "64MiB".into()
+}
+fn default_peers_per_address() -> usize {
+    8
 }
 
 impl P2pConfig {
@@ -220,6 +236,13 @@ impl P2pConfig {
         }
         let upload_rate =
             self.upload_rate.as_deref().map(parse_size).transpose().map_err(|m| invalid("p2p.upload_rate", m))?;
+        let upload_buffer = parse_size(&self.upload_buffer).map_err(|m| invalid("p2p.upload_buffer", m))?;
+        if !(1 << 20..=crate::p2p::server::MAX_BUFFER).contains(&upload_buffer) {
+            return Err(invalid("p2p.upload_buffer", "must be between 1MiB and 2GiB"));
+        }
+        if !(1..=4096).contains(&self.peers_per_address) {
+            return Err(invalid("p2p.peers_per_address", "must be between 1 and 4096"));
+        }
         Ok(P2pTuning {
             listen: self.listen,
             advertise: advertise.to_string(),
@@ -230,6 +253,8 @@ impl P2pConfig {
             fanout: self.fanout,
             upload_slots: self.upload_slots,
             upload_rate,
+            upload_buffer,
+            peers_per_address: self.peers_per_address,
         })
     }
 }

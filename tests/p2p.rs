@@ -1,6 +1,11 @@
 //! End-to-end tests of the peer-to-peer relay: real vmtd nodes and a real vmt-tracker on
 //! loopback, read by qemu-img. Each node has its own directories and peer port; everything is
-//! killed on drop, also when a test fails.
+//! killed on drop, also when a test fails. Hostile peers are played by the test itself, with the
+//! cluster key and the library's protocol code, from 127.0.0.2 (the nodes are at 127.0.0.1).
+//!
+//! Nothing here waits for time to pass: every step waits for a condition. Where a test needs one
+//! node to read from another, the other holds the data before the reader joins, so the outcome
+//! does not depend on which node the stripe trees (which hash the random ports) make the root.
 
 mod common;
 
@@ -9,13 +14,17 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use roaring::RoaringBitmap;
 use vmthunder::daemon::control::{NodeP2pStatus, PeerStatus, Request, Response};
 use vmthunder::p2p::auth::ClusterKey;
-use vmthunder::p2p::conn::{client_handshake, read_frame, write_frame};
-use vmthunder::p2p::wire::{Frame, Message, HEADER_LEN, MAGIC};
+use vmthunder::p2p::conn::{client_handshake, connect_from, read_frame, server_handshake, write_frame, ConnError};
+use vmthunder::p2p::tracker::TrackerClient;
+use vmthunder::p2p::wire::{Bytes32, Frame, Message, HEADER_LEN, MAGIC};
 
 const TRACKER: &str = env!("CARGO_BIN_EXE_vmt-tracker");
 const MIB: usize = 1 << 20;
@@ -49,6 +58,16 @@ impl Node {
     }
     fn identical(&self, img: &std::path::Path) -> bool {
         qemu_img_identical(img, &self.env.export_uri("img"))
+    }
+    /// The image's identity, as peers name it.
+    fn image_id(&self) -> Bytes32 {
+        vmthunder::image::Digest::from_hex(&status(&self.env, "img").digest).unwrap().0
+    }
+    /// Resident memory of this node's vmtd, in bytes.
+    fn rss(&self) -> u64 {
+        let text = std::fs::read_to_string(format!("/proc/{}/status", self.vmtd.pid())).unwrap();
+        let kib = text.lines().find_map(|l| l.strip_prefix("VmRSS:")).expect("VmRSS in /proc/PID/status");
+        kib.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024
     }
 }
 
@@ -151,6 +170,101 @@ impl Cluster {
     }
 }
 
+fn cluster_key() -> ClusterKey {
+    ClusterKey::from_secret(KEY.as_bytes()).unwrap()
+}
+
+/// A runtime for the test's own protocol work (hostile peers).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+/// Where the test's hostile peers connect from and listen at: another machine, as far as the
+/// nodes at 127.0.0.1 can tell.
+const ELSEWHERE: &str = "127.0.0.2";
+
+/// A session opened to `addr` under the name `me`, from `me`'s address, authenticated with the
+/// cluster key; `Some` if the node admitted it (it sent its have-map), `None` if it closed it.
+async fn session_as(addr: &str, me: &str, image: Bytes32) -> Option<tokio::net::TcpStream> {
+    session_from(addr, me, me, image).await
+}
+
+/// [`session_as`] from the address of the name `from`.
+async fn session_from(addr: &str, from: &str, me: &str, image: Bytes32) -> Option<tokio::net::TcpStream> {
+    let mut s = connect_from(addr, from).await.unwrap();
+    client_handshake(&mut s, &cluster_key(), me, image).await.ok()?;
+    match tokio::time::timeout(Duration::from_secs(30), read_frame(&mut s)).await.expect("an answer") {
+        Ok(f) if f.msg == Message::Have => Some(s),
+        _ => None,
+    }
+}
+
+/// A hostile member of the cluster: it holds the key, listens at [`ELSEWHERE`], registers with
+/// the tracker every 200 ms like a node, claims every chunk of the image in its have-map, and
+/// answers every request with `NotHave`. Stopped on drop, also when a test fails.
+struct Liar {
+    name: String,
+    asked: Arc<AtomicU64>,
+    stop: Option<tokio::sync::watch::Sender<bool>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Liar {
+    fn start(c: &Cluster, image: Bytes32, chunks: u32) -> Liar {
+        let listener = TcpListener::bind(format!("{ELSEWHERE}:0")).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let name = listener.local_addr().unwrap().to_string();
+        let tracker = format!("127.0.0.1:{}", c.tracker_port);
+        let asked = Arc::new(AtomicU64::new(0));
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let (me, counter) = (name.clone(), asked.clone());
+        let thread = std::thread::spawn(move || {
+            runtime().block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let mut tracker = TrackerClient::new(&tracker, &me, cluster_key());
+                let mut tick = tokio::time::interval(Duration::from_millis(200));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {
+                            let _ = tracker.heartbeat(&[image], Duration::from_secs(1)).await;
+                        }
+                        r = listener.accept() => if let Ok((s, _)) = r {
+                            let (me, counter) = (me.clone(), counter.clone());
+                            tokio::spawn(async move { let _ = Liar::lie(s, &me, chunks, &counter).await; });
+                        },
+                        _ = stopped.wait_for(|v| *v) => return,
+                    }
+                }
+            })
+        });
+        Liar { name, asked, stop: Some(stop), thread: Some(thread) }
+    }
+
+    async fn lie(mut s: tokio::net::TcpStream, me: &str, chunks: u32, asked: &AtomicU64) -> Result<(), ConnError> {
+        server_handshake(&mut s, &cluster_key(), me).await?;
+        let all: RoaringBitmap = (0..chunks).collect();
+        let mut map = Vec::new();
+        all.serialize_into(&mut map).unwrap();
+        write_frame(&mut s, &Frame::with_tail(Message::Have, map.into())).await?;
+        loop {
+            let Message::Request { id, .. } = read_frame(&mut s).await?.msg else { return Ok(()) };
+            asked.fetch_add(1, Ordering::Relaxed);
+            write_frame(&mut s, &Frame::new(Message::NotHave { id })).await?;
+        }
+    }
+}
+
+impl Drop for Liar {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(true);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Spawns `qemu-img compare` of the image against node `i`'s export.
 fn compare_in_background(c: &Cluster, i: usize) -> std::process::Child {
     Command::new("timeout")
@@ -167,6 +281,12 @@ fn compare_in_background(c: &Cluster, i: usize) -> std::process::Child {
 /// origin sent each chunk about once (at most 5% more) in all. Returns the image size.
 fn read_everywhere_at_once(c: &Cluster, nodes: &[usize]) -> u64 {
     c.wait_meshed(nodes);
+    read_at_once(c, nodes).0
+}
+
+/// [`read_everywhere_at_once`] without waiting for a mesh; returns the image size and the bytes
+/// the origin sent.
+fn read_at_once(c: &Cluster, nodes: &[usize]) -> (u64, u64) {
     let mut readers: Vec<_> = nodes.iter().map(|&i| compare_in_background(c, i)).collect();
     for r in &mut readers {
         assert!(r.wait().unwrap().success(), "every node serves the image identically");
@@ -175,12 +295,17 @@ fn read_everywhere_at_once(c: &Cluster, nodes: &[usize]) -> u64 {
     let origin: u64 = nodes.iter().map(|&i| settled(&c.nodes[i].env, "img").bytes_from_origin).sum();
     assert!(origin >= size, "every chunk came from the origin once: {origin}");
     assert!(origin <= size + size / 20, "origin sent {origin} bytes for an image of {size}");
-    size
+    (size, origin)
 }
 
 #[test]
 fn a_node_reads_what_its_peer_holds_from_the_peer() {
-    let (c, a, b) = Cluster::pair(16 * MIB);
+    // Stripes of 256 KiB: 64 trees, so each node is the root of some and the assertions on who
+    // relayed what hold whatever the ports (with 1 MiB, one node roots all 16 once in 2^15 runs).
+    let mut c = Cluster::new(16 * MIB);
+    let a = c.add_node("stripe = \"256KiB\"", &[]);
+    let b = c.add_node("stripe = \"256KiB\"", &[]);
+    c.wait_meshed(&[a, b]);
     assert!(c.nodes[a].identical(&c.img));
     // A's misses on stripes whose tree B roots went through B, which read them from the origin
     // once.
@@ -219,20 +344,21 @@ fn a_quiet_session_carries_nothing_and_stays_open() {
     // The shortest stall limit: a node that still took an idle session's silence for a hung peer
     // would drop the session within the quiet time below.
     c.stall = "600ms";
-    let a = c.add_node("", &[]);
-    let b = c.add_node("", &[]);
+    // One chunk per stripe: each node roots some of the 64 trees, so B relays some of A's reads
+    // and not all (with 1 MiB stripes, B roots all 4 once in 16 runs and has nothing left to read).
+    let a = c.add_node("stripe = \"64KiB\"", &[]);
+    let b = c.add_node("stripe = \"64KiB\"", &[]);
     c.wait_meshed(&[a, b]);
     assert!(c.nodes[a].identical(&c.img));
+    // Once each side knows every chunk the other holds, every have-map has been sent and
+    // received, no request is pending, and neither session has anything left to say.
     c.wait_known(b, 64);
-    // The last have-deltas go out within a tick of the last chunk; then both sessions (A's to
-    // B and B's to A) fall quiet.
+    let held_by_b = settled(&c.nodes[b].env, "img").chunks_present;
+    assert!(held_by_b > 0 && held_by_b < 64, "B relayed some of A's reads: {held_by_b} chunks");
+    c.wait_known(a, held_by_b);
     let both = |c: &Cluster| bytes_on_sessions(&c.nodes[a].addr) + bytes_on_sessions(&c.nodes[b].addr);
-    let mut last = both(&c);
-    wait_until("sessions quiet", Duration::from_secs(20), || {
-        std::thread::sleep(Duration::from_millis(600));
-        let now = both(&c);
-        std::mem::replace(&mut last, now) == now
-    });
+    let last = both(&c);
+    // The property itself is about time: nothing for 2 s.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(both(&c), last, "idle sessions carry no frames, not even pings");
     let sb = c.nodes[b].status();
@@ -240,7 +366,8 @@ fn a_quiet_session_carries_nothing_and_stays_open() {
     // The quiet session still serves: B reads the rest from A at once, with no failure.
     assert!(c.nodes[b].identical(&c.img));
     let sb = c.nodes[b].status();
-    assert!(sb.p2p.bytes_from_peers > 0 && sb.p2p.peer_failures == 0 && sb.failed == 0, "{:?}", sb.p2p);
+    assert_eq!(sb.p2p.bytes_from_peers, (64 - held_by_b) * 64 * 1024, "the rest came from A: {:?}", sb.p2p);
+    assert!(sb.p2p.peer_failures == 0 && sb.failed == 0, "{:?}", sb.p2p);
 }
 
 #[test]
@@ -273,11 +400,12 @@ fn relay_chains_climb_to_the_root_of_each_stripe() {
 fn a_peer_serving_corrupt_data_is_banned_and_no_bad_byte_reaches_a_client() {
     let mut c = Cluster::new(8 * MIB);
     let liar = c.add_node("", &[("VMT_TEST_CORRUPT_UPLOADS", "1")]);
+    // The liar holds the whole image before B joins: B has every chunk left to read, whatever
+    // the stripe trees.
+    assert!(c.nodes[liar].identical(&c.img), "the liar's own cache is fine");
     let b = c.add_node("", &[]);
     c.wait_meshed(&[liar, b]);
-    assert!(c.nodes[liar].identical(&c.img), "the liar's own cache is fine");
     c.wait_known(b, 128);
-    let before = settled(&c.nodes[b].env, "img").bytes_from_origin;
     assert!(c.nodes[b].identical(&c.img), "0 corrupt bytes reach the client");
     let s = settled(&c.nodes[b].env, "img");
     let p = s.p2p.clone().unwrap();
@@ -285,7 +413,7 @@ fn a_peer_serving_corrupt_data_is_banned_and_no_bad_byte_reaches_a_client() {
     assert_eq!(p.bans, 1);
     assert_eq!(p.peers_banned, 1);
     assert_eq!(s.verify_failures, 0, "nothing bad got past the peer check");
-    assert!(s.bytes_from_origin > before, "read elsewhere: the origin");
+    assert_eq!(s.bytes_from_origin, c.data.len() as u64, "read elsewhere: the origin");
     assert_eq!(s.p2p.as_ref().unwrap().bytes_from_peers, 0, "nothing from the liar was used");
     assert_eq!(s.failed_reads, 0);
 }
@@ -332,17 +460,24 @@ fn a_peer_that_stalls_mid_read_is_left_within_the_stall_limit() {
 
 #[test]
 fn the_tracker_may_die_and_come_back() {
-    let (mut c, a, b) = Cluster::pair(8 * MIB);
-    c.tracker.as_mut().unwrap().kill9();
-    wait_until("trackers reported down", Duration::from_secs(20), || c.nodes[a].node_status().trackers_up == 0);
-    assert_eq!(c.nodes[a].status().peers, 1, "known peers are kept while no tracker answers");
+    // A holds the whole image before B joins, so B has all of it to read from A. (When both
+    // read in turn, B relays A's reads in the stripes it roots, which depend on the ports: once
+    // in 256 runs it roots all 8 and then holds everything before its own read.)
+    let mut c = Cluster::new(8 * MIB);
+    let a = c.add_node("", &[]);
     assert!(c.nodes[a].identical(&c.img));
+    let b = c.add_node("", &[]);
+    c.wait_meshed(&[a, b]);
     c.wait_known(b, 128);
-    let before = c.nodes[b].status();
+    c.tracker.as_mut().unwrap().kill9();
+    for i in [a, b] {
+        wait_until("trackers reported down", Duration::from_secs(20), || c.nodes[i].node_status().trackers_up == 0);
+        assert_eq!(c.nodes[i].status().peers, 1, "known peers are kept while no tracker answers");
+    }
     assert!(c.nodes[b].identical(&c.img));
-    let after = c.nodes[b].status();
-    assert_eq!(after.origin, before.origin, "B still reads from A with the tracker down");
-    assert!(after.p2p.bytes_from_peers > before.p2p.bytes_from_peers);
+    let after = settled(&c.nodes[b].env, "img");
+    assert_eq!(after.bytes_from_origin, 0, "B still reads from A with the tracker down");
+    assert_eq!(after.p2p.unwrap().bytes_from_peers, c.data.len() as u64);
     c.start_tracker();
     wait_until("re-registered", Duration::from_secs(20), || c.nodes[b].node_status().trackers_up == 1);
     let late = c.add_node("", &[]);
@@ -456,4 +591,158 @@ fn unauthenticated_and_malformed_peer_frames_only_end_their_connection() {
     assert!(c.nodes[b].identical(&c.img));
     let s = c.nodes[b].status();
     assert!(s.p2p.bytes_from_peers > 0 && s.failed == 0, "the new peer read from A: {:?}", s.p2p);
+}
+
+#[test]
+fn a_key_holder_gets_no_more_than_the_per_address_bound_whatever_names_it_claims() {
+    let (c, a, b) = Cluster::pair(4 * MIB);
+    let (node, image) = (c.nodes[a].addr.clone(), c.nodes[a].image_id());
+    let tracker = format!("127.0.0.1:{}", c.tracker_port);
+    let per_address = 8;
+    let rt = runtime();
+    // 1,000 names of its own address at A's peer server, each kept open once admitted.
+    let mut admitted = Vec::new();
+    for port in 1..=1000 {
+        if let Some(s) = rt.block_on(session_as(&node, &format!("{ELSEWHERE}:{port}"), image)) {
+            admitted.push(s);
+        }
+    }
+    eprintln!("peer server: {} of 1000 names admitted", admitted.len());
+    assert_eq!(admitted.len(), per_address, "the per-address bound, and no more");
+    let sa = c.nodes[a].node_status();
+    assert_eq!(sa.open_sessions, per_address as u64 + 1, "B's session and the key holder's: {sa:?}");
+    // A name that is not an address of the machine it comes from is refused, places or not.
+    drop(admitted.pop());
+    wait_until("a place free", Duration::from_secs(20), || c.nodes[a].node_status().open_sessions == 8);
+    let from = format!("{ELSEWHERE}:1");
+    assert!(rt.block_on(session_from(&node, &from, "127.0.0.3:1", image)).is_none(), "a name of another address");
+    assert!(rt.block_on(session_as(&node, &format!("{ELSEWHERE}:1001"), image)).is_some(), "the free place");
+    // The same names at the tracker: every registration is answered, but the answers, and so the
+    // nodes' member lists, name at most the bound of them at once.
+    let mut most_named = 0;
+    let mut most_known = 0;
+    let mut answered = 0;
+    for port in 1..=1000 {
+        let mut client = TrackerClient::new(&tracker, &format!("{ELSEWHERE}:{port}"), cluster_key());
+        if let Ok(answer) = rt.block_on(client.heartbeat(&[image], Duration::from_secs(5))) {
+            let named = answer[&image].iter().filter(|n| n.starts_with(&format!("{ELSEWHERE}:"))).count();
+            most_named = most_named.max(named);
+            answered += 1;
+        }
+        if port % 50 == 0 {
+            most_known = most_known.max(c.nodes[a].status().peers);
+        }
+    }
+    wait_until("A heard of the key holder's names", Duration::from_secs(20), || c.nodes[a].status().peers > 1);
+    for i in [a, b] {
+        most_known = most_known.max(c.nodes[i].status().peers);
+    }
+    eprintln!(
+        "tracker: {answered} of 1000 registrations answered, at most {most_named} of the names in one answer; \
+         nodes knew at most {most_known} peers"
+    );
+    assert!(most_named <= per_address, "the tracker named {most_named} of them at once");
+    assert!(most_known <= per_address as u64 + 1, "a node knew {most_known} peers");
+    // Once the names expire, the real nodes relay to each other as before.
+    for i in [a, b] {
+        wait_until("the names forgotten", Duration::from_secs(30), || c.nodes[i].status().peers == 1);
+    }
+    assert!(c.nodes[a].identical(&c.img) && c.nodes[b].identical(&c.img));
+    let origin = settled(&c.nodes[a].env, "img").bytes_from_origin + settled(&c.nodes[b].env, "img").bytes_from_origin;
+    assert_eq!(origin, c.data.len() as u64, "each chunk crossed the origin link once");
+}
+
+#[test]
+fn a_peer_that_answers_not_have_for_what_it_claims_does_not_raise_origin_egress() {
+    let mut c = Cluster::new(32 * MIB);
+    let nodes: Vec<usize> = (0..3).map(|_| c.add_node("", &[])).collect();
+    let chunks = (c.data.len() / (64 << 10)) as u32;
+    let liar = Liar::start(&c, c.nodes[nodes[0]].image_id(), chunks);
+    // Every node knows the liar and believes it holds the whole image.
+    for &i in &nodes {
+        wait_until("the liar's claims known", Duration::from_secs(30), || {
+            let s = c.nodes[i].status();
+            s.peers == 3 && s.p2p.sessions >= 3 && s.p2p.chunks_at_peers == u64::from(chunks)
+        });
+    }
+    let (size, origin) = read_at_once(&c, &nodes);
+    let asked = liar.asked.load(Ordering::Relaxed);
+    eprintln!(
+        "origin sent {origin} bytes for an image of {size} ({:.3}x); the liar ({}) was asked {asked} times",
+        origin as f64 / size as f64,
+        liar.name
+    );
+    assert!(asked > 0, "the liar was asked");
+    let from_peers: u64 = nodes.iter().map(|&i| c.nodes[i].status().p2p.bytes_from_peers).sum();
+    assert!(from_peers >= size, "the rest came from real peers: {from_peers}");
+    assert!(nodes.iter().all(|&i| c.nodes[i].status().failed == 0));
+}
+
+#[test]
+fn a_peer_that_never_reads_its_replies_holds_no_more_than_the_reply_budget() {
+    const BUDGET: u64 = 64 << 20;
+    let mut c = Cluster::new(32 * MIB);
+    let a = c.add_node("", &[]);
+    assert!(c.nodes[a].identical(&c.img));
+    let _ = settled(&c.nodes[a].env, "img");
+    let (node, image) = (c.nodes[a].addr.clone(), c.nodes[a].image_id());
+    let before = c.nodes[a].rss();
+    // Eight names of one address (its bound), each asking 16 times for the whole image (32 MiB)
+    // and reading none of it: 4 GiB asked. Without a budget, every upload slot (16) would hold a
+    // 32 MiB reply until its write timed out: 512 MiB.
+    let rt = runtime();
+    let mut sessions: Vec<tokio::net::TcpStream> = (1..=8)
+        .map(|port| rt.block_on(session_as(&node, &format!("{ELSEWHERE}:{port}"), image)).expect("admitted"))
+        .collect();
+    rt.block_on(async {
+        for s in &mut sessions {
+            // A small, fixed receive buffer (no autotuning): the node's writes stall at once.
+            let small: libc::c_int = 64 << 10;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&*s);
+            // SAFETY: a valid socket descriptor and a c_int option value of the given size.
+            let r = unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUF,
+                    (&small as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(r, 0);
+            for id in 1..=16 {
+                write_frame(s, &Frame::new(Message::Request { id, first: 0, count: 512 })).await.unwrap();
+            }
+        }
+    });
+    // Replies are reserved before they are read; the rest are refused at once. Memory is sampled
+    // until the node gave up on the stuck writes (5 s each) and freed every reservation.
+    wait_until("the budget spent and the rest refused", Duration::from_secs(30), || {
+        let s = c.nodes[a].node_status();
+        s.requests == 8 * 16 && s.busy + 2 == 8 * 16
+    });
+    let mut most = 0;
+    wait_until("the stuck replies dropped", Duration::from_secs(60), || {
+        most = most.max(c.nodes[a].rss());
+        c.nodes[a].node_status().reply_bytes == 0
+    });
+    let s = c.nodes[a].node_status();
+    let grew = most.saturating_sub(before);
+    eprintln!(
+        "reply bytes held at most {} (budget {BUDGET}); vmtd grew by {} MiB at most ({} MiB before)",
+        s.reply_bytes_peak,
+        grew >> 20,
+        before >> 20
+    );
+    assert_eq!(s.reply_bytes_peak, BUDGET, "two 32 MiB replies fill the budget");
+    assert!(grew <= BUDGET + (32 << 20), "vmtd grew by {grew} bytes");
+    drop(sessions);
+    // The node serves a real peer as before.
+    let b = c.add_node("", &[]);
+    c.wait_meshed(&[a, b]);
+    c.wait_known(b, 512);
+    assert!(c.nodes[b].identical(&c.img));
+    let sb = settled(&c.nodes[b].env, "img");
+    assert_eq!(sb.bytes_from_origin, 0);
+    assert_eq!(sb.p2p.unwrap().bytes_from_peers, c.data.len() as u64);
 }

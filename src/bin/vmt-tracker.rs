@@ -25,6 +25,10 @@ struct Args {
     /// A node not heard from for this long is forgotten (three node heartbeats by default).
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     ttl: Duration,
+    /// Node names one IP address may have registered per image, and sessions it may hold open
+    /// (a node registers under its peer address; 1 to 4096).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    peers_per_address: u16,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,10 +45,10 @@ fn main() -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
-        let tracker = Tracker::new(&args.listen.to_string(), key, args.ttl);
+        let tracker = Tracker::new(&args.listen.to_string(), key, args.ttl, usize::from(args.peers_per_address));
         let (stop, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(tracker.run(listener, rx));
-        tracing::info!(listen = %args.listen, ttl = ?args.ttl, "tracker ready");
+        tracing::info!(listen = %args.listen, ttl = ?args.ttl, peers_per_address = args.peers_per_address, "tracker ready");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = term.recv() => {}

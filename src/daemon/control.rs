@@ -217,6 +217,15 @@ pub struct NodeP2pStatus {
     pub not_have: u64,
     /// Trackers that answered within the membership window (three heartbeats and a second).
     pub trackers_up: u64,
+    /// Peer sessions open to this node now.
+    #[serde(default)]
+    pub open_sessions: u64,
+    /// Bytes of replies to peers held now (reserved from `p2p.upload_buffer`), and the most
+    /// held at once since start.
+    #[serde(default)]
+    pub reply_bytes: u64,
+    #[serde(default)]
+    pub reply_bytes_peak: u64,
 }
 
 /// A response from the daemon.

@@ -4,7 +4,9 @@
 //! is every node some tracker named within the last three heartbeats. That window smooths over
 //! a tracker restart (its first answers list only the nodes that re-registered so far). When no
 //! tracker has answered within the window, members are left as they were: the node keeps using
-//! the peers it knows, and the origin.
+//! the peers it knows, and the origin. Of the names of one address, at most `peers_per_address`
+//! become members (the most recently named), so that no key holder makes this node dial more
+//! than that many ports of its own address, whatever it registers.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +21,7 @@ use super::image::PeerContext;
 use super::Daemon;
 use crate::config::P2pTuning;
 use crate::p2p::auth::ClusterKey;
+use crate::p2p::conn::node_host;
 use crate::p2p::server::{PeerExport, PeerLookup, PeerServer, UploadLimits};
 use crate::p2p::tracker::TrackerClient;
 use crate::p2p::wire::Bytes32;
@@ -38,6 +41,7 @@ pub struct Peers {
     pub ctx: PeerContext,
     pub server: Arc<PeerServer>,
     heartbeat: Duration,
+    per_address: usize,
     answers: Mutex<Answers>,
     trackers_up: AtomicU64,
 }
@@ -63,12 +67,19 @@ impl Peers {
             stripe: t.stripe,
             fanout: t.fanout,
         };
-        let limits = UploadLimits { slots: t.upload_slots, rate: t.upload_rate, max_queue: MAX_QUEUE };
+        let limits = UploadLimits {
+            slots: t.upload_slots,
+            rate: t.upload_rate,
+            max_queue: MAX_QUEUE,
+            buffer: t.upload_buffer,
+            per_address: t.peers_per_address,
+        };
         let server = PeerServer::new(&t.advertise, key, Arc::new(Lookup(daemon)), limits);
         Peers {
             ctx,
             server,
             heartbeat: t.heartbeat,
+            per_address: t.peers_per_address,
             answers: Mutex::new(Answers::default()),
             trackers_up: AtomicU64::new(0),
         }
@@ -84,6 +95,9 @@ impl Peers {
             requests: load(&s.requests),
             busy: load(&s.busy),
             not_have: load(&s.not_have),
+            open_sessions: load(&s.open),
+            reply_bytes: load(&s.buffered),
+            reply_bytes_peak: load(&s.buffered_peak),
             trackers_up: load(&self.trackers_up),
         }
     }
@@ -149,9 +163,45 @@ impl Peers {
         }
         for img in d.images.read().unwrap().values() {
             let Some(swarm) = &img.swarm else { continue };
-            let nodes: Vec<String> =
-                a.seen.get(&img.manifest.root().0).map(|m| m.keys().cloned().collect()).unwrap_or_default();
+            let nodes =
+                a.seen.get(&img.manifest.root().0).map(|m| per_address(m, self.per_address)).unwrap_or_default();
             swarm.set_members(&nodes);
         }
+    }
+}
+
+/// The names of `seen`, at most `limit` per address: the most recently named first, then by name.
+fn per_address(seen: &HashMap<String, Instant>, limit: usize) -> Vec<String> {
+    let mut by_host: HashMap<&str, Vec<(Instant, &String)>> = HashMap::new();
+    for (n, t) in seen {
+        by_host.entry(node_host(n)).or_default().push((*t, n));
+    }
+    let mut out = Vec::new();
+    for mut names in by_host.into_values() {
+        names.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
+        out.extend(names.into_iter().take(limit).map(|(_, n)| n.clone()));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_are_bounded_per_address() {
+        let t0 = Instant::now();
+        let mut seen: HashMap<String, Instant> = HashMap::new();
+        for p in 0..1000u32 {
+            seen.insert(format!("10.0.0.9:{p}"), t0 + Duration::from_millis(u64::from(p)));
+        }
+        seen.insert("10.0.0.1:7000".into(), t0);
+        seen.insert("[fd00::1]:7000".into(), t0);
+        let mut got = per_address(&seen, 8);
+        got.sort();
+        let mut want: Vec<String> = (992..1000).map(|p| format!("10.0.0.9:{p}")).collect();
+        want.extend(["10.0.0.1:7000".to_string(), "[fd00::1]:7000".to_string()]);
+        want.sort();
+        assert_eq!(got, want, "the 8 most recent of the crowded address, every other one");
     }
 }

@@ -9,11 +9,14 @@
 //!   Proof { proof_c }                ──▶   (checks proof_c; a wrong one closes the connection)
 //! ```
 
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::{TcpSocket, TcpStream};
 
 use super::auth::{nonce, ClusterKey, Role};
 use super::wire::{self, Bytes32, Frame, Message, WireError, HEADER_LEN};
@@ -111,6 +114,54 @@ pub fn check_node(node: &str) -> Result<(), ConnError> {
     } else {
         Err(ConnError::BadNode(node.chars().take(MAX_NODE_NAME).collect()))
     }
+}
+
+/// The host part of a node name (`10.0.0.5` of `10.0.0.5:7000`, `[fd00::5]` of
+/// `[fd00::5]:7000`): the whole name if it has no port.
+pub fn node_host(node: &str) -> &str {
+    node.rsplit_once(':').map_or(node, |(h, _)| h)
+}
+
+/// The IP address a node name stands for, if it is an IP socket address (`vmtd`'s names always
+/// are), IPv4-mapped IPv6 addresses as IPv4.
+pub fn node_ip(node: &str) -> Option<IpAddr> {
+    node.parse::<SocketAddr>().ok().map(|a| a.ip().to_canonical())
+}
+
+/// Opens a TCP connection to `addr` from the IP address of this node's name `me`, so that the
+/// other side sees it come from the address the name claims: peer servers and trackers refuse a
+/// name whose address is not the one the connection comes from. When that address is not local
+/// (a node behind NAT advertises another one) or not of the target's family, the kernel picks
+/// the source as usual.
+pub async fn connect_from(addr: &str, me: &str) -> std::io::Result<TcpStream> {
+    let from = node_ip(me).filter(|ip| !ip.is_unspecified());
+    let mut last = None;
+    for target in tokio::net::lookup_host(addr).await? {
+        let socket = if target.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        if let Some(ip) = from.filter(|ip| ip.is_ipv4() == target.is_ipv4()) {
+            // The port is chosen at connect time, per destination, not at bind time: binding
+            // does not use up the ephemeral ports of the address.
+            let one: libc::c_int = 1;
+            // SAFETY: a valid socket descriptor and a c_int option value of the given size.
+            unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::IP_BIND_ADDRESS_NO_PORT,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+            // An address that is not local: connect from whatever the route gives.
+            let _ = socket.bind(SocketAddr::new(ip, 0));
+        }
+        match socket.connect(target).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last
+        .unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{addr} resolves to no address"))))
 }
 
 /// The client side: proves itself to the server at the other end and checks the server's
@@ -217,6 +268,26 @@ mod tests {
         let _challenge = read_frame(&mut a).await.unwrap();
         write_frame(&mut a, &Frame::new(Message::Proof { proof: [0; 32] })).await.unwrap();
         assert!(matches!(server.await.unwrap(), Err(ConnError::Auth(_))));
+    }
+
+    #[test]
+    fn node_names_have_a_host_and_an_ip() {
+        assert_eq!(node_host("10.0.0.5:7000"), "10.0.0.5");
+        assert_eq!(node_host("[fd00::5]:7000"), "[fd00::5]");
+        assert_eq!(node_ip("[fd00::5]:7000"), Some("fd00::5".parse().unwrap()));
+        assert_eq!(node_ip("[::ffff:10.0.0.5]:7000"), Some("10.0.0.5".parse().unwrap()), "v4-mapped");
+        assert_eq!(node_ip("host.example:7000"), None);
+    }
+
+    #[tokio::test]
+    async fn connections_come_from_the_address_of_the_name() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        for (me, from) in [("127.0.0.2:7000", "127.0.0.2"), ("192.0.2.1:7000", "127.0.0.1")] {
+            let _c = connect_from(&addr, me).await.unwrap();
+            let (_, peer) = listener.accept().await.unwrap();
+            assert_eq!(peer.ip().to_string(), from, "{me}: not local, any source");
+        }
     }
 
     #[test]

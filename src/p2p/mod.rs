@@ -9,9 +9,11 @@
 //!                           └─ peer::PeerConn ══ wire frames, conn handshake ══▶ server::PeerServer
 //!   tracker::TrackerClient ── heartbeats ──▶ tracker::Tracker (soft state: who serves what)
 //! ```
-//! Every session starts with a mutual cluster-key challenge–response ([`auth`]); every chunk a
-//! peer sends is verified against the manifest before it is used.
+//! Every session starts with a mutual cluster-key challenge–response ([`auth`]), and is admitted
+//! only under a name that is the address it comes from, within per-name and per-address bounds
+//! ([`admit`]); every chunk a peer sends is verified against the manifest before it is used.
 
+pub mod admit;
 pub mod auth;
 pub mod conn;
 pub mod peer;

@@ -16,11 +16,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use roaring::RoaringBitmap;
 use tokio::io::AsyncBufReadExt;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use super::auth::ClusterKey;
-use super::conn::{client_handshake, read_frame_progressing, write_frame, ConnError};
+use super::conn::{client_handshake, connect_from, read_frame_progressing, write_frame, ConnError};
 use super::select::Selector;
 use super::wire::{Bytes32, Frame, Message};
 
@@ -76,7 +75,9 @@ impl PeerConn {
         // peer that cannot answer.
         let limit = stall.max(Duration::from_secs(1));
         let (s, name) = tokio::time::timeout(limit, async {
-            let mut s = TcpStream::connect(node).await?;
+            // From this node's own address: the peer admits only a name that is the address a
+            // session comes from.
+            let mut s = connect_from(node, me).await?;
             s.set_nodelay(true)?;
             let name = client_handshake(&mut s, key, me, image).await?;
             Ok::<_, ConnError>((s, name))

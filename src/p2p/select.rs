@@ -8,7 +8,13 @@
 //!    order they form a tree of fan-out `fanout` (the node at place i has the one at place
 //!    (i − 1) / fanout as parent), whose root reads the stripe from the origin and every other
 //!    node from its parent, which fetches it first if need be;
-//! 3. the origin, when this node is the root, or when its parent failed.
+//! 3. the origin, when this node is the root, or when a peer failed this run.
+//!
+//! A peer's answers have a cost, so that what it claims cannot make others skip the trees. A
+//! holder that answers `NotHave` for a run its have-map claimed loses the claim (for as long as
+//! this node knows it, a later have-map cannot bring it back) and the run goes to another holder
+//! or up the tree; a peer that answers `Busy`, or `NotHave` as a parent, is avoided for a while
+//! (250 ms, doubled per refusal in a row) and the run climbs to the parent the tree has without it.
 //!
 //! A node relays for a requester only if its own score for the stripe is higher: scores depend on
 //! names and stripes alone, not on who is a member, so every relay chain climbs strictly in
@@ -30,6 +36,11 @@ pub const FIRST_DOWN: Duration = Duration::from_millis(500);
 pub const MAX_DOWN: Duration = Duration::from_secs(30);
 /// How long a peer that served data not matching the manifest is banned.
 pub const BAN: Duration = Duration::from_secs(300);
+/// How long a peer that refused a request (`Busy`, or `NotHave` asked as a parent) is avoided at
+/// first; doubled per refusal in a row, up to [`MAX_DOWN`].
+pub const FIRST_REFUSED: Duration = Duration::from_millis(250);
+/// Most peers asked for one run before it goes to the origin.
+pub const MAX_TRIES: usize = 8;
 
 /// Where to read a run from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,16 +66,44 @@ pub enum Outcome {
     Corrupt,
 }
 
+/// The peers already asked for one run, and whether one of them failed (rather than answered
+/// `NotHave` or `Busy`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tried {
+    peers: Vec<String>,
+    failed: bool,
+}
+
+impl Tried {
+    /// `node` was asked, with this outcome.
+    pub fn add(&mut self, node: &str, outcome: Outcome) {
+        self.failed |= matches!(outcome, Outcome::Failed | Outcome::Corrupt);
+        self.peers.push(node.to_string());
+    }
+
+    pub fn contains(&self, node: &str) -> bool {
+        self.peers.iter().any(|p| p == node)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Peer {
     /// Listed by a tracker (or configured); non-members are never asked.
     member: bool,
     hash: u64,
     have: RoaringBitmap,
+    /// Chunks it claimed and then refused: never taken from its have-maps again.
+    disproved: RoaringBitmap,
     /// Requests in flight to it from this node.
     load: u32,
     down_until: Option<Instant>,
     failures: u32,
+    /// Refusals (`Busy`, or `NotHave` as a parent) since it last served.
+    refusals: u32,
     banned_until: Option<Instant>,
 }
 
@@ -150,9 +189,11 @@ impl Selector {
                     member: false,
                     hash: node_hash(n),
                     have: RoaringBitmap::new(),
+                    disproved: RoaringBitmap::new(),
                     load: 0,
                     down_until: None,
                     failures: 0,
+                    refusals: 0,
                     banned_until: None,
                 })
                 .member = true;
@@ -166,17 +207,17 @@ impl Selector {
         v
     }
 
-    /// A peer's full have-map arrived.
+    /// A peer's full have-map arrived (less what it claimed and refused before).
     pub fn have_full(&mut self, node: &str, have: RoaringBitmap) {
         if let Some(p) = self.peers.get_mut(node) {
-            p.have = have;
+            p.have = have - &p.disproved;
         }
     }
 
-    /// A peer gained chunks.
+    /// A peer gained chunks (less what it claimed and refused before).
     pub fn have_added(&mut self, node: &str, added: &RoaringBitmap) {
         if let Some(p) = self.peers.get_mut(node) {
-            p.have |= added;
+            p.have |= added - &p.disproved;
         }
     }
 
@@ -194,13 +235,18 @@ impl Selector {
     /// This node's parent in the tree of the stripe holding `chunk`, among usable members;
     /// `None` when this node is the root.
     pub fn parent(&self, chunk: u32, now: Instant) -> Option<&str> {
+        self.parent_without(chunk, now, &Tried::default())
+    }
+
+    /// This node's parent in the tree the stripe of `chunk` has without the peers of `tried`.
+    fn parent_without(&self, chunk: u32, now: Instant, tried: &Tried) -> Option<&str> {
         let stripe = chunk / self.stripe;
         let mine = score(self.me_hash, stripe);
         // Nodes ranked above this one, best first; this node's place is their count.
         let mut above: Vec<(u64, &str)> = self
             .peers
             .iter()
-            .filter(|(_, p)| Self::usable(p, now))
+            .filter(|(n, p)| Self::usable(p, now) && !tried.contains(n))
             .map(|(n, p)| (score(p.hash, stripe), n.as_str()))
             .filter(|&(s, n)| (s, n) > (mine, self.me.as_str()))
             .collect();
@@ -227,25 +273,31 @@ impl Selector {
     }
 
     /// Where to read `run` (one stripe at most, see [`Selector::split`]) from, avoiding the
-    /// peers in `exclude` (already tried for this run). Once a peer refused or failed this run
-    /// (`exclude` is not empty), it goes to a usable holder if there is one, else to the origin,
-    /// never to a parent: this read is late already, and climbing further could use up the
-    /// fetch's time before the origin gets its turn. A parent that failed is also marked down,
-    /// so later runs of its stripes go to the parent the tree has without it.
-    pub fn choose(&self, run: Range<u32>, now: Instant, exclude: &[String]) -> Choice {
+    /// peers already asked for it (`tried`). A usable holder first; else, while every peer
+    /// asked only refused (`NotHave`, `Busy`: quick answers), the parent the stripe's tree has
+    /// without them, which ranks above this node as every parent does, so the run still climbs
+    /// towards the one node that reads it from the origin. Once a peer failed this run (an
+    /// error, a stall, a timeout), it goes to a holder or the origin, never up the tree: this
+    /// read is late already, and climbing further could use up the fetch's time before the
+    /// origin gets its turn. A peer that failed is also marked down, so later runs of its
+    /// stripes go to the parent the tree has without it. After [`MAX_TRIES`] peers, the origin.
+    pub fn choose(&self, run: Range<u32>, now: Instant, tried: &Tried) -> Choice {
+        if tried.peers.len() >= MAX_TRIES {
+            return Choice::Origin;
+        }
         // Among equally loaded holders, each asker prefers a different one (a score of holder,
         // asker and stripe), so that a popular run's holders share the askers.
         let stripe = run.start / self.stripe;
         let holder = self
             .peers
             .iter()
-            .filter(|(n, p)| Self::usable(p, now) && !exclude.contains(n) && p.have.contains_range(run.clone()))
+            .filter(|(n, p)| Self::usable(p, now) && !tried.contains(n) && p.have.contains_range(run.clone()))
             .min_by_key(|(n, p)| (p.load, std::cmp::Reverse(score(p.hash ^ self.me_hash, stripe)), n.as_str()));
         if let Some((n, _)) = holder {
             return Choice::Peer { node: n.clone(), parent: false };
         }
-        match self.parent(run.start, now) {
-            Some(n) if exclude.is_empty() => Choice::Peer { node: n.to_string(), parent: true },
+        match self.parent_without(run.start, now, tried) {
+            Some(n) if !tried.failed => Choice::Peer { node: n.to_string(), parent: true },
             _ => Choice::Origin,
         }
     }
@@ -256,16 +308,28 @@ impl Selector {
         }
     }
 
-    /// Records how a request to `node` ended.
-    pub fn finished(&mut self, node: &str, outcome: Outcome, now: Instant) {
+    /// Records how a request to `node` for `run` ended.
+    pub fn finished(&mut self, node: &str, run: Range<u32>, outcome: Outcome, now: Instant) {
         let Some(p) = self.peers.get_mut(node) else { return };
         p.load = p.load.saturating_sub(1);
+        let refused = |p: &mut Peer| {
+            p.refusals = p.refusals.saturating_add(1);
+            let pause = FIRST_REFUSED.saturating_mul(1 << (p.refusals - 1).min(16)).min(MAX_DOWN);
+            p.down_until = Some(p.down_until.map_or(now + pause, |t| t.max(now + pause)));
+        };
         match outcome {
             Outcome::Served => {
                 p.failures = 0;
+                p.refusals = 0;
                 p.down_until = None;
+                p.disproved.remove_range(run);
             }
-            Outcome::NotHave | Outcome::Busy => {}
+            // It claimed the run and does not have it: the claim goes, for good.
+            Outcome::NotHave if !run.is_empty() && p.have.contains_range(run.clone()) => {
+                p.have.remove_range(run.clone());
+                p.disproved.insert_range(run);
+            }
+            Outcome::NotHave | Outcome::Busy => refused(p),
             Outcome::Failed => {
                 // Every failed request counts, also the several one outage fails at once: a peer
                 // that dies mid-storm reaches a long backoff at once instead of being retried
@@ -290,7 +354,7 @@ impl Selector {
     /// Marks a peer down without a request (its connection could not be made).
     pub fn unreachable(&mut self, node: &str, now: Instant) {
         self.started(node);
-        self.finished(node, Outcome::Failed, now);
+        self.finished(node, 0..0, Outcome::Failed, now);
     }
 
     /// Whether `node` is a member that may be asked now (not backing off, not banned).
@@ -328,6 +392,19 @@ mod tests {
         (0..n).map(|i| format!("10.0.0.{}:7000", 10 + i)).collect()
     }
 
+    /// `nodes` tried, each with `how`.
+    fn tried(nodes: &[&String], how: Outcome) -> Tried {
+        let mut t = Tried::default();
+        for n in nodes {
+            t.add(n, how);
+        }
+        t
+    }
+
+    fn none() -> Tried {
+        Tried::default()
+    }
+
     fn cluster(n: usize, stripe: u32, fanout: u32) -> Vec<Selector> {
         let names = nodes(n);
         names
@@ -359,7 +436,10 @@ mod tests {
                 children[p] += 1;
                 assert!(c[p].relays_for(chunk, &names[i]), "a parent relays for its children");
                 assert!(!s.relays_for(chunk, &names[p]), "never the other way round");
-                assert_eq!(s.choose(chunk..chunk + 4, now, &[]), Choice::Peer { node: names[p].clone(), parent: true });
+                assert_eq!(
+                    s.choose(chunk..chunk + 4, now, &none()),
+                    Choice::Peer { node: names[p].clone(), parent: true }
+                );
                 // Climbing from any node reaches the root within log_fanout(n) + 1 hops.
                 let (mut at, mut hops) = (i, 0);
                 while let Some(up) = c[at].parent(chunk, now) {
@@ -370,7 +450,7 @@ mod tests {
                 assert_eq!(at, root[0]);
             }
             assert!(children.iter().all(|&k| k <= fanout), "fan-out bounded: {children:?}");
-            assert_eq!(c[root[0]].choose(chunk..chunk + 1, now, &[]), Choice::Origin);
+            assert_eq!(c[root[0]].choose(chunk..chunk + 1, now, &none()), Choice::Origin);
         }
         assert!(roots.iter().all(|&r| (50..=150).contains(&r)), "roots are spread: {roots:?}");
     }
@@ -385,13 +465,13 @@ mod tests {
         s.have_full(&names[1], have.clone());
         s.have_full(&names[2], have);
         s.started(&names[1]);
-        assert_eq!(s.choose(0..4, now, &[]), Choice::Peer { node: names[2].clone(), parent: false });
+        assert_eq!(s.choose(0..4, now, &none()), Choice::Peer { node: names[2].clone(), parent: false });
         assert_eq!(
-            s.choose(0..4, now, std::slice::from_ref(&names[2])),
+            s.choose(0..4, now, &tried(&[&names[2]], Outcome::Busy)),
             Choice::Peer { node: names[1].clone(), parent: false }
         );
         // Not all of the run: the have-map does not count.
-        assert!(matches!(s.choose(6..10, now, &[]), Choice::Origin | Choice::Peer { parent: true, .. }));
+        assert!(matches!(s.choose(6..10, now, &none()), Choice::Origin | Choice::Peer { parent: true, .. }));
     }
 
     #[test]
@@ -410,10 +490,10 @@ mod tests {
         let mut s = all.swap_remove(0);
         let parent = s.parent(chunk, t0).unwrap().to_string();
         s.started(&parent);
-        s.finished(&parent, Outcome::Failed, t0);
+        s.finished(&parent, chunk..chunk + 1, Outcome::Failed, t0);
         assert!(s.parent(chunk, t0).is_some(), "the tree without the failed parent still has one");
-        assert_eq!(s.choose(chunk..chunk + 1, t0, &[parent]), Choice::Origin);
-        assert!(matches!(s.choose(chunk..chunk + 1, t0, &[]), Choice::Peer { parent: true, .. }));
+        assert_eq!(s.choose(chunk..chunk + 1, t0, &tried(&[&parent], Outcome::Failed)), Choice::Origin);
+        assert!(matches!(s.choose(chunk..chunk + 1, t0, &none()), Choice::Peer { parent: true, .. }));
     }
 
     #[test]
@@ -425,23 +505,128 @@ mod tests {
         // A stripe whose root is the other node.
         let chunk = (0..1000).find(|&c| !s.is_root(c, t0)).unwrap();
         s.started(&names[1]);
-        s.finished(&names[1], Outcome::Failed, t0);
-        assert_eq!(s.choose(chunk..chunk + 1, t0, &[]), Choice::Origin, "down peer skipped");
+        s.finished(&names[1], chunk..chunk + 1, Outcome::Failed, t0);
+        assert_eq!(s.choose(chunk..chunk + 1, t0, &none()), Choice::Origin, "down peer skipped");
         assert!(s.is_root(chunk, t0));
         let back = t0 + FIRST_DOWN;
         // A tried peer (here the parent itself) sends the run to the origin, not up the tree.
-        assert_eq!(s.choose(chunk..chunk + 1, back, std::slice::from_ref(&names[1])), Choice::Origin);
-        assert_eq!(s.choose(chunk..chunk + 1, back, &[]), Choice::Peer { node: names[1].clone(), parent: true });
+        assert_eq!(s.choose(chunk..chunk + 1, back, &tried(&[&names[1]], Outcome::Failed)), Choice::Origin);
+        assert_eq!(s.choose(chunk..chunk + 1, back, &none()), Choice::Peer { node: names[1].clone(), parent: true });
         s.unreachable(&names[1], back);
-        assert_eq!(s.choose(chunk..chunk + 1, back + FIRST_DOWN, &[]), Choice::Origin, "second failure: longer");
-        assert!(s.choose(chunk..chunk + 1, back + FIRST_DOWN * 2, &[]) != Choice::Origin);
+        assert_eq!(s.choose(chunk..chunk + 1, back + FIRST_DOWN, &none()), Choice::Origin, "second failure: longer");
+        assert!(s.choose(chunk..chunk + 1, back + FIRST_DOWN * 2, &none()) != Choice::Origin);
 
-        s.finished(&names[1], Outcome::Corrupt, t0);
+        s.finished(&names[1], 0..0, Outcome::Corrupt, t0);
         assert!(s.is_banned(&names[1], t0 + Duration::from_secs(10)));
         s.set_members(names.iter().map(String::as_str));
         assert!(s.is_banned(&names[1], t0 + Duration::from_secs(10)), "re-registering does not lift a ban");
         assert_eq!(s.summary(t0).bans_total, 1);
-        assert_eq!(s.choose(chunk..chunk + 1, t0 + Duration::from_secs(10), &[]), Choice::Origin);
+        assert_eq!(s.choose(chunk..chunk + 1, t0 + Duration::from_secs(10), &none()), Choice::Origin);
+    }
+
+    /// A chunk of a stripe in which, at fan-out 1 (each tree a chain), node 0 of `c` is at
+    /// least `depth` places below the root; and node 0's ancestors there, nearest first.
+    fn deep_chunk(c: &[Selector], depth: usize, now: Instant) -> (u32, Vec<String>) {
+        let names: Vec<String> = c.iter().map(|s| s.me().to_string()).collect();
+        let ancestors = |chunk: u32| {
+            let mut up = Vec::new();
+            let mut at = 0;
+            while let Some(p) = c[at].parent(chunk, now) {
+                up.push(p.to_string());
+                at = names.iter().position(|n| n == p).unwrap();
+            }
+            up
+        };
+        let chunk = (0..10_000).find(|&ch| ancestors(ch).len() >= depth).unwrap();
+        (chunk, ancestors(chunk))
+    }
+
+    #[test]
+    fn a_holder_that_refuses_what_it_claims_loses_the_claim_and_the_run_climbs() {
+        let now = Instant::now();
+        let c = cluster(4, 1, 1);
+        let (chunk, up) = deep_chunk(&c, 2, now);
+        let mut s = c[0].clone();
+        let names = nodes(4);
+        // The liar claims every chunk; it is not this node's parent in the chunk's stripe.
+        let liar = names[1..].iter().find(|n| **n != up[0]).unwrap().clone();
+        let all: RoaringBitmap = (0..10_000).collect();
+        s.have_full(&liar, all.clone());
+        let run = chunk..chunk + 1;
+        assert_eq!(s.choose(run.clone(), now, &none()), Choice::Peer { node: liar.clone(), parent: false });
+        s.started(&liar);
+        s.finished(&liar, run.clone(), Outcome::NotHave, now);
+        // The run climbs to this node's parent, not to the origin; the liar is not paused (it
+        // may still serve what it holds), but is no longer asked for this run.
+        let refused = tried(&[&liar], Outcome::NotHave);
+        assert_eq!(s.choose(run.clone(), now, &refused), Choice::Peer { node: up[0].clone(), parent: true });
+        assert_eq!(s.choose(run.clone(), now, &none()), Choice::Peer { node: up[0].clone(), parent: true });
+        assert!(s.usable_now(&liar, now));
+        // A new have-map (a new session, a delta) cannot bring the claim back; others stay.
+        s.have_full(&liar, all.clone());
+        s.have_added(&liar, &all);
+        assert_eq!(s.choose(run.clone(), now, &none()), Choice::Peer { node: up[0].clone(), parent: true });
+        let other = (chunk + 1)..(chunk + 2);
+        assert_eq!(s.choose(other, now, &none()), Choice::Peer { node: liar.clone(), parent: false });
+        // Serving the run proves it: the claim counts again.
+        s.started(&liar);
+        s.finished(&liar, run.clone(), Outcome::Served, now);
+        s.have_added(&liar, &all);
+        assert_eq!(s.choose(run, now, &none()), Choice::Peer { node: liar, parent: false });
+    }
+
+    #[test]
+    fn a_refusing_parent_is_avoided_and_the_run_climbs_past_it() {
+        let t0 = Instant::now();
+        let c = cluster(5, 1, 1);
+        let (chunk, up) = deep_chunk(&c, 3, t0);
+        let mut s = c[0].clone();
+        let run = chunk..chunk + 1;
+        for how in [Outcome::NotHave, Outcome::Busy] {
+            assert_eq!(s.choose(run.clone(), t0, &none()), Choice::Peer { node: up[0].clone(), parent: true });
+            s.started(&up[0]);
+            s.finished(&up[0], run.clone(), how, t0);
+            // The tree without the refusing parent: the next node up is this node's parent.
+            let refused = tried(&[&up[0]], how);
+            assert_eq!(s.choose(run.clone(), t0, &refused), Choice::Peer { node: up[1].clone(), parent: true });
+            // And for a while, for every run: it is avoided (its have-map kept).
+            assert!(!s.usable_now(&up[0], t0));
+            assert_eq!(s.choose(run.clone(), t0, &none()), Choice::Peer { node: up[1].clone(), parent: true });
+            // Past it, the run climbs on; once a peer failed, it goes to the origin.
+            let mut both = refused.clone();
+            both.add(&up[1], Outcome::Busy);
+            assert_eq!(s.choose(run.clone(), t0, &both), Choice::Peer { node: up[2].clone(), parent: true });
+            let mut failed = refused.clone();
+            failed.add(&up[1], Outcome::Failed);
+            assert_eq!(s.choose(run.clone(), t0, &failed), Choice::Origin);
+            s.finished(&up[0], run.clone(), Outcome::Served, t0);
+        }
+        // Refusals in a row: avoided twice as long each time, until it serves again.
+        for k in 0..3u32 {
+            s.finished(&up[0], run.clone(), Outcome::Busy, t0);
+            let pause = FIRST_REFUSED * 2u32.pow(k);
+            assert!(!s.usable_now(&up[0], t0 + pause - Duration::from_millis(1)));
+            assert!(s.usable_now(&up[0], t0 + pause));
+        }
+        s.finished(&up[0], run.clone(), Outcome::Served, t0);
+        s.finished(&up[0], run, Outcome::Busy, t0);
+        assert!(s.usable_now(&up[0], t0 + FIRST_REFUSED));
+    }
+
+    #[test]
+    fn after_max_tries_peers_a_run_goes_to_the_origin() {
+        let now = Instant::now();
+        let names = nodes(MAX_TRIES + 2);
+        let mut s = cluster(MAX_TRIES + 2, 1, 4).remove(0);
+        for n in &names[1..] {
+            s.have_full(n, (0..10).collect());
+        }
+        let mut t = none();
+        for _ in 0..MAX_TRIES {
+            let Choice::Peer { node, parent: false } = s.choose(0..1, now, &t) else { panic!("a holder") };
+            t.add(&node, Outcome::Busy);
+        }
+        assert_eq!(s.choose(0..1, now, &t), Choice::Origin, "one holder left, but enough tries");
     }
 
     #[test]
@@ -453,14 +638,16 @@ mod tests {
     }
 
     proptest! {
-        /// However views differ (nodes missing from some member lists, some peers down), every
-        /// choice names a member that is usable and not excluded, or the origin; and a chosen
-        /// parent always agrees to relay for this node, so requests climb and never loop.
+        /// However views differ (nodes missing from some member lists, some peers down), and
+        /// whatever peers were tried and how they answered, every choice names a member that is
+        /// usable and not tried, or the origin; and a chosen parent always agrees to relay for
+        /// this node, so requests climb and never loop.
         #[test]
         fn choices_are_always_usable_and_parents_accept(
             n in 2usize..12, missing in proptest::collection::vec(any::<bool>(), 12),
             down in proptest::collection::vec(any::<bool>(), 12), chunk in 0u32..10_000,
-            stripe in 1u32..64, fanout in 1u32..6
+            stripe in 1u32..64, fanout in 1u32..6,
+            asked in proptest::collection::vec((0usize..12, 0usize..3), 0..4)
         ) {
             let now = Instant::now();
             let names = nodes(n);
@@ -471,12 +658,20 @@ mod tests {
                     s.unreachable(name, now);
                 }
             }
-            let exclude = vec![names[n - 1].clone()];
-            match s.choose(chunk..chunk + 1, now, &exclude) {
+            let mut t = none();
+            for (i, how) in asked {
+                let how = [Outcome::NotHave, Outcome::Busy, Outcome::Failed][how];
+                let node = &names[i % n];
+                s.started(node);
+                s.finished(node, chunk..chunk + 1, how, now);
+                t.add(node, how);
+            }
+            match s.choose(chunk..chunk + 1, now, &t) {
                 Choice::Origin => {}
                 Choice::Peer { node, parent } => {
                     let i = names.iter().position(|x| *x == node).unwrap();
-                    prop_assert!(i != 0 && !missing[i] && !down[i] && node != exclude[0]);
+                    prop_assert!(i != 0 && !missing[i] && !down[i] && !t.contains(&node));
+                    prop_assert!(s.usable_now(&node, now));
                     if parent {
                         let p = Selector::new(&node, stripe, fanout);
                         prop_assert!(p.relays_for(chunk, &names[0]));

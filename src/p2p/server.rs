@@ -5,9 +5,13 @@
 //! dropped), then the full have-map, then have-deltas as chunks arrive, and pings while a request
 //! is in progress with nothing else to send; a quiet session sends nothing.
 //! Requests are served concurrently; uploads are capped node-wide in concurrency and bytes per
-//! second, and a session with too many requests queued gets `Busy`. Any malformed frame or
-//! out-of-range request ends that session only.
+//! second. Each reply reserves its bytes from a node-wide budget as its request arrives, before
+//! anything is read or fetched, and keeps them until its frame is written: a request that finds
+//! the budget (or its session's share of it) spent, or too many requests queued, gets `Busy` at
+//! once. Sessions are admitted per name and per address ([`super::admit`]). Any malformed frame
+//! or out-of-range request ends that session only.
 
+use std::net::IpAddr;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,6 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use super::admit::{Admission, Admitted, Handshaking};
 use super::auth::ClusterKey;
 use super::conn::{read_frame_within, server_handshake, write_frame, ConnError, MAX_HANDSHAKES, SMALL_FRAME};
 use super::wire::{Bytes32, Frame, Message, MAX_TAIL};
@@ -90,16 +95,58 @@ pub struct UploadLimits {
     pub rate: Option<u64>,
     /// Requests one session may have queued before it gets `Busy`.
     pub max_queue: usize,
+    /// Bytes of replies held at once, node-wide, from their request's arrival until written;
+    /// one session may hold a quarter of them (plus one reply).
+    pub buffer: u64,
+    /// Node names one IP address may hold sessions under, and handshakes in progress from it.
+    pub per_address: usize,
 }
+
+/// Largest reply budget: semaphore permits are counted in `u32`.
+pub const MAX_BUFFER: u64 = 2 << 30;
 
 /// Counters of the peer server.
 #[derive(Debug, Default)]
 pub struct ServerStats {
+    /// Sessions admitted since start.
     pub sessions: AtomicU64,
+    /// Sessions admitted and not ended yet.
+    pub open: AtomicU64,
     pub refused: AtomicU64,
     pub requests: AtomicU64,
     pub busy: AtomicU64,
     pub not_have: AtomicU64,
+    /// Bytes of replies reserved now, and the most ever reserved at once.
+    pub buffered: AtomicU64,
+    pub buffered_peak: AtomicU64,
+}
+
+/// The bytes of one reply, reserved from the node's budget and its session's share from the
+/// request's arrival until the reply's frame is written (or dropped with its session).
+struct Reservation {
+    _budget: OwnedSemaphorePermit,
+    server: Arc<PeerServer>,
+    session: Arc<AtomicU64>,
+    bytes: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.session.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.server.stats.buffered.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// What a frame on its way out holds until it is written: a reply's upload slot and bytes.
+type Held = Option<(OwnedSemaphorePermit, Reservation)>;
+
+/// Counts a session as open while it lives.
+struct Open(Arc<PeerServer>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The node's peer server.
@@ -109,6 +156,9 @@ pub struct PeerServer {
     lookup: Arc<dyn PeerLookup>,
     limits: UploadLimits,
     slots: Arc<Semaphore>,
+    /// The reply budget, in bytes (see [`UploadLimits::buffer`]).
+    budget: Arc<Semaphore>,
+    admission: Arc<Admission>,
     /// When the upload link is next free under the rate cap.
     next_free: Mutex<Instant>,
     stats: ServerStats,
@@ -131,6 +181,8 @@ impl PeerServer {
             lookup,
             limits,
             slots: Arc::new(Semaphore::new(limits.slots.max(1))),
+            budget: Arc::new(Semaphore::new(limits.buffer.clamp(1, MAX_BUFFER) as usize)),
+            admission: Admission::new(limits.per_address),
             next_free: Mutex::new(Instant::now()),
             stats: ServerStats::default(),
             corrupt,
@@ -146,8 +198,8 @@ impl PeerServer {
         let sessions = Arc::new(Semaphore::new(MAX_SESSIONS));
         let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
         loop {
-            let s = tokio::select! {
-                r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+            let (s, from) = tokio::select! {
+                r = listener.accept() => match r { Ok((s, a)) => (s, a.ip()), Err(_) => continue },
                 _ = shutdown.wait_for(|v| *v) => return,
             };
             let (Ok(permit), Ok(shaking)) =
@@ -157,28 +209,49 @@ impl PeerServer {
                 tracing::warn!("too many peer sessions or handshakes; connection refused");
                 continue;
             };
+            let from_here = match self.admission.handshake(from) {
+                Ok(h) => h,
+                Err(e) => {
+                    self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "peer connection refused");
+                    continue;
+                }
+            };
             let me = self.clone();
             let mut stop = shutdown.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 tokio::select! {
-                    _ = me.session(s, shaking) => {}
+                    _ = me.session(s, from, (shaking, from_here)) => {}
                     _ = stop.wait_for(|v| *v) => {}
                 }
             });
         }
     }
 
-    async fn session(self: Arc<Self>, mut s: TcpStream, shaking: OwnedSemaphorePermit) {
+    /// Admits a session that proved `node` for `image`, or says why not.
+    fn admit(&self, from: IpAddr, node: &str, image: Bytes32) -> Option<Admitted> {
+        match self.admission.admit(from, node, image) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "peer session refused");
+                None
+            }
+        }
+    }
+
+    /// One connection from `from`, in its handshake (`shaking`: its places among the handshakes
+    /// in progress) and then its session.
+    async fn session(self: Arc<Self>, mut s: TcpStream, from: IpAddr, shaking: (OwnedSemaphorePermit, Handshaking)) {
         let _ = s.set_nodelay(true);
-        let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
         let handshake = server_handshake(&mut s, &self.key, &self.me).await;
         drop(shaking);
         let auth = match handshake {
             Ok(a) => a,
             Err(e) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, error = %e, "peer session refused");
+                tracing::warn!(peer = %from, error = %e, "peer session refused");
                 return;
             }
         };
@@ -186,24 +259,30 @@ impl PeerServer {
             tracing::debug!(peer = %auth.node, "peer asked for an image not served here");
             return;
         };
+        let Some(admitted) = self.admit(from, &auth.node, auth.image) else { return };
         self.stats.sessions.fetch_add(1, Ordering::Relaxed);
+        self.stats.open.fetch_add(1, Ordering::Relaxed);
+        let _open = Open(self.clone());
         let (rd, mut wr) = s.into_split();
         // Requests are small: one read takes in several.
         let mut rd = tokio::io::BufReader::with_capacity(4096, rd);
-        let (tx, mut rx) = mpsc::channel::<(Frame, Option<OwnedSemaphorePermit>)>(64);
+        let (tx, mut rx) = mpsc::channel::<(Frame, Held)>(64);
         let writer_gone = Arc::new(tokio::sync::Notify::new());
         let gone = writer_gone.clone();
         let writer = tokio::spawn(async move {
-            while let Some((f, permit)) = rx.recv().await {
+            while let Some((f, held)) = rx.recv().await {
                 match tokio::time::timeout(WRITE_TIMEOUT, write_frame(&mut wr, &f)).await {
-                    Ok(Ok(())) => drop(permit),
+                    Ok(Ok(())) => drop(held),
                     _ => break,
                 }
             }
-            // Frames still queued, and their upload slots, go with the channel.
+            // Frames still queued, their upload slots and their bytes, go with the channel.
             drop(rx);
             gone.notify_one();
         });
+        // Bytes of replies this session holds: at most a quarter of the budget, plus one reply.
+        let share = self.limits.buffer.clamp(1, MAX_BUFFER) / 4;
+        let reserved = Arc::new(AtomicU64::new(0));
         let queued = Arc::new(AtomicUsize::new(0));
         let requested = Arc::new(tokio::sync::Notify::new());
         // Aborted however the session ends (also when dropped at shutdown): a quiet announcer
@@ -216,6 +295,7 @@ impl PeerServer {
                 r = read_frame_within(&mut rd, SMALL_FRAME) => r,
                 _ = writer_gone.notified() => break "the peer stopped reading".to_string(),
                 _ = removed.wait_for(|v| *v) => break "the image is no longer served".to_string(),
+                _ = admitted.replaced() => break "replaced by a newer session of the same node".to_string(),
             };
             let (id, first, count) = match read {
                 Ok(Frame { msg: Message::Request { id, first, count }, .. }) => (id, first, count),
@@ -223,16 +303,18 @@ impl PeerServer {
                 Err(e) => break e.to_string(),
             };
             let run = first..first.saturating_add(count);
-            let fits = count > 0 && export.run_len(run.clone()).is_some_and(|n| n <= u64::from(MAX_TAIL));
-            if !fits {
+            let Some(len) = export.run_len(run.clone()).filter(|n| count > 0 && *n <= u64::from(MAX_TAIL)) else {
                 break format!("request for chunks {first}+{count} is out of range");
-            }
+            };
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            if queued.load(Ordering::Relaxed) >= self.limits.max_queue {
+            let bytes = (queued.load(Ordering::Relaxed) < self.limits.max_queue)
+                .then(|| self.reserve(len, &reserved, share))
+                .flatten();
+            let Some(bytes) = bytes else {
                 self.stats.busy.fetch_add(1, Ordering::Relaxed);
                 let _ = tx.send((Frame::new(Message::Busy { id }), None)).await;
                 continue;
-            }
+            };
             if queued.fetch_add(1, Ordering::Relaxed) == 0 {
                 requested.notify_one();
             }
@@ -240,14 +322,34 @@ impl PeerServer {
             let requester = auth.node.clone();
             tokio::spawn(async move {
                 let _slot = slot;
-                me.reply(export, id, run, &requester, &tx).await;
+                me.reply(export, id, run, &requester, bytes, &tx).await;
             });
         };
         tracing::debug!(peer = %auth.node, reason = %why, "peer session ended");
+        // Its place goes to the next session of this node (a replacing one has it already).
+        drop(admitted);
         drop(announcer);
         drop(tx);
-        // Replies still being prepared hold senders; the writer ends when the last is done.
+        // Replies still being prepared hold senders (and their bytes, within the budget); the
+        // writer ends when the last is done.
         let _ = writer.await;
+    }
+
+    /// Reserves `len` bytes for one reply of a session that holds `reserved` bytes already, or
+    /// `None` (the request gets `Busy`) when the session holds its `share` or the node's budget
+    /// is spent. Never waits: a reply may hold its bytes across a relay that waits on other
+    /// nodes, and a wait for bytes held that way could close a cycle of waits between nodes.
+    fn reserve(self: &Arc<Self>, len: u64, reserved: &Arc<AtomicU64>, share: u64) -> Option<Reservation> {
+        if reserved.load(Ordering::Relaxed) >= share {
+            return None;
+        }
+        // A reply longer than the whole budget takes all of it.
+        let bytes = len.clamp(1, self.limits.buffer.clamp(1, MAX_BUFFER));
+        let permit = self.budget.clone().try_acquire_many_owned(u32::try_from(bytes).ok()?).ok()?;
+        reserved.fetch_add(bytes, Ordering::Relaxed);
+        let now = self.stats.buffered.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.stats.buffered_peak.fetch_max(now, Ordering::Relaxed);
+        Some(Reservation { _budget: permit, server: self.clone(), session: reserved.clone(), bytes })
     }
 
     async fn reply(
@@ -256,10 +358,13 @@ impl PeerServer {
         id: u32,
         run: Range<u32>,
         requester: &str,
-        tx: &mpsc::Sender<(Frame, Option<OwnedSemaphorePermit>)>,
+        bytes_held: Reservation,
+        tx: &mpsc::Sender<(Frame, Held)>,
     ) {
-        // A reply from the cache takes its upload slot before reading, so replies waiting for a
-        // slot hold no chunk bytes; one this node must fetch first takes it after.
+        // The reply's bytes are reserved already. From the cache, it takes its upload slot
+        // before reading, so replies waiting for a slot read nothing yet. Fetched for the asker
+        // (a relay), it takes its slot once the bytes are here: slots are waited for, and a
+        // slot held across a wait on other nodes could close a cycle of waits between them.
         let early = if export.holds(run.clone()) {
             Some(self.slots.clone().acquire_owned().await.expect("semaphore never closed"))
         } else {
@@ -267,6 +372,7 @@ impl PeerServer {
         };
         let Some(bytes) = export.serve(run, requester).await else {
             self.stats.not_have.fetch_add(1, Ordering::Relaxed);
+            drop(bytes_held);
             let _ = tx.send((Frame::new(Message::NotHave { id }), None)).await;
             return;
         };
@@ -285,7 +391,7 @@ impl PeerServer {
             bytes
         };
         let n = bytes.len() as u64;
-        if tx.send((Frame::with_tail(Message::Data { id }, bytes), Some(permit))).await.is_ok() {
+        if tx.send((Frame::with_tail(Message::Data { id }, bytes), Some((permit, bytes_held)))).await.is_ok() {
             export.uploaded(n);
         }
     }
@@ -308,7 +414,7 @@ impl PeerServer {
 /// session is looked at every [`QUIET_INTERVAL`], or at once when a request arrives.
 async fn announce(
     export: Arc<dyn PeerExport>,
-    tx: mpsc::Sender<(Frame, Option<OwnedSemaphorePermit>)>,
+    tx: mpsc::Sender<(Frame, Held)>,
     queued: Arc<AtomicUsize>,
     requested: Arc<tokio::sync::Notify>,
 ) {

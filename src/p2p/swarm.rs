@@ -1,7 +1,7 @@
 //! The peer-aware source of one image: a [`ChunkSource`] that reads each run from the source the
 //! [`Selector`] picks (a peer holding it, this node's parent in the stripe's relay tree, or the
-//! origin) and falls back to
-//! the next one when a peer refuses, fails, stalls or lies.
+//! origin) and falls back to the next one when a peer refuses, fails, stalls or lies: a refused
+//! run still climbs the stripe's tree, a failed one goes to a holder or the origin.
 //!
 //! Peer data is verified against the manifest here, chunk by chunk, before it goes anywhere: a
 //! mismatch drops the data, bans the peer and reads the run elsewhere. Origin bytes are passed
@@ -19,7 +19,7 @@ use bytes::Bytes;
 
 use super::auth::ClusterKey;
 use super::peer::{PeerConn, Refusal};
-use super::select::{Choice, Outcome, Selector, Summary};
+use super::select::{Choice, Outcome, Selector, Summary, Tried};
 use super::wire::Bytes32;
 use crate::fetch::{BoxFuture, ChunkSource, SourceError};
 use crate::image::{ChunkIdx, Manifest};
@@ -219,7 +219,7 @@ impl Swarm {
                 tracing::error!(peer = node, "peer sent data that does not match the manifest; banned");
             }
         }
-        self.selector.lock().unwrap().finished(node, how, Instant::now());
+        self.selector.lock().unwrap().finished(node, run, how, Instant::now());
         outcome
     }
 
@@ -256,7 +256,7 @@ impl Swarm {
     /// Reads one stripe's piece of a run from the best source that answers; true when the
     /// bytes came from a peer (and were verified here).
     async fn read_piece(&self, run: Range<u32>) -> Result<(Bytes, bool), SourceError> {
-        let mut tried: Vec<String> = Vec::new();
+        let mut tried = Tried::default();
         loop {
             let choice = self.selector.lock().unwrap().choose(run.clone(), Instant::now(), &tried);
             match choice {
@@ -277,7 +277,7 @@ impl Swarm {
                         self.stats.bytes_from_peers.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                         return Ok((bytes, true));
                     }
-                    Err(_) => tried.push(node),
+                    Err(how) => tried.add(&node, how),
                 },
             }
         }

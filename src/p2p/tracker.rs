@@ -3,8 +3,14 @@
 //! registration is answered with the other live nodes of that image. A node not heard from for
 //! `ttl` is forgotten. Restarting a tracker loses nothing that the next heartbeats do not
 //! restore, and nodes may register with several trackers and use the union of their answers.
+//!
+//! A node registers under the name it proved, which must be an address of the machine it
+//! connects from ([`super::admit`]), and an address has at most `per_address` names registered
+//! per image and sessions open: a holder of the cluster key cannot make the nodes dial other
+//! machines, nor more than `per_address` ports of its own.
 
 use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,9 +18,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::admit::Admission;
 use super::auth::ClusterKey;
 use super::conn::{
-    client_handshake, read_frame_within, server_handshake, write_frame, ConnError, MAX_HANDSHAKES, SMALL_FRAME,
+    client_handshake, connect_from, node_host, read_frame_within, server_handshake, write_frame, ConnError,
+    MAX_HANDSHAKES, SMALL_FRAME,
 };
 use super::wire::{Bytes32, Frame, Message, MAX_MSG};
 
@@ -29,6 +37,9 @@ pub struct Tracker {
     me: String,
     key: ClusterKey,
     ttl: Duration,
+    /// Names one address may have registered per image, and sessions open.
+    per_address: usize,
+    admission: Arc<Admission>,
     nodes: Mutex<Table>,
 }
 
@@ -40,11 +51,22 @@ struct Table {
 }
 
 impl Tracker {
-    pub fn new(me: &str, key: ClusterKey, ttl: Duration) -> Arc<Tracker> {
-        Arc::new(Tracker { me: me.into(), key, ttl, nodes: Mutex::new(Table::default()) })
+    /// A tracker named `me` (its listening address) that hands out nodes heard from within
+    /// `ttl`, at most `per_address` names of each address per image.
+    pub fn new(me: &str, key: ClusterKey, ttl: Duration, per_address: usize) -> Arc<Tracker> {
+        let per_address = per_address.max(1);
+        Arc::new(Tracker {
+            me: me.into(),
+            key,
+            ttl,
+            per_address,
+            admission: Admission::new(per_address),
+            nodes: Mutex::new(Table::default()),
+        })
     }
 
-    /// Records `node` for `image` and returns the other live nodes of `image`.
+    /// Records `node` for `image` and returns the other live nodes of `image`. A new name is
+    /// not recorded (but answered) while `per_address` live names of its address are.
     pub fn register(&self, image: Bytes32, node: &str, now: Instant) -> Vec<String> {
         let mut table = self.nodes.lock().unwrap();
         let ttl = self.ttl;
@@ -67,7 +89,9 @@ impl Tracker {
             tracing::warn!("tracker full: {MAX_IMAGES} images; registration ignored");
         } else {
             let m = all.entry(image).or_default();
-            if m.len() < MAX_NODES || m.contains_key(node) {
+            let host = node_host(node);
+            let known = m.contains_key(node);
+            if known || (m.len() < MAX_NODES && m.keys().filter(|n| node_host(n) == host).count() < self.per_address) {
                 m.insert(node.to_string(), now);
             }
         }
@@ -82,8 +106,8 @@ impl Tracker {
         let sessions = Arc::new(tokio::sync::Semaphore::new(MAX_NODES));
         let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         loop {
-            let s = tokio::select! {
-                r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+            let (s, from) = tokio::select! {
+                r = listener.accept() => match r { Ok((s, a)) => (s, a.ip()), Err(_) => continue },
                 _ = shutdown.wait_for(|v| *v) => return,
             };
             let (Ok(permit), Ok(shaking)) =
@@ -92,29 +116,52 @@ impl Tracker {
                 tracing::warn!("too many tracker sessions or handshakes; connection refused");
                 continue;
             };
+            let from_here = match self.admission.handshake(from) {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(error = %e, "tracker connection refused");
+                    continue;
+                }
+            };
             let me = self.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                if let Err(e) = me.session(s, shaking).await {
+                if let Err(e) = me.session(s, from, (shaking, from_here)).await {
                     tracing::debug!(error = %e, "tracker session ended");
                 }
             });
         }
     }
 
-    async fn session(&self, mut s: TcpStream, shaking: tokio::sync::OwnedSemaphorePermit) -> Result<(), ConnError> {
+    async fn session(
+        &self,
+        mut s: TcpStream,
+        from: IpAddr,
+        shaking: (tokio::sync::OwnedSemaphorePermit, super::admit::Handshaking),
+    ) -> Result<(), ConnError> {
         let _ = s.set_nodelay(true);
         let handshake = server_handshake(&mut s, &self.key, &self.me).await;
         drop(shaking);
         let auth = match handshake {
             Ok(a) => a,
             Err(e) => {
-                tracing::warn!(peer = ?s.peer_addr().ok(), error = %e, "tracker session refused");
+                tracing::warn!(peer = %from, error = %e, "tracker session refused");
                 return Err(e);
             }
         };
+        let admitted = match self.admission.admit(from, &auth.node, TRACKER_IMAGE) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "tracker session refused");
+                return Ok(());
+            }
+        };
         loop {
-            let image = match read_frame_within(&mut s, SMALL_FRAME).await?.msg {
+            let read = tokio::select! {
+                r = read_frame_within(&mut s, SMALL_FRAME) => r?,
+                _ = admitted.replaced() => return Ok(()),
+            };
+            let image = match read.msg {
                 Message::Register { image } => image,
                 other => return Err(ConnError::Unexpected { expected: "Register", got: Box::new(other) }),
             };
@@ -157,7 +204,7 @@ impl TrackerClient {
 
     async fn exchange(&mut self, images: &[Bytes32]) -> Result<HashMap<Bytes32, BTreeSet<String>>, ConnError> {
         if self.conn.is_none() {
-            let mut s = TcpStream::connect(&self.addr).await?;
+            let mut s = connect_from(&self.addr, &self.me).await?;
             s.set_nodelay(true)?;
             client_handshake(&mut s, &self.key, &self.me, TRACKER_IMAGE).await?;
             self.conn = Some(s);
@@ -184,7 +231,7 @@ mod tests {
     #[test]
     fn nodes_expire_after_the_ttl_and_never_see_themselves() {
         let key = ClusterKey::from_secret(b"tracker test key 0123").unwrap();
-        let t = Tracker::new("t:1", key, Duration::from_secs(3));
+        let t = Tracker::new("t:1", key, Duration::from_secs(3), 8);
         let t0 = Instant::now();
         let img = [1; 32];
         assert!(t.register(img, "a:1", t0).is_empty());
@@ -194,23 +241,47 @@ mod tests {
         assert_eq!(t.register(img, "b:1", t0 + Duration::from_secs(4)), Vec::<String>::new(), "a expired");
     }
 
+    #[test]
+    fn an_address_registers_at_most_per_address_names_per_image() {
+        let key = ClusterKey::from_secret(b"tracker test key 0123").unwrap();
+        let t = Tracker::new("t:1", key, Duration::from_secs(3), 4);
+        let t0 = Instant::now();
+        let img = [1; 32];
+        t.register(img, "10.0.0.1:7000", t0);
+        for p in 0..1000 {
+            t.register(img, &format!("10.0.0.9:{p}"), t0);
+        }
+        let seen = t.register(img, "10.0.0.2:7000", t0);
+        let crowd: Vec<&String> = seen.iter().filter(|n| n.starts_with("10.0.0.9:")).collect();
+        assert_eq!(crowd, ["10.0.0.9:0", "10.0.0.9:1", "10.0.0.9:2", "10.0.0.9:3"], "the first four only");
+        assert!(seen.contains(&"10.0.0.1:7000".to_string()), "other addresses are not crowded out");
+        // Registered names stay; once they expire, others of the address may take their places.
+        assert_eq!(t.register(img, "10.0.0.9:3", t0 + Duration::from_secs(2)).len(), 5);
+        let later = t.register(img, "10.0.0.9:500", t0 + Duration::from_secs(4));
+        assert!(later.contains(&"10.0.0.9:3".to_string()) && !later.contains(&"10.0.0.9:0".to_string()));
+        assert!(t.register(img, "10.0.0.9:501", t0 + Duration::from_secs(4)).contains(&"10.0.0.9:500".into()));
+    }
+
     #[tokio::test]
     async fn a_node_registers_over_a_real_session() {
         let key = ClusterKey::from_secret(b"tracker test key 0123").unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let t = Tracker::new(&addr, key.clone(), Duration::from_secs(3));
+        let t = Tracker::new(&addr, key.clone(), Duration::from_secs(3), 8);
         let (stop, rx) = watch::channel(false);
         tokio::spawn(t.run(listener, rx));
-        let mut a = TrackerClient::new(&addr, "10.0.0.1:7000", key.clone());
-        let mut b = TrackerClient::new(&addr, "10.0.0.2:7000", key);
+        let mut a = TrackerClient::new(&addr, "127.0.0.1:7000", key.clone());
+        let mut b = TrackerClient::new(&addr, "127.0.0.2:7000", key.clone());
         let img = [9; 32];
         a.heartbeat(&[img], Duration::from_secs(5)).await.unwrap();
         let peers = b.heartbeat(&[img], Duration::from_secs(5)).await.unwrap();
-        assert_eq!(peers[&img].iter().collect::<Vec<_>>(), vec!["10.0.0.1:7000"]);
+        assert_eq!(peers[&img].iter().collect::<Vec<_>>(), vec!["127.0.0.1:7000"]);
         let mut outsider =
-            TrackerClient::new(&addr, "10.0.0.3:7000", ClusterKey::from_secret(b"not the cluster key!").unwrap());
+            TrackerClient::new(&addr, "127.0.0.3:7000", ClusterKey::from_secret(b"not the cluster key!").unwrap());
         assert!(outsider.heartbeat(&[img], Duration::from_secs(5)).await.is_err());
+        // A name that is not an address of the machine it connects from is refused.
+        let mut liar = TrackerClient::new(&addr, "192.0.2.1:7000", key);
+        assert!(liar.heartbeat(&[img], Duration::from_secs(5)).await.is_err());
         let _ = stop.send(true);
     }
 }
