@@ -292,7 +292,7 @@ impl ChunkStore {
         suspects: &[u32],
     ) -> std::io::Result<Vec<u8>> {
         let (start, total) = self.geometry.run_bytes(range).ok_or(std::io::ErrorKind::InvalidInput)?;
-        let whole = self.file().read_vec(start.0, total)?;
+        let mut whole = self.file().read_vec(start.0, total)?;
         for &i in suspects {
             let idx = ChunkIdx(i);
             let at = (self.geometry.chunk_offset(idx).0 - start.0) as usize;
@@ -301,8 +301,11 @@ impl ChunkStore {
                 return Err(std::io::Error::other(format!("{idx} lost before it was durable")));
             }
         }
+        // In place: a long read must not cost twice its length.
         let from = (offset - start.0) as usize;
-        Ok(whole[from..from + len].to_vec())
+        whole.copy_within(from..from + len, 0);
+        whole.truncate(len);
+        Ok(whole)
     }
 
     fn read_failed(&self, offset: u64, len: usize) {
