@@ -58,7 +58,8 @@ pub fn decode_binary(v: &str) -> Result<Vec<u8>, ChapError> {
 
 fn decode_base64(s: &str) -> Option<Vec<u8>> {
     let s = s.trim_end_matches('=');
-    if s.is_empty() || s.len() > 4096 {
+    // 4n + 1 characters cannot be base64: the last one would hold 6 bits of no byte.
+    if s.is_empty() || s.len() > 4096 || s.len() % 4 == 1 {
         return None;
     }
     let mut out = Vec::with_capacity(s.len() * 3 / 4);
@@ -125,6 +126,16 @@ mod tests {
         assert!(decode_binary("0xzz").is_err());
         assert!(decode_binary("12").is_err());
         assert!(decode_binary("0x").is_err());
+    }
+
+    /// Found by fuzzing: `CHAP_C=0bA` decoded to an empty challenge instead of an error.
+    #[test]
+    fn base64_of_impossible_length_is_refused() {
+        assert!(decode_binary("0bA").is_err());
+        assert!(decode_binary("0bAQIDB").is_err());
+        assert!(decode_binary("0bA===").is_err());
+        assert_eq!(decode_binary("0bAQ=="), Ok(vec![1]));
+        assert_eq!(decode_binary("0bAQI"), Ok(vec![1, 2]));
     }
 
     #[test]
