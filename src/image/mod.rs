@@ -1,5 +1,6 @@
 //! Image identity: the chunk grid ([`geometry`]) and the content manifest ([`manifest`]).
 
+pub mod bitmap;
 pub mod geometry;
 pub mod manifest;
 

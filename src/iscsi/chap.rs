@@ -43,6 +43,11 @@ pub fn decode_binary(v: &str) -> Result<Vec<u8>, ChapError> {
         if hex.is_empty() || hex.len() > 2048 {
             return Err(ChapError::Bad(format!("hex value of {} digits", hex.len())));
         }
+        // Checked before slicing: a multi-byte character would be cut in two, and
+        // `from_str_radix` alone would also take a sign ("+f").
+        if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ChapError::Bad(format!("bad hex {v:?}")));
+        }
         // An odd count has an implied leading zero.
         let padded = if hex.len() % 2 == 1 { format!("0{hex}") } else { hex.to_string() };
         return (0..padded.len())
@@ -58,7 +63,8 @@ pub fn decode_binary(v: &str) -> Result<Vec<u8>, ChapError> {
 
 fn decode_base64(s: &str) -> Option<Vec<u8>> {
     let s = s.trim_end_matches('=');
-    if s.is_empty() || s.len() > 4096 {
+    // 4n + 1 characters cannot be base64: the last one would hold 6 bits of no byte.
+    if s.is_empty() || s.len() > 4096 || s.len() % 4 == 1 {
         return None;
     }
     let mut out = Vec::with_capacity(s.len() * 3 / 4);
@@ -125,6 +131,25 @@ mod tests {
         assert!(decode_binary("0xzz").is_err());
         assert!(decode_binary("12").is_err());
         assert!(decode_binary("0x").is_err());
+    }
+
+    /// Found by fuzzing: `CHAP_C=0bA` decoded to an empty challenge instead of an error.
+    #[test]
+    fn base64_of_impossible_length_is_refused() {
+        assert!(decode_binary("0bA").is_err());
+        assert!(decode_binary("0bAQIDB").is_err());
+        assert!(decode_binary("0bA===").is_err());
+        assert_eq!(decode_binary("0bAQ=="), Ok(vec![1]));
+        assert_eq!(decode_binary("0bAQI"), Ok(vec![1, 2]));
+    }
+
+    /// Found by fuzzing: a target's `CHAP_C=0x\u{49e}b` made the initiator panic, slicing the
+    /// hex digits inside a two-byte character.
+    #[test]
+    fn hex_values_take_hex_digits_only() {
+        assert!(decode_binary("0x\u{49e}b").is_err());
+        assert!(decode_binary("0xa\u{e9}").is_err());
+        assert!(decode_binary("0x+f+f").is_err());
     }
 
     #[test]

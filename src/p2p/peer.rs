@@ -219,7 +219,7 @@ fn decode_have(tail: &[u8], chunks: u32) -> Option<RoaringBitmap> {
     if containers > chunks.div_ceil(1 << 16) {
         return None;
     }
-    let map = RoaringBitmap::deserialize_from(tail).ok()?;
+    let map = crate::image::bitmap::decode(tail)?;
     map.max().is_none_or(|m| m < chunks).then_some(map)
 }
 

@@ -85,7 +85,7 @@ pub fn decode(bytes: &[u8], geometry: &Geometry, root: &Digest) -> Result<Roarin
     if body.len() != HEADER_LEN + len {
         return Err(StateError::BadBitmap);
     }
-    let bitmap = RoaringBitmap::deserialize_from(&body[HEADER_LEN..]).map_err(|_| StateError::BadBitmap)?;
+    let bitmap = crate::image::bitmap::decode(&body[HEADER_LEN..]).ok_or(StateError::BadBitmap)?;
     if let Some(max) = bitmap.max() {
         if max >= geometry.chunk_count() {
             return Err(StateError::OutOfRange(max, geometry.chunk_count()));
@@ -122,6 +122,26 @@ mod tests {
         let bm: RoaringBitmap = [300u32].into_iter().collect();
         let enc = encode(&geo(), &root, &bm);
         assert_eq!(decode(&enc, &geo(), &root), Err(StateError::OutOfRange(300, 256)));
+    }
+
+    /// Found by fuzzing: a bitmap of one container of zero runs decoded, and writing the state
+    /// back then panicked; containers out of key order hid a chunk beyond the image from the
+    /// range check.
+    #[test]
+    fn refuses_non_canonical_bitmaps() {
+        let root = Digest::of(b"img");
+        let with_bitmap = |bm: &[u8]| {
+            let mut enc = encode(&geo(), &root, &RoaringBitmap::new());
+            enc.truncate(HEADER_LEN - 4);
+            enc.extend((bm.len() as u32).to_le_bytes());
+            enc.extend_from_slice(bm);
+            fsutil::seal(enc)
+        };
+        let empty_run = [0x3b, 0x30, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        assert_eq!(decode(&with_bitmap(&empty_run), &geo(), &root), Err(StateError::BadBitmap));
+        // Containers 1 (chunk 65536) then 0 (chunk 3): max() said 3.
+        let unsorted = [58, 48, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 24, 0, 0, 0, 26, 0, 0, 0, 0, 0, 3, 0];
+        assert_eq!(decode(&with_bitmap(&unsorted), &geo(), &root), Err(StateError::BadBitmap));
     }
 
     proptest! {
