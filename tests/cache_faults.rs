@@ -90,17 +90,25 @@ fn a_slow_cache_does_not_stall_other_images() {
     write_image(&fast, 4 * MIB, 14);
     let images = format!("{}{}", file_image("slow", &slow, ""), file_image("fast", &fast, ""));
     let cfg = env.config("worker_threads = 1", &images);
-    let _vmtd = start_vmtd_with(&env, &cfg, &[("VMTHUNDER_STORE_FAULTS", "slow@read=delay:2s,slow@write=delay:2s")]);
+    let _vmtd = start_vmtd_with(&env, &cfg, &[("VMTHUNDER_STORE_FAULTS", "slow@read=delay:2s,slow@write=delay:500ms")]);
     assert!(qemu_img_identical(&fast, &env.export_uri("fast")), "warm the fast image's cache");
     settled(&env, "fast");
+    // Warm the slow image too (its writes take 0.5 s each, on the blocking pool), so the reads
+    // below all come from its slow cache.
+    assert!(qemu_img_identical(&slow, &env.export_uri("slow")));
+    wait_until("slow image cached", Duration::from_secs(120), || {
+        let s = settled(&env, "slow");
+        s.chunks_present == s.chunks_total
+    });
 
-    // Keep the slow cache busy: many cold and cached reads in flight on it.
+    // Keep the slow cache busy: many cached reads in flight on it, 2 s each.
+    let warm = status(&env, "slow").reads;
     let sluggish = Command::new("timeout")
         .args(["120", "nbdcopy", "--requests=16", &env.export_uri("slow"), "null:"])
         .spawn()
         .unwrap();
     let mut sluggish = Proc { child: Some(sluggish), name: "nbdcopy".into() };
-    wait_until("slow cache busy", Duration::from_secs(30), || status(&env, "slow").reads >= 4);
+    wait_until("slow cache busy", Duration::from_secs(30), || status(&env, "slow").reads >= warm + 4);
 
     // Cache hits on the fast image, one at a time, each timed.
     let mut c = transmitting(&env, "fast");
@@ -128,6 +136,8 @@ fn a_missing_file_origin_does_not_stop_the_node() {
     let half = 4 * MIB as u64;
     let mut vmtd = start_vmtd(&env, &cfg);
     assert!(qemu_io_read(&uri, 0, half));
+    // Every fetched chunk stored before the stop, so the restart finds the half cached.
+    settled(&env, "img");
     assert_eq!(vmtd.terminate(), Some(0));
 
     let away = env.path("img.away");
@@ -177,6 +187,8 @@ fn an_nbd_origin_down_at_start_does_not_stop_the_node() {
     let half = 4 * MIB as u64;
     let mut vmtd = start_vmtd(&env, &cfg);
     assert!(qemu_io_read(&uri, 0, half));
+    // Every fetched chunk stored before the stop, so the restart finds the half cached.
+    settled(&env, "img");
     assert_eq!(vmtd.terminate(), Some(0));
     origin.kill9();
 

@@ -326,6 +326,22 @@ impl Image {
     }
 }
 
+impl Image {
+    /// The bytes of `[offset, offset + len)` if the cache holds them and they read back; never a
+    /// fetch.
+    async fn cached(&self, offset: u64, len: u32) -> Option<Bytes> {
+        let range = self.manifest.geometry().chunks_covering(ByteOffset(offset), u64::from(len));
+        if !self.store.has_all(range) {
+            return None;
+        }
+        if let Some(bytes) = self.store.read_vec_nowait(offset, len as usize) {
+            return Some(Bytes::from(bytes));
+        }
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.read_vec(offset, len as usize).ok()).await.ok()?.map(Bytes::from)
+    }
+}
+
 impl PeerExport for Image {
     fn run_len(&self, run: std::ops::Range<u32>) -> Option<u64> {
         self.manifest.geometry().run_bytes(run).map(|(_, len)| len as u64)
@@ -346,13 +362,13 @@ impl PeerExport for Image {
     fn serve<'a>(&'a self, run: std::ops::Range<u32>, requester: &'a str) -> BoxFuture<'a, Option<Bytes>> {
         Box::pin(async move {
             let len = u32::try_from(self.run_len(run.clone())?).ok()?;
-            let held = self.store.has_all(run.clone());
-            // Fetch on a peer's behalf only when this node ranks above it in the stripe's tree:
-            // relay chains then always climb to the root and never loop.
-            if !held && !self.swarm.as_ref().is_some_and(|s| s.relays_for(run.clone(), requester)) {
-                return None;
-            }
             let offset = self.manifest.geometry().chunk_offset(ChunkIdx(run.start)).0;
+            // Fetch on a peer's behalf only when this node ranks above it in the stripe's tree:
+            // relay chains then always climb to the root and never loop. A run held but not
+            // readable after all (a failed cache read) is then "not here", never a fetch.
+            if !self.swarm.as_ref().is_some_and(|s| s.relays_for(run.clone(), requester)) {
+                return self.cached(offset, len).await;
+            }
             self.bytes(offset, len, Priority::Relay).await.ok()
         })
     }

@@ -386,7 +386,13 @@ impl Daemon {
             Request::CacheVerify { image } => match self.image(&image) {
                 Some(img) => {
                     let (store, manifest) = (img.store.clone(), img.manifest.clone());
-                    match tokio::task::spawn_blocking(move || store.verify(&manifest)).await {
+                    // Committed before the answer: the chunks dropped are out of the state file
+                    // even if the node crashes right after.
+                    let verified = tokio::task::spawn_blocking(move || {
+                        let report = store.verify(&manifest);
+                        store.commit().map(|_| report)
+                    });
+                    match verified.await.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
                         Ok(r) => {
                             tracing::info!(image, checked = r.checked, bad = r.bad, "cache verified");
                             Response::Verified { checked: r.checked, bad: r.bad }
@@ -477,7 +483,7 @@ impl Daemon {
             }
             let images: Vec<Arc<Image>> = self.images.read().unwrap().values().cloned().collect();
             for img in images {
-                if img.store.pending_count() > 0 {
+                if img.store.needs_commit() {
                     commit(&img).await;
                 }
             }

@@ -173,7 +173,9 @@ impl Peers {
 /// The names of `seen`, at most `limit` per address: the most recently named first, then by name.
 fn per_address(seen: &HashMap<String, Instant>, limit: usize) -> Vec<String> {
     let mut by_host: HashMap<&str, Vec<(Instant, &String)>> = HashMap::new();
-    for (n, t) in seen {
+    // Only canonical names: peer servers admit no other spelling, and each spelling would
+    // otherwise count as an address of its own here.
+    for (n, t) in seen.iter().filter(|(n, _)| crate::p2p::admit::is_canonical(n)) {
         by_host.entry(node_host(n)).or_default().push((*t, n));
     }
     let mut out = Vec::new();

@@ -4,8 +4,9 @@
 //! read that produces them starts, and are released only once the reply is written: a client
 //! that stops reading its replies stops being served at its own budget, and all clients
 //! together never hold more than the node's. Reads longer than [`PIECE`] are produced and
-//! written a piece at a time, two pieces in flight, charged to the node only: a connection holds
-//! at most its own budget plus 2 MiB.
+//! written a piece at a time, with the room for two pieces reserved from both budgets by the
+//! request reader before the read is queued: the writer, which alone gives budgets back, never
+//! waits for one, so no connection can wait on itself and no set of them on each other.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -108,12 +109,14 @@ impl Budgets {
         Held { _connection: Some(c), _node: n }
     }
 
-    /// Charges `bytes` of a long read's piece to the node only. A connection streams one long
-    /// read at a time with two pieces in flight, which bounds it; charging its own budget too
-    /// could wait forever on replies queued behind the very read being streamed.
-    pub async fn hold_piece(&self, bytes: u32) -> Held {
-        let n = self.node_bytes.clone().acquire_many_owned(bytes.max(1)).await.expect("budgets are never closed");
-        Held { _connection: None, _node: n }
+    /// What a long read reserves for the pieces it has in flight: two pieces, or one when the
+    /// connection's budget has room for only one (then they are produced one after the other).
+    pub fn stream_reserve(&self) -> u32 {
+        if self.limits.connection_bytes >= 2 * PIECE as usize {
+            2 * PIECE
+        } else {
+            PIECE
+        }
     }
 
     /// Connections open now (handshakes included).

@@ -40,6 +40,16 @@ pub trait Export: Send + Sync + 'static {
     }
 }
 
+/// An admitted client's place on its export ([`Export::client_joined`]): dropping it, however
+/// the connection ends (also a handshake cancelled by its timeout), lets the place go.
+pub struct ClientPlace(Arc<dyn Export>);
+
+impl Drop for ClientPlace {
+    fn drop(&mut self) {
+        self.0.client_left();
+    }
+}
+
 /// Finds exports by name for a listener.
 pub trait ExportLookup: Send + Sync + 'static {
     fn find(&self, name: &str) -> Option<Arc<dyn Export>>;
@@ -104,12 +114,13 @@ where
         r = tokio::time::timeout(t, handshake(&mut stream, lookup.as_ref(), max)) => r.map_err(|_| ServeError::HandshakeTimeout(t))??,
         _ = crate::shutdown::stopped(&mut shutdown) => return Ok(()),
     };
-    let Some((export, structured)) = export else {
+    let Some((place, structured)) = export else {
         return Ok(());
     };
+    let export = place.0.clone();
     let own = export.stop_signal();
-    let result = super::transmit::transmission(stream, export.clone(), structured, budgets, shutdown, own).await;
-    export.client_left();
+    let result = super::transmit::transmission(stream, export, structured, budgets, shutdown, own).await;
+    drop(place);
     result
 }
 
@@ -123,7 +134,7 @@ async fn handshake<S>(
     s: &mut S,
     lookup: &dyn ExportLookup,
     max_clients: u64,
-) -> Result<Option<(Arc<dyn Export>, bool)>, ServeError>
+) -> Result<Option<(ClientPlace, bool)>, ServeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -151,11 +162,9 @@ where
                 if !export.client_joined(max_clients) {
                     return Err(ServeError::TooManyClients(max_clients));
                 }
-                if let Err(e) = s.write_all(&export_name_reply(export.size(), EXPORT_FLAGS, no_zeroes)).await {
-                    export.client_left();
-                    return Err(e.into());
-                }
-                return Ok(Some((export, structured)));
+                let place = ClientPlace(export.clone());
+                s.write_all(&export_name_reply(export.size(), EXPORT_FLAGS, no_zeroes)).await?;
+                return Ok(Some((place, structured)));
             }
             OPT_ABORT => {
                 let _ = send_reply(s, h.option, REP_ACK, &[]).await;
@@ -181,6 +190,7 @@ where
                             send_reply(s, h.option, REP_ERR_POLICY, why.as_bytes()).await?;
                             return Err(ServeError::TooManyClients(max_clients));
                         }
+                        let place = (h.option == OPT_GO).then(|| ClientPlace(export.clone()));
                         let sent = async {
                             send_reply(s, h.option, REP_INFO, &info_export(export.size(), EXPORT_FLAGS)).await?;
                             if req.infos.contains(&INFO_BLOCK_SIZE) {
@@ -189,15 +199,10 @@ where
                             send_reply(s, h.option, REP_ACK, &[]).await
                         }
                         .await;
-                        if h.option == OPT_GO {
-                            // Joined above: leave again if the replies could not be sent.
-                            if let Err(e) = sent {
-                                export.client_left();
-                                return Err(e.into());
-                            }
-                            return Ok(Some((export, structured)));
-                        }
                         sent?;
+                        if let Some(place) = place {
+                            return Ok(Some((place, structured)));
+                        }
                     }
                 },
             },

@@ -39,13 +39,31 @@ enum Reply {
         data: Option<Bytes>,
         _held: Option<Held>,
     },
-    /// A read longer than [`PIECE`]: the writer produces and sends it a piece at a time.
-    Stream { handle: u64, offset: u64, len: u32, _slot: OwnedSemaphorePermit },
+    /// A read longer than [`PIECE`]: the writer produces and sends it a piece at a time, within
+    /// the room `held` reserved for it ([`Budgets::stream_reserve`]).
+    Stream { handle: u64, offset: u64, len: u32, held: Held, _slot: OwnedSemaphorePermit },
 }
 
 impl Reply {
     fn error(handle: u64, error: u32, read_at: Option<u64>) -> Self {
         Reply::Done { handle, error, read_at, data: None, _held: None }
+    }
+}
+
+/// A read task's duty to answer: if the task ends without replying (a panic in
+/// `Export::read`), the drop sends EIO, so the client is never left waiting on the handle. The
+/// channel has room for it: each read in flight holds one of its `MAX_INFLIGHT` slots.
+struct Answer {
+    tx: Option<mpsc::Sender<Reply>>,
+    handle: u64,
+    offset: u64,
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.try_send(Reply::error(self.handle, EIO, Some(self.offset)));
+        }
     }
 }
 
@@ -55,15 +73,6 @@ struct Conn {
     budgets: Arc<Budgets>,
     bytes: Arc<Semaphore>,
     structured: bool,
-}
-
-impl Conn {
-    /// Reads one piece `[offset, offset + len)` of a long read, its bytes held against the
-    /// node's budget (see [`Budgets::hold_piece`]).
-    async fn read_piece(&self, offset: u64, len: u32) -> (Result<Bytes, u32>, Held) {
-        let held = self.budgets.hold_piece(len).await;
-        (self.export.read(offset, len).await, held)
-    }
 }
 
 /// Serves requests on `stream` until the connection ends (see the module comment).
@@ -102,11 +111,12 @@ where
     };
     // Replies still being computed hold senders; the writer ends after the last one is sent,
     // each write bounded by the write timeout.
-    tokio::select! {
-        _ = &mut writer => {}
-        _ = &mut stopped => writer.abort(),
-    }
-    result
+    let written = tokio::select! {
+        w = &mut writer => w.unwrap_or(Ok(())),
+        _ = &mut stopped => { writer.abort(); Ok(()) }
+    };
+    // The reader also ends (quietly) when the writer failed first: report the writer's reason.
+    result.and(written)
 }
 
 async fn read_requests<R: AsyncRead + Unpin>(
@@ -140,12 +150,15 @@ async fn read_requests<R: AsyncRead + Unpin>(
                     conn.export.request_received(req.command, req.offset, req.length);
                     let slot = slots.clone().acquire_owned().await.expect("semaphore never closed");
                     if req.length > PIECE {
-                        Some(Reply::Stream { handle: req.handle, offset: req.offset, len: req.length, _slot: slot })
+                        let held = conn.budgets.hold(&conn.bytes, conn.budgets.stream_reserve()).await;
+                        let (handle, offset, len) = (req.handle, req.offset, req.length);
+                        Some(Reply::Stream { handle, offset, len, held, _slot: slot })
                     } else {
                         // Waits here, not reading further requests, until the budgets have room.
                         let held = conn.budgets.hold(&conn.bytes, req.length).await;
                         let (conn, tx) = (conn.clone(), tx.clone());
                         tokio::spawn(async move {
+                            let mut answer = Answer { tx: Some(tx), handle: req.handle, offset: req.offset };
                             let (error, data) = match conn.export.read(req.offset, req.length).await {
                                 Ok(data) => (0, Some(data)),
                                 Err(e) => (e, None),
@@ -157,7 +170,9 @@ async fn read_requests<R: AsyncRead + Unpin>(
                                 data,
                                 _held: Some(held),
                             };
-                            let _ = tx.send(reply).await;
+                            if let Some(tx) = answer.tx.take() {
+                                let _ = tx.send(reply).await;
+                            }
                             drop(slot);
                         });
                         None
@@ -229,11 +244,12 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         while let Some(r) = next.take() {
             let (handle, error, read_at, data, held) = match r {
                 Reply::Done { handle, error, read_at, data, _held } => (handle, error, read_at, data, _held),
-                Reply::Stream { handle, offset, len, _slot } => {
+                Reply::Stream { handle, offset, len, held, _slot } => {
                     if batch.is_empty() {
                         stream_read(&mut w, &conn, handle, offset, len).await?;
+                        drop(held);
                     } else {
-                        stream = Some(Reply::Stream { handle, offset, len, _slot });
+                        stream = Some(Reply::Stream { handle, offset, len, held, _slot });
                     }
                     break;
                 }
@@ -295,9 +311,10 @@ fn encode_head(
     }
 }
 
-/// Produces and writes a long read a piece at a time, reading the next piece while the current
-/// one is written. A piece that fails after the first was sent cannot be reported in a simple
-/// reply, so the connection is closed (the client sees the read fail and may reconnect).
+/// Produces and writes a long read a piece at a time, within the room its request reserved: the
+/// next piece is read while the current one is written when two fit, else one after the other.
+/// A piece that fails after the first was sent cannot be reported in a simple reply, so the
+/// connection is closed (the client sees the read fail and may reconnect).
 async fn stream_read<W: AsyncWrite + Unpin>(
     w: &mut W,
     conn: &Conn,
@@ -306,24 +323,22 @@ async fn stream_read<W: AsyncWrite + Unpin>(
     len: u32,
 ) -> Result<(), ServeError> {
     let t = conn.budgets.limits.write_timeout;
+    let overlap = conn.budgets.stream_reserve() >= 2 * PIECE;
     let end = offset + u64::from(len);
-    let piece_at = |at: u64| (at, (end - at).min(u64::from(PIECE)) as u32);
+    let piece_len = |at: u64| (end - at).min(u64::from(PIECE)) as u32;
     let mut at = offset;
-    let mut ready = Some(conn.read_piece(offset, piece_at(offset).1).await);
-    while let Some((data, held)) = ready.take() {
+    let mut ready = Some(conn.export.read(offset, piece_len(offset)).await);
+    while let Some(data) = ready.take() {
         let first = at == offset;
         let data = match data {
-            Ok(d) => d,
+            Ok(d) if d.len() == piece_len(at) as usize => d,
             Err(e) if first => {
                 let mut head = Vec::new();
                 encode_head(&mut head, conn.structured, handle, e, Some(offset), None);
                 return write_timed(w, &[&head], t).await;
             }
-            Err(_) => return Err(ServeError::ReadFailedMidReply),
+            _ => return Err(ServeError::ReadFailedMidReply),
         };
-        if data.len() != piece_at(at).1 as usize {
-            return Err(ServeError::ReadFailedMidReply);
-        }
         let next_at = at + data.len() as u64;
         let mut head = Vec::with_capacity(32);
         if conn.structured {
@@ -336,14 +351,18 @@ async fn stream_read<W: AsyncWrite + Unpin>(
         }
         let bufs: [&[u8]; 2] = [&head, &data];
         let write = write_timed(w, &bufs, t);
-        if next_at < end {
-            let (written, next) = tokio::join!(write, conn.read_piece(next_at, piece_at(next_at).1));
-            written?;
+        if next_at < end && overlap {
+            // A failed write ends the connection at once, without waiting for the next piece.
+            let read_next = async { Ok(conn.export.read(next_at, piece_len(next_at)).await) };
+            let ((), next) = tokio::try_join!(write, read_next)?;
             ready = Some(next);
         } else {
             write.await?;
+            drop(data);
+            if next_at < end {
+                ready = Some(conn.export.read(next_at, piece_len(next_at)).await);
+            }
         }
-        drop(held);
         at = next_at;
     }
     Ok(())

@@ -42,6 +42,15 @@ pub enum AdmitError {
     Names { from: IpAddr, limit: usize },
 }
 
+/// True when `node` is an IP socket address written the one way Rust writes it, with an IPv4
+/// address for an IPv4-mapped one: the only spelling of a node name that is admitted.
+pub fn is_canonical(node: &str) -> bool {
+    node.parse::<std::net::SocketAddr>().is_ok_and(|a| {
+        let a = std::net::SocketAddr::new(a.ip().to_canonical(), a.port());
+        a.to_string() == node
+    })
+}
+
 /// The sessions and handshakes of every address, on one peer server or tracker.
 #[derive(Debug)]
 pub struct Admission {
@@ -86,7 +95,10 @@ impl Admission {
     /// the same name and image is replaced: [`Admitted::replaced`] fires for it.
     pub fn admit(self: &Arc<Self>, from: IpAddr, node: &str, image: Bytes32) -> Result<Admitted, AdmitError> {
         let from = from.to_canonical();
-        if node_ip(node) != Some(from) {
+        // Only the canonical spelling of an address counts (`10.0.0.1:7000`, `[fd00::1]:7000`):
+        // otherwise one address could hold `per_address` places under each of its spellings
+        // (`[::ffff:10.0.0.1]:7000`, `[0::FFFF:a00:1]:7000`, ...).
+        if node_ip(node) != Some(from) || !is_canonical(node) {
             return Err(AdmitError::NotBound { node: node.into(), from });
         }
         let mut table = self.table.lock().unwrap();
@@ -188,6 +200,10 @@ mod tests {
         assert!(adm.admit(ip("10.0.0.1"), "host.example:7000", [1; 32]).is_err(), "names are addresses");
         assert!(adm.admit(ip("::ffff:10.0.0.1"), "10.0.0.1:7001", [1; 32]).is_ok(), "v4-mapped is v4");
         assert!(adm.admit(ip("fd00::1"), "[fd00::1]:7000", [1; 32]).is_ok());
+        for spelling in ["[::ffff:10.0.0.1]:7002", "[0::FFFF:a00:1]:7002", "[::ffff:a00:1]:7002", "010.0.0.1:7002"] {
+            assert!(adm.admit(ip("10.0.0.1"), spelling, [1; 32]).is_err(), "{spelling} is not the canonical name");
+        }
+        assert!(adm.admit(ip("fd00::1"), "[FD00:0::1]:7000", [1; 32]).is_err());
     }
 
     #[test]

@@ -11,9 +11,10 @@
 //! 3. the origin, when this node is the root, or when a peer failed this run.
 //!
 //! A peer's answers have a cost, so that what it claims cannot make others skip the trees. A
-//! holder that answers `NotHave` for a run its have-map claimed loses the claim (for as long as
-//! this node knows it, a later have-map cannot bring it back) and the run goes to another holder
-//! or up the tree; a peer that answers `Busy`, or `NotHave` as a parent, is avoided for a while
+//! holder that answers `NotHave` for a run its have-map claimed loses the claim (a later full
+//! have-map cannot bring it back, only a fresh announcement of the chunk, and after
+//! [`MAX_DISPROOFS`] caught claims none of the peer's claims count) and the run goes to another
+//! holder or up the tree; a peer that answers `Busy`, or `NotHave` as a parent, is avoided for a while
 //! (250 ms, doubled per refusal in a row) and the run climbs to the parent the tree has without it.
 //!
 //! A node relays for a requester only if its own score for the stripe is higher: scores depend on
@@ -36,6 +37,8 @@ pub const FIRST_DOWN: Duration = Duration::from_millis(500);
 pub const MAX_DOWN: Duration = Duration::from_secs(30);
 /// How long a peer that served data not matching the manifest is banned.
 pub const BAN: Duration = Duration::from_secs(300);
+/// Chunks a peer may claim and then refuse (re-claims included) before none of its claims count.
+pub const MAX_DISPROOFS: u32 = 1024;
 /// How long a peer that refused a request (`Busy`, or `NotHave` asked as a parent) is avoided at
 /// first; doubled per refusal in a row, up to [`MAX_DOWN`].
 pub const FIRST_REFUSED: Duration = Duration::from_millis(250);
@@ -96,8 +99,13 @@ struct Peer {
     member: bool,
     hash: u64,
     have: RoaringBitmap,
-    /// Chunks it claimed and then refused: never taken from its have-maps again.
+    /// Chunks it claimed and then refused: not taken from a full have-map again; a later delta
+    /// that announces one anew (an honest node that dropped a chunk and fetched it again) brings
+    /// it back, until the peer has been caught [`MAX_DISPROOFS`] times: then none of its claims
+    /// count any more.
     disproved: RoaringBitmap,
+    /// Chunks it claimed and refused, re-claims included.
+    disproofs: u32,
     /// Requests in flight to it from this node.
     load: u32,
     down_until: Option<Instant>,
@@ -190,6 +198,7 @@ impl Selector {
                     hash: node_hash(n),
                     have: RoaringBitmap::new(),
                     disproved: RoaringBitmap::new(),
+                    disproofs: 0,
                     load: 0,
                     down_until: None,
                     failures: 0,
@@ -210,14 +219,18 @@ impl Selector {
     /// A peer's full have-map arrived (less what it claimed and refused before).
     pub fn have_full(&mut self, node: &str, have: RoaringBitmap) {
         if let Some(p) = self.peers.get_mut(node) {
-            p.have = have - &p.disproved;
+            p.have = if p.disproofs >= MAX_DISPROOFS { RoaringBitmap::new() } else { have - &p.disproved };
         }
     }
 
-    /// A peer gained chunks (less what it claimed and refused before).
+    /// A peer gained chunks: an announcement anew, which counts also for chunks it claimed and
+    /// refused before, unless it has been caught too often.
     pub fn have_added(&mut self, node: &str, added: &RoaringBitmap) {
         if let Some(p) = self.peers.get_mut(node) {
-            p.have |= added - &p.disproved;
+            if p.disproofs < MAX_DISPROOFS {
+                p.disproved -= added;
+                p.have |= added;
+            }
         }
     }
 
@@ -326,8 +339,12 @@ impl Selector {
             }
             // It claimed the run and does not have it: the claim goes, for good.
             Outcome::NotHave if !run.is_empty() && p.have.contains_range(run.clone()) => {
+                p.disproofs = p.disproofs.saturating_add(run.len() as u32);
                 p.have.remove_range(run.clone());
                 p.disproved.insert_range(run);
+                if p.disproofs >= MAX_DISPROOFS {
+                    p.have.clear();
+                }
             }
             Outcome::NotHave | Outcome::Busy => refused(p),
             Outcome::Failed => {
@@ -562,17 +579,32 @@ mod tests {
         assert_eq!(s.choose(run.clone(), now, &refused), Choice::Peer { node: up[0].clone(), parent: true });
         assert_eq!(s.choose(run.clone(), now, &none()), Choice::Peer { node: up[0].clone(), parent: true });
         assert!(s.usable_now(&liar, now));
-        // A new have-map (a new session, a delta) cannot bring the claim back; others stay.
+        // A new full have-map (a new session) cannot bring the claim back; others stay.
         s.have_full(&liar, all.clone());
-        s.have_added(&liar, &all);
         assert_eq!(s.choose(run.clone(), now, &none()), Choice::Peer { node: up[0].clone(), parent: true });
         let other = (chunk + 1)..(chunk + 2);
-        assert_eq!(s.choose(other, now, &none()), Choice::Peer { node: liar.clone(), parent: false });
+        assert_eq!(s.choose(other.clone(), now, &none()), Choice::Peer { node: liar.clone(), parent: false });
         // Serving the run proves it: the claim counts again.
         s.started(&liar);
         s.finished(&liar, run.clone(), Outcome::Served, now);
+        s.have_full(&liar, all.clone());
+        assert_eq!(s.choose(run.clone(), now, &none()), Choice::Peer { node: liar.clone(), parent: false });
+        // An announcement anew (an honest node that dropped the chunk and has it again) brings a
+        // refused claim back, until the peer has been caught MAX_DISPROOFS times: then nothing
+        // it claims counts.
+        s.started(&liar);
+        s.finished(&liar, run.clone(), Outcome::NotHave, now);
+        s.have_added(&liar, &run.clone().collect());
+        assert_eq!(s.choose(run.clone(), now, &none()), Choice::Peer { node: liar.clone(), parent: false });
+        for _ in 0..MAX_DISPROOFS {
+            s.started(&liar);
+            s.finished(&liar, run.clone(), Outcome::NotHave, now);
+            s.have_added(&liar, &run.clone().collect());
+        }
+        s.have_full(&liar, all.clone());
         s.have_added(&liar, &all);
-        assert_eq!(s.choose(run, now, &none()), Choice::Peer { node: liar, parent: false });
+        assert_ne!(s.choose(other, now, &none()), Choice::Peer { node: liar.clone(), parent: false });
+        assert_ne!(s.choose(run, now, &none()), Choice::Peer { node: liar, parent: false });
     }
 
     #[test]

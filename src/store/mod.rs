@@ -274,12 +274,11 @@ impl ChunkStore {
             }
             p.unsettled.iter().skip_while(|i| *i < range.start).take_while(|i| *i < range.end).collect()
         };
-        let result = if unsettled.is_empty() {
-            self.file().read_vec(offset, len)
+        if unsettled.is_empty() {
+            self.file().read_vec(offset, len).inspect_err(|_| self.read_failed(range))
         } else {
             self.read_checked(offset, len, range, &unsettled)
-        };
-        result.inspect_err(|_| self.read_failed(offset, len))
+        }
     }
 
     /// Reads the whole chunks of `range`, checks `suspects` among them against the manifest, and
@@ -291,12 +290,14 @@ impl ChunkStore {
         range: std::ops::Range<u32>,
         suspects: &[u32],
     ) -> std::io::Result<Vec<u8>> {
-        let (start, total) = self.geometry.run_bytes(range).ok_or(std::io::ErrorKind::InvalidInput)?;
-        let mut whole = self.file().read_vec(start.0, total)?;
+        let (start, total) = self.geometry.run_bytes(range.clone()).ok_or(std::io::ErrorKind::InvalidInput)?;
+        let mut whole = self.file().read_vec(start.0, total).inspect_err(|_| self.read_failed(range))?;
         for &i in suspects {
             let idx = ChunkIdx(i);
             let at = (self.geometry.chunk_offset(idx).0 - start.0) as usize;
             if !self.manifest.verify(idx, &whole[at..at + self.geometry.chunk_len(idx)]) {
+                self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+                self.forget(i..i + 1);
                 tracing::error!(cache = %self.dir.display(), %idx, "cached chunk lost before it was durable; fetching it again");
                 return Err(std::io::Error::other(format!("{idx} lost before it was durable")));
             }
@@ -308,10 +309,34 @@ impl ChunkStore {
         Ok(whole)
     }
 
-    fn read_failed(&self, offset: u64, len: usize) {
+    /// After a failed read of `range`: forgets the chunks that fail when read one by one (one bad
+    /// sector must not cost a whole long read's chunks), or all of them if none does.
+    fn read_failed(&self, range: std::ops::Range<u32>) {
         self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
-        let range = self.geometry.chunks_covering(crate::image::ByteOffset(offset), len as u64);
-        self.forget(range);
+        let file = self.file();
+        let bad: Vec<u32> = if range.len() > 1 {
+            range
+                .clone()
+                .filter(|&i| {
+                    let idx = ChunkIdx(i);
+                    file.read_vec(self.geometry.chunk_offset(idx).0, self.geometry.chunk_len(idx)).is_err()
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if bad.is_empty() {
+            self.forget(range);
+        } else {
+            for i in bad {
+                self.forget(i..i + 1);
+            }
+        }
+    }
+
+    /// True when a commit has work: chunks to record, or forgotten ones to remove from the state.
+    pub fn needs_commit(&self) -> bool {
+        self.pending_count() > 0 || !self.forgotten.lock().unwrap().is_empty()
     }
 
     /// Drops the chunks of `range` from the presence map: they are fetched again when read, and
@@ -356,10 +381,13 @@ impl ChunkStore {
             self.failed(&source);
             return Err(StoreError::Io { path: self.dir.join("data"), source });
         }
-        self.pending.lock().unwrap().extend(span.clone());
+        self.failures.store(0, Ordering::SeqCst);
+        // Unsettled before queued: a commit that takes the queue then settles what it synced.
         let mut presence = self.presence.write().unwrap();
         presence.readable.insert_range(span.clone());
-        presence.unsettled.insert_range(span);
+        presence.unsettled.insert_range(span.clone());
+        drop(presence);
+        self.pending.lock().unwrap().extend(span);
         Ok(())
     }
 
