@@ -111,11 +111,11 @@ fn a_slow_cache_does_not_stall_other_images() {
     wait_until("slow cache busy", Duration::from_secs(30), || status(&env, "slow").reads >= warm + 4);
 
     // Cache hits on the fast image, one at a time, each timed.
-    let mut c = transmitting(&env, "fast");
+    let mut c = nbd_transmitting(&env, "fast");
     let mut lat = Vec::new();
     for i in 0..200u64 {
         let t0 = Instant::now();
-        read_ok(&mut c, i, (i * 20_000) % (4 * MIB as u64 - 4096), 4096);
+        nbd_read(&mut c, i, (i * 20_000) % (4 * MIB as u64 - 4096), 4096);
         lat.push(t0.elapsed());
     }
     lat.sort();
@@ -149,52 +149,5 @@ fn a_missing_file_origin_does_not_stop_the_node() {
     assert!(log.contains("origin unavailable"), "the log says why");
 
     std::fs::rename(&away, &img).unwrap();
-    assert!(qemu_img_identical(&img, &uri), "reads recover once the origin is back");
-}
-
-fn transmitting(env: &Env, name: &str) -> Raw {
-    use vmthunder::nbd::proto::*;
-    let mut c = Raw::connect(&env.export_sock(name));
-    c.recv(GREETING_LEN);
-    c.send(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes());
-    let req = InfoRequest { name: name.into(), infos: vec![] }.encode();
-    c.send(&OptionHeader { option: OPT_GO, len: req.len() as u32 }.encode());
-    c.send(&req);
-    loop {
-        let h = OptionReplyHeader::parse(&c.recv(OPTION_REPLY_HEADER_LEN).try_into().unwrap()).unwrap();
-        c.recv(h.len as usize);
-        if h.reply != REP_INFO {
-            assert_eq!(h.reply, REP_ACK);
-            return c;
-        }
-    }
-}
-
-fn read_ok(c: &mut Raw, handle: u64, offset: u64, length: u32) {
-    use vmthunder::nbd::proto::*;
-    c.send(&Request { flags: 0, command: CMD_READ, handle, offset, length }.encode());
-    let r = SimpleReply::parse(&c.recv(SIMPLE_REPLY_LEN).try_into().unwrap()).unwrap();
-    assert_eq!((r.handle, r.error), (handle, 0));
-    c.recv(length as usize);
-}
-
-/// The same with an NBD origin that is down when vmtd starts.
-#[test]
-fn an_nbd_origin_down_at_start_does_not_stop_the_node() {
-    let env = Env::new();
-    let (img, mut origin, cfg) = nbd_origin_setup(&env, 8 * MIB, "fetch_timeout = \"2s\"");
-    let uri = env.export_uri("img");
-    let half = 4 * MIB as u64;
-    let mut vmtd = start_vmtd(&env, &cfg);
-    assert!(qemu_io_read(&uri, 0, half));
-    // Every fetched chunk stored before the stop, so the restart finds the half cached.
-    settled(&env, "img");
-    assert_eq!(vmtd.terminate(), Some(0));
-    origin.kill9();
-
-    let _vmtd = start_vmtd(&env, &cfg);
-    assert!(qemu_io_read(&uri, 0, half), "the cached half is served with the origin down");
-    assert!(!qemu_io_read(&uri, half, 65536), "an uncached read fails while the origin is down");
-    let _origin = start_qemu_nbd(&img, &env.path("origin.sock"));
     assert!(qemu_img_identical(&img, &uri), "reads recover once the origin is back");
 }

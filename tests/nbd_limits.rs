@@ -26,31 +26,6 @@ fn rss_bytes(pid: i32) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
 }
 
-/// Handshakes with OPT_GO on export `name`; returns the connection ready for requests.
-fn transmitting(env: &Env, name: &str) -> Raw {
-    let mut c = Raw::connect(&env.export_sock(name));
-    c.recv(GREETING_LEN);
-    c.send(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes());
-    let req = InfoRequest { name: name.into(), infos: vec![] }.encode();
-    c.send(&OptionHeader { option: OPT_GO, len: req.len() as u32 }.encode());
-    c.send(&req);
-    loop {
-        let h = OptionReplyHeader::parse(&c.recv(OPTION_REPLY_HEADER_LEN).try_into().unwrap()).unwrap();
-        c.recv(h.len as usize);
-        if h.reply != REP_INFO {
-            assert_eq!(h.reply, REP_ACK);
-            return c;
-        }
-    }
-}
-
-fn read_ok(c: &mut Raw, handle: u64, offset: u64, length: u32) -> Vec<u8> {
-    c.send(&Request { flags: 0, command: CMD_READ, handle, offset, length }.encode());
-    let r = SimpleReply::parse(&c.recv(SIMPLE_REPLY_LEN).try_into().unwrap()).unwrap();
-    assert_eq!((r.handle, r.error), (handle, 0));
-    c.recv(length as usize)
-}
-
 /// 50 connections each pipeline 64 reads of 32 MiB and 64 of 64 KiB and never read a reply. Each
 /// holds its own budget and no more, vmtd's memory stays within the node budget, and another
 /// client reads the whole image, identical, while all 50 are still connected.
@@ -65,7 +40,7 @@ fn clients_that_never_read_replies_cost_only_their_budget() {
 
     let mut hostile = Vec::new();
     for n in 0..50u64 {
-        let mut c = transmitting(&env, "img");
+        let mut c = nbd_transmitting(&env, "img");
         for h in 0..128u64 {
             // Long and short reads mixed: both kinds are charged to the connection's budget.
             let (offset, length) = if h % 2 == 0 { (((n + h) % 4) * 8 * MIB, 32 << 20) } else { (h * 65536, 65536) };
@@ -84,9 +59,9 @@ fn clients_that_never_read_replies_cost_only_their_budget() {
     assert!(rss <= 256 * MIB, "vmtd RSS {} MiB with 50 stalled clients", rss / MIB);
 
     // Another client is served in full meanwhile.
-    let mut good = transmitting(&env, "img");
+    let mut good = nbd_transmitting(&env, "img");
     for (i, at) in (0..64 * MIB).step_by(MIB as usize).enumerate() {
-        let got = read_ok(&mut good, i as u64, at, MIB as u32);
+        let got = nbd_read(&mut good, i as u64, at, MIB as u32);
         assert!(got == data[at as usize..(at + MIB) as usize], "bytes at {at} differ");
     }
     let s = nbd_status(&env);
@@ -107,14 +82,14 @@ fn stalled_clients_are_closed_by_their_timeouts() {
     let _vmtd = start_vmtd(&env, &cfg);
 
     let mut mute = Raw::connect(&env.export_sock("img"));
-    let mut stalled = transmitting(&env, "img");
+    let mut stalled = nbd_transmitting(&env, "img");
     for h in 0..8 {
         stalled.send(&Request { flags: 0, command: CMD_READ, handle: h, offset: 0, length: 32 << 20 }.encode());
     }
-    let mut good = transmitting(&env, "img");
+    let mut good = nbd_transmitting(&env, "img");
     wait_until("stalled clients closed", Duration::from_secs(60), || nbd_status(&env).connections == 1);
     assert!(mute.closed(), "the client without a handshake was closed");
-    read_ok(&mut good, 1, 0, 65536);
+    nbd_read(&mut good, 1, 0, 65536);
     let log = std::fs::read_to_string(env.path("vmtd.log")).unwrap();
     assert!(log.contains("not reading") && log.contains("no handshake"), "the log says why");
 }
@@ -131,7 +106,7 @@ fn a_flood_of_connections_is_refused_past_the_cap() {
     let _vmtd = start_vmtd(&env, &cfg);
     raise_fd_limit(10_500);
 
-    let mut good = transmitting(&env, "img");
+    let mut good = nbd_transmitting(&env, "img");
     let mut idle = Vec::with_capacity(10_000);
     for _ in 0..10_000 {
         idle.push(UnixStream::connect(env.export_sock("img")).expect("connect"));
@@ -141,12 +116,12 @@ fn a_flood_of_connections_is_refused_past_the_cap() {
     let s = nbd_status(&env);
     assert!(s.connections <= 64, "{s:?}");
     for (i, at) in (0..4 * MIB).step_by(65536).enumerate() {
-        assert!(read_ok(&mut good, i as u64, at, 65536) == data[at as usize..at as usize + 65536]);
+        assert!(nbd_read(&mut good, i as u64, at, 65536) == data[at as usize..at as usize + 65536]);
     }
     drop(idle);
     wait_until("idle connections gone", Duration::from_secs(60), || nbd_status(&env).connections == 1);
-    let mut again = transmitting(&env, "img");
-    read_ok(&mut again, 1, 0, 4096);
+    let mut again = nbd_transmitting(&env, "img");
+    nbd_read(&mut again, 1, 0, 4096);
 }
 
 fn raise_fd_limit(want: u64) {
@@ -167,7 +142,7 @@ fn long_and_short_reads_mixed_on_a_small_budget_all_complete() {
     let data = write_image(&img, 40 * MIB as usize, 24);
     let cfg = env.config("[nbd]\nconnection_bytes = \"1MiB\"\nnode_bytes = \"1MiB\"\n", &file_image("img", &img, ""));
     let _vmtd = start_vmtd(&env, &cfg);
-    let mut c = transmitting(&env, "img");
+    let mut c = nbd_transmitting(&env, "img");
     let short = |h: u64| (h * 131_072) % (39 * MIB);
     c.send(&Request { flags: 0, command: CMD_READ, handle: 0, offset: MIB, length: 32 << 20 }.encode());
     for h in 1..=200u64 {

@@ -290,3 +290,31 @@ pub fn nbd_origin_setup(env: &Env, size: usize, head: &str) -> (std::path::PathB
     let cfg = env.config(head, &images);
     (img, origin, cfg)
 }
+
+/// An NBD client of export `name`, past its handshake (OPT_GO), ready for requests.
+pub fn nbd_transmitting(env: &Env, name: &str) -> Raw {
+    use vmthunder::nbd::proto::*;
+    let mut c = Raw::connect(&env.export_sock(name));
+    c.recv(GREETING_LEN);
+    c.send(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes());
+    let req = InfoRequest { name: name.into(), infos: vec![] }.encode();
+    c.send(&OptionHeader { option: OPT_GO, len: req.len() as u32 }.encode());
+    c.send(&req);
+    loop {
+        let h = OptionReplyHeader::parse(&c.recv(OPTION_REPLY_HEADER_LEN).try_into().unwrap()).unwrap();
+        c.recv(h.len as usize);
+        if h.reply != REP_INFO {
+            assert_eq!(h.reply, REP_ACK);
+            return c;
+        }
+    }
+}
+
+/// Reads `length` bytes at `offset` (simple reply, no error expected).
+pub fn nbd_read(c: &mut Raw, handle: u64, offset: u64, length: u32) -> Vec<u8> {
+    use vmthunder::nbd::proto::{SimpleReply, CMD_READ, SIMPLE_REPLY_LEN};
+    c.send(&vmthunder::nbd::proto::Request { flags: 0, command: CMD_READ, handle, offset, length }.encode());
+    let r = SimpleReply::parse(&c.recv(SIMPLE_REPLY_LEN).try_into().unwrap()).unwrap();
+    assert_eq!((r.handle, r.error), (handle, 0));
+    c.recv(length as usize)
+}
