@@ -151,3 +151,24 @@ fn a_missing_file_origin_does_not_stop_the_node() {
     std::fs::rename(&away, &img).unwrap();
     assert!(qemu_img_identical(&img, &uri), "reads recover once the origin is back");
 }
+
+/// The same with an NBD origin that is down when vmtd starts.
+#[test]
+fn an_nbd_origin_down_at_start_does_not_stop_the_node() {
+    let env = Env::new();
+    let (img, mut origin, cfg) = nbd_origin_setup(&env, 8 * MIB, "fetch_timeout = \"2s\"");
+    let uri = env.export_uri("img");
+    let half = 4 * MIB as u64;
+    let mut vmtd = start_vmtd(&env, &cfg);
+    assert!(qemu_io_read(&uri, 0, half));
+    // Every fetched chunk stored before the stop, so the restart finds the half cached.
+    settled(&env, "img");
+    assert_eq!(vmtd.terminate(), Some(0));
+    origin.kill9();
+
+    let _vmtd = start_vmtd(&env, &cfg);
+    assert!(qemu_io_read(&uri, 0, half), "the cached half is served with the origin down");
+    assert!(!qemu_io_read(&uri, half, 65536), "an uncached read fails while the origin is down");
+    let _origin = start_qemu_nbd(&img, &env.path("origin.sock"));
+    assert!(qemu_img_identical(&img, &uri), "reads recover once the origin is back");
+}
