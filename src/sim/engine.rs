@@ -19,7 +19,6 @@ use super::net::{FlowId, LinkId, Net};
 use super::params::{SimParams, Strategy};
 use super::slab::Slab;
 use super::Workload;
-use crate::fetch::flight::runs;
 use crate::p2p::core::{Membership, PieceRead, Roster, UploadBudget};
 use crate::p2p::select::{Outcome, Selector};
 
@@ -179,7 +178,7 @@ pub(super) struct Counters {
 pub(super) const ORIGIN_SLOTS: u32 = 32;
 /// How soon a node's new chunks reach the peers holding sessions with it (the peer server's
 /// announcer: every 250 ms while busy).
-const HAVE_INTERVAL: f64 = crate::p2p::server::HAVE_INTERVAL.as_secs_f64();
+pub(super) const HAVE_INTERVAL: f64 = crate::p2p::server::HAVE_INTERVAL.as_secs_f64();
 /// The image every node serves (one image per run).
 pub(super) const IMAGE: [u8; 32] = [7; 32];
 
@@ -505,157 +504,6 @@ impl<'a> Sim<'a> {
                 self.waits.remove(w);
             } else {
                 self.nodes[i as usize].prefetching += 1;
-            }
-        }
-    }
-
-    // ---- the fetcher: single flight per chunk, runs as `Fetcher::ensure_with` plans them ----
-
-    /// Makes `chunks` present on node `i` for wait `w`; true if they are all there already.
-    pub fn ensure(&mut self, i: u32, chunks: Range<u32>, w: u32) -> bool {
-        let mut join: Vec<u32> = Vec::new();
-        let mut mine: Vec<(u32, ())> = Vec::new();
-        {
-            let n = &self.nodes[i as usize];
-            for c in chunks {
-                if n.cache.contains(c) {
-                    continue;
-                }
-                match n.inflight.get(&c) {
-                    Some(&f) => {
-                        if !join.contains(&f) {
-                            join.push(f)
-                        }
-                    }
-                    None => mine.push((c, ())),
-                }
-            }
-        }
-        if join.is_empty() && mine.is_empty() {
-            return true;
-        }
-        let boundary = self.strategy.relays().then_some(self.w.stripe_chunks);
-        let max = (self.p.max_fetch / self.p.chunk_size) as u32;
-        let mut new = Vec::new();
-        for run in runs(mine, max, boundary) {
-            let range = run[0].0..run[run.len() - 1].0 + 1;
-            let f = self.flights.insert(Flight { node: i, run: range.clone(), waits: Vec::new(), piece: None });
-            for c in range {
-                self.nodes[i as usize].inflight.insert(c, f);
-            }
-            join.push(f);
-            new.push(f);
-        }
-        for &f in &join {
-            if let Some(fl) = self.flights.get_mut(f) {
-                fl.waits.push(w);
-            }
-        }
-        if let Some(wt) = self.waits.get_mut(w) {
-            wt.pending = join.len() as u32;
-        }
-        for f in new {
-            self.start_fetch(f);
-        }
-        false
-    }
-
-    fn start_fetch(&mut self, f: u32) {
-        let Some(fl) = self.flights.get(f) else { return };
-        let (i, run) = (fl.node, fl.run.clone());
-        match self.strategy {
-            Strategy::CorTree => {
-                if i == 0 {
-                    self.origin_read(f);
-                } else {
-                    let parent = (i - 1) / self.p.tree_fanout;
-                    self.ask(i, parent, f, run);
-                }
-            }
-            _ => {
-                if let Some(fl) = self.flights.get_mut(f) {
-                    fl.piece = Some(PieceRead::new(run));
-                }
-                self.next_source(f);
-            }
-        }
-    }
-
-    /// Reads flight `f` from the origin, within the node's origin slots (relay strategies).
-    pub fn origin_read(&mut self, f: u32) {
-        let Some(i) = self.flights.get(f).map(|fl| fl.node) else { return };
-        if self.strategy.relays() {
-            let n = &mut self.nodes[i as usize];
-            if n.origin_free == 0 {
-                n.origin_queue.push_back(f);
-                return;
-            }
-            n.origin_free -= 1;
-        }
-        let lat = self.lat();
-        self.after(lat, Ev::OriginStart(f));
-    }
-
-    fn origin_start(&mut self, f: u32) {
-        let Some(fl) = self.flights.get(f) else { return };
-        let (i, bytes) = (fl.node, u64::from(fl.run.end - fl.run.start) * self.p.chunk_size);
-        if !self.nodes[i as usize].alive {
-            return;
-        }
-        self.c.origin_bytes += bytes;
-        let down = self.nodes[i as usize].down;
-        self.flow(self.origin_up, down, bytes, Purpose::Origin(f));
-    }
-
-    fn origin_done(&mut self, f: u32) {
-        let Some(i) = self.flights.get(f).map(|fl| fl.node) else { return };
-        if self.strategy.relays() {
-            let n = &mut self.nodes[i as usize];
-            n.origin_free += 1;
-            if let Some(next) = n.origin_queue.pop_front() {
-                n.origin_free -= 1;
-                let lat = self.lat();
-                self.after(lat, Ev::OriginStart(next));
-            }
-        }
-        self.flight_done(f, false);
-    }
-
-    /// Flight `f` ended: its chunks are cached (unless it failed) and its waiters move on.
-    pub fn flight_done(&mut self, f: u32, failed: bool) {
-        let Some(fl) = self.flights.remove(f) else { return };
-        let i = fl.node;
-        {
-            let n = &mut self.nodes[i as usize];
-            for c in fl.run.clone() {
-                if n.inflight.get(&c) == Some(&f) {
-                    n.inflight.remove(&c);
-                }
-            }
-            if !failed {
-                n.cache.insert_range(fl.run.clone());
-            }
-        }
-        if !failed && self.strategy.relays() && !self.nodes[i as usize].announcing {
-            self.nodes[i as usize].announcing = true;
-            self.after(HAVE_INTERVAL, Ev::Announce(i));
-        }
-        for w in fl.waits {
-            let Some(wt) = self.waits.get_mut(w) else { continue };
-            wt.failed |= failed;
-            wt.pending = wt.pending.saturating_sub(1);
-            if wt.pending > 0 {
-                continue;
-            }
-            let Some(wt) = self.waits.remove(w) else { continue };
-            match wt.want {
-                Want::Read(r) => self.read_done(r, wt.failed),
-                Want::Serve(q) => self.ready_to_serve(q, wt.failed),
-                Want::Prefetch => {
-                    let n = &mut self.nodes[wt.node as usize];
-                    n.prefetching = n.prefetching.saturating_sub(1);
-                    self.pump_prefetch(wt.node);
-                }
             }
         }
     }

@@ -19,6 +19,7 @@
 
 pub mod args;
 mod engine;
+mod fetch;
 pub mod net;
 pub mod params;
 mod relay;
