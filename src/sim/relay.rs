@@ -329,6 +329,9 @@ impl Sim<'_> {
             }
             keep.push(s);
         }
+        // A peer that reopened its session was added again: one delta each.
+        keep.sort_unstable();
+        keep.dedup();
         self.nodes[j as usize].subscribers = keep;
     }
 
