@@ -15,4 +15,5 @@ pub mod netio;
 pub mod p2p;
 pub mod profile;
 pub mod shutdown;
+pub mod sim;
 pub mod store;

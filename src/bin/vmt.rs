@@ -62,6 +62,9 @@ enum Cmd {
     /// Replay request traces against NBD exports; measure traces.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Simulate a bulk boot of many nodes (direct, copy-on-read tree, vmthunder) in one process,
+    /// with the relay's own decision code: deterministic for a seed.
+    Sim(Box<vmthunder::sim::SimArgs>),
     /// Copy a running VM's disk into its overlay so it no longer needs vmtd (block pull).
     Detach {
         domain: String,
@@ -239,6 +242,7 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Cmd::Detach { domain, disk, timeout } => return detach(&args.socket, domain, disk, *timeout),
+        Cmd::Sim(a) => return sim(a),
         _ => {}
     }
     let rt = if matches!(args.cmd, Cmd::Bench(BenchCmd::Replay { .. })) {
@@ -249,6 +253,16 @@ fn main() -> anyhow::Result<()> {
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?
     };
     rt.block_on(run(args))
+}
+
+fn sim(a: &vmthunder::sim::SimArgs) -> anyhow::Result<()> {
+    let report = vmthunder::sim::run(&a.params()?)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
 }
 
 async fn call(socket: &std::path::Path, req: Request) -> anyhow::Result<Response> {
@@ -375,7 +389,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         Cmd::Bench(cmd) => bench(cmd).await?,
-        Cmd::Pool(_) | Cmd::Vol(_) | Cmd::Detach { .. } => unreachable!("handled before the runtime starts"),
+        Cmd::Pool(_) | Cmd::Vol(_) | Cmd::Detach { .. } | Cmd::Sim(_) => {
+            unreachable!("handled before the runtime starts")
+        }
         Cmd::Image(ImageCmd::Remove { name }) => {
             call(&args.socket, Request::ImageRemove { name }).await?;
         }

@@ -8,7 +8,6 @@
 //! become members (the most recently named), so that no key holder makes this node dial more
 //! than that many ports of its own address, whatever it registers.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -21,28 +20,20 @@ use super::image::PeerContext;
 use super::Daemon;
 use crate::config::P2pTuning;
 use crate::p2p::auth::ClusterKey;
-use crate::p2p::conn::node_host;
+use crate::p2p::core::Membership;
 use crate::p2p::server::{PeerExport, PeerLookup, PeerServer, UploadLimits};
 use crate::p2p::tracker::TrackerClient;
 use crate::p2p::wire::Bytes32;
 
-/// Requests one peer session may queue before it gets `Busy`.
-const MAX_QUEUE: usize = 512;
-
-/// What the trackers said: image → node → when last named, and tracker → when last answered.
-#[derive(Default)]
-struct Answers {
-    seen: HashMap<Bytes32, HashMap<String, Instant>>,
-    answered: HashMap<usize, Instant>,
-}
+use crate::p2p::core::upload::MAX_QUEUE;
 
 /// The node's peer-to-peer state.
 pub struct Peers {
     pub ctx: PeerContext,
     pub server: Arc<PeerServer>,
     heartbeat: Duration,
-    per_address: usize,
-    answers: Mutex<Answers>,
+    /// What the trackers said: the pure [`Membership`] (shared with `vmt sim`).
+    answers: Mutex<Membership>,
     trackers_up: AtomicU64,
 }
 
@@ -79,8 +70,7 @@ impl Peers {
             ctx,
             server,
             heartbeat: t.heartbeat,
-            per_address: t.peers_per_address,
-            answers: Mutex::new(Answers::default()),
+            answers: Mutex::new(Membership::new(t.heartbeat, t.peers_per_address)),
             trackers_up: AtomicU64::new(0),
         }
     }
@@ -127,14 +117,11 @@ impl Peers {
                         tracing::info!(tracker = %client.addr(), "tracker reachable again");
                     }
                     was_up = true;
-                    let now = Instant::now();
+                    let now = Instant::now().into_std();
                     let mut a = peers.answers.lock().unwrap();
-                    a.answered.insert(idx, now);
+                    a.tracker_answered(idx, now);
                     for (image, nodes) in answer {
-                        let seen = a.seen.entry(image).or_default();
-                        for n in nodes {
-                            seen.insert(n, now);
-                        }
+                        a.named(idx, image, nodes.iter().map(String::as_str), now);
                     }
                 }
                 Err(e) => {
@@ -151,59 +138,15 @@ impl Peers {
     /// Sets each image's members to the nodes named within the window, if any tracker answered
     /// within it.
     fn apply(&self, d: &Daemon) {
-        let window = self.heartbeat * 3 + Duration::from_secs(1);
+        let now = Instant::now().into_std();
         let mut a = self.answers.lock().unwrap();
-        let up = a.answered.values().filter(|t| t.elapsed() <= window).count();
-        self.trackers_up.store(up as u64, Ordering::Relaxed);
-        if up == 0 {
+        self.trackers_up.store(a.trackers_up(now) as u64, Ordering::Relaxed);
+        if !a.expire(now) {
             return;
-        }
-        for seen in a.seen.values_mut() {
-            seen.retain(|_, t| t.elapsed() <= window);
         }
         for img in d.images.read().unwrap().values() {
             let Some(swarm) = &img.swarm else { continue };
-            let nodes =
-                a.seen.get(&img.manifest.root().0).map(|m| per_address(m, self.per_address)).unwrap_or_default();
-            swarm.set_members(&nodes);
+            swarm.set_members(&a.members(&img.manifest.root().0));
         }
-    }
-}
-
-/// The names of `seen`, at most `limit` per address: the most recently named first, then by name.
-fn per_address(seen: &HashMap<String, Instant>, limit: usize) -> Vec<String> {
-    let mut by_host: HashMap<&str, Vec<(Instant, &String)>> = HashMap::new();
-    // Only canonical names: peer servers admit no other spelling, and each spelling would
-    // otherwise count as an address of its own here.
-    for (n, t) in seen.iter().filter(|(n, _)| crate::p2p::admit::is_canonical(n)) {
-        by_host.entry(node_host(n)).or_default().push((*t, n));
-    }
-    let mut out = Vec::new();
-    for mut names in by_host.into_values() {
-        names.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
-        out.extend(names.into_iter().take(limit).map(|(_, n)| n.clone()));
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn members_are_bounded_per_address() {
-        let t0 = Instant::now();
-        let mut seen: HashMap<String, Instant> = HashMap::new();
-        for p in 0..1000u32 {
-            seen.insert(format!("10.0.0.9:{p}"), t0 + Duration::from_millis(u64::from(p)));
-        }
-        seen.insert("10.0.0.1:7000".into(), t0);
-        seen.insert("[fd00::1]:7000".into(), t0);
-        let mut got = per_address(&seen, 8);
-        got.sort();
-        let mut want: Vec<String> = (992..1000).map(|p| format!("10.0.0.9:{p}")).collect();
-        want.extend(["10.0.0.1:7000".to_string(), "[fd00::1]:7000".to_string()]);
-        want.sort();
-        assert_eq!(got, want, "the 8 most recent of the crowded address, every other one");
     }
 }

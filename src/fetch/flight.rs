@@ -403,8 +403,9 @@ impl Fetcher {
 }
 
 /// Splits sorted chunk indices into runs of adjacent chunks, each at most `max` long and, with
-/// `boundary`, never crossing a multiple of it.
-fn runs<T>(items: Vec<(u32, T)>, max: u32, boundary: Option<u32>) -> Vec<Vec<(u32, T)>> {
+/// `boundary`, never crossing a multiple of it. Pure: `vmt sim` plans its nodes' upstream reads
+/// with it too.
+pub fn runs<T>(items: Vec<(u32, T)>, max: u32, boundary: Option<u32>) -> Vec<Vec<(u32, T)>> {
     let mut out: Vec<Vec<(u32, T)>> = Vec::new();
     for (i, t) in items {
         let cut = boundary.is_some_and(|b| b > 0 && i % b == 0);

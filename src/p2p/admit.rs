@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use thiserror::Error;
 use tokio::sync::Notify;
 
-use super::conn::node_ip;
+use super::conn::{is_canonical, node_ip};
 use super::wire::Bytes32;
 
 /// Why a connection or a session was refused.
@@ -40,15 +40,6 @@ pub enum AdmitError {
     NotBound { node: String, from: IpAddr },
     #[error("{from} holds sessions under {limit} node names already")]
     Names { from: IpAddr, limit: usize },
-}
-
-/// True when `node` is an IP socket address written the one way Rust writes it, with an IPv4
-/// address for an IPv4-mapped one: the only spelling of a node name that is admitted.
-pub fn is_canonical(node: &str) -> bool {
-    node.parse::<std::net::SocketAddr>().is_ok_and(|a| {
-        let a = std::net::SocketAddr::new(a.ip().to_canonical(), a.port());
-        a.to_string() == node
-    })
 }
 
 /// The sessions and handshakes of every address, on one peer server or tracker.

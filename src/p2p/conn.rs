@@ -128,6 +128,15 @@ pub fn node_ip(node: &str) -> Option<IpAddr> {
     node.parse::<SocketAddr>().ok().map(|a| a.ip().to_canonical())
 }
 
+/// True when `node` is an IP socket address written the one way Rust writes it, with an IPv4
+/// address for an IPv4-mapped one: the only spelling of a node name that is admitted.
+pub fn is_canonical(node: &str) -> bool {
+    node.parse::<std::net::SocketAddr>().is_ok_and(|a| {
+        let a = std::net::SocketAddr::new(a.ip().to_canonical(), a.port());
+        a.to_string() == node
+    })
+}
+
 /// Opens a TCP connection to `addr` from the IP address of this node's name `me`, so that the
 /// other side sees it come from the address the name claims: peer servers and trackers refuse a
 /// name whose address is not the one the connection comes from. When that address is not local

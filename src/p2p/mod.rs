@@ -12,10 +12,13 @@
 //! Every session starts with a mutual cluster-key challenge–response ([`auth`]), and is admitted
 //! only under a name that is the address it comes from, within per-name and per-address bounds
 //! ([`admit`]); every chunk a peer sends is verified against the manifest before it is used.
+//! Every relay decision lives in pure state machines ([`select`] and [`core`]), which the tokio
+//! code here and `vmt sim` drive alike.
 
 pub mod admit;
 pub mod auth;
 pub mod conn;
+pub mod core;
 pub mod peer;
 pub mod select;
 pub mod server;

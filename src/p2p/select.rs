@@ -279,6 +279,23 @@ impl Selector {
         (score(self.me_hash, stripe), self.me.as_str()) > (score(node_hash(requester), stripe), requester)
     }
 
+    /// Whether this node fetches `run` on behalf of `requester`: the run lies in one stripe and
+    /// this node ranks above the requester in that stripe's tree. A run across a stripe boundary
+    /// would be fetched in pieces, some possibly from nodes that rank below the requester: a wait
+    /// that could close a cycle.
+    pub fn relays_run(&self, run: Range<u32>, requester: &str) -> bool {
+        !run.is_empty() && self.split(run.clone()).len() == 1 && self.relays_for(run.start, requester)
+    }
+
+    /// The members usable now (not backing off, not banned), sorted: those a node keeps a
+    /// session with, opened as they become members.
+    pub fn usable_members(&self, now: Instant) -> Vec<String> {
+        let mut v: Vec<String> =
+            self.peers.iter().filter(|(_, p)| Self::usable(p, now)).map(|(n, _)| n.clone()).collect();
+        v.sort();
+        v
+    }
+
     /// Whether this node is the root of the tree of the stripe of `chunk` (it reads that stripe
     /// from the origin).
     pub fn is_root(&self, chunk: u32, now: Instant) -> bool {
@@ -377,6 +394,23 @@ impl Selector {
     /// Whether `node` is a member that may be asked now (not backing off, not banned).
     pub fn usable_now(&self, node: &str, now: Instant) -> bool {
         self.peers.get(node).is_some_and(|p| Self::usable(p, now))
+    }
+
+    /// Bytes this selector holds for its peers (names, per-peer state, have-maps), estimated
+    /// from their sizes: what one node spends on peer state for one image.
+    pub fn state_bytes(&self) -> u64 {
+        let per_peer = (std::mem::size_of::<Peer>() + std::mem::size_of::<String>() + 16) as u64;
+        self.peers
+            .iter()
+            .map(|(n, p)| {
+                per_peer + n.len() as u64 + p.have.serialized_size() as u64 + p.disproved.serialized_size() as u64
+            })
+            .sum()
+    }
+
+    /// Peers this selector keeps state for, members or not.
+    pub fn known_peers(&self) -> usize {
+        self.peers.len()
     }
 
     pub fn is_banned(&self, node: &str, now: Instant) -> bool {

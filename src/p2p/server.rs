@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use super::admit::{Admission, Admitted, Handshaking};
 use super::auth::ClusterKey;
 use super::conn::{read_frame_within, server_handshake, write_frame, ConnError, MAX_HANDSHAKES, SMALL_FRAME};
+use super::core::upload::UploadBudget;
 use super::wire::{Bytes32, Frame, Message, MAX_TAIL};
 use crate::fetch::BoxFuture;
 
@@ -102,8 +103,7 @@ pub struct UploadLimits {
     pub per_address: usize,
 }
 
-/// Largest reply budget: semaphore permits are counted in `u32`.
-pub const MAX_BUFFER: u64 = 2 << 30;
+pub use super::core::upload::MAX_BUFFER;
 
 /// Counters of the peer server.
 #[derive(Debug, Default)]
@@ -124,7 +124,6 @@ pub struct ServerStats {
 /// The bytes of one reply, reserved from the node's budget and its session's share from the
 /// request's arrival until the reply's frame is written (or dropped with its session).
 struct Reservation {
-    _budget: OwnedSemaphorePermit,
     server: Arc<PeerServer>,
     session: Arc<AtomicU64>,
     bytes: u64,
@@ -132,6 +131,7 @@ struct Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
+        self.server.budget.lock().unwrap().release(self.bytes);
         self.session.fetch_sub(self.bytes, Ordering::Relaxed);
         self.server.stats.buffered.fetch_sub(self.bytes, Ordering::Relaxed);
     }
@@ -156,8 +156,9 @@ pub struct PeerServer {
     lookup: Arc<dyn PeerLookup>,
     limits: UploadLimits,
     slots: Arc<Semaphore>,
-    /// The reply budget, in bytes (see [`UploadLimits::buffer`]).
-    budget: Arc<Semaphore>,
+    /// The reply budget (see [`UploadLimits::buffer`]): the pure [`UploadBudget`], shared with
+    /// `vmt sim`.
+    budget: Mutex<UploadBudget>,
     admission: Arc<Admission>,
     /// When the upload link is next free under the rate cap.
     next_free: Mutex<Instant>,
@@ -181,7 +182,7 @@ impl PeerServer {
             lookup,
             limits,
             slots: Arc::new(Semaphore::new(limits.slots.max(1))),
-            budget: Arc::new(Semaphore::new(limits.buffer.clamp(1, MAX_BUFFER) as usize)),
+            budget: Mutex::new(UploadBudget::new(limits.buffer, limits.max_queue)),
             admission: Admission::new(limits.per_address),
             next_free: Mutex::new(Instant::now()),
             stats: ServerStats::default(),
@@ -280,8 +281,7 @@ impl PeerServer {
             drop(rx);
             gone.notify_one();
         });
-        // Bytes of replies this session holds: at most a quarter of the budget, plus one reply.
-        let share = self.limits.buffer.clamp(1, MAX_BUFFER) / 4;
+        // Bytes of replies this session holds, and requests it has being answered.
         let reserved = Arc::new(AtomicU64::new(0));
         let queued = Arc::new(AtomicUsize::new(0));
         let requested = Arc::new(tokio::sync::Notify::new());
@@ -307,9 +307,7 @@ impl PeerServer {
                 break format!("request for chunks {first}+{count} is out of range");
             };
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let bytes = (queued.load(Ordering::Relaxed) < self.limits.max_queue)
-                .then(|| self.reserve(len, &reserved, share))
-                .flatten();
+            let bytes = self.reserve(len, &reserved, queued.load(Ordering::Relaxed));
             let Some(bytes) = bytes else {
                 self.stats.busy.fetch_add(1, Ordering::Relaxed);
                 let _ = tx.send((Frame::new(Message::Busy { id }), None)).await;
@@ -335,21 +333,15 @@ impl PeerServer {
         let _ = writer.await;
     }
 
-    /// Reserves `len` bytes for one reply of a session that holds `reserved` bytes already, or
-    /// `None` (the request gets `Busy`) when the session holds its `share` or the node's budget
-    /// is spent. Never waits: a reply may hold its bytes across a relay that waits on other
-    /// nodes, and a wait for bytes held that way could close a cycle of waits between nodes.
-    fn reserve(self: &Arc<Self>, len: u64, reserved: &Arc<AtomicU64>, share: u64) -> Option<Reservation> {
-        if reserved.load(Ordering::Relaxed) >= share {
-            return None;
-        }
-        // A reply longer than the whole budget takes all of it.
-        let bytes = len.clamp(1, self.limits.buffer.clamp(1, MAX_BUFFER));
-        let permit = self.budget.clone().try_acquire_many_owned(u32::try_from(bytes).ok()?).ok()?;
+    /// Reserves `len` bytes for one reply of a session that holds `reserved` bytes already and
+    /// has `queued` requests being answered, or `None` (the request gets `Busy`): the decision is
+    /// [`UploadBudget::reserve`]'s. Never waits (see there why).
+    fn reserve(self: &Arc<Self>, len: u64, reserved: &Arc<AtomicU64>, queued: usize) -> Option<Reservation> {
+        let bytes = self.budget.lock().unwrap().reserve(reserved.load(Ordering::Relaxed), queued, len)?;
         reserved.fetch_add(bytes, Ordering::Relaxed);
         let now = self.stats.buffered.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.stats.buffered_peak.fetch_max(now, Ordering::Relaxed);
-        Some(Reservation { _budget: permit, server: self.clone(), session: reserved.clone(), bytes })
+        Some(Reservation { server: self.clone(), session: reserved.clone(), bytes })
     }
 
     async fn reply(

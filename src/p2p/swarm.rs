@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::auth::ClusterKey;
+use super::core::PieceRead;
 use super::peer::{PeerConn, Refusal};
-use super::select::{Choice, Outcome, Selector, Summary, Tried};
+use super::select::{Choice, Outcome, Selector, Summary};
 use super::wire::Bytes32;
 use crate::fetch::{BoxFuture, ChunkSource, SourceError};
 use crate::image::{ChunkIdx, Manifest};
@@ -113,7 +114,7 @@ impl Swarm {
         let usable: Vec<String> = {
             let mut sel = self.selector.lock().unwrap();
             sel.set_members(nodes.iter().map(String::as_str));
-            sel.members().into_iter().filter(|n| sel.usable_now(n, now)).collect()
+            sel.usable_members(now)
         };
         let Some(me) = self.weak.upgrade() else { return };
         for node in usable {
@@ -146,8 +147,7 @@ impl Swarm {
     /// A run across a stripe boundary would be fetched in pieces, some possibly from nodes that
     /// rank below the requester: a wait that could close a cycle.
     pub fn relays_for(&self, run: Range<u32>, requester: &str) -> bool {
-        let sel = self.selector.lock().unwrap();
-        sel.split(run.clone()).len() == 1 && sel.relays_for(run.start, requester)
+        self.selector.lock().unwrap().relays_run(run, requester)
     }
 
     async fn session(&self, node: &str) -> Result<Arc<PeerConn>, Refusal> {
@@ -179,9 +179,9 @@ impl Swarm {
         }
     }
 
-    /// Asks `node` for `run` and checks what comes back.
+    /// Asks `node` for `run` and checks what comes back (the selector hears of it from the
+    /// caller's [`PieceRead`]).
     async fn ask(&self, node: &str, run: Range<u32>) -> Result<Bytes, Outcome> {
-        self.selector.lock().unwrap().started(node);
         let outcome = async {
             let conn = self.session(node).await.map_err(|_| Outcome::Failed)?;
             self.stats.peer_requests.fetch_add(1, Ordering::Relaxed);
@@ -219,7 +219,6 @@ impl Swarm {
                 tracing::error!(peer = node, "peer sent data that does not match the manifest; banned");
             }
         }
-        self.selector.lock().unwrap().finished(node, run, how, Instant::now());
         outcome
     }
 
@@ -256,9 +255,9 @@ impl Swarm {
     /// Reads one stripe's piece of a run from the best source that answers; true when the
     /// bytes came from a peer (and were verified here).
     async fn read_piece(&self, run: Range<u32>) -> Result<(Bytes, bool), SourceError> {
-        let mut tried = Tried::default();
+        let mut piece = PieceRead::new(run.clone());
         loop {
-            let choice = self.selector.lock().unwrap().choose(run.clone(), Instant::now(), &tried);
+            let choice = piece.next(&mut self.selector.lock().unwrap(), Instant::now());
             match choice {
                 Choice::Origin => {
                     let (offset, len) = self
@@ -272,13 +271,15 @@ impl Swarm {
                     self.stats.bytes_from_origin.fetch_add(data.len() as u64, Ordering::Relaxed);
                     return Ok((Bytes::from(data), false));
                 }
-                Choice::Peer { node, .. } => match self.ask(&node, run.clone()).await {
-                    Ok(bytes) => {
+                Choice::Peer { node, .. } => {
+                    let got = self.ask(&node, run.clone()).await;
+                    let how = got.as_ref().map_or_else(|o| *o, |_| Outcome::Served);
+                    piece.answered(&mut self.selector.lock().unwrap(), &node, how, Instant::now());
+                    if let Ok(bytes) = got {
                         self.stats.bytes_from_peers.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                         return Ok((bytes, true));
                     }
-                    Err(how) => tried.add(&node, how),
-                },
+                }
             }
         }
     }

@@ -21,33 +21,23 @@ use tokio::time::Instant;
 use super::admit::Admission;
 use super::auth::ClusterKey;
 use super::conn::{
-    client_handshake, connect_from, node_host, read_frame_within, server_handshake, write_frame, ConnError,
-    MAX_HANDSHAKES, SMALL_FRAME,
+    client_handshake, connect_from, read_frame_within, server_handshake, write_frame, ConnError, MAX_HANDSHAKES,
+    SMALL_FRAME,
 };
+use super::core::roster::{Recorded, Roster};
 use super::wire::{Bytes32, Frame, Message, MAX_MSG};
 
 /// The image field of a tracker session's `Hello`.
 pub const TRACKER_IMAGE: Bytes32 = [0; 32];
-/// Most images a tracker keeps, and most nodes per image: bounds its memory whatever is sent.
-pub const MAX_IMAGES: usize = 4096;
-pub const MAX_NODES: usize = 4096;
+pub use super::core::roster::{MAX_IMAGES, MAX_NODES};
 
 /// The tracker's state: image → node → last heard.
 pub struct Tracker {
     me: String,
     key: ClusterKey,
-    ttl: Duration,
-    /// Names one address may have registered per image, and sessions open.
-    per_address: usize,
     admission: Arc<Admission>,
-    nodes: Mutex<Table>,
-}
-
-/// Live nodes per image, and when expired entries of other images were last swept out.
-#[derive(Default)]
-struct Table {
-    images: HashMap<Bytes32, HashMap<String, Instant>>,
-    swept: Option<Instant>,
+    /// The table itself: the pure [`Roster`] (shared with `vmt sim`).
+    nodes: Mutex<Roster>,
 }
 
 impl Tracker {
@@ -58,47 +48,19 @@ impl Tracker {
         Arc::new(Tracker {
             me: me.into(),
             key,
-            ttl,
-            per_address,
             admission: Admission::new(per_address),
-            nodes: Mutex::new(Table::default()),
+            nodes: Mutex::new(Roster::new(ttl, per_address)),
         })
     }
 
     /// Records `node` for `image` and returns the other live nodes of `image`. A new name is
     /// not recorded (but answered) while `per_address` live names of its address are.
     pub fn register(&self, image: Bytes32, node: &str, now: Instant) -> Vec<String> {
-        let mut table = self.nodes.lock().unwrap();
-        let ttl = self.ttl;
-        let live = |m: &mut HashMap<String, Instant>| {
-            m.retain(|_, t| now.duration_since(*t) < ttl);
-            !m.is_empty()
-        };
-        // Every registration expires its own image; the whole table, whose size grows with
-        // images times nodes, is swept at most once per ttl.
-        if table.swept.is_none_or(|t| now.duration_since(t) >= ttl) {
-            table.images.retain(|_, m| live(m));
-            table.swept = Some(now);
-        } else if let Some(m) = table.images.get_mut(&image) {
-            if !live(m) {
-                table.images.remove(&image);
-            }
-        }
-        let all = &mut table.images;
-        if all.len() >= MAX_IMAGES && !all.contains_key(&image) {
+        let (nodes, recorded) = self.nodes.lock().unwrap().register(image, node, now.into_std());
+        if recorded == Recorded::ImagesFull {
             tracing::warn!("tracker full: {MAX_IMAGES} images; registration ignored");
-        } else {
-            let m = all.entry(image).or_default();
-            let host = node_host(node);
-            let known = m.contains_key(node);
-            if known || (m.len() < MAX_NODES && m.keys().filter(|n| node_host(n) == host).count() < self.per_address) {
-                m.insert(node.to_string(), now);
-            }
         }
-        let mut out: Vec<String> =
-            all.get(&image).map(|m| m.keys().filter(|n| *n != node).cloned().collect()).unwrap_or_default();
-        out.sort();
-        out
+        nodes
     }
 
     /// Accepts node sessions until `shutdown` turns true.

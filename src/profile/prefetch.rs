@@ -14,7 +14,9 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::format::Profile;
+use std::ops::Range;
+
+use super::format::{Entry, Profile};
 use crate::fetch::flight::{Fetcher, Priority};
 use crate::store::ChunkStore;
 
@@ -35,6 +37,21 @@ impl Job {
     }
 }
 
+/// The runs a prefetch of `entries` (a profile's, in deadline order) fetches, in order: chunks
+/// adjacent in the image and consecutive in deadline order, at most `max` per run. Pure: `vmt sim`
+/// prefetches with it too.
+pub fn prefetch_runs(entries: &[Entry], max: u32) -> Vec<Range<u32>> {
+    let max = max.max(1) as usize;
+    let mut runs: Vec<Range<u32>> = Vec::new();
+    for e in entries {
+        match runs.last_mut() {
+            Some(r) if r.end == e.chunk && r.len() < max => r.end += 1,
+            _ => runs.push(e.chunk..e.chunk.saturating_add(1)),
+        }
+    }
+    runs
+}
+
 /// Runs prefetch of `profile` until done, cancelled or failed.
 pub async fn run(
     fetcher: Arc<Fetcher>,
@@ -44,15 +61,7 @@ pub async fn run(
     concurrency: usize,
     job: Arc<Job>,
 ) {
-    let max = fetcher.max_chunks() as usize;
-    // Runs of chunks adjacent in the image and consecutive in deadline order.
-    let mut runs: Vec<std::ops::Range<u32>> = Vec::new();
-    for e in &profile.entries {
-        match runs.last_mut() {
-            Some(r) if r.end == e.chunk && r.len() < max => r.end += 1,
-            _ => runs.push(e.chunk..e.chunk + 1),
-        }
-    }
+    let runs = prefetch_runs(&profile.entries, fetcher.max_chunks());
     job.total_chunks.store(profile.entries.len() as u64, Ordering::SeqCst);
     let start = Instant::now();
     let chunk_size = store.geometry().chunk_size().bytes();
@@ -99,4 +108,20 @@ pub async fn run(
         *job.error.lock().unwrap() = Some(e);
     }
     job.finished.store(true, Ordering::SeqCst);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(chunk: u32) -> Entry {
+        Entry { chunk, deadline_ms: 0, count: 1, misses: 0 }
+    }
+
+    #[test]
+    fn runs_follow_deadline_order_and_adjacency() {
+        let entries: Vec<Entry> = [5, 6, 7, 1, 2, 9].into_iter().map(e).collect();
+        assert_eq!(prefetch_runs(&entries, 2), vec![5..7, 7..8, 1..3, 9..10]);
+        assert_eq!(prefetch_runs(&entries, 16), vec![5..8, 1..3, 9..10]);
+    }
 }

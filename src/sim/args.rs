@@ -1,0 +1,162 @@
+//! The flags of `vmt sim`, turned into [`SimParams`]: sizes and rates are parsed here, each
+//! error naming its flag.
+
+use std::path::PathBuf;
+
+use super::params::{parse_rate, SimParams, Strategy};
+use super::SimError;
+use crate::config::parse_size;
+
+/// Simulate a bulk boot: every strategy side by side, deterministic for a seed.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimArgs {
+    /// Trace of one guest's boot (CSV from `vmt trace stop`).
+    #[arg(long)]
+    pub trace: PathBuf,
+    /// Boot profile of the trace's image (needed by vmthunder-profile; sets the image size).
+    #[arg(long)]
+    pub profile: Option<PathBuf>,
+    /// Number of nodes, each booting one guest.
+    #[arg(long, default_value_t = 100)]
+    pub nodes: u32,
+    /// Strategies, comma-separated: direct, cor-tree, vmthunder, vmthunder-profile.
+    #[arg(long, default_value = "direct,cor-tree,vmthunder")]
+    pub strategies: String,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Factor applied to the trace's think times (as `vmt bench replay --scale`).
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+    /// Leave out the requests recorded before this many seconds (as `vmt bench replay --from`).
+    #[arg(long, default_value_t = 0.0)]
+    pub from: f64,
+    /// Spread the guests' starts uniformly over this many seconds (0: all at once).
+    #[arg(long, default_value_t = 0.0)]
+    pub spread: f64,
+    /// Seconds each node's vmtd runs before its guest starts.
+    #[arg(long, default_value_t = 3.0)]
+    pub warmup: f64,
+    /// Each node's up and down link, e.g. 1gbit, 10gbit.
+    #[arg(long, default_value = "1gbit")]
+    pub node_link: String,
+    /// The origin's up link.
+    #[arg(long, default_value = "1gbit")]
+    pub origin_link: String,
+    /// One-way latency of one hop, in milliseconds.
+    #[arg(long, default_value_t = 0.1)]
+    pub latency_ms: f64,
+    /// CPU microseconds per request, at the end that serves it and at the end that receives it.
+    #[arg(long, default_value_t = 50.0)]
+    pub cpu_us_per_request: f64,
+    /// CPU seconds per GiB relayed, both ends together (BENCHMARKS.md measures 4.3–5.6 on the
+    /// testbed); half is charged to the sender, half to the receiver.
+    #[arg(long, default_value_t = 5.0)]
+    pub cpu_s_per_gib: f64,
+    #[arg(long, default_value = "64KiB")]
+    pub chunk_size: String,
+    /// Image size (default: the profile's, or the end of the trace's last read).
+    #[arg(long)]
+    pub image_size: Option<String>,
+    #[arg(long, default_value = "1MiB")]
+    pub max_fetch: String,
+    #[arg(long, default_value = "1MiB")]
+    pub stripe: String,
+    /// Fan-out of vmthunder's per-stripe relay trees.
+    #[arg(long, default_value_t = 4)]
+    pub fanout: u32,
+    /// Fan-out of the copy-on-read tree (2: node i's parent is node i/2, counting from 1).
+    #[arg(long, default_value_t = 2)]
+    pub tree_fanout: u32,
+    #[arg(long, default_value_t = 16)]
+    pub upload_slots: u32,
+    #[arg(long, default_value = "64MiB")]
+    pub upload_buffer: String,
+    /// Seconds between a node's tracker registrations.
+    #[arg(long, default_value_t = 1.0)]
+    pub heartbeat: f64,
+    /// Seconds the tracker keeps a node after its last registration.
+    #[arg(long, default_value_t = 3.0)]
+    pub tracker_ttl: f64,
+    #[arg(long, default_value_t = 4)]
+    pub prefetch_concurrency: u32,
+    /// Fraction of the nodes killed at --kill-at.
+    #[arg(long, default_value_t = 0.0)]
+    pub kill: f64,
+    /// Seconds after the first guest's start at which nodes are killed.
+    #[arg(long, default_value_t = 1.0)]
+    pub kill_at: f64,
+    /// START,LENGTH: the tracker answers nothing for LENGTH seconds from START seconds after the
+    /// first guest's start.
+    #[arg(long)]
+    pub tracker_down: Option<String>,
+    /// Fraction of the nodes that claim every chunk and hold back what they lack.
+    #[arg(long, default_value_t = 0.0)]
+    pub liars: f64,
+    /// Relay runs whose peer state would need more than this are not run (said why instead).
+    #[arg(long, default_value = "6GiB")]
+    pub max_peer_state: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn size(field: &'static str, s: &str) -> Result<u64, SimError> {
+    parse_size(s).map_err(|e| SimError::Param { field, reason: e.to_string() })
+}
+
+impl SimArgs {
+    pub fn params(&self) -> Result<SimParams, SimError> {
+        let strategies = self
+            .strategies
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(Strategy::parse)
+            .collect::<Result<Vec<_>, _>>()?;
+        let tracker_down = match &self.tracker_down {
+            None => None,
+            Some(s) => {
+                let bad = || SimError::Param {
+                    field: "tracker-down",
+                    reason: format!("{s:?}: expected START,LENGTH in seconds"),
+                };
+                let (a, b) = s.split_once(',').ok_or_else(bad)?;
+                Some((a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?))
+            }
+        };
+        let p = SimParams {
+            trace: self.trace.clone(),
+            profile: self.profile.clone(),
+            nodes: self.nodes,
+            strategies,
+            seed: self.seed,
+            scale: self.scale,
+            from: self.from,
+            spread: self.spread,
+            warmup: self.warmup,
+            node_rate: parse_rate("node-link", &self.node_link)?,
+            origin_rate: parse_rate("origin-link", &self.origin_link)?,
+            latency: self.latency_ms / 1e3,
+            cpu_per_request: self.cpu_us_per_request / 1e6,
+            cpu_per_byte: self.cpu_s_per_gib / 2.0 / f64::from(1u32 << 30),
+            chunk_size: size("chunk-size", &self.chunk_size)?,
+            image_size: self.image_size.as_deref().map(|s| size("image-size", s)).transpose()?,
+            max_fetch: size("max-fetch", &self.max_fetch)?,
+            stripe: size("stripe", &self.stripe)?,
+            fanout: self.fanout,
+            tree_fanout: self.tree_fanout,
+            upload_slots: self.upload_slots,
+            upload_buffer: size("upload-buffer", &self.upload_buffer)?,
+            heartbeat: self.heartbeat,
+            tracker_ttl: self.tracker_ttl,
+            prefetch_concurrency: self.prefetch_concurrency,
+            kill: self.kill,
+            kill_at: self.kill_at,
+            tracker_down,
+            liars: self.liars,
+            max_peer_state: size("max-peer-state", &self.max_peer_state)?,
+        };
+        p.check()?;
+        Ok(p)
+    }
+}

@@ -1,0 +1,522 @@
+//! The discrete-event loop of one strategy at one scale: a binary heap of timed events, the
+//! guests' trace replays, each node's cache and single-flight fetches, and the links.
+//!
+//! Time is virtual: integer nanoseconds from the first node's vmtd start, turned into an
+//! `Instant` (a fixed base plus the offset) wherever the relay's own code wants `now`. Events at
+//! the same time run in the order they were scheduled (a sequence number breaks ties), and every
+//! random choice comes from one seeded generator, so a seed gives one result.
+//!
+//! What is the relay's own code and what is model: see `relay.rs` and the module doc of `sim`.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use roaring::RoaringBitmap;
+
+use super::net::{FlowId, LinkId, Net};
+use super::params::{SimParams, Strategy};
+use super::slab::Slab;
+use super::Workload;
+use crate::p2p::core::{Membership, PieceRead, Roster, UploadBudget};
+use crate::p2p::select::{Outcome, Selector};
+
+/// A deterministic generator (splitmix64): the simulator's only source of randomness.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x5EED_5EED_5EED_5EED)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Ev {
+    /// A node's guest sends its next burst of reads.
+    Burst(u32),
+    /// A link's next flow completion, if the link's generation is still this one.
+    LinkWake(LinkId, u64),
+    /// A peer request reaches its server.
+    AtServer(u32),
+    /// A refusal or failure reaches the asker.
+    AtClient(u32, Outcome),
+    /// A reply's bytes reached the asker and were checked.
+    Served(u32),
+    /// A server starts sending a reply (its CPU work done).
+    StartReply(u32),
+    /// An origin read of a fetch starts (its request arrived at the origin).
+    OriginStart(u32),
+    /// An origin read's bytes reached the node.
+    OriginDone(u32),
+    /// A direct guest read's request reached the origin.
+    DirectStart(u32),
+    /// A direct guest read's bytes reached the node.
+    DirectDone(u32),
+    Heartbeat(u32),
+    Announce(u32),
+    Kill,
+}
+
+/// What a flow carries.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Purpose {
+    Origin(u32),
+    Direct(u32),
+    Reply(u32),
+}
+
+/// Who waits for chunks.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Want {
+    Read(u32),
+    Serve(u32),
+    Prefetch,
+}
+
+/// A wait on one or more fetches.
+pub(super) struct Wait {
+    pub node: u32,
+    pub pending: u32,
+    pub failed: bool,
+    pub want: Want,
+}
+
+/// One fetch in flight on one node (the `Fetcher`'s single flight).
+pub(super) struct Flight {
+    pub node: u32,
+    pub run: Range<u32>,
+    pub waits: Vec<u32>,
+    pub piece: Option<PieceRead>,
+}
+
+/// One guest read.
+pub(super) struct Read {
+    pub node: u32,
+    pub issued: u64,
+    pub bytes: u64,
+}
+
+/// One request to a peer (or a tree parent).
+pub(super) struct Req {
+    pub client: u32,
+    pub server: u32,
+    pub flight: u32,
+    pub run: Range<u32>,
+    pub bytes: u64,
+    /// Bytes reserved from the server's budget (relay strategies).
+    pub reserved: u64,
+    pub slot: bool,
+    pub flow: Option<FlowId>,
+}
+
+/// One node.
+pub(super) struct Node {
+    pub name: String,
+    pub up: LinkId,
+    pub down: LinkId,
+    pub alive: bool,
+    pub liar: bool,
+    /// When its guest starts, and when its replay ended.
+    pub start: u64,
+    pub done: Option<u64>,
+    pub burst: usize,
+    pub outstanding: u32,
+    pub cache: RoaringBitmap,
+    pub inflight: HashMap<u32, u32>,
+    pub cpu_free: f64,
+    pub uploaded: u64,
+    pub origin_free: u32,
+    pub origin_queue: VecDeque<u32>,
+    pub prefetch: VecDeque<Range<u32>>,
+    pub prefetching: u32,
+    // The relay (vmthunder strategies only).
+    pub sel: Option<Selector>,
+    pub membership: Option<Membership>,
+    pub budget: Option<UploadBudget>,
+    pub slots_free: u32,
+    pub slot_queue: VecDeque<u32>,
+    /// Per asker: reply bytes reserved and requests being answered.
+    pub sessions_in: HashMap<u32, (u64, usize)>,
+    /// Peers this node holds a session with (it asks them).
+    pub sessions_out: HashSet<u32>,
+    /// Peers holding a session with this node (they get its have-deltas).
+    pub subscribers: Vec<u32>,
+    pub announced: RoaringBitmap,
+    pub announcing: bool,
+    /// Requests this node is answering now.
+    pub serving: HashSet<u32>,
+}
+
+/// Counters of one run.
+#[derive(Debug, Default)]
+pub(super) struct Counters {
+    pub stalls: Vec<u64>,
+    pub failed_reads: u64,
+    pub origin_bytes: u64,
+    pub registrations: u64,
+    pub answer_bytes: u64,
+    pub events: u64,
+    pub peer_requests: u64,
+    pub refusals: u64,
+}
+
+/// Origin reads in flight per image over a peer-aware source (as `Swarm`'s).
+pub(super) const ORIGIN_SLOTS: u32 = 32;
+/// How soon a node's new chunks reach the peers holding sessions with it (the peer server's
+/// announcer: every 250 ms while busy).
+pub(super) const HAVE_INTERVAL: f64 = crate::p2p::server::HAVE_INTERVAL.as_secs_f64();
+/// The image every node serves (one image per run).
+pub(super) const IMAGE: [u8; 32] = [7; 32];
+
+pub(super) struct Sim<'a> {
+    pub p: &'a SimParams,
+    pub w: &'a Workload,
+    pub strategy: Strategy,
+    pub base: Instant,
+    pub now: u64,
+    seq: u64,
+    heap: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    evs: Slab<Ev>,
+    pub net: Net,
+    pub origin_up: LinkId,
+    pub nodes: Vec<Node>,
+    pub flights: Slab<Flight>,
+    pub waits: Slab<Wait>,
+    pub reads: Slab<Read>,
+    pub reqs: Slab<Req>,
+    pub flows: HashMap<FlowId, Purpose>,
+    pub roster: Roster,
+    pub c: Counters,
+    pub rng: Rng,
+    pub first_start: u64,
+    /// Guests neither done nor killed.
+    pub running: usize,
+}
+
+pub(super) fn ns(secs: f64) -> u64 {
+    (secs.max(0.0) * 1e9).round() as u64
+}
+
+/// A node's peer name: an address of its own (vmtd binds names to addresses).
+pub(super) fn node_name(i: u32) -> String {
+    let j = i + 1;
+    format!("10.{}.{}.{}:7000", (j >> 16) & 255, (j >> 8) & 255, j & 255)
+}
+
+impl<'a> Sim<'a> {
+    pub fn new(p: &'a SimParams, w: &'a Workload, strategy: Strategy, n: u32) -> Sim<'a> {
+        let mut rng = Rng::new(p.seed);
+        let mut net = Net::default();
+        let origin_up = net.link(p.origin_rate);
+        let relays = strategy.relays();
+        let stripe = (p.stripe / p.chunk_size) as u32;
+        let mut liars: Vec<bool> = (0..n).map(|_| false).collect();
+        let nl = (p.liars * f64::from(n)).floor() as usize;
+        for i in pick(&mut rng, n, nl) {
+            liars[i as usize] = true;
+        }
+        let nodes = (0..n)
+            .map(|i| {
+                let start = ns(p.warmup + if p.spread > 0.0 { rng.unit() * p.spread } else { 0.0 });
+                let name = node_name(i);
+                Node {
+                    up: net.link(p.node_rate),
+                    down: net.link(p.node_rate),
+                    alive: true,
+                    liar: relays && liars[i as usize],
+                    start,
+                    done: None,
+                    burst: 0,
+                    outstanding: 0,
+                    cache: RoaringBitmap::new(),
+                    inflight: HashMap::new(),
+                    cpu_free: 0.0,
+                    uploaded: 0,
+                    origin_free: ORIGIN_SLOTS,
+                    origin_queue: VecDeque::new(),
+                    prefetch: VecDeque::new(),
+                    prefetching: 0,
+                    sel: relays.then(|| Selector::new(&name, stripe, p.fanout)),
+                    membership: relays.then(|| Membership::new(Duration::from_secs_f64(p.heartbeat), usize::MAX)),
+                    budget: relays.then(|| UploadBudget::new(p.upload_buffer, crate::p2p::core::upload::MAX_QUEUE)),
+                    slots_free: p.upload_slots,
+                    slot_queue: VecDeque::new(),
+                    sessions_in: HashMap::new(),
+                    sessions_out: HashSet::new(),
+                    subscribers: Vec::new(),
+                    announced: RoaringBitmap::new(),
+                    announcing: false,
+                    serving: HashSet::new(),
+                    name,
+                }
+            })
+            .collect::<Vec<_>>();
+        let first_start = nodes.iter().map(|n| n.start).min().unwrap_or(0);
+        Sim {
+            p,
+            w,
+            strategy,
+            base: Instant::now(),
+            now: 0,
+            seq: 0,
+            heap: BinaryHeap::new(),
+            evs: Slab::default(),
+            net,
+            origin_up,
+            nodes,
+            flights: Slab::default(),
+            waits: Slab::default(),
+            reads: Slab::default(),
+            reqs: Slab::default(),
+            flows: HashMap::new(),
+            roster: Roster::new(Duration::from_secs_f64(p.tracker_ttl), 8),
+            c: Counters::default(),
+            rng,
+            first_start,
+            running: 0,
+        }
+    }
+
+    /// The relay's clock: the fixed base plus virtual time.
+    pub fn instant(&self) -> Instant {
+        self.base + Duration::from_nanos(self.now)
+    }
+
+    pub fn secs(&self) -> f64 {
+        self.now as f64 / 1e9
+    }
+
+    pub fn at(&mut self, t: u64, ev: Ev) {
+        let id = self.evs.insert(ev) as usize;
+        self.seq += 1;
+        self.heap.push(Reverse((t.max(self.now), self.seq, id)));
+    }
+
+    pub fn after(&mut self, secs: f64, ev: Ev) {
+        self.at(self.now + ns(secs), ev);
+    }
+
+    pub fn lat(&self) -> f64 {
+        self.p.latency
+    }
+
+    /// Runs until every live node's guest is done (or nothing is left to happen).
+    pub fn run(&mut self) {
+        for i in 0..self.nodes.len() as u32 {
+            let t = self.nodes[i as usize].start;
+            self.at(t, Ev::Burst(i));
+            if self.strategy.relays() {
+                // Each vmtd starts `warmup` before its guest; heartbeats from then on.
+                let hb = t.saturating_sub(ns(self.p.warmup)) + ns(self.rng.unit() * self.p.heartbeat);
+                self.at(hb, Ev::Heartbeat(i));
+            }
+        }
+        if self.p.kill > 0.0 {
+            self.at(self.first_start + ns(self.p.kill_at), Ev::Kill);
+        }
+        self.running = self.nodes.len();
+        while let Some(Reverse((t, _, id))) = self.heap.pop() {
+            let Some(ev) = self.evs.remove(id as u32) else { continue };
+            self.now = t;
+            self.c.events += 1;
+            self.handle(ev);
+            if self.running == 0 {
+                break;
+            }
+        }
+    }
+
+    /// Node `i`'s guest finished its boot.
+    fn finish(&mut self, i: u32) {
+        let n = &mut self.nodes[i as usize];
+        if n.done.is_none() {
+            n.done = Some(self.now);
+            self.running = self.running.saturating_sub(1);
+        }
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Burst(i) => self.burst(i),
+            Ev::LinkWake(l, g) => self.link_wake(l, g),
+            Ev::DirectStart(r) => {
+                let read = self.reads.get(r).map(|x| (x.node, x.bytes));
+                if let Some((node, bytes)) = read {
+                    self.c.origin_bytes += bytes;
+                    let down = self.nodes[node as usize].down;
+                    self.flow(self.origin_up, down, bytes, Purpose::Direct(r));
+                }
+            }
+            Ev::DirectDone(r) => self.read_done(r, false),
+            Ev::OriginStart(f) => self.origin_start(f),
+            Ev::OriginDone(f) => self.origin_done(f),
+            Ev::AtServer(r) => self.at_server(r),
+            Ev::AtClient(r, how) => self.at_client(r, how),
+            Ev::StartReply(r) => self.start_reply(r),
+            Ev::Served(r) => self.served(r),
+            Ev::Heartbeat(i) => self.heartbeat(i),
+            Ev::Announce(i) => self.announce(i),
+            Ev::Kill => self.kill(),
+        }
+    }
+
+    // ---- links ----
+
+    pub fn flow(&mut self, up: LinkId, down: LinkId, bytes: u64, purpose: Purpose) -> FlowId {
+        let now = self.secs();
+        let (id, links) = self.net.start(up, down, bytes, now);
+        self.flows.insert(id, purpose);
+        self.reschedule(links);
+        id
+    }
+
+    pub fn cancel_flow(&mut self, id: FlowId) {
+        let now = self.secs();
+        if let Some(links) = self.net.end(id, now) {
+            self.flows.remove(&id);
+            self.reschedule(links);
+        }
+    }
+
+    fn reschedule(&mut self, links: [LinkId; 2]) {
+        let now = self.secs();
+        for l in links {
+            if let Some((t, _, g)) = self.net.next_completion(l, now) {
+                self.at(ns(t), Ev::LinkWake(l, g));
+            }
+        }
+    }
+
+    fn link_wake(&mut self, l: LinkId, g: u64) {
+        if !self.net.current(l, g) {
+            return;
+        }
+        let now = self.secs();
+        let Some((_, id, _)) = self.net.next_completion(l, now) else { return };
+        let links = self.net.end(id, now);
+        let purpose = self.flows.remove(&id);
+        if let Some(links) = links {
+            self.reschedule(links);
+        }
+        let lat = self.lat();
+        match purpose {
+            Some(Purpose::Direct(r)) => self.after(lat, Ev::DirectDone(r)),
+            Some(Purpose::Origin(f)) => self.after(lat, Ev::OriginDone(f)),
+            Some(Purpose::Reply(r)) => self.reply_sent(r),
+            None => {}
+        }
+    }
+
+    /// Takes `cost` seconds of node `i`'s CPU, after what it is busy with; when it is done.
+    pub fn cpu(&mut self, i: u32, cost: f64) -> f64 {
+        let now = self.secs();
+        let n = &mut self.nodes[i as usize];
+        let start = n.cpu_free.max(now);
+        n.cpu_free = start + cost;
+        n.cpu_free
+    }
+
+    // ---- guests ----
+
+    fn burst(&mut self, i: u32) {
+        let node = &self.nodes[i as usize];
+        if !node.alive || node.done.is_some() {
+            return;
+        }
+        if node.burst == 0 && self.strategy == Strategy::VmthunderProfile {
+            self.nodes[i as usize].prefetch = self.w.profile_runs.iter().cloned().collect();
+            self.pump_prefetch(i);
+        }
+        let Some(burst) = self.w.bursts.get(self.nodes[i as usize].burst) else {
+            self.finish(i);
+            return;
+        };
+        let rows: Vec<(u64, u64)> = burst.clone();
+        // One more than the reads: the burst cannot end while its reads are being sent.
+        self.nodes[i as usize].outstanding = rows.len() as u32 + 1;
+        for (offset, len) in rows {
+            let r = self.reads.insert(Read { node: i, issued: self.now, bytes: len });
+            if self.strategy == Strategy::Direct {
+                let lat = self.lat();
+                self.after(lat, Ev::DirectStart(r));
+                continue;
+            }
+            let cs = self.p.chunk_size;
+            let chunks = (offset / cs) as u32..(offset + len).div_ceil(cs) as u32;
+            let w = self.waits.insert(Wait { node: i, pending: 0, failed: false, want: Want::Read(r) });
+            if self.ensure(i, chunks, w) {
+                self.waits.remove(w);
+                self.read_done(r, false);
+            }
+        }
+        self.burst_step(i);
+    }
+
+    /// A guest read finished (or failed).
+    pub fn read_done(&mut self, r: u32, failed: bool) {
+        let Some(read) = self.reads.remove(r) else { return };
+        let i = read.node;
+        if !self.nodes[i as usize].alive {
+            return;
+        }
+        self.c.stalls.push(self.now - read.issued);
+        if failed {
+            self.c.failed_reads += 1;
+        }
+        self.burst_step(i);
+    }
+
+    /// One read (or the sending) of node `i`'s burst is done; the next burst follows the last.
+    fn burst_step(&mut self, i: u32) {
+        let n = &mut self.nodes[i as usize];
+        n.outstanding = n.outstanding.saturating_sub(1);
+        if n.outstanding == 0 {
+            n.burst += 1;
+            match self.w.bursts.get(n.burst) {
+                Some(_) => {
+                    let think = self.w.think[n.burst];
+                    self.after(think, Ev::Burst(i));
+                }
+                None => self.finish(i),
+            }
+        }
+    }
+
+    pub fn pump_prefetch(&mut self, i: u32) {
+        while self.nodes[i as usize].prefetching < self.p.prefetch_concurrency {
+            let Some(run) = self.nodes[i as usize].prefetch.pop_front() else { return };
+            let w = self.waits.insert(Wait { node: i, pending: 0, failed: false, want: Want::Prefetch });
+            if self.ensure(i, run, w) {
+                self.waits.remove(w);
+            } else {
+                self.nodes[i as usize].prefetching += 1;
+            }
+        }
+    }
+}
+
+/// `k` distinct nodes of `0..n`, chosen by `rng`.
+pub(super) fn pick(rng: &mut Rng, n: u32, k: usize) -> Vec<u32> {
+    let mut all: Vec<u32> = (0..n).collect();
+    let k = k.min(all.len());
+    for j in 0..k {
+        let r = j + (rng.next() % (all.len() - j) as u64) as usize;
+        all.swap(j, r);
+    }
+    all.truncate(k);
+    all
+}

@@ -1,0 +1,165 @@
+//! A node's miss path in the simulation: the `Fetcher`'s single flight (a miss joins the fetch of
+//! its chunks in progress), its runs as `fetch::flight::runs` plans them (at most `max_fetch`,
+//! never across a stripe with a relay), and where each run is read: the origin (within the
+//! node's 32 origin slots with a relay), the copy-on-read parent, or the relay's choice.
+//!
+//! Invariant: a chunk is in a node's `inflight` map exactly while a flight holding it lasts; a
+//! flight's waiters each count the flights they wait on and move on when the last one ends.
+
+use std::ops::Range;
+
+use super::engine::{Ev, Flight, Purpose, Sim, Want, HAVE_INTERVAL};
+use super::params::Strategy;
+use crate::fetch::flight::runs;
+use crate::p2p::core::PieceRead;
+
+impl Sim<'_> {
+    /// Makes `chunks` present on node `i` for wait `w`; true if they are all there already.
+    pub(super) fn ensure(&mut self, i: u32, chunks: Range<u32>, w: u32) -> bool {
+        let mut join: Vec<u32> = Vec::new();
+        let mut mine: Vec<(u32, ())> = Vec::new();
+        {
+            let n = &self.nodes[i as usize];
+            for c in chunks {
+                if n.cache.contains(c) {
+                    continue;
+                }
+                match n.inflight.get(&c) {
+                    Some(&f) => {
+                        if !join.contains(&f) {
+                            join.push(f)
+                        }
+                    }
+                    None => mine.push((c, ())),
+                }
+            }
+        }
+        if join.is_empty() && mine.is_empty() {
+            return true;
+        }
+        let boundary = self.strategy.relays().then_some(self.w.stripe_chunks);
+        let max = (self.p.max_fetch / self.p.chunk_size) as u32;
+        let mut new = Vec::new();
+        for run in runs(mine, max, boundary) {
+            let range = run[0].0..run[run.len() - 1].0 + 1;
+            let f = self.flights.insert(Flight { node: i, run: range.clone(), waits: Vec::new(), piece: None });
+            for c in range {
+                self.nodes[i as usize].inflight.insert(c, f);
+            }
+            join.push(f);
+            new.push(f);
+        }
+        for &f in &join {
+            if let Some(fl) = self.flights.get_mut(f) {
+                fl.waits.push(w);
+            }
+        }
+        if let Some(wt) = self.waits.get_mut(w) {
+            wt.pending = join.len() as u32;
+        }
+        for f in new {
+            self.start_fetch(f);
+        }
+        false
+    }
+
+    pub(super) fn start_fetch(&mut self, f: u32) {
+        let Some(fl) = self.flights.get(f) else { return };
+        let (i, run) = (fl.node, fl.run.clone());
+        match self.strategy {
+            Strategy::CorTree => {
+                if i == 0 {
+                    self.origin_read(f);
+                } else {
+                    let parent = (i - 1) / self.p.tree_fanout;
+                    self.ask(i, parent, f, run);
+                }
+            }
+            _ => {
+                if let Some(fl) = self.flights.get_mut(f) {
+                    fl.piece = Some(PieceRead::new(run));
+                }
+                self.next_source(f);
+            }
+        }
+    }
+
+    /// Reads flight `f` from the origin, within the node's origin slots (relay strategies).
+    pub(super) fn origin_read(&mut self, f: u32) {
+        let Some(i) = self.flights.get(f).map(|fl| fl.node) else { return };
+        if self.strategy.relays() {
+            let n = &mut self.nodes[i as usize];
+            if n.origin_free == 0 {
+                n.origin_queue.push_back(f);
+                return;
+            }
+            n.origin_free -= 1;
+        }
+        let lat = self.lat();
+        self.after(lat, Ev::OriginStart(f));
+    }
+
+    pub(super) fn origin_start(&mut self, f: u32) {
+        let Some(fl) = self.flights.get(f) else { return };
+        let (i, bytes) = (fl.node, u64::from(fl.run.end - fl.run.start) * self.p.chunk_size);
+        if !self.nodes[i as usize].alive {
+            return;
+        }
+        self.c.origin_bytes += bytes;
+        let down = self.nodes[i as usize].down;
+        self.flow(self.origin_up, down, bytes, Purpose::Origin(f));
+    }
+
+    pub(super) fn origin_done(&mut self, f: u32) {
+        let Some(i) = self.flights.get(f).map(|fl| fl.node) else { return };
+        if self.strategy.relays() {
+            let n = &mut self.nodes[i as usize];
+            n.origin_free += 1;
+            if let Some(next) = n.origin_queue.pop_front() {
+                n.origin_free -= 1;
+                let lat = self.lat();
+                self.after(lat, Ev::OriginStart(next));
+            }
+        }
+        self.flight_done(f, false);
+    }
+
+    /// Flight `f` ended: its chunks are cached (unless it failed) and its waiters move on.
+    pub(super) fn flight_done(&mut self, f: u32, failed: bool) {
+        let Some(fl) = self.flights.remove(f) else { return };
+        let i = fl.node;
+        {
+            let n = &mut self.nodes[i as usize];
+            for c in fl.run.clone() {
+                if n.inflight.get(&c) == Some(&f) {
+                    n.inflight.remove(&c);
+                }
+            }
+            if !failed {
+                n.cache.insert_range(fl.run.clone());
+            }
+        }
+        if !failed && self.strategy.relays() && !self.nodes[i as usize].announcing {
+            self.nodes[i as usize].announcing = true;
+            self.after(HAVE_INTERVAL, Ev::Announce(i));
+        }
+        for w in fl.waits {
+            let Some(wt) = self.waits.get_mut(w) else { continue };
+            wt.failed |= failed;
+            wt.pending = wt.pending.saturating_sub(1);
+            if wt.pending > 0 {
+                continue;
+            }
+            let Some(wt) = self.waits.remove(w) else { continue };
+            match wt.want {
+                Want::Read(r) => self.read_done(r, wt.failed),
+                Want::Serve(q) => self.ready_to_serve(q, wt.failed),
+                Want::Prefetch => {
+                    let n = &mut self.nodes[wt.node as usize];
+                    n.prefetching = n.prefetching.saturating_sub(1);
+                    self.pump_prefetch(wt.node);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! Parameters of one `vmt sim` run, checked before anything runs: every bad value is refused
+//! with an error naming its field (the CLI flag without its dashes).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::SimError;
+
+/// A strategy a bulk boot can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Every node reads the origin, no cache and no relay.
+    Direct,
+    /// A static copy-on-read relay tree of fan-out `tree_fanout`: node i's parent is node
+    /// (i − 1) / k (node 0, the root, reads the origin), as the `qemu-nbd` tree of
+    /// `scripts/bench-relay`.
+    CorTree,
+    /// vmtd's peer-to-peer relay, as it is: its own decision code, simulated I/O.
+    Vmthunder,
+    /// The same, with every node prefetching the boot profile from its start.
+    VmthunderProfile,
+}
+
+impl Strategy {
+    pub fn parse(s: &str) -> Result<Strategy, SimError> {
+        Ok(match s {
+            "direct" => Strategy::Direct,
+            "cor-tree" => Strategy::CorTree,
+            "vmthunder" => Strategy::Vmthunder,
+            "vmthunder-profile" => Strategy::VmthunderProfile,
+            _ => {
+                return Err(SimError::Param {
+                    field: "strategies",
+                    reason: format!("unknown strategy {s:?} (direct, cor-tree, vmthunder, vmthunder-profile)"),
+                })
+            }
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Direct => "direct",
+            Strategy::CorTree => "cor-tree",
+            Strategy::Vmthunder => "vmthunder",
+            Strategy::VmthunderProfile => "vmthunder-profile",
+        }
+    }
+
+    pub fn relays(self) -> bool {
+        matches!(self, Strategy::Vmthunder | Strategy::VmthunderProfile)
+    }
+}
+
+/// Everything one run needs. Rates are bytes per second, times seconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimParams {
+    pub trace: PathBuf,
+    /// A boot profile of the trace's image (for `vmthunder-profile`; gives the image size and
+    /// chunk size too).
+    pub profile: Option<PathBuf>,
+    pub nodes: u32,
+    pub strategies: Vec<Strategy>,
+    pub seed: u64,
+    /// Think times of the trace × this.
+    pub scale: f64,
+    /// Requests recorded before this many seconds are left out.
+    pub from: f64,
+    /// Node starts spread uniformly over this many seconds (0: all at once).
+    pub spread: f64,
+    /// Seconds each node's vmtd runs before its guest starts (heartbeats, sessions).
+    pub warmup: f64,
+    pub node_rate: f64,
+    pub origin_rate: f64,
+    /// One-way latency of one hop, seconds.
+    pub latency: f64,
+    /// CPU seconds per request served or fetched from a peer, and per byte, at each end.
+    pub cpu_per_request: f64,
+    pub cpu_per_byte: f64,
+    pub chunk_size: u64,
+    pub image_size: Option<u64>,
+    pub max_fetch: u64,
+    pub stripe: u64,
+    pub fanout: u32,
+    pub tree_fanout: u32,
+    pub upload_slots: u32,
+    pub upload_buffer: u64,
+    pub heartbeat: f64,
+    pub tracker_ttl: f64,
+    pub prefetch_concurrency: u32,
+    /// Fraction of nodes killed at `kill_at` seconds after the first guest starts.
+    pub kill: f64,
+    pub kill_at: f64,
+    /// The tracker answers nothing in [start, start + length) seconds after the first guest.
+    pub tracker_down: Option<(f64, f64)>,
+    /// Fraction of nodes that claim every chunk in their have-maps and hold back what they lack.
+    pub liars: f64,
+    /// Refuse relay strategies whose peer state alone would exceed this many bytes.
+    pub max_peer_state: u64,
+}
+
+fn bad(field: &'static str, reason: impl Into<String>) -> SimError {
+    SimError::Param { field, reason: reason.into() }
+}
+
+impl SimParams {
+    /// Refuses values the simulation cannot run with, naming the field.
+    pub fn check(&self) -> Result<(), SimError> {
+        let finite = |field: &'static str, v: f64, min: f64| {
+            if v.is_finite() && v >= min {
+                Ok(())
+            } else {
+                Err(bad(field, format!("{v} must be a finite number, at least {min}")))
+            }
+        };
+        if !(1..=1_000_000).contains(&self.nodes) {
+            return Err(bad("nodes", format!("{} must be between 1 and 1000000", self.nodes)));
+        }
+        if self.strategies.is_empty() {
+            return Err(bad("strategies", "at least one"));
+        }
+        finite("scale", self.scale, 0.0)?;
+        finite("from", self.from, 0.0)?;
+        finite("spread", self.spread, 0.0)?;
+        finite("warmup", self.warmup, 0.0)?;
+        finite("latency", self.latency, 0.0)?;
+        finite("cpu-per-request", self.cpu_per_request, 0.0)?;
+        finite("cpu-per-byte", self.cpu_per_byte, 0.0)?;
+        finite("kill-at", self.kill_at, 0.0)?;
+        if !(self.node_rate.is_finite() && self.node_rate >= 1.0) {
+            return Err(bad("node-rate", "must be at least 1 bit/s"));
+        }
+        if !(self.origin_rate.is_finite() && self.origin_rate >= 1.0) {
+            return Err(bad("origin-rate", "must be at least 1 bit/s"));
+        }
+        if !(self.heartbeat.is_finite() && self.heartbeat > 0.0) {
+            return Err(bad("heartbeat", "must be more than 0"));
+        }
+        if !(self.tracker_ttl.is_finite() && self.tracker_ttl > 0.0) {
+            return Err(bad("tracker-ttl", "must be more than 0"));
+        }
+        for (field, f) in [("kill", self.kill), ("liars", self.liars)] {
+            if !(0.0..=1.0).contains(&f) {
+                return Err(bad(field, format!("{f} must be a fraction between 0 and 1")));
+            }
+        }
+        if let Some((start, len)) = self.tracker_down {
+            if !(start.is_finite() && len.is_finite() && start >= 0.0 && len >= 0.0) {
+                return Err(bad("tracker-down", "START,LENGTH: two numbers of seconds, at least 0"));
+            }
+        }
+        if !self.chunk_size.is_power_of_two() || !(4096..=16 << 20).contains(&self.chunk_size) {
+            return Err(bad("chunk-size", "must be a power of two between 4KiB and 16MiB"));
+        }
+        if self.max_fetch < self.chunk_size {
+            return Err(bad("max-fetch", "must be at least one chunk"));
+        }
+        if self.stripe < self.chunk_size {
+            return Err(bad("stripe", "must be at least one chunk"));
+        }
+        if !(1..=64).contains(&self.fanout) {
+            return Err(bad("fanout", "must be between 1 and 64"));
+        }
+        if !(1..=64).contains(&self.tree_fanout) {
+            return Err(bad("tree-fanout", "must be between 1 and 64"));
+        }
+        if self.upload_slots == 0 {
+            return Err(bad("upload-slots", "must be at least 1"));
+        }
+        if self.upload_buffer < 1 << 20 {
+            return Err(bad("upload-buffer", "must be at least 1MiB"));
+        }
+        if self.prefetch_concurrency == 0 {
+            return Err(bad("prefetch-concurrency", "must be at least 1"));
+        }
+        if self.strategies.contains(&Strategy::VmthunderProfile) && self.profile.is_none() {
+            return Err(bad("profile", "strategy vmthunder-profile needs a boot profile"));
+        }
+        Ok(())
+    }
+}
+
+/// A link rate such as `1gbit`, `200mbit`, `10gbit` or `125MB` (bytes), in bytes per second.
+pub fn parse_rate(field: &'static str, s: &str) -> Result<f64, SimError> {
+    let t = s.trim().to_ascii_lowercase();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| bad(field, format!("{s:?}: expected a number and a unit, e.g. 1gbit")))?;
+    let bits = match unit {
+        "gbit" => 1e9,
+        "mbit" => 1e6,
+        "kbit" => 1e3,
+        "bit" => 1.0,
+        "gb" => 8e9,
+        "mb" => 8e6,
+        "kb" => 8e3,
+        _ => return Err(bad(field, format!("{s:?}: unit must be gbit, mbit, kbit, bit, GB, MB or kB"))),
+    };
+    let r = n * bits / 8.0;
+    if r.is_finite() && r > 0.0 {
+        Ok(r)
+    } else {
+        Err(bad(field, format!("{s:?} must be more than 0")))
+    }
+}

@@ -1,0 +1,389 @@
+//! The relay in the simulation: what a node asks, serves and knows, decided by the relay's own
+//! code and carried out on simulated links.
+//!
+//! Decisions taken by vmtd's code, called here exactly as vmtd calls it:
+//! - which source a piece is read from, and what a refusal, failure or lie costs the peer
+//!   ([`PieceRead`] over [`crate::p2p::select::Selector`]: holders, relay trees, backoff, bans);
+//! - whether a node fetches a run for an asker (`Selector::relays_run`) or answers `NotHave`;
+//! - whether a request gets a reply or `Busy` ([`crate::p2p::core::UploadBudget`], per session
+//!   and node-wide);
+//! - the members of the image ([`crate::p2p::core::Membership`] from the answers of the
+//!   tracker's own [`crate::p2p::core::Roster`]); sessions go to the usable members
+//!   (`Selector::usable_members`), as `Swarm::set_members` opens them;
+//! - have-maps on session open (`have_full`) and their deltas (`have_added`), a session's end
+//!   (`disconnected`), a node that cannot be reached (`unreachable`).
+//!
+//! Modelled, not vmtd's code: the timing of messages (one hop of latency each), the peer server's
+//! upload slots as a FIFO of `upload_slots`, the CPU cost of each reply (FIFO per node), and
+//! have-deltas reaching every subscriber at once, 250 ms after a node's first new chunk.
+
+use super::engine::{Ev, Purpose, Req, Sim, Wait, Want, IMAGE};
+use super::params::Strategy;
+use crate::p2p::select::{Choice, Outcome};
+
+impl Sim<'_> {
+    /// Asks flight `f`'s piece where to go next, and goes there.
+    pub(super) fn next_source(&mut self, f: u32) {
+        let now = self.instant();
+        let Some(fl) = self.flights.get(f) else { return };
+        let i = fl.node;
+        let Some(piece) = fl.piece.clone() else { return };
+        let Some(sel) = self.nodes[i as usize].sel.as_mut() else { return };
+        let choice = piece.next(sel, now);
+        match choice {
+            Choice::Origin => self.origin_read(f),
+            Choice::Peer { node, .. } => {
+                let Some(j) = self.index(&node) else { return };
+                self.ask(i, j, f, piece.run());
+            }
+        }
+    }
+
+    /// The node a name stands for.
+    fn index(&self, name: &str) -> Option<u32> {
+        let addr = name.strip_suffix(":7000")?;
+        let mut parts = addr.split('.').skip(1).map(|p| p.parse::<u32>().ok());
+        let (a, b, c) = (parts.next()??, parts.next()??, parts.next()??);
+        ((a << 16) | (b << 8) | c).checked_sub(1).filter(|&i| (i as usize) < self.nodes.len())
+    }
+
+    /// Node `i` asks node `j` for `run`, on behalf of its flight `f`.
+    pub(super) fn ask(&mut self, i: u32, j: u32, f: u32, run: std::ops::Range<u32>) {
+        let bytes = u64::from(run.end - run.start) * self.p.chunk_size;
+        let r =
+            self.reqs.insert(Req { client: i, server: j, flight: f, run, bytes, reserved: 0, slot: false, flow: None });
+        self.c.peer_requests += 1;
+        let mut delay = self.lat();
+        if self.strategy.relays() && self.nodes[i as usize].sessions_out.insert(j) {
+            // A new session: connect and handshake first (two round trips), then its `Have`.
+            delay += 4.0 * self.lat();
+            self.open_session(i, j);
+        }
+        self.after(delay, Ev::AtServer(r));
+    }
+
+    /// Node `i` opens a session with `j`: `j`'s have-map arrives with it.
+    fn open_session(&mut self, i: u32, j: u32) {
+        let now = self.instant();
+        let name = self.nodes[j as usize].name.clone();
+        if !self.nodes[j as usize].alive {
+            self.nodes[i as usize].sessions_out.remove(&j);
+            if let Some(sel) = self.nodes[i as usize].sel.as_mut() {
+                sel.unreachable(&name, now);
+            }
+            return;
+        }
+        let have = if self.nodes[j as usize].liar {
+            (0..self.w.chunks).collect()
+        } else {
+            self.nodes[j as usize].cache.clone()
+        };
+        self.nodes[j as usize].subscribers.push(i);
+        if let Some(sel) = self.nodes[i as usize].sel.as_mut() {
+            sel.have_full(&name, have);
+        }
+    }
+
+    pub(super) fn at_server(&mut self, r: u32) {
+        let Some(q) = self.reqs.get(r) else { return };
+        let (i, j, run, bytes) = (q.client, q.server, q.run.clone(), q.bytes);
+        let lat = self.lat();
+        if !self.nodes[j as usize].alive {
+            // The process is gone: its host resets the connection.
+            self.after(lat, Ev::AtClient(r, Outcome::Failed));
+            return;
+        }
+        if self.strategy == Strategy::CorTree {
+            self.nodes[j as usize].serving.insert(r);
+            let w = self.waits.insert(Wait { node: j, pending: 0, failed: false, want: Want::Serve(r) });
+            if self.ensure(j, run, w) {
+                self.waits.remove(w);
+                self.ready_to_serve(r, false);
+            }
+            return;
+        }
+        let n = &mut self.nodes[j as usize];
+        let (held, queued) = n.sessions_in.get(&i).copied().unwrap_or((0, 0));
+        let Some(reserved) = n.budget.as_mut().and_then(|b| b.reserve(held, queued, bytes)) else {
+            self.c.refusals += 1;
+            self.after(lat, Ev::AtClient(r, Outcome::Busy));
+            return;
+        };
+        let s = n.sessions_in.entry(i).or_default();
+        s.0 += reserved;
+        s.1 += 1;
+        n.serving.insert(r);
+        if let Some(q) = self.reqs.get_mut(r) {
+            q.reserved = reserved;
+        }
+        let n = &self.nodes[j as usize];
+        let holds = n.cache.contains_range(run.clone());
+        let asker = self.nodes[i as usize].name.clone();
+        let relays = !n.liar && n.sel.as_ref().is_some_and(|s| s.relays_run(run.clone(), &asker));
+        if holds {
+            self.want_slot(r);
+        } else if relays {
+            let w = self.waits.insert(Wait { node: j, pending: 0, failed: false, want: Want::Serve(r) });
+            if self.ensure(j, run, w) {
+                self.waits.remove(w);
+                self.want_slot(r);
+            }
+        } else {
+            self.release(r);
+            self.c.refusals += 1;
+            self.after(lat, Ev::AtClient(r, Outcome::NotHave));
+        }
+    }
+
+    /// The chunks of request `r` are at its server now (or the fetch failed).
+    pub(super) fn ready_to_serve(&mut self, r: u32, failed: bool) {
+        let Some(q) = self.reqs.get(r) else { return };
+        let j = q.server;
+        if failed || !self.nodes[j as usize].alive {
+            self.release(r);
+            let lat = self.lat();
+            self.after(lat, Ev::AtClient(r, if failed { Outcome::NotHave } else { Outcome::Failed }));
+            return;
+        }
+        if self.strategy == Strategy::CorTree {
+            self.reply_cpu(r);
+        } else {
+            self.want_slot(r);
+        }
+    }
+
+    fn want_slot(&mut self, r: u32) {
+        let Some(j) = self.reqs.get(r).map(|q| q.server) else { return };
+        let n = &mut self.nodes[j as usize];
+        if n.slots_free == 0 {
+            n.slot_queue.push_back(r);
+            return;
+        }
+        n.slots_free -= 1;
+        if let Some(q) = self.reqs.get_mut(r) {
+            q.slot = true;
+        }
+        self.reply_cpu(r);
+    }
+
+    /// The server spends its CPU on the reply, then sends it.
+    fn reply_cpu(&mut self, r: u32) {
+        let Some(q) = self.reqs.get(r) else { return };
+        let (j, bytes) = (q.server, q.bytes);
+        let cost = self.p.cpu_per_request + bytes as f64 * self.p.cpu_per_byte;
+        let done = self.cpu(j, cost);
+        self.at(super::engine::ns(done), Ev::StartReply(r));
+    }
+
+    pub(super) fn start_reply(&mut self, r: u32) {
+        let Some(q) = self.reqs.get(r) else { return };
+        let (i, j, bytes) = (q.client, q.server, q.bytes);
+        if !self.nodes[j as usize].alive {
+            return;
+        }
+        let (up, down) = (self.nodes[j as usize].up, self.nodes[i as usize].down);
+        let id = self.flow(up, down, bytes, Purpose::Reply(r));
+        if let Some(q) = self.reqs.get_mut(r) {
+            q.flow = Some(id);
+        }
+    }
+
+    /// Gives back what request `r` holds at its server (slot, reserved bytes, queue place).
+    fn release(&mut self, r: u32) {
+        let Some(q) = self.reqs.get_mut(r) else { return };
+        let (i, j, reserved, slot) = (q.client, q.server, q.reserved, q.slot);
+        q.reserved = 0;
+        q.slot = false;
+        let n = &mut self.nodes[j as usize];
+        n.serving.remove(&r);
+        if let Some(b) = n.budget.as_mut() {
+            b.release(reserved);
+        }
+        if let Some(s) = n.sessions_in.get_mut(&i) {
+            s.0 = s.0.saturating_sub(reserved);
+            s.1 = s.1.saturating_sub(1);
+        }
+        if slot {
+            n.slots_free += 1;
+            if let Some(next) = n.slot_queue.pop_front() {
+                self.want_slot(next);
+            }
+        }
+    }
+
+    /// A reply's last byte left its server.
+    pub(super) fn reply_sent(&mut self, r: u32) {
+        let Some(q) = self.reqs.get(r) else { return };
+        let (i, j, bytes) = (q.client, q.server, q.bytes);
+        self.nodes[j as usize].uploaded += bytes;
+        self.release(r);
+        // The asker checks the bytes (hashing costs it CPU) once they are in.
+        let lat = self.lat();
+        let verify = self.cpu(i, bytes as f64 * self.p.cpu_per_byte + self.p.cpu_per_request);
+        let t = (self.secs() + lat).max(verify);
+        self.at(super::engine::ns(t), Ev::Served(r));
+    }
+
+    pub(super) fn served(&mut self, r: u32) {
+        let Some(q) = self.reqs.remove(r) else { return };
+        if !self.nodes[q.client as usize].alive {
+            return;
+        }
+        self.answered(&q, Outcome::Served);
+        self.flight_done(q.flight, false);
+    }
+
+    pub(super) fn at_client(&mut self, r: u32, how: Outcome) {
+        let Some(q) = self.reqs.remove(r) else { return };
+        if !self.nodes[q.client as usize].alive {
+            return;
+        }
+        self.c.refusals += u64::from(how != Outcome::Failed);
+        if self.strategy == Strategy::CorTree {
+            // A copy-on-read child has no other source: the read fails (EIO).
+            self.flight_done(q.flight, true);
+            return;
+        }
+        if how == Outcome::Failed {
+            // The session broke: the peer's have-map goes with it.
+            let name = self.nodes[q.server as usize].name.clone();
+            let n = &mut self.nodes[q.client as usize];
+            n.sessions_out.remove(&q.server);
+            if let Some(sel) = n.sel.as_mut() {
+                sel.disconnected(&name);
+            }
+        }
+        self.answered(&q, how);
+        self.next_source(q.flight);
+    }
+
+    /// Tells the asker's piece (and so its selector) how request `q` ended.
+    fn answered(&mut self, q: &Req, how: Outcome) {
+        let now = self.instant();
+        let name = self.nodes[q.server as usize].name.clone();
+        let Some(fl) = self.flights.get_mut(q.flight) else { return };
+        let (Some(piece), Some(sel)) = (fl.piece.as_mut(), self.nodes[q.client as usize].sel.as_mut()) else {
+            return;
+        };
+        piece.answered(sel, &name, how, now);
+    }
+
+    /// A node's heartbeat: it registers with the tracker (if up), and its members follow.
+    pub(super) fn heartbeat(&mut self, i: u32) {
+        if !self.nodes[i as usize].alive || self.nodes[i as usize].done.is_some() {
+            return;
+        }
+        let now = self.instant();
+        let since = self.now.saturating_sub(self.first_start) as f64 / 1e9;
+        let down =
+            self.p.tracker_down.is_some_and(|(s, l)| since >= s && since < s + l && self.now >= self.first_start);
+        if !down {
+            let (nodes, _) = self.roster.register(IMAGE, &self.nodes[i as usize].name, now);
+            self.c.registrations += 1;
+            self.c.answer_bytes += nodes.iter().map(|n| n.len() as u64 + 1).sum::<u64>() + 40;
+            if let Some(m) = self.nodes[i as usize].membership.as_mut() {
+                m.tracker_answered(0, now);
+                m.named(0, IMAGE, nodes.iter().map(String::as_str), now);
+            }
+        }
+        let members = self.nodes[i as usize].membership.as_mut().and_then(|m| m.expire(now).then(|| m.members(&IMAGE)));
+        if let Some(members) = members {
+            let usable = {
+                let Some(sel) = self.nodes[i as usize].sel.as_mut() else { return };
+                sel.set_members(members.iter().map(String::as_str));
+                sel.usable_members(now)
+            };
+            for name in usable {
+                let Some(j) = self.index(&name) else { continue };
+                if self.nodes[i as usize].sessions_out.insert(j) {
+                    self.open_session(i, j);
+                }
+            }
+        }
+        let hb = self.p.heartbeat;
+        self.after(hb, Ev::Heartbeat(i));
+    }
+
+    /// A node's new chunks reach the peers holding sessions with it.
+    pub(super) fn announce(&mut self, j: u32) {
+        let n = &mut self.nodes[j as usize];
+        n.announcing = false;
+        if !n.alive || n.liar {
+            return;
+        }
+        let added = &n.cache - &n.announced;
+        n.announced = n.cache.clone();
+        if added.is_empty() {
+            return;
+        }
+        let name = n.name.clone();
+        let subs = std::mem::take(&mut self.nodes[j as usize].subscribers);
+        let mut keep = Vec::with_capacity(subs.len());
+        for s in subs {
+            let peer = &mut self.nodes[s as usize];
+            if !peer.alive || !peer.sessions_out.contains(&j) {
+                continue;
+            }
+            if let Some(sel) = peer.sel.as_mut() {
+                sel.have_added(&name, &added);
+            }
+            keep.push(s);
+        }
+        // A peer that reopened its session was added again: one delta each.
+        keep.sort_unstable();
+        keep.dedup();
+        self.nodes[j as usize].subscribers = keep;
+    }
+
+    /// Kills the configured fraction of nodes: their connections reset at once.
+    pub(super) fn kill(&mut self) {
+        let n = self.nodes.len() as u32;
+        let k = (self.p.kill * f64::from(n)).floor() as usize;
+        let victims = super::engine::pick(&mut self.rng, n, k);
+        let lat = self.lat();
+        for &j in &victims {
+            let node = &mut self.nodes[j as usize];
+            if node.alive && node.done.is_none() {
+                self.running = self.running.saturating_sub(1);
+            }
+            node.alive = false;
+        }
+        // Flows from or to the dead end now; replies from them fail at their askers.
+        let mut dead_flows: Vec<(u32, Purpose)> = self.flows.iter().map(|(&f, &p)| (f, p)).collect();
+        dead_flows.sort_unstable_by_key(|(f, _)| *f);
+        for (f, p) in dead_flows {
+            let gone = match p {
+                Purpose::Reply(r) => self
+                    .reqs
+                    .get(r)
+                    .is_some_and(|q| !self.nodes[q.server as usize].alive || !self.nodes[q.client as usize].alive),
+                Purpose::Origin(fl) => self.flights.get(fl).is_some_and(|x| !self.nodes[x.node as usize].alive),
+                Purpose::Direct(r) => self.reads.get(r).is_some_and(|x| !self.nodes[x.node as usize].alive),
+            };
+            if gone {
+                self.cancel_flow(f);
+                if let Purpose::Reply(r) = p {
+                    self.release(r);
+                    self.after(lat, Ev::AtClient(r, Outcome::Failed));
+                }
+            }
+        }
+        for &j in &victims {
+            let mut serving: Vec<u32> = self.nodes[j as usize].serving.drain().collect();
+            serving.sort_unstable();
+            for r in serving {
+                self.release(r);
+                self.after(lat, Ev::AtClient(r, Outcome::Failed));
+            }
+            let name = self.nodes[j as usize].name.clone();
+            for i in 0..n {
+                let peer = &mut self.nodes[i as usize];
+                if peer.sessions_out.remove(&j) {
+                    if let Some(sel) = peer.sel.as_mut() {
+                        sel.disconnected(&name);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! `vmt sim`: deterministic for a seed, faults handled, and bad input refused naming the field.
+
+use clap::Parser;
+use vmthunder::sim::{run, SimArgs, SimError};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    sim: SimArgs,
+}
+
+const TRACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/profiles/debian12-boot.trace.csv");
+const PROFILE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/profiles/fe1cc556d4c6614bdbe337c5654ee95cb82b37f4fc60adf2e0463ce023f95f43.profile"
+);
+
+fn args(extra: &[&str]) -> SimArgs {
+    let mut v = vec!["vmt-sim", "--trace", TRACE, "--from", "9.2", "--scale", "0.25"];
+    v.extend_from_slice(extra);
+    Cli::try_parse_from(v).expect("flags parse").sim
+}
+
+fn refused(extra: &[&str]) -> String {
+    match args(extra).params().and_then(|p| run(&p)) {
+        Ok(_) => panic!("{extra:?} accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn the_same_seed_gives_the_same_result() {
+    let a = args(&[
+        "--nodes",
+        "12",
+        "--profile",
+        PROFILE,
+        "--strategies",
+        "direct,cor-tree,vmthunder,vmthunder-profile",
+        "--spread",
+        "0.5",
+        "--kill",
+        "0.1",
+        "--tracker-down",
+        "0,2",
+        "--liars",
+        "0.1",
+        "--seed",
+        "7",
+    ]);
+    let p = a.params().unwrap();
+    let strip = |mut r: vmthunder::sim::Report| {
+        for s in &mut r.strategies {
+            s.wall_s = 0.0;
+        }
+        r
+    };
+    let one = strip(run(&p).unwrap());
+    let two = strip(run(&p).unwrap());
+    assert_eq!(one, two);
+    for s in &one.strategies {
+        assert!(s.makespan_s > 0.0 && s.skipped.is_none(), "{s:?}");
+    }
+}
+
+#[test]
+fn relays_survive_killed_nodes_and_lying_peers_and_the_tree_does_not() {
+    let a = args(&["--nodes", "24", "--strategies", "cor-tree,vmthunder", "--kill", "0.25", "--kill-at", "0.5"]);
+    let r = run(&a.params().unwrap()).unwrap();
+    let (tree, relay) = (&r.strategies[0], &r.strategies[1]);
+    assert_eq!(tree.killed, 6);
+    assert!(tree.failed_reads > 0, "children of a dead copy-on-read parent get I/O errors: {tree:?}");
+    assert_eq!((relay.failed_reads, relay.unfinished), (0, 0), "{relay:?}");
+    let a = args(&["--nodes", "24", "--strategies", "vmthunder", "--liars", "0.25"]);
+    let r = run(&a.params().unwrap()).unwrap();
+    let relay = &r.strategies[0];
+    assert_eq!((relay.failed_reads, relay.unfinished), (0, 0), "{relay:?}");
+    assert!(relay.origin_per_working_set <= 1.05, "lying peers cost no origin egress: {relay:?}");
+}
+
+#[test]
+fn relay_runs_too_large_for_memory_are_refused_with_the_reason() {
+    let a = args(&["--nodes", "10000", "--strategies", "vmthunder", "--max-peer-state", "1GiB"]);
+    let r = run(&a.params().unwrap()).unwrap();
+    let why = r.strategies[0].skipped.as_deref().expect("not run");
+    assert!(why.contains("4095 members") && why.contains("sessions per node"), "{why}");
+}
+
+#[test]
+fn bad_input_is_refused_naming_the_field() {
+    for (flags, field) in [
+        (&["--nodes", "0"][..], "nodes"),
+        (&["--kill", "1.5"], "kill"),
+        (&["--liars=-0.1"], "liars"),
+        (&["--node-link", "fast"], "node-link"),
+        (&["--origin-link", "0gbit"], "origin-link"),
+        (&["--strategies", "direct,bittorrent"], "strategies"),
+        (&["--strategies", "vmthunder-profile"], "profile"),
+        (&["--chunk-size", "3000"], "chunk-size"),
+        (&["--stripe", "lots"], "stripe"),
+        (&["--fanout", "0"], "fanout"),
+        (&["--tracker-down", "5"], "tracker-down"),
+        (&["--spread", "NaN"], "spread"),
+        (&["--heartbeat", "0"], "heartbeat"),
+        (&["--image-size", "1MiB"], "trace"),
+    ] {
+        let e = refused(flags);
+        assert!(e.starts_with(&format!("{field}: ")), "{flags:?}: {e}");
+    }
+    // A damaged trace names its line; a missing one its path.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(&bad, "t_s,op,offset,length\n0.1,R,0,512\n0.2,X,0,512\n").unwrap();
+    let e =
+        Cli::try_parse_from(["vmt-sim", "--trace", bad.to_str().unwrap()]).unwrap().sim.params().and_then(|p| run(&p));
+    let e = e.expect_err("refused").to_string();
+    assert!(e.starts_with("trace: ") && e.contains("line 3"), "{e}");
+    let e = Cli::try_parse_from(["vmt-sim", "--trace", "/nonexistent.csv"]).unwrap().sim.params().and_then(|p| run(&p));
+    assert!(matches!(e, Err(SimError::Trace(_))));
+    // A profile of another chunk size than the run's.
+    let e = refused(&["--profile", PROFILE, "--chunk-size", "16KiB"]);
+    assert!(e.starts_with("chunk-size: "), "{e}");
+}
