@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
     let mut input = Input::new(data);
     let sel = input.u8();
     let Ok(text) = std::str::from_utf8(input.rest()) else { return };
-    if sel % 2 == 0 {
+    if sel.is_multiple_of(2) {
         if names_other_key(text) {
             return;
         }

@@ -20,7 +20,7 @@ fn is_run_dir(p: &Path) -> bool {
 
 fuzz_target!(|data: &[u8]| {
     let mut input = Input::new(data);
-    if input.u8() % 2 == 0 {
+    if input.u8().is_multiple_of(2) {
         let xml = String::from_utf8_lossy(input.rest());
         scan(&xml);
     } else {

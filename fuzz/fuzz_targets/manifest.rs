@@ -35,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
 
 /// Writes into `body` the root `from_digests` computes, when its header and digests agree.
 fn set_root(body: &mut [u8]) {
-    if body.len() < HEADER_LEN || (body.len() - HEADER_LEN) % 32 != 0 {
+    if body.len() < HEADER_LEN || !(body.len() - HEADER_LEN).is_multiple_of(32) {
         return;
     }
     let chunk = u64::from(u32::from_le_bytes(body[12..16].try_into().unwrap()));
