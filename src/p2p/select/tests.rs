@@ -1,0 +1,309 @@
+//! Unit tests of the selection state machine, driven with explicit `now`.
+
+use super::*;
+use proptest::prelude::*;
+
+fn nodes(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("10.0.0.{}:7000", 10 + i)).collect()
+}
+
+/// `nodes` tried, each with `how`.
+fn tried(nodes: &[&String], how: Outcome) -> Tried {
+    let mut t = Tried::default();
+    for n in nodes {
+        t.add(n, how);
+    }
+    t
+}
+
+fn none() -> Tried {
+    Tried::default()
+}
+
+fn cluster(n: usize, stripe: u32, fanout: u32) -> Vec<Selector> {
+    let names = nodes(n);
+    names
+        .iter()
+        .map(|me| {
+            let mut s = Selector::new(me, stripe, fanout);
+            s.set_members(names.iter().map(String::as_str));
+            s
+        })
+        .collect()
+}
+
+#[test]
+fn each_stripe_forms_one_tree_of_bounded_fanout_and_roots_spread() {
+    let now = Instant::now();
+    let (n, fanout) = (24, 4);
+    let c = cluster(n, 4, fanout);
+    let names = nodes(n);
+    let mut roots = vec![0u32; n];
+    for stripe in 0..2400u32 {
+        let chunk = stripe * 4;
+        let root: Vec<usize> = (0..n).filter(|&i| c[i].is_root(chunk, now)).collect();
+        assert_eq!(root.len(), 1, "stripe {stripe} has one root");
+        roots[root[0]] += 1;
+        let mut children = vec![0u32; n];
+        for (i, s) in c.iter().enumerate() {
+            let Some(p) = s.parent(chunk, now) else { continue };
+            let p = names.iter().position(|x| x == p).unwrap();
+            children[p] += 1;
+            assert!(c[p].relays_for(chunk, &names[i]), "a parent relays for its children");
+            assert!(!s.relays_for(chunk, &names[p]), "never the other way round");
+            assert_eq!(s.choose(chunk..chunk + 4, now, &none()), Choice::Peer { node: names[p].clone(), parent: true });
+            // Climbing from any node reaches the root within log_fanout(n) + 1 hops.
+            let (mut at, mut hops) = (i, 0);
+            while let Some(up) = c[at].parent(chunk, now) {
+                at = names.iter().position(|x| x == up).unwrap();
+                hops += 1;
+                assert!(hops <= 3, "tree too deep");
+            }
+            assert_eq!(at, root[0]);
+        }
+        assert!(children.iter().all(|&k| k <= fanout), "fan-out bounded: {children:?}");
+        assert_eq!(c[root[0]].choose(chunk..chunk + 1, now, &none()), Choice::Origin);
+    }
+    assert!(roots.iter().all(|&r| (50..=150).contains(&r)), "roots are spread: {roots:?}");
+}
+
+#[test]
+fn a_holder_wins_over_the_parent_and_the_least_loaded_holder_first() {
+    let now = Instant::now();
+    let mut s = cluster(4, 4, 4).remove(0);
+    let names = nodes(4);
+    let mut have = RoaringBitmap::new();
+    have.insert_range(0..8);
+    s.have_full(&names[1], have.clone());
+    s.have_full(&names[2], have);
+    s.started(&names[1]);
+    assert_eq!(s.choose(0..4, now, &none()), Choice::Peer { node: names[2].clone(), parent: false });
+    assert_eq!(
+        s.choose(0..4, now, &tried(&[&names[2]], Outcome::Busy)),
+        Choice::Peer { node: names[1].clone(), parent: false }
+    );
+    // Not all of the run: the have-map does not count.
+    assert!(matches!(s.choose(6..10, now, &none()), Choice::Origin | Choice::Peer { parent: true, .. }));
+}
+
+#[test]
+fn a_failed_parent_sends_the_run_to_the_origin_not_up_the_tree() {
+    let t0 = Instant::now();
+    let names = nodes(3);
+    // Fan-out 1: each stripe's tree is a chain; find a stripe where this node is last.
+    let mut all = cluster(3, 1, 1);
+    let ranks_last = |c: u32| {
+        all[0].parent(c, t0).is_some_and(|p| {
+            let i = names.iter().position(|n| n == p).unwrap();
+            all[i].parent(c, t0).is_some()
+        })
+    };
+    let chunk = (0..1000).find(|&c| ranks_last(c)).unwrap();
+    let mut s = all.swap_remove(0);
+    let parent = s.parent(chunk, t0).unwrap().to_string();
+    s.started(&parent);
+    s.finished(&parent, chunk..chunk + 1, Outcome::Failed, t0);
+    assert!(s.parent(chunk, t0).is_some(), "the tree without the failed parent still has one");
+    assert_eq!(s.choose(chunk..chunk + 1, t0, &tried(&[&parent], Outcome::Failed)), Choice::Origin);
+    assert!(matches!(s.choose(chunk..chunk + 1, t0, &none()), Choice::Peer { parent: true, .. }));
+}
+
+#[test]
+fn failed_peers_back_off_and_return_and_corrupt_ones_are_banned() {
+    let t0 = Instant::now();
+    let names = nodes(2);
+    let mut s = Selector::new(&names[0], 1, 4);
+    s.set_members(names.iter().map(String::as_str));
+    // A stripe whose root is the other node.
+    let chunk = (0..1000).find(|&c| !s.is_root(c, t0)).unwrap();
+    s.started(&names[1]);
+    s.finished(&names[1], chunk..chunk + 1, Outcome::Failed, t0);
+    assert_eq!(s.choose(chunk..chunk + 1, t0, &none()), Choice::Origin, "down peer skipped");
+    assert!(s.is_root(chunk, t0));
+    let back = t0 + FIRST_DOWN;
+    // A tried peer (here the parent itself) sends the run to the origin, not up the tree.
+    assert_eq!(s.choose(chunk..chunk + 1, back, &tried(&[&names[1]], Outcome::Failed)), Choice::Origin);
+    assert_eq!(s.choose(chunk..chunk + 1, back, &none()), Choice::Peer { node: names[1].clone(), parent: true });
+    s.unreachable(&names[1], back);
+    assert_eq!(s.choose(chunk..chunk + 1, back + FIRST_DOWN, &none()), Choice::Origin, "second failure: longer");
+    assert!(s.choose(chunk..chunk + 1, back + FIRST_DOWN * 2, &none()) != Choice::Origin);
+
+    s.finished(&names[1], 0..0, Outcome::Corrupt, t0);
+    assert!(s.is_banned(&names[1], t0 + Duration::from_secs(10)));
+    s.set_members(names.iter().map(String::as_str));
+    assert!(s.is_banned(&names[1], t0 + Duration::from_secs(10)), "re-registering does not lift a ban");
+    assert_eq!(s.summary(t0).bans_total, 1);
+    assert_eq!(s.choose(chunk..chunk + 1, t0 + Duration::from_secs(10), &none()), Choice::Origin);
+}
+
+/// A chunk of a stripe in which, at fan-out 1 (each tree a chain), node 0 of `c` is at
+/// least `depth` places below the root; and node 0's ancestors there, nearest first.
+fn deep_chunk(c: &[Selector], depth: usize, now: Instant) -> (u32, Vec<String>) {
+    let names: Vec<String> = c.iter().map(|s| s.me().to_string()).collect();
+    let ancestors = |chunk: u32| {
+        let mut up = Vec::new();
+        let mut at = 0;
+        while let Some(p) = c[at].parent(chunk, now) {
+            up.push(p.to_string());
+            at = names.iter().position(|n| n == p).unwrap();
+        }
+        up
+    };
+    let chunk = (0..10_000).find(|&ch| ancestors(ch).len() >= depth).unwrap();
+    (chunk, ancestors(chunk))
+}
+
+#[test]
+fn a_holder_that_refuses_what_it_claims_loses_the_claim_and_the_run_climbs() {
+    let now = Instant::now();
+    let c = cluster(4, 1, 1);
+    let (chunk, up) = deep_chunk(&c, 2, now);
+    let mut s = c[0].clone();
+    let names = nodes(4);
+    // The liar claims every chunk; it is not this node's parent in the chunk's stripe.
+    let liar = names[1..].iter().find(|n| **n != up[0]).unwrap().clone();
+    let all: RoaringBitmap = (0..10_000).collect();
+    s.have_full(&liar, all.clone());
+    let run = chunk..chunk + 1;
+    assert_eq!(s.choose(run.clone(), now, &none()), Choice::Peer { node: liar.clone(), parent: false });
+    s.started(&liar);
+    s.finished(&liar, run.clone(), Outcome::NotHave, now);
+    // The run climbs to this node's parent, not to the origin; the liar is not paused (it
+    // may still serve what it holds), but is no longer asked for this run.
+    let refused = tried(&[&liar], Outcome::NotHave);
+    assert_eq!(s.choose(run.clone(), now, &refused), Choice::Peer { node: up[0].clone(), parent: true });
+    assert_eq!(s.choose(run.clone(), now, &none()), Choice::Peer { node: up[0].clone(), parent: true });
+    assert!(s.usable_now(&liar, now));
+    // A new full have-map (a new session) cannot bring the claim back; others stay.
+    s.have_full(&liar, all.clone());
+    assert_eq!(s.choose(run.clone(), now, &none()), Choice::Peer { node: up[0].clone(), parent: true });
+    let other = (chunk + 1)..(chunk + 2);
+    assert_eq!(s.choose(other.clone(), now, &none()), Choice::Peer { node: liar.clone(), parent: false });
+    // Serving the run proves it: the claim counts again.
+    s.started(&liar);
+    s.finished(&liar, run.clone(), Outcome::Served, now);
+    s.have_full(&liar, all.clone());
+    assert_eq!(s.choose(run.clone(), now, &none()), Choice::Peer { node: liar.clone(), parent: false });
+    // An announcement anew (an honest node that dropped the chunk and has it again) brings a
+    // refused claim back, until the peer has been caught MAX_DISPROOFS times: then nothing
+    // it claims counts.
+    s.started(&liar);
+    s.finished(&liar, run.clone(), Outcome::NotHave, now);
+    s.have_added(&liar, &run.clone().collect());
+    assert_eq!(s.choose(run.clone(), now, &none()), Choice::Peer { node: liar.clone(), parent: false });
+    for _ in 0..MAX_DISPROOFS {
+        s.started(&liar);
+        s.finished(&liar, run.clone(), Outcome::NotHave, now);
+        s.have_added(&liar, &run.clone().collect());
+    }
+    s.have_full(&liar, all.clone());
+    s.have_added(&liar, &all);
+    assert_ne!(s.choose(other, now, &none()), Choice::Peer { node: liar.clone(), parent: false });
+    assert_ne!(s.choose(run, now, &none()), Choice::Peer { node: liar, parent: false });
+}
+
+#[test]
+fn a_refusing_parent_is_avoided_and_the_run_climbs_past_it() {
+    let t0 = Instant::now();
+    let c = cluster(5, 1, 1);
+    let (chunk, up) = deep_chunk(&c, 3, t0);
+    let mut s = c[0].clone();
+    let run = chunk..chunk + 1;
+    for how in [Outcome::NotHave, Outcome::Busy] {
+        assert_eq!(s.choose(run.clone(), t0, &none()), Choice::Peer { node: up[0].clone(), parent: true });
+        s.started(&up[0]);
+        s.finished(&up[0], run.clone(), how, t0);
+        // The tree without the refusing parent: the next node up is this node's parent.
+        let refused = tried(&[&up[0]], how);
+        assert_eq!(s.choose(run.clone(), t0, &refused), Choice::Peer { node: up[1].clone(), parent: true });
+        // And for a while, for every run: it is avoided (its have-map kept).
+        assert!(!s.usable_now(&up[0], t0));
+        assert_eq!(s.choose(run.clone(), t0, &none()), Choice::Peer { node: up[1].clone(), parent: true });
+        // Past it, the run climbs on; once a peer failed, it goes to the origin.
+        let mut both = refused.clone();
+        both.add(&up[1], Outcome::Busy);
+        assert_eq!(s.choose(run.clone(), t0, &both), Choice::Peer { node: up[2].clone(), parent: true });
+        let mut failed = refused.clone();
+        failed.add(&up[1], Outcome::Failed);
+        assert_eq!(s.choose(run.clone(), t0, &failed), Choice::Origin);
+        s.finished(&up[0], run.clone(), Outcome::Served, t0);
+    }
+    // Refusals in a row: avoided twice as long each time, until it serves again.
+    for k in 0..3u32 {
+        s.finished(&up[0], run.clone(), Outcome::Busy, t0);
+        let pause = FIRST_REFUSED * 2u32.pow(k);
+        assert!(!s.usable_now(&up[0], t0 + pause - Duration::from_millis(1)));
+        assert!(s.usable_now(&up[0], t0 + pause));
+    }
+    s.finished(&up[0], run.clone(), Outcome::Served, t0);
+    s.finished(&up[0], run, Outcome::Busy, t0);
+    assert!(s.usable_now(&up[0], t0 + FIRST_REFUSED));
+}
+
+#[test]
+fn after_max_tries_peers_a_run_goes_to_the_origin() {
+    let now = Instant::now();
+    let names = nodes(MAX_TRIES + 2);
+    let mut s = cluster(MAX_TRIES + 2, 1, 4).remove(0);
+    for n in &names[1..] {
+        s.have_full(n, (0..10).collect());
+    }
+    let mut t = none();
+    for _ in 0..MAX_TRIES {
+        let Choice::Peer { node, parent: false } = s.choose(0..1, now, &t) else { panic!("a holder") };
+        t.add(&node, Outcome::Busy);
+    }
+    assert_eq!(s.choose(0..1, now, &t), Choice::Origin, "one holder left, but enough tries");
+}
+
+#[test]
+fn split_cuts_at_stripe_boundaries() {
+    let s = Selector::new("a:1", 4, 4);
+    assert_eq!(s.split(2..11), vec![2..4, 4..8, 8..11]);
+    assert_eq!(s.split(4..8), vec![4..8]);
+    assert!(s.split(5..5).is_empty());
+}
+
+proptest! {
+    /// However views differ (nodes missing from some member lists, some peers down), and
+    /// whatever peers were tried and how they answered, every choice names a member that is
+    /// usable and not tried, or the origin; and a chosen parent always agrees to relay for
+    /// this node, so requests climb and never loop.
+    #[test]
+    fn choices_are_always_usable_and_parents_accept(
+        n in 2usize..12, missing in proptest::collection::vec(any::<bool>(), 12),
+        down in proptest::collection::vec(any::<bool>(), 12), chunk in 0u32..10_000,
+        stripe in 1u32..64, fanout in 1u32..6,
+        asked in proptest::collection::vec((0usize..12, 0usize..3), 0..4)
+    ) {
+        let now = Instant::now();
+        let names = nodes(n);
+        let mut s = Selector::new(&names[0], stripe, fanout);
+        s.set_members(names.iter().enumerate().filter(|(i, _)| !missing[*i]).map(|(_, n)| n.as_str()));
+        for (i, name) in names.iter().enumerate().skip(1) {
+            if down[i] {
+                s.unreachable(name, now);
+            }
+        }
+        let mut t = none();
+        for (i, how) in asked {
+            let how = [Outcome::NotHave, Outcome::Busy, Outcome::Failed][how];
+            let node = &names[i % n];
+            s.started(node);
+            s.finished(node, chunk..chunk + 1, how, now);
+            t.add(node, how);
+        }
+        match s.choose(chunk..chunk + 1, now, &t) {
+            Choice::Origin => {}
+            Choice::Peer { node, parent } => {
+                let i = names.iter().position(|x| *x == node).unwrap();
+                prop_assert!(i != 0 && !missing[i] && !down[i] && !t.contains(&node));
+                prop_assert!(s.usable_now(&node, now));
+                if parent {
+                    let p = Selector::new(&node, stripe, fanout);
+                    prop_assert!(p.relays_for(chunk, &names[0]));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Unit tests of the chunk store: group commit, failed syncs and writes, forgotten and
+//! unsettled chunks, verification.
+
+use super::*;
+use crate::image::ChunkSize;
+use io::parse_faults;
+
+fn manifest(data: &[u8]) -> Arc<Manifest> {
+    let g = Geometry::new(data.len() as u64, ChunkSize::new(4096).unwrap()).unwrap();
+    Manifest::build(g, |idx, buf| {
+        let o = g.chunk_offset(idx).0 as usize;
+        buf.copy_from_slice(&data[o..o + buf.len()]);
+        Ok::<_, ()>(())
+    })
+    .map(Arc::new)
+    .unwrap()
+}
+
+#[test]
+fn put_commit_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..20_000u32).map(|i| (i % 253) as u8).collect();
+    let m = manifest(&data);
+    {
+        let s = ChunkStore::open(dir.path(), &m).unwrap();
+        assert!(!s.has(ChunkIdx(1)));
+        s.put(ChunkIdx(1), &data[4096..8192]).unwrap();
+        s.put(ChunkIdx(4), &data[16384..]).unwrap();
+        assert!(s.has(ChunkIdx(1)) && s.has_all(4..5) && !s.has_all(0..2));
+        assert_eq!(s.commit().unwrap(), 2);
+        s.put(ChunkIdx(2), &data[8192..12288]).unwrap();
+        // Not committed: must not survive the "crash" below.
+    }
+    let s = ChunkStore::open(dir.path(), &m).unwrap();
+    assert_eq!(s.present().iter().collect::<Vec<_>>(), vec![1, 4]);
+    let mut buf = vec![0u8; 4096];
+    s.read_at(4096, &mut buf).unwrap();
+    assert_eq!(buf, &data[4096..8192]);
+    assert_eq!(s.read_vec(4100, 3000).unwrap(), &data[4100..7100]);
+    assert!(s.read_vec(19_000, 2000).is_err(), "beyond the end of the data file");
+}
+
+#[test]
+fn wrong_length_and_second_opener_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = vec![7u8; 10_000];
+    let m = manifest(&data);
+    let s = ChunkStore::open(dir.path(), &m).unwrap();
+    assert!(matches!(s.put(ChunkIdx(0), &data[..100]), Err(StoreError::BadChunkLen { .. })));
+    assert!(matches!(s.put_span(0..2, &data[..4096]), Err(StoreError::BadChunkLen { .. })));
+    assert!(matches!(s.put_span(1..1, &[]), Err(StoreError::BadChunkLen { .. })));
+    assert!(matches!(s.put_span(2..4, &data[8192..]), Err(StoreError::BadChunkLen { .. })), "beyond the image");
+    s.put_span(1..3, &data[4096..]).unwrap();
+    assert!(s.has_all(1..3) && !s.has(ChunkIdx(0)));
+    assert_eq!(s.missing(0..3), vec![0]);
+    assert_eq!(s.pending_count(), 2);
+    assert!(matches!(ChunkStore::open(dir.path(), &m), Err(StoreError::Locked(_))));
+}
+
+#[test]
+fn foreign_state_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = vec![7u8; 10_000];
+    let m = manifest(&data);
+    let s = ChunkStore::open(dir.path(), &m).unwrap();
+    s.put(ChunkIdx(0), &data[..4096]).unwrap();
+    s.commit().unwrap();
+    let state = s.dir().join("state");
+    drop(s);
+    let mut bytes = fs::read(&state).unwrap();
+    bytes[30] ^= 0xff;
+    fs::write(&state, &bytes).unwrap();
+    let err = ChunkStore::open(dir.path(), &m).err().unwrap().to_string();
+    assert!(err.contains("checksum"), "{err}");
+}
+
+#[test]
+fn a_failed_sync_drops_its_batch_for_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+    let m = manifest(&data);
+    let s = ChunkStore::open_with_faults(dir.path(), &m, parse_faults("sync=eio/2").unwrap()).unwrap();
+    s.put(ChunkIdx(0), &data[..4096]).unwrap();
+    assert_eq!(s.commit().unwrap(), 1, "the first sync succeeds");
+    s.put(ChunkIdx(1), &data[4096..8192]).unwrap();
+    s.put(ChunkIdx(2), &data[8192..12288]).unwrap();
+    assert!(matches!(s.commit(), Err(StoreError::SyncFailed { dropped: 2, .. })));
+    assert!(!s.has(ChunkIdx(1)) && !s.has(ChunkIdx(2)), "not served from memory either");
+    assert!(s.has(ChunkIdx(0)));
+    assert_eq!(s.commit().unwrap(), 0, "nothing is retried into durable");
+    assert_eq!(s.stats().sync_errors.load(Ordering::Relaxed), 1);
+    drop(s);
+    let s = ChunkStore::open(dir.path(), &m).unwrap();
+    assert_eq!(s.present().iter().collect::<Vec<_>>(), vec![0]);
+    assert_eq!(s.verify(&m), VerifyReport { checked: 1, bad: 0 });
+}
+
+#[test]
+fn a_failed_read_forgets_the_chunk_and_a_failing_cache_degrades() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..20_000u32).map(|i| (i % 241) as u8).collect();
+    let m = manifest(&data);
+    let s = ChunkStore::open_with_faults(dir.path(), &m, parse_faults("read=eio/2,write=enospc/2").unwrap()).unwrap();
+    s.put_span(0..2, &data[..8192]).unwrap();
+    assert!(s.put(ChunkIdx(2), &data[8192..12288]).is_err(), "second write fails");
+    assert!(!s.has(ChunkIdx(2)));
+    s.commit().unwrap();
+    assert!(s.read_vec(0, 100).is_ok());
+    assert!(s.read_vec(4096, 100).is_err(), "second read fails");
+    assert!(s.has(ChunkIdx(0)) && !s.has(ChunkIdx(1)), "the chunk read is forgotten");
+    assert!(matches!(s.put(ChunkIdx(1), &data[4096..8192]), Err(StoreError::Forgetting(_))), "until recorded");
+    s.commit().unwrap();
+    drop(s);
+    let s = ChunkStore::open_with_faults(dir.path(), &m, parse_faults("write=eio").unwrap()).unwrap();
+    assert_eq!(s.present().iter().collect::<Vec<_>>(), vec![0], "forgotten in the state file too");
+    for _ in 0..DEGRADE_AFTER {
+        assert!(matches!(s.put(ChunkIdx(3), &data[12288..16384]), Err(StoreError::Io { .. })));
+    }
+    assert!(s.degraded());
+    assert!(matches!(s.put(ChunkIdx(3), &data[12288..16384]), Err(StoreError::Degraded(_))));
+    assert_eq!(s.stats().write_errors.load(Ordering::Relaxed), u64::from(DEGRADE_AFTER));
+}
+
+#[test]
+fn verify_drops_chunks_that_do_not_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..20_000u32).map(|i| (i % 239) as u8).collect();
+    let m = manifest(&data);
+    let s = ChunkStore::open(dir.path(), &m).unwrap();
+    s.put_span(0..3, &data[..12288]).unwrap();
+    s.commit().unwrap();
+    // Damage chunk 1 behind the store's back.
+    std::os::unix::fs::FileExt::write_all_at(
+        &File::options().write(true).open(s.dir().join("data")).unwrap(),
+        b"x",
+        5000,
+    )
+    .unwrap();
+    assert_eq!(s.verify(&m), VerifyReport { checked: 3, bad: 1 });
+    assert_eq!(s.missing(0..3), vec![1]);
+    // A chunk not yet durable is checked on every read: its loss is caught, not served.
+    s.put(ChunkIdx(3), &data[12288..16384]).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(
+        &File::options().write(true).open(s.dir().join("data")).unwrap(),
+        b"y",
+        13000,
+    )
+    .unwrap();
+    assert!(s.read_vec(12300, 100).is_err());
+    assert!(!s.has(ChunkIdx(3)));
+    assert_eq!(s.read_vec(8300, 3000).unwrap(), &data[8300..11300], "durable chunks read as they are");
+}
