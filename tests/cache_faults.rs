@@ -124,32 +124,53 @@ fn a_slow_cache_does_not_stall_other_images() {
     assert!(p99 < Duration::from_secs(1), "cache-hit p99 {p99:?} with a 2 s slow cache next door");
 }
 
-/// vmtd starts although its file origin is missing, serves every cached chunk, gives EIO for
-/// the rest after the fetch budget, and recovers when the file is back.
+/// Caches the first half of the 8 MiB image `img`, stops vmtd, takes the origin away
+/// (`take_away`), restarts vmtd: the cached half must be served and the rest fail after the fetch
+/// budget; then `bring_back` restores the origin and the whole image must read identically.
+fn cached_half_outlives_its_origin(
+    env: &Env,
+    cfg: &std::path::Path,
+    img: &std::path::Path,
+    take_away: impl FnOnce(),
+    bring_back: impl FnOnce() -> Option<Proc>,
+) {
+    let uri = env.export_uri("img");
+    let half = 4 * MIB as u64;
+    let mut vmtd = start_vmtd(env, cfg);
+    assert!(qemu_io_read(&uri, 0, half));
+    // Every fetched chunk stored before the stop, so the restart finds the half cached.
+    settled(env, "img");
+    assert_eq!(vmtd.terminate(), Some(0));
+    take_away();
+
+    let _vmtd = start_vmtd(env, cfg);
+    assert!(qemu_io_read(&uri, 0, half), "the cached half is served without the origin");
+    assert!(!qemu_io_read(&uri, half, 65536), "an uncached read fails while the origin is away");
+    let _origin = bring_back();
+    assert!(qemu_img_identical(img, &uri), "reads recover once the origin is back");
+}
+
+/// vmtd starts although its file origin is missing (and says why), serves every cached chunk,
+/// gives EIO for the rest after the fetch budget, and recovers when the file is back.
 #[test]
 fn a_missing_file_origin_does_not_stop_the_node() {
     let env = Env::new();
     let img = env.path("img.raw");
     write_image(&img, 8 * MIB, 15);
     let cfg = env.config("fetch_timeout = \"2s\"", &file_image("img", &img, ""));
-    let uri = env.export_uri("img");
-    let half = 4 * MIB as u64;
-    let mut vmtd = start_vmtd(&env, &cfg);
-    assert!(qemu_io_read(&uri, 0, half));
-    // Every fetched chunk stored before the stop, so the restart finds the half cached.
-    settled(&env, "img");
-    assert_eq!(vmtd.terminate(), Some(0));
-
     let away = env.path("img.away");
-    std::fs::rename(&img, &away).unwrap();
-    let _vmtd = start_vmtd(&env, &cfg);
-    assert!(qemu_io_read(&uri, 0, half), "the cached half is served with the origin missing");
-    assert!(!qemu_io_read(&uri, half, 65536), "an uncached read fails while the origin is missing");
-    let log = std::fs::read_to_string(env.path("vmtd.log")).unwrap();
-    assert!(log.contains("origin unavailable"), "the log says why");
-
-    std::fs::rename(&away, &img).unwrap();
-    assert!(qemu_img_identical(&img, &uri), "reads recover once the origin is back");
+    cached_half_outlives_its_origin(
+        &env,
+        &cfg,
+        &img,
+        || std::fs::rename(&img, &away).unwrap(),
+        || {
+            let log = std::fs::read_to_string(env.path("vmtd.log")).unwrap();
+            assert!(log.contains("origin unavailable"), "the log says why");
+            std::fs::rename(&away, &img).unwrap();
+            None
+        },
+    );
 }
 
 /// The same with an NBD origin that is down when vmtd starts.
@@ -157,18 +178,6 @@ fn a_missing_file_origin_does_not_stop_the_node() {
 fn an_nbd_origin_down_at_start_does_not_stop_the_node() {
     let env = Env::new();
     let (img, mut origin, cfg) = nbd_origin_setup(&env, 8 * MIB, "fetch_timeout = \"2s\"");
-    let uri = env.export_uri("img");
-    let half = 4 * MIB as u64;
-    let mut vmtd = start_vmtd(&env, &cfg);
-    assert!(qemu_io_read(&uri, 0, half));
-    // Every fetched chunk stored before the stop, so the restart finds the half cached.
-    settled(&env, "img");
-    assert_eq!(vmtd.terminate(), Some(0));
-    origin.kill9();
-
-    let _vmtd = start_vmtd(&env, &cfg);
-    assert!(qemu_io_read(&uri, 0, half), "the cached half is served with the origin down");
-    assert!(!qemu_io_read(&uri, half, 65536), "an uncached read fails while the origin is down");
-    let _origin = start_qemu_nbd(&img, &env.path("origin.sock"));
-    assert!(qemu_img_identical(&img, &uri), "reads recover once the origin is back");
+    let sock = env.path("origin.sock");
+    cached_half_outlives_its_origin(&env, &cfg, &img, || origin.kill9(), || Some(start_qemu_nbd(&img, &sock)));
 }

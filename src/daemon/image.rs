@@ -310,14 +310,12 @@ impl Image {
             tracing::warn!(image = %self.name, offset, len, error = %e, "read failed");
             EIO
         })?;
-        match runs.iter().find_map(|r| r.share(offset, len as usize)) {
+        match runs.iter().find_map(|r| Some((r.share(offset, len as usize)?, r.bytes.len()))) {
             // The common cold read: one fetched run holds it all, share its buffer. A small read
             // of a much longer run (a prefetch's) gets a copy instead: a reply waiting to be
             // written then pins no more memory than the NBD budgets charge it.
-            Some(shared) if shared.len() * 2 >= runs.iter().map(|r| r.bytes.len()).max().unwrap_or(0) => {
-                Ok(Some(shared))
-            }
-            Some(shared) => Ok(Some(Bytes::copy_from_slice(&shared))),
+            Some((shared, run)) if shared.len() * 2 >= run => Ok(Some(shared)),
+            Some((shared, _)) => Ok(Some(Bytes::copy_from_slice(&shared))),
             None => {
                 let read = tokio::task::spawn_blocking(move || assemble(&store, offset, len, range, &runs));
                 Ok(read.await.map_err(|_| EIO)?.map(Bytes::from))
