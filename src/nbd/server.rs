@@ -88,6 +88,8 @@ pub enum ServeError {
     HandshakeTimeout(std::time::Duration),
     #[error("a reply could not be written within {0:?} (the client is not reading)")]
     WriteTimeout(std::time::Duration),
+    #[error("a write request's payload did not arrive within {0:?}")]
+    PayloadTimeout(std::time::Duration),
     #[error("idle for {0:?}")]
     Idle(std::time::Duration),
     #[error("a long read failed after its first piece was sent")]

@@ -51,8 +51,8 @@ impl Reply {
 }
 
 /// A read task's duty to answer: if the task ends without replying (a panic in
-/// `Export::read`), the drop sends EIO, so the client is never left waiting on the handle. The
-/// channel has room for it: each read in flight holds one of its `MAX_INFLIGHT` slots.
+/// `Export::read`), the drop sends EIO, so the client is never left waiting on the handle (if the
+/// channel is full at that moment, the reply is lost and the client's request times out).
 struct Answer {
     tx: Option<mpsc::Sender<Reply>>,
     handle: u64,
@@ -187,7 +187,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 let (mut payload, mut sink) = ((&mut rd).take(u64::from(req.length)), tokio::io::sink());
                 let drain = tokio::io::copy(&mut payload, &mut sink);
                 let t = limits.write_timeout;
-                let got = tokio::time::timeout(t, drain).await.map_err(|_| ServeError::WriteTimeout(t))??;
+                let got = tokio::time::timeout(t, drain).await.map_err(|_| ServeError::PayloadTimeout(t))??;
                 if got < u64::from(req.length) {
                     return Ok(());
                 }
