@@ -25,9 +25,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use thiserror::Error;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::slots::Slots;
 use super::{ChunkSource, SourceError};
 use crate::image::{ChunkIdx, Manifest};
 use crate::store::{ChunkStore, StoreError};
@@ -138,9 +139,8 @@ pub struct Fetcher {
     source: Arc<dyn ChunkSource>,
     tuning: FetchTuning,
     inflight: Mutex<HashMap<u32, watch::Receiver<Outcome>>>,
-    upstream: Semaphore,
-    /// Guest runs waiting for an upstream slot: prefetch stands back while this is non-zero.
-    guests_waiting: std::sync::atomic::AtomicUsize,
+    /// Upstream slots: guest and relay runs are urgent, prefetch stands back (see `slots`).
+    upstream: Slots,
     stats: FetchStats,
 }
 
@@ -157,8 +157,7 @@ impl Fetcher {
             source,
             tuning,
             inflight: Mutex::new(HashMap::new()),
-            upstream: Semaphore::new(MAX_UPSTREAM),
-            guests_waiting: std::sync::atomic::AtomicUsize::new(0),
+            upstream: Slots::new(MAX_UPSTREAM),
             stats: FetchStats::default(),
         })
     }
@@ -252,24 +251,8 @@ impl Fetcher {
         }
         match priority {
             Priority::Relay => None,
-            Priority::Guest => {
-                if let Ok(p) = self.upstream.try_acquire() {
-                    return Some(p);
-                }
-                self.guests_waiting.fetch_add(1, Ordering::SeqCst);
-                let p = self.upstream.acquire().await.expect("semaphore never closed");
-                self.guests_waiting.fetch_sub(1, Ordering::SeqCst);
-                Some(p)
-            }
-            Priority::Prefetch => loop {
-                if self.guests_waiting.load(Ordering::SeqCst) == 0 {
-                    if let Ok(p) = self.upstream.try_acquire() {
-                        return Some(p);
-                    }
-                }
-                // Polling keeps the guest path free of any hand-off to prefetch.
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            },
+            Priority::Guest => Some(self.upstream.urgent().await),
+            Priority::Prefetch => Some(self.upstream.background().await),
         }
     }
 
@@ -285,7 +268,7 @@ impl Fetcher {
         // Held until the run is stored: bounds both upstream reads in flight and fetched bytes
         // waiting for the data file (none over a peer-aware source, see `slot`).
         let _permit = self.slot(priority).await;
-        let (data, checked) = match self.read_with_retries(offset, len).await {
+        let (data, checked) = match self.read_with_retries(offset, len, priority).await {
             Ok(read) => read,
             Err(e) => {
                 let mut inflight = self.inflight.lock().unwrap();
@@ -366,7 +349,12 @@ impl Fetcher {
         }
     }
 
-    async fn read_with_retries(&self, offset: u64, len: usize) -> Result<(Vec<u8>, bool), FetchError> {
+    async fn read_with_retries(
+        &self,
+        offset: u64,
+        len: usize,
+        priority: Priority,
+    ) -> Result<(Vec<u8>, bool), FetchError> {
         let start = Instant::now();
         let deadline = start + self.tuning.timeout;
         let mut backoff = FIRST_BACKOFF;
@@ -374,7 +362,7 @@ impl Fetcher {
         loop {
             let attempt = async {
                 self.stats.upstream_reads.fetch_add(1, Ordering::Relaxed);
-                self.source.read_checked(offset, len).await
+                self.source.read_checked_as(offset, len, priority).await
             };
             match tokio::time::timeout_at(deadline, attempt).await {
                 Ok(Ok((data, checked))) if data.len() == len => return Ok((data, checked)),

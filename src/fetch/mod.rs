@@ -12,6 +12,7 @@
 pub mod file;
 pub mod flight;
 pub mod origin;
+pub mod slots;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -59,6 +60,17 @@ pub trait ChunkSource: Send + Sync + 'static {
     /// not hash them again.
     fn read_checked(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<(Vec<u8>, bool), SourceError>> {
         Box::pin(async move { self.read(offset, len).await.map(|d| (d, false)) })
+    }
+    /// [`ChunkSource::read_checked`] on behalf of `priority`: a source with queues of its own
+    /// (the peer-aware source's origin slots) serves guest and relay reads before prefetch.
+    fn read_checked_as(
+        &self,
+        offset: u64,
+        len: usize,
+        priority: flight::Priority,
+    ) -> BoxFuture<'_, Result<(Vec<u8>, bool), SourceError>> {
+        let _ = priority;
+        self.read_checked(offset, len)
     }
     /// Whether a read may wait on other nodes' fetches (a peer-aware source). The fetcher then
     /// holds no upstream slot across reads: slots held while waiting on peers that hold slots

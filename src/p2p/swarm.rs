@@ -22,6 +22,8 @@ use super::core::PieceRead;
 use super::peer::{PeerConn, Refusal};
 use super::select::{Choice, Outcome, Selector, Summary};
 use super::wire::Bytes32;
+use crate::fetch::flight::Priority;
+use crate::fetch::slots::Slots;
 use crate::fetch::{BoxFuture, ChunkSource, SourceError};
 use crate::image::{ChunkIdx, Manifest};
 
@@ -70,8 +72,9 @@ pub struct Swarm {
     conns: Mutex<HashMap<String, SessionSlot>>,
     tuning: SwarmTuning,
     stats: SwarmStats,
-    /// Bounds origin reads in flight (the fetcher holds no slots over a peer-aware source).
-    origin_slots: tokio::sync::Semaphore,
+    /// Bounds origin reads in flight (the fetcher holds no slots over a peer-aware source);
+    /// guest and relay reads take them before prefetch.
+    origin_slots: Slots,
     weak: Weak<Swarm>,
 }
 
@@ -93,7 +96,7 @@ impl Swarm {
             conns: Mutex::new(HashMap::new()),
             tuning,
             stats: SwarmStats::default(),
-            origin_slots: tokio::sync::Semaphore::new(ORIGIN_SLOTS),
+            origin_slots: Slots::new(ORIGIN_SLOTS),
             weak: weak.clone(),
         })
     }
@@ -254,7 +257,7 @@ impl Swarm {
 
     /// Reads one stripe's piece of a run from the best source that answers; true when the
     /// bytes came from a peer (and were verified here).
-    async fn read_piece(&self, run: Range<u32>) -> Result<(Bytes, bool), SourceError> {
+    async fn read_piece(&self, run: Range<u32>, priority: Priority) -> Result<(Bytes, bool), SourceError> {
         let mut piece = PieceRead::new(run.clone());
         loop {
             let choice = piece.next(&mut self.selector.lock().unwrap(), Instant::now());
@@ -266,7 +269,10 @@ impl Swarm {
                         .run_bytes(run.clone())
                         .map(|(o, l)| (o.0, l))
                         .expect("pieces are chunks inside the image");
-                    let _slot = self.origin_slots.acquire().await.expect("semaphore never closed");
+                    let _slot = match priority {
+                        Priority::Prefetch => self.origin_slots.background().await,
+                        Priority::Guest | Priority::Relay => self.origin_slots.urgent().await,
+                    };
                     let data = self.origin.read(offset, len).await?;
                     self.stats.bytes_from_origin.fetch_add(data.len() as u64, Ordering::Relaxed);
                     return Ok((Bytes::from(data), false));
@@ -312,6 +318,15 @@ impl ChunkSource for Swarm {
     }
 
     fn read_checked(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<(Vec<u8>, bool), SourceError>> {
+        self.read_checked_as(offset, len, Priority::Guest)
+    }
+
+    fn read_checked_as(
+        &self,
+        offset: u64,
+        len: usize,
+        priority: Priority,
+    ) -> BoxFuture<'_, Result<(Vec<u8>, bool), SourceError>> {
         Box::pin(async move {
             let g = self.manifest.geometry();
             let run = g.chunks_covering(crate::image::ByteOffset(offset), len as u64);
@@ -324,7 +339,7 @@ impl ChunkSource for Swarm {
             if let [piece] = &pieces[..] {
                 // The usual case: one stripe, read in this task. The reply's own buffer is
                 // usually taken over without a copy.
-                let (bytes, checked) = self.read_piece(piece.clone()).await?;
+                let (bytes, checked) = self.read_piece(piece.clone(), priority).await?;
                 let mut out = Vec::from(bytes);
                 out.truncate(len);
                 return Ok((out, checked));
@@ -332,7 +347,7 @@ impl ChunkSource for Swarm {
             let mut tasks = tokio::task::JoinSet::new();
             for (k, piece) in pieces.into_iter().enumerate() {
                 let me = me.clone();
-                tasks.spawn(async move { (k, me.read_piece(piece).await) });
+                tasks.spawn(async move { (k, me.read_piece(piece, priority).await) });
             }
             let mut parts: Vec<Option<Bytes>> = vec![None; tasks.len()];
             let mut all_checked = true;
@@ -363,3 +378,6 @@ impl ChunkSource for Swarm {
         self.origin.close()
     }
 }
+
+#[cfg(test)]
+mod tests;

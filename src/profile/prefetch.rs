@@ -3,9 +3,9 @@
 //!
 //! Priority: guest misses never wait behind prefetch for an upstream slot. Prefetch keeps at most
 //! `concurrency` runs in flight and takes an upstream slot only when no guest fetch is waiting
-//! for one ([`crate::fetch::flight::Priority`]). With peers there are no such slots: prefetch is
-//! bounded by `concurrency` alone, and its origin reads queue with the guests' in the peer-aware
-//! source's origin slots, first come first served. Chunks already present are skipped.
+//! for one ([`crate::fetch::flight::Priority`]). With peers the `Fetcher` holds no slots and the
+//! peer-aware source's origin slots apply the same rule to each origin read. Chunks already
+//! present are skipped.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

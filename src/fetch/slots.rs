@@ -1,0 +1,116 @@
+//! Upstream slots with two classes: urgent reads (a guest waiting now, or a peer relaying for
+//! one) and background reads (prefetch). Invariant: a background read never takes a slot while
+//! an urgent read waits for one, and never queues on the semaphore, so a released slot always
+//! goes to a waiting urgent read. Used by the `Fetcher` (slots held until a run is stored) and
+//! by the peer-aware source (slots held around each origin read).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, SemaphorePermit};
+
+/// How often a background read looks for a free slot: polling keeps the urgent path free of any
+/// hand-off to background reads.
+const POLL: Duration = Duration::from_millis(2);
+
+/// A bounded set of slots; see the module doc.
+#[derive(Debug)]
+pub struct Slots {
+    sem: Semaphore,
+    urgent_waiting: AtomicUsize,
+}
+
+/// Counts an urgent read as waiting for as long as it exists (also if its future is dropped
+/// mid-wait: a leaked count would hold background reads back for good).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Slots {
+    pub fn new(n: usize) -> Slots {
+        Slots { sem: Semaphore::new(n.max(1)), urgent_waiting: AtomicUsize::new(0) }
+    }
+
+    /// A slot for an urgent read: a free one at once, else the next one released (urgent reads
+    /// are served in arrival order).
+    pub async fn urgent(&self) -> SemaphorePermit<'_> {
+        if let Ok(p) = self.sem.try_acquire() {
+            return p;
+        }
+        self.urgent_waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.urgent_waiting);
+        self.sem.acquire().await.expect("semaphore never closed")
+    }
+
+    /// A slot for a background read: only a free one while no urgent read waits.
+    pub async fn background(&self) -> SemaphorePermit<'_> {
+        loop {
+            if self.urgent_waiting.load(Ordering::SeqCst) == 0 {
+                if let Ok(p) = self.sem.try_acquire() {
+                    return p;
+                }
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Urgent reads waiting for a slot now.
+    pub fn urgent_waiting(&self) -> usize {
+        self.urgent_waiting.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn a_waiting_urgent_read_gets_the_next_slot_before_background_reads() {
+        let slots = Arc::new(Slots::new(2));
+        let a = slots.urgent().await;
+        let b = slots.background().await;
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for i in 0..3 {
+            let (s, o) = (slots.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let _p = s.background().await;
+                o.lock().unwrap().push(format!("background {i}"));
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (s, o) = (slots.clone(), order.clone());
+        let urgent = tokio::spawn(async move {
+            let _p = s.urgent().await;
+            o.lock().unwrap().push("urgent".to_string());
+        });
+        while slots.urgent_waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        drop(b);
+        urgent.await.unwrap();
+        drop(a);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(order.lock().unwrap()[0], "urgent", "{:?}", order.lock().unwrap());
+        assert_eq!(order.lock().unwrap().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_urgent_wait_does_not_hold_background_reads_back() {
+        let slots = Slots::new(1);
+        let p = slots.urgent().await;
+        let waited = tokio::time::timeout(Duration::from_millis(10), slots.urgent()).await;
+        assert!(waited.is_err());
+        assert_eq!(slots.urgent_waiting(), 0);
+        drop(p);
+        let got = tokio::time::timeout(Duration::from_secs(5), slots.background()).await;
+        assert!(got.is_ok(), "background read got the free slot");
+    }
+}
