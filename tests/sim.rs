@@ -103,6 +103,9 @@ fn bad_input_is_refused_naming_the_field() {
         (&["--spread", "NaN"], "spread"),
         (&["--heartbeat", "0"], "heartbeat"),
         (&["--image-size", "1MiB"], "trace"),
+        (&["--link-burst", "much"], "link-burst"),
+        (&["--read-overhead-us=-1"], "read-overhead"),
+        (&["--host-cores", "100000"], "host-cores"),
     ] {
         let e = refused(flags);
         assert!(e.starts_with(&format!("{field}: ")), "{flags:?}: {e}");
@@ -120,4 +123,25 @@ fn bad_input_is_refused_naming_the_field() {
     // A profile of another chunk size than the run's.
     let e = refused(&["--profile", PROFILE, "--chunk-size", "16KiB"]);
     assert!(e.starts_with("chunk-size: "), "{e}");
+}
+
+#[test]
+fn a_sweep_draws_its_figures_from_its_own_reports() {
+    let a = args(&["--strategies", "direct,cor-tree", "--sweep", "1,4,12"]);
+    let reports = vmthunder::sim::sweep(&a.params().unwrap(), &a.sweep).unwrap();
+    assert_eq!(reports.iter().map(|r| r.params.nodes).collect::<Vec<_>>(), vec![1, 4, 12]);
+    let largest = &reports[2].strategies[0];
+    assert_eq!(largest.node_times_s.len(), 12, "one boot time per node");
+    assert!((largest.node_times_s[11] - largest.makespan_s).abs() < 1e-9, "the slowest node is the makespan");
+    let dir = tempfile::tempdir().unwrap();
+    let paths = vmthunder::sim::plot::write(&reports, dir.path()).unwrap();
+    assert_eq!(paths.len(), 3);
+    for p in &paths {
+        let svg = std::fs::read_to_string(p).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("cor-tree") && svg.contains("direct"), "{}", p.display());
+    }
+    // Nothing ran (every relay run refused): nothing to draw, said so.
+    let a = args(&["--strategies", "vmthunder", "--max-peer-state", "1KiB", "--sweep", "50"]);
+    let reports = vmthunder::sim::sweep(&a.params().unwrap(), &a.sweep).unwrap();
+    assert!(vmthunder::sim::plot::write(&reports, dir.path()).is_err());
 }

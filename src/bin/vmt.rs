@@ -256,11 +256,22 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn sim(a: &vmthunder::sim::SimArgs) -> anyhow::Result<()> {
-    let report = vmthunder::sim::run(&a.params()?)?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", report.table());
+    let p = a.params()?;
+    let reports =
+        if a.sweep.is_empty() { vec![vmthunder::sim::run(&p)?] } else { vmthunder::sim::sweep(&p, &a.sweep)? };
+    match (a.json, &reports[..]) {
+        (true, [one]) => println!("{}", serde_json::to_string_pretty(one)?),
+        (true, all) => println!("{}", serde_json::to_string_pretty(all)?),
+        (false, all) => {
+            for r in all {
+                print!("{}", r.table());
+            }
+        }
+    }
+    if let Some(dir) = &a.svg {
+        for path in vmthunder::sim::plot::write(&reports, dir)? {
+            eprintln!("vmt sim: wrote {}", path.display());
+        }
     }
     Ok(())
 }

@@ -19,6 +19,14 @@ pub struct SimArgs {
     /// Number of nodes, each booting one guest.
     #[arg(long, default_value_t = 100)]
     pub nodes: u32,
+    /// Run at each of these numbers of nodes in turn instead (comma-separated, e.g.
+    /// 1,10,100,1000): one table, or a JSON array of reports.
+    #[arg(long, value_delimiter = ',', conflicts_with = "nodes")]
+    pub sweep: Vec<u32>,
+    /// Write SVG figures into this directory: makespan ratio and guest-stall p99 against N per
+    /// strategy, and the per-node completion CDF of the largest N's storm.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
     /// Strategies, comma-separated: direct, cor-tree, vmthunder, vmthunder-profile.
     #[arg(long, default_value = "direct,cor-tree,vmthunder")]
     pub strategies: String,
@@ -52,6 +60,25 @@ pub struct SimArgs {
     /// testbed); half is charged to the sender, half to the receiver.
     #[arg(long, default_value_t = 5.0)]
     pub cpu_s_per_gib: f64,
+    /// Microseconds every guest read takes beyond its data's arrival (the answer's way through
+    /// the NBD server, the kernel and the guest's side; cache hits pay it too).
+    #[arg(long, default_value_t = 0.0)]
+    pub read_overhead_us: f64,
+    /// Microseconds the origin takes to start answering a read (its disk), beyond the hop's
+    /// latency.
+    #[arg(long, default_value_t = 0.0)]
+    pub origin_delay_us: f64,
+    /// Microseconds a node takes to handle a fetched run (check, store, wake its readers).
+    #[arg(long, default_value_t = 0.0)]
+    pub fetch_overhead_us: f64,
+    /// All nodes share this many CPU cores (an emulated testbed on one host); 0: each node has
+    /// a CPU of its own.
+    #[arg(long, default_value_t = 0)]
+    pub host_cores: u32,
+    /// Token-bucket depth of every link (as `tc tbf burst`): bytes an idle link has saved up
+    /// send at once; 0: a pure rate.
+    #[arg(long, default_value = "0")]
+    pub link_burst: String,
     #[arg(long, default_value = "64KiB")]
     pub chunk_size: String,
     /// Image size (default: the profile's, or the end of the trace's last read).
@@ -139,6 +166,11 @@ impl SimArgs {
             latency: self.latency_ms / 1e3,
             cpu_per_request: self.cpu_us_per_request / 1e6,
             cpu_per_byte: self.cpu_s_per_gib / 2.0 / f64::from(1u32 << 30),
+            read_overhead: self.read_overhead_us / 1e6,
+            origin_delay: self.origin_delay_us / 1e6,
+            fetch_overhead: self.fetch_overhead_us / 1e6,
+            host_cores: self.host_cores,
+            link_burst: size("link-burst", &self.link_burst)?,
             chunk_size: size("chunk-size", &self.chunk_size)?,
             image_size: self.image_size.as_deref().map(|s| size("image-size", s)).transpose()?,
             max_fetch: size("max-fetch", &self.max_fetch)?,

@@ -66,6 +66,10 @@ pub(super) enum Ev {
     DirectStart(u32),
     /// A direct guest read's bytes reached the node.
     DirectDone(u32),
+    /// A node has handled a fetched run's bytes (checked, stored, woken its readers).
+    Fetched(u32),
+    /// A guest read's answer reached the guest: its burst moves on.
+    ReadAnswered(u32),
     Heartbeat(u32),
     Announce(u32),
     Kill,
@@ -205,6 +209,8 @@ pub(super) struct Sim<'a> {
     pub first_start: u64,
     /// Guests neither done nor killed.
     pub running: usize,
+    /// When each of the host's shared cores is free (`host_cores` > 0).
+    host: Vec<f64>,
 }
 
 pub(super) fn ns(secs: f64) -> u64 {
@@ -220,7 +226,7 @@ pub(super) fn node_name(i: u32) -> String {
 impl<'a> Sim<'a> {
     pub fn new(p: &'a SimParams, w: &'a Workload, strategy: Strategy, n: u32) -> Sim<'a> {
         let mut rng = Rng::new(p.seed);
-        let mut net = Net::default();
+        let mut net = Net::with_burst(p.link_burst);
         let origin_up = net.link(p.origin_rate);
         let relays = strategy.relays();
         let stripe = (p.stripe / p.chunk_size) as u32;
@@ -288,6 +294,7 @@ impl<'a> Sim<'a> {
             rng,
             first_start,
             running: 0,
+            host: vec![0.0; p.host_cores as usize],
         }
     }
 
@@ -362,6 +369,8 @@ impl<'a> Sim<'a> {
                 }
             }
             Ev::DirectDone(r) => self.read_done(r, false),
+            Ev::ReadAnswered(i) => self.burst_step(i),
+            Ev::Fetched(f) => self.flight_done(f, false),
             Ev::OriginStart(f) => self.origin_start(f),
             Ev::OriginDone(f) => self.origin_done(f),
             Ev::AtServer(r) => self.at_server(r),
@@ -422,10 +431,15 @@ impl<'a> Sim<'a> {
     }
 
     /// Takes `cost` seconds of node `i`'s CPU, after what it is busy with; when it is done.
+    /// With shared host cores, also after the first core to be free, which it then holds.
     pub fn cpu(&mut self, i: u32, cost: f64) -> f64 {
         let now = self.secs();
         let n = &mut self.nodes[i as usize];
-        let start = n.cpu_free.max(now);
+        let mut start = n.cpu_free.max(now);
+        if let Some(core) = self.host.iter_mut().min_by(|a, b| a.total_cmp(b)) {
+            start = start.max(*core);
+            *core = start + cost;
+        }
         n.cpu_free = start + cost;
         n.cpu_free
     }
@@ -452,7 +466,7 @@ impl<'a> Sim<'a> {
             let r = self.reads.insert(Read { node: i, issued: self.now, bytes: len });
             if self.strategy == Strategy::Direct {
                 let lat = self.lat();
-                self.after(lat, Ev::DirectStart(r));
+                self.after(lat + self.p.origin_delay, Ev::DirectStart(r));
                 continue;
             }
             let cs = self.p.chunk_size;
@@ -477,7 +491,11 @@ impl<'a> Sim<'a> {
         if failed {
             self.c.failed_reads += 1;
         }
-        self.burst_step(i);
+        if self.p.read_overhead > 0.0 {
+            self.after(self.p.read_overhead, Ev::ReadAnswered(i));
+        } else {
+            self.burst_step(i);
+        }
     }
 
     /// One read (or the sending) of node `i`'s burst is done; the next burst follows the last.

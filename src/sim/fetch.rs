@@ -96,7 +96,7 @@ impl Sim<'_> {
             n.origin_free -= 1;
         }
         let lat = self.lat();
-        self.after(lat, Ev::OriginStart(f));
+        self.after(lat + self.p.origin_delay, Ev::OriginStart(f));
     }
 
     pub(super) fn origin_start(&mut self, f: u32) {
@@ -118,10 +118,19 @@ impl Sim<'_> {
             if let Some(next) = n.origin_queue.pop_front() {
                 n.origin_free -= 1;
                 let lat = self.lat();
-                self.after(lat, Ev::OriginStart(next));
+                self.after(lat + self.p.origin_delay, Ev::OriginStart(next));
             }
         }
-        self.flight_done(f, false);
+        self.fetched(f);
+    }
+
+    /// Flight `f`'s bytes arrived: it ends once the node has handled them (`fetch_overhead`).
+    pub(super) fn fetched(&mut self, f: u32) {
+        if self.p.fetch_overhead > 0.0 {
+            self.after(self.p.fetch_overhead, Ev::Fetched(f));
+        } else {
+            self.flight_done(f, false);
+        }
     }
 
     /// Flight `f` ended: its chunks are cached (unless it failed) and its waiters move on.

@@ -22,6 +22,7 @@ mod engine;
 mod fetch;
 pub mod net;
 pub mod params;
+pub mod plot;
 mod relay;
 pub mod report;
 mod slab;
@@ -149,4 +150,9 @@ pub fn run(p: &SimParams) -> Result<Report, SimError> {
         out.push(report::run_strategy(p, &w, s));
     }
     Ok(Report::new(p, &w, out))
+}
+
+/// [`run`] at each of `nodes` in turn (the other parameters as in `p`).
+pub fn sweep(p: &SimParams, nodes: &[u32]) -> Result<Vec<Report>, SimError> {
+    nodes.iter().map(|&n| run(&SimParams { nodes: n, ..p.clone() })).collect()
 }

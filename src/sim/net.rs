@@ -11,6 +11,10 @@
 //! a virtual clock (bytes served per flow so far) and its bound flows ordered by the clock value
 //! at which they finish, so only the link's next completion is ever scheduled.
 //!
+//! A link may have a token bucket (`tc tbf`'s `burst`, as the testbed's links do): while it is
+//! idle it saves up to `burst` bytes at its rate, and a flow that starts takes what both its
+//! links have saved as bytes sent at once; only the rest shares the links' rates.
+//!
 //! Invariant: a link's `crossing` counts every live flow that crosses it, bound there or not.
 
 use std::collections::BTreeSet;
@@ -33,6 +37,8 @@ struct Link {
     bound: BTreeSet<(u64, FlowId)>,
     /// Bumped whenever the next completion moves: stale wake-ups are ignored.
     pub generation: u64,
+    /// Bytes saved up while idle (at most the net's `burst`).
+    tokens: f64,
 }
 
 impl Link {
@@ -40,8 +46,11 @@ impl Link {
         self.cap / f64::from((self.crossing + extra).max(1))
     }
 
-    fn advance(&mut self, now: f64) {
+    fn advance(&mut self, now: f64, burst: f64) {
         if now > self.at {
+            if self.crossing == 0 {
+                self.tokens = (self.tokens + (now - self.at) * self.cap).min(burst);
+            }
             self.v += (now - self.at) * self.share(0);
             self.at = now;
         }
@@ -63,13 +72,20 @@ pub struct Net {
     links: Vec<Link>,
     flows: Vec<Flow>,
     free: Vec<FlowId>,
+    /// Token-bucket depth of every link, bytes (0: none).
+    burst: f64,
 }
 
 /// Virtual times are kept as integers (1/1024 byte) so that the ordering is exact.
 const SCALE: f64 = 1024.0;
 
 impl Net {
-    /// A link of `bytes_per_s` capacity.
+    /// A network whose links save up to `burst` bytes while idle (see the module doc).
+    pub fn with_burst(burst: u64) -> Net {
+        Net { burst: burst as f64, ..Net::default() }
+    }
+
+    /// A link of `bytes_per_s` capacity.  It starts with a full bucket.
     pub fn link(&mut self, bytes_per_s: f64) -> LinkId {
         self.links.push(Link {
             cap: bytes_per_s.max(1.0),
@@ -78,6 +94,7 @@ impl Net {
             at: 0.0,
             bound: BTreeSet::new(),
             generation: 0,
+            tokens: self.burst,
         });
         (self.links.len() - 1) as LinkId
     }
@@ -86,8 +103,13 @@ impl Net {
     /// whose next completion moved (to be rescheduled with [`Net::next_completion`]).
     pub fn start(&mut self, up: LinkId, down: LinkId, bytes: u64, now: f64) -> (FlowId, [LinkId; 2]) {
         for l in [up, down] {
-            self.links[l as usize].advance(now);
+            self.links[l as usize].advance(now, self.burst);
         }
+        let saved = self.links[up as usize].tokens.min(self.links[down as usize].tokens).min(bytes as f64);
+        for l in [up, down] {
+            self.links[l as usize].tokens -= saved;
+        }
+        let bytes = (bytes as f64 - saved).max(1.0) as u64;
         let (su, sd) = (self.links[up as usize].share(1), self.links[down as usize].share(1));
         let bound = if su <= sd { up } else { down };
         let link = &mut self.links[bound as usize];
@@ -116,7 +138,7 @@ impl Net {
     pub fn end(&mut self, id: FlowId, now: f64) -> Option<[LinkId; 2]> {
         let f = *self.flows.get(id as usize).filter(|f| f.live)?;
         for l in [f.up, f.down] {
-            self.links[l as usize].advance(now);
+            self.links[l as usize].advance(now, self.burst);
         }
         self.links[f.bound as usize].bound.remove(&(f.finish_v, id));
         for l in [f.up, f.down] {
@@ -132,8 +154,9 @@ impl Net {
     /// When the next flow bound to `link` finishes (seconds), that flow, and the link's
     /// generation now; `None` if no flow is bound there.
     pub fn next_completion(&mut self, link: LinkId, now: f64) -> Option<(f64, FlowId, u64)> {
+        let burst = self.burst;
         let l = &mut self.links[link as usize];
-        l.advance(now);
+        l.advance(now, burst);
         let &(finish_v, id) = l.bound.first()?;
         let left = (finish_v as f64 / SCALE - l.v).max(0.0);
         Some((now + left / l.share(0), id, l.generation))
@@ -169,5 +192,20 @@ mod tests {
         let (t2, id, _) = n.next_completion(origin, t).unwrap();
         assert_eq!(id, f2);
         assert!((t2 - 4.0).abs() < 1e-6, "{t2}");
+    }
+
+    #[test]
+    fn an_idle_links_bucket_sends_at_once_and_refills_only_while_idle() {
+        let mut n = Net::with_burst(50);
+        let (a, b) = (n.link(100.0), n.link(100.0));
+        // 50 of 150 bytes go at once: the flow ends after 100 bytes at 100 B/s.
+        let (f, _) = n.start(a, b, 150, 0.0);
+        let (t, _, _) = n.next_completion(a, 0.0).unwrap();
+        assert!((t - 1.0).abs() < 1e-6, "{t}");
+        n.end(f, t);
+        // Idle for 0.2 s: 20 bytes saved; a 120-byte flow then takes 1 s.
+        let (_, _) = n.start(a, b, 120, t + 0.2);
+        let (t2, _, _) = n.next_completion(a, t + 0.2).unwrap();
+        assert!((t2 - (t + 1.2)).abs() < 1e-6, "{t2}");
     }
 }

@@ -79,6 +79,16 @@ pub struct SimParams {
     /// CPU seconds per request served or fetched from a peer, and per byte, at each end.
     pub cpu_per_request: f64,
     pub cpu_per_byte: f64,
+    /// Seconds every guest read takes beyond its data's arrival (the answer's way to the guest).
+    pub read_overhead: f64,
+    /// Seconds the origin takes to start answering a read (its disk), beyond the hop's latency.
+    pub origin_delay: f64,
+    /// Seconds a node takes to handle a fetched run (check, store, wake its readers).
+    pub fetch_overhead: f64,
+    /// Cores all nodes share (0: a CPU per node).
+    pub host_cores: u32,
+    /// Token-bucket depth of every link, bytes (0: a pure rate).
+    pub link_burst: u64,
     pub chunk_size: u64,
     pub image_size: Option<u64>,
     pub max_fetch: u64,
@@ -128,6 +138,12 @@ impl SimParams {
         finite("latency", self.latency, 0.0)?;
         finite("cpu-per-request", self.cpu_per_request, 0.0)?;
         finite("cpu-per-byte", self.cpu_per_byte, 0.0)?;
+        finite("read-overhead", self.read_overhead, 0.0)?;
+        finite("origin-delay", self.origin_delay, 0.0)?;
+        finite("fetch-overhead", self.fetch_overhead, 0.0)?;
+        if self.host_cores > 1024 {
+            return Err(bad("host-cores", format!("{} must be at most 1024", self.host_cores)));
+        }
         finite("kill-at", self.kill_at, 0.0)?;
         if !(self.node_rate.is_finite() && self.node_rate >= 1.0) {
             return Err(bad("node-rate", "must be at least 1 bit/s"));

@@ -230,7 +230,7 @@ impl Sim<'_> {
             return;
         }
         self.answered(&q, Outcome::Served);
-        self.flight_done(q.flight, false);
+        self.fetched(q.flight);
     }
 
     pub(super) fn at_client(&mut self, r: u32, how: Outcome) {

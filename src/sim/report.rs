@@ -48,6 +48,10 @@ pub struct StrategyReport {
     pub events: u64,
     /// Wall-clock seconds this strategy took to simulate.
     pub wall_s: f64,
+    /// Each finished guest's boot time from its start, sorted (for the completion CDF; not in
+    /// the JSON, which stays one line per strategy's figures).
+    #[serde(skip)]
+    pub node_times_s: Vec<f64>,
 }
 
 /// The whole run.
@@ -98,6 +102,7 @@ pub(super) fn run_strategy(p: &SimParams, w: &Workload, s: Strategy) -> Strategy
         killed: 0,
         events: 0,
         wall_s: 0.0,
+        node_times_s: Vec::new(),
     };
     if s.relays() {
         let need = peer_state_estimate(p, w);
@@ -126,6 +131,13 @@ pub(super) fn run_strategy(p: &SimParams, w: &Workload, s: Strategy) -> Strategy
     let (m, unfinished) = makespan(&sim);
     r.makespan_s = m;
     r.unfinished = unfinished;
+    r.node_times_s = sim
+        .nodes
+        .iter()
+        .filter(|n| n.alive)
+        .filter_map(|n| n.done.map(|d| d.saturating_sub(n.start) as f64 / 1e9))
+        .collect();
+    r.node_times_s.sort_by(f64::total_cmp);
     r.ratio = if r.makespan_1_s > 0.0 { m / r.makespan_1_s } else { 0.0 };
     let mut stalls = std::mem::take(&mut sim.c.stalls);
     stalls.sort_unstable();
