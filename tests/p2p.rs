@@ -30,6 +30,9 @@ const TRACKER: &str = env!("CARGO_BIN_EXE_vmt-tracker");
 const MIB: usize = 1 << 20;
 const KEY: &str = "p2p test cluster key, not a secret";
 
+/// The tree shape vmtd asks the tracker for by default.
+const ASK: vmthunder::p2p::core::Ask = vmthunder::p2p::core::Ask { classes: 4, fanout: 4, near: 8 };
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -226,7 +229,7 @@ impl Liar {
                 loop {
                     tokio::select! {
                         _ = tick.tick() => {
-                            let _ = tracker.heartbeat(&[image], Duration::from_secs(1)).await;
+                            let _ = tracker.heartbeat(&[image], ASK, Duration::from_secs(1)).await;
                         }
                         r = listener.accept() => if let Ok((s, _)) = r {
                             let (me, counter) = (me.clone(), counter.clone());
@@ -624,8 +627,8 @@ fn a_key_holder_gets_no_more_than_the_per_address_bound_whatever_names_it_claims
     let mut answered = 0;
     for port in 1..=1000 {
         let mut client = TrackerClient::new(&tracker, &format!("{ELSEWHERE}:{port}"), cluster_key());
-        if let Ok(answer) = rt.block_on(client.heartbeat(&[image], Duration::from_secs(5))) {
-            let named = answer[&image].iter().filter(|n| n.starts_with(&format!("{ELSEWHERE}:"))).count();
+        if let Ok(answer) = rt.block_on(client.heartbeat(&[image], ASK, Duration::from_secs(5))) {
+            let named = answer[&image].names().iter().filter(|n| n.starts_with(&format!("{ELSEWHERE}:"))).count();
             most_named = most_named.max(named);
             answered += 1;
         }

@@ -83,6 +83,8 @@ pub struct PeerContext {
     pub stripe: u64,
     /// Relay tree fan-out.
     pub fanout: u32,
+    /// Number of relay trees.
+    pub classes: u32,
 }
 
 impl Image {
@@ -135,7 +137,13 @@ impl Image {
         let max_chunks = (tuning.max_fetch / manifest.geometry().chunk_size().bytes()).max(1) as u32;
         let swarm = peers.map(|p| {
             let stripe = (p.stripe / manifest.geometry().chunk_size().bytes()).max(1) as u32;
-            let tuning = SwarmTuning { stall: p.stall, request_timeout: p.request_timeout, stripe, fanout: p.fanout };
+            let tuning = SwarmTuning {
+                stall: p.stall,
+                request_timeout: p.request_timeout,
+                stripe,
+                fanout: p.fanout,
+                classes: p.classes,
+            };
             Swarm::new(&p.me, p.key.clone(), manifest.clone(), source.clone(), tuning)
         });
         let source: Arc<dyn crate::fetch::ChunkSource> = match &swarm {

@@ -20,7 +20,8 @@ use super::image::PeerContext;
 use super::Daemon;
 use crate::config::P2pTuning;
 use crate::p2p::auth::ClusterKey;
-use crate::p2p::core::Membership;
+use crate::p2p::core::roster::NEAR;
+use crate::p2p::core::{Ask, Membership};
 use crate::p2p::server::{PeerExport, PeerLookup, PeerServer, UploadLimits};
 use crate::p2p::tracker::TrackerClient;
 use crate::p2p::wire::Bytes32;
@@ -32,6 +33,8 @@ pub struct Peers {
     pub ctx: PeerContext,
     pub server: Arc<PeerServer>,
     heartbeat: Duration,
+    /// The relay trees' shape this node asks the trackers for.
+    ask: Ask,
     /// What the trackers said: the pure [`Membership`] (shared with `vmt sim`).
     answers: Mutex<Membership>,
     trackers_up: AtomicU64,
@@ -57,6 +60,7 @@ impl Peers {
             request_timeout: t.peer_timeout,
             stripe: t.stripe,
             fanout: t.fanout,
+            classes: t.classes,
         };
         let limits = UploadLimits {
             slots: t.upload_slots,
@@ -70,6 +74,7 @@ impl Peers {
             ctx,
             server,
             heartbeat: t.heartbeat,
+            ask: Ask { classes: t.classes, fanout: t.fanout, near: NEAR },
             answers: Mutex::new(Membership::new(t.heartbeat, t.peers_per_address)),
             trackers_up: AtomicU64::new(0),
         }
@@ -111,7 +116,7 @@ impl Peers {
                 continue;
             }
             let limit = peers.heartbeat.max(Duration::from_secs(1));
-            match client.heartbeat(&ids, limit).await {
+            match client.heartbeat(&ids, peers.ask, limit).await {
                 Ok(answer) => {
                     if !was_up {
                         tracing::info!(tracker = %client.addr(), "tracker reachable again");
@@ -120,8 +125,8 @@ impl Peers {
                     let now = Instant::now().into_std();
                     let mut a = peers.answers.lock().unwrap();
                     a.tracker_answered(idx, now);
-                    for (image, nodes) in answer {
-                        a.named(idx, image, nodes.iter().map(String::as_str), now);
+                    for (image, answer) in answer {
+                        a.named(idx, image, answer, now);
                     }
                 }
                 Err(e) => {
@@ -135,7 +140,7 @@ impl Peers {
         }
     }
 
-    /// Sets each image's members to the nodes named within the window, if any tracker answered
+    /// Sets each image's view to what the trackers said within the window, if any answered
     /// within it.
     fn apply(&self, d: &Daemon) {
         let now = Instant::now().into_std();
@@ -146,7 +151,7 @@ impl Peers {
         }
         for img in d.images.read().unwrap().values() {
             let Some(swarm) = &img.swarm else { continue };
-            swarm.set_members(&a.members(&img.manifest.root().0));
+            swarm.set_view(&a.view(&img.manifest.root().0));
         }
     }
 }

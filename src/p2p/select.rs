@@ -3,12 +3,17 @@
 //!
 //! For a run of missing chunks:
 //! 1. a live peer whose have-map holds the whole run, the least loaded first;
-//! 2. otherwise this node's *parent* in the run's stripe tree: every stripe of `stripe` chunks
-//!    ranks the live members and this node by a rendezvous score of (node name, stripe); in that
-//!    order they form a tree of fan-out `fanout` (the node at place i has the one at place
-//!    (i − 1) / fanout as parent), whose root reads the stripe from the origin and every other
-//!    node from its parent, which fetches it first if need be;
+//! 2. otherwise this node's *parent* in the tree of the run's stripe: every stripe belongs to one
+//!    of `classes` trees ([`crate::p2p::core::tree`]: keys by name, interior-node-disjoint
+//!    groups), whose places the tracker computes; a node learns its ancestors in each tree (its
+//!    [`View`]), asks the first usable one, and the root reads the stripe from the origin. Without
+//!    a tracker's places (a view of names only), or when every ancestor refused or failed, the
+//!    tree is ranked here, over the known peers that rank above this node;
 //! 3. the origin, when this node is the root, or when a peer failed this run.
+//!
+//! State is bounded by the view, not by N: the peers named in the last view (ancestors and ring
+//! successors, about `classes · log N + near`) and, until their bans end, banned ones. Peers that
+//! leave the view are forgotten.
 //!
 //! A peer's answers have a cost, so that what it claims cannot make others skip the trees. A
 //! holder that answers `NotHave` for a run its have-map claimed loses the claim (a later full
@@ -17,20 +22,20 @@
 //! holder or up the tree; a peer that answers `Busy`, or `NotHave` as a parent, is avoided for a while
 //! (250 ms, doubled per refusal in a row) and the run climbs to the parent the tree has without it.
 //!
-//! A node relays for a requester only if its own score for the stripe is higher: scores depend on
-//! names and stripes alone, not on who is a member, so every relay chain climbs strictly in
-//! score and can never loop, whatever each node's view of the membership. Each stripe has its
-//! own tree, so every node is an inner node of some trees and a leaf of most: the uploads of a
-//! storm spread over all nodes, and a node makes at most `fanout` copies of a run as a relay
-//! parent (holders, chosen for their have-maps, serve outside the trees). The trees need no coordination beyond the member list, and a node that joins or dies
-//! moves only the places below it. Peers that fail are avoided for a backoff that doubles with
-//! each failure; peers that sent corrupt data are banned.
+//! A node relays for a requester only if its own key in the stripe's tree is higher: keys depend
+//! on names and classes alone, not on who is a member, so every relay chain climbs strictly and
+//! can never loop, whatever each node's view (a tracker's stale or wrong places included: an
+//! ancestor that does not rank above this node is never asked). Peers that fail are avoided for
+//! a backoff that doubles with each failure; peers that sent corrupt data are banned.
 
 use std::collections::HashMap;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use roaring::RoaringBitmap;
+
+use crate::p2p::core::membership::View;
+use crate::p2p::core::tree::{self, class_of, node_hash, Key};
 
 /// How long a peer that failed is avoided at first; doubled per consecutive failure.
 pub const FIRST_DOWN: Duration = Duration::from_millis(500);
@@ -122,7 +127,16 @@ pub struct Selector {
     me_hash: u64,
     stripe: u32,
     fanout: u32,
+    classes: u32,
     peers: HashMap<String, Peer>,
+    /// Per class, this node's ancestors from the tracker, parent first; empty without places.
+    ancestors: Vec<Vec<String>>,
+    /// Whether the view carried the tracker's places (else the trees are ranked here).
+    placed: bool,
+    /// The view's ring successors.
+    near: Vec<String>,
+    /// Live nodes of the image, as the tracker last said.
+    total: u32,
     bans: u64,
 }
 
@@ -137,31 +151,32 @@ pub struct Summary {
     pub chunks_at_peers: u64,
 }
 
-fn node_hash(name: &str) -> u64 {
-    let h = blake3::hash(name.as_bytes());
-    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
-}
-
-/// splitmix64's finaliser: a cheap, well-mixed score of (node, stripe).
-fn score(node: u64, stripe: u32) -> u64 {
-    let mut z = node ^ (u64::from(stripe).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 impl Selector {
     /// `me` is this node's peer name (its advertised address); `stripe` the unit of the relay
-    /// trees in chunks, `fanout` their fan-out (both at least 1).
-    pub fn new(me: &str, stripe: u32, fanout: u32) -> Selector {
+    /// trees in chunks, `fanout` their fan-out and `classes` their number (all at least 1).
+    pub fn new(me: &str, stripe: u32, fanout: u32, classes: u32) -> Selector {
         Selector {
             me: me.into(),
             me_hash: node_hash(me),
             stripe: stripe.max(1),
             fanout: fanout.max(1),
+            classes: classes.max(1),
             peers: HashMap::new(),
+            ancestors: Vec::new(),
+            placed: false,
+            near: Vec::new(),
+            total: 0,
             bans: 0,
         }
+    }
+
+    /// The tree shape this selector asks the tracker for.
+    pub fn shape(&self) -> (u32, u32) {
+        (self.classes, self.fanout)
+    }
+
+    fn class(&self, chunk: u32) -> u32 {
+        class_of(chunk / self.stripe, self.classes)
     }
 
     pub fn me(&self) -> &str {
@@ -180,19 +195,32 @@ impl Selector {
         out
     }
 
-    /// Replaces the member list (from the trackers). Peers that left keep their state (have-map,
-    /// backoff, ban): a session may outlive a short absence, and a banned peer cannot clear its
-    /// ban by re-registering.
+    /// Replaces the member list with bare names (no tracker places: the trees are ranked here
+    /// over them).
     pub fn set_members<'a>(&mut self, nodes: impl IntoIterator<Item = &'a str>) {
+        let view = View { near: nodes.into_iter().map(str::to_string).collect(), ..View::default() };
+        self.set_view(&view);
+    }
+
+    /// Replaces the view (from the trackers). Peers that left it are forgotten, unless banned
+    /// (a banned peer cannot clear its ban by re-registering) or asked right now.
+    pub fn set_view(&mut self, view: &View) {
+        let names: std::collections::HashSet<&String> = view.ancestors.iter().flatten().chain(&view.near).collect();
+        self.peers.retain(|n, p| names.contains(n) || p.banned_until.is_some() || p.load > 0);
         for p in self.peers.values_mut() {
             p.member = false;
         }
-        for n in nodes {
-            if n == self.me {
+        self.placed = view.placed;
+        self.near = view.near.clone();
+        self.total = view.total;
+        self.ancestors = view.ancestors.clone();
+        self.ancestors.resize(self.classes as usize, Vec::new());
+        for n in names {
+            if *n == self.me {
                 continue;
             }
             self.peers
-                .entry(n.to_string())
+                .entry(n.clone())
                 .or_insert_with(|| Peer {
                     member: false,
                     hash: node_hash(n),
@@ -207,6 +235,16 @@ impl Selector {
                 })
                 .member = true;
         }
+    }
+
+    /// Forgets bans that have ended (of peers outside the view: their whole state).
+    pub fn expire_bans(&mut self, now: Instant) {
+        for p in self.peers.values_mut() {
+            if p.banned_until.is_some_and(|t| now >= t) {
+                p.banned_until = None;
+            }
+        }
+        self.peers.retain(|_, p| p.member || p.banned_until.is_some() || p.load > 0);
     }
 
     /// The members, sorted.
@@ -251,32 +289,39 @@ impl Selector {
         self.parent_without(chunk, now, &Tried::default())
     }
 
-    /// This node's parent in the tree the stripe of `chunk` has without the peers of `tried`.
+    /// This node's parent in the tree the stripe of `chunk` has without the peers of `tried`:
+    /// the first usable ancestor the tracker named that ranks above this node, or, without the
+    /// tracker's places, the parent a heap over the usable known peers gives.
     fn parent_without(&self, chunk: u32, now: Instant, tried: &Tried) -> Option<&str> {
-        let stripe = chunk / self.stripe;
-        let mine = score(self.me_hash, stripe);
+        let class = self.class(chunk);
+        let mine = (Key::new(self.me_hash, class, self.classes), self.me.as_str());
+        let ok = |n: &str, p: &Peer| {
+            Self::usable(p, now) && !tried.contains(n) && (Key::new(p.hash, class, self.classes), n) > mine
+        };
+        if self.placed {
+            let up = self.ancestors.get(class as usize).map(Vec::as_slice).unwrap_or_default();
+            if let Some(n) = up.iter().find(|n| self.peers.get(n.as_str()).is_some_and(|p| ok(n, p))) {
+                return Some(n);
+            }
+            // Every ancestor refused, failed or is gone (until the tracker's next places): the
+            // tree the known peers above this node form without them, as without places.
+        }
         // Nodes ranked above this one, best first; this node's place is their count.
-        let mut above: Vec<(u64, &str)> = self
+        let mut above: Vec<(Key, &str)> = self
             .peers
             .iter()
-            .filter(|(n, p)| Self::usable(p, now) && !tried.contains(n))
-            .map(|(n, p)| (score(p.hash, stripe), n.as_str()))
-            .filter(|&(s, n)| (s, n) > (mine, self.me.as_str()))
+            .filter(|(n, p)| ok(n, p))
+            .map(|(n, p)| (Key::new(p.hash, class, self.classes), n.as_str()))
             .collect();
-        if above.is_empty() {
-            return None;
-        }
-        let place = above.len();
-        let parent = (place - 1) / self.fanout as usize;
-        above.sort_unstable_by(|a, b| b.cmp(a));
+        let parent = tree::parent_place(above.len(), self.fanout)?;
+        above.sort_unstable_by(tree::higher_first);
         Some(above[parent].1)
     }
 
     /// Whether this node relays the stripe of `chunk` for `requester`: it must rank above it, so
     /// that every relay chain climbs towards the root (see the module doc).
     pub fn relays_for(&self, chunk: u32, requester: &str) -> bool {
-        let stripe = chunk / self.stripe;
-        (score(self.me_hash, stripe), self.me.as_str()) > (score(node_hash(requester), stripe), requester)
+        tree::above(&self.me, requester, self.class(chunk), self.classes)
     }
 
     /// Whether this node fetches `run` on behalf of `requester`: the run lies in one stripe and
@@ -287,13 +332,26 @@ impl Selector {
         !run.is_empty() && self.split(run.clone()).len() == 1 && self.relays_for(run.start, requester)
     }
 
-    /// The members usable now (not backing off, not banned), sorted: those a node keeps a
-    /// session with, opened as they become members.
+    /// The peers a node keeps a session with, sorted: the usable ring successors of its view and
+    /// its first usable ancestor in each tree (sessions to others open when first asked). Without
+    /// the tracker's places, every usable member.
     pub fn usable_members(&self, now: Instant) -> Vec<String> {
-        let mut v: Vec<String> =
-            self.peers.iter().filter(|(_, p)| Self::usable(p, now)).map(|(n, _)| n.clone()).collect();
+        let usable = |n: &String| self.peers.get(n).is_some_and(|p| Self::usable(p, now));
+        let mut v: Vec<String> = if self.placed {
+            let near = self.near.iter().cloned();
+            let parents = self.ancestors.iter().filter_map(|up| up.iter().find(|n| usable(n)).cloned());
+            near.chain(parents).filter(usable).collect()
+        } else {
+            self.peers.iter().filter(|(_, p)| Self::usable(p, now)).map(|(n, _)| n.clone()).collect()
+        };
         v.sort();
+        v.dedup();
         v
+    }
+
+    /// Live nodes of the image, as the tracker last said (0 without one).
+    pub fn total(&self) -> u32 {
+        self.total
     }
 
     /// Whether this node is the root of the tree of the stripe of `chunk` (it reads that stripe
@@ -322,7 +380,7 @@ impl Selector {
             .peers
             .iter()
             .filter(|(n, p)| Self::usable(p, now) && !tried.contains(n) && p.have.contains_range(run.clone()))
-            .min_by_key(|(n, p)| (p.load, std::cmp::Reverse(score(p.hash ^ self.me_hash, stripe)), n.as_str()));
+            .min_by_key(|(n, p)| (p.load, std::cmp::Reverse(tree::score(p.hash ^ self.me_hash, stripe)), n.as_str()));
         if let Some((n, _)) = holder {
             return Choice::Peer { node: n.clone(), parent: false };
         }
@@ -406,6 +464,11 @@ impl Selector {
                 per_peer + n.len() as u64 + p.have.serialized_size() as u64 + p.disproved.serialized_size() as u64
             })
             .sum()
+    }
+
+    /// Names of the peers this selector keeps state for, members or not.
+    pub fn known(&self) -> std::collections::HashSet<String> {
+        self.peers.keys().cloned().collect()
     }
 
     /// Peers this selector keeps state for, members or not.

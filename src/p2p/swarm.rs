@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::auth::ClusterKey;
-use super::core::PieceRead;
+use super::core::{PieceRead, View};
 use super::peer::{PeerConn, Refusal};
 use super::select::{Choice, Outcome, Selector, Summary};
 use super::wire::Bytes32;
@@ -44,6 +44,8 @@ pub struct SwarmTuning {
     pub stripe: u32,
     /// Fan-out of the relay trees.
     pub fanout: u32,
+    /// Number of relay trees.
+    pub classes: u32,
 }
 
 /// Counters of one image's peer traffic (downloads; uploads are counted by the server).
@@ -90,7 +92,7 @@ impl Swarm {
             me: me.into(),
             key,
             image: manifest.root().0,
-            selector: Arc::new(Mutex::new(Selector::new(me, tuning.stripe, tuning.fanout))),
+            selector: Arc::new(Mutex::new(Selector::new(me, tuning.stripe, tuning.fanout, tuning.classes))),
             manifest,
             origin,
             conns: Mutex::new(HashMap::new()),
@@ -109,16 +111,30 @@ impl Swarm {
         self.selector.lock().unwrap().summary(Instant::now())
     }
 
-    /// The member list from the trackers. Sessions to members open in the background (to new
-    /// ones, and again to ones whose session ended and that are not backing off), so their
-    /// have-maps are known before the first miss that could use them.
-    pub fn set_members(&self, nodes: &[String]) {
+    /// The view from the trackers. Sessions to its ring successors and to this node's parents
+    /// open in the background (to new ones, and again to ones whose session ended and that are
+    /// not backing off), so their have-maps are known before the first miss that could use
+    /// them; sessions to peers that left the view close.
+    pub fn set_view(&self, view: &View) {
         let now = Instant::now();
-        let usable: Vec<String> = {
+        let (usable, known): (Vec<String>, std::collections::HashSet<String>) = {
             let mut sel = self.selector.lock().unwrap();
-            sel.set_members(nodes.iter().map(String::as_str));
-            sel.usable_members(now)
+            sel.set_view(view);
+            sel.expire_bans(now);
+            (sel.usable_members(now), sel.known())
         };
+        let gone: Vec<SessionSlot> = {
+            let mut conns = self.conns.lock().unwrap();
+            let gone: Vec<String> = conns.keys().filter(|n| !known.contains(*n)).cloned().collect();
+            gone.iter().filter_map(|n| conns.remove(n)).collect()
+        };
+        for slot in gone {
+            if let Ok(g) = slot.try_lock() {
+                if let Some(c) = g.as_ref() {
+                    c.close();
+                }
+            }
+        }
         let Some(me) = self.weak.upgrade() else { return };
         for node in usable {
             let idle = {

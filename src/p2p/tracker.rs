@@ -2,14 +2,17 @@
 //! with their peer address, once per heartbeat, over an authenticated session; each
 //! registration is answered with the other live nodes of that image. A node not heard from for
 //! `ttl` is forgotten. Restarting a tracker loses nothing that the next heartbeats do not
-//! restore, and nodes may register with several trackers and use the union of their answers.
+//! restore, and nodes may register with several trackers (see `Membership` for how answers
+//! combine). An answer is bounded whatever N is: the asker's ancestors in each relay tree, a few
+//! ring successors and the count of live nodes ([`Roster`]); no limit refuses a node, memory is
+//! bounded by [`MAX_ENTRIES`] names and [`MAX_SESSIONS`] sessions.
 //!
 //! A node registers under the name it proved, which must be an address of the machine it
 //! connects from ([`super::admit`]), and an address has at most `per_address` names registered
 //! per image and sessions open: a holder of the cluster key cannot make the nodes dial other
 //! machines, nor more than `per_address` ports of its own.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,12 +27,14 @@ use super::conn::{
     client_handshake, connect_from, read_frame_within, server_handshake, write_frame, ConnError, MAX_HANDSHAKES,
     SMALL_FRAME,
 };
-use super::core::roster::{Recorded, Roster};
+use super::core::roster::{Answer, Ask, Recorded, Roster};
 use super::wire::{Bytes32, Frame, Message, MAX_MSG};
 
 /// The image field of a tracker session's `Hello`.
 pub const TRACKER_IMAGE: Bytes32 = [0; 32];
-pub use super::core::roster::{MAX_IMAGES, MAX_NODES};
+pub use super::core::roster::{MAX_ENTRIES, MAX_IMAGES};
+/// Most node sessions a tracker keeps open (one per node and tracker; a socket and a task each).
+pub const MAX_SESSIONS: usize = 1 << 16;
 
 /// The tracker's state: image → node → last heard.
 pub struct Tracker {
@@ -53,19 +58,21 @@ impl Tracker {
         })
     }
 
-    /// Records `node` for `image` and returns the other live nodes of `image`. A new name is
-    /// not recorded (but answered) while `per_address` live names of its address are.
-    pub fn register(&self, image: Bytes32, node: &str, now: Instant) -> Vec<String> {
-        let (nodes, recorded) = self.nodes.lock().unwrap().register(image, node, now.into_std());
-        if recorded == Recorded::ImagesFull {
-            tracing::warn!("tracker full: {MAX_IMAGES} images; registration ignored");
+    /// Records `node` for `image` and answers it. A new name is not recorded (but answered)
+    /// while `per_address` live names of its address are, or the table is full.
+    pub fn register(&self, image: Bytes32, node: &str, ask: Ask, now: Instant) -> Answer {
+        let (answer, recorded) = self.nodes.lock().unwrap().register(image, node, ask, now.into_std());
+        match recorded {
+            Recorded::ImagesFull => tracing::warn!("tracker full: {MAX_IMAGES} images; registration ignored"),
+            Recorded::NodesFull => tracing::debug!(node, "registration not recorded (address or table full)"),
+            Recorded::Yes => {}
         }
-        nodes
+        answer
     }
 
     /// Accepts node sessions until `shutdown` turns true.
     pub async fn run(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
-        let sessions = Arc::new(tokio::sync::Semaphore::new(MAX_NODES));
+        let sessions = Arc::new(tokio::sync::Semaphore::new(MAX_SESSIONS));
         let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         loop {
             let (s, from) = tokio::select! {
@@ -123,12 +130,13 @@ impl Tracker {
                 r = read_frame_within(&mut s, SMALL_FRAME) => r?,
                 _ = admitted.replaced() => return Ok(()),
             };
-            let image = match read.msg {
-                Message::Register { image } => image,
+            let (image, ask) = match read.msg {
+                Message::Register { image, classes, fanout, near } => (image, Ask { classes, fanout, near }),
                 other => return Err(ConnError::Unexpected { expected: "Register", got: Box::new(other) }),
             };
-            let nodes = self.register(image, &auth.node, Instant::now());
-            write_frame(&mut s, &Frame::new(Message::Peers { image, nodes })).await?;
+            let a = self.register(image, &auth.node, ask, Instant::now());
+            let peers = Message::Peers { image, ancestors: a.ancestors, near: a.near, total: a.total };
+            write_frame(&mut s, &Frame::new(peers)).await?;
         }
     }
 }
@@ -150,21 +158,23 @@ impl TrackerClient {
         &self.addr
     }
 
-    /// Registers this node for each of `images` and returns the peers of each, within `limit`.
-    /// A failure drops the session; the next call reconnects.
+    /// Registers this node for each of `images` (asking for trees of `ask`'s shape) and returns
+    /// the answer for each, within `limit`. A failure drops the session; the next call
+    /// reconnects.
     pub async fn heartbeat(
         &mut self,
         images: &[Bytes32],
+        ask: Ask,
         limit: Duration,
-    ) -> Result<HashMap<Bytes32, BTreeSet<String>>, ConnError> {
-        let r = tokio::time::timeout(limit, self.exchange(images)).await.unwrap_or(Err(ConnError::Timeout));
+    ) -> Result<HashMap<Bytes32, Answer>, ConnError> {
+        let r = tokio::time::timeout(limit, self.exchange(images, ask)).await.unwrap_or(Err(ConnError::Timeout));
         if r.is_err() {
             self.conn = None;
         }
         r
     }
 
-    async fn exchange(&mut self, images: &[Bytes32]) -> Result<HashMap<Bytes32, BTreeSet<String>>, ConnError> {
+    async fn exchange(&mut self, images: &[Bytes32], ask: Ask) -> Result<HashMap<Bytes32, Answer>, ConnError> {
         if self.conn.is_none() {
             let mut s = connect_from(&self.addr, &self.me).await?;
             s.set_nodelay(true)?;
@@ -174,10 +184,17 @@ impl TrackerClient {
         let s = self.conn.as_mut().expect("connected above");
         let mut out = HashMap::new();
         for image in images {
-            write_frame(s, &Frame::new(Message::Register { image: *image })).await?;
+            let (classes, fanout, near) = (ask.classes, ask.fanout, ask.near);
+            write_frame(s, &Frame::new(Message::Register { image: *image, classes, fanout, near })).await?;
             match read_frame_within(s, MAX_MSG as usize).await?.msg {
-                Message::Peers { image: i, nodes } if i == *image => {
-                    out.insert(i, nodes.into_iter().filter(|n| super::conn::check_node(n).is_ok()).collect());
+                Message::Peers { image: i, mut ancestors, mut near, total } if i == *image => {
+                    let ok = |n: &String| super::conn::check_node(n).is_ok();
+                    ancestors.truncate(classes as usize);
+                    for up in &mut ancestors {
+                        up.retain(ok);
+                    }
+                    near.retain(ok);
+                    out.insert(i, Answer { ancestors, near, total });
                 }
                 other => return Err(ConnError::Unexpected { expected: "Peers", got: Box::new(other) }),
             }
@@ -190,18 +207,7 @@ impl TrackerClient {
 mod tests {
     use super::*;
 
-    #[test]
-    fn nodes_expire_after_the_ttl_and_never_see_themselves() {
-        let key = ClusterKey::from_secret(b"tracker test key 0123").unwrap();
-        let t = Tracker::new("t:1", key, Duration::from_secs(3), 8);
-        let t0 = Instant::now();
-        let img = [1; 32];
-        assert!(t.register(img, "a:1", t0).is_empty());
-        assert_eq!(t.register(img, "b:1", t0), vec!["a:1"]);
-        assert_eq!(t.register([2; 32], "c:1", t0), Vec::<String>::new(), "images are apart");
-        assert_eq!(t.register(img, "b:1", t0 + Duration::from_secs(2)), vec!["a:1"]);
-        assert_eq!(t.register(img, "b:1", t0 + Duration::from_secs(4)), Vec::<String>::new(), "a expired");
-    }
+    const ASK: Ask = Ask { classes: 4, fanout: 4, near: 8 };
 
     #[test]
     fn an_address_registers_at_most_per_address_names_per_image() {
@@ -209,19 +215,21 @@ mod tests {
         let t = Tracker::new("t:1", key, Duration::from_secs(3), 4);
         let t0 = Instant::now();
         let img = [1; 32];
-        t.register(img, "10.0.0.1:7000", t0);
+        t.register(img, "10.0.0.1:7000", ASK, t0);
         for p in 0..1000 {
-            t.register(img, &format!("10.0.0.9:{p}"), t0);
+            t.register(img, &format!("10.0.0.9:{p}"), ASK, t0);
         }
-        let seen = t.register(img, "10.0.0.2:7000", t0);
-        let crowd: Vec<&String> = seen.iter().filter(|n| n.starts_with("10.0.0.9:")).collect();
-        assert_eq!(crowd, ["10.0.0.9:0", "10.0.0.9:1", "10.0.0.9:2", "10.0.0.9:3"], "the first four only");
-        assert!(seen.contains(&"10.0.0.1:7000".to_string()), "other addresses are not crowded out");
+        let later = t0 + crate::p2p::core::roster::REBUILD;
+        let a = t.register(img, "10.0.0.2:7000", ASK, later);
+        assert_eq!(a.total, 6, "the first four of the crowded address, and the two others");
+        let crowd: Vec<&str> = a.names().into_iter().filter(|n| n.starts_with("10.0.0.9:")).collect();
+        assert!(crowd.iter().all(|n| ["10.0.0.9:0", "10.0.0.9:1", "10.0.0.9:2", "10.0.0.9:3"].contains(n)));
+        assert!(a.names().contains(&"10.0.0.1:7000"), "other addresses are not crowded out");
         // Registered names stay; once they expire, others of the address may take their places.
-        assert_eq!(t.register(img, "10.0.0.9:3", t0 + Duration::from_secs(2)).len(), 5);
-        let later = t.register(img, "10.0.0.9:500", t0 + Duration::from_secs(4));
-        assert!(later.contains(&"10.0.0.9:3".to_string()) && !later.contains(&"10.0.0.9:0".to_string()));
-        assert!(t.register(img, "10.0.0.9:501", t0 + Duration::from_secs(4)).contains(&"10.0.0.9:500".into()));
+        t.register(img, "10.0.0.9:3", ASK, t0 + Duration::from_secs(2));
+        t.register(img, "10.0.0.9:500", ASK, t0 + Duration::from_secs(4));
+        let a = t.register(img, "10.0.0.9:501", ASK, t0 + Duration::from_secs(4));
+        assert!(a.names().contains(&"10.0.0.9:500") && !a.names().contains(&"10.0.0.9:0"));
     }
 
     #[tokio::test]
@@ -235,15 +243,25 @@ mod tests {
         let mut a = TrackerClient::new(&addr, "127.0.0.1:7000", key.clone());
         let mut b = TrackerClient::new(&addr, "127.0.0.2:7000", key.clone());
         let img = [9; 32];
-        a.heartbeat(&[img], Duration::from_secs(5)).await.unwrap();
-        let peers = b.heartbeat(&[img], Duration::from_secs(5)).await.unwrap();
-        assert_eq!(peers[&img].iter().collect::<Vec<_>>(), vec!["127.0.0.1:7000"]);
+        let limit = Duration::from_secs(5);
+        a.heartbeat(&[img], ASK, limit).await.unwrap();
+        // The tracker's places follow within its rebuild interval: wait on the condition.
+        let mut seen = Vec::new();
+        for _ in 0..200 {
+            let got = b.heartbeat(&[img], ASK, limit).await.unwrap();
+            seen = got[&img].names().into_iter().map(String::from).collect();
+            if got[&img].total == 2 && !seen.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(seen, vec!["127.0.0.1:7000"]);
         let mut outsider =
             TrackerClient::new(&addr, "127.0.0.3:7000", ClusterKey::from_secret(b"not the cluster key!").unwrap());
-        assert!(outsider.heartbeat(&[img], Duration::from_secs(5)).await.is_err());
+        assert!(outsider.heartbeat(&[img], ASK, limit).await.is_err());
         // A name that is not an address of the machine it connects from is refused.
         let mut liar = TrackerClient::new(&addr, "192.0.2.1:7000", key);
-        assert!(liar.heartbeat(&[img], Duration::from_secs(5)).await.is_err());
+        assert!(liar.heartbeat(&[img], ASK, limit).await.is_err());
         let _ = stop.send(true);
     }
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const MAGIC: &[u8; 4] = b"VMTP";
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 pub const HEADER_LEN: usize = 20;
 /// Largest postcard message (the peer lists of a tracker reply are the largest).
 pub const MAX_MSG: u32 = 1 << 20;
@@ -73,10 +73,12 @@ pub enum Message {
     /// Liveness, sent by a server while a request of the client's is in progress and nothing
     /// else is sent.
     Ping,
-    /// Node → tracker: I serve `image` at my peer address `node`.
-    Register { image: Bytes32 },
-    /// Tracker → node: the live nodes serving `image` (the asker excluded).
-    Peers { image: Bytes32, nodes: Vec<String> },
+    /// Node → tracker: I serve `image` at my peer address `node`; my relay trees are `classes`
+    /// trees of fan-out `fanout`, and I want `near` ring successors.
+    Register { image: Bytes32, classes: u32, fanout: u32, near: u32 },
+    /// Tracker → node: for each class the asker's ancestors (parent first), its ring
+    /// successors, and the number of live nodes serving `image`.
+    Peers { image: Bytes32, ancestors: Vec<Vec<String>>, near: Vec<String>, total: u32 },
 }
 
 impl Message {
@@ -221,8 +223,13 @@ mod tests {
             Frame::new(Message::NotHave { id: 1 }),
             Frame::new(Message::Busy { id: 1 }),
             Frame::new(Message::Ping),
-            Frame::new(Message::Register { image: [4; 32] }),
-            Frame::new(Message::Peers { image: [4; 32], nodes: vec!["a:1".into(), "b:2".into()] }),
+            Frame::new(Message::Register { image: [4; 32], classes: 4, fanout: 4, near: 8 }),
+            Frame::new(Message::Peers {
+                image: [4; 32],
+                ancestors: vec![vec!["a:1".into()], vec![]],
+                near: vec!["b:2".into()],
+                total: 3,
+            }),
         ]
     }
 

@@ -91,6 +91,10 @@ pub struct SimArgs {
     /// Fan-out of vmthunder's per-stripe relay trees.
     #[arg(long, default_value_t = 4)]
     pub fanout: u32,
+    /// Number of vmthunder's relay trees (stripes spread over them; each node is an inner node
+    /// of one).
+    #[arg(long, default_value_t = 4)]
+    pub classes: u32,
     /// Fan-out of the copy-on-read tree (2: node i's parent is node i/2, counting from 1).
     #[arg(long, default_value_t = 2)]
     pub tree_fanout: u32,
@@ -176,6 +180,7 @@ impl SimArgs {
             max_fetch: size("max-fetch", &self.max_fetch)?,
             stripe: size("stripe", &self.stripe)?,
             fanout: self.fanout,
+            classes: self.classes,
             tree_fanout: self.tree_fanout,
             upload_slots: self.upload_slots,
             upload_buffer: size("upload-buffer", &self.upload_buffer)?,

@@ -256,7 +256,7 @@ impl<'a> Sim<'a> {
                     origin_queue: VecDeque::new(),
                     prefetch: VecDeque::new(),
                     prefetching: 0,
-                    sel: relays.then(|| Selector::new(&name, stripe, p.fanout)),
+                    sel: relays.then(|| Selector::new(&name, stripe, p.fanout, p.classes)),
                     membership: relays.then(|| Membership::new(Duration::from_secs_f64(p.heartbeat), usize::MAX)),
                     budget: relays.then(|| UploadBudget::new(p.upload_buffer, crate::p2p::core::upload::MAX_QUEUE)),
                     slots_free: p.upload_slots,

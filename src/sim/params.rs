@@ -94,6 +94,8 @@ pub struct SimParams {
     pub max_fetch: u64,
     pub stripe: u64,
     pub fanout: u32,
+    /// Number of vmthunder's relay trees.
+    pub classes: u32,
     pub tree_fanout: u32,
     pub upload_slots: u32,
     pub upload_buffer: u64,
@@ -178,6 +180,9 @@ impl SimParams {
         }
         if !(1..=64).contains(&self.fanout) {
             return Err(bad("fanout", "must be between 1 and 64"));
+        }
+        if !(1..=64).contains(&self.classes) {
+            return Err(bad("classes", "must be between 1 and 64"));
         }
         if !(1..=64).contains(&self.tree_fanout) {
             return Err(bad("tree-fanout", "must be between 1 and 64"));

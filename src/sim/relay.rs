@@ -7,9 +7,10 @@
 //! - whether a node fetches a run for an asker (`Selector::relays_run`) or answers `NotHave`;
 //! - whether a request gets a reply or `Busy` ([`crate::p2p::core::UploadBudget`], per session
 //!   and node-wide);
-//! - the members of the image ([`crate::p2p::core::Membership`] from the answers of the
-//!   tracker's own [`crate::p2p::core::Roster`]); sessions go to the usable members
-//!   (`Selector::usable_members`), as `Swarm::set_members` opens them;
+//! - each node's view of the image ([`crate::p2p::core::Membership`] from the answers of the
+//!   tracker's own [`crate::p2p::core::Roster`]: ancestors in each tree, ring successors);
+//!   sessions go to `Selector::usable_members` and close when a peer leaves the view, as
+//!   `Swarm::set_view` does;
 //! - have-maps on session open (`have_full`) and their deltas (`have_added`), a session's end
 //!   (`disconnected`), a node that cannot be reached (`unreachable`).
 //!
@@ -278,21 +279,36 @@ impl Sim<'_> {
         let down =
             self.p.tracker_down.is_some_and(|(s, l)| since >= s && since < s + l && self.now >= self.first_start);
         if !down {
-            let (nodes, _) = self.roster.register(IMAGE, &self.nodes[i as usize].name, now);
+            let ask = self.tree_shape();
+            let (answer, _) = self.roster.register(IMAGE, &self.nodes[i as usize].name, ask, now);
             self.c.registrations += 1;
-            self.c.answer_bytes += nodes.iter().map(|n| n.len() as u64 + 1).sum::<u64>() + 40;
+            // The answer's encoded size: names with their length prefixes, the header and fields.
+            let names: u64 = answer.ancestors.iter().flatten().chain(&answer.near).map(|n| n.len() as u64 + 1).sum();
+            self.c.answer_bytes += names + answer.ancestors.len() as u64 + 64;
             if let Some(m) = self.nodes[i as usize].membership.as_mut() {
                 m.tracker_answered(0, now);
-                m.named(0, IMAGE, nodes.iter().map(String::as_str), now);
+                m.named(0, IMAGE, answer, now);
             }
         }
-        let members = self.nodes[i as usize].membership.as_mut().and_then(|m| m.expire(now).then(|| m.members(&IMAGE)));
-        if let Some(members) = members {
-            let usable = {
+        let view = self.nodes[i as usize].membership.as_mut().and_then(|m| m.expire(now).then(|| m.view(&IMAGE)));
+        if let Some(view) = view {
+            let (usable, known) = {
                 let Some(sel) = self.nodes[i as usize].sel.as_mut() else { return };
-                sel.set_members(members.iter().map(String::as_str));
-                sel.usable_members(now)
+                sel.set_view(&view);
+                sel.expire_bans(now);
+                (sel.usable_members(now), sel.known())
             };
+            // Sessions to peers that left the view close (as `Swarm::set_view` closes them).
+            let gone: Vec<u32> = self.nodes[i as usize]
+                .sessions_out
+                .iter()
+                .copied()
+                .filter(|&j| !known.contains(&self.nodes[j as usize].name))
+                .collect();
+            for j in gone {
+                self.nodes[i as usize].sessions_out.remove(&j);
+                self.nodes[j as usize].subscribers.retain(|&s| s != i);
+            }
             for name in usable {
                 let Some(j) = self.index(&name) else { continue };
                 if self.nodes[i as usize].sessions_out.insert(j) {
@@ -302,6 +318,11 @@ impl Sim<'_> {
         }
         let hb = self.p.heartbeat;
         self.after(hb, Ev::Heartbeat(i));
+    }
+
+    /// The trees' shape the nodes ask the tracker for.
+    fn tree_shape(&self) -> crate::p2p::core::Ask {
+        crate::p2p::core::Ask { classes: self.p.classes, fanout: self.p.fanout, near: crate::p2p::core::roster::NEAR }
     }
 
     /// A node's new chunks reach the peers holding sessions with it.

@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::engine::{Sim, IMAGE};
 use super::params::{SimParams, Strategy};
 use super::Workload;
-use crate::p2p::core::roster::MAX_NODES;
+use crate::p2p::core::roster::NEAR;
 
 /// Results of one strategy.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -63,13 +63,18 @@ pub struct Report {
     pub strategies: Vec<StrategyReport>,
 }
 
-/// Estimated peer state of the relay as it is (a selector entry and a have-map of the working set
-/// for every member, on every node), to refuse runs that could not fit in memory.
+/// The peers one node keeps state for: its ancestors in each tree (about log_fanout N each)
+/// and its ring successors.
+fn view_size(p: &SimParams) -> u64 {
+    let depth = (f64::from(p.nodes.max(2)).ln() / f64::from(p.fanout.max(2)).ln()).ceil() as u64 + 1;
+    u64::from(p.classes) * depth + u64::from(NEAR)
+}
+
+/// Estimated peer state of the relay (a selector entry and a have-map of the working set per
+/// peer of each node's view, on every node), to refuse runs that could not fit in memory.
 fn peer_state_estimate(p: &SimParams, w: &Workload) -> u64 {
-    let n = u64::from(p.nodes);
-    let members = n.saturating_sub(1).min(MAX_NODES as u64 - 1);
     let per_member = 260 + 2 * w.working_set.min(4096) + 8 * w.working_set.saturating_sub(4096) / 64;
-    n * members * per_member
+    u64::from(p.nodes) * view_size(p) * per_member
 }
 
 pub(super) fn run_strategy(p: &SimParams, w: &Workload, s: Strategy) -> StrategyReport {
@@ -107,12 +112,10 @@ pub(super) fn run_strategy(p: &SimParams, w: &Workload, s: Strategy) -> Strategy
     if s.relays() {
         let need = peer_state_estimate(p, w);
         if need > p.max_peer_state {
-            let members = u64::from(p.nodes).saturating_sub(1).min(MAX_NODES as u64 - 1);
             r.skipped = Some(format!(
-                "the relay as it is keeps a session and a have-map per member on every node: {members} members \
-                 (the tracker answers at most {MAX_NODES} nodes), {} sessions per node, about {:.1} GiB of peer \
-                 state in all (limit --max-peer-state {:.1} GiB)",
-                2 * members,
+                "each node keeps state for about {} peers (its ancestors and ring successors): about {:.1} GiB \
+                 of peer state in all (limit --max-peer-state {:.1} GiB)",
+                view_size(p),
                 need as f64 / f64::from(1u32 << 30),
                 p.max_peer_state as f64 / f64::from(1u32 << 30)
             ));
@@ -163,8 +166,10 @@ pub(super) fn run_strategy(p: &SimParams, w: &Workload, s: Strategy) -> Strategy
         .iter()
         .map(|n| {
             let sel = n.sel.as_ref().map_or(0, |s| s.state_bytes());
-            let members =
-                n.membership.as_ref().map_or(0, |m| m.members(&IMAGE).iter().map(|x| x.len() as u64 + 48).sum());
+            let members = n.membership.as_ref().map_or(0, |m| {
+                let v = m.view(&IMAGE);
+                v.ancestors.iter().flatten().chain(&v.near).map(|x| x.len() as u64 + 48).sum()
+            });
             sel + members
         })
         .collect();

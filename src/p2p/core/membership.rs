@@ -1,33 +1,49 @@
-//! Membership from tracker answers, as a pure state machine: which nodes an image's relay uses,
-//! given what each tracker said and when. No I/O and no clock (callers pass `now`); vmtd's
+//! Membership from tracker answers, as a pure state machine: the [`View`] an image's relay uses
+//! (its ancestors in each tree, its ring successors, the number of live nodes), given what each
+//! tracker said and when. No I/O and no clock (callers pass `now`); vmtd's
 //! heartbeat tasks and `vmt sim` feed it the same events.
 //!
-//! - An image's members are every node some tracker named within `window` (three heartbeats
-//!   plus one second): the window smooths over a tracker restart, whose first answers list only
-//!   the nodes that re-registered so far, and over a tracker that misses a beat.
-//! - When no tracker has answered within the window, [`Membership::members`] says so (`None`):
-//!   the caller leaves its member lists as they are and keeps using the peers it knows.
+//! - Each tracker's latest answer counts for `window` (three heartbeats plus one second): the
+//!   window smooths over a tracker that misses a beat. The ancestors come from the freshest
+//!   answer; the ring successors are the union of the answers in the window.
+//! - When no tracker has answered within the window, [`Membership::expire`] says so (`false`):
+//!   the caller leaves its views as they are and keeps using the peers it knows.
 //! - Of the names of one address, at most `per_address` become members (the most recently
 //!   named): no key holder makes this node dial more than that many ports of its own address.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use super::roster::Answer;
 use crate::p2p::conn::node_host;
 use crate::p2p::wire::Bytes32;
 
-/// What the trackers said: image → node → when last named, and tracker → when last answered.
+/// What a node knows of an image's members: bounded whatever N is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct View {
+    /// Per class, this node's ancestors (parent first), from the freshest answer.
+    pub ancestors: Vec<Vec<String>>,
+    /// Ring successors named within the window (by any tracker), at most `per_address` per
+    /// address.
+    pub near: Vec<String>,
+    /// Whether `ancestors` are a tracker's places (else the trees are ranked over the names).
+    pub placed: bool,
+    /// Live nodes of the image, as the freshest answer said.
+    pub total: u32,
+}
+
+/// What the trackers said: image → tracker → (answer, when), and tracker → when last answered.
 #[derive(Debug, Clone)]
 pub struct Membership {
     window: Duration,
     per_address: usize,
-    seen: HashMap<Bytes32, HashMap<String, Instant>>,
+    seen: HashMap<Bytes32, HashMap<usize, (Answer, Instant)>>,
     answered: HashMap<usize, Instant>,
 }
 
 impl Membership {
-    /// Members are the nodes named within three `heartbeat`s plus one second, at most
-    /// `per_address` (at least 1) names per address.
+    /// Answers count for three `heartbeat`s plus one second; at most `per_address` (at least 1)
+    /// names per address.
     pub fn new(heartbeat: Duration, per_address: usize) -> Membership {
         Membership {
             window: heartbeat * 3 + Duration::from_secs(1),
@@ -37,25 +53,10 @@ impl Membership {
         }
     }
 
-    /// Tracker `tracker` answered at `now`, naming `nodes` for `image` (call once per image of
-    /// the answer, or with no image at all via [`Membership::tracker_answered`]).
-    pub fn named<'a>(
-        &mut self,
-        tracker: usize,
-        image: Bytes32,
-        nodes: impl IntoIterator<Item = &'a str>,
-        now: Instant,
-    ) {
+    /// Tracker `tracker` answered at `now` for `image`.
+    pub fn named(&mut self, tracker: usize, image: Bytes32, answer: Answer, now: Instant) {
         self.answered.insert(tracker, now);
-        let seen = self.seen.entry(image).or_default();
-        for n in nodes {
-            match seen.get_mut(n) {
-                Some(t) => *t = now,
-                None => {
-                    seen.insert(n.to_string(), now);
-                }
-            }
-        }
+        self.seen.entry(image).or_default().insert(tracker, (answer, now));
     }
 
     /// Tracker `tracker` answered at `now` (with images or not).
@@ -68,23 +69,42 @@ impl Membership {
         self.answered.values().filter(|t| now.saturating_duration_since(**t) <= self.window).count()
     }
 
-    /// Forgets names older than the window, if a tracker answered within it; returns whether one
-    /// did (if not, member lists are to be left as they are).
+    /// Forgets answers older than the window, if a tracker answered within it; returns whether
+    /// one did (if not, views are to be left as they are).
     pub fn expire(&mut self, now: Instant) -> bool {
         if self.trackers_up(now) == 0 {
             return false;
         }
         let window = self.window;
         for seen in self.seen.values_mut() {
-            seen.retain(|_, t| now.saturating_duration_since(*t) <= window);
+            seen.retain(|_, (_, t)| now.saturating_duration_since(*t) <= window);
         }
         true
     }
 
-    /// The members of `image` as of the last [`Membership::expire`]: at most `per_address` per
-    /// address, the most recently named first, then by name.
-    pub fn members(&self, image: &Bytes32) -> Vec<String> {
-        self.seen.get(image).map(|m| per_address(m, self.per_address)).unwrap_or_default()
+    /// The view of `image` as of the last [`Membership::expire`].
+    pub fn view(&self, image: &Bytes32) -> View {
+        let Some(answers) = self.seen.get(image) else { return View::default() };
+        let mut view = View { placed: true, ..View::default() };
+        if let Some((a, _)) = answers.values().max_by_key(|(_, t)| *t) {
+            view.ancestors = a.ancestors.clone();
+            view.total = a.total;
+        }
+        let mut near: HashMap<String, Instant> = HashMap::new();
+        for (a, t) in answers.values() {
+            for n in &a.near {
+                let e = near.entry(n.clone()).or_insert(*t);
+                *e = (*e).max(*t);
+            }
+        }
+        view.near = per_address(&near, self.per_address);
+        view.near.sort();
+        // Only canonical names (peer servers admit no other spelling); the tracker bounds the
+        // names per address it records, so ancestors need no bound of their own here.
+        for up in &mut view.ancestors {
+            up.retain(|n| crate::p2p::conn::is_canonical(n));
+        }
+        view
     }
 }
 
@@ -125,25 +145,34 @@ mod tests {
         assert_eq!(got, want, "the 8 most recent of the crowded address, every other one");
     }
 
+    fn answer(near: &[&str], parent: &str) -> Answer {
+        Answer {
+            ancestors: vec![vec![parent.to_string()], vec![]],
+            near: near.iter().map(|n| n.to_string()).collect(),
+            total: 9,
+        }
+    }
+
     #[test]
-    fn names_last_the_window_and_a_silent_tracker_keeps_the_lists() {
+    fn answers_last_the_window_and_a_silent_tracker_keeps_the_view() {
         let t0 = Instant::now();
         let hb = Duration::from_secs(1);
         let mut m = Membership::new(hb, 8);
         let img = [1; 32];
-        m.named(0, img, ["10.0.0.1:7000", "10.0.0.2:7000"], t0);
-        assert!(m.expire(t0));
-        assert_eq!(m.members(&img).len(), 2);
-        // Only one named again; the other lasts the window (4 s), then goes.
-        m.named(0, img, ["10.0.0.1:7000"], t0 + Duration::from_secs(3));
-        assert!(m.expire(t0 + Duration::from_secs(4)));
-        assert_eq!(m.members(&img).len(), 2);
-        m.named(0, img, ["10.0.0.1:7000"], t0 + Duration::from_secs(5));
+        m.named(0, img, answer(&["10.0.0.1:7000", "10.0.0.2:7000"], "10.0.0.3:7000"), t0);
+        m.named(1, img, answer(&["10.0.0.4:7000", "bad name"], "10.0.0.5:7000"), t0 + Duration::from_secs(1));
+        assert!(m.expire(t0 + Duration::from_secs(1)));
+        let v = m.view(&img);
+        assert_eq!(v.near, vec!["10.0.0.1:7000", "10.0.0.2:7000", "10.0.0.4:7000"], "union, canonical names only");
+        assert_eq!(v.ancestors, vec![vec!["10.0.0.5:7000".to_string()], vec![]], "the freshest answer's places");
+        assert!(v.placed && v.total == 9);
+        // Tracker 0 falls silent: its answer lasts the window (4 s), then goes.
+        m.named(1, img, answer(&["10.0.0.4:7000"], "10.0.0.5:7000"), t0 + Duration::from_secs(5));
         assert!(m.expire(t0 + Duration::from_secs(5)));
-        assert_eq!(m.members(&img), vec!["10.0.0.1:7000"]);
+        assert_eq!(m.view(&img).near, vec!["10.0.0.4:7000"]);
         // No tracker for longer than the window: nothing changes.
         assert!(!m.expire(t0 + Duration::from_secs(20)));
-        assert_eq!(m.members(&img), vec!["10.0.0.1:7000"]);
+        assert_eq!(m.view(&img).near, vec!["10.0.0.4:7000"]);
         assert_eq!(m.trackers_up(t0 + Duration::from_secs(20)), 0);
     }
 }

@@ -9,8 +9,9 @@
 //!   select::Selector   source choice, have-maps and their deltas, requests in flight,
 //!                      Busy/NotHave costs, backoff, bans, relay trees (p2p::select)
 //!   PieceRead          one piece: ask, record the answer, ask again, or the origin
-//!   Membership         members of each image from tracker answers (window, per address)
-//!   Roster             the tracker's table (TTL, caps, answers)
+//!   tree               the relay trees' keys: classes, interior-disjoint groups, heap places
+//!   Membership         each image's View from tracker answers (window, per address)
+//!   Roster             the tracker's table (TTL, bounds, tree places, ring successors)
 //!   UploadBudget       upload admission: reply bytes, session share, queue → reply or Busy
 //!   plan_runs          (fetch::flight) how missing chunks become upstream runs
 //!   prefetch_runs      (profile::prefetch) the order and runs of a profile's prefetch
@@ -22,9 +23,10 @@
 pub mod membership;
 pub mod piece;
 pub mod roster;
+pub mod tree;
 pub mod upload;
 
-pub use membership::Membership;
+pub use membership::{Membership, View};
 pub use piece::PieceRead;
-pub use roster::Roster;
+pub use roster::{Answer, Ask, Roster};
 pub use upload::UploadBudget;

@@ -56,7 +56,7 @@ mod tests {
     fn a_refused_piece_goes_elsewhere_and_loads_stay_exact() {
         let now = Instant::now();
         let names = ["10.0.0.1:7000", "10.0.0.2:7000", "10.0.0.3:7000"];
-        let mut s = Selector::new(names[0], 1, 4);
+        let mut s = Selector::new(names[0], 1, 4, 64);
         s.set_members(names);
         s.have_full(names[1], (0..4).collect());
         let mut p = PieceRead::new(0..1);

@@ -1,29 +1,68 @@
 //! The tracker's table as a pure state machine: which nodes serve which image, by the time each
-//! last registered. No I/O and no clock: callers pass `now` (vmtd's tracker `Instant::now()`,
-//! `vmt sim` its virtual clock), so the simulator answers heartbeats with this very code.
+//! last registered, and the places of the relay trees. No I/O and no clock: callers pass `now`
+//! (vmtd's tracker `Instant::now()`, `vmt sim` its virtual clock), so the simulator answers
+//! heartbeats with this very code.
 //!
-//! Invariants: a node is answered only while it registered within `ttl`; at most
-//! [`MAX_IMAGES`] images of at most [`MAX_NODES`] nodes each are kept, whatever is sent; a new
-//! name is recorded (but still answered) only while fewer than `per_address` live names of its
-//! address are; an answer never names the node that asked, and is sorted.
+//! An answer is bounded whatever N is: for each class, the asker's ancestors in that class's tree
+//! (a `fanout`-ary heap over the live nodes sorted by [`Key`], so about log_fanout N names), its
+//! `near` successors on the ring of node hashes (a stable sample for have-maps and fallbacks),
+//! and the number of live nodes. The sorted orders are snapshots, rebuilt at most every
+//! [`REBUILD`] (and at least every half `ttl`), so a heartbeat costs O(classes · log N) and a
+//! storm of registrations O(N log N) per rebuild.
+//!
+//! Invariants: a node is answered only while it registered within `ttl` (as of the last
+//! rebuild); at most [`MAX_IMAGES`] images and [`MAX_ENTRIES`] names in all are kept, whatever
+//! is sent (memory, not N, is the bound); a new name is recorded (but still answered) only
+//! while fewer than `per_address` live names of its address are; an answer never names the node
+//! that asked.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use super::tree::{higher_first, node_hash, parent_place, Key};
 use crate::p2p::conn::node_host;
 use crate::p2p::wire::Bytes32;
 
-/// Most images a tracker keeps, and most nodes per image: bounds its memory whatever is sent.
+/// Most images a tracker keeps.
 pub const MAX_IMAGES: usize = 4096;
-pub const MAX_NODES: usize = 4096;
+/// Most names a tracker keeps over all images (about 200 bytes each with the snapshots).
+pub const MAX_ENTRIES: usize = 1 << 20;
+/// Most classes and largest fan-out a tracker computes trees for.
+pub const MAX_CLASSES: u32 = 64;
+pub const MAX_FANOUT: u32 = 64;
+/// Most ring successors an answer names, and how many a node asks for.
+pub const MAX_NEAR: u32 = 64;
+pub const NEAR: u32 = 8;
+/// Least time between two rebuilds of an image's snapshots.
+pub const REBUILD: Duration = Duration::from_millis(250);
 
-/// Live nodes per image, and when expired entries of other images were last swept out.
-#[derive(Debug, Clone)]
-pub struct Roster {
-    ttl: Duration,
-    per_address: usize,
-    images: HashMap<Bytes32, HashMap<String, Instant>>,
-    swept: Option<Instant>,
+/// What the asker wants computed: its trees' shape and how many ring successors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ask {
+    pub classes: u32,
+    pub fanout: u32,
+    pub near: u32,
+}
+
+/// A tracker's answer to one registration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Answer {
+    /// Per class, the asker's ancestors, its parent first (empty: it is the root).
+    pub ancestors: Vec<Vec<String>>,
+    /// The asker's successors on the ring of node hashes.
+    pub near: Vec<String>,
+    /// Live nodes of the image (the asker included).
+    pub total: u32,
+}
+
+impl Answer {
+    /// Every name in the answer, once.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.ancestors.iter().flatten().chain(&self.near).map(String::as_str).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
 }
 
 /// What one registration did.
@@ -32,86 +71,237 @@ pub enum Recorded {
     Yes,
     /// The tracker holds [`MAX_IMAGES`] images already.
     ImagesFull,
-    /// The image holds [`MAX_NODES`] nodes, or `per_address` live names of the node's address.
+    /// The tracker holds [`MAX_ENTRIES`] names, or `per_address` live names of the node's address.
     NodesFull,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Image {
+    /// Name → (hash, last registration).
+    nodes: HashMap<String, (u64, Instant)>,
+    /// Recorded names per address.
+    hosts: HashMap<String, usize>,
+    /// Snapshot: names, the ring (hash, name index) by hash, and per (classes) the order of
+    /// each class's tree, highest first.
+    names: Vec<String>,
+    ring: Vec<(u64, u32)>,
+    orders: HashMap<u32, Vec<Vec<(Key, u32)>>>,
+    built: Option<Instant>,
+    dirty: bool,
+}
+
+impl Image {
+    fn expire(&mut self, now: Instant, ttl: Duration) {
+        let hosts = &mut self.hosts;
+        let before = self.nodes.len();
+        self.nodes.retain(|n, (_, t)| {
+            let live = now.saturating_duration_since(*t) < ttl;
+            if !live {
+                if let Some(c) = hosts.get_mut(node_host(n)) {
+                    *c = c.saturating_sub(1);
+                }
+            }
+            live
+        });
+        hosts.retain(|_, c| *c > 0);
+        self.dirty |= self.nodes.len() != before;
+    }
+
+    fn rebuild(&mut self, now: Instant, ttl: Duration) {
+        self.expire(now, ttl);
+        let mut ring: Vec<(u64, &String)> = self.nodes.iter().map(|(n, (h, _))| (*h, n)).collect();
+        ring.sort_unstable();
+        self.names = ring.iter().map(|(_, n)| (*n).clone()).collect();
+        self.ring = ring.iter().enumerate().map(|(i, (h, _))| (*h, i as u32)).collect();
+        let shapes: Vec<u32> = self.orders.keys().copied().collect();
+        self.orders.clear();
+        for classes in shapes {
+            self.order(classes);
+        }
+        self.built = Some(now);
+        self.dirty = false;
+    }
+
+    /// The snapshot's order of every class for `classes` trees, computed on first use.
+    fn order(&mut self, classes: u32) -> &Vec<Vec<(Key, u32)>> {
+        let (names, ring) = (&self.names, &self.ring);
+        self.orders.entry(classes).or_insert_with(|| {
+            (0..classes)
+                .map(|c| {
+                    let mut o: Vec<(Key, u32)> = ring.iter().map(|&(h, i)| (Key::new(h, c, classes), i)).collect();
+                    o.sort_unstable_by(|a, b| {
+                        higher_first(&(a.0, names[a.1 as usize].as_str()), &(b.0, names[b.1 as usize].as_str()))
+                    });
+                    o
+                })
+                .collect()
+        })
+    }
+
+    fn answer(&mut self, me: &str, ask: Ask) -> Answer {
+        let hash = node_hash(me);
+        let classes = ask.classes.clamp(1, MAX_CLASSES);
+        let fanout = ask.fanout.clamp(1, MAX_FANOUT);
+        let mut ancestors = Vec::with_capacity(classes as usize);
+        self.order(classes);
+        let (names, orders) = (&self.names, &self.orders[&classes]);
+        for (c, order) in orders.iter().enumerate() {
+            let mine = (Key::new(hash, c as u32, classes), me);
+            // Its place: the number of nodes ranked above it (where it is, or would be).
+            let mut place = order.partition_point(|&(k, i)| (k, names[i as usize].as_str()) > mine);
+            let mut up = Vec::new();
+            while let Some(p) = parent_place(place, fanout) {
+                up.push(names[order[p].1 as usize].clone());
+                place = p;
+            }
+            ancestors.push(up);
+        }
+        let start = self.ring.partition_point(|&(h, _)| h <= hash);
+        let want = ask.near.min(MAX_NEAR) as usize;
+        let near = (0..self.ring.len())
+            .map(|k| &names[self.ring[(start + k) % self.ring.len()].1 as usize])
+            .filter(|n| n.as_str() != me)
+            .take(want)
+            .cloned()
+            .collect();
+        Answer { ancestors, near, total: self.nodes.len() as u32 }
+    }
+}
+
+/// Live nodes per image, and when expired entries of other images were last swept out.
+#[derive(Debug, Clone)]
+pub struct Roster {
+    ttl: Duration,
+    per_address: usize,
+    images: HashMap<Bytes32, Image>,
+    entries: usize,
+    swept: Option<Instant>,
 }
 
 impl Roster {
     /// A table that forgets a node `ttl` after its last registration, with at most `per_address`
     /// (at least 1) names of each address per image.
     pub fn new(ttl: Duration, per_address: usize) -> Roster {
-        Roster { ttl, per_address: per_address.max(1), images: HashMap::new(), swept: None }
+        Roster { ttl, per_address: per_address.max(1), images: HashMap::new(), entries: 0, swept: None }
     }
 
-    /// Records `node` for `image` and returns the other live nodes of `image`, sorted, with
-    /// whether the node was recorded.
-    pub fn register(&mut self, image: Bytes32, node: &str, now: Instant) -> (Vec<String>, Recorded) {
+    /// Records `node` for `image` and answers it (see [`Answer`]), with whether it was recorded.
+    pub fn register(&mut self, image: Bytes32, node: &str, ask: Ask, now: Instant) -> (Answer, Recorded) {
         let ttl = self.ttl;
-        let live = |m: &mut HashMap<String, Instant>| {
-            m.retain(|_, t| now.saturating_duration_since(*t) < ttl);
-            !m.is_empty()
-        };
-        // Every registration expires its own image; the whole table, whose size grows with
-        // images times nodes, is swept at most once per ttl.
+        // The whole table, whose size grows with images times nodes, is swept at most once per
+        // ttl; each image's own snapshot rebuild expires it more often.
         if self.swept.is_none_or(|t| now.saturating_duration_since(t) >= ttl) {
-            self.images.retain(|_, m| live(m));
-            self.swept = Some(now);
-        } else if let Some(m) = self.images.get_mut(&image) {
-            if !live(m) {
-                self.images.remove(&image);
+            for m in self.images.values_mut() {
+                m.expire(now, ttl);
             }
+            self.images.retain(|_, m| !m.nodes.is_empty());
+            self.entries = self.images.values().map(|m| m.nodes.len()).sum();
+            self.swept = Some(now);
         }
         let recorded = if self.images.len() >= MAX_IMAGES && !self.images.contains_key(&image) {
             Recorded::ImagesFull
         } else {
             let m = self.images.entry(image).or_default();
             let host = node_host(node);
-            let known = m.contains_key(node);
-            if known || (m.len() < MAX_NODES && m.keys().filter(|n| node_host(n) == host).count() < self.per_address) {
-                m.insert(node.to_string(), now);
-                Recorded::Yes
-            } else {
-                Recorded::NodesFull
+            match m.nodes.get_mut(node) {
+                Some((_, t)) => {
+                    *t = now;
+                    Recorded::Yes
+                }
+                None if self.entries < MAX_ENTRIES && m.hosts.get(host).copied().unwrap_or(0) < self.per_address => {
+                    m.nodes.insert(node.to_string(), (node_hash(node), now));
+                    *m.hosts.entry(host.to_string()).or_default() += 1;
+                    m.dirty = true;
+                    self.entries += 1;
+                    Recorded::Yes
+                }
+                None => Recorded::NodesFull,
             }
         };
-        let mut out: Vec<String> =
-            self.images.get(&image).map(|m| m.keys().filter(|n| *n != node).cloned().collect()).unwrap_or_default();
-        out.sort();
-        (out, recorded)
+        let Some(m) = self.images.get_mut(&image) else { return (Answer::default(), recorded) };
+        let stale = m.built.is_none_or(|b| {
+            let age = now.saturating_duration_since(b);
+            (m.dirty && age >= REBUILD) || age >= ttl / 2
+        });
+        if stale {
+            let before = m.nodes.len();
+            m.rebuild(now, ttl);
+            self.entries = self.entries + m.nodes.len() - before;
+        }
+        (m.answer(node, ask), recorded)
     }
 
     /// Nodes recorded for `image` (live or not yet swept).
     pub fn nodes(&self, image: &Bytes32) -> usize {
-        self.images.get(image).map_or(0, HashMap::len)
+        self.images.get(image).map_or(0, |m| m.nodes.len())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::p2p::core::tree::above;
+
+    const ASK: Ask = Ask { classes: 4, fanout: 4, near: 8 };
+
+    fn name(i: u32) -> String {
+        format!("10.{}.{}.{}:7000", i >> 16, (i >> 8) & 255, i & 255)
+    }
 
     #[test]
     fn nodes_expire_after_the_ttl_and_never_see_themselves() {
         let mut t = Roster::new(Duration::from_secs(3), 8);
         let t0 = Instant::now();
         let img = [1; 32];
-        assert!(t.register(img, "a:1", t0).0.is_empty());
-        assert_eq!(t.register(img, "b:1", t0).0, vec!["a:1"]);
-        assert_eq!(t.register([2; 32], "c:1", t0).0, Vec::<String>::new(), "images are apart");
-        assert_eq!(t.register(img, "b:1", t0 + Duration::from_secs(2)).0, vec!["a:1"]);
-        assert_eq!(t.register(img, "b:1", t0 + Duration::from_secs(4)).0, Vec::<String>::new(), "a expired");
+        assert!(t.register(img, "a:1", ASK, t0).0.names().is_empty());
+        assert_eq!(t.register([2; 32], "c:1", ASK, t0).0.names(), Vec::<&str>::new(), "images are apart");
+        let later = t0 + REBUILD;
+        assert_eq!(t.register(img, "b:1", ASK, later).0.names(), vec!["a:1"]);
+        assert_eq!(t.register(img, "b:1", ASK, t0 + Duration::from_secs(2)).0.names(), vec!["a:1"]);
+        let (a, _) = t.register(img, "b:1", ASK, t0 + Duration::from_secs(4));
+        assert!(a.names().is_empty() && a.total == 1, "a expired: {a:?}");
     }
 
     #[test]
-    fn an_image_holds_at_most_max_nodes() {
+    fn answers_are_bounded_and_name_strictly_higher_ancestors_of_a_heap() {
         let mut t = Roster::new(Duration::from_secs(3), 8);
         let t0 = Instant::now();
         let img = [1; 32];
-        for i in 0..MAX_NODES as u32 + 10 {
-            let name = format!("10.{}.{}.{}:7000", i >> 16, (i >> 8) & 255, i & 255);
-            let (_, r) = t.register(img, &name, t0);
-            assert_eq!(r == Recorded::Yes, (i as usize) < MAX_NODES);
+        let n = 20_000u32;
+        for i in 0..n {
+            t.register(img, &name(i), ASK, t0);
         }
-        assert_eq!(t.nodes(&img), MAX_NODES);
+        let now = t0 + REBUILD;
+        let mut children: HashMap<(usize, String), u32> = HashMap::new();
+        let mut roots = vec![0; ASK.classes as usize];
+        for i in 0..n {
+            let me = name(i);
+            let (a, r) = t.register(img, &me, ASK, now);
+            assert_eq!(r, Recorded::Yes);
+            assert_eq!(a.total, n);
+            assert_eq!(a.near.len(), 8);
+            assert!(a.ancestors.iter().all(|up| up.len() <= 8), "depth about log4 N: {:?}", a.ancestors);
+            for (c, up) in a.ancestors.iter().enumerate() {
+                let mut below = me.as_str();
+                for u in up {
+                    assert!(above(u, below, c as u32, ASK.classes), "{u} above {below} in class {c}");
+                    below = u;
+                }
+                match up.first() {
+                    Some(p) => *children.entry((c, p.clone())).or_default() += 1,
+                    None => roots[c] += 1,
+                }
+            }
+        }
+        assert_eq!(roots, vec![1; 4], "one root per class: the only node that reads the origin");
+        assert!(children.values().all(|&k| k <= ASK.fanout), "at most fanout children");
+        // A node is an inner node in (nearly always) one class only.
+        let mut inner: HashMap<&str, u32> = HashMap::new();
+        for (_, p) in children.keys() {
+            *inner.entry(p.as_str()).or_default() += 1;
+        }
+        let twice = inner.values().filter(|&&k| k > 1).count();
+        assert!(twice * 100 < inner.len(), "{twice} of {} inner nodes are inner twice", inner.len());
+        assert_eq!(t.nodes(&img), n as usize, "no node cap");
     }
 }

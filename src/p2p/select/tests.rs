@@ -21,11 +21,16 @@ fn none() -> Tried {
 }
 
 fn cluster(n: usize, stripe: u32, fanout: u32) -> Vec<Selector> {
+    cluster_of(n, stripe, fanout, 64)
+}
+
+/// `n` selectors that know each other by name, with `classes` trees.
+fn cluster_of(n: usize, stripe: u32, fanout: u32, classes: u32) -> Vec<Selector> {
     let names = nodes(n);
     names
         .iter()
         .map(|me| {
-            let mut s = Selector::new(me, stripe, fanout);
+            let mut s = Selector::new(me, stripe, fanout, classes);
             s.set_members(names.iter().map(String::as_str));
             s
         })
@@ -36,7 +41,7 @@ fn cluster(n: usize, stripe: u32, fanout: u32) -> Vec<Selector> {
 fn each_stripe_forms_one_tree_of_bounded_fanout_and_roots_spread() {
     let now = Instant::now();
     let (n, fanout) = (24, 4);
-    let c = cluster(n, 4, fanout);
+    let c = cluster_of(n, 4, fanout, 4);
     let names = nodes(n);
     let mut roots = vec![0u32; n];
     for stripe in 0..2400u32 {
@@ -64,7 +69,10 @@ fn each_stripe_forms_one_tree_of_bounded_fanout_and_roots_spread() {
         assert!(children.iter().all(|&k| k <= fanout), "fan-out bounded: {children:?}");
         assert_eq!(c[root[0]].choose(chunk..chunk + 1, now, &none()), Choice::Origin);
     }
-    assert!(roots.iter().all(|&r| (50..=150).contains(&r)), "roots are spread: {roots:?}");
+    // One root per class (4 trees): each reads a quarter of the stripes from the origin.
+    let mut used: Vec<u32> = roots.iter().copied().filter(|&r| r > 0).collect();
+    used.sort_unstable();
+    assert_eq!(used, vec![600; 4], "one root per tree: {roots:?}");
 }
 
 #[test]
@@ -112,7 +120,7 @@ fn a_failed_parent_sends_the_run_to_the_origin_not_up_the_tree() {
 fn failed_peers_back_off_and_return_and_corrupt_ones_are_banned() {
     let t0 = Instant::now();
     let names = nodes(2);
-    let mut s = Selector::new(&names[0], 1, 4);
+    let mut s = Selector::new(&names[0], 1, 4, 64);
     s.set_members(names.iter().map(String::as_str));
     // A stripe whose root is the other node.
     let chunk = (0..1000).find(|&c| !s.is_root(c, t0)).unwrap();
@@ -258,7 +266,7 @@ fn after_max_tries_peers_a_run_goes_to_the_origin() {
 
 #[test]
 fn split_cuts_at_stripe_boundaries() {
-    let s = Selector::new("a:1", 4, 4);
+    let s = Selector::new("a:1", 4, 4, 64);
     assert_eq!(s.split(2..11), vec![2..4, 4..8, 8..11]);
     assert_eq!(s.split(4..8), vec![4..8]);
     assert!(s.split(5..5).is_empty());
@@ -278,7 +286,7 @@ proptest! {
     ) {
         let now = Instant::now();
         let names = nodes(n);
-        let mut s = Selector::new(&names[0], stripe, fanout);
+        let mut s = Selector::new(&names[0], stripe, fanout, 64);
         s.set_members(names.iter().enumerate().filter(|(i, _)| !missing[*i]).map(|(_, n)| n.as_str()));
         for (i, name) in names.iter().enumerate().skip(1) {
             if down[i] {
@@ -300,10 +308,77 @@ proptest! {
                 prop_assert!(i != 0 && !missing[i] && !down[i] && !t.contains(&node));
                 prop_assert!(s.usable_now(&node, now));
                 if parent {
-                    let p = Selector::new(&node, stripe, fanout);
+                    let p = Selector::new(&node, stripe, fanout, 64);
                     prop_assert!(p.relays_for(chunk, &names[0]));
                 }
             }
         }
     }
+}
+
+/// Views as the tracker gives them: each node's ancestors and ring successors.
+fn placed(n: usize, fanout: u32, classes: u32) -> (Vec<String>, Vec<Selector>) {
+    use crate::p2p::core::{Ask, Membership, Roster};
+    let names: Vec<String> = (1..=n).map(|i| format!("10.{}.{}.{}:7000", i >> 16, (i >> 8) & 255, i & 255)).collect();
+    let t0 = Instant::now();
+    let mut roster = Roster::new(Duration::from_secs(3), 8);
+    let ask = Ask { classes, fanout, near: 8 };
+    for me in &names {
+        roster.register([1; 32], me, ask, t0);
+    }
+    let now = t0 + crate::p2p::core::roster::REBUILD;
+    let sels = names
+        .iter()
+        .map(|me| {
+            let (answer, _) = roster.register([1; 32], me, ask, now);
+            let mut m = Membership::new(Duration::from_secs(1), 8);
+            m.named(0, [1; 32], answer, now);
+            let mut s = Selector::new(me, 1, fanout, classes);
+            s.set_view(&m.view(&[1; 32]));
+            s
+        })
+        .collect();
+    (names, sels)
+}
+
+#[test]
+fn with_the_trackers_places_state_is_bounded_and_a_refused_run_climbs_the_ancestors() {
+    let now = Instant::now();
+    let (names, c) = placed(2000, 4, 4);
+    let mut roots = 0;
+    for (i, s) in c.iter().enumerate() {
+        assert!(s.known_peers() <= 4 * 7 + 8, "{} peers known", s.known_peers());
+        assert!(s.usable_members(now).len() <= 8 + 4, "sessions: ring successors and one parent per tree");
+        for chunk in 0..4 {
+            match s.parent(chunk, now) {
+                None => roots += 1,
+                Some(p) => {
+                    let j = names.iter().position(|n| n == p).unwrap();
+                    assert!(c[j].relays_for(chunk, &names[i]), "a parent relays for its children");
+                }
+            }
+        }
+    }
+    assert_eq!(roots, 4, "one root per tree");
+    // A node deep in tree 0: a refusing parent sends the run to the next ancestor up.
+    let i = (0..names.len()).find(|&i| c[i].ancestors[0].len() >= 3).unwrap();
+    let mut s = c[i].clone();
+    let up = s.ancestors[0].clone();
+    assert_eq!(s.choose(0..1, now, &none()), Choice::Peer { node: up[0].clone(), parent: true });
+    let refused = tried(&[&up[0]], Outcome::Busy);
+    s.started(&up[0]);
+    s.finished(&up[0], 0..1, Outcome::Busy, now);
+    assert_eq!(s.choose(0..1, now, &refused), Choice::Peer { node: up[1].clone(), parent: true });
+    // A view that names an ancestor ranking below this node (a stale or lying tracker): never
+    // asked, so no chain can loop.
+    let below = names.iter().find(|n| **n != names[i] && !crate::p2p::core::tree::above(n, &names[i], 0, 4)).unwrap();
+    let view = crate::p2p::core::View {
+        ancestors: vec![vec![below.clone(), up[2].clone()], vec![], vec![], vec![]],
+        near: vec![],
+        placed: true,
+        total: 2000,
+    };
+    s.set_view(&view);
+    assert_eq!(s.choose(0..1, now, &none()), Choice::Peer { node: up[2].clone(), parent: true });
+    assert!(!s.known().contains(&up[0]), "peers that left the view are forgotten");
 }

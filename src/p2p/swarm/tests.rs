@@ -59,8 +59,13 @@ async fn a_guest_miss_overtakes_queued_prefetch_at_the_origin() {
     );
     let origin = Arc::new(GatedOrigin { data, started: Mutex::new(Vec::new()), gate: tokio::sync::Semaphore::new(0) });
     let key = ClusterKey::from_secret(b"a cluster key for this test only").unwrap();
-    let tuning =
-        SwarmTuning { stall: Duration::from_secs(5), request_timeout: Duration::from_secs(5), stripe: 1, fanout: 4 };
+    let tuning = SwarmTuning {
+        stall: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(5),
+        stripe: 1,
+        fanout: 4,
+        classes: 4,
+    };
     let swarm = Swarm::new("127.0.0.1:9", key, m.clone(), origin.clone(), tuning);
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(ChunkStore::open(dir.path(), &m).unwrap());

@@ -1,0 +1,95 @@
+//! The relay trees, as pure functions of node names: every stripe belongs to one of `classes`
+//! trees (its class), and in the tree of class c every node has a key: (whether its group is c,
+//! its score for c). A node's group is its name's hash modulo `classes`, so the trees are
+//! interior-node-disjoint (as SplitStream's): the nodes of group c fill the upper places of tree
+//! c and are leaves in every other tree, so each node forwards at most one class of the image
+//! (`fanout` copies of a `1 / classes` share), whatever N is.
+//!
+//! Invariants: a key depends on names and the class alone, never on who is a member, so every
+//! node ranks any two nodes alike; a node relays for a requester only if its key is higher, so
+//! every relay chain climbs strictly and can never loop, whatever each node's view. The places
+//! in a tree (a `fanout`-ary heap over the members sorted by key, highest first) are the
+//! tracker's work ([`super::roster`]): a node learns its ancestors, not the whole order.
+
+use std::cmp::Ordering;
+
+/// A node name's hash: the basis of its group, its scores and its place on the tracker's ring.
+pub fn node_hash(name: &str) -> u64 {
+    let h = blake3::hash(name.as_bytes());
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+/// splitmix64's finaliser: a cheap, well-mixed score of (node, class).
+pub fn score(node: u64, class: u32) -> u64 {
+    let mut z = node ^ (u64::from(class).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The class (tree) of a stripe.
+pub fn class_of(stripe: u32, classes: u32) -> u32 {
+    stripe % classes.max(1)
+}
+
+/// The group of a node: the class whose tree it may be an inner node of.
+pub fn group_of(hash: u64, classes: u32) -> u32 {
+    (hash % u64::from(classes.max(1))) as u32
+}
+
+/// A node's key in the tree of one class; higher ranks nearer the root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Key {
+    in_group: bool,
+    score: u64,
+}
+
+impl Key {
+    pub fn new(hash: u64, class: u32, classes: u32) -> Key {
+        Key { in_group: group_of(hash, classes) == class, score: score(hash, class) }
+    }
+}
+
+/// Orders (key, name) pairs highest first; names break the (astronomically rare) ties so the
+/// order is total.
+pub fn higher_first(a: &(Key, &str), b: &(Key, &str)) -> Ordering {
+    b.0.cmp(&a.0).then_with(|| b.1.cmp(a.1))
+}
+
+/// Whether `a` ranks above `b` in the tree of `class`.
+pub fn above(a: &str, b: &str, class: u32, classes: u32) -> bool {
+    let (ka, kb) = (Key::new(node_hash(a), class, classes), Key::new(node_hash(b), class, classes));
+    (ka, a) > (kb, b)
+}
+
+/// The parent's place of the node at `place` in a `fanout`-ary heap (`None` for the root).
+pub fn parent_place(place: usize, fanout: u32) -> Option<usize> {
+    (place > 0).then(|| (place - 1) / fanout.max(1) as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_fill_the_upper_places_of_their_own_tree_only() {
+        let classes = 4;
+        let names: Vec<String> = (0..400).map(|i| format!("10.0.{}.{}:7000", i / 256, i % 256)).collect();
+        for class in 0..classes {
+            let mut keyed: Vec<(Key, &str)> =
+                names.iter().map(|n| (Key::new(node_hash(n), class, classes), n.as_str())).collect();
+            keyed.sort_by(higher_first);
+            // The group comes first: with about N / classes members it fills the heap's inner
+            // places (N / fanout of them) when fanout = classes.
+            let group = keyed.iter().filter(|(k, _)| k.in_group).count();
+            assert!((70..=130).contains(&group), "class {class}: a group of {group}");
+            assert!(keyed[..group].iter().all(|(k, _)| k.in_group) && !keyed[group..].iter().any(|(k, _)| k.in_group));
+            for w in keyed.windows(2) {
+                assert!(above(w[0].1, w[1].1, class, classes) && !above(w[1].1, w[0].1, class, classes));
+            }
+        }
+        assert_eq!(parent_place(0, 4), None);
+        assert_eq!((1..=4).map(|p| parent_place(p, 4)).collect::<Vec<_>>(), vec![Some(0); 4]);
+        assert_eq!(parent_place(5, 4), Some(1));
+    }
+}
