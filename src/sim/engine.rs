@@ -68,6 +68,8 @@ pub(super) enum Ev {
     DirectDone(u32),
     /// A node has handled a fetched run's bytes (checked, stored, woken its readers).
     Fetched(u32),
+    /// A node starts prefetching its image's boot profile.
+    Prefetch(u32),
     /// A guest read's answer reached the guest: its burst moves on.
     ReadAnswered(u32),
     Heartbeat(u32),
@@ -326,6 +328,9 @@ impl<'a> Sim<'a> {
         for i in 0..self.nodes.len() as u32 {
             let t = self.nodes[i as usize].start;
             self.at(t, Ev::Burst(i));
+            if self.strategy == Strategy::VmthunderProfile {
+                self.at(t.saturating_sub(ns(self.p.prefetch_lead)), Ev::Prefetch(i));
+            }
             if self.strategy.relays() {
                 // Each vmtd starts `warmup` before its guest; heartbeats from then on.
                 let hb = t.saturating_sub(ns(self.p.warmup)) + ns(self.rng.unit() * self.p.heartbeat);
@@ -370,6 +375,12 @@ impl<'a> Sim<'a> {
             }
             Ev::DirectDone(r) => self.read_done(r, false),
             Ev::ReadAnswered(i) => self.burst_step(i),
+            Ev::Prefetch(i) => {
+                if self.nodes[i as usize].alive {
+                    self.nodes[i as usize].prefetch = self.w.profile_runs.iter().cloned().collect();
+                    self.pump_prefetch(i);
+                }
+            }
             Ev::Fetched(f) => self.flight_done(f, false),
             Ev::OriginStart(f) => self.origin_start(f),
             Ev::OriginDone(f) => self.origin_done(f),
@@ -450,10 +461,6 @@ impl<'a> Sim<'a> {
         let node = &self.nodes[i as usize];
         if !node.alive || node.done.is_some() {
             return;
-        }
-        if node.burst == 0 && self.strategy == Strategy::VmthunderProfile {
-            self.nodes[i as usize].prefetch = self.w.profile_runs.iter().cloned().collect();
-            self.pump_prefetch(i);
         }
         let Some(burst) = self.w.bursts.get(self.nodes[i as usize].burst) else {
             self.finish(i);

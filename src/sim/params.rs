@@ -102,6 +102,9 @@ pub struct SimParams {
     pub heartbeat: f64,
     pub tracker_ttl: f64,
     pub prefetch_concurrency: u32,
+    /// Seconds before its guest's start that a node starts prefetching the profile (at most
+    /// `warmup`).
+    pub prefetch_lead: f64,
     /// Fraction of nodes killed at `kill_at` seconds after the first guest starts.
     pub kill: f64,
     pub kill_at: f64,
@@ -192,6 +195,9 @@ impl SimParams {
         }
         if self.upload_buffer < 1 << 20 {
             return Err(bad("upload-buffer", "must be at least 1MiB"));
+        }
+        if !(self.prefetch_lead.is_finite() && (0.0..=self.warmup).contains(&self.prefetch_lead)) {
+            return Err(bad("prefetch-lead", format!("{} must be between 0 and --warmup", self.prefetch_lead)));
         }
         if self.prefetch_concurrency == 0 {
             return Err(bad("prefetch-concurrency", "must be at least 1"));
