@@ -75,15 +75,35 @@ fn relays_survive_killed_nodes_and_lying_peers_and_the_tree_does_not() {
     let r = run(&a.params().unwrap()).unwrap();
     let relay = &r.strategies[0];
     assert_eq!((relay.failed_reads, relay.unfinished), (0, 0), "{relay:?}");
-    assert!(relay.origin_per_working_set <= 1.05, "lying peers cost no origin egress: {relay:?}");
+    // A liar placed high in a tree answers NotHave as a parent; the reads below it climb its
+    // ancestors, and where it is a root, the nodes right below it each fall back to the peers
+    // they know: a little origin egress, never a failed read (1.17 × in this run).
+    assert!(relay.origin_per_working_set <= 1.25, "lying peers cost little origin egress: {relay:?}");
 }
 
 #[test]
 fn relay_runs_too_large_for_memory_are_refused_with_the_reason() {
-    let a = args(&["--nodes", "10000", "--strategies", "vmthunder", "--max-peer-state", "1GiB"]);
+    let a = args(&["--nodes", "10000", "--strategies", "vmthunder", "--max-peer-state", "100MiB"]);
     let r = run(&a.params().unwrap()).unwrap();
     let why = r.strategies[0].skipped.as_deref().expect("not run");
-    assert!(why.contains("4095 members") && why.contains("sessions per node"), "{why}");
+    assert!(why.contains("its ancestors and ring successors") && why.contains("GiB of peer state"), "{why}");
+}
+
+#[test]
+fn relay_state_and_sessions_stay_bounded_as_nodes_are_added() {
+    let mut state = Vec::new();
+    for n in ["50", "400"] {
+        let a = args(&["--nodes", n, "--strategies", "vmthunder"]);
+        let r = run(&a.params().unwrap()).unwrap();
+        let s = &r.strategies[0];
+        assert_eq!((s.failed_reads, s.unfinished), (0, 0), "{s:?}");
+        assert!(s.origin_per_working_set <= 1.05, "each chunk from the origin about once: {s:?}");
+        assert!(s.sessions_max <= 64, "{s:?}");
+        assert!(s.upload_max_per_working_set <= 3.0, "{s:?}");
+        state.push(s.peer_state_max_bytes);
+    }
+    // Eight times the nodes: the view grows by one level of each tree, not eightfold.
+    assert!(state[1] < 2 * state[0], "peer state per node: {state:?}");
 }
 
 #[test]
@@ -106,6 +126,8 @@ fn bad_input_is_refused_naming_the_field() {
         (&["--link-burst", "much"], "link-burst"),
         (&["--read-overhead-us=-1"], "read-overhead"),
         (&["--host-cores", "100000"], "host-cores"),
+        (&["--prefetch-lead", "5"], "prefetch-lead"),
+        (&["--classes", "0"], "classes"),
     ] {
         let e = refused(flags);
         assert!(e.starts_with(&format!("{field}: ")), "{flags:?}: {e}");
