@@ -207,6 +207,8 @@ impl TrackerClient {
 mod tests {
     use super::*;
 
+    use crate::p2p::core::roster::REBUILD;
+
     const ASK: Ask = Ask { classes: 4, fanout: 4, near: 8 };
 
     #[test]
@@ -219,16 +221,18 @@ mod tests {
         for p in 0..1000 {
             t.register(img, &format!("10.0.0.9:{p}"), ASK, t0);
         }
-        let later = t0 + crate::p2p::core::roster::REBUILD;
+        let later = t0 + REBUILD;
         let a = t.register(img, "10.0.0.2:7000", ASK, later);
         assert_eq!(a.total, 6, "the first four of the crowded address, and the two others");
         let crowd: Vec<&str> = a.names().into_iter().filter(|n| n.starts_with("10.0.0.9:")).collect();
         assert!(crowd.iter().all(|n| ["10.0.0.9:0", "10.0.0.9:1", "10.0.0.9:2", "10.0.0.9:3"].contains(n)));
         assert!(a.names().contains(&"10.0.0.1:7000"), "other addresses are not crowded out");
         // Registered names stay; once they expire, others of the address may take their places.
-        t.register(img, "10.0.0.9:3", ASK, t0 + Duration::from_secs(2));
-        t.register(img, "10.0.0.9:500", ASK, t0 + Duration::from_secs(4));
-        let a = t.register(img, "10.0.0.9:501", ASK, t0 + Duration::from_secs(4));
+        for s in 1..=5 {
+            t.register(img, "10.0.0.9:3", ASK, t0 + Duration::from_secs(s));
+            t.register(img, "10.0.0.9:500", ASK, t0 + Duration::from_secs(s));
+        }
+        let a = t.register(img, "10.0.0.9:501", ASK, t0 + Duration::from_secs(5) + REBUILD);
         assert!(a.names().contains(&"10.0.0.9:500") && !a.names().contains(&"10.0.0.9:0"));
     }
 

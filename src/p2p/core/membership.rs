@@ -5,7 +5,10 @@
 //!
 //! - Each tracker's latest answer counts for `window` (three heartbeats plus one second): the
 //!   window smooths over a tracker that misses a beat. The ancestors come from the freshest
-//!   answer; the ring successors are the union of the answers in the window.
+//!   answer that carried places, however old: a tracker warming up after a restart or an outage
+//!   answers without places, and the node keeps the ones it had (stale places cost a failed
+//!   request to a dead ancestor at worst, never a loop). The ring successors are the union of
+//!   the answers in the window.
 //! - When no tracker has answered within the window, [`Membership::expire`] says so (`false`):
 //!   the caller leaves its views as they are and keeps using the peers it knows.
 //! - Of the names of one address, at most `per_address` become members (the most recently
@@ -38,6 +41,8 @@ pub struct Membership {
     window: Duration,
     per_address: usize,
     seen: HashMap<Bytes32, HashMap<usize, (Answer, Instant)>>,
+    /// Per image, the freshest places any tracker gave, with the count of live nodes then.
+    placed: HashMap<Bytes32, (Vec<Vec<String>>, u32)>,
     answered: HashMap<usize, Instant>,
 }
 
@@ -49,6 +54,7 @@ impl Membership {
             window: heartbeat * 3 + Duration::from_secs(1),
             per_address: per_address.max(1),
             seen: HashMap::new(),
+            placed: HashMap::new(),
             answered: HashMap::new(),
         }
     }
@@ -56,6 +62,9 @@ impl Membership {
     /// Tracker `tracker` answered at `now` for `image`.
     pub fn named(&mut self, tracker: usize, image: Bytes32, answer: Answer, now: Instant) {
         self.answered.insert(tracker, now);
+        if !answer.ancestors.is_empty() {
+            self.placed.insert(image, (answer.ancestors.clone(), answer.total));
+        }
         self.seen.entry(image).or_default().insert(tracker, (answer, now));
     }
 
@@ -84,10 +93,12 @@ impl Membership {
 
     /// The view of `image` as of the last [`Membership::expire`].
     pub fn view(&self, image: &Bytes32) -> View {
-        let Some(answers) = self.seen.get(image) else { return View::default() };
-        let mut view = View { placed: true, ..View::default() };
+        let mut view = View::default();
+        if let Some((ancestors, total)) = self.placed.get(image) {
+            view = View { ancestors: ancestors.clone(), placed: true, total: *total, ..View::default() };
+        }
+        let Some(answers) = self.seen.get(image) else { return view };
         if let Some((a, _)) = answers.values().max_by_key(|(_, t)| *t) {
-            view.ancestors = a.ancestors.clone();
             view.total = a.total;
         }
         let mut near: HashMap<String, Instant> = HashMap::new();

@@ -10,6 +10,11 @@
 //! [`REBUILD`] (and at least every half `ttl`), so a heartbeat costs O(classes · log N) and a
 //! storm of registrations O(N log N) per rebuild.
 //!
+//! After a silence of more than half a `ttl` (a restart, or an outage in which no node got
+//! through), the table warms up for half a `ttl`: nothing expires and answers carry no places
+//! (`ancestors` empty), so the nodes keep the places they had instead of taking the trees of a
+//! table that holds only the first few nodes to come back.
+//!
 //! Invariants: a node is answered only while it registered within `ttl` (as of the last
 //! rebuild); at most [`MAX_IMAGES`] images and [`MAX_ENTRIES`] names in all are kept, whatever
 //! is sent (memory, not N, is the bound); a new name is recorded (but still answered) only
@@ -107,8 +112,10 @@ impl Image {
         self.dirty |= self.nodes.len() != before;
     }
 
-    fn rebuild(&mut self, now: Instant, ttl: Duration) {
-        self.expire(now, ttl);
+    fn rebuild(&mut self, now: Instant, ttl: Duration, expire: bool) {
+        if expire {
+            self.expire(now, ttl);
+        }
         let mut ring: Vec<(u64, &String)> = self.nodes.iter().map(|(n, (h, _))| (*h, n)).collect();
         ring.sort_unstable();
         self.names = ring.iter().map(|(_, n)| (*n).clone()).collect();
@@ -176,21 +183,37 @@ pub struct Roster {
     images: HashMap<Bytes32, Image>,
     entries: usize,
     swept: Option<Instant>,
+    /// The last registration, and the end of the current warm-up.
+    last: Option<Instant>,
+    warm_until: Option<Instant>,
 }
 
 impl Roster {
     /// A table that forgets a node `ttl` after its last registration, with at most `per_address`
     /// (at least 1) names of each address per image.
     pub fn new(ttl: Duration, per_address: usize) -> Roster {
-        Roster { ttl, per_address: per_address.max(1), images: HashMap::new(), entries: 0, swept: None }
+        Roster {
+            ttl,
+            per_address: per_address.max(1),
+            images: HashMap::new(),
+            entries: 0,
+            swept: None,
+            last: None,
+            warm_until: None,
+        }
     }
 
     /// Records `node` for `image` and answers it (see [`Answer`]), with whether it was recorded.
     pub fn register(&mut self, image: Bytes32, node: &str, ask: Ask, now: Instant) -> (Answer, Recorded) {
         let ttl = self.ttl;
+        if self.last.is_none_or(|t| now.saturating_duration_since(t) > ttl / 2) {
+            self.warm_until = Some(now + ttl / 2);
+        }
+        self.last = Some(now);
+        let warming = self.warm_until.is_some_and(|w| now < w);
         // The whole table, whose size grows with images times nodes, is swept at most once per
         // ttl; each image's own snapshot rebuild expires it more often.
-        if self.swept.is_none_or(|t| now.saturating_duration_since(t) >= ttl) {
+        if !warming && self.swept.is_none_or(|t| now.saturating_duration_since(t) >= ttl) {
             for m in self.images.values_mut() {
                 m.expire(now, ttl);
             }
@@ -225,10 +248,14 @@ impl Roster {
         });
         if stale {
             let before = m.nodes.len();
-            m.rebuild(now, ttl);
+            m.rebuild(now, ttl, !warming);
             self.entries = self.entries + m.nodes.len() - before;
         }
-        (m.answer(node, ask), recorded)
+        let mut answer = m.answer(node, ask);
+        if warming {
+            answer.ancestors.clear();
+        }
+        (answer, recorded)
     }
 
     /// Nodes recorded for `image` (live or not yet swept).
@@ -257,9 +284,11 @@ mod tests {
         assert_eq!(t.register([2; 32], "c:1", ASK, t0).0.names(), Vec::<&str>::new(), "images are apart");
         let later = t0 + REBUILD;
         assert_eq!(t.register(img, "b:1", ASK, later).0.names(), vec!["a:1"]);
-        assert_eq!(t.register(img, "b:1", ASK, t0 + Duration::from_secs(2)).0.names(), vec!["a:1"]);
-        let (a, _) = t.register(img, "b:1", ASK, t0 + Duration::from_secs(4));
-        assert!(a.names().is_empty() && a.total == 1, "a expired: {a:?}");
+        // b keeps its heartbeat; a, last heard at t0, expires after the ttl.
+        for s in 1..=4 {
+            let (a, _) = t.register(img, "b:1", ASK, t0 + Duration::from_secs(s));
+            assert_eq!(a.names().is_empty(), s == 4, "{s} s: {a:?}");
+        }
     }
 
     #[test]
@@ -268,10 +297,13 @@ mod tests {
         let t0 = Instant::now();
         let img = [1; 32];
         let n = 20_000u32;
-        for i in 0..n {
-            t.register(img, &name(i), ASK, t0);
+        // Two heartbeats of every node: the table is warm (half a ttl) at the third.
+        for beat in 0..2 {
+            for i in 0..n {
+                t.register(img, &name(i), ASK, t0 + Duration::from_secs(beat));
+            }
         }
-        let now = t0 + REBUILD;
+        let now = t0 + Duration::from_secs(2);
         let mut children: HashMap<(usize, String), u32> = HashMap::new();
         let mut roots = vec![0; ASK.classes as usize];
         for i in 0..n {
@@ -303,5 +335,30 @@ mod tests {
         let twice = inner.values().filter(|&&k| k > 1).count();
         assert!(twice * 100 < inner.len(), "{twice} of {} inner nodes are inner twice", inner.len());
         assert_eq!(t.nodes(&img), n as usize, "no node cap");
+    }
+
+    #[test]
+    fn after_a_silence_the_table_warms_up_before_it_places_or_forgets() {
+        let ttl = Duration::from_secs(3);
+        let mut t = Roster::new(ttl, 8);
+        let t0 = Instant::now();
+        let img = [1; 32];
+        for beat in 0..2 {
+            for i in 1..=100 {
+                t.register(img, &name(i), ASK, t0 + Duration::from_secs(beat));
+            }
+        }
+        let placed = t.register(img, &name(1), ASK, t0 + Duration::from_secs(2)).0;
+        assert_eq!(placed.ancestors.len(), 4, "places once warm");
+        // Ten silent seconds (the tracker was unreachable), then only half the nodes come back.
+        let back = t0 + Duration::from_secs(12);
+        for i in 1..=50 {
+            let (a, _) = t.register(img, &name(i), ASK, back + Duration::from_millis(10 * i as u64));
+            assert!(a.ancestors.is_empty(), "no places while warming up: nodes keep theirs");
+            assert_eq!(a.total, 100, "nothing forgotten while warming up");
+        }
+        let warm = back + ttl / 2 + REBUILD;
+        let (a, _) = t.register(img, &name(1), ASK, warm);
+        assert_eq!((a.ancestors.len(), a.total), (4, 50), "warm: the silent half is forgotten, the rest placed");
     }
 }

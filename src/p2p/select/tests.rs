@@ -323,10 +323,12 @@ fn placed(n: usize, fanout: u32, classes: u32) -> (Vec<String>, Vec<Selector>) {
     let t0 = Instant::now();
     let mut roster = Roster::new(Duration::from_secs(3), 8);
     let ask = Ask { classes, fanout, near: 8 };
-    for me in &names {
-        roster.register([1; 32], me, ask, t0);
+    for beat in 0..2 {
+        for me in &names {
+            roster.register([1; 32], me, ask, t0 + Duration::from_secs(beat));
+        }
     }
-    let now = t0 + crate::p2p::core::roster::REBUILD;
+    let now = t0 + Duration::from_secs(2);
     let sels = names
         .iter()
         .map(|me| {
