@@ -149,8 +149,8 @@ impl P2pConfig {
         if !(1..=64).contains(&self.fanout) {
             return Err(invalid("p2p.fanout", "must be between 1 and 64"));
         }
-        if !(1..=64).contains(&self.classes) {
-            return Err(invalid("p2p.classes", "must be between 1 and 64"));
+        if !(1..=crate::p2p::core::roster::MAX_CLASSES).contains(&self.classes) {
+            return Err(invalid("p2p.classes", "must be between 1 and 16"));
         }
         if !(1..=1024).contains(&self.upload_slots) {
             return Err(invalid("p2p.upload_slots", "must be between 1 and 1024"));

@@ -1,7 +1,8 @@
 //! Upstream slots with two classes: urgent reads (a guest waiting now, or a peer relaying for
-//! one) and background reads (prefetch). Invariant: a background read never takes a slot while
-//! an urgent read waits for one, and never queues on the semaphore, so a released slot always
-//! goes to a waiting urgent read. Used by the `Fetcher` (slots held until a run is stored) and
+//! one) and background reads (prefetch). Invariant: for [`PATIENCE`] a background read takes
+//! only a free slot while no urgent read waits, and never queues on the semaphore, so a released
+//! slot goes to a waiting urgent read; past it, it queues like an urgent read, so a prefetch run
+//! a guest read may have joined cannot starve into its fetch's timeout. Used by the `Fetcher` (slots held until a run is stored) and
 //! by the peer-aware source (slots held around each origin read).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,6 +13,9 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 /// How often a background read looks for a free slot: polling keeps the urgent path free of any
 /// hand-off to background reads.
 const POLL: Duration = Duration::from_millis(2);
+/// A background read that has waited this long queues as an urgent one: under sustained urgent
+/// load it is late but never starved into its fetch's timeout (a guest read may have joined it).
+pub const PATIENCE: Duration = Duration::from_secs(5);
 
 /// A bounded set of slots; see the module doc.
 #[derive(Debug)]
@@ -46,9 +50,11 @@ impl Slots {
         self.sem.acquire().await.expect("semaphore never closed")
     }
 
-    /// A slot for a background read: only a free one while no urgent read waits.
+    /// A slot for a background read: only a free one while no urgent read waits, for at most
+    /// [`PATIENCE`]; then the next one released, in turn with the urgent reads.
     pub async fn background(&self) -> SemaphorePermit<'_> {
-        loop {
+        let give_up = tokio::time::Instant::now() + PATIENCE;
+        while tokio::time::Instant::now() < give_up {
             if self.urgent_waiting.load(Ordering::SeqCst) == 0 {
                 if let Ok(p) = self.sem.try_acquire() {
                     return p;
@@ -56,6 +62,7 @@ impl Slots {
             }
             tokio::time::sleep(POLL).await;
         }
+        self.urgent().await
     }
 
     /// Urgent reads waiting for a slot now.
@@ -112,5 +119,24 @@ mod tests {
         drop(p);
         let got = tokio::time::timeout(Duration::from_secs(5), slots.background()).await;
         assert!(got.is_ok(), "background read got the free slot");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_background_read_starved_for_its_patience_queues_with_the_urgent_ones() {
+        let slots = Arc::new(Slots::new(1));
+        let held = slots.urgent().await;
+        // An urgent read waits all along: the background read stands back, then queues.
+        let s = slots.clone();
+        let urgent = tokio::spawn(async move { drop(s.urgent().await) });
+        while slots.urgent_waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let s = slots.clone();
+        let background = tokio::spawn(async move { drop(s.background().await) });
+        tokio::time::sleep(PATIENCE + Duration::from_millis(10)).await;
+        assert_eq!(slots.urgent_waiting(), 2, "past its patience it queues");
+        drop(held);
+        urgent.await.unwrap();
+        background.await.unwrap();
     }
 }

@@ -68,7 +68,10 @@ pub enum Outcome {
     Served,
     NotHave,
     Busy,
-    /// Connection failed, broke or stalled.
+    /// The session could not be opened, or broke or stalled: found out within `peer_stall`
+    /// (a dead node resets its connections at once). The read climbs on to the next ancestor.
+    Lost,
+    /// No answer within `peer_timeout`: the read goes to a holder or the origin.
     Failed,
     /// Sent data that does not match the manifest.
     Corrupt,
@@ -422,7 +425,7 @@ impl Selector {
                 }
             }
             Outcome::NotHave | Outcome::Busy => refused(p),
-            Outcome::Failed => {
+            Outcome::Failed | Outcome::Lost => {
                 // Every failed request counts, also the several one outage fails at once: a peer
                 // that dies mid-storm reaches a long backoff at once instead of being retried
                 // every few hundred milliseconds (measured: 0.7 s faster storms with two peers

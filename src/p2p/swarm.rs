@@ -202,7 +202,7 @@ impl Swarm {
     /// caller's [`PieceRead`]).
     async fn ask(&self, node: &str, run: Range<u32>) -> Result<Bytes, Outcome> {
         let outcome = async {
-            let conn = self.session(node).await.map_err(|_| Outcome::Failed)?;
+            let conn = self.session(node).await.map_err(|_| Outcome::Lost)?;
             self.stats.peer_requests.fetch_add(1, Ordering::Relaxed);
             let reply = tokio::time::timeout(self.tuning.request_timeout, conn.request(run.start, run.end - run.start))
                 .await
@@ -217,7 +217,7 @@ impl Swarm {
                 Ok(bytes) => self.verify(node, run.clone(), bytes).await,
                 Err(Refusal::NotHave) => Err(Outcome::NotHave),
                 Err(Refusal::Busy) => Err(Outcome::Busy),
-                Err(Refusal::Closed) => Err(Outcome::Failed),
+                Err(Refusal::Closed) => Err(Outcome::Lost),
             }
         }
         .await;
@@ -230,7 +230,7 @@ impl Swarm {
             Outcome::NotHave | Outcome::Busy => {
                 self.stats.peer_refusals.fetch_add(1, Ordering::Relaxed);
             }
-            Outcome::Failed => {
+            Outcome::Failed | Outcome::Lost => {
                 self.stats.peer_failures.fetch_add(1, Ordering::Relaxed);
             }
             Outcome::Corrupt => {

@@ -27,7 +27,7 @@ use super::conn::{
     client_handshake, connect_from, read_frame_within, server_handshake, write_frame, ConnError, MAX_HANDSHAKES,
     SMALL_FRAME,
 };
-use super::core::roster::{Answer, Ask, Recorded, Roster};
+use super::core::roster::{Answer, Ask, Recorded, Roster, MAX_DEPTH, MAX_NEAR};
 use super::wire::{Bytes32, Frame, Message, MAX_MSG};
 
 /// The image field of a tracker session's `Hello`.
@@ -188,11 +188,14 @@ impl TrackerClient {
             write_frame(s, &Frame::new(Message::Register { image: *image, classes, fanout, near })).await?;
             match read_frame_within(s, MAX_MSG as usize).await?.msg {
                 Message::Peers { image: i, mut ancestors, mut near, total } if i == *image => {
+                    // Bounded whatever a tracker sends: the view is this node's peer state.
                     let ok = |n: &String| super::conn::check_node(n).is_ok();
                     ancestors.truncate(classes as usize);
                     for up in &mut ancestors {
+                        up.truncate(MAX_DEPTH);
                         up.retain(ok);
                     }
+                    near.truncate(ask.near.min(MAX_NEAR) as usize);
                     near.retain(ok);
                     out.insert(i, Answer { ancestors, near, total });
                 }

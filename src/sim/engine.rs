@@ -374,7 +374,11 @@ impl<'a> Sim<'a> {
                 }
             }
             Ev::DirectDone(r) => self.read_done(r, false),
-            Ev::ReadAnswered(i) => self.burst_step(i),
+            Ev::ReadAnswered(i) => {
+                if self.nodes[i as usize].alive {
+                    self.burst_step(i);
+                }
+            }
             Ev::Prefetch(i) => {
                 if self.nodes[i as usize].alive {
                     self.nodes[i as usize].prefetch = self.w.profile_runs.iter().cloned().collect();

@@ -156,11 +156,11 @@ impl SimParams {
         if !(self.origin_rate.is_finite() && self.origin_rate >= 1.0) {
             return Err(bad("origin-rate", "must be at least 1 bit/s"));
         }
-        if !(self.heartbeat.is_finite() && self.heartbeat > 0.0) {
-            return Err(bad("heartbeat", "must be more than 0"));
+        if !(self.heartbeat.is_finite() && self.heartbeat > 0.0 && self.heartbeat <= 3600.0) {
+            return Err(bad("heartbeat", "must be more than 0 and at most 3600"));
         }
-        if !(self.tracker_ttl.is_finite() && self.tracker_ttl > 0.0) {
-            return Err(bad("tracker-ttl", "must be more than 0"));
+        if !(self.tracker_ttl.is_finite() && self.tracker_ttl > 0.0 && self.tracker_ttl <= 3600.0) {
+            return Err(bad("tracker-ttl", "must be more than 0 and at most 3600"));
         }
         for (field, f) in [("kill", self.kill), ("liars", self.liars)] {
             if !(0.0..=1.0).contains(&f) {
@@ -184,8 +184,8 @@ impl SimParams {
         if !(1..=64).contains(&self.fanout) {
             return Err(bad("fanout", "must be between 1 and 64"));
         }
-        if !(1..=64).contains(&self.classes) {
-            return Err(bad("classes", "must be between 1 and 64"));
+        if !(1..=crate::p2p::core::roster::MAX_CLASSES).contains(&self.classes) {
+            return Err(bad("classes", "must be between 1 and 16"));
         }
         if !(1..=64).contains(&self.tree_fanout) {
             return Err(bad("tree-fanout", "must be between 1 and 64"));

@@ -91,7 +91,7 @@ impl Sim<'_> {
         let lat = self.lat();
         if !self.nodes[j as usize].alive {
             // The process is gone: its host resets the connection.
-            self.after(lat, Ev::AtClient(r, Outcome::Failed));
+            self.after(lat, Ev::AtClient(r, Outcome::Lost));
             return;
         }
         if self.strategy == Strategy::CorTree {
@@ -143,7 +143,7 @@ impl Sim<'_> {
         if failed || !self.nodes[j as usize].alive {
             self.release(r);
             let lat = self.lat();
-            self.after(lat, Ev::AtClient(r, if failed { Outcome::NotHave } else { Outcome::Failed }));
+            self.after(lat, Ev::AtClient(r, if failed { Outcome::NotHave } else { Outcome::Lost }));
             return;
         }
         if self.strategy == Strategy::CorTree {
@@ -239,13 +239,13 @@ impl Sim<'_> {
         if !self.nodes[q.client as usize].alive {
             return;
         }
-        self.c.refusals += u64::from(how != Outcome::Failed);
+        self.c.refusals += u64::from(!matches!(how, Outcome::Failed | Outcome::Lost));
         if self.strategy == Strategy::CorTree {
             // A copy-on-read child has no other source: the read fails (EIO).
             self.flight_done(q.flight, true);
             return;
         }
-        if how == Outcome::Failed {
+        if matches!(how, Outcome::Failed | Outcome::Lost) {
             // The session broke: the peer's have-map goes with it.
             let name = self.nodes[q.server as usize].name.clone();
             let n = &mut self.nodes[q.client as usize];
@@ -385,7 +385,7 @@ impl Sim<'_> {
                 self.cancel_flow(f);
                 if let Purpose::Reply(r) = p {
                     self.release(r);
-                    self.after(lat, Ev::AtClient(r, Outcome::Failed));
+                    self.after(lat, Ev::AtClient(r, Outcome::Lost));
                 }
             }
         }
@@ -394,7 +394,7 @@ impl Sim<'_> {
             serving.sort_unstable();
             for r in serving {
                 self.release(r);
-                self.after(lat, Ev::AtClient(r, Outcome::Failed));
+                self.after(lat, Ev::AtClient(r, Outcome::Lost));
             }
             let name = self.nodes[j as usize].name.clone();
             for i in 0..n {

@@ -10,7 +10,7 @@
 //! [`REBUILD`] (and at least every half `ttl`), so a heartbeat costs O(classes · log N) and a
 //! storm of registrations O(N log N) per rebuild.
 //!
-//! After a silence of more than half a `ttl` (a restart, or an outage in which no node got
+//! After a silence of more than a `ttl` (a restart, or an outage in which no node got
 //! through), the table warms up for half a `ttl`: nothing expires and answers carry no places
 //! (`ancestors` empty), so the nodes keep the places they had instead of taking the trees of a
 //! table that holds only the first few nodes to come back.
@@ -30,11 +30,16 @@ use crate::p2p::wire::Bytes32;
 
 /// Most images a tracker keeps.
 pub const MAX_IMAGES: usize = 4096;
-/// Most names a tracker keeps over all images (about 200 bytes each with the snapshots).
+/// Most names a tracker keeps over all images (up to about 1 KiB each with the snapshots' tree orders).
 pub const MAX_ENTRIES: usize = 1 << 20;
 /// Most classes and largest fan-out a tracker computes trees for.
-pub const MAX_CLASSES: u32 = 64;
+pub const MAX_CLASSES: u32 = 16;
 pub const MAX_FANOUT: u32 = 64;
+/// Most ancestors an answer names per class (a fan-out of 1 makes chains as long as N).
+pub const MAX_DEPTH: usize = 32;
+/// Most tree shapes (`classes` values) an image's snapshot keeps orders for: a node asking for
+/// yet another one is answered without places.
+pub const MAX_SHAPES: usize = 2;
 /// Most ring successors an answer names, and how many a node asks for.
 pub const MAX_NEAR: u32 = 64;
 pub const NEAR: u32 = 8;
@@ -91,6 +96,8 @@ struct Image {
     names: Vec<String>,
     ring: Vec<(u64, u32)>,
     orders: HashMap<u32, Vec<Vec<(Key, u32)>>>,
+    /// Shapes asked for since the last rebuild: only those are rebuilt.
+    asked: std::collections::HashSet<u32>,
     built: Option<Instant>,
     dirty: bool,
 }
@@ -120,7 +127,7 @@ impl Image {
         ring.sort_unstable();
         self.names = ring.iter().map(|(_, n)| (*n).clone()).collect();
         self.ring = ring.iter().enumerate().map(|(i, (h, _))| (*h, i as u32)).collect();
-        let shapes: Vec<u32> = self.orders.keys().copied().collect();
+        let shapes: Vec<u32> = std::mem::take(&mut self.asked).into_iter().take(MAX_SHAPES).collect();
         self.orders.clear();
         for classes in shapes {
             self.order(classes);
@@ -150,6 +157,12 @@ impl Image {
         let classes = ask.classes.clamp(1, MAX_CLASSES);
         let fanout = ask.fanout.clamp(1, MAX_FANOUT);
         let mut ancestors = Vec::with_capacity(classes as usize);
+        if !self.orders.contains_key(&classes) && self.orders.len() >= MAX_SHAPES {
+            // A third shape: no places for it (the nodes of one cluster share one shape).
+            ancestors.clear();
+            return Answer { ancestors, near: self.near(me, hash, ask.near), total: self.nodes.len() as u32 };
+        }
+        self.asked.insert(classes);
         self.order(classes);
         let (names, orders) = (&self.names, &self.orders[&classes]);
         for (c, order) in orders.iter().enumerate() {
@@ -158,20 +171,26 @@ impl Image {
             let mut place = order.partition_point(|&(k, i)| (k, names[i as usize].as_str()) > mine);
             let mut up = Vec::new();
             while let Some(p) = parent_place(place, fanout) {
+                if up.len() == MAX_DEPTH {
+                    break;
+                }
                 up.push(names[order[p].1 as usize].clone());
                 place = p;
             }
             ancestors.push(up);
         }
+        Answer { ancestors, near: self.near(me, hash, ask.near), total: self.nodes.len() as u32 }
+    }
+
+    /// The `want` successors of `hash` on the snapshot's ring, `me` left out.
+    fn near(&self, me: &str, hash: u64, want: u32) -> Vec<String> {
         let start = self.ring.partition_point(|&(h, _)| h <= hash);
-        let want = ask.near.min(MAX_NEAR) as usize;
-        let near = (0..self.ring.len())
-            .map(|k| &names[self.ring[(start + k) % self.ring.len()].1 as usize])
+        (0..self.ring.len())
+            .map(|k| &self.names[self.ring[(start + k) % self.ring.len()].1 as usize])
             .filter(|n| n.as_str() != me)
-            .take(want)
+            .take(want.min(MAX_NEAR) as usize)
             .cloned()
-            .collect();
-        Answer { ancestors, near, total: self.nodes.len() as u32 }
+            .collect()
     }
 }
 
@@ -206,8 +225,9 @@ impl Roster {
     /// Records `node` for `image` and answers it (see [`Answer`]), with whether it was recorded.
     pub fn register(&mut self, image: Bytes32, node: &str, ask: Ask, now: Instant) -> (Answer, Recorded) {
         let ttl = self.ttl;
-        if self.last.is_none_or(|t| now.saturating_duration_since(t) > ttl / 2) {
-            self.warm_until = Some(now + ttl / 2);
+        // Silence: no registration for a whole ttl (every entry would expire) or none ever.
+        if self.last.is_none_or(|t| now.saturating_duration_since(t) > ttl) {
+            self.warm_until = now.checked_add(ttl / 2);
         }
         self.last = Some(now);
         let warming = self.warm_until.is_some_and(|w| now < w);
@@ -360,5 +380,28 @@ mod tests {
         let warm = back + ttl / 2 + REBUILD;
         let (a, _) = t.register(img, &name(1), ASK, warm);
         assert_eq!((a.ancestors.len(), a.total), (4, 50), "warm: the silent half is forgotten, the rest placed");
+    }
+
+    #[test]
+    fn chains_and_shapes_are_bounded_whatever_is_asked() {
+        let mut t = Roster::new(Duration::from_secs(3), 8);
+        let t0 = Instant::now();
+        let img = [1; 32];
+        let chain = Ask { classes: 2, fanout: 1, near: 1000 };
+        for beat in 0..2 {
+            for i in 1..=200 {
+                t.register(img, &name(i), chain, t0 + Duration::from_secs(beat));
+            }
+        }
+        let now = t0 + Duration::from_secs(2);
+        let deepest = (1..=200).map(|i| t.register(img, &name(i), chain, now).0).max_by_key(|a| a.ancestors[0].len());
+        let a = deepest.unwrap();
+        assert_eq!(a.ancestors[0].len(), MAX_DEPTH, "a chain of 200 is cut at the depth bound");
+        assert_eq!(a.near.len(), MAX_NEAR as usize, "ring successors at most MAX_NEAR");
+        // Two shapes are placed; a third is answered without places.
+        let (a, _) = t.register(img, &name(1), Ask { classes: 3, fanout: 4, near: 8 }, now);
+        assert_eq!(a.ancestors.len(), 3);
+        let (a, _) = t.register(img, &name(1), Ask { classes: 5, fanout: 4, near: 8 }, now);
+        assert!(a.ancestors.is_empty() && a.near.len() == 8);
     }
 }

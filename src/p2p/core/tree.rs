@@ -3,7 +3,9 @@
 //! its score for c). A node's group is its name's hash modulo `classes`, so the trees are
 //! interior-node-disjoint (as SplitStream's): the nodes of group c fill the upper places of tree
 //! c and are leaves in every other tree, so each node forwards at most one class of the image
-//! (`fanout` copies of a `1 / classes` share), whatever N is.
+//! (`fanout` copies of a `1 / classes` share), whatever N is. This needs `fanout` ≥ `classes`
+//! (a heap of fan-out k has about N / k inner places, a group about N / classes members); with
+//! fewer, some nodes of other groups fill the rest and forward two classes.
 //!
 //! Invariants: a key depends on names and the class alone, never on who is a member, so every
 //! node ranks any two nodes alike; a node relays for a requester only if its key is higher, so

@@ -371,6 +371,14 @@ fn with_the_trackers_places_state_is_bounded_and_a_refused_run_climbs_the_ancest
     s.started(&up[0]);
     s.finished(&up[0], 0..1, Outcome::Busy, now);
     assert_eq!(s.choose(0..1, now, &refused), Choice::Peer { node: up[1].clone(), parent: true });
+    // A lost ancestor (dead: its connection reset) sends the run on up too; one that timed out
+    // sends it to the origin.
+    let mut lost = refused.clone();
+    lost.add(&up[1], Outcome::Lost);
+    assert_eq!(s.choose(0..1, now, &lost), Choice::Peer { node: up[2].clone(), parent: true });
+    let mut timed_out = refused.clone();
+    timed_out.add(&up[1], Outcome::Failed);
+    assert_eq!(s.choose(0..1, now, &timed_out), Choice::Origin);
     // A view that names an ancestor ranking below this node (a stale or lying tracker): never
     // asked, so no chain can loop.
     let below = names.iter().find(|n| **n != names[i] && !crate::p2p::core::tree::above(n, &names[i], 0, 4)).unwrap();
