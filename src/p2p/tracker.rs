@@ -135,7 +135,13 @@ impl Tracker {
                 other => return Err(ConnError::Unexpected { expected: "Register", got: Box::new(other) }),
             };
             let a = self.register(image, &auth.node, ask, Instant::now());
-            let peers = Message::Peers { image, ancestors: a.ancestors, near: a.near, total: a.total };
+            let peers = Message::Peers {
+                image,
+                ancestors: a.ancestors,
+                near: a.near,
+                total: a.total,
+                provisional: a.provisional,
+            };
             write_frame(&mut s, &Frame::new(peers)).await?;
         }
     }
@@ -187,7 +193,7 @@ impl TrackerClient {
             let (classes, fanout, near) = (ask.classes, ask.fanout, ask.near);
             write_frame(s, &Frame::new(Message::Register { image: *image, classes, fanout, near })).await?;
             match read_frame_within(s, MAX_MSG as usize).await?.msg {
-                Message::Peers { image: i, mut ancestors, mut near, total } if i == *image => {
+                Message::Peers { image: i, mut ancestors, mut near, total, provisional } if i == *image => {
                     // Bounded whatever a tracker sends: the view is this node's peer state.
                     let ok = |n: &String| super::conn::check_node(n).is_ok();
                     ancestors.truncate(classes as usize);
@@ -197,7 +203,7 @@ impl TrackerClient {
                     }
                     near.truncate(ask.near.min(MAX_NEAR) as usize);
                     near.retain(ok);
-                    out.insert(i, Answer { ancestors, near, total });
+                    out.insert(i, Answer { ancestors, near, total, provisional });
                 }
                 other => return Err(ConnError::Unexpected { expected: "Peers", got: Box::new(other) }),
             }

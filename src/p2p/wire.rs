@@ -77,8 +77,9 @@ pub enum Message {
     /// trees of fan-out `fanout`, and I want `near` ring successors.
     Register { image: Bytes32, classes: u32, fanout: u32, near: u32 },
     /// Tracker → node: for each class the asker's ancestors (parent first), its ring
-    /// successors, and the number of live nodes serving `image`.
-    Peers { image: Bytes32, ancestors: Vec<Vec<String>>, near: Vec<String>, total: u32 },
+    /// successors, the number of live nodes serving `image`, and whether the places are
+    /// provisional (the tracker warms up).
+    Peers { image: Bytes32, ancestors: Vec<Vec<String>>, near: Vec<String>, total: u32, provisional: bool },
 }
 
 impl Message {
@@ -229,6 +230,7 @@ mod tests {
                 ancestors: vec![vec!["a:1".into()], vec![]],
                 near: vec!["b:2".into()],
                 total: 3,
+                provisional: false,
             }),
         ]
     }

@@ -5,8 +5,9 @@
 //!
 //! - Each tracker's latest answer counts for `window` (three heartbeats plus one second): the
 //!   window smooths over a tracker that misses a beat. The ancestors come from the freshest
-//!   answer that carried places, however old: a tracker warming up after a restart or an outage
-//!   answers without places, and the node keeps the ones it had (stale places cost a failed
+//!   answer that carried final places, however old: a tracker warming up after a restart or an
+//!   outage gives provisional places, which a node takes only if it has none, and otherwise it
+//!   keeps the ones it had (stale places cost a failed
 //!   request to a dead ancestor at worst, never a loop). The ring successors are the union of
 //!   the answers in the window.
 //! - When no tracker has answered within the window, [`Membership::expire`] says so (`false`):
@@ -62,7 +63,7 @@ impl Membership {
     /// Tracker `tracker` answered at `now` for `image`.
     pub fn named(&mut self, tracker: usize, image: Bytes32, answer: Answer, now: Instant) {
         self.answered.insert(tracker, now);
-        if !answer.ancestors.is_empty() {
+        if !answer.ancestors.is_empty() && (!answer.provisional || !self.placed.contains_key(&image)) {
             self.placed.insert(image, (answer.ancestors.clone(), answer.total));
         }
         self.seen.entry(image).or_default().insert(tracker, (answer, now));
@@ -161,6 +162,7 @@ mod tests {
             ancestors: vec![vec![parent.to_string()], vec![]],
             near: near.iter().map(|n| n.to_string()).collect(),
             total: 9,
+            provisional: false,
         }
     }
 

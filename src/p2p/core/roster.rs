@@ -11,9 +11,9 @@
 //! storm of registrations O(N log N) per rebuild.
 //!
 //! After a silence of more than a `ttl` (a restart, or an outage in which no node got
-//! through), the table warms up for half a `ttl`: nothing expires and answers carry no places
-//! (`ancestors` empty), so the nodes keep the places they had instead of taking the trees of a
-//! table that holds only the first few nodes to come back.
+//! through), the table warms up for half a `ttl`: nothing expires and its places are
+//! provisional, so the nodes keep the places they had instead of taking the trees of a table
+//! that holds only the first few nodes to come back (a node that has none takes them).
 //!
 //! Invariants: a node is answered only while it registered within `ttl` (as of the last
 //! rebuild); at most [`MAX_IMAGES`] images and [`MAX_ENTRIES`] names in all are kept, whatever
@@ -63,6 +63,8 @@ pub struct Answer {
     pub near: Vec<String>,
     /// Live nodes of the image (the asker included).
     pub total: u32,
+    /// Places computed while the table warms up: a node takes them only if it has none.
+    pub provisional: bool,
 }
 
 impl Answer {
@@ -160,7 +162,8 @@ impl Image {
         if !self.orders.contains_key(&classes) && self.orders.len() >= MAX_SHAPES {
             // A third shape: no places for it (the nodes of one cluster share one shape).
             ancestors.clear();
-            return Answer { ancestors, near: self.near(me, hash, ask.near), total: self.nodes.len() as u32 };
+            let near = self.near(me, hash, ask.near);
+            return Answer { ancestors, near, total: self.nodes.len() as u32, provisional: false };
         }
         self.asked.insert(classes);
         self.order(classes);
@@ -179,7 +182,7 @@ impl Image {
             }
             ancestors.push(up);
         }
-        Answer { ancestors, near: self.near(me, hash, ask.near), total: self.nodes.len() as u32 }
+        Answer { ancestors, near: self.near(me, hash, ask.near), total: self.nodes.len() as u32, provisional: false }
     }
 
     /// The `want` successors of `hash` on the snapshot's ring, `me` left out.
@@ -272,9 +275,7 @@ impl Roster {
             self.entries = self.entries + m.nodes.len() - before;
         }
         let mut answer = m.answer(node, ask);
-        if warming {
-            answer.ancestors.clear();
-        }
+        answer.provisional = warming;
         (answer, recorded)
     }
 
@@ -369,17 +370,17 @@ mod tests {
             }
         }
         let placed = t.register(img, &name(1), ASK, t0 + Duration::from_secs(2)).0;
-        assert_eq!(placed.ancestors.len(), 4, "places once warm");
+        assert_eq!((placed.ancestors.len(), placed.provisional), (4, false), "places once warm");
         // Ten silent seconds (the tracker was unreachable), then only half the nodes come back.
         let back = t0 + Duration::from_secs(12);
         for i in 1..=50 {
             let (a, _) = t.register(img, &name(i), ASK, back + Duration::from_millis(10 * i as u64));
-            assert!(a.ancestors.is_empty(), "no places while warming up: nodes keep theirs");
+            assert!(a.provisional, "provisional places while warming up: nodes keep theirs");
             assert_eq!(a.total, 100, "nothing forgotten while warming up");
         }
         let warm = back + ttl / 2 + REBUILD;
         let (a, _) = t.register(img, &name(1), ASK, warm);
-        assert_eq!((a.ancestors.len(), a.total), (4, 50), "warm: the silent half is forgotten, the rest placed");
+        assert_eq!((a.ancestors.len(), a.total, a.provisional), (4, 50, false), "warm: the silent half forgotten");
     }
 
     #[test]
