@@ -1,5 +1,5 @@
 //! SVG figures of `vmt sim` sweeps (plotters' SVG backend, no fonts needed): makespan ratio and
-//! guest-stall p99 against N per strategy (log scale in N), and the per-node completion CDF of one
+//! guest-stall p99 against N per strategy (log scales), and the per-node completion CDF of one
 //! storm. Pure output: the reports are drawn as they are, nothing is computed here but axes.
 
 use std::path::{Path, PathBuf};
@@ -49,11 +49,18 @@ fn draw_err(path: &Path) -> impl Fn(String) -> PlotError + '_ {
     move |reason| PlotError::Draw { path: path.display().to_string(), reason }
 }
 
-/// A log-N line chart of `lines` into `path`.
+/// Values below this are drawn at it (a log axis has no 0: a stall p99 of 0 ms, say).
+const FLOOR: f64 = 0.01;
+
+/// A log-log line chart of `lines` into `path`.
 fn against_n(path: &Path, title: &str, y_desc: &str, lines: &[(String, Vec<(f64, f64)>)]) -> Result<(), PlotError> {
     let err = draw_err(path);
     let max_n = lines.iter().flat_map(|(_, p)| p.iter().map(|x| x.0)).fold(1.0f64, f64::max);
-    let max_y = lines.iter().flat_map(|(_, p)| p.iter().map(|x| x.1)).fold(0.0f64, f64::max);
+    // Both axes logarithmic: direct reads grow a thousandfold where the relays stay near 1.
+    let lines: Vec<(String, Vec<(f64, f64)>)> =
+        lines.iter().map(|(n, p)| (n.clone(), p.iter().map(|&(x, y)| (x, y.max(FLOOR))).collect())).collect();
+    let max_y = lines.iter().flat_map(|(_, p)| p.iter().map(|x| x.1)).fold(FLOOR, f64::max);
+    let min_y = lines.iter().flat_map(|(_, p)| p.iter().map(|x| x.1)).fold(max_y, f64::min);
     let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
     let mut chart = ChartBuilder::on(&root)
@@ -61,7 +68,7 @@ fn against_n(path: &Path, title: &str, y_desc: &str, lines: &[(String, Vec<(f64,
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(60)
-        .build_cartesian_2d((1f64..max_n * 1.5).log_scale(), 0f64..(max_y * 1.1).max(1e-3))
+        .build_cartesian_2d((1f64..max_n * 1.5).log_scale(), (min_y * 0.8..max_y * 1.5).log_scale())
         .map_err(|e| err(e.to_string()))?;
     chart
         .configure_mesh()
