@@ -170,8 +170,8 @@ impl Swarm {
     }
 
     async fn session(&self, node: &str) -> Result<Arc<PeerConn>, Refusal> {
-        let slot = self.conns.lock().unwrap().entry(node.to_string()).or_default().clone();
-        let mut slot = slot.lock().await;
+        let shared = self.conns.lock().unwrap().entry(node.to_string()).or_default().clone();
+        let mut slot = shared.lock().await;
         if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
@@ -187,6 +187,13 @@ impl Swarm {
         .await
         {
             Ok(c) => {
+                // The peer left the view while this node was connecting (`set_view` dropped the
+                // slot): the session would live on unseen, so it ends here.
+                let current = self.conns.lock().unwrap().get(node).is_some_and(|s| Arc::ptr_eq(s, &shared));
+                if !current {
+                    c.close();
+                    return Err(Refusal::Closed);
+                }
                 *slot = Some(c.clone());
                 Ok(c)
             }

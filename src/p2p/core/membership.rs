@@ -89,6 +89,10 @@ impl Membership {
         for seen in self.seen.values_mut() {
             seen.retain(|_, (_, t)| now.saturating_duration_since(*t) <= window);
         }
+        // An image no tracker answered for within the window is no longer served here.
+        self.seen.retain(|_, m| !m.is_empty());
+        let seen = &self.seen;
+        self.placed.retain(|img, _| seen.contains_key(img));
         true
     }
 
