@@ -61,8 +61,8 @@ fn check(f: Frame) {
         Message::Hello { node, .. } | Message::Challenge { node, .. } => {
             let _ = check_node(node);
         }
-        Message::Peers { nodes, .. } => {
-            for n in nodes {
+        Message::Peers { ancestors, near, .. } => {
+            for n in ancestors.iter().flatten().chain(near) {
                 let _ = check_node(n);
             }
         }

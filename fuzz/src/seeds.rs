@@ -108,8 +108,14 @@ fn p2p_wire() -> Vec<Vec<u8>> {
         Frame::new(Message::NotHave { id: 1 }),
         Frame::new(Message::Busy { id: 1 }),
         Frame::new(Message::Ping),
-        Frame::new(Message::Register { image: [4; 32] }),
-        Frame::new(Message::Peers { image: [4; 32], nodes: vec!["10.0.0.3:7000".into(), "[::1]:7001".into()] }),
+        Frame::new(Message::Register { image: [4; 32], classes: 4, fanout: 4, near: 8 }),
+        Frame::new(Message::Peers {
+            image: [4; 32],
+            ancestors: vec![vec!["10.0.0.3:7000".into()], vec![]],
+            near: vec!["[::1]:7001".into()],
+            total: 3,
+            provisional: false,
+        }),
     ];
     let mut out = Vec::new();
     for f in &frames {
@@ -183,6 +189,7 @@ fn control() -> Vec<Vec<u8>> {
         cache_dir: "/var/lib/vmthunder/cache/00".into(),
         peers: 2,
         p2p: Some(PeerStatus { peers_usable: 1, sessions: 1, ..PeerStatus::default() }),
+        cache: control::CacheHealth { write_errors: 1, ..Default::default() },
     };
     let responses = vec![
         Response::Status {
@@ -190,6 +197,7 @@ fn control() -> Vec<Vec<u8>> {
             images: vec![status],
             profiles_rejected: 0,
             p2p: Some(control::NodeP2pStatus { node: "10.0.0.1:7000".into(), ..Default::default() }),
+            nbd: control::NbdStatus { connections: 1, max_connections: 1024, ..Default::default() },
         },
         Response::Assembled { sockets: vec!["/run/vmthunder/exports/a.sock".into()] },
         Response::Recorded { path: "/p".into(), boots: 1, chunks: 2, bytes: 3 },
