@@ -138,8 +138,6 @@ pub struct Selector {
     placed: bool,
     /// The view's ring successors.
     near: Vec<String>,
-    /// Live nodes of the image, as the tracker last said.
-    total: u32,
     bans: u64,
 }
 
@@ -168,14 +166,8 @@ impl Selector {
             ancestors: Vec::new(),
             placed: false,
             near: Vec::new(),
-            total: 0,
             bans: 0,
         }
-    }
-
-    /// The tree shape this selector asks the tracker for.
-    pub fn shape(&self) -> (u32, u32) {
-        (self.classes, self.fanout)
     }
 
     fn class(&self, chunk: u32) -> u32 {
@@ -215,7 +207,6 @@ impl Selector {
         }
         self.placed = view.placed;
         self.near = view.near.clone();
-        self.total = view.total;
         self.ancestors = view.ancestors.clone();
         self.ancestors.resize(self.classes as usize, Vec::new());
         for n in names {
@@ -350,11 +341,6 @@ impl Selector {
         v.sort();
         v.dedup();
         v
-    }
-
-    /// Live nodes of the image, as the tracker last said (0 without one).
-    pub fn total(&self) -> u32 {
-        self.total
     }
 
     /// Whether this node is the root of the tree of the stripe of `chunk` (it reads that stripe
