@@ -17,8 +17,10 @@ use crate::iscsi::chap::Credentials;
 use crate::iscsi::initiator::IscsiOptions;
 use crate::iscsi::pdu::Digests;
 
+mod cache;
 mod nbd;
 mod p2p;
+pub use cache::{CacheConfig, CacheLimits};
 pub use nbd::NbdConfig;
 pub use p2p::{P2pConfig, P2pTuning};
 
@@ -96,6 +98,9 @@ pub struct Config {
     /// Peer-to-peer relay between nodes (off when absent).
     #[serde(default)]
     pub p2p: Option<P2pConfig>,
+    /// The disk budget of all caches together (unbounded when absent).
+    #[serde(default)]
+    pub cache: CacheConfig,
     /// Images served at start.
     #[serde(default, rename = "image")]
     pub images: Vec<ImageConfig>,
@@ -203,6 +208,7 @@ impl Config {
         }
         self.tuning()?;
         self.nbd.limits()?;
+        self.cache.validate()?;
         if let Some(p) = &self.p2p {
             let t = p.tuning()?;
             // A relay that may wait as long as a guest read may would turn a hung parent into

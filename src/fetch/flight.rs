@@ -344,7 +344,13 @@ impl Fetcher {
             Ok(()) => {
                 self.stats.chunks_fetched.fetch_add(n, Ordering::Relaxed);
             }
-            Err(StoreError::Degraded(_) | StoreError::Forgetting(_)) => {}
+            Err(
+                StoreError::Degraded(_)
+                | StoreError::Forgetting(_)
+                | StoreError::NoSpace(_)
+                | StoreError::OverBudget(_)
+                | StoreError::Evicting(_),
+            ) => {}
             Err(e) => tracing::warn!(chunks = ?span, error = %e, "storing fetched chunks failed"),
         }
     }

@@ -35,6 +35,9 @@ pub trait DataFile: Send + Sync {
     fn sync_data(&self) -> io::Result<()>;
     /// The same file through a new descriptor (after a failed sync).
     fn reopen(&self) -> io::Result<Arc<dyn DataFile>>;
+    /// Frees the blocks of `[offset, offset + len)`; the file keeps its size and the range reads
+    /// as zeros. Called only for chunks the state file no longer claims.
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()>;
 }
 
 /// The data file itself.
@@ -108,6 +111,20 @@ impl DataFile for PlainFile {
 
     fn reopen(&self) -> io::Result<Arc<dyn DataFile>> {
         Ok(Arc::new(PlainFile::open(&self.path)?))
+    }
+
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (at, n) = (i64::try_from(offset), i64::try_from(len));
+        let (Ok(at), Ok(n)) = (at, n) else { return Err(io::ErrorKind::InvalidInput.into()) };
+        // SAFETY: fallocate on an owned descriptor; no memory is passed.
+        let r = unsafe {
+            libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, at, n)
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
 }
 
@@ -256,6 +273,10 @@ impl DataFile for FaultyFile {
         self.inner.sync_data()?;
         unsynced.clear();
         Ok(())
+    }
+
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.punch(offset, len)
     }
 
     fn reopen(&self) -> io::Result<Arc<dyn DataFile>> {

@@ -26,6 +26,9 @@
 //! keeps failing stops caching for a while ([`DEGRADE_AFTER`], [`DEGRADE_FOR`]); reads are then
 //! served from the origin or peers without it. All calls block: callers use the blocking pool.
 
+pub mod budget;
+mod evict;
+pub mod gc;
 pub mod io;
 pub mod state;
 
@@ -33,7 +36,7 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use roaring::RoaringBitmap;
@@ -42,12 +45,16 @@ use thiserror::Error;
 use crate::fsutil;
 use crate::image::{ChunkIdx, Digest, Geometry, Manifest};
 use io::{DataFile, Fault, FaultyFile, PlainFile};
+pub use budget::Budget;
+pub use evict::{tick, Evicted};
 pub use state::StateError;
 
 /// Failed writes or syncs in a row after which the cache stops caching for [`DEGRADE_FOR`].
 pub const DEGRADE_AFTER: u32 = 3;
 /// How long a failing cache stops caching before it tries again.
 pub const DEGRADE_FOR: Duration = Duration::from_secs(30);
+/// How long a cache whose disk is full stops caching before it tries again.
+pub const FULL_FOR: Duration = Duration::from_secs(5);
 
 /// Errors of the chunk store.
 #[derive(Debug, Error)]
@@ -76,6 +83,15 @@ pub enum StoreError {
     /// The cache failed repeatedly and is not caching for now.
     #[error("cache {0} is failing; not caching for now")]
     Degraded(PathBuf),
+    /// The cache's filesystem is full (ENOSPC): served without caching for now.
+    #[error("cache {0}: no space left; not caching for now")]
+    NoSpace(PathBuf),
+    /// The node's cache budget is spent: served without caching until the collector frees space.
+    #[error("cache budget spent; not caching {0}")]
+    OverBudget(ChunkIdx),
+    /// The chunk is being evicted and may be cached again once its hole is punched.
+    #[error("{0} is being evicted")]
+    Evicting(ChunkIdx),
 }
 
 /// Counters of the store's failures.
@@ -86,6 +102,10 @@ pub struct StoreStats {
     pub read_errors: AtomicU64,
     /// Chunks dropped from the presence map by a failure or a failed verification.
     pub chunks_dropped: AtomicU64,
+    /// Fetched chunks served without being cached: the disk was full or the budget spent.
+    pub chunks_not_cached: AtomicU64,
+    /// Chunks evicted to keep the node within its budget.
+    pub chunks_evicted: AtomicU64,
 }
 
 /// What [`ChunkStore::verify`] found.
@@ -130,6 +150,19 @@ pub struct ChunkStore {
     failures: AtomicU32,
     degraded_until: Mutex<Option<Instant>>,
     stats: StoreStats,
+    /// Held (shared) from a read's presence check until its bytes are read; an eviction takes
+    /// it exclusively to drop chunks from `presence`, so a hole is never punched under a read.
+    reading: RwLock<()>,
+    /// Chunks on their way out: `put` refuses them until their holes are punched.
+    evicting: Mutex<RoaringBitmap>,
+    /// Per chunk, the [`tick`] of its last use (0: not used since open): eviction order.
+    uses: Box<[AtomicU32]>,
+    last_use: AtomicU32,
+    /// The node's budget, when `[cache] max` is set.
+    budget: OnceLock<Arc<Budget>>,
+    /// Set when the disk was full: no caching until then.
+    full_until: Mutex<Option<Instant>>,
+    full_warning: budget::Throttle,
 }
 
 impl ChunkStore {
@@ -208,6 +241,13 @@ impl ChunkStore {
             failures: AtomicU32::new(0),
             degraded_until: Mutex::new(None),
             stats: StoreStats::default(),
+            reading: RwLock::new(()),
+            evicting: Mutex::new(RoaringBitmap::new()),
+            uses: (0..geometry.chunk_count()).map(|_| AtomicU32::new(0)).collect(),
+            last_use: AtomicU32::new(0),
+            budget: OnceLock::new(),
+            full_until: Mutex::new(None),
+            full_warning: budget::Throttle::default(),
         })
     }
 
@@ -267,6 +307,7 @@ impl ChunkStore {
     /// checked against the manifest.
     pub fn read_vec(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
         let range = self.geometry.chunks_covering(crate::image::ByteOffset(offset), len as u64);
+        let _reading = self.reading.read().unwrap();
         let unsettled: Vec<u32> = {
             let p = self.presence.read().unwrap();
             if p.readable.range_cardinality(range.clone()) != u64::from(range.end - range.start) {
@@ -377,16 +418,36 @@ impl ChunkStore {
         if self.degraded() {
             return Err(StoreError::Degraded(self.dir.clone()));
         }
+        let n = u64::from(span.end - span.start);
+        if self.full_until.lock().unwrap().is_some_and(|t| Instant::now() < t) {
+            self.stats.chunks_not_cached.fetch_add(n, Ordering::Relaxed);
+            return Err(StoreError::NoSpace(self.dir.clone()));
+        }
         let _queue = self.write.lock().unwrap();
         if self.forgotten.lock().unwrap().range_cardinality(span.clone()) > 0 {
             return Err(StoreError::Forgetting(first));
         }
+        if self.evicting.lock().unwrap().range_cardinality(span.clone()) > 0 {
+            return Err(StoreError::Evicting(first));
+        }
+        let budget = self.budget.get();
+        if budget.is_some_and(|b| !b.admit(data.len() as u64)) {
+            self.stats.chunks_not_cached.fetch_add(n, Ordering::Relaxed);
+            return Err(StoreError::OverBudget(first));
+        }
         if let Err(source) = self.file().write_at(data, offset) {
+            if let Some(b) = budget {
+                b.give_back(data.len() as u64);
+            }
+            if source.raw_os_error() == Some(libc::ENOSPC) {
+                return Err(self.disk_full(n, source));
+            }
             self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
             self.failed(&source);
             return Err(StoreError::Io { path: self.dir.join("data"), source });
         }
         self.failures.store(0, Ordering::SeqCst);
+        self.touch(span.clone());
         // Unsettled before queued: a commit that takes the queue then settles what it synced.
         let mut presence = self.presence.write().unwrap();
         presence.readable.insert_range(span.clone());
@@ -394,6 +455,18 @@ impl ChunkStore {
         drop(presence);
         self.pending.lock().unwrap().extend(span);
         Ok(())
+    }
+
+    /// After ENOSPC: stops caching for [`FULL_FOR`] (reads are served all the same), counts the
+    /// chunks, and warns now and then. Not a failure of the disk: nothing is dropped.
+    fn disk_full(&self, chunks: u64, source: std::io::Error) -> StoreError {
+        self.stats.chunks_not_cached.fetch_add(chunks, Ordering::Relaxed);
+        *self.full_until.lock().unwrap() = Some(Instant::now() + FULL_FOR);
+        if self.full_warning.due() {
+            tracing::warn!(cache = %self.dir.display(), error = %source, retry_in = ?FULL_FOR,
+                "cache disk full: serving reads without caching them");
+        }
+        StoreError::NoSpace(self.dir.clone())
     }
 
     /// Counts a failed write or sync; enough of them in a row stop caching for a while.
@@ -485,6 +558,8 @@ impl ChunkStore {
     /// then call `read_vec` on the blocking pool.
     pub fn read_vec_nowait(&self, offset: u64, len: usize) -> Option<Vec<u8>> {
         let range = self.geometry.chunks_covering(crate::image::ByteOffset(offset), len as u64);
+        // An eviction in progress: not worth waiting for on a runtime thread.
+        let _reading = self.reading.try_read().ok()?;
         {
             let p = self.presence.read().unwrap();
             let n = u64::from(range.end - range.start);
@@ -501,10 +576,15 @@ impl ChunkStore {
         let mut report = VerifyReport::default();
         for i in self.present() {
             let idx = ChunkIdx(i);
+            let reading = self.reading.read().unwrap();
+            if !self.has(idx) {
+                continue; // evicted meanwhile
+            }
             let ok = match self.file().read_vec(self.geometry.chunk_offset(idx).0, self.geometry.chunk_len(idx)) {
                 Ok(bytes) => manifest.verify(idx, &bytes),
                 Err(_) => false,
             };
+            drop(reading);
             report.checked += 1;
             if !ok {
                 report.bad += 1;

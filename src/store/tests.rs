@@ -100,7 +100,7 @@ fn a_failed_read_forgets_the_chunk_and_a_failing_cache_degrades() {
     let dir = tempfile::tempdir().unwrap();
     let data: Vec<u8> = (0..20_000u32).map(|i| (i % 241) as u8).collect();
     let m = manifest(&data);
-    let s = ChunkStore::open_with_faults(dir.path(), &m, parse_faults("read=eio/2,write=enospc/2").unwrap()).unwrap();
+    let s = ChunkStore::open_with_faults(dir.path(), &m, parse_faults("read=eio/2,write=eio/2").unwrap()).unwrap();
     s.put_span(0..2, &data[..8192]).unwrap();
     assert!(s.put(ChunkIdx(2), &data[8192..12288]).is_err(), "second write fails");
     assert!(!s.has(ChunkIdx(2)));
@@ -119,6 +119,20 @@ fn a_failed_read_forgets_the_chunk_and_a_failing_cache_degrades() {
     assert!(s.degraded());
     assert!(matches!(s.put(ChunkIdx(3), &data[12288..16384]), Err(StoreError::Degraded(_))));
     assert_eq!(s.stats().write_errors.load(Ordering::Relaxed), u64::from(DEGRADE_AFTER));
+}
+
+#[test]
+fn a_full_disk_stops_caching_without_counting_as_a_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..20_000u32).map(|i| (i % 233) as u8).collect();
+    let m = manifest(&data);
+    let s = ChunkStore::open_with_faults(dir.path(), &m, parse_faults("write=enospc").unwrap()).unwrap();
+    assert!(matches!(s.put_span(0..2, &data[..8192]), Err(StoreError::NoSpace(_))));
+    assert!(matches!(s.put(ChunkIdx(3), &data[12288..16384]), Err(StoreError::NoSpace(_))), "not tried again at once");
+    assert!(!s.has(ChunkIdx(0)) && !s.has(ChunkIdx(3)));
+    assert_eq!(s.stats().chunks_not_cached.load(Ordering::Relaxed), 3);
+    assert_eq!(s.stats().write_errors.load(Ordering::Relaxed), 0);
+    assert!(!s.degraded());
 }
 
 #[test]

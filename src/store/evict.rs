@@ -1,0 +1,148 @@
+//! Eviction from one image's cache: which chunks were used least recently, and taking chunks out
+//! so that a crash at any point leaves a cache that never claims a chunk it does not hold.
+//!
+//! Order of an eviction (see DESIGN.md, "Cache lifecycle"):
+//! 1. the chunks join `evicting` (`put` refuses them from here on);
+//! 2. under `reading` held exclusively they leave the presence map: every read that saw them
+//!    present has finished, every later read fetches them;
+//! 3. the state file without them is written atomically (durable);
+//! 4. their blocks are punched out of the data file;
+//! 5. they leave `evicting` and may be cached again.
+//!
+//! A crash before 3 leaves them claimed and intact; after 3 they are unclaimed, punched or not.
+//! Only durable chunks are evicted: a chunk waiting for its commit is the newest in the cache.
+
+use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use roaring::RoaringBitmap;
+
+use super::{ChunkStore, StoreError};
+use crate::fsutil;
+use crate::image::ChunkIdx;
+
+/// The node's use clock, in tenths of a second since the process started, from 1 (0 means
+/// "not used since the cache was opened"). Comparable between images.
+pub fn tick() -> u32 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let t = START.get_or_init(Instant::now).elapsed().as_millis() / 100;
+    u32::try_from(t).unwrap_or(u32::MAX - 1) + 1
+}
+
+/// What one eviction took out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Evicted {
+    pub chunks: u64,
+    /// Blocks freed in the data file, as its allocated size shows.
+    pub bytes: u64,
+}
+
+impl ChunkStore {
+    /// Sets the node budget that writes are admitted against (once, before serving).
+    pub fn set_budget(&self, budget: std::sync::Arc<super::Budget>) {
+        let _ = self.budget.set(budget);
+    }
+
+    /// Notes that the chunks of `range` were used now.
+    pub fn touch(&self, range: std::ops::Range<u32>) {
+        let now = tick();
+        for i in range {
+            if let Some(u) = self.uses.get(i as usize) {
+                u.store(now, Ordering::Relaxed);
+            }
+        }
+        self.last_use.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// The [`tick`] of this cache's last use (0: none since open).
+    pub fn last_use(&self) -> u32 {
+        self.last_use.load(Ordering::Relaxed)
+    }
+
+    /// Bytes the data file really holds (allocated blocks, not its sparse size).
+    pub fn allocated_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(self.dir.join("data")).map_or(0, |m| m.blocks() * 512)
+    }
+
+    /// The durable chunks that may be evicted, least recently used first, without `keep`.
+    pub fn eviction_order(&self, keep: Option<&RoaringBitmap>) -> Vec<(u32, u32)> {
+        let mut candidates = self.durable.lock().unwrap().clone();
+        if let Some(keep) = keep {
+            candidates -= keep;
+        }
+        let mut order: Vec<(u32, u32)> =
+            candidates.iter().map(|i| (self.uses.get(i as usize).map_or(0, |u| u.load(Ordering::Relaxed)), i)).collect();
+        order.sort_unstable();
+        order
+    }
+
+    /// Takes `victims` out of the cache in the crash-safe order above. Chunks not durable, or
+    /// already gone, are skipped. Fails only when the state file cannot be written; the chunks
+    /// are then out of the presence map, not punched, and dropped from the state by the next
+    /// commit.
+    pub fn evict(&self, victims: &RoaringBitmap) -> Result<Evicted, StoreError> {
+        let before = self.allocated_bytes();
+        let mut durable = self.durable.lock().unwrap();
+        let asked = victims & &*durable;
+        let mut victims = asked.clone();
+        // 1. Refused by `put` from now on (checked under the write queue's lock).
+        {
+            let _queue = self.write.lock().unwrap();
+            *self.evicting.lock().unwrap() |= &asked;
+        }
+        // 2. Out of the presence map, after every read that saw them present.
+        {
+            let _reads = self.reading.write().unwrap();
+            let mut p = self.presence.write().unwrap();
+            victims -= &p.unsettled;
+            victims &= &p.readable;
+            p.readable -= &victims;
+        }
+        let release = || *self.evicting.lock().unwrap() -= &asked;
+        if victims.is_empty() {
+            release();
+            return Ok(Evicted::default());
+        }
+        // 3. Durably unclaimed.
+        let next = &*durable - &victims;
+        let path = self.dir.join("state");
+        if let Err(source) = fsutil::write_atomic(&path, &super::state::encode(&self.geometry, &self.root, &next), 0o600) {
+            *self.forgotten.lock().unwrap() |= &victims;
+            release();
+            return Err(StoreError::Io { path, source });
+        }
+        *durable = next;
+        drop(durable);
+        // 4. Blocks freed, run by run.
+        let file = self.file();
+        let mut punched = true;
+        let mut runs = victims.iter().peekable();
+        while let Some(start) = runs.next() {
+            let mut end = start + 1;
+            while runs.peek() == Some(&end) {
+                runs.next();
+                end += 1;
+            }
+            let Some((offset, len)) = self.geometry.run_bytes(start..end) else { continue };
+            if let Err(e) = file.punch(offset.0, len as u64) {
+                punched = false;
+                tracing::warn!(cache = %self.dir.display(), chunk = %ChunkIdx(start), error = %e,
+                    "punching a hole failed: the chunks are out of the cache but their space is not freed");
+            }
+        }
+        // 5. Cacheable again.
+        release();
+        let n = victims.len();
+        self.stats.chunks_evicted.fetch_add(n, Ordering::Relaxed);
+        let after = self.allocated_bytes();
+        if let Some(b) = self.budget.get() {
+            b.give_back(before.saturating_sub(after));
+        }
+        if !punched {
+            tracing::debug!(cache = %self.dir.display(), "some holes were not punched");
+        }
+        Ok(Evicted { chunks: n, bytes: before.saturating_sub(after) })
+    }
+}
