@@ -3,6 +3,7 @@
 //! See DESIGN.md for the architecture and FORMAT.md for every on-disk and wire format.
 
 pub mod bench;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod fetch;

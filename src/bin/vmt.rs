@@ -55,7 +55,7 @@ enum Cmd {
     },
     /// Inspect and repair the node cache.
     #[command(subcommand)]
-    Cache(CacheCmd),
+    Cache(vmthunder::cli::cache::CacheCmd),
     /// Record every NBD request an image's export receives (for `vmt bench replay`).
     #[command(subcommand)]
     Trace(TraceCmd),
@@ -74,13 +74,6 @@ enum Cmd {
         #[arg(long, default_value_t = 3600)]
         timeout: u64,
     },
-}
-
-#[derive(Subcommand)]
-enum CacheCmd {
-    /// Read every cached chunk of IMAGE and check it against the manifest. Chunks that fail are
-    /// dropped and fetched again when read; exits with status 2 when any failed.
-    Verify { image: String },
 }
 
 #[derive(Subcommand)]
@@ -225,8 +218,6 @@ struct IscsiArgs {
 }
 
 const TIMEOUT: Duration = Duration::from_secs(600);
-/// How long `vmt cache verify` waits for vmtd to read a whole cache.
-const VERIFY_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -302,6 +293,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&images)?);
             } else {
+                if let Response::Status { cache, .. } = call(&args.socket, Request::Status).await? {
+                    println!("{}", vmthunder::cli::cache::usage_line(&cache));
+                }
                 for i in &images {
                     print_status(i);
                 }
@@ -369,19 +363,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
-        Cmd::Cache(CacheCmd::Verify { image }) => {
-            // Reads the whole cache: as long as the disk takes, not the usual control timeout.
-            match control::ask(&args.socket, &Request::CacheVerify { image: image.clone() }, VERIFY_TIMEOUT).await? {
-                Response::Verified { checked, bad } => {
-                    println!("{image}: {checked} cached chunks checked, {bad} bad");
-                    if bad > 0 {
-                        eprintln!("the bad chunks were dropped from the cache and will be fetched again");
-                        std::process::exit(2);
-                    }
-                }
-                r => bail!("unexpected answer from vmtd: {r:?}"),
-            }
-        }
+        Cmd::Cache(cmd) => vmthunder::cli::cache::run(&args.socket, cmd, TIMEOUT).await?,
         Cmd::Trace(TraceCmd::Start { image }) => {
             call(&args.socket, Request::TraceStart { image: image.clone() }).await?;
             eprintln!("tracing the requests of {image} (stop with `vmt trace stop {image} -o FILE`)");

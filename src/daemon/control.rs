@@ -83,6 +83,46 @@ pub enum Request {
     /// Reads every chunk of `image`'s cache and checks it against the manifest; chunks that
     /// fail are dropped (fetched again when read).
     CacheVerify { image: String },
+    /// Every cache directory under `cache_dir`, with the node's usage against its budget.
+    CacheList,
+    /// Frees cache space down to `to` bytes (to the low watermark when absent; without a budget,
+    /// only caches no image is served from go).
+    CacheGc { to: Option<u64> },
+    /// Pins (never evicted) or unpins the cache of `image`: a served image's name, or a prefix
+    /// of at least 8 digits of a cache's digest.
+    CachePin { image: String, pinned: bool },
+}
+
+/// The node's cache usage against its budget.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheUsage {
+    /// Bytes the caches hold (allocated blocks of their data files).
+    pub used: u64,
+    /// The budget and its watermarks, when `[cache] max` is set.
+    pub max: Option<u64>,
+    pub high: Option<u64>,
+    pub low: Option<u64>,
+    /// Bytes served without caching because the budget was spent.
+    pub refused_bytes: u64,
+    /// The collector could not get under the high watermark: what is left is pinned or held.
+    pub unreachable: bool,
+}
+
+/// One cache directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheEntry {
+    pub digest: String,
+    /// The image served from it, if any.
+    pub image: Option<String>,
+    /// `serving`, `old-version` (running domains still read it) or `unused`.
+    pub state: String,
+    pub bytes: u64,
+    pub chunks: Option<u64>,
+    pub chunks_total: Option<u64>,
+    /// Seconds since its last use (a read, or for an unused cache its last write).
+    pub idle_secs: Option<u64>,
+    pub holds: Vec<String>,
+    pub pinned: bool,
 }
 
 /// Progress of an image's prefetch.
@@ -162,6 +202,12 @@ pub struct CacheHealth {
     pub read_errors: u64,
     /// Chunks dropped from the cache by those failures or by `vmt cache verify`.
     pub chunks_dropped: u64,
+    /// Fetched chunks served without caching: the disk was full or the budget spent.
+    #[serde(default)]
+    pub chunks_not_cached: u64,
+    /// Chunks evicted to keep the node within its budget.
+    #[serde(default)]
+    pub chunks_evicted: u64,
     /// True while the cache keeps failing and is not caching.
     pub degraded: bool,
 }
@@ -242,6 +288,15 @@ pub enum Response {
         p2p: Option<NodeP2pStatus>,
         #[serde(default)]
         nbd: NbdStatus,
+        #[serde(default)]
+        cache: CacheUsage,
+    },
+    Caches {
+        usage: CacheUsage,
+        caches: Vec<CacheEntry>,
+    },
+    Collected {
+        report: crate::store::gc::Report,
     },
     /// Export sockets of assembled images, in request order.
     Assembled {

@@ -69,6 +69,9 @@ pub struct Image {
     /// The peer-aware source, with `[p2p]` configured.
     pub swarm: Option<Arc<Swarm>>,
     bytes_to_peers: AtomicU64,
+    /// The export's accept loop: stopped alone when a new version takes the socket, so the
+    /// connections of running domains stay on this version.
+    pub listener: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 /// What an image needs to take part in peer-to-peer relay.
@@ -176,6 +179,7 @@ impl Image {
             reads_waited: AtomicU64::new(0),
             swarm,
             bytes_to_peers: AtomicU64::new(0),
+            listener: std::sync::Mutex::new(None),
         }))
     }
 
@@ -184,6 +188,11 @@ impl Image {
         if let Some(j) = self.prefetch.lock().unwrap().as_ref() {
             j.cancel();
         }
+    }
+
+    /// NBD clients connected now.
+    pub fn clients(&self) -> u64 {
+        self.clients.load(Ordering::SeqCst)
     }
 
     pub fn status(&self, holds: Vec<String>, profile_chunks: Option<u64>) -> ImageStatus {
@@ -234,6 +243,8 @@ impl Image {
                     sync_errors: load(&st.sync_errors),
                     read_errors: load(&st.read_errors),
                     chunks_dropped: load(&st.chunks_dropped),
+                    chunks_not_cached: load(&st.chunks_not_cached),
+                    chunks_evicted: load(&st.chunks_evicted),
                     degraded: self.store.degraded(),
                 }
             },
@@ -290,8 +301,9 @@ impl Image {
     async fn bytes(&self, offset: u64, len: u32, priority: Priority) -> Result<Bytes, u32> {
         // A cached chunk that cannot be read back is forgotten by the store, so the next round
         // fetches it again. Each failed round forgets at least one chunk of the range: this ends.
-        let chunks = self.manifest.geometry().chunks_covering(ByteOffset(offset), u64::from(len)).len();
-        for _ in 0..=chunks {
+        let range = self.manifest.geometry().chunks_covering(ByteOffset(offset), u64::from(len));
+        self.store.touch(range.clone());
+        for _ in 0..=range.len() {
             if let Some(bytes) = self.try_bytes(offset, len, priority).await? {
                 return Ok(bytes);
             }

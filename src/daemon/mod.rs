@@ -5,6 +5,7 @@
 //! every cache, remove sockets, exit 0. After a crash instead, the next start finds each cache
 //! as of its last commit and stale sockets are replaced.
 
+mod cache;
 pub mod control;
 pub mod image;
 mod peers;
@@ -72,6 +73,13 @@ pub struct Daemon {
     nbd: Arc<crate::nbd::limits::Budgets>,
     /// For timers that must not keep the daemon alive.
     weak: std::sync::Weak<Daemon>,
+    /// The node's cache budget, with `[cache] max` set.
+    budget: Option<Arc<crate::store::Budget>>,
+    /// Old versions of images that running domains still read.
+    retired: Mutex<Vec<cache::Retired>>,
+    /// Held while a cache is opened or a collection runs: a directory is never removed while
+    /// an image is opening it.
+    cache_gate: tokio::sync::Mutex<()>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -131,7 +139,12 @@ impl Daemon {
             }
             None => None,
         };
+        let limits = cfg.cache.limits(cache::filesystem_bytes(&cfg.cache_dir))?;
+        let budget = cache::budget(limits, &cfg.cache_dir);
         let daemon = Arc::new_cyclic(|weak: &std::sync::Weak<Daemon>| Daemon {
+            budget,
+            retired: Mutex::new(Vec::new()),
+            cache_gate: tokio::sync::Mutex::new(()),
             peers: p2p.as_ref().map(|(t, key, _)| Arc::new(peers::Peers::new(t, key.clone(), weak.clone()))),
             tuning,
             export_uid,
@@ -174,6 +187,10 @@ impl Daemon {
             tracing::info!(node = %t.advertise, listen = %t.listen, "peer server listening");
         }
         tokio::spawn(Daemon::commit_loop(daemon.clone()));
+        if let Some(b) = &daemon.budget {
+            tokio::spawn(Daemon::collect_loop(daemon.clone(), b.clone()));
+            tracing::info!(max = b.max, high = b.high, low = b.low, used = b.used(), "cache budget");
+        }
         tracing::info!(control = %control_path.display(), images = cfg.images.len(), "vmtd ready");
         Ok(daemon)
     }
@@ -181,7 +198,8 @@ impl Daemon {
     /// Stops serving and makes every cache durable.
     pub async fn stop(&self) {
         let _ = self.shutdown.send(true);
-        let images: Vec<Arc<Image>> = self.images.write().unwrap().values().cloned().collect();
+        let mut images: Vec<Arc<Image>> = self.images.write().unwrap().values().cloned().collect();
+        images.extend(self.retired.lock().unwrap().iter().map(|r| r.image.clone()));
         for img in images {
             img.cancel_prefetch();
             let _ = img.shutdown.send(true);
@@ -195,25 +213,45 @@ impl Daemon {
         self.images.read().unwrap().get(name).cloned()
     }
 
-    /// Opens image `cfg` and starts its export.
+    /// Opens image `cfg` and starts its export. Under a name already served, an image with
+    /// another digest becomes its new version (see `cache.rs`); the same digest is refused.
     pub async fn add_image(&self, cfg: &ImageConfig) -> Result<Arc<Image>, DaemonError> {
-        if self.image(&cfg.name).is_some() {
-            return Err(DaemonError::Duplicate(cfg.name.clone()));
-        }
+        let current = self.image(&cfg.name);
         let socket = self.cfg.export_socket(&cfg.name);
         let ctx = self.peers.as_ref().map(|p| &p.ctx);
-        let img = Image::open(cfg, &self.cfg.cache_dir, self.tuning, socket.clone(), ctx).await.map_err(Box::new)?;
+        let img = {
+            let _gate = self.cache_gate.lock().await;
+            match Image::open(cfg, &self.cfg.cache_dir, self.tuning, socket.clone(), ctx).await {
+                Ok(img) => img,
+                // The same digest as the version served: its cache is open already.
+                Err(ImageError::Store { source: crate::store::StoreError::Locked(_), .. }) if current.is_some() => {
+                    return Err(DaemonError::Duplicate(cfg.name.clone()))
+                }
+                Err(e) => return Err(Box::new(e).into()),
+            }
+        };
+        if let Some(b) = &self.budget {
+            img.store.set_budget(b.clone());
+        }
         let listener = bind_unix(&socket, self.export_uid)?;
-        {
+        let old = {
             let mut images = self.images.write().unwrap();
-            if images.contains_key(&cfg.name) {
+            let old = images.get(&cfg.name).cloned();
+            if old.as_ref().map(|o| Arc::as_ptr(o)) != current.as_ref().map(Arc::as_ptr)
+                || old.as_ref().is_some_and(|o| o.manifest.root() == img.manifest.root())
+            {
                 return Err(DaemonError::Duplicate(cfg.name.clone()));
             }
             images.insert(cfg.name.clone(), img.clone());
+            old
+        };
+        if let Some(old) = old {
+            self.retire(old);
         }
         let lookup = Arc::new(SingleExport { name: cfg.name.clone(), export: img.clone() });
-        tokio::spawn(server::run(listener, lookup, self.nbd.clone(), img.shutdown.subscribe()));
-        tracing::info!(image = %cfg.name, socket = %socket.display(), "export listening");
+        let task = tokio::spawn(server::run(listener, lookup, self.nbd.clone(), img.shutdown.subscribe()));
+        *img.listener.lock().unwrap() = Some(task.abort_handle());
+        tracing::info!(image = %cfg.name, digest = %img.manifest.root(), socket = %socket.display(), "export listening");
         Ok(img)
     }
 
@@ -269,6 +307,9 @@ impl Daemon {
         if self.holds.lock().unwrap().remove(domain).is_some() {
             tracing::info!(domain, "released");
         }
+        for r in self.retired.lock().unwrap().iter_mut() {
+            r.holders.remove(domain);
+        }
         self.stop_recordings_of(domain).await;
     }
 
@@ -289,6 +330,11 @@ impl Daemon {
                         .collect(),
                     profiles_rejected: self.profiles_rejected.load(std::sync::atomic::Ordering::Relaxed),
                     p2p: self.peers.as_ref().map(|p| p.status()),
+                    cache: {
+                        let dir = self.cfg.cache_dir.clone();
+                        let used = tokio::task::spawn_blocking(move || crate::store::gc::usage(&dir)).await.unwrap_or(0);
+                        self.cache_usage(used)
+                    },
                     nbd: control::NbdStatus {
                         connections: self.nbd.connections() as u64,
                         max_connections: self.nbd.limits.max_connections as u64,
@@ -402,6 +448,9 @@ impl Daemon {
                 }
                 None => unknown(image),
             },
+            Request::CacheList => self.cache_request(cache::CacheRequest::List).await,
+            Request::CacheGc { to } => self.cache_request(cache::CacheRequest::Gc { to }).await,
+            Request::CachePin { image, pinned } => self.cache_request(cache::CacheRequest::Pin { image, pinned }).await,
             Request::ImageAdd { image } => match self.add_image(&image).await {
                 Ok(_) => Response::Done,
                 Err(e) => Response::Error { message: e.to_string() },
@@ -481,7 +530,9 @@ impl Daemon {
                 _ = tick.tick() => {}
                 _ = crate::shutdown::stopped(&mut shutdown) => return,
             }
-            let images: Vec<Arc<Image>> = self.images.read().unwrap().values().cloned().collect();
+            self.sweep_retired();
+            let mut images: Vec<Arc<Image>> = self.images.read().unwrap().values().cloned().collect();
+            images.extend(self.retired.lock().unwrap().iter().map(|r| r.image.clone()));
             for img in images {
                 if img.store.needs_commit() {
                     commit(&img).await;

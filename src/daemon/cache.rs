@@ -1,0 +1,267 @@
+//! The node's cache lifecycle: the budget and its collector, image versions, pins, and the
+//! `vmt cache` requests.
+//!
+//! Versions: an image added under a name already served, with another digest, becomes the
+//! version served to new connections (and so to new domains); the old version stays open,
+//! held by the domains that held the name, and keeps serving their connections. Once no domain
+//! holds it and no client is connected, it is closed and its cache is the first the collector
+//! removes.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use roaring::RoaringBitmap;
+
+use super::control::{CacheEntry, CacheUsage, Response};
+use super::{Daemon, DaemonError, Image};
+use crate::config::CacheLimits;
+use crate::store::gc::{self, Open, Report};
+use crate::store::{tick, Budget};
+
+/// An old version of an image that running domains still read.
+pub struct Retired {
+    pub image: Arc<Image>,
+    pub holders: BTreeSet<String>,
+}
+
+/// Size of the filesystem holding `dir`, in bytes (0 if it cannot be read).
+pub fn filesystem_bytes(dir: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return 0 };
+    // SAFETY: statvfs writes into the zeroed struct; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return 0;
+    }
+    u64::from(st.f_blocks).saturating_mul(st.f_frsize)
+}
+
+/// The node's budget, from `[cache]` and the cache filesystem's size.
+pub fn budget(limits: Option<CacheLimits>, cache_dir: &Path) -> Option<Arc<Budget>> {
+    let l = limits?;
+    let b = Budget::new(l.max, l.high, l.low);
+    b.measured(gc::usage(cache_dir));
+    Some(Arc::new(b))
+}
+
+impl Daemon {
+    /// Usage against the budget, as `vmt status` and `vmt cache ls` show it.
+    pub(super) fn cache_usage(&self, used: u64) -> CacheUsage {
+        let b = self.budget.as_deref();
+        CacheUsage {
+            used,
+            max: b.map(|b| b.max),
+            high: b.map(|b| b.high),
+            low: b.map(|b| b.low),
+            refused_bytes: b.map_or(0, Budget::refused_bytes),
+            unreachable: b.is_some_and(Budget::unreachable),
+        }
+    }
+
+    /// Every open cache, what holds it, and the chunks it must keep.
+    fn open_caches(&self) -> Vec<Open> {
+        let images: Vec<Arc<Image>> = self.images.read().unwrap().values().cloned().collect();
+        let mut open: Vec<Open> = images
+            .iter()
+            .map(|i| {
+                let held = !self.holders(&i.name).is_empty();
+                Open { store: i.store.clone(), held, keep: self.keep(i, held) }
+            })
+            .collect();
+        for r in self.retired.lock().unwrap().iter() {
+            open.push(Open { store: r.image.store.clone(), held: true, keep: self.keep(&r.image, true) });
+        }
+        open
+    }
+
+    /// A held image's profile chunks: what its next boot reads first.
+    fn keep(&self, img: &Image, held: bool) -> Option<RoaringBitmap> {
+        let p = self.profile_of(img).filter(|_| held)?;
+        Some(p.entries.iter().map(|e| e.chunk).collect())
+    }
+
+    /// Frees space down to `target` (see [`gc::collect`]).
+    pub(super) async fn collect(&self, target: u64, unused_only: bool) -> Report {
+        let _gate = self.cache_gate.lock().await;
+        let open = self.open_caches();
+        let dir = self.cfg.cache_dir.clone();
+        let r = tokio::task::spawn_blocking(move || gc::collect(&dir, &open, target, unused_only))
+            .await
+            .unwrap_or_default();
+        if r.freed > 0 {
+            tracing::info!(before = r.before, after = r.after, removed = r.removed.len(), chunks = r.chunks,
+                reached = r.reached, "cache collected");
+        }
+        r
+    }
+
+    /// Keeps the node within its budget: measures at every commit interval and whenever a write
+    /// passes the high watermark, and collects down to the low one.
+    pub(super) async fn collect_loop(self: Arc<Self>, budget: Arc<Budget>) {
+        let mut shutdown = self.shutdown.subscribe();
+        let mut tick = tokio::time::interval(self.tuning.commit_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = budget.pressed() => {}
+                _ = crate::shutdown::stopped(&mut shutdown) => return,
+            }
+            let dir = self.cfg.cache_dir.clone();
+            let used = tokio::task::spawn_blocking(move || gc::usage(&dir)).await.unwrap_or(0);
+            budget.measured(used);
+            if used <= budget.high {
+                budget.set_unreachable(false);
+                continue;
+            }
+            let r = self.collect(budget.low, false).await;
+            let unreachable = r.after > budget.high;
+            if unreachable && !budget.unreachable() {
+                tracing::warn!(used = r.after, high = budget.high,
+                    "cache budget unreachable: what is left is pinned, held or in use; new chunks are served without caching");
+            }
+            budget.set_unreachable(unreachable);
+        }
+    }
+
+    /// Closes old versions nobody holds or reads any more; their caches become unused.
+    pub(super) fn sweep_retired(&self) {
+        let mut retired = self.retired.lock().unwrap();
+        retired.retain(|r| {
+            let keep = !r.holders.is_empty() || r.image.clients() > 0;
+            if !keep {
+                r.image.cancel_prefetch();
+                let _ = r.image.shutdown.send(true);
+                tracing::info!(image = %r.image.name, digest = %r.image.manifest.root(), "old version closed");
+            }
+            keep
+        });
+    }
+
+    /// Makes `new` the served version of its name; the current one keeps its connections and
+    /// the domains holding it. Called with the image map locked by the caller's insert.
+    pub(super) fn retire(&self, old: Arc<Image>) {
+        if let Some(h) = old.listener.lock().unwrap().take() {
+            h.abort();
+        }
+        let holders: BTreeSet<String> = {
+            let mut holds = self.holds.lock().unwrap();
+            let mut who = BTreeSet::new();
+            for (domain, images) in holds.iter_mut() {
+                if images.remove(&old.name) {
+                    who.insert(domain.clone());
+                }
+            }
+            holds.retain(|_, images| !images.is_empty());
+            who
+        };
+        tracing::info!(image = %old.name, digest = %old.manifest.root(), holders = holders.len(),
+            "new version served; the old one stays open for its domains");
+        self.retired.lock().unwrap().push(Retired { image: old, holders });
+    }
+
+    /// The cache directory `name` refers to: a served image, or a unique digest prefix.
+    fn cache_dir_of(&self, name: &str) -> Result<std::path::PathBuf, String> {
+        if let Some(img) = self.image(name) {
+            return Ok(img.store.dir().to_path_buf());
+        }
+        let name = name.to_ascii_lowercase();
+        if name.len() < 8 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(DaemonError::UnknownImage(name).to_string());
+        }
+        let found: Vec<_> = gc::scan(&self.cfg.cache_dir).into_iter().filter(|d| d.digest.starts_with(&name)).collect();
+        match found.as_slice() {
+            [one] => Ok(one.dir.clone()),
+            [] => Err(format!("no image or cache digest {name}")),
+            _ => Err(format!("digest prefix {name} names {} caches", found.len())),
+        }
+    }
+
+    pub(super) async fn cache_request(&self, req: CacheRequest) -> Response {
+        match req {
+            CacheRequest::List => {
+                let caches = self.cache_list();
+                let used = caches.iter().map(|c| c.bytes).sum();
+                Response::Caches { usage: self.cache_usage(used), caches }
+            }
+            CacheRequest::Gc { to } => {
+                let report = match (to, &self.budget) {
+                    (Some(to), _) => self.collect(to, false).await,
+                    (None, Some(b)) => self.collect(b.low, false).await,
+                    (None, None) => self.collect(0, true).await,
+                };
+                if let Some(b) = &self.budget {
+                    b.measured(report.after);
+                }
+                Response::Collected { report }
+            }
+            CacheRequest::Pin { image, pinned } => match self.cache_dir_of(&image) {
+                Ok(dir) => match gc::set_pinned(&dir, pinned) {
+                    Ok(()) => {
+                        tracing::info!(image, pinned, "cache pin changed");
+                        Response::Done
+                    }
+                    Err(e) => Response::Error { message: format!("{}: {e}", dir.display()) },
+                },
+                Err(message) => Response::Error { message },
+            },
+        }
+    }
+
+    fn cache_list(&self) -> Vec<CacheEntry> {
+        let images: Vec<Arc<Image>> = self.images.read().unwrap().values().cloned().collect();
+        let retired: Vec<(Arc<Image>, Vec<String>)> =
+            self.retired.lock().unwrap().iter().map(|r| (r.image.clone(), r.holders.iter().cloned().collect())).collect();
+        let now = tick();
+        gc::scan(&self.cfg.cache_dir)
+            .into_iter()
+            .map(|d| {
+                let serving = images.iter().find(|i| i.store.dir() == d.dir).map(|i| (i, "serving", self.holders(&i.name)));
+                let old = || retired.iter().find(|(i, _)| i.store.dir() == d.dir).map(|(i, h)| (i, "old-version", h.clone()));
+                match serving.or_else(old) {
+                    Some((img, state, holds)) => CacheEntry {
+                        digest: d.digest,
+                        image: Some(img.name.clone()),
+                        state: state.into(),
+                        bytes: d.bytes,
+                        chunks: Some(img.store.present_count()),
+                        chunks_total: Some(u64::from(img.manifest.geometry().chunk_count())),
+                        idle_secs: Some(img.store.last_use()).filter(|&t| t > 0).map(|t| u64::from(now - t) / 10),
+                        holds,
+                        pinned: d.pinned,
+                    },
+                    None => {
+                        let counts = closed_counts(&d.dir);
+                        CacheEntry {
+                            digest: d.digest,
+                            image: None,
+                            state: "unused".into(),
+                            bytes: d.bytes,
+                            chunks: counts.map(|c| c.0),
+                            chunks_total: counts.map(|c| c.1),
+                            idle_secs: d.modified.elapsed().ok().map(|e| e.as_secs()),
+                            holds: Vec::new(),
+                            pinned: d.pinned,
+                        }
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+/// Chunks held and total of a cache no image is served from, from its manifest and state file.
+fn closed_counts(dir: &Path) -> Option<(u64, u64)> {
+    let m = crate::image::Manifest::load(&dir.join("manifest")).ok()?;
+    let g = m.geometry();
+    let present = std::fs::read(dir.join("state")).ok().and_then(|b| crate::store::state::decode(&b, &g, &m.root()).ok());
+    Some((present.map_or(0, |p| p.len()), u64::from(g.chunk_count())))
+}
+
+/// The `vmt cache` requests handled here.
+pub enum CacheRequest {
+    List,
+    Gc { to: Option<u64> },
+    Pin { image: String, pinned: bool },
+}
