@@ -233,7 +233,10 @@ impl Daemon {
         if let Some(b) = &self.budget {
             img.store.set_budget(b.clone());
         }
-        let listener = bind_unix(&socket, self.export_uid)?;
+        let listener = match current {
+            Some(_) => bind_unix_replacing(&socket, self.export_uid)?,
+            None => bind_unix(&socket, self.export_uid)?,
+        };
         let old = {
             let mut images = self.images.write().unwrap();
             let old = images.get(&cfg.name).cloned();
@@ -434,9 +437,13 @@ impl Daemon {
                     let (store, manifest) = (img.store.clone(), img.manifest.clone());
                     // Committed before the answer: the chunks dropped are out of the state file
                     // even if the node crashes right after.
+                    // A commit that fails (a full disk) matters only when chunks were dropped.
                     let verified = tokio::task::spawn_blocking(move || {
                         let report = store.verify(&manifest);
-                        store.commit().map(|_| report)
+                        match store.commit() {
+                            Err(e) if report.bad > 0 => Err(e),
+                            _ => Ok(report),
+                        }
                     });
                     match verified.await.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
                         Ok(r) => {
@@ -597,6 +604,13 @@ async fn commit(img: &Arc<Image>) {
     let store = img.store.clone();
     match tokio::task::spawn_blocking(move || store.commit()).await {
         Ok(Ok(_)) => {}
+        // A full disk fails every commit until space returns: said now and then, not each time.
+        Ok(Err(crate::store::StoreError::Io { source, .. })) if source.raw_os_error() == Some(libc::ENOSPC) => {
+            static FULL: crate::store::budget::Throttle = crate::store::budget::Throttle::new();
+            if FULL.due() {
+                tracing::warn!(image = %img.name, error = %source, "cache commit failed: disk full; new chunks stay checked on every read until it succeeds");
+            }
+        }
         Ok(Err(e)) => {
             tracing::error!(image = %img.name, error = %e, "cache commit failed")
         }
@@ -605,6 +619,17 @@ async fn commit(img: &Arc<Image>) {
 }
 
 /// Binds a unix socket, replacing a stale one, readable and writable by root and `uid` only.
+/// Binds a socket that takes the place of this daemon's own socket at `path` in one rename:
+/// a client connecting meanwhile reaches the old listener or the new one, never nothing.
+fn bind_unix_replacing(path: &Path, uid: Option<u32>) -> Result<UnixListener, DaemonError> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.new"));
+    let _ = std::fs::remove_file(&tmp);
+    let l = bind_unix(&tmp, uid)?;
+    std::fs::rename(&tmp, path).map_err(io_err("replacing socket", path))?;
+    Ok(l)
+}
+
 fn bind_unix(path: &Path, uid: Option<u32>) -> Result<UnixListener, DaemonError> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;

@@ -37,9 +37,11 @@ impl Daemon {
             .start(domain.clone())
             .ok_or_else(|| DaemonError::Profile(format!("image {} is already being recorded", img.name)))?;
         tracing::info!(image = %img.name, ?domain, ?duration, "recording boot profile");
-        let (me, img) = (self.weak.clone(), img.clone());
+        // Weak: a timer must not keep a closed image (and its cache's lock) alive.
+        let (me, img) = (self.weak.clone(), Arc::downgrade(img));
         tokio::spawn(async move {
             tokio::time::sleep(duration).await;
+            let Some(img) = img.upgrade() else { return };
             if let (Some(me), Some(rec)) = (me.upgrade(), img.recorder.stop(Some(id))) {
                 if let Err(e) = me.save_recording(&img, &rec.touches).await {
                     tracing::error!(image = %img.name, error = %e, "saving the recorded profile failed");
@@ -60,7 +62,8 @@ impl Daemon {
 
     /// Stops recordings that `domain` started (its boot is over).
     pub(super) async fn stop_recordings_of(&self, domain: &str) {
-        let images: Vec<Arc<Image>> = self.images.read().unwrap().values().cloned().collect();
+        let mut images: Vec<Arc<Image>> = self.images.read().unwrap().values().cloned().collect();
+        images.extend(self.retired.lock().unwrap().iter().map(|r| r.image.clone()));
         for img in images {
             if img.recorder.running() == Some(Some(domain.to_string())) {
                 if let Err(e) = self.stop_recording(&img).await {

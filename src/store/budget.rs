@@ -23,6 +23,10 @@ pub struct Throttle {
 }
 
 impl Throttle {
+    pub const fn new() -> Self {
+        Throttle { last: Mutex::new(None) }
+    }
+
     /// True when the warning should be logged now (and then not again for a while).
     pub fn due(&self) -> bool {
         let mut last = self.last.lock().unwrap();

@@ -10,6 +10,7 @@
 //! 5. they leave `evicting` and may be cached again.
 //!
 //! A crash before 3 leaves them claimed and intact; after 3 they are unclaimed, punched or not.
+//! On a full disk, where 3 cannot write a file, the state file is removed instead (see `evict`).
 //! Only durable chunks are evicted: a chunk waiting for its commit is the newest in the cache.
 
 use std::sync::atomic::Ordering;
@@ -109,9 +110,18 @@ impl ChunkStore {
         let next = &*durable - &victims;
         let path = self.dir.join("state");
         if let Err(source) = fsutil::write_atomic(&path, &super::state::encode(&self.geometry, &self.root, &next), 0o600) {
-            *self.forgotten.lock().unwrap() |= &victims;
-            release();
-            return Err(StoreError::Io { path, source });
+            // A full disk cannot take the new state file, and only punching frees it: the old
+            // state goes instead, so that nothing is claimed, and the next commit writes it
+            // again. A crash in between costs the cache's contents, never a wrong byte.
+            let unclaimed = source.raw_os_error() == Some(libc::ENOSPC)
+                && std::fs::remove_file(&path).and_then(|()| fsutil::sync_dir(&self.dir)).is_ok();
+            if !unclaimed {
+                *self.forgotten.lock().unwrap() |= &victims;
+                release();
+                return Err(StoreError::Io { path, source });
+            }
+            self.restate.store(true, Ordering::SeqCst);
+            tracing::warn!(cache = %self.dir.display(), "disk full: state file dropped to free space; rewritten at the next commit");
         }
         *durable = next;
         drop(durable);

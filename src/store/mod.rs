@@ -163,6 +163,9 @@ pub struct ChunkStore {
     /// Set when the disk was full: no caching until then.
     full_until: Mutex<Option<Instant>>,
     full_warning: budget::Throttle,
+    /// The state file was removed to free a full disk (it claims nothing now): the next commit
+    /// writes it again even with nothing new to record.
+    restate: std::sync::atomic::AtomicBool,
 }
 
 impl ChunkStore {
@@ -248,6 +251,7 @@ impl ChunkStore {
             budget: OnceLock::new(),
             full_until: Mutex::new(None),
             full_warning: budget::Throttle::default(),
+            restate: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -382,7 +386,7 @@ impl ChunkStore {
 
     /// True when a commit has work: chunks to record, or forgotten ones to remove from the state.
     pub fn needs_commit(&self) -> bool {
-        self.pending_count() > 0 || !self.forgotten.lock().unwrap().is_empty()
+        self.pending_count() > 0 || !self.forgotten.lock().unwrap().is_empty() || self.restate.load(Ordering::SeqCst)
     }
 
     /// Drops the chunks of `range` from the presence map: they are fetched again when read, and
@@ -497,7 +501,7 @@ impl ChunkStore {
         let mut durable = self.durable.lock().unwrap();
         let batch = std::mem::take(&mut *self.pending.lock().unwrap());
         let forgotten = self.forgotten.lock().unwrap().clone();
-        if batch.is_empty() && forgotten.is_empty() {
+        if batch.is_empty() && forgotten.is_empty() && !self.restate.load(Ordering::SeqCst) {
             return Ok(0);
         }
         // Every pwrite of `batch` completed before its index was queued, so this sync covers it.
@@ -515,6 +519,7 @@ impl ChunkStore {
             return Err(StoreError::Io { path, source });
         }
         *durable = next;
+        self.restate.store(false, Ordering::SeqCst);
         let mut presence = self.presence.write().unwrap();
         for i in &batch {
             presence.unsettled.remove(*i);
