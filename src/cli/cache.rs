@@ -106,7 +106,11 @@ pub fn usage_line(u: &CacheUsage) -> String {
             100.0 * u.used as f64 / max.max(1) as f64,
             mib(high),
             mib(low),
-            if u.refused_bytes > 0 { format!("; {} served without caching", mib(u.refused_bytes)) } else { String::new() },
+            if u.refused_bytes > 0 {
+                format!("; {} served without caching", mib(u.refused_bytes))
+            } else {
+                String::new()
+            },
             if u.unreachable { "; budget unreachable (pinned or held)" } else { "" },
         ),
         _ => format!("cache {} (no budget: [cache] max is not set)", mib(u.used)),
@@ -123,7 +127,16 @@ fn print_table(caches: &[CacheEntry]) {
             (Some(n), Some(t)) => format!("{n}/{t}"),
             _ => "-".into(),
         };
-        let idle = c.idle_secs.map_or("-".into(), |s| humantime(s));
+        // Whole units are enough to compare caches: "3h", not "3h 2m 41s".
+        let idle = c.idle_secs.map_or("-".into(), |s| {
+            let s = match s {
+                0..=119 => s,
+                120..=7199 => s / 60 * 60,
+                7200..=172_799 => s / 3600 * 3600,
+                _ => s / 86400 * 86400,
+            };
+            humantime::format_duration(Duration::from_secs(s)).to_string()
+        });
         println!(
             "{:<16} {:<20} {:<12} {:>12} {:>17} {:>9} {:<6} {}",
             &c.digest[..16.min(c.digest.len())],
@@ -135,14 +148,5 @@ fn print_table(caches: &[CacheEntry]) {
             if c.pinned { "yes" } else { "no" },
             c.holds.join(",")
         );
-    }
-}
-
-fn humantime(s: u64) -> String {
-    match s {
-        0..=119 => format!("{s}s"),
-        120..=7199 => format!("{}m", s / 60),
-        7200..=172_799 => format!("{}h", s / 3600),
-        _ => format!("{}d", s / 86400),
     }
 }

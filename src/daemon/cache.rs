@@ -34,14 +34,14 @@ pub fn filesystem_bytes(dir: &Path) -> u64 {
     if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
         return 0;
     }
-    u64::from(st.f_blocks).saturating_mul(st.f_frsize)
+    st.f_blocks.saturating_mul(st.f_frsize)
 }
 
 /// The node's budget, from `[cache]` and the cache filesystem's size.
 pub fn budget(limits: Option<CacheLimits>, cache_dir: &Path) -> Option<Arc<Budget>> {
     let l = limits?;
     let b = Budget::new(l.max, l.high, l.low);
-    b.measured(gc::usage(cache_dir));
+    b.measured(b.before_measuring(), gc::usage(cache_dir));
     Some(Arc::new(b))
 }
 
@@ -90,8 +90,14 @@ impl Daemon {
             .await
             .unwrap_or_default();
         if r.freed > 0 {
-            tracing::info!(before = r.before, after = r.after, removed = r.removed.len(), chunks = r.chunks,
-                reached = r.reached, "cache collected");
+            tracing::info!(
+                before = r.before,
+                after = r.after,
+                removed = r.removed.len(),
+                chunks = r.chunks,
+                reached = r.reached,
+                "cache collected"
+            );
         }
         r
     }
@@ -109,13 +115,16 @@ impl Daemon {
                 _ = crate::shutdown::stopped(&mut shutdown) => return,
             }
             let dir = self.cfg.cache_dir.clone();
+            let at = budget.before_measuring();
             let used = tokio::task::spawn_blocking(move || gc::usage(&dir)).await.unwrap_or(0);
-            budget.measured(used);
-            if used <= budget.high {
+            budget.measured(at, used);
+            if budget.used() <= budget.high {
                 budget.set_unreachable(false);
                 continue;
             }
+            let at = budget.before_measuring();
             let r = self.collect(budget.low, false).await;
+            budget.measured(at, r.after);
             let unreachable = r.after > budget.high;
             if unreachable && !budget.unreachable() {
                 tracing::warn!(used = r.after, high = budget.high,
@@ -186,13 +195,14 @@ impl Daemon {
                 Response::Caches { usage: self.cache_usage(used), caches }
             }
             CacheRequest::Gc { to } => {
+                let at = self.budget.as_ref().map(|b| b.before_measuring());
                 let report = match (to, &self.budget) {
                     (Some(to), _) => self.collect(to, false).await,
                     (None, Some(b)) => self.collect(b.low, false).await,
                     (None, None) => self.collect(0, true).await,
                 };
-                if let Some(b) = &self.budget {
-                    b.measured(report.after);
+                if let (Some(b), Some(at)) = (&self.budget, at) {
+                    b.measured(at, report.after);
                 }
                 Response::Collected { report }
             }
@@ -211,14 +221,21 @@ impl Daemon {
 
     fn cache_list(&self) -> Vec<CacheEntry> {
         let images: Vec<Arc<Image>> = self.images.read().unwrap().values().cloned().collect();
-        let retired: Vec<(Arc<Image>, Vec<String>)> =
-            self.retired.lock().unwrap().iter().map(|r| (r.image.clone(), r.holders.iter().cloned().collect())).collect();
+        let retired: Vec<(Arc<Image>, Vec<String>)> = self
+            .retired
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| (r.image.clone(), r.holders.iter().cloned().collect()))
+            .collect();
         let now = tick();
         gc::scan(&self.cfg.cache_dir)
             .into_iter()
             .map(|d| {
-                let serving = images.iter().find(|i| i.store.dir() == d.dir).map(|i| (i, "serving", self.holders(&i.name)));
-                let old = || retired.iter().find(|(i, _)| i.store.dir() == d.dir).map(|(i, h)| (i, "old-version", h.clone()));
+                let serving =
+                    images.iter().find(|i| i.store.dir() == d.dir).map(|i| (i, "serving", self.holders(&i.name)));
+                let old =
+                    || retired.iter().find(|(i, _)| i.store.dir() == d.dir).map(|(i, h)| (i, "old-version", h.clone()));
                 match serving.or_else(old) {
                     Some((img, state, holds)) => CacheEntry {
                         digest: d.digest,
@@ -255,7 +272,8 @@ impl Daemon {
 fn closed_counts(dir: &Path) -> Option<(u64, u64)> {
     let m = crate::image::Manifest::load(&dir.join("manifest")).ok()?;
     let g = m.geometry();
-    let present = std::fs::read(dir.join("state")).ok().and_then(|b| crate::store::state::decode(&b, &g, &m.root()).ok());
+    let present =
+        std::fs::read(dir.join("state")).ok().and_then(|b| crate::store::state::decode(&b, &g, &m.root()).ok());
     Some((present.map_or(0, |p| p.len()), u64::from(g.chunk_count())))
 }
 

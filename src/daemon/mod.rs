@@ -240,7 +240,7 @@ impl Daemon {
         let old = {
             let mut images = self.images.write().unwrap();
             let old = images.get(&cfg.name).cloned();
-            if old.as_ref().map(|o| Arc::as_ptr(o)) != current.as_ref().map(Arc::as_ptr)
+            if old.as_ref().map(Arc::as_ptr) != current.as_ref().map(Arc::as_ptr)
                 || old.as_ref().is_some_and(|o| o.manifest.root() == img.manifest.root())
             {
                 return Err(DaemonError::Duplicate(cfg.name.clone()));
@@ -335,7 +335,8 @@ impl Daemon {
                     p2p: self.peers.as_ref().map(|p| p.status()),
                     cache: {
                         let dir = self.cfg.cache_dir.clone();
-                        let used = tokio::task::spawn_blocking(move || crate::store::gc::usage(&dir)).await.unwrap_or(0);
+                        let used =
+                            tokio::task::spawn_blocking(move || crate::store::gc::usage(&dir)).await.unwrap_or(0);
                         self.cache_usage(used)
                     },
                     nbd: control::NbdStatus {

@@ -39,6 +39,13 @@ impl Throttle {
     }
 }
 
+/// The budget's counters when a measurement began.
+#[derive(Debug, Clone, Copy)]
+pub struct Measuring {
+    admitted: u64,
+    unwritten: u64,
+}
+
 /// The byte budget shared by every image's cache on the node.
 #[derive(Debug)]
 pub struct Budget {
@@ -49,6 +56,10 @@ pub struct Budget {
     /// ...and stops here.
     pub low: u64,
     used: AtomicU64,
+    /// Every byte ever admitted, and those admitted whose write has not finished: a
+    /// measurement misses neither writes still in flight nor writes admitted while it ran.
+    admitted: AtomicU64,
+    unwritten: AtomicU64,
     /// Bytes refused because the budget was spent.
     refused: AtomicU64,
     /// Set by the collector when it could not get under `high`: everything left is pinned,
@@ -65,6 +76,8 @@ impl Budget {
             high,
             low,
             used: AtomicU64::new(0),
+            admitted: AtomicU64::new(0),
+            unwritten: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             unreachable: AtomicBool::new(false),
             wake: Notify::new(),
@@ -76,33 +89,50 @@ impl Budget {
     pub fn admit(&self, bytes: u64) -> bool {
         let admitted = self
             .used
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
-                u.checked_add(bytes).filter(|&n| n <= self.max)
-            })
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| u.checked_add(bytes).filter(|&n| n <= self.max))
             .is_ok();
         if !admitted {
             self.refused.fetch_add(bytes, Ordering::Relaxed);
             self.wake.notify_one();
             if self.warn.due() {
-                tracing::warn!(max = self.max, used = self.used(), unreachable = self.unreachable(),
-                    "cache budget spent: serving reads without caching them until the collector frees space");
+                tracing::warn!(
+                    max = self.max,
+                    used = self.used(),
+                    unreachable = self.unreachable(),
+                    "cache budget spent: serving reads without caching them until the collector frees space"
+                );
             }
             return false;
         }
+        self.admitted.fetch_add(bytes, Ordering::SeqCst);
+        self.unwritten.fetch_add(bytes, Ordering::SeqCst);
         if self.used() > self.high {
             self.wake.notify_one();
         }
         true
     }
 
-    /// Returns a reservation whose write did not happen.
+    /// The write of an admitted reservation finished (or failed).
+    pub fn written(&self, bytes: u64) {
+        let _ = self.unwritten.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| Some(u.saturating_sub(bytes)));
+    }
+
+    /// Returns bytes no longer held: a reservation whose write failed, or space freed.
     pub fn give_back(&self, bytes: u64) {
         let _ = self.used.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| Some(u.saturating_sub(bytes)));
     }
 
-    /// Replaces the estimate with a measurement of the data files.
-    pub fn measured(&self, bytes: u64) {
-        self.used.store(bytes, Ordering::SeqCst);
+    /// Taken just before measuring the data files, for [`Budget::measured`].
+    pub fn before_measuring(&self) -> Measuring {
+        Measuring { admitted: self.admitted.load(Ordering::SeqCst), unwritten: self.unwritten.load(Ordering::SeqCst) }
+    }
+
+    /// Replaces the estimate with a measurement of the data files, plus the writes in flight
+    /// when it began and every write admitted since (some may be counted twice: the estimate
+    /// errs high, never low).
+    pub fn measured(&self, at: Measuring, bytes: u64) {
+        let since = self.admitted.load(Ordering::SeqCst).saturating_sub(at.admitted);
+        self.used.store(bytes + at.unwritten + since, Ordering::SeqCst);
     }
 
     pub fn used(&self) -> u64 {
@@ -138,11 +168,26 @@ mod tests {
         assert!(b.admit(40));
         assert!(!b.admit(1));
         assert_eq!(b.refused_bytes(), 1);
+        b.written(60);
         b.give_back(40);
+        b.written(40);
         assert_eq!(b.used(), 60);
-        b.measured(10);
+        b.measured(b.before_measuring(), 10);
         assert!(b.admit(90));
         assert!(!b.admit(u64::MAX));
+    }
+
+    #[test]
+    fn a_measurement_counts_writes_in_flight_and_admitted_meanwhile() {
+        let b = Budget::new(1000, 800, 600);
+        assert!(b.admit(100)); // in flight: not in the files yet
+        let at = b.before_measuring();
+        assert!(b.admit(50)); // admitted while measuring
+        b.measured(at, 300);
+        assert_eq!(b.used(), 450);
+        b.written(150);
+        b.measured(b.before_measuring(), 450);
+        assert_eq!(b.used(), 450);
     }
 
     #[test]

@@ -73,8 +73,10 @@ impl ChunkStore {
         if let Some(keep) = keep {
             candidates -= keep;
         }
-        let mut order: Vec<(u32, u32)> =
-            candidates.iter().map(|i| (self.uses.get(i as usize).map_or(0, |u| u.load(Ordering::Relaxed)), i)).collect();
+        let mut order: Vec<(u32, u32)> = candidates
+            .iter()
+            .map(|i| (self.uses.get(i as usize).map_or(0, |u| u.load(Ordering::Relaxed)), i))
+            .collect();
         order.sort_unstable();
         order
     }
@@ -109,7 +111,9 @@ impl ChunkStore {
         // 3. Durably unclaimed.
         let next = &*durable - &victims;
         let path = self.dir.join("state");
-        if let Err(source) = fsutil::write_atomic(&path, &super::state::encode(&self.geometry, &self.root, &next), 0o600) {
+        if let Err(source) =
+            fsutil::write_atomic(&path, &super::state::encode(&self.geometry, &self.root, &next), 0o600)
+        {
             // A full disk cannot take the new state file, and only punching frees it: the old
             // state goes instead, so that nothing is claimed, and the next commit writes it
             // again. A crash in between costs the cache's contents, never a wrong byte.

@@ -50,7 +50,8 @@ pub fn scan(cache_dir: &Path) -> Vec<DirInfo> {
         let dir = e.path();
         let meta = |f: &str| std::fs::metadata(dir.join(f)).ok();
         let bytes = meta("data").map_or(0, |m| m.blocks() * 512);
-        let modified = meta("state").or_else(|| meta("data")).and_then(|m| m.modified().ok()).unwrap_or(SystemTime::UNIX_EPOCH);
+        let modified =
+            meta("state").or_else(|| meta("data")).and_then(|m| m.modified().ok()).unwrap_or(SystemTime::UNIX_EPOCH);
         let pinned = is_pinned(&dir);
         out.push(DirInfo { digest: name, dir, bytes, modified, pinned });
     }
@@ -112,7 +113,8 @@ pub fn collect(cache_dir: &Path, open: &[Open], target: u64, unused_only: bool) 
     let open_dirs: Vec<&Path> = open.iter().map(|o| o.store.dir()).collect();
 
     // 1. Caches nothing serves.
-    let mut unused: Vec<&DirInfo> = dirs.iter().filter(|d| !d.pinned && !open_dirs.contains(&d.dir.as_path())).collect();
+    let mut unused: Vec<&DirInfo> =
+        dirs.iter().filter(|d| !d.pinned && !open_dirs.contains(&d.dir.as_path())).collect();
     unused.sort_by_key(|d| d.modified);
     for d in unused {
         if r.after <= target {

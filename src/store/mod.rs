@@ -44,9 +44,9 @@ use thiserror::Error;
 
 use crate::fsutil;
 use crate::image::{ChunkIdx, Digest, Geometry, Manifest};
-use io::{DataFile, Fault, FaultyFile, PlainFile};
 pub use budget::Budget;
 pub use evict::{tick, Evicted};
+use io::{DataFile, Fault, FaultyFile, PlainFile};
 pub use state::StateError;
 
 /// Failed writes or syncs in a row after which the cache stops caching for [`DEGRADE_FOR`].
@@ -439,7 +439,11 @@ impl ChunkStore {
             self.stats.chunks_not_cached.fetch_add(n, Ordering::Relaxed);
             return Err(StoreError::OverBudget(first));
         }
-        if let Err(source) = self.file().write_at(data, offset) {
+        let written = self.file().write_at(data, offset);
+        if let Some(b) = budget {
+            b.written(data.len() as u64);
+        }
+        if let Err(source) = written {
             if let Some(b) = budget {
                 b.give_back(data.len() as u64);
             }
