@@ -238,7 +238,7 @@ fn a_new_version_serves_new_readers_while_old_readers_keep_theirs() {
         Response::Collected { report } => report,
         r => panic!("{r:?}"),
     };
-    assert_eq!(report.removed, [old_digest.clone()]);
+    assert_eq!(report.removed, std::slice::from_ref(&old_digest));
     assert_eq!(report.chunks, 0, "a chunk of a served image was evicted before the unused cache");
     assert_eq!(status(&env, "other").chunks_present, other_before);
     assert!(!caches(&env).1.iter().any(|c| c.digest == old_digest));
