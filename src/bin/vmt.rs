@@ -120,6 +120,16 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write a synthetic sparse image: every chunk starts with 4KiB unique to (SEED, chunk).
+    Image {
+        path: PathBuf,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value = "64KiB", value_parser = parse_size)]
+        chunk_size: u64,
+    },
     /// How much of the image a trace reads: distinct bytes and chunks touched.
     Footprint {
         #[arg(long)]
@@ -455,6 +465,9 @@ async fn bench(cmd: BenchCmd) -> anyhow::Result<()> {
             if report.read_errors > 0 {
                 bail!("{} of {} requests failed", report.read_errors, report.ops);
             }
+        }
+        BenchCmd::Image { path, size, seed, chunk_size } => {
+            vmthunder::bench::image::write(&path, size, chunk_size, seed)?;
         }
         BenchCmd::Footprint { trace: file, chunk_size, json } => {
             let chunk = parse_size(&chunk_size).map_err(anyhow::Error::msg)?;

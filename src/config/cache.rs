@@ -19,6 +19,10 @@ pub struct CacheConfig {
     /// Share of `max` eviction frees down to (default `"80%"`).
     #[serde(default)]
     pub low_watermark: Option<String>,
+    /// `"profile"` (default): chunks outside boot profiles are evicted first; `"lru"`: least
+    /// recently used images first, whole.
+    #[serde(default)]
+    pub eviction: crate::store::gc::Policy,
 }
 
 /// The budget in bytes.
@@ -74,6 +78,7 @@ mod tests {
             max: max.map(Into::into),
             high_watermark: high.map(Into::into),
             low_watermark: low.map(Into::into),
+            eviction: Default::default(),
         }
     }
 

@@ -66,18 +66,18 @@ impl Daemon {
             .iter()
             .map(|i| {
                 let held = !self.holders(&i.name).is_empty();
-                Open { store: i.store.clone(), held, keep: self.keep(i, held) }
+                Open { store: i.store.clone(), held, profile: self.profile_chunks(i) }
             })
             .collect();
         for r in self.retired.lock().unwrap().iter() {
-            open.push(Open { store: r.image.store.clone(), held: true, keep: self.keep(&r.image, true) });
+            open.push(Open { store: r.image.store.clone(), held: true, profile: self.profile_chunks(&r.image) });
         }
         open
     }
 
-    /// A held image's profile chunks: what its next boot reads first.
-    fn keep(&self, img: &Image, held: bool) -> Option<RoaringBitmap> {
-        let p = self.profile_of(img).filter(|_| held)?;
+    /// An image's profile chunks: what its next boot reads first.
+    fn profile_chunks(&self, img: &Image) -> Option<RoaringBitmap> {
+        let p = self.profile_of(img)?;
         Some(p.entries.iter().map(|e| e.chunk).collect())
     }
 
@@ -86,7 +86,8 @@ impl Daemon {
         let _gate = self.cache_gate.lock().await;
         let open = self.open_caches();
         let dir = self.cfg.cache_dir.clone();
-        let r = tokio::task::spawn_blocking(move || gc::collect(&dir, &open, target, unused_only))
+        let policy = self.cfg.cache.eviction;
+        let r = tokio::task::spawn_blocking(move || gc::collect(&dir, &open, target, unused_only, policy))
             .await
             .unwrap_or_default();
         if r.freed > 0 {

@@ -3,7 +3,9 @@
 //! 1. caches no image is served from (unconfigured, or superseded by a new version and
 //!    released), least recently written first: the whole directory goes;
 //! 2. served images no domain holds, least recently used first: their chunks, least recently
-//!    used first;
+//!    used first; with profile-aware eviction (the default) the chunks outside each image's boot
+//!    profile go first, over all these images, and only then profile chunks: the bytes a
+//!    next boot needs first stay longest;
 //! 3. chunks of held images, least recently used first over all of them, never a chunk of a
 //!    held image's boot profile.
 //!
@@ -86,8 +88,19 @@ pub struct Open {
     pub store: Arc<ChunkStore>,
     /// A domain holds the image (or a running domain still reads this old version).
     pub held: bool,
-    /// Chunks never evicted from it (the boot profile's, while held).
-    pub keep: Option<RoaringBitmap>,
+    /// The chunks of its boot profile: never evicted while held, last otherwise (profile-aware).
+    pub profile: Option<RoaringBitmap>,
+}
+
+/// Which chunks of unheld images go first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// Least recently used images first, all of each.
+    Lru,
+    /// Chunks outside boot profiles first (least recently used images first), then profiles.
+    #[default]
+    Profile,
 }
 
 /// What a collection did.
@@ -106,7 +119,7 @@ pub struct Report {
 }
 
 /// Frees space until usage is at most `target`. With `unused_only`, only step 1 runs.
-pub fn collect(cache_dir: &Path, open: &[Open], target: u64, unused_only: bool) -> Report {
+pub fn collect(cache_dir: &Path, open: &[Open], target: u64, unused_only: bool, policy: Policy) -> Report {
     let dirs = scan(cache_dir);
     let before: u64 = dirs.iter().map(|d| d.bytes).sum();
     let mut r = Report { before, after: before, ..Report::default() };
@@ -139,7 +152,16 @@ pub fn collect(cache_dir: &Path, open: &[Open], target: u64, unused_only: bool) 
     // 2. Served images nobody holds, least recently used first.
     let mut unheld: Vec<&Open> = open.iter().filter(|o| !o.held && !is_pinned(o.store.dir())).collect();
     unheld.sort_by_key(|o| o.store.last_use());
-    for o in unheld {
+    if policy == Policy::Profile {
+        for o in &unheld {
+            if r.after <= target {
+                break;
+            }
+            let order: Vec<u32> = o.store.eviction_order(o.profile.as_ref()).into_iter().map(|(_, i)| i).collect();
+            evict_prefix(&mut r, &o.store, &order, target);
+        }
+    }
+    for o in &unheld {
         if r.after <= target {
             break;
         }
@@ -151,7 +173,7 @@ pub fn collect(cache_dir: &Path, open: &[Open], target: u64, unused_only: bool) 
     let held: Vec<&Open> = open.iter().filter(|o| o.held && !is_pinned(o.store.dir())).collect();
     let mut order: Vec<(u32, usize, u32)> = Vec::new();
     for (k, o) in held.iter().enumerate() {
-        order.extend(o.store.eviction_order(o.keep.as_ref()).into_iter().map(|(t, i)| (t, k, i)));
+        order.extend(o.store.eviction_order(o.profile.as_ref()).into_iter().map(|(t, i)| (t, k, i)));
     }
     order.sort_unstable();
     let mut at = 0;

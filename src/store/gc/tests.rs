@@ -77,34 +77,59 @@ fn the_collector_takes_unused_then_unheld_then_held_lru_chunks() {
     let keep: RoaringBitmap = (6..8).collect();
     let open = |keep: &RoaringBitmap| {
         vec![
-            Open { store: recent.clone(), held: false, keep: None },
-            Open { store: old.clone(), held: false, keep: None },
-            Open { store: held.clone(), held: true, keep: Some(keep.clone()) },
+            Open { store: recent.clone(), held: false, profile: None },
+            Open { store: old.clone(), held: false, profile: None },
+            Open { store: held.clone(), held: true, profile: Some(keep.clone()) },
         ]
     };
     let total = usage(dir.path());
     assert!(total >= 5 * 8 * chunk);
 
-    let r = collect(dir.path(), &open(&keep), total - 8 * chunk, true);
+    let r = collect(dir.path(), &open(&keep), total - 8 * chunk, true, Policy::Lru);
     assert_eq!(r.removed.len(), 1, "only the unpinned unused cache goes: {r:?}");
     assert!(r.reached);
     assert_eq!(scan(dir.path()).len(), 4);
 
     // Down by 12 more chunks: the least recently used unheld image first, all of it, then
     // the next one's least recently used chunks.
-    let r = collect(dir.path(), &open(&keep), r.after - 12 * chunk, false);
+    let r = collect(dir.path(), &open(&keep), r.after - 12 * chunk, false, Policy::Lru);
     assert!(r.reached, "{r:?}");
     assert_eq!(present(&old), 0);
     assert_eq!(present(&recent), 4);
     assert_eq!(present(&held), 8);
 
     // To nothing: the held image keeps its profile chunks, the pinned cache stays whole.
-    let r = collect(dir.path(), &open(&keep), 0, false);
+    let r = collect(dir.path(), &open(&keep), 0, false, Policy::Lru);
     assert!(!r.reached);
     assert_eq!(present(&recent), 0);
     assert_eq!(held.present().iter().collect::<Vec<_>>(), [6, 7]);
     assert_eq!(scan(dir.path()).iter().filter(|d| d.pinned).count(), 1);
     assert!(scan(dir.path()).iter().find(|d| d.pinned).unwrap().bytes >= 8 * chunk);
+}
+
+#[test]
+fn profile_aware_eviction_takes_chunks_outside_profiles_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunk = CHUNK as u64;
+    let (_, a) = filled(dir.path(), 2, 8);
+    let (_, b) = filled(dir.path(), 3, 8);
+    a.touch(0..8);
+    std::thread::sleep(std::time::Duration::from_millis(120));
+    b.touch(0..8);
+    let profile: RoaringBitmap = (0..4).collect();
+    let open = [
+        Open { store: a.clone(), held: false, profile: Some(profile.clone()) },
+        Open { store: b.clone(), held: false, profile: Some(profile.clone()) },
+    ];
+    // 8 chunks to free: the non-profile halves of both images, not all of the older one.
+    let r = collect(dir.path(), &open, usage(dir.path()) - 8 * chunk, false, Policy::Profile);
+    assert!(r.reached, "{r:?}");
+    assert_eq!(a.present().iter().collect::<Vec<_>>(), [0, 1, 2, 3]);
+    assert_eq!(b.present().iter().collect::<Vec<_>>(), [0, 1, 2, 3]);
+    // Then profile chunks, least recently used image first.
+    let r = collect(dir.path(), &open, usage(dir.path()) - 4 * chunk, false, Policy::Profile);
+    assert!(r.reached);
+    assert_eq!((a.present_count(), b.present_count()), (0, 4));
 }
 
 #[test]
