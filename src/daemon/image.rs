@@ -349,9 +349,10 @@ impl Image {
     /// fetch.
     async fn cached(&self, offset: u64, len: u32) -> Option<Bytes> {
         let range = self.manifest.geometry().chunks_covering(ByteOffset(offset), u64::from(len));
-        if !self.store.has_all(range) {
+        if !self.store.has_all(range.clone()) {
             return None;
         }
+        self.store.touch(range);
         if let Some(bytes) = self.store.read_vec_nowait(offset, len as usize) {
             return Some(Bytes::from(bytes));
         }
