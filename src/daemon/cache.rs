@@ -110,10 +110,15 @@ impl Daemon {
         let mut tick = tokio::time::interval(self.tuning.commit_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = budget.pressed() => {}
+            let pressed = tokio::select! {
+                _ = tick.tick() => false,
+                _ = budget.pressed() => true,
                 _ = crate::shutdown::stopped(&mut shutdown) => return,
+            };
+            // Out of reach (all pinned or held): every miss presses, and a pass each time would
+            // only churn; the tick checks again.
+            if pressed && budget.unreachable() {
+                continue;
             }
             let dir = self.cfg.cache_dir.clone();
             let at = budget.before_measuring();
@@ -135,37 +140,38 @@ impl Daemon {
         }
     }
 
-    /// Closes old versions nobody holds or reads any more; their caches become unused.
-    pub(super) fn sweep_retired(&self) {
-        let mut retired = self.retired.lock().unwrap();
-        retired.retain(|r| {
+    /// Closes old versions nobody holds or reads any more; their caches become unused once the
+    /// caller has committed them (the images returned) and dropped them.
+    pub(super) fn sweep_retired(&self) -> Vec<Arc<Image>> {
+        let mut closed = Vec::new();
+        self.retired.lock().unwrap().retain(|r| {
             let keep = !r.holders.is_empty() || r.image.clients() > 0;
             if !keep {
                 r.image.cancel_prefetch();
                 let _ = r.image.shutdown.send(true);
                 tracing::info!(image = %r.image.name, digest = %r.image.manifest.root(), "old version closed");
+                closed.push(r.image.clone());
             }
             keep
         });
+        closed
     }
 
-    /// Makes `new` the served version of its name; the current one keeps its connections and
-    /// the domains holding it. Called with the image map locked by the caller's insert.
+    /// Moves `old`'s holds to a [`Retired`] entry: the domains holding its name run on it. The
+    /// caller holds the image map's write lock (so no assemble finds the name in between), and
+    /// the holds stay locked until the entry is listed (so no release misses both).
     pub(super) fn retire(&self, old: Arc<Image>) {
         if let Some(h) = old.listener.lock().unwrap().take() {
             h.abort();
         }
-        let holders: BTreeSet<String> = {
-            let mut holds = self.holds.lock().unwrap();
-            let mut who = BTreeSet::new();
-            for (domain, images) in holds.iter_mut() {
-                if images.remove(&old.name) {
-                    who.insert(domain.clone());
-                }
+        let mut holds = self.holds.lock().unwrap();
+        let mut holders = BTreeSet::new();
+        for (domain, images) in holds.iter_mut() {
+            if images.remove(&old.name) {
+                holders.insert(domain.clone());
             }
-            holds.retain(|_, images| !images.is_empty());
-            who
-        };
+        }
+        holds.retain(|_, images| !images.is_empty());
         tracing::info!(image = %old.name, digest = %old.manifest.root(), holders = holders.len(),
             "new version served; the old one stays open for its domains");
         self.retired.lock().unwrap().push(Retired { image: old, holders });
@@ -208,7 +214,11 @@ impl Daemon {
                 Response::Collected { report }
             }
             CacheRequest::Pin { image, pinned } => match self.cache_dir_of(&image) {
-                Ok(dir) => match gc::set_pinned(&dir, pinned) {
+                // Not while a collection may be removing the directory.
+                Ok(dir) => match {
+                    let _gate = self.cache_gate.lock().await;
+                    gc::set_pinned(&dir, pinned)
+                } {
                     Ok(()) => {
                         tracing::info!(image, pinned, "cache pin changed");
                         Response::Done
@@ -245,7 +255,9 @@ impl Daemon {
                         bytes: d.bytes,
                         chunks: Some(img.store.present_count()),
                         chunks_total: Some(u64::from(img.manifest.geometry().chunk_count())),
-                        idle_secs: Some(img.store.last_use()).filter(|&t| t > 0).map(|t| u64::from(now - t) / 10),
+                        idle_secs: Some(img.store.last_use())
+                            .filter(|&t| t > 0)
+                            .map(|t| u64::from(now.saturating_sub(t)) / 10),
                         holds,
                         pinned: d.pinned,
                     },

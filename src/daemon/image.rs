@@ -299,8 +299,9 @@ impl Image {
     /// on the blocking pool: a slow cache disk must not hold the runtime's threads, which serve
     /// every other image too.
     async fn bytes(&self, offset: u64, len: u32, priority: Priority) -> Result<Bytes, u32> {
-        // A cached chunk that cannot be read back is forgotten by the store, so the next round
-        // fetches it again. Each failed round forgets at least one chunk of the range: this ends.
+        // A cached chunk that cannot be read back is forgotten by the store and fetched in the
+        // same round; a round fails only when a chunk leaves the cache (a failed read, an
+        // eviction) between a fetch and the read of what it did not fetch.
         let range = self.manifest.geometry().chunks_covering(ByteOffset(offset), u64::from(len));
         self.store.touch(range.clone());
         for _ in 0..=range.len() {
@@ -321,8 +322,13 @@ impl Image {
                 return Ok(Some(Bytes::from(bytes)));
             }
             let read = tokio::task::spawn_blocking(move || store.read_vec(offset, len as usize).ok());
-            return Ok(read.await.map_err(|_| EIO)?.map(Bytes::from));
+            if let Some(bytes) = read.await.map_err(|_| EIO)? {
+                return Ok(Some(Bytes::from(bytes)));
+            }
+            // The chunks left the cache meanwhile (evicted, or forgotten after a failed read):
+            // fetch them in this same round.
         }
+        let store = self.store.clone();
         if priority == Priority::Guest {
             self.reads_waited.fetch_add(1, Ordering::Relaxed);
         }

@@ -218,11 +218,13 @@ impl Daemon {
     /// Opens image `cfg` and starts its export. Under a name already served, an image with
     /// another digest becomes its new version (see `cache.rs`); the same digest is refused.
     pub async fn add_image(&self, cfg: &ImageConfig) -> Result<Arc<Image>, DaemonError> {
+        // One addition at a time, and none during a collection (which must never remove a
+        // directory an image is opening).
+        let _gate = self.cache_gate.lock().await;
         let current = self.image(&cfg.name);
         let socket = self.cfg.export_socket(&cfg.name);
         let ctx = self.peers.as_ref().map(|p| &p.ctx);
         let img = {
-            let _gate = self.cache_gate.lock().await;
             match Image::open(cfg, &self.cfg.cache_dir, self.tuning, socket.clone(), ctx).await {
                 Ok(img) => img,
                 // The same digest as the version served: its cache is open already.
@@ -239,7 +241,7 @@ impl Daemon {
             Some(_) => bind_unix_replacing(&socket, self.export_uid)?,
             None => bind_unix(&socket, self.export_uid)?,
         };
-        let old = {
+        {
             let mut images = self.images.write().unwrap();
             let old = images.get(&cfg.name).cloned();
             if old.as_ref().map(Arc::as_ptr) != current.as_ref().map(Arc::as_ptr)
@@ -248,10 +250,9 @@ impl Daemon {
                 return Err(DaemonError::Duplicate(cfg.name.clone()));
             }
             images.insert(cfg.name.clone(), img.clone());
-            old
-        };
-        if let Some(old) = old {
-            self.retire(old);
+            if let Some(old) = old {
+                self.retire(old);
+            }
         }
         let lookup = Arc::new(SingleExport { name: cfg.name.clone(), export: img.clone() });
         let task = tokio::spawn(server::run(listener, lookup, self.nbd.clone(), img.shutdown.subscribe()));
@@ -317,7 +318,9 @@ impl Daemon {
                 _ = tick.tick() => {}
                 _ = crate::shutdown::stopped(&mut shutdown) => return,
             }
-            self.sweep_retired();
+            for img in self.sweep_retired() {
+                commit(&img).await;
+            }
             let mut images: Vec<Arc<Image>> = self.images.read().unwrap().values().cloned().collect();
             images.extend(self.retired.lock().unwrap().iter().map(|r| r.image.clone()));
             for img in images {
@@ -385,7 +388,7 @@ async fn commit(img: &Arc<Image>) {
     match tokio::task::spawn_blocking(move || store.commit()).await {
         Ok(Ok(_)) => {}
         // A full disk fails every commit until space returns: said now and then, not each time.
-        Ok(Err(crate::store::StoreError::Io { source, .. })) if source.raw_os_error() == Some(libc::ENOSPC) => {
+        Ok(Err(crate::store::StoreError::Io { source, .. })) if crate::fsutil::is_full(&source) => {
             static FULL: crate::store::budget::Throttle = crate::store::budget::Throttle::new();
             if FULL.due() {
                 tracing::warn!(image = %img.name, error = %source, "cache commit failed: disk full; new chunks stay checked on every read until it succeeds");

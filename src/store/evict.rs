@@ -21,7 +21,19 @@ use roaring::RoaringBitmap;
 
 use super::{ChunkStore, StoreError};
 use crate::fsutil;
-use crate::image::ChunkIdx;
+use crate::image::{ByteOffset, ChunkIdx};
+
+/// The runs of adjacent chunks in `set`, as `start..end` pairs.
+fn runs(set: &RoaringBitmap) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for i in set {
+        match out.last_mut() {
+            Some((_, end)) if *end == i => *end += 1,
+            _ => out.push((i, i + 1)),
+        }
+    }
+    out
+}
 
 /// The node's use clock, in tenths of a second since the process started, from 1 (0 means
 /// "not used since the cache was opened"). Comparable between images.
@@ -35,7 +47,7 @@ pub fn tick() -> u32 {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Evicted {
     pub chunks: u64,
-    /// Blocks freed in the data file, as its allocated size shows.
+    /// Bytes of the ranges punched (the chunks' lengths).
     pub bytes: u64,
 }
 
@@ -81,12 +93,50 @@ impl ChunkStore {
         order
     }
 
+    /// Punches out the blocks of chunks the state file does not claim: writes not committed
+    /// before a crash, a crash between an eviction's state write and its punch, chunks dropped
+    /// after a failed sync. Nothing else would ever free them (eviction takes claimed chunks
+    /// only), yet they count against the budget. Called at open, before anything is served, so
+    /// every readable chunk is durable. Returns the bytes punched.
+    pub(super) fn reclaim_unclaimed(&self) -> u64 {
+        use std::os::unix::io::AsRawFd;
+        let Ok(f) = std::fs::File::open(self.dir.join("data")) else { return 0 };
+        let (fd, size) = (f.as_raw_fd(), self.geometry.image_size() as i64);
+        let mut unclaimed = RoaringBitmap::new();
+        let mut at: i64 = 0;
+        while at < size {
+            // SAFETY: lseek on an owned descriptor; no memory is passed.
+            let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+            if data < 0 || data >= size {
+                break; // ENXIO: no data past `at` (or SEEK_DATA unsupported: nothing found)
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            let end = if hole <= data { size } else { hole.min(size) };
+            unclaimed.insert_range(self.geometry.chunks_covering(ByteOffset(data as u64), (end - data) as u64));
+            at = end;
+        }
+        unclaimed -= &*self.durable.lock().unwrap();
+        let file = self.file();
+        let mut freed = 0;
+        for (start, end) in runs(&unclaimed) {
+            if let Some((offset, len)) = self.geometry.run_bytes(start..end) {
+                if file.punch(offset.0, len as u64).is_ok() {
+                    freed += len as u64;
+                }
+            }
+        }
+        if freed > 0 {
+            tracing::info!(cache = %self.dir.display(), bytes = freed, "freed blocks of chunks the cache does not claim");
+        }
+        freed
+    }
+
     /// Takes `victims` out of the cache in the crash-safe order above. Chunks not durable, or
     /// already gone, are skipped. Fails only when the state file cannot be written; the chunks
     /// are then out of the presence map, not punched, and dropped from the state by the next
     /// commit.
     pub fn evict(&self, victims: &RoaringBitmap) -> Result<Evicted, StoreError> {
-        let before = self.allocated_bytes();
         let mut durable = self.durable.lock().unwrap();
         let asked = victims & &*durable;
         let mut victims = asked.clone();
@@ -117,10 +167,13 @@ impl ChunkStore {
             // A full disk cannot take the new state file, and only punching frees it: the old
             // state goes instead, so that nothing is claimed, and the next commit writes it
             // again. A crash in between costs the cache's contents, never a wrong byte.
-            let unclaimed = source.raw_os_error() == Some(libc::ENOSPC)
+            let unclaimed = fsutil::is_full(&source)
                 && std::fs::remove_file(&path).and_then(|()| fsutil::sync_dir(&self.dir)).is_ok();
             if !unclaimed {
-                *self.forgotten.lock().unwrap() |= &victims;
+                // Nothing was punched: the chunks are intact and durable, and the state file
+                // (old or, if only the directory sync failed, new) claims nothing they do not
+                // hold once the next commit has written it. They are served again.
+                self.presence.write().unwrap().readable |= &victims;
                 release();
                 return Err(StoreError::Io { path, source });
             }
@@ -129,34 +182,31 @@ impl ChunkStore {
         }
         *durable = next;
         drop(durable);
-        // 4. Blocks freed, run by run.
+        // 4. Blocks freed, run by run. What was freed is counted from the runs punched, not
+        // from the file's size before and after: writes of other chunks go on meanwhile.
         let file = self.file();
         let mut punched = true;
-        let mut runs = victims.iter().peekable();
-        while let Some(start) = runs.next() {
-            let mut end = start + 1;
-            while runs.peek() == Some(&end) {
-                runs.next();
-                end += 1;
-            }
+        let mut freed = 0u64;
+        for (start, end) in runs(&victims) {
             let Some((offset, len)) = self.geometry.run_bytes(start..end) else { continue };
             if let Err(e) = file.punch(offset.0, len as u64) {
                 punched = false;
                 tracing::warn!(cache = %self.dir.display(), chunk = %ChunkIdx(start), error = %e,
                     "punching a hole failed: the chunks are out of the cache but their space is not freed");
+            } else {
+                freed += len as u64;
             }
         }
         // 5. Cacheable again.
         release();
         let n = victims.len();
         self.stats.chunks_evicted.fetch_add(n, Ordering::Relaxed);
-        let after = self.allocated_bytes();
         if let Some(b) = self.budget.get() {
-            b.give_back(before.saturating_sub(after));
+            b.give_back(freed);
         }
         if !punched {
             tracing::debug!(cache = %self.dir.display(), "some holes were not punched");
         }
-        Ok(Evicted { chunks: n, bytes: before.saturating_sub(after) })
+        Ok(Evicted { chunks: n, bytes: freed })
     }
 }

@@ -149,24 +149,26 @@ pub fn collect(cache_dir: &Path, open: &[Open], target: u64, unused_only: bool, 
         return r;
     }
 
-    // 2. Served images nobody holds, least recently used first.
+    // 2. Served images nobody holds, least recently used first. A failed eviction (its state
+    // file could not be written) ends the collection: the next ones would fail alike.
     let mut unheld: Vec<&Open> = open.iter().filter(|o| !o.held && !is_pinned(o.store.dir())).collect();
     unheld.sort_by_key(|o| o.store.last_use());
+    let mut ok = true;
     if policy == Policy::Profile {
         for o in &unheld {
-            if r.after <= target {
+            if !ok || r.after <= target {
                 break;
             }
             let order: Vec<u32> = o.store.eviction_order(o.profile.as_ref()).into_iter().map(|(_, i)| i).collect();
-            evict_prefix(&mut r, &o.store, &order, target);
+            ok = evict_prefix(&mut r, &o.store, &order, target);
         }
     }
     for o in &unheld {
-        if r.after <= target {
+        if !ok || r.after <= target {
             break;
         }
         let order: Vec<u32> = o.store.eviction_order(None).into_iter().map(|(_, i)| i).collect();
-        evict_prefix(&mut r, &o.store, &order, target);
+        ok = evict_prefix(&mut r, &o.store, &order, target);
     }
 
     // 3. Chunks of held images, least recently used first over all of them.
@@ -177,7 +179,7 @@ pub fn collect(cache_dir: &Path, open: &[Open], target: u64, unused_only: bool, 
     }
     order.sort_unstable();
     let mut at = 0;
-    while r.after > target && at < order.len() {
+    while ok && r.after > target && at < order.len() {
         // Take chunks until they cover what is still to free, then evict them per cache.
         let mut picked: Vec<RoaringBitmap> = vec![RoaringBitmap::new(); held.len()];
         let mut bytes = 0u64;
@@ -188,33 +190,41 @@ pub fn collect(cache_dir: &Path, open: &[Open], target: u64, unused_only: bool, 
             at += 1;
         }
         for (k, victims) in picked.iter().enumerate().filter(|(_, v)| !v.is_empty()) {
-            evict(&mut r, &held[k].store, victims);
+            ok = ok && evict(&mut r, &held[k].store, victims);
         }
     }
     r.reached = r.after <= target;
     r
 }
 
-/// Evicts the first chunks of `order` from `store` until usage reaches `target` or they run out.
-fn evict_prefix(r: &mut Report, store: &ChunkStore, order: &[u32], target: u64) {
+/// Evicts the first chunks of `order` from `store` until usage reaches `target` or they run out;
+/// false when an eviction failed.
+fn evict_prefix(r: &mut Report, store: &ChunkStore, order: &[u32], target: u64) -> bool {
     let chunk = store.geometry().chunk_size().bytes();
     let mut at = 0;
     while r.after > target && at < order.len() {
         let n = (r.after - target).div_ceil(chunk).min((order.len() - at) as u64) as usize;
         let victims: RoaringBitmap = order[at..at + n].iter().copied().collect();
         at += n;
-        evict(r, store, &victims);
+        if !evict(r, store, &victims) {
+            return false;
+        }
     }
+    true
 }
 
-fn evict(r: &mut Report, store: &ChunkStore, victims: &RoaringBitmap) {
+fn evict(r: &mut Report, store: &ChunkStore, victims: &RoaringBitmap) -> bool {
     match store.evict(victims) {
         Ok(e) => {
             r.chunks += e.chunks;
             r.freed += e.bytes;
             r.after = r.after.saturating_sub(e.bytes);
+            true
         }
-        Err(e) => tracing::warn!(cache = %store.dir().display(), error = %e, "eviction failed"),
+        Err(e) => {
+            tracing::warn!(cache = %store.dir().display(), error = %e, "eviction failed; collection stopped");
+            false
+        }
     }
 }
 

@@ -229,7 +229,7 @@ impl ChunkStore {
         let data: Arc<dyn DataFile> =
             if faults.is_empty() { Arc::new(plain) } else { Arc::new(FaultyFile::new(Arc::new(plain), faults)) };
 
-        Ok(ChunkStore {
+        let store = ChunkStore {
             dir,
             geometry,
             root,
@@ -252,7 +252,9 @@ impl ChunkStore {
             full_until: Mutex::new(None),
             full_warning: budget::Throttle::default(),
             restate: std::sync::atomic::AtomicBool::new(false),
-        })
+        };
+        store.reclaim_unclaimed();
+        Ok(store)
     }
 
     pub fn dir(&self) -> &Path {
@@ -447,7 +449,7 @@ impl ChunkStore {
             if let Some(b) = budget {
                 b.give_back(data.len() as u64);
             }
-            if source.raw_os_error() == Some(libc::ENOSPC) {
+            if fsutil::is_full(&source) {
                 return Err(self.disk_full(n, source));
             }
             self.stats.write_errors.fetch_add(1, Ordering::Relaxed);

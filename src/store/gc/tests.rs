@@ -59,6 +59,26 @@ fn evicted_chunks_are_unclaimed_punched_and_cacheable_again() {
 }
 
 #[test]
+fn blocks_no_state_claims_are_freed_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, m) = image(6, 16);
+    let claimed = {
+        let s = ChunkStore::open(dir.path(), &m).unwrap();
+        s.put_span(0..4, &data[..4 * CHUNK]).unwrap();
+        s.commit().unwrap();
+        let claimed = s.allocated_bytes();
+        // Written but never committed: a crash now leaves these blocks claimed by nothing.
+        s.put_span(8..16, &data[8 * CHUNK..]).unwrap();
+        assert!(s.allocated_bytes() >= claimed + 8 * CHUNK as u64);
+        claimed
+    };
+    let s = ChunkStore::open(dir.path(), &m).unwrap();
+    assert_eq!(s.allocated_bytes(), claimed, "the unclaimed chunks' blocks are punched");
+    assert_eq!(s.present().iter().collect::<Vec<_>>(), [0, 1, 2, 3]);
+    assert_eq!(s.verify(&m).bad, 0);
+}
+
+#[test]
 fn the_collector_takes_unused_then_unheld_then_held_lru_chunks() {
     let dir = tempfile::tempdir().unwrap();
     let chunk = CHUNK as u64;
