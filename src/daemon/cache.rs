@@ -214,11 +214,7 @@ impl Daemon {
                 Response::Collected { report }
             }
             CacheRequest::Pin { image, pinned } => match self.cache_dir_of(&image) {
-                // Not while a collection may be removing the directory.
-                Ok(dir) => match {
-                    let _gate = self.cache_gate.lock().await;
-                    gc::set_pinned(&dir, pinned)
-                } {
+                Ok(dir) => match self.set_pinned(&dir, pinned).await {
                     Ok(()) => {
                         tracing::info!(image, pinned, "cache pin changed");
                         Response::Done
@@ -228,6 +224,12 @@ impl Daemon {
                 Err(message) => Response::Error { message },
             },
         }
+    }
+
+    /// Pins or unpins, never while a collection may be removing the directory.
+    async fn set_pinned(&self, dir: &Path, pinned: bool) -> std::io::Result<()> {
+        let _gate = self.cache_gate.lock().await;
+        gc::set_pinned(dir, pinned)
     }
 
     fn cache_list(&self) -> Vec<CacheEntry> {
