@@ -132,8 +132,9 @@ fn held_profile_chunks_and_pinned_images_survive_pressure() {
     let sock = env.control_sock();
     let uri = |n: &str| env.export_uri(n);
 
-    // "pinned" pinned, then cached whole.
-    ok(call(&sock, Request::CachePin { image: "pinned".into(), pinned: true }).unwrap());
+    // "pinned" pinned (through the CLI), then cached whole.
+    let out = run(std::process::Command::new(VMT).arg("--socket").arg(&sock).args(["cache", "pin", "pinned"]));
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("pinned: pinned"), "{out:?}");
     assert!(qemu_img_identical(&paths[1], &uri("pinned")));
     let pinned_before = settled(&env, "pinned").chunks_present;
     assert_eq!(pinned_before, 32 * MIB / CHUNK);
@@ -216,6 +217,15 @@ fn a_new_version_serves_new_readers_while_old_readers_keep_theirs() {
     assert_eq!(nbd_read(&mut new, 1, 5 * MIB, MIB as u32), pread(&v2, 5 * MIB, MIB));
     let (_, list) = caches(&env);
     let entry = list.iter().find(|c| c.digest == old_digest).unwrap();
+    let out = run(std::process::Command::new(VMT).arg("--socket").arg(&sock).args(["cache", "ls"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("cache ") && text.contains("of 1024.0 MiB"), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with(&old_digest[..16]) && l.contains("old-version") && l.contains("old-vm")),
+        "{text}"
+    );
+    let out = run(std::process::Command::new(VMT).arg("--socket").arg(&sock).arg("status"));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("cache "), "vmt status shows the usage first");
     assert_eq!((entry.state.as_str(), entry.holds.as_slice()), ("old-version", ["old-vm".to_string()].as_slice()));
     assert!(status(&env, "img").holds.is_empty(), "the old domain does not hold the new version");
 

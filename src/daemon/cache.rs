@@ -65,7 +65,9 @@ impl Daemon {
         let mut open: Vec<Open> = images
             .iter()
             .map(|i| {
-                let held = !self.holders(&i.name).is_empty();
+                // A connected client counts too: holds are lost at a restart, connections of
+                // running domains come back at once.
+                let held = !self.holders(&i.name).is_empty() || i.clients() > 0;
                 Open { store: i.store.clone(), held, profile: self.profile_chunks(i) }
             })
             .collect();
