@@ -6,7 +6,7 @@ use std::io::Read;
 use std::path::PathBuf;
 
 use vmthunder::config::{Config, DEFAULT_CONFIG};
-use vmthunder::libvirt::hook;
+use vmthunder::libvirt::{domain, hook, storage};
 
 /// Domain XML larger than this is refused rather than read without bound.
 const MAX_XML: u64 = 16 << 20;
@@ -42,7 +42,9 @@ fn run() -> Result<(), String> {
         s
     };
     let check = hook::run_dir_check(run_dir);
-    let plan = hook::plan(op, sub_op, read_xml, &check).map_err(|e| e.to_string())?;
+    let pool_dirs: Vec<&std::path::Path> = storage::POOL_DIRS.iter().map(std::path::Path::new).collect();
+    let probe = |c: &domain::Candidate| hook::probe_disk(c, &pool_dirs, &check);
+    let plan = hook::plan(op, sub_op, read_xml, &check, &probe).map_err(|e| e.to_string())?;
     if let Some(e) = xml_err {
         return Err(format!("reading the domain XML: {e}"));
     }

@@ -2,7 +2,9 @@
 //!
 //! A disk is a vmthunder disk when its source, or any source in its `<backingStore>` chain, is
 //! NBD over a unix socket `{RUN_DIR}/exports/{IMAGE}.sock` and `{RUN_DIR}` is a vmtd run
-//! directory (the caller decides, see [`super::hook`]). Pure: text in, findings out.
+//! directory (the caller decides, see [`super::hook`]). A file, block or volume disk whose XML
+//! shows no such chain is a *candidate*: its image headers may still lead to an export, which the
+//! hook checks ([`super::qcow2`]). Pure: text in, findings out.
 
 use std::path::{Path, PathBuf};
 
@@ -30,11 +32,52 @@ pub struct VmtDisk {
     pub run_dir: PathBuf,
 }
 
-/// A parsed domain: its name and its vmthunder disks.
+/// Where a disk that may read from vmthunder through its image headers lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskSource {
+    /// `<disk type='file'>` (`source file=`) or `type='block'` (`source dev=`).
+    Path(PathBuf),
+    /// `<disk type='volume'>`: a volume of a storage pool.
+    Volume { pool: String, volume: String },
+}
+
+/// A disk to look into: its XML shows no vmthunder export, its backing chain may.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub target: String,
+    pub source: DiskSource,
+}
+
+/// A parsed domain: its name, its vmthunder disks, and the disks to look into.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainDisks {
     pub name: String,
     pub disks: Vec<VmtDisk>,
+    pub candidates: Vec<Candidate>,
+}
+
+/// The image and run directory of export socket `socket` (`{RUN_DIR}/exports/{IMAGE}.sock`),
+/// if it is one; `export`, when given, must be the image's name.
+pub fn export_of(
+    socket: &Path,
+    export: Option<&str>,
+    is_run_dir: &dyn Fn(&Path) -> bool,
+) -> Result<Option<(String, PathBuf)>, String> {
+    let (Some(exports), Some(file)) = (socket.parent(), socket.file_name().and_then(|f| f.to_str())) else {
+        return Ok(None);
+    };
+    let Some(run_dir) = exports.parent().filter(|_| exports.file_name().is_some_and(|f| f == "exports")) else {
+        return Ok(None);
+    };
+    let Some(image) = file.strip_suffix(".sock") else { return Ok(None) };
+    if !socket.is_absolute() || !is_run_dir(run_dir) {
+        return Ok(None);
+    }
+    validate_name(image)?;
+    if let Some(export) = export.filter(|e| *e != image) {
+        return Err(format!("export name {export:?} does not match the socket of image {image:?}"));
+    }
+    Ok(Some((image.to_string(), run_dir.to_path_buf())))
 }
 
 /// Parses `xml` and lists its vmthunder disks; `is_run_dir` says whether a directory is a vmtd
@@ -53,9 +96,9 @@ pub fn parse(xml: &str, is_run_dir: &dyn Fn(&Path) -> bool) -> Result<DomainDisk
         .filter(|s| !s.is_empty())
         .ok_or(DomainXmlError::NoName)?
         .to_string();
-    let mut disks = Vec::new();
+    let (mut disks, mut candidates) = (Vec::new(), Vec::new());
     let Some(devices) = root.children().find(|n| n.has_tag_name("devices")) else {
-        return Ok(DomainDisks { name, disks });
+        return Ok(DomainDisks { name, disks, candidates });
     };
     for disk in devices.children().filter(|n| n.has_tag_name("disk")) {
         let target = disk
@@ -66,6 +109,7 @@ pub fn parse(xml: &str, is_run_dir: &dyn Fn(&Path) -> bool) -> Result<DomainDisk
             .to_string();
         let bad = |message: String| DomainXmlError::BadDisk { disk: target.clone(), message };
         // The disk's own source, then each level of its backing chain.
+        let found = disks.len();
         let mut level = Some(disk);
         while let Some(node) = level {
             if let Some(src) = node.children().find(|n| n.has_tag_name("source")) {
@@ -75,34 +119,12 @@ pub fn parse(xml: &str, is_run_dir: &dyn Fn(&Path) -> bool) -> Result<DomainDisk
                             continue;
                         }
                         let Some(socket) = host.attribute("socket") else { continue };
-                        let socket = Path::new(socket);
-                        let (Some(exports), Some(file)) =
-                            (socket.parent(), socket.file_name().and_then(|f| f.to_str()))
+                        let Some((image, run_dir)) =
+                            export_of(Path::new(socket), src.attribute("name"), is_run_dir).map_err(&bad)?
                         else {
                             continue;
                         };
-                        let Some(run_dir) =
-                            exports.parent().filter(|_| exports.file_name().is_some_and(|f| f == "exports"))
-                        else {
-                            continue;
-                        };
-                        let Some(image) = file.strip_suffix(".sock") else { continue };
-                        if !socket.is_absolute() || !is_run_dir(run_dir) {
-                            continue;
-                        }
-                        validate_name(image).map_err(&bad)?;
-                        if let Some(export) = src.attribute("name") {
-                            if export != image {
-                                return Err(bad(format!(
-                                    "export name {export:?} does not match the socket of image {image:?}"
-                                )));
-                            }
-                        }
-                        let d = VmtDisk {
-                            target: target.clone(),
-                            image: image.to_string(),
-                            run_dir: run_dir.to_path_buf(),
-                        };
+                        let d = VmtDisk { target: target.clone(), image, run_dir };
                         if !disks.contains(&d) {
                             disks.push(d);
                         }
@@ -111,8 +133,24 @@ pub fn parse(xml: &str, is_run_dir: &dyn Fn(&Path) -> bool) -> Result<DomainDisk
             }
             level = node.children().find(|n| n.has_tag_name("backingStore"));
         }
+        if disks.len() == found && matches!(disk.attribute("device"), None | Some("disk")) {
+            let src = disk.children().find(|n| n.has_tag_name("source"));
+            let attr = |a: &str| src.and_then(|s| s.attribute(a)).filter(|v| !v.is_empty());
+            let source = match disk.attribute("type") {
+                Some("file") => attr("file").map(|f| DiskSource::Path(f.into())),
+                Some("block") => attr("dev").map(|d| DiskSource::Path(d.into())),
+                Some("volume") => match (attr("pool"), attr("volume")) {
+                    (Some(pool), Some(volume)) => Some(DiskSource::Volume { pool: pool.into(), volume: volume.into() }),
+                    _ => None,
+                },
+                _ => None,
+            };
+            if let Some(source) = source {
+                candidates.push(Candidate { target: target.clone(), source });
+            }
+        }
     }
-    Ok(DomainDisks { name, disks })
+    Ok(DomainDisks { name, disks, candidates })
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! libvirt integration: the qemu hook's decisions ([`hook`], over [`domain`] XML parsing), the
+//! libvirt integration: the qemu hook's decisions ([`hook`], over [`domain`] XML parsing,
+//! [`qcow2`] backing chains and [`storage`] pool files), the
 //! storage pool and per-VM overlay volumes ([`pool`]), and detaching a running VM from vmtd
 //! ([`detach`]). Everything that calls the libvirt API blocks: callers keep it off the async
 //! runtime. The hook never calls the libvirt API (libvirtd would deadlock waiting on itself).
@@ -7,6 +8,8 @@ pub mod detach;
 pub mod domain;
 pub mod hook;
 pub mod pool;
+pub mod qcow2;
+pub mod storage;
 
 /// Escapes text for an XML attribute or element.
 pub fn xml_escape(s: &str) -> String {
