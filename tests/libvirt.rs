@@ -360,3 +360,117 @@ fn debian_guest_boots_through_vmthunder_reading_only_what_it_needs() {
     assert!(show.contains(&format!("working set   {chunks} chunks")), "{show}");
     eprintln!("Debian boot profile:\n{show}");
 }
+
+/// The disk written as a new user would write it: a pool volume without `<backingStore>`, or
+/// the overlay file itself. The hook finds the export through the qcow2 header; vmtd holds the
+/// image while the domain runs and records its first boot; with vmtd stopped, the start fails
+/// at once with the hook's reason.
+#[test]
+fn volume_and_file_disks_without_backing_store_boot_through_vmthunder() {
+    for form in ["volume", "file"] {
+        let mut node = Node::new();
+        let vol = format!("{form}.qcow2");
+        node.volume(&vol);
+        let xml = match form {
+            "volume" => format!(
+                "<disk type='volume' device='disk'><driver name='qemu' type='qcow2'/><source pool='{}' volume='{vol}'/><target dev='vda' bus='virtio'/></disk>",
+                node.pool
+            ),
+            _ => format!(
+                "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>",
+                node.env.path("pool").join(&vol).display()
+            ),
+        };
+        let vm = node.domain(&xml, "vmt.mode=readloop vmt.loops=2");
+        let out = vm.start();
+        assert!(out.status.success(), "{form}: start: {}", String::from_utf8_lossy(&out.stderr));
+        vm.wait_for("VMT-LOOP 1 ");
+        let s = status(&node.env, "guest");
+        assert_eq!(s.holds, [vm.name.clone()], "{form}: the running domain holds the image");
+        assert_eq!(s.recording.as_deref(), Some(vm.name.as_str()), "{form}: its first boot is recorded");
+        let c = vm.wait_for("VMT-DONE");
+        vm.wait_shutoff();
+        let loops: Vec<&str> = c.lines().filter(|l| l.contains("VMT-LOOP")).collect();
+        assert_eq!(loops.len(), 2, "{form}: {c}");
+        assert!(loops.iter().all(|l| l.ends_with(&node.guest.sha256)), "{form}: {c}");
+        let s = status(&node.env, "guest");
+        assert!(s.holds.is_empty() && s.profile_chunks.is_some_and(|n| n > 0), "{form}: {s:?}");
+
+        assert_eq!(node.vmtd.terminate(), Some(0));
+        let t0 = Instant::now();
+        let out = vm.start();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{form}: started without vmtd");
+        assert!(err.contains("vmthunder") && err.contains("is vmtd running?"), "{form}: {err}");
+        assert!(t0.elapsed() < Duration::from_secs(20), "{form}: the hook took {:?}", t0.elapsed());
+    }
+}
+
+/// A file disk whose backing chain loops, or whose header names a backing file longer than
+/// qcow2 allows: the start fails at once with the hook's reason.
+#[test]
+fn hostile_backing_chains_fail_the_start_with_a_reason() {
+    let node = Node::new();
+    let (a, b) = (node.env.path("pool/loop-a.qcow2"), node.env.path("pool/loop-b.qcow2"));
+    for (me, other) in [(&a, &b), (&b, &a)] {
+        let out = run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b"])
+            .arg(other)
+            .arg(me)
+            .arg("64M"));
+        assert!(out.status.success(), "{out:?}");
+    }
+    let huge = node.env.path("pool/huge.qcow2");
+    std::fs::copy(&a, &huge).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::OpenOptions::new().write(true).open(&huge).unwrap(),
+        &(1u32 << 30).to_be_bytes(),
+        16,
+    )
+    .unwrap();
+    for (file, why) in [(&a, "loops"), (&huge, "backing file name of")] {
+        let xml = format!(
+            "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>",
+            file.display()
+        );
+        let vm = node.domain(&xml, "vmt.mode=checksum");
+        let t0 = Instant::now();
+        let out = vm.start();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{why}: started");
+        assert!(err.contains("vmthunder") && err.contains(why), "{why}: {err}");
+        assert!(t0.elapsed() < Duration::from_secs(20), "{why}: took {:?}", t0.elapsed());
+    }
+}
+
+/// `virsh save` and `virsh restore` of a running vmthunder VM: the hook assembles at `restore
+/// begin`, before QEMU starts (with vmtd down the restore fails with its reason), and the
+/// restored guest goes on reading the right data.
+#[test]
+fn save_and_restore_keep_reading_through_vmthunder() {
+    let mut node = Node::new();
+    let vm = node.domain(&node.volume("saved.qcow2"), "vmt.mode=readloop vmt.loops=3");
+    assert!(vm.start().status.success());
+    vm.wait_for("VMT-LOOP 1 ");
+    let image = node.env.path("saved.state");
+    let out = virsh(&["save", &vm.name, image.to_str().unwrap()]);
+    assert!(out.status.success(), "save: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(status(&node.env, "guest").holds.is_empty(), "the saved domain released its hold");
+
+    assert_eq!(node.vmtd.terminate(), Some(0));
+    let out = virsh(&["restore", image.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("vmthunder") && err.contains("is vmtd running?"), "{err}");
+
+    node.vmtd = start_vmtd(&node.env, &node.cfg);
+    let out = virsh(&["restore", image.to_str().unwrap()]);
+    assert!(out.status.success(), "restore: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(status(&node.env, "guest").holds, [vm.name.clone()], "restore assembled");
+    // QEMU reopens the console file at restore: it holds what the guest printed since.
+    let c = vm.wait_for("VMT-DONE");
+    vm.wait_shutoff();
+    let loops: Vec<&str> = c.lines().filter(|l| l.contains("VMT-LOOP")).collect();
+    assert!(c.contains("VMT-LOOP 3 ") && !loops.is_empty(), "{c}");
+    assert!(loops.iter().all(|l| l.ends_with(&node.guest.sha256)), "wrong data after restore:\n{c}");
+    assert!(!c.contains("I/O error"), "{c}");
+}

@@ -1,8 +1,9 @@
 //! Where a libvirt storage pool keeps its volumes, read from libvirt's own pool files: the hook
 //! runs inside libvirtd, which waits for it, so it may not ask libvirt.
 //!
-//! libvirtd (qemu:///system) writes each running pool's live definition to
-//! `/run/libvirt/storage/POOL.xml` and each persistent one's to `/etc/libvirt/storage/POOL.xml`.
+//! libvirtd (qemu:///system) writes each running pool's live state to
+//! `/run/libvirt/storage/POOL.xml` (the definition inside `<poolstate>`) and each persistent
+//! one's definition to `/etc/libvirt/storage/POOL.xml`.
 //! Only pools whose volumes are files in a directory (`dir`, `fs`, `netfs`) have a path to look
 //! into; for others there is nothing to find.
 
@@ -38,8 +39,13 @@ pub fn volume_path(dirs: &[&Path], pool: &str, volume: &str) -> Result<Option<Pa
             Err(e) => return Err(format!("{}: {e}", file.display())),
         }
         let doc = roxmltree::Document::parse(&text).map_err(|e| format!("{}: {e}", file.display()))?;
-        let root = doc.root_element();
-        if !root.has_tag_name("pool") || !matches!(root.attribute("type"), Some("dir" | "fs" | "netfs")) {
+        // The live file wraps the definition in <poolstate>.
+        let root = match doc.root_element() {
+            r if r.has_tag_name("poolstate") => r.children().find(|n| n.has_tag_name("pool")),
+            r => Some(r),
+        };
+        let Some(root) = root.filter(|r| r.has_tag_name("pool")) else { return Ok(None) };
+        if !matches!(root.attribute("type"), Some("dir" | "fs" | "netfs")) {
             return Ok(None);
         }
         let path = root
@@ -65,7 +71,11 @@ mod tests {
         let pool = |path: &str| format!("<pool type='dir'><name>p</name><target><path>{path}</path></target></pool>");
         std::fs::write(etc.path().join("p.xml"), pool("/etc-path")).unwrap();
         assert_eq!(volume_path(&dirs, "p", "vm.qcow2"), Ok(Some("/etc-path/vm.qcow2".into())));
-        std::fs::write(run.path().join("p.xml"), pool("/live")).unwrap();
+        std::fs::write(
+            run.path().join("p.xml"),
+            format!("<!-- generated -->\n<poolstate>{}</poolstate>", pool("/live")),
+        )
+        .unwrap();
         assert_eq!(volume_path(&dirs, "p", "vm.qcow2"), Ok(Some("/live/vm.qcow2".into())));
         assert_eq!(volume_path(&dirs, "none", "vm.qcow2"), Ok(None));
         std::fs::write(run.path().join("lvm.xml"), "<pool type='logical'><target><path>/dev/vg</path></target></pool>")
