@@ -386,7 +386,7 @@ fn volume_and_file_disks_without_backing_store_boot_through_vmthunder() {
         assert!(out.status.success(), "{form}: start: {}", String::from_utf8_lossy(&out.stderr));
         vm.wait_for("VMT-LOOP 1 ");
         let s = status(&node.env, "guest");
-        assert_eq!(s.holds, [vm.name.clone()], "{form}: the running domain holds the image");
+        assert_eq!(s.holds, std::slice::from_ref(&vm.name), "{form}: the running domain holds the image");
         assert_eq!(s.recording.as_deref(), Some(vm.name.as_str()), "{form}: its first boot is recorded");
         let c = vm.wait_for("VMT-DONE");
         vm.wait_shutoff();
@@ -465,7 +465,7 @@ fn save_and_restore_keep_reading_through_vmthunder() {
     node.vmtd = start_vmtd(&node.env, &node.cfg);
     let out = virsh(&["restore", image.to_str().unwrap()]);
     assert!(out.status.success(), "restore: {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(status(&node.env, "guest").holds, [vm.name.clone()], "restore assembled");
+    assert_eq!(status(&node.env, "guest").holds, std::slice::from_ref(&vm.name), "restore assembled");
     // QEMU reopens the console file at restore: it holds what the guest printed since.
     let c = vm.wait_for("VMT-DONE");
     vm.wait_shutoff();
