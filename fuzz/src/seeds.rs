@@ -153,6 +153,9 @@ fn control() -> Vec<Vec<u8>> {
         Request::ProfileList,
         Request::TraceStart { image: "a".into() },
         Request::TraceStop { image: "a".into(), path: "/tmp/t.csv".into() },
+        Request::CacheList,
+        Request::CacheGc { to: Some(1 << 30) },
+        Request::CachePin { image: "a".into(), pinned: true },
     ];
     let status = ImageStatus {
         name: "a".into(),
@@ -198,7 +201,23 @@ fn control() -> Vec<Vec<u8>> {
             profiles_rejected: 0,
             p2p: Some(control::NodeP2pStatus { node: "10.0.0.1:7000".into(), ..Default::default() }),
             nbd: control::NbdStatus { connections: 1, max_connections: 1024, ..Default::default() },
+            cache: control::CacheUsage { used: 1, max: Some(2), ..Default::default() },
         },
+        Response::Caches {
+            usage: control::CacheUsage::default(),
+            caches: vec![control::CacheEntry {
+                digest: "00".repeat(32),
+                image: Some("a".into()),
+                state: "serving".into(),
+                bytes: 1,
+                chunks: Some(1),
+                chunks_total: Some(2),
+                idle_secs: None,
+                holds: vec![],
+                pinned: true,
+            }],
+        },
+        Response::Collected { report: vmthunder::store::gc::Report { removed: vec!["00".into()], ..Default::default() } },
         Response::Assembled { sockets: vec!["/run/vmthunder/exports/a.sock".into()] },
         Response::Recorded { path: "/p".into(), boots: 1, chunks: 2, bytes: 3 },
         Response::Profiles {
