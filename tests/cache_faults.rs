@@ -59,15 +59,16 @@ fn failed_syncs_and_writes_never_serve_lost_chunks_across_kill9() {
     assert!(qemu_img_identical(&img, &uri));
 }
 
-/// A cache whose every write fails: reads keep succeeding from the origin, the cache degrades
-/// to not caching, and nothing is claimed present.
+/// A cache whose every write fails (EIO; a full disk, ENOSPC, is not a failure: see
+/// tests/cache_lifecycle.rs): reads keep succeeding from the origin, the cache degrades to not
+/// caching, and nothing is claimed present.
 #[test]
 fn a_cache_that_always_fails_degrades_to_the_origin() {
     let env = Env::new();
     let img = env.path("img.raw");
     write_image(&img, 8 * MIB, 12);
     let cfg = env.config("", &file_image("img", &img, ""));
-    let _vmtd = start_vmtd_with(&env, &cfg, &[("VMTHUNDER_STORE_FAULTS", "img@write=enospc")]);
+    let _vmtd = start_vmtd_with(&env, &cfg, &[("VMTHUNDER_STORE_FAULTS", "img@write=eio")]);
     let uri = env.export_uri("img");
     assert!(qemu_img_identical(&img, &uri));
     assert!(qemu_img_identical(&img, &uri));
