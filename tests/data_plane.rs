@@ -237,7 +237,17 @@ fn images_added_and_removed_at_run_time() {
     assert!(qemu_img_identical(&img, &env.export_uri("late")));
     assert_eq!(status(&env, "late").chunk_size, 128 << 10);
 
-    let dup = run(Command::new(VMT).args(["--socket", ctl.to_str().unwrap(), "image", "add", "late", &origin]));
+    // The same image again (another manifest, such as another chunk size, would be a new version).
+    let dup = run(Command::new(VMT).args([
+        "--socket",
+        ctl.to_str().unwrap(),
+        "image",
+        "add",
+        "late",
+        &origin,
+        "--chunk-size",
+        "128KiB",
+    ]));
     assert!(!dup.status.success());
     assert!(String::from_utf8_lossy(&dup.stderr).contains("already served"));
     let hostile = run(Command::new(VMT).args(["--socket", ctl.to_str().unwrap(), "image", "add", "../evil", &origin]));
