@@ -167,6 +167,10 @@ enum VolCmd {
         /// Seconds QEMU keeps retrying the export while vmtd restarts.
         #[arg(long, default_value_t = 10)]
         reconnect_delay: u32,
+        /// Print a `<disk type='file'>` naming the overlay's path (needed to live-migrate the
+        /// domain with --copy-storage-inc) instead of a `<disk type='volume'>`.
+        #[arg(long)]
+        file: bool,
     },
     /// Delete a VM's overlay.
     Delete {
@@ -341,7 +345,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             image.validate()?;
             call(&args.socket, Request::ImageAdd { image }).await?;
         }
-        Cmd::Vol(VolCmd::Create { image, vol, pool: p, target, reconnect_delay }) => {
+        Cmd::Vol(VolCmd::Create { image, vol, pool: p, target, reconnect_delay, file }) => {
             let img = images(&args.socket)
                 .await?
                 .into_iter()
@@ -354,7 +358,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             })
             .await??;
             eprintln!("created {}", path.display());
-            println!("{}", pool::disk_xml(&p, &vol, &image, &socket, &target, reconnect_delay));
+            let form = if file { pool::DiskForm::File(&path) } else { pool::DiskForm::Volume };
+            println!("{}", pool::disk_xml(form, &p, &vol, &image, &socket, &target, reconnect_delay));
         }
         Cmd::Complete { image, rate, wait } => {
             let rate = rate.map(|r| parse_size(&r)).transpose().map_err(anyhow::Error::msg)?;

@@ -246,6 +246,9 @@ pub struct PeerStatus {
     pub peer_failures: u64,
     /// Replies that did not match the manifest (dropped, peer banned).
     pub peer_verify_failures: u64,
+    /// Relay trees in which this node has a parent, in its current view (it roots the others).
+    #[serde(default)]
+    pub tree_parents: u64,
 }
 
 /// The node's peer server and tracker sessions.

@@ -254,6 +254,7 @@ impl Image {
                     peers_usable: sum.usable,
                     sessions: s.sessions(),
                     chunks_at_peers: sum.chunks_at_peers,
+                    tree_parents: sum.parents,
                     peers_banned: sum.banned,
                     bans: sum.bans_total,
                     bytes_from_peers: load(&st.bytes_from_peers),

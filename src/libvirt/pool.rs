@@ -128,14 +128,36 @@ pub fn delete_volume(pool: &str, vol: &str) -> Result<(), PoolError> {
     v.delete(0).map_err(lv)
 }
 
+/// How the printed `<disk>` names the overlay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskForm<'a> {
+    /// `<disk type='volume'>`: by pool and volume name.
+    Volume,
+    /// `<disk type='file'>` at this path: what `virsh migrate --copy-storage-inc` needs, as
+    /// libvirt cannot match a volume disk with the overlay made ahead on the destination.
+    File(&'a Path),
+}
+
 /// The `<disk>` element for a domain using volume `vol`. The explicit `<backingStore>` with
 /// `<reconnect>` is what makes QEMU ride out a vmtd restart: libvirt rebuilds the backing
 /// chain from the domain XML, not from the qcow2 header.
-pub fn disk_xml(pool: &str, vol: &str, image: &str, socket: &Path, target: &str, reconnect_delay: u32) -> String {
+pub fn disk_xml(
+    form: DiskForm,
+    pool: &str,
+    vol: &str,
+    image: &str,
+    socket: &Path,
+    target: &str,
+    reconnect_delay: u32,
+) -> String {
+    let (kind, source) = match form {
+        DiskForm::Volume => ("volume", format!("<source pool='{}' volume='{}'/>", xml_escape(pool), xml_escape(vol))),
+        DiskForm::File(path) => ("file", format!("<source file='{}'/>", xml_escape(&path.display().to_string()))),
+    };
     format!(
-        "<disk type='volume' device='disk'>
+        "<disk type='{kind}' device='disk'>
   <driver name='qemu' type='qcow2'/>
-  <source pool='{pool}' volume='{vol}'/>
+  {source}
   <backingStore type='network'>
     <format type='raw'/>
     <source protocol='nbd' name='{image}'>
@@ -145,8 +167,6 @@ pub fn disk_xml(pool: &str, vol: &str, image: &str, socket: &Path, target: &str,
   </backingStore>
   <target dev='{target}' bus='virtio'/>
 </disk>",
-        pool = xml_escape(pool),
-        vol = xml_escape(vol),
         image = xml_escape(image),
         socket = xml_escape(&socket.display().to_string()),
         target = xml_escape(target),
@@ -160,12 +180,17 @@ mod tests {
 
     #[test]
     fn disk_xml_is_found_by_the_hook_parser() {
-        let disk = disk_xml("vmthunder", "vm1.qcow2", "img", Path::new("/run/vmthunder/exports/img.sock"), "vda", 10);
-        let dom = format!("<domain><name>vm1</name><devices>{disk}</devices></domain>");
-        let d = domain::parse(&dom, &|p: &Path| p == Path::new("/run/vmthunder")).unwrap();
-        assert_eq!(d.disks.len(), 1);
-        assert_eq!(d.disks[0].image, "img");
-        assert!(disk.contains("<reconnect delay='10'/>"));
+        let file = Path::new("/var/lib/vmthunder/pool/vm1.qcow2");
+        for form in [DiskForm::Volume, DiskForm::File(file)] {
+            let socket = Path::new("/run/vmthunder/exports/img.sock");
+            let disk = disk_xml(form, "vmthunder", "vm1.qcow2", "img", socket, "vda", 10);
+            let dom = format!("<domain><name>vm1</name><devices>{disk}</devices></domain>");
+            let d = domain::parse(&dom, &|p: &Path| p == Path::new("/run/vmthunder")).unwrap();
+            assert_eq!(d.disks.len(), 1);
+            assert_eq!(d.disks[0].image, "img");
+            assert!(disk.contains("<reconnect delay='10'/>"));
+            assert_eq!(disk.contains("<source file='/var/lib/vmthunder/pool/vm1.qcow2'/>"), form != DiskForm::Volume);
+        }
     }
 
     #[test]

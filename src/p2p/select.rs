@@ -150,6 +150,8 @@ pub struct Summary {
     pub bans_total: u64,
     /// Chunks some usable peer is known to hold.
     pub chunks_at_peers: u64,
+    /// Trees in which this node has a parent (the others it roots) in its current view.
+    pub parents: u64,
 }
 
 impl Selector {
@@ -482,6 +484,7 @@ impl Selector {
                 }
                 all.len()
             },
+            parents: self.ancestors.iter().filter(|a| !a.is_empty()).count() as u64,
         }
     }
 }
