@@ -133,7 +133,16 @@ pub fn parse(xml: &str, is_run_dir: &dyn Fn(&Path) -> bool) -> Result<DomainDisk
             }
             level = node.children().find(|n| n.has_tag_name("backingStore"));
         }
-        if disks.len() == found && matches!(disk.attribute("device"), None | Some("disk")) {
+        // Only a disk declared qcow2 (a volume's format may be left to its pool) with no chain in
+        // its XML is looked into: a raw disk's first bytes are the guest's to write, and would
+        // otherwise steer what the hook opens.
+        let driver = disk.children().find(|n| n.has_tag_name("driver")).and_then(|d| d.attribute("type"));
+        let qcow2 = match disk.attribute("type") {
+            Some("volume") => matches!(driver, None | Some("qcow2")),
+            _ => driver == Some("qcow2"),
+        };
+        let chain_in_xml = disk.children().any(|n| n.has_tag_name("backingStore"));
+        if disks.len() == found && qcow2 && !chain_in_xml && matches!(disk.attribute("device"), None | Some("disk")) {
             let src = disk.children().find(|n| n.has_tag_name("source"));
             let attr = |a: &str| src.and_then(|s| s.attribute(a)).filter(|v| !v.is_empty());
             let source = match disk.attribute("type") {

@@ -109,6 +109,11 @@ pub fn probe_disk(
             None => return Ok(None),
         },
     };
+    // A disk root cannot see is libvirt's to deal with, not ours: one to be created by an
+    // incoming migration, an optional one, one on NFS with root squash.
+    if std::fs::metadata(&path).is_err() {
+        return Ok(None);
+    }
     match super::qcow2::chain_end(&path).map_err(|e| e.to_string())? {
         super::qcow2::ChainEnd::Local => Ok(None),
         super::qcow2::ChainEnd::Network(name) => match super::qcow2::nbd_unix(&name) {
@@ -199,7 +204,11 @@ mod tests {
 
     #[test]
     fn candidates_are_probed_and_a_failed_probe_fails_only_a_start() {
-        let xml = "<domain><name>vm</name><devices><disk type='file' device='disk'><source file='/v/vm.qcow2'/><target dev='vda'/></disk></devices></domain>";
+        let xml = "<domain><name>vm</name><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/v/vm.qcow2'/><target dev='vda'/></disk></devices></domain>";
+        // A raw disk, or one whose chain is in the XML, is never looked into.
+        for other in [xml.replace("type='qcow2'", "type='raw'"), xml.replace("<target", "<backingStore/><target")] {
+            assert_eq!(plan("prepare", "begin", || other.clone(), &rd, &no_probe).unwrap(), Plan::Nothing);
+        }
         let found = |_: &Candidate| Ok(Some(("img".to_string(), PathBuf::from("/run/vmthunder"))));
         assert!(matches!(plan("prepare", "begin", || xml.into(), &rd, &found).unwrap(), Plan::Assemble { .. }));
         let local = |_: &Candidate| Ok(None);

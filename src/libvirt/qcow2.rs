@@ -2,18 +2,20 @@
 //! ends at a vmthunder export: how the hook recognises `<disk type='file'|'block'|'volume'>`
 //! disks whose XML does not show the chain.
 //!
-//! Bounded and hostile-safe: at most [`MAX_DEPTH`] files, each opened non-blocking (a FIFO
-//! or socket is refused, never waited on) and read with two positioned reads (the 20 header
-//! bytes and at most 1023 bytes of backing name, the qcow2 limit); a file seen twice is a loop.
-//! A file that is not qcow2 ends the chain (a raw base). Never a shell, never libvirt.
+//! Bounded and hostile-safe: at most [`MAX_DEPTH`] files (libvirt's own limit), each checked
+//! with `stat` before it is opened (only a regular file, or for the disk itself a block device:
+//! never a FIFO, socket or character device), opened with `O_NONBLOCK | O_NOCTTY`, checked again
+//! to be the file stat saw, and read with two positioned reads (the 20 header bytes and at most
+//! 1023 bytes of backing name, the qcow2 limit); a file seen twice is a loop. A file that is not
+//! qcow2 (or is qcow v1) ends the chain. Never a shell, never libvirt.
 
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-/// Longest backing chain followed (the overlay counts as one).
-pub const MAX_DEPTH: usize = 16;
+/// Longest backing chain followed (the overlay counts as one): libvirt's own limit.
+pub const MAX_DEPTH: usize = 200;
 /// The qcow2 format's limit on a backing file name.
 pub const MAX_NAME: u32 = 1023;
 const MAGIC: &[u8; 4] = b"QFI\xfb";
@@ -42,14 +44,25 @@ pub enum ChainEnd {
     Network(String),
 }
 
-/// The backing file name in the header of `path`; `None` when it is not qcow2 or has none.
-pub fn backing_name(path: &Path) -> Result<Option<String>, ChainError> {
-    let shown = || path.display().to_string();
+/// The backing file name in the header of `path`; `None` when it is not qcow2 (v2 or v3) or
+/// has none. A block device is read only when `device_ok` (the disk itself, named by the XML).
+pub fn backing_name(path: &Path, device_ok: bool) -> Result<Option<String>, ChainError> {
+    use std::os::unix::fs::MetadataExt;
+    let shown = || format!("{:?}", path.display().to_string());
     let io = |e: std::io::Error| ChainError::Io { path: shown(), message: e.to_string() };
-    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(io)?;
-    let kind = f.metadata().map_err(io)?.file_type();
-    if !(kind.is_file() || kind.is_block_device()) {
+    let before = std::fs::metadata(path).map_err(io)?;
+    let kind = before.file_type();
+    if !(kind.is_file() || (device_ok && kind.is_block_device())) {
         return Err(ChainError::NotAFile { path: shown() });
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(io)?;
+    let after = f.metadata().map_err(io)?;
+    if (after.dev(), after.ino()) != (before.dev(), before.ino()) {
+        return Err(ChainError::Io { path: shown(), message: "replaced while being opened".into() });
     }
     let mut head = [0u8; 20];
     match f.read_exact_at(&mut head, 0) {
@@ -62,15 +75,18 @@ pub fn backing_name(path: &Path) -> Result<Option<String>, ChainError> {
     }
     let bad = |message: String| ChainError::BadHeader { path: shown(), message };
     let version = u32::from_be_bytes(head[4..8].try_into().unwrap());
+    if version == 1 {
+        return Ok(None); // qcow v1: not written by vmthunder, and QEMU's backing rules differ
+    }
     if !(2..=3).contains(&version) {
         return Err(bad(format!("version {version}")));
     }
     let offset = u64::from_be_bytes(head[8..16].try_into().unwrap());
     let len = u32::from_be_bytes(head[16..20].try_into().unwrap());
-    if offset == 0 {
-        return Ok(None);
+    if offset == 0 || len == 0 {
+        return Ok(None); // no backing file, as QEMU reads it
     }
-    if len == 0 || len > MAX_NAME {
+    if len > MAX_NAME {
         return Err(bad(format!("backing file name of {len} bytes (1 to {MAX_NAME})")));
     }
     let mut name = vec![0u8; len as usize];
@@ -78,31 +94,41 @@ pub fn backing_name(path: &Path) -> Result<Option<String>, ChainError> {
     String::from_utf8(name).map(Some).map_err(|_| bad("backing file name is not UTF-8".into()))
 }
 
-/// Follows the backing chain of `start` to its end.
+/// Follows the backing chain of `start` to its end. Relative backing names are resolved
+/// against the directory of the file as named (as QEMU does), not of its canonical path.
 pub fn chain_end(start: &Path) -> Result<ChainEnd, ChainError> {
+    let shown = |p: &Path| format!("{:?}", p.display().to_string());
     let mut seen: Vec<PathBuf> = Vec::new();
     let mut current = start.to_path_buf();
-    for _ in 0..MAX_DEPTH {
+    for depth in 0..MAX_DEPTH {
         let real = std::fs::canonicalize(&current)
-            .map_err(|e| ChainError::Io { path: current.display().to_string(), message: e.to_string() })?;
+            .map_err(|e| ChainError::Io { path: shown(&current), message: e.to_string() })?;
         if seen.contains(&real) {
-            return Err(ChainError::Loop { path: start.display().to_string(), again: real.display().to_string() });
+            return Err(ChainError::Loop { path: shown(start), again: shown(&real) });
         }
-        seen.push(real.clone());
-        let Some(name) = backing_name(&real)? else { return Ok(ChainEnd::Local) };
+        seen.push(real);
+        let Some(name) = backing_name(&current, depth == 0)? else { return Ok(ChainEnd::Local) };
         if is_network(&name) {
             return Ok(ChainEnd::Network(name));
         }
-        let next = Path::new(&name);
+        let next = Path::new(name.strip_prefix("file:").unwrap_or(&name));
         current =
-            if next.is_absolute() { next.to_path_buf() } else { real.parent().unwrap_or(Path::new("/")).join(next) };
+            if next.is_absolute() { next.to_path_buf() } else { current.parent().unwrap_or(Path::new("/")).join(next) };
     }
-    Err(ChainError::TooDeep { path: start.display().to_string() })
+    Err(ChainError::TooDeep { path: shown(start) })
 }
 
-/// A backing string QEMU reads as a network source rather than a file name.
+/// A backing string QEMU reads as a protocol (network) source rather than a file name: `json:`,
+/// or a `:` before the first `/` (`nbd://…`, `nbd:unix:…`, `rbd:pool/img`), except `file:`.
 fn is_network(name: &str) -> bool {
-    name.starts_with("json:") || name.split_once("://").is_some_and(|(scheme, _)| !scheme.contains('/'))
+    if name.starts_with("file:") {
+        return false;
+    }
+    match (name.find(':'), name.find('/')) {
+        (Some(colon), Some(slash)) => colon < slash,
+        (Some(_), None) => true,
+        _ => false,
+    }
 }
 
 /// The unix socket of an `nbd+unix:///EXPORT?socket=PATH` backing string, and its export.

@@ -25,6 +25,11 @@ fn follows_files_to_a_network_end_or_a_local_one() {
     qcow2(&d.path().join("top.qcow2"), Some(d.path().join("mid.qcow2").to_str().unwrap()));
     assert_eq!(chain_end(&d.path().join("top.qcow2")), Ok(ChainEnd::Network(nbd.into())));
     assert_eq!(nbd_unix(nbd), Some(("img".into(), "/run/vmthunder/exports/img.sock".into())));
+    // Relative names resolve against the file as named, also through a symlink elsewhere.
+    std::fs::create_dir(d.path().join("elsewhere")).unwrap();
+    std::os::unix::fs::symlink(d.path().join("mid.qcow2"), d.path().join("elsewhere/link.qcow2")).unwrap();
+    qcow2(&d.path().join("elsewhere/base.qcow2"), Some("nbd://other/x"));
+    assert_eq!(chain_end(&d.path().join("elsewhere/link.qcow2")), Ok(ChainEnd::Network("nbd://other/x".into())));
     std::fs::write(d.path().join("raw.img"), vec![0u8; 4096]).unwrap();
     qcow2(&d.path().join("over-raw.qcow2"), Some("raw.img"));
     assert_eq!(chain_end(&d.path().join("over-raw.qcow2")), Ok(ChainEnd::Local));
@@ -50,7 +55,7 @@ fn hostile_headers_end_in_clear_errors() {
     h[16..20].copy_from_slice(&100u32.to_be_bytes());
     std::fs::write(p("short"), &h).unwrap();
     assert!(matches!(chain_end(&p("short")), Err(ChainError::BadHeader { .. })));
-    // A chain of 1,000 files stops at the limit, after reading MAX_DEPTH headers.
+    // A chain of 1,000 files stops at the limit, after reading MAX_DEPTH (200) headers.
     for i in 0..1000 {
         qcow2(&p(&format!("c{i}")), Some(&format!("c{}", i + 1)));
     }
@@ -63,11 +68,25 @@ fn hostile_headers_end_in_clear_errors() {
     qcow2(&p("to-fifo"), Some("fifo"));
     assert!(matches!(chain_end(&p("to-fifo")), Err(ChainError::NotAFile { .. })));
     assert!(matches!(chain_end(d.path()), Err(ChainError::NotAFile { .. })));
-    // Version 1 is not qcow2 as QEMU writes it today.
-    let mut v1 = std::fs::read(p("a")).unwrap();
-    v1[4..8].copy_from_slice(&1u32.to_be_bytes());
-    std::fs::write(p("v1"), v1).unwrap();
-    assert!(matches!(chain_end(&p("v1")), Err(ChainError::BadHeader { .. })));
+    // A character device named by a header is never opened.
+    qcow2(&p("to-null"), Some("/dev/null"));
+    assert!(matches!(chain_end(&p("to-null")), Err(ChainError::NotAFile { .. })));
+    // Version 7 is no qcow2 QEMU writes; version 1 (qcow) and an empty name end the chain.
+    let mut v = std::fs::read(p("a")).unwrap();
+    v[4..8].copy_from_slice(&7u32.to_be_bytes());
+    std::fs::write(p("v7"), &v).unwrap();
+    assert!(matches!(chain_end(&p("v7")), Err(ChainError::BadHeader { .. })));
+    v[4..8].copy_from_slice(&1u32.to_be_bytes());
+    std::fs::write(p("v1"), &v).unwrap();
+    assert_eq!(chain_end(&p("v1")), Ok(ChainEnd::Local));
+    let mut empty = std::fs::read(p("a")).unwrap();
+    empty[16..20].copy_from_slice(&0u32.to_be_bytes());
+    std::fs::write(p("empty-name"), empty).unwrap();
+    assert_eq!(chain_end(&p("empty-name")), Ok(ChainEnd::Local));
+    // A newline in a name stays on the error's one line.
+    qcow2(&p("nl"), Some("no\nwhere"));
+    let e = chain_end(&p("nl")).unwrap_err().to_string();
+    assert!(!e.contains('\n'), "{e}");
 }
 
 #[test]
@@ -87,10 +106,17 @@ fn reads_what_qemu_img_writes() {
 
 #[test]
 fn network_names_are_told_from_file_names() {
-    for n in ["nbd://h/x", "nbd+unix:///x?socket=/s", "json:{\"driver\":\"nbd\"}", "iscsi://h/iqn/0"] {
+    for n in [
+        "nbd://h/x",
+        "nbd+unix:///x?socket=/s",
+        "json:{\"driver\":\"nbd\"}",
+        "iscsi://h/iqn/0",
+        "rbd:pool/img",
+        "nbd:unix:/s:exportname=x",
+    ] {
         assert!(is_network(n), "{n}");
     }
-    for n in ["base.qcow2", "/var/lib/x.qcow2", "dir/with:colon", "./a://b"] {
+    for n in ["base.qcow2", "/var/lib/x.qcow2", "dir/with:colon", "./a://b", "file:base.qcow2"] {
         assert!(!is_network(n), "{n}");
     }
     assert_eq!(nbd_unix("nbd://h/x"), None);
