@@ -223,31 +223,17 @@ fn images_added_and_removed_at_run_time() {
     let _vmtd = start_vmtd(&env, &cfg);
     let ctl = env.control_sock();
     let origin = format!("file://{}", img.display());
-    let out = run(Command::new(VMT).args([
-        "--socket",
-        ctl.to_str().unwrap(),
-        "image",
-        "add",
-        "late",
-        &origin,
-        "--chunk-size",
-        "128KiB",
-    ]));
+    let add = || {
+        let args = ["--socket", ctl.to_str().unwrap(), "image", "add", "late", &origin, "--chunk-size", "128KiB"];
+        run(Command::new(VMT).args(args))
+    };
+    let out = add();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(qemu_img_identical(&img, &env.export_uri("late")));
     assert_eq!(status(&env, "late").chunk_size, 128 << 10);
 
     // The same image again (another manifest, such as another chunk size, would be a new version).
-    let dup = run(Command::new(VMT).args([
-        "--socket",
-        ctl.to_str().unwrap(),
-        "image",
-        "add",
-        "late",
-        &origin,
-        "--chunk-size",
-        "128KiB",
-    ]));
+    let dup = add();
     assert!(!dup.status.success());
     assert!(String::from_utf8_lossy(&dup.stderr).contains("already served"));
     let hostile = run(Command::new(VMT).args(["--socket", ctl.to_str().unwrap(), "image", "add", "../evil", &origin]));
@@ -331,4 +317,27 @@ fn removing_an_image_closes_its_tcp_connections() {
             .success()
     });
     assert!(qemu_img_identical(&img, &uri));
+}
+
+/// `vmt`, `vmt-profile` and `vmt-prefetch` find vmtd through its configuration (`--config`),
+/// whatever its `run_dir`; `--config` and `--socket` together are refused.
+#[test]
+fn tools_find_vmtd_through_its_config() {
+    let env = Env::new();
+    let img = env.path("img.raw");
+    write_image(&img, MIB, 3);
+    let cfg = env.config("", &file_image("img", &img, ""));
+    let _vmtd = start_vmtd(&env, &cfg);
+    let cfg = cfg.to_str().unwrap();
+    let out = run(Command::new(VMT).args(["--config", cfg, "status", "--json"]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"name\": \"img\""));
+    let out = run(Command::new(env!("CARGO_BIN_EXE_vmt-profile")).args(["list", "--config", cfg]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Reaches vmtd, which knows no such image.
+    let out =
+        run(Command::new(env!("CARGO_BIN_EXE_vmt-prefetch")).args(["--config", cfg, "warm", "--image", "nosuch"]));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no image named nosuch"), "{out:?}");
+    let out = run(Command::new(VMT).args(["--config", cfg, "--socket", "/x.sock", "status"]));
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("cannot be used with"), "{out:?}");
 }

@@ -13,8 +13,10 @@ use vmthunder::daemon::control::{self, Request};
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// vmtd's control socket.
-    #[arg(long, global = true, default_value = control::DEFAULT_SOCKET)]
+    #[command(flatten)]
+    vmtd: vmthunder::cli::vmtd::VmtdArgs,
+    /// The control socket `vmtd` names (set after parsing).
+    #[arg(skip)]
     socket: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
@@ -42,7 +44,8 @@ enum Cmd {
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    args.socket = args.vmtd.control_socket()?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(run(args))
 }

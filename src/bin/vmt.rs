@@ -18,8 +18,10 @@ use vmthunder::libvirt::{detach, pool};
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// vmtd's control socket.
-    #[arg(long, global = true, default_value = control::DEFAULT_SOCKET)]
+    #[command(flatten)]
+    vmtd: vmthunder::cli::vmtd::VmtdArgs,
+    /// The control socket `vmtd` names (set after parsing).
+    #[arg(skip)]
     socket: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
@@ -234,7 +236,8 @@ struct IscsiArgs {
 const TIMEOUT: Duration = Duration::from_secs(600);
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    args.socket = args.vmtd.control_socket()?;
     // libvirt calls block: run them on this thread, outside the async runtime.
     match &args.cmd {
         Cmd::Pool(PoolCmd::Define { name, path }) => {

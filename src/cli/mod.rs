@@ -2,3 +2,4 @@
 //! and dispatches, these talk to vmtd and print.
 
 pub mod cache;
+pub mod vmtd;
