@@ -18,3 +18,4 @@ pub mod profile;
 pub mod shutdown;
 pub mod sim;
 pub mod store;
+pub mod throttle;

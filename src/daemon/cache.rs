@@ -83,15 +83,20 @@ impl Daemon {
         Some(p.entries.iter().map(|e| e.chunk).collect())
     }
 
-    /// Frees space down to `target` (see [`gc::collect`]).
+    /// Frees space down to `target` (see [`gc::collect`]); the budget's estimate then becomes
+    /// what the collection measured.
     pub(super) async fn collect(&self, target: u64, unused_only: bool) -> Report {
         let _gate = self.cache_gate.lock().await;
+        let at = self.budget.as_ref().map(|b| b.before_measuring());
         let open = self.open_caches();
         let dir = self.cfg.cache_dir.clone();
         let policy = self.cfg.cache.eviction;
         let r = tokio::task::spawn_blocking(move || gc::collect(&dir, &open, target, unused_only, policy))
             .await
             .unwrap_or_default();
+        if let (Some(b), Some(at)) = (&self.budget, at) {
+            b.measured(at, r.after);
+        }
         if r.freed > 0 {
             tracing::info!(
                 before = r.before,
@@ -130,9 +135,7 @@ impl Daemon {
                 budget.set_unreachable(false);
                 continue;
             }
-            let at = budget.before_measuring();
             let r = self.collect(budget.low, false).await;
-            budget.measured(at, r.after);
             let unreachable = r.after > budget.high;
             if unreachable && !budget.unreachable() {
                 tracing::warn!(used = r.after, high = budget.high,
@@ -196,35 +199,34 @@ impl Daemon {
         }
     }
 
-    pub(super) async fn cache_request(&self, req: CacheRequest) -> Response {
-        match req {
-            CacheRequest::List => {
-                let caches = self.cache_list();
-                let used = caches.iter().map(|c| c.bytes).sum();
-                Response::Caches { usage: self.cache_usage(used), caches }
-            }
-            CacheRequest::Gc { to } => {
-                let at = self.budget.as_ref().map(|b| b.before_measuring());
-                let report = match (to, &self.budget) {
-                    (Some(to), _) => self.collect(to, false).await,
-                    (None, Some(b)) => self.collect(b.low, false).await,
-                    (None, None) => self.collect(0, true).await,
-                };
-                if let (Some(b), Some(at)) = (&self.budget, at) {
-                    b.measured(at, report.after);
+    /// `cache_list`: every cache directory and the usage against the budget.
+    pub(super) fn cache_ls(&self) -> Response {
+        let caches = self.cache_list();
+        let used = caches.iter().map(|c| c.bytes).sum();
+        Response::Caches { usage: self.cache_usage(used), caches }
+    }
+
+    /// `cache_gc`: down to `to`, else the low watermark; without either, unused caches only.
+    pub(super) async fn cache_gc(&self, to: Option<u64>) -> Response {
+        let report = match (to, &self.budget) {
+            (Some(to), _) => self.collect(to, false).await,
+            (None, Some(b)) => self.collect(b.low, false).await,
+            (None, None) => self.collect(0, true).await,
+        };
+        Response::Collected { report }
+    }
+
+    /// `cache_pin`.
+    pub(super) async fn cache_pin(&self, image: &str, pinned: bool) -> Response {
+        match self.cache_dir_of(image) {
+            Ok(dir) => match self.set_pinned(&dir, pinned).await {
+                Ok(()) => {
+                    tracing::info!(image, pinned, "cache pin changed");
+                    Response::Done
                 }
-                Response::Collected { report }
-            }
-            CacheRequest::Pin { image, pinned } => match self.cache_dir_of(&image) {
-                Ok(dir) => match self.set_pinned(&dir, pinned).await {
-                    Ok(()) => {
-                        tracing::info!(image, pinned, "cache pin changed");
-                        Response::Done
-                    }
-                    Err(e) => Response::Error { message: format!("{}: {e}", dir.display()) },
-                },
-                Err(message) => Response::Error { message },
+                Err(e) => Response::Error { message: format!("{}: {e}", dir.display()) },
             },
+            Err(message) => Response::Error { message },
         }
     }
 
@@ -292,11 +294,4 @@ fn closed_counts(dir: &Path) -> Option<(u64, u64)> {
     let present =
         std::fs::read(dir.join("state")).ok().and_then(|b| crate::store::state::decode(&b, &g, &m.root()).ok());
     Some((present.map_or(0, |p| p.len()), u64::from(g.chunk_count())))
-}
-
-/// The `vmt cache` requests handled here.
-pub enum CacheRequest {
-    List,
-    Gc { to: Option<u64> },
-    Pin { image: String, pinned: bool },
 }

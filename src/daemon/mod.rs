@@ -389,7 +389,7 @@ async fn commit(img: &Arc<Image>) {
         Ok(Ok(_)) => {}
         // A full disk fails every commit until space returns: said now and then, not each time.
         Ok(Err(crate::store::StoreError::Io { source, .. })) if crate::fsutil::is_full(&source) => {
-            static FULL: crate::store::budget::Throttle = crate::store::budget::Throttle::new();
+            static FULL: crate::throttle::Throttle = crate::throttle::Throttle::new();
             if FULL.due() {
                 tracing::warn!(image = %img.name, error = %source, "cache commit failed: disk full; new chunks stay checked on every read until it succeeds");
             }

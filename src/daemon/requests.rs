@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::control::{self, Request, Response};
-use super::{cache, complete, done, unknown, Daemon, DaemonError, Image};
+use super::{complete, done, unknown, Daemon, DaemonError, Image};
 
 impl Daemon {
     pub(super) async fn handle(&self, req: Request) -> Response {
@@ -142,9 +142,9 @@ impl Daemon {
                 }
                 None => unknown(image),
             },
-            Request::CacheList => self.cache_request(cache::CacheRequest::List).await,
-            Request::CacheGc { to } => self.cache_request(cache::CacheRequest::Gc { to }).await,
-            Request::CachePin { image, pinned } => self.cache_request(cache::CacheRequest::Pin { image, pinned }).await,
+            Request::CacheList => self.cache_ls(),
+            Request::CacheGc { to } => self.cache_gc(to).await,
+            Request::CachePin { image, pinned } => self.cache_pin(&image, pinned).await,
             Request::ImageAdd { image } => match self.add_image(&image).await {
                 Ok(_) => Response::Done,
                 Err(e) => Response::Error { message: e.to_string() },

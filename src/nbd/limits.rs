@@ -10,7 +10,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -57,7 +57,7 @@ pub struct Budgets {
     node_bytes: Arc<Semaphore>,
     /// Connections refused because the node was at `max_connections` or an export at its cap.
     pub refused: AtomicU64,
-    last_warning: std::sync::Mutex<Option<Instant>>,
+    warning: crate::throttle::Throttle,
 }
 
 /// Bytes charged to a connection and the node, released on drop (once the reply is written).
@@ -73,7 +73,7 @@ impl Budgets {
             connections: Arc::new(Semaphore::new(limits.max_connections)),
             node_bytes: Arc::new(Semaphore::new(limits.node_bytes)),
             refused: AtomicU64::new(0),
-            last_warning: std::sync::Mutex::new(None),
+            warning: crate::throttle::Throttle::new(),
         })
     }
 
@@ -89,9 +89,7 @@ impl Budgets {
     /// Counts a refused connection and says so in the log at most every 10 s.
     pub fn refuse(&self, why: std::fmt::Arguments<'_>) {
         let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut last = self.last_warning.lock().unwrap();
-        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-            *last = Some(Instant::now());
+        if self.warning.due() {
             tracing::warn!(refused_total = n, "nbd connection refused: at the limit of {why}");
         }
     }

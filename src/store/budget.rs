@@ -8,36 +8,10 @@
 //! writes in flight when the collector measured, and never passes it for long.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-/// Shortest time between two warnings of one kind: a full cache must not flood the log.
-pub const WARN_EVERY: Duration = Duration::from_secs(10);
-
-/// A warning that is logged at most once per [`WARN_EVERY`].
-#[derive(Debug, Default)]
-pub struct Throttle {
-    last: Mutex<Option<Instant>>,
-}
-
-impl Throttle {
-    pub const fn new() -> Self {
-        Throttle { last: Mutex::new(None) }
-    }
-
-    /// True when the warning should be logged now (and then not again for a while).
-    pub fn due(&self) -> bool {
-        let mut last = self.last.lock().unwrap();
-        let now = Instant::now();
-        if last.is_some_and(|t| now.duration_since(t) < WARN_EVERY) {
-            return false;
-        }
-        *last = Some(now);
-        true
-    }
-}
+use crate::throttle::Throttle;
 
 /// The budget's counters when a measurement began.
 #[derive(Debug, Clone, Copy)]
@@ -188,12 +162,5 @@ mod tests {
         b.written(150);
         b.measured(b.before_measuring(), 450);
         assert_eq!(b.used(), 450);
-    }
-
-    #[test]
-    fn throttle_lets_one_warning_through() {
-        let t = Throttle::default();
-        assert!(t.due());
-        assert!(!t.due());
     }
 }

@@ -73,12 +73,6 @@ impl ChunkStore {
         self.last_use.load(Ordering::Relaxed)
     }
 
-    /// Bytes the data file really holds (allocated blocks, not its sparse size).
-    pub fn allocated_bytes(&self) -> u64 {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(self.dir.join("data")).map_or(0, |m| m.blocks() * 512)
-    }
-
     /// The durable chunks that may be evicted, least recently used first, without `keep`.
     pub fn eviction_order(&self, keep: Option<&RoaringBitmap>) -> Vec<(u32, u32)> {
         let mut candidates = self.durable.lock().unwrap().clone();

@@ -162,7 +162,7 @@ pub struct ChunkStore {
     budget: OnceLock<Arc<Budget>>,
     /// Set when the disk was full: no caching until then.
     full_until: Mutex<Option<Instant>>,
-    full_warning: budget::Throttle,
+    full_warning: crate::throttle::Throttle,
     /// The state file was removed to free a full disk (it claims nothing now): the next commit
     /// writes it again even with nothing new to record.
     restate: std::sync::atomic::AtomicBool,
@@ -250,7 +250,7 @@ impl ChunkStore {
             last_use: AtomicU32::new(0),
             budget: OnceLock::new(),
             full_until: Mutex::new(None),
-            full_warning: budget::Throttle::default(),
+            full_warning: crate::throttle::Throttle::new(),
             restate: std::sync::atomic::AtomicBool::new(false),
         };
         store.reclaim_unclaimed();
