@@ -11,6 +11,7 @@ pub mod fsutil;
 pub mod image;
 pub mod iscsi;
 pub mod libvirt;
+pub mod metrics;
 pub mod nbd;
 pub mod netio;
 pub mod p2p;

@@ -1,0 +1,192 @@
+//! The metrics endpoint: `GET /metrics` (Prometheus text), `GET /healthz` (the process
+//! answers) and `GET /readyz` (200 once every configured image serves, 503 before).
+//!
+//! A deliberately small HTTP/1.1 server, one request per connection: it only answers GETs of
+//! three paths, and a scraper must never cost the node more than a bounded share. At most
+//! [`MAX_CONNECTIONS`] at once (more are closed at accept), a request head of at most
+//! [`MAX_HEAD`] bytes read within [`IO_TIMEOUT`], the reply rendered before writing (no lock
+//! is held while a slow client reads) and written within [`IO_TIMEOUT`]. A scraper that
+//! connects and never reads therefore holds one connection slot for at most twice that.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 16;
+/// Longest request head (request line and headers).
+pub const MAX_HEAD: usize = 8192;
+/// Time allowed to read the request, and again to write the reply.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the endpoint serves.
+pub struct Endpoint {
+    pub registry: Registry,
+    /// True once the service is ready.
+    pub ready: watch::Receiver<bool>,
+}
+
+/// Serves `endpoint` on `listener` until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>, mut shutdown: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = async { let _ = shutdown.wait_for(|v| *v).await; } => return,
+        };
+        let s = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of descriptors, say: wait a little instead of spinning on accept.
+                tracing::debug!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue; // Dropped: closed at once.
+        };
+        let endpoint = endpoint.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = answer(s, &endpoint).await;
+        });
+    }
+}
+
+async fn answer(mut s: TcpStream, endpoint: &Endpoint) -> std::io::Result<()> {
+    let head = match tokio::time::timeout(IO_TIMEOUT, read_head(&mut s)).await {
+        Ok(Ok(Some(h))) => h,
+        Ok(Ok(None)) => return reply(&mut s, 431, "text/plain", "request head too large\n".into()).await,
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Ok(()),
+    };
+    let (status, kind, body) = route(&head, endpoint);
+    reply(&mut s, status, kind, body).await
+}
+
+/// What a request head gets: status, content type, body.
+fn route(head: &str, endpoint: &Endpoint) -> (u16, &'static str, String) {
+    let mut parts = head.lines().next().unwrap_or("").split(' ');
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    if method != "GET" && method != "HEAD" {
+        return (405, "text/plain", "only GET\n".into());
+    }
+    match path {
+        "/metrics" => (200, "text/plain; version=0.0.4; charset=utf-8", super::render(&endpoint.registry)),
+        "/healthz" => (200, "text/plain", "ok\n".into()),
+        "/readyz" if *endpoint.ready.borrow() => (200, "text/plain", "ready\n".into()),
+        "/readyz" => (503, "text/plain", "not ready\n".into()),
+        _ => (404, "text/plain", "not found: try /metrics, /healthz or /readyz\n".into()),
+    }
+}
+
+/// Reads up to the blank line ending the head; `None` when it does not fit in [`MAX_HEAD`].
+async fn read_head(s: &mut TcpStream) -> std::io::Result<Option<String>> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
+            return Ok(Some(String::from_utf8_lossy(&buf).into_owned()));
+        }
+        if buf.len() > MAX_HEAD {
+            return Ok(None);
+        }
+    }
+}
+
+async fn reply(s: &mut TcpStream, status: u16, kind: &str, body: String) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        _ => "Service Unavailable",
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let write = async {
+        s.write_all(head.as_bytes()).await?;
+        s.write_all(body.as_bytes()).await?;
+        s.shutdown().await
+    };
+    tokio::time::timeout(IO_TIMEOUT, write).await.unwrap_or(Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get(addr: std::net::SocketAddr, req: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        // A connection closed at accept fails either call: that reads as an empty answer.
+        let _ = s.write_all(req.as_bytes()).await;
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        out
+    }
+
+    #[tokio::test]
+    async fn routes_bounds_and_readiness() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (ready_tx, ready) = watch::channel(false);
+        let (_stop, stop) = watch::channel(false);
+        tokio::spawn(serve(l, Arc::new(Endpoint { registry: super::super::registry(), ready }), stop));
+        let m = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+        assert!(m.contains("vmthunder_build_info{version=\""), "{m}");
+        assert!(get(addr, "GET /readyz HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 503"));
+        ready_tx.send(true).unwrap();
+        assert!(get(addr, "GET /readyz HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "GET /healthz HTTP/1.0\r\n\r\n").await.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "GET /nope HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 404"));
+        assert!(get(addr, "POST /metrics HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 405"));
+        let huge = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(3 * MAX_HEAD));
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let _ = s.write_all(huge.as_bytes()).await;
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn silent_clients_time_out_and_free_their_slots() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (_r, ready) = watch::channel(true);
+        let (_stop, stop) = watch::channel(false);
+        tokio::spawn(serve(l, Arc::new(Endpoint { registry: super::super::registry(), ready }), stop));
+        // Every slot taken by a client that never sends a byte.
+        let mut silent = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            silent.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // Wait (on the condition, not a guess of the time) until they time out: a scrape is
+        // answered again.
+        let start = std::time::Instant::now();
+        loop {
+            let m = get(addr, "GET /healthz HTTP/1.1\r\n\r\n").await;
+            if m.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            assert!(m.is_empty(), "{m}");
+            assert!(start.elapsed() < IO_TIMEOUT * 6, "silent clients kept their slots");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(start.elapsed() >= IO_TIMEOUT / 2, "a full endpoint answered at once");
+        drop(silent);
+    }
+}
