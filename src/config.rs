@@ -64,6 +64,10 @@ pub struct Config {
     /// Optional TCP address serving every export by name (read-only, like the sockets).
     #[serde(default)]
     pub listen: Option<SocketAddr>,
+    /// Optional address of the metrics endpoint (`/metrics`, `/healthz`, `/readyz`), e.g.
+    /// "127.0.0.1:9477"; off when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
     /// How long one guest read may wait for an unreachable origin before it gets EIO.
     #[serde(default = "default_fetch_timeout")]
     pub fetch_timeout: String,
@@ -207,6 +211,7 @@ impl Config {
             }
         }
         self.tuning()?;
+        self.metrics_addr()?;
         self.nbd.limits()?;
         self.cache.validate()?;
         if let Some(p) = &self.p2p {
@@ -228,6 +233,15 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The metrics endpoint's address, when `metrics_listen` is set.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        self.metrics_listen
+            .as_deref()
+            .map(crate::metrics::parse_listen)
+            .transpose()
+            .map_err(|m| invalid("metrics_listen", m))
     }
 
     pub fn tuning(&self) -> Result<Tuning, ConfigError> {
@@ -466,6 +480,11 @@ chunk_size = "64KiB"
         assert!(err(&format!("prefetch_concurrency = 0\n{GOOD}")).contains("prefetch_concurrency"));
         assert!(err(&format!("worker_threads = 5000\n{GOOD}")).contains("worker_threads"));
         assert!(err(&format!("prefetch_rate = \"fast\"\n{GOOD}")).contains("prefetch_rate"));
+        for bad in ["\"localhost:9477\"", "\"9477\"", "\"127.0.0.1\"", "\"\"", "9477"] {
+            assert!(err(&format!("metrics_listen = {bad}\n{GOOD}")).contains("metrics_listen"), "{bad}");
+        }
+        let ok = Config::from_toml(&format!("metrics_listen = \"[::1]:9477\"\n{GOOD}")).unwrap();
+        assert_eq!(ok.metrics_addr().unwrap(), Some("[::1]:9477".parse().unwrap()));
     }
 
     #[test]

@@ -10,12 +10,16 @@ use anyhow::Context;
 use clap::Parser;
 use vmthunder::config::parse_duration;
 use vmthunder::p2p::auth::ClusterKey;
-use vmthunder::p2p::tracker::Tracker;
+use vmthunder::p2p::tracker::{Tracker, TrackerMetrics};
 
 /// Tell vmthunder nodes which peers serve each image.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
+    /// Log records to journald under systemd, else to stderr as text; or force text or JSON
+    /// lines on stderr.
+    #[arg(long, value_enum, default_value_t)]
+    log_format: vmthunder::cli::logging::LogFormat,
     /// Address to listen on, e.g. 10.0.0.2:7070.
     #[arg(long)]
     listen: SocketAddr,
@@ -29,15 +33,14 @@ struct Args {
     /// (a node registers under its peer address; 1 to 4096).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=4096))]
     peers_per_address: u16,
+    /// Serve Prometheus metrics, /healthz and /readyz on this address, e.g. 127.0.0.1:9478.
+    #[arg(long, value_parser = vmthunder::metrics::parse_listen)]
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VMT_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    vmthunder::cli::logging::init(args.log_format);
     anyhow::ensure!(!args.ttl.is_zero(), "--ttl must be positive");
     let key = ClusterKey::load(&args.cluster_key_file)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
@@ -47,13 +50,24 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| format!("listening on {}", args.listen))?;
         let tracker = Tracker::new(&args.listen.to_string(), key, args.ttl, usize::from(args.peers_per_address));
         let (stop, rx) = tokio::sync::watch::channel(false);
+        if let Some(addr) = args.metrics_listen {
+            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("metrics listening on {addr}"))?;
+            let mut registry = vmthunder::metrics::registry();
+            registry.register_collector(Box::new(TrackerMetrics(tracker.clone())));
+            let ready = tokio::sync::watch::channel(true).1;
+            let endpoint = vmthunder::metrics::http::Endpoint { registry, ready };
+            tokio::spawn(vmthunder::metrics::http::serve(l, std::sync::Arc::new(endpoint), rx.clone()));
+        }
         tokio::spawn(tracker.run(listener, rx));
         tracing::info!(listen = %args.listen, ttl = ?args.ttl, peers_per_address = args.peers_per_address, "tracker ready");
+        vmthunder::metrics::notify::ready("answering nodes");
+        vmthunder::metrics::notify::spawn_watchdog();
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
+        vmthunder::metrics::notify::stopping();
         let _ = stop.send(true);
         anyhow::Ok(())
     })

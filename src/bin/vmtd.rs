@@ -10,6 +10,10 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(version)]
 struct Args {
+    /// Log records to journald under systemd, else to stderr as text; or force text or JSON
+    /// lines on stderr.
+    #[arg(long, value_enum, default_value_t)]
+    log_format: vmthunder::cli::logging::LogFormat,
     /// Configuration file.
     #[arg(long, short, default_value = vmthunder::config::DEFAULT_CONFIG)]
     config: PathBuf,
@@ -27,11 +31,7 @@ fn main() -> anyhow::Result<()> {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VMT_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    vmthunder::cli::logging::init(args.log_format);
     let cfg = vmthunder::config::Config::load(&args.config)?;
     if args.check {
         println!("{}: ok ({} images)", args.config.display(), cfg.images.len());

@@ -2,4 +2,5 @@
 //! and dispatches, these talk to vmtd and print.
 
 pub mod cache;
+pub mod logging;
 pub mod vmtd;

@@ -164,15 +164,32 @@ pub struct ImageStatus {
     pub chunks_fetched: u64,
     pub upstream_reads: u64,
     pub retries: u64,
+    /// Fetches that failed after their retries.
+    #[serde(default)]
+    pub gave_up: u64,
     pub verify_failures: u64,
     pub failed_reads: u64,
     pub fetching: u64,
+    /// Guest reads being answered now.
+    #[serde(default)]
+    pub reads_in_flight: u64,
     pub clients: u64,
     /// Domains holding this image (assembled and not yet released).
     pub holds: Vec<String>,
     /// Guest reads, and those that had to wait for a fetch.
     pub reads: u64,
     pub reads_waited: u64,
+    /// Guest bytes served by reads that found every chunk cached.
+    #[serde(default)]
+    pub bytes_from_cache: u64,
+    /// Guest read latency by outcome.
+    #[serde(default)]
+    pub waits: WaitStatus,
+    /// Latency of reads from the origin, and of requests to peers.
+    #[serde(default)]
+    pub origin_latency: crate::metrics::Snapshot,
+    #[serde(default)]
+    pub peer_latency: crate::metrics::Snapshot,
     /// A recording is running (for this domain, or "" when started by hand).
     pub recording: Option<String>,
     /// A request trace is running (`trace_start`).
@@ -192,6 +209,21 @@ pub struct ImageStatus {
     /// Failures of this image's cache disk.
     #[serde(default)]
     pub cache: CacheHealth,
+}
+
+/// Guest read latency histograms of one image, by how the read was served (see
+/// [`crate::metrics::histogram::BOUNDS_NS`] for the buckets).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitStatus {
+    /// Every chunk was cached.
+    pub hit: crate::metrics::Snapshot,
+    /// Waited on chunks that all came from peers.
+    pub peer: crate::metrics::Snapshot,
+    /// Waited on chunks of which some came from the origin.
+    pub origin: crate::metrics::Snapshot,
+    /// The read failed.
+    pub error: crate::metrics::Snapshot,
 }
 
 /// Failures of one image's cache disk since start.

@@ -66,12 +66,48 @@ pub struct Image {
     pub tracer: Tracer,
     reads: AtomicU64,
     reads_waited: AtomicU64,
+    /// Guest bytes served by reads that found every chunk cached.
+    bytes_from_cache: AtomicU64,
+    reads_in_flight: AtomicU64,
+    /// How long guest reads took, by how they were served.
+    pub waits: GuestWaits,
     /// The peer-aware source, with `[p2p]` configured.
     pub swarm: Option<Arc<Swarm>>,
     bytes_to_peers: AtomicU64,
     /// The export's accept loop: stopped alone when a new version takes the socket, so the
     /// connections of running domains stay on this version.
     pub listener: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+/// How a guest read was served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// Every chunk was in the cache.
+    Hit,
+    /// It waited for chunks that all came from peers.
+    Peer,
+    /// It waited for chunks of which some came from the origin.
+    Origin,
+}
+
+/// Guest read latency by outcome: the time guests spend waiting, the headline metric.
+#[derive(Debug, Default)]
+pub struct GuestWaits {
+    pub hit: crate::metrics::Histogram,
+    pub peer: crate::metrics::Histogram,
+    pub origin: crate::metrics::Histogram,
+    pub error: crate::metrics::Histogram,
+}
+
+impl GuestWaits {
+    pub fn status(&self) -> super::control::WaitStatus {
+        super::control::WaitStatus {
+            hit: self.hit.snapshot(),
+            peer: self.peer.snapshot(),
+            origin: self.origin.snapshot(),
+            error: self.error.snapshot(),
+        }
+    }
 }
 
 /// What an image needs to take part in peer-to-peer relay.
@@ -177,6 +213,9 @@ impl Image {
             tracer: Tracer::default(),
             reads: AtomicU64::new(0),
             reads_waited: AtomicU64::new(0),
+            bytes_from_cache: AtomicU64::new(0),
+            reads_in_flight: AtomicU64::new(0),
+            waits: GuestWaits::default(),
             swarm,
             bytes_to_peers: AtomicU64::new(0),
             listener: std::sync::Mutex::new(None),
@@ -215,6 +254,8 @@ impl Image {
             chunks_fetched: load(&f.chunks_fetched),
             upstream_reads: load(&f.upstream_reads),
             retries: load(&f.retries),
+            gave_up: load(&f.gave_up),
+            reads_in_flight: load(&self.reads_in_flight),
             verify_failures: load(&f.verify_failures),
             failed_reads: load(&f.failed_reads),
             fetching: self.fetcher.inflight() as u64,
@@ -222,6 +263,13 @@ impl Image {
             holds,
             reads: load(&self.reads),
             reads_waited: load(&self.reads_waited),
+            bytes_from_cache: load(&self.bytes_from_cache),
+            waits: self.waits.status(),
+            origin_latency: match &self.swarm {
+                Some(s) => s.stats().origin_latency.snapshot(),
+                None => f.origin_latency.snapshot(),
+            },
+            peer_latency: self.swarm.as_ref().map(|s| s.stats().peer_latency.snapshot()).unwrap_or_default(),
             recording: self.recorder.running().map(Option::unwrap_or_default),
             tracing: self.tracer.running(),
             profile_chunks,
@@ -299,32 +347,32 @@ impl Image {
     /// shared from the fetched run that holds them. Cache reads that would wait for the disk run
     /// on the blocking pool: a slow cache disk must not hold the runtime's threads, which serve
     /// every other image too.
-    async fn bytes(&self, offset: u64, len: u32, priority: Priority) -> Result<Bytes, u32> {
+    async fn bytes(&self, offset: u64, len: u32, priority: Priority) -> Result<(Bytes, Served), u32> {
         // A cached chunk that cannot be read back is forgotten by the store and fetched in the
         // same round; a round fails only when a chunk leaves the cache (a failed read, an
         // eviction) between a fetch and the read of what it did not fetch.
         let range = self.manifest.geometry().chunks_covering(ByteOffset(offset), u64::from(len));
         self.store.touch(range.clone());
         for _ in 0..=range.len() {
-            if let Some(bytes) = self.try_bytes(offset, len, priority).await? {
-                return Ok(bytes);
+            if let Some(served) = self.try_bytes(offset, len, priority).await? {
+                return Ok(served);
             }
             tracing::warn!(image = %self.name, offset, len, "cache read failed; fetching the chunks again");
         }
         Err(EIO)
     }
 
-    async fn try_bytes(&self, offset: u64, len: u32, priority: Priority) -> Result<Option<Bytes>, u32> {
+    async fn try_bytes(&self, offset: u64, len: u32, priority: Priority) -> Result<Option<(Bytes, Served)>, u32> {
         let range = self.manifest.geometry().chunks_covering(ByteOffset(offset), u64::from(len));
         let store = self.store.clone();
         if self.store.has_all(range.clone()) {
             // The common hit: the bytes are in the page cache, read at once without a hand-off.
             if let Some(bytes) = self.store.read_vec_nowait(offset, len as usize) {
-                return Ok(Some(Bytes::from(bytes)));
+                return Ok(Some((Bytes::from(bytes), Served::Hit)));
             }
             let read = tokio::task::spawn_blocking(move || store.read_vec(offset, len as usize).ok());
             if let Some(bytes) = read.await.map_err(|_| EIO)? {
-                return Ok(Some(Bytes::from(bytes)));
+                return Ok(Some((Bytes::from(bytes), Served::Hit)));
             }
             // The chunks left the cache meanwhile (evicted, or forgotten after a failed read):
             // fetch them in this same round.
@@ -337,17 +385,19 @@ impl Image {
             tracing::warn!(image = %self.name, offset, len, error = %e, "read failed");
             EIO
         })?;
-        match runs.iter().find_map(|r| Some((r.share(offset, len as usize)?, r.bytes.len()))) {
+        let how = if runs.iter().all(|r| r.from_peers) { Served::Peer } else { Served::Origin };
+        let bytes = match runs.iter().find_map(|r| Some((r.share(offset, len as usize)?, r.bytes.len()))) {
             // The common cold read: one fetched run holds it all, share its buffer. A small read
             // of a much longer run (a prefetch's) gets a copy instead: a reply waiting to be
             // written then pins no more memory than the NBD budgets charge it.
-            Some((shared, run)) if shared.len() * 2 >= run => Ok(Some(shared)),
-            Some((shared, _)) => Ok(Some(Bytes::copy_from_slice(&shared))),
+            Some((shared, run)) if shared.len() * 2 >= run => Some(shared),
+            Some((shared, _)) => Some(Bytes::copy_from_slice(&shared)),
             None => {
                 let read = tokio::task::spawn_blocking(move || assemble(&store, offset, len, range, &runs));
-                Ok(read.await.map_err(|_| EIO)?.map(Bytes::from))
+                read.await.map_err(|_| EIO)?.map(Bytes::from)
             }
-        }
+        };
+        Ok(bytes.map(|b| (b, how)))
     }
 }
 
@@ -395,7 +445,7 @@ impl PeerExport for Image {
             if !self.swarm.as_ref().is_some_and(|s| s.relays_for(run.clone(), requester)) {
                 return self.cached(offset, len).await;
             }
-            self.bytes(offset, len, Priority::Relay).await.ok()
+            self.bytes(offset, len, Priority::Relay).await.ok().map(|(b, _)| b)
         })
     }
 
@@ -418,7 +468,23 @@ impl Export for Image {
             let range = self.manifest.geometry().chunks_covering(ByteOffset(offset), u64::from(len));
             self.recorder.note(range);
             self.reads.fetch_add(1, Ordering::Relaxed);
-            let buf = self.bytes(offset, len, Priority::Guest).await?;
+            let start = std::time::Instant::now();
+            self.reads_in_flight.fetch_add(1, Ordering::Relaxed);
+            // Counted down also when the connection drops the read half way.
+            let _in_flight = scopeguard(|| {
+                self.reads_in_flight.fetch_sub(1, Ordering::Relaxed);
+            });
+            let read = self.bytes(offset, len, Priority::Guest).await;
+            let waited = start.elapsed();
+            let (buf, how) = read.inspect_err(|_| self.waits.error.observe(waited))?;
+            match how {
+                Served::Hit => {
+                    self.waits.hit.observe(waited);
+                    self.bytes_from_cache.fetch_add(u64::from(len), Ordering::Relaxed);
+                }
+                Served::Peer => self.waits.peer.observe(waited),
+                Served::Origin => self.waits.origin.observe(waited),
+            }
             self.bytes_served.fetch_add(u64::from(len), Ordering::Relaxed);
             Ok(buf)
         })
@@ -445,6 +511,19 @@ impl Export for Image {
     fn client_left(&self) {
         self.clients.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// Runs `f` when dropped.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }
 
 /// The store faults `VMTHUNDER_STORE_FAULTS` injects into image `name`'s cache (testing only).

@@ -9,6 +9,7 @@ mod cache;
 pub mod control;
 mod holds;
 pub mod image;
+mod metrics;
 mod peers;
 mod profiles;
 mod requests;
@@ -82,6 +83,8 @@ pub struct Daemon {
     /// Held while a cache is opened or a collection runs: a directory is never removed while
     /// an image is opening it.
     cache_gate: tokio::sync::Mutex<()>,
+    /// True once every configured image serves (`/readyz`, systemd's READY=1).
+    ready: watch::Sender<bool>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -98,6 +101,9 @@ impl Daemon {
     /// Runs the daemon until SIGTERM or SIGINT.
     pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         let daemon = Daemon::start(cfg).await?;
+        crate::metrics::notify::ready(&daemon.summary());
+        crate::metrics::notify::spawn_watchdog();
+        tokio::spawn(Daemon::report_status(Arc::downgrade(&daemon)));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(io_err("signal", Path::new("SIGTERM")))?;
         tokio::select! {
@@ -105,6 +111,7 @@ impl Daemon {
             _ = tokio::signal::ctrl_c() => {}
         }
         tracing::info!("shutting down");
+        crate::metrics::notify::stopping();
         daemon.stop().await;
         Ok(())
     }
@@ -157,9 +164,20 @@ impl Daemon {
             profile_watch: Mutex::new(None),
             profiles_rejected: Default::default(),
             weak: weak.clone(),
+            ready: watch::channel(false).0,
             shutdown: watch::channel(false).0,
             cfg: cfg.clone(),
         });
+        if let Some(addr) = cfg.metrics_addr()? {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(io_err("metrics listening on", Path::new(&addr.to_string())))?;
+            let mut registry = crate::metrics::registry();
+            registry.register_collector(Box::new(metrics::NodeMetrics { daemon: Arc::downgrade(&daemon) }));
+            let endpoint = crate::metrics::http::Endpoint { registry, ready: daemon.ready.subscribe() };
+            tokio::spawn(crate::metrics::http::serve(l, Arc::new(endpoint), daemon.shutdown.subscribe()));
+            tracing::info!(listen = %addr, "metrics endpoint listening");
+        }
         daemon.load_profiles();
         match daemon.watch_profiles() {
             Ok(w) => *daemon.profile_watch.lock().unwrap() = Some(w),
@@ -194,7 +212,26 @@ impl Daemon {
             tracing::info!(max = b.max, high = b.high, low = b.low, used = b.used(), "cache budget");
         }
         tracing::info!(control = %control_path.display(), images = cfg.images.len(), "vmtd ready");
+        let _ = daemon.ready.send(true);
         Ok(daemon)
+    }
+
+    /// One line for systemd's status: images and NBD clients.
+    fn summary(&self) -> String {
+        let images: Vec<Arc<Image>> = self.images.read().unwrap().values().cloned().collect();
+        let clients: u64 = images.iter().map(|i| i.clients()).sum();
+        format!("serving {} images to {clients} NBD clients", images.len())
+    }
+
+    /// Keeps systemd's status line current while the daemon runs.
+    async fn report_status(daemon: std::sync::Weak<Daemon>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(d) = daemon.upgrade() else { return };
+            crate::metrics::notify::status(&d.summary());
+        }
     }
 
     /// Stops serving and makes every cache durable.

@@ -7,32 +7,35 @@ use super::control::{self, Request, Response};
 use super::{complete, done, unknown, Daemon, DaemonError, Image};
 
 impl Daemon {
+    /// The node's state, as `vmt status` and the metrics show it; `used` is the caches' usage
+    /// (measured by the caller, off the runtime's threads).
+    pub(super) fn status(&self, used: u64) -> Response {
+        let images: Vec<Arc<Image>> = self.images.read().unwrap().values().cloned().collect();
+        Response::Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            images: images
+                .iter()
+                .map(|i| i.status(self.holders(&i.name), self.profile_of(i).map(|p| p.entries.len() as u64)))
+                .collect(),
+            profiles_rejected: self.profiles_rejected.load(std::sync::atomic::Ordering::Relaxed),
+            p2p: self.peers.as_ref().map(|p| p.status()),
+            cache: self.cache_usage(used),
+            nbd: control::NbdStatus {
+                connections: self.nbd.connections() as u64,
+                max_connections: self.nbd.limits.max_connections as u64,
+                refused: self.nbd.refused.load(std::sync::atomic::Ordering::Relaxed),
+                bytes_in_flight: self.nbd.node_bytes_in_flight() as u64,
+                node_bytes: self.nbd.limits.node_bytes as u64,
+            },
+        }
+    }
+
     pub(super) async fn handle(&self, req: Request) -> Response {
         match req {
             Request::Status => {
-                let images: Vec<Arc<Image>> = self.images.read().unwrap().values().cloned().collect();
-                Response::Status {
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    images: images
-                        .iter()
-                        .map(|i| i.status(self.holders(&i.name), self.profile_of(i).map(|p| p.entries.len() as u64)))
-                        .collect(),
-                    profiles_rejected: self.profiles_rejected.load(std::sync::atomic::Ordering::Relaxed),
-                    p2p: self.peers.as_ref().map(|p| p.status()),
-                    cache: {
-                        let dir = self.cfg.cache_dir.clone();
-                        let used =
-                            tokio::task::spawn_blocking(move || crate::store::gc::usage(&dir)).await.unwrap_or(0);
-                        self.cache_usage(used)
-                    },
-                    nbd: control::NbdStatus {
-                        connections: self.nbd.connections() as u64,
-                        max_connections: self.nbd.limits.max_connections as u64,
-                        refused: self.nbd.refused.load(std::sync::atomic::Ordering::Relaxed),
-                        bytes_in_flight: self.nbd.node_bytes_in_flight() as u64,
-                        node_bytes: self.nbd.limits.node_bytes as u64,
-                    },
-                }
+                let dir = self.cfg.cache_dir.clone();
+                let used = tokio::task::spawn_blocking(move || crate::store::gc::usage(&dir)).await.unwrap_or(0);
+                self.status(used)
             }
             Request::Assemble { domain, images } => match self.assemble(&domain, &images).await {
                 Ok(sockets) => Response::Assembled { sockets },

@@ -61,7 +61,12 @@ pub struct FetchStats {
     pub upstream_reads: AtomicU64,
     pub retries: AtomicU64,
     pub verify_failures: AtomicU64,
+    /// Fetches that gave up (the read failed after its retries).
+    pub gave_up: AtomicU64,
     pub failed_reads: AtomicU64,
+    /// Latency of each upstream read attempt, when the source is the origin itself (a
+    /// peer-aware source times its own origin and peer reads).
+    pub origin_latency: crate::metrics::Histogram,
 }
 
 /// Who needs a fetch: a guest read waiting now, or prefetch working ahead of the guest.
@@ -88,6 +93,9 @@ pub struct FetchTuning {
 pub struct RunData {
     pub offset: u64,
     pub bytes: Bytes,
+    /// Every byte came from peers (and was verified by the peer-aware source), none from the
+    /// origin.
+    pub from_peers: bool,
 }
 
 impl RunData {
@@ -293,7 +301,8 @@ impl Fetcher {
     /// Verifies a fetched run (unless `checked`), hands it to its waiters, stores it, and lets
     /// its chunks leave the in-flight map.
     fn finish(&self, offset: u64, data: Vec<u8>, checked: bool, mut claim: Claim) {
-        let run_data = Arc::new(RunData { offset, bytes: Bytes::from(data) });
+        let from_peers = checked && self.source.waits_on_peers();
+        let run_data = Arc::new(RunData { offset, bytes: Bytes::from(data), from_peers });
         let run = &claim.run;
         // Verify, hand the bytes to the waiters, then store: the write is off their path.
         let verified: Vec<bool> = run.iter().map(|(i, _)| checked || self.verify(&run_data, ChunkIdx(*i))).collect();
@@ -368,7 +377,12 @@ impl Fetcher {
         loop {
             let attempt = async {
                 self.stats.upstream_reads.fetch_add(1, Ordering::Relaxed);
-                self.source.read_checked_as(offset, len, priority).await
+                let t = Instant::now();
+                let r = self.source.read_checked_as(offset, len, priority).await;
+                if !self.source.waits_on_peers() {
+                    self.stats.origin_latency.observe(t.elapsed());
+                }
+                r
             };
             match tokio::time::timeout_at(deadline, attempt).await {
                 Ok(Ok((data, checked))) if data.len() == len => return Ok((data, checked)),
@@ -392,6 +406,7 @@ impl Fetcher {
     }
 
     fn gave_up(&self, start: Instant, last: String) -> FetchError {
+        self.stats.gave_up.fetch_add(1, Ordering::Relaxed);
         FetchError::GaveUp { what: self.source.describe(), secs: start.elapsed().as_secs_f64(), last }
     }
 }

@@ -53,19 +53,21 @@ pub async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>, mut shutdown:
         let endpoint = endpoint.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let _ = answer(s, &endpoint).await;
+            let _ = answer(s, endpoint).await;
         });
     }
 }
 
-async fn answer(mut s: TcpStream, endpoint: &Endpoint) -> std::io::Result<()> {
+async fn answer(mut s: TcpStream, endpoint: Arc<Endpoint>) -> std::io::Result<()> {
     let head = match tokio::time::timeout(IO_TIMEOUT, read_head(&mut s)).await {
         Ok(Ok(Some(h))) => h,
         Ok(Ok(None)) => return reply(&mut s, 431, "text/plain", "request head too large\n".into()).await,
         Ok(Err(e)) => return Err(e),
         Err(_) => return Ok(()),
     };
-    let (status, kind, body) = route(&head, endpoint);
+    // Rendering may stat cache files: off the runtime's threads, which serve the guests.
+    let routed = tokio::task::spawn_blocking(move || route(&head, &endpoint)).await;
+    let (status, kind, body) = routed.unwrap_or((500, "text/plain", "rendering failed\n".into()));
     reply(&mut s, status, kind, body).await
 }
 
@@ -111,6 +113,7 @@ async fn reply(s: &mut TcpStream, status: u16, kind: &str, body: String) -> std:
         404 => "Not Found",
         405 => "Method Not Allowed",
         431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
         _ => "Service Unavailable",
     };
     let head = format!(

@@ -57,6 +57,9 @@ pub struct SwarmStats {
     pub peer_refusals: AtomicU64,
     pub peer_failures: AtomicU64,
     pub peer_verify_failures: AtomicU64,
+    /// Latency of each origin read, and of each request to a peer (whatever its answer).
+    pub origin_latency: crate::metrics::Histogram,
+    pub peer_latency: crate::metrics::Histogram,
 }
 
 /// The session with one peer, if open; its lock is held while connecting.
@@ -296,12 +299,17 @@ impl Swarm {
                         Priority::Prefetch => self.origin_slots.background().await,
                         Priority::Guest | Priority::Relay => self.origin_slots.urgent().await,
                     };
-                    let data = self.origin.read(offset, len).await?;
+                    let t = Instant::now();
+                    let data = self.origin.read(offset, len).await;
+                    self.stats.origin_latency.observe(t.elapsed());
+                    let data = data?;
                     self.stats.bytes_from_origin.fetch_add(data.len() as u64, Ordering::Relaxed);
                     return Ok((Bytes::from(data), false));
                 }
                 Choice::Peer { node, .. } => {
+                    let t = Instant::now();
                     let got = self.ask(&node, run.clone()).await;
+                    self.stats.peer_latency.observe(t.elapsed());
                     let how = got.as_ref().map_or_else(|o| *o, |_| Outcome::Served);
                     piece.answered(&mut self.selector.lock().unwrap(), &node, how, Instant::now());
                     if let Ok(bytes) = got {

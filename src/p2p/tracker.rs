@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,6 +44,9 @@ pub struct Tracker {
     admission: Arc<Admission>,
     /// The table itself: the pure [`Roster`] (shared with `vmt sim`).
     nodes: Mutex<Roster>,
+    /// Registrations answered, and node sessions open, since start.
+    registrations: AtomicU64,
+    sessions: AtomicU64,
 }
 
 impl Tracker {
@@ -55,12 +59,15 @@ impl Tracker {
             key,
             admission: Admission::new(per_address),
             nodes: Mutex::new(Roster::new(ttl, per_address)),
+            registrations: AtomicU64::new(0),
+            sessions: AtomicU64::new(0),
         })
     }
 
     /// Records `node` for `image` and answers it. A new name is not recorded (but answered)
     /// while `per_address` live names of its address are, or the table is full.
     pub fn register(&self, image: Bytes32, node: &str, ask: Ask, now: Instant) -> Answer {
+        self.registrations.fetch_add(1, Ordering::Relaxed);
         let (answer, recorded) = self.nodes.lock().unwrap().register(image, node, ask, now.into_std());
         match recorded {
             Recorded::ImagesFull => tracing::warn!("tracker full: {MAX_IMAGES} images; registration ignored"),
@@ -95,9 +102,11 @@ impl Tracker {
             let me = self.clone();
             tokio::spawn(async move {
                 let _permit = permit;
+                me.sessions.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = me.session(s, from, (shaking, from_here)).await {
                     tracing::debug!(error = %e, "tracker session ended");
                 }
+                me.sessions.fetch_sub(1, Ordering::Relaxed);
             });
         }
     }
@@ -144,6 +153,35 @@ impl Tracker {
             };
             write_frame(&mut s, &Frame::new(peers)).await?;
         }
+    }
+}
+
+/// The tracker's Prometheus metrics, read at scrape time.
+#[derive(Debug)]
+pub struct TrackerMetrics(pub Arc<Tracker>);
+
+impl std::fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracker").field("me", &self.me).finish_non_exhaustive()
+    }
+}
+
+impl prometheus_client::collector::Collector for TrackerMetrics {
+    fn encode(&self, mut enc: prometheus_client::encoding::DescriptorEncoder) -> crate::metrics::Fmt {
+        let t = &self.0;
+        let live = t.nodes.lock().unwrap().live(Instant::now().into_std());
+        // Images are labelled by the first 16 hex digits of their manifest digest; the roster
+        // holds at most MAX_IMAGES of them.
+        let series: Vec<_> = live
+            .into_iter()
+            .map(|(id, n)| (vec![("image", id[..8].iter().map(|b| format!("{b:02x}")).collect::<String>())], n as i64))
+            .collect();
+        let mut f = crate::metrics::Families::new(&mut enc);
+        f.gauge("tracker_nodes", "Live nodes registered per image.", None, &series)?;
+        let load = |a: &AtomicU64| vec![(crate::metrics::Labels::new(), a.load(Ordering::Relaxed))];
+        f.counter("tracker_registrations", "Registrations answered.", None, &load(&t.registrations))?;
+        let open = t.sessions.load(Ordering::Relaxed) as i64;
+        f.gauge("tracker_sessions", "Node sessions open.", None, &[(crate::metrics::Labels::new(), open)])
     }
 }
 

@@ -279,6 +279,17 @@ impl Roster {
         (answer, recorded)
     }
 
+    /// Per image, the nodes heard from within the TTL at `now`.
+    pub fn live(&self, now: Instant) -> Vec<(Bytes32, usize)> {
+        let ttl = self.ttl;
+        self.images
+            .iter()
+            .map(|(id, m)| {
+                (*id, m.nodes.values().filter(|(_, last)| now.saturating_duration_since(*last) < ttl).count())
+            })
+            .collect()
+    }
+
     /// Nodes recorded for `image` (live or not yet swept).
     pub fn nodes(&self, image: &Bytes32) -> usize {
         self.images.get(image).map_or(0, |m| m.nodes.len())
