@@ -1,12 +1,11 @@
 //! `vmt-prefetch`: warm a node's cache from a boot profile before VMs are scheduled.
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use vmthunder::config::{format_size, parse_size};
+use vmthunder::config::parse_size;
 use vmthunder::daemon::control::{self, Request};
 
 /// Warm vmthunder's node cache ahead of boots.
@@ -60,37 +59,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("{image}: prefetch started (progress: vmt status)");
         return Ok(());
     }
-    let start = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut bar: Option<indicatif::ProgressBar> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = tokio::signal::ctrl_c() => {
                 control::ask(sock, &Request::PrefetchCancel { image: image.clone() }, TIMEOUT).await?;
-                eprintln!("\ninterrupted: prefetch of {image} stopped; chunks fetched so far stay cached");
+                if let Some(b) = &bar {
+                    b.abandon();
+                }
+                eprintln!("interrupted: prefetch of {image} stopped; chunks fetched so far stay cached");
                 std::process::exit(130);
             }
         }
         let status = control::status(sock, TIMEOUT).await?;
         let img = status.into_iter().find(|i| i.name == image).context("image no longer served")?;
         let job = img.prefetch.context("vmtd reports no prefetch for this image")?;
-        let secs = start.elapsed().as_secs_f64().max(0.001);
-        let per_chunk = img.chunk_size;
-        let done = job.done_chunks * per_chunk;
-        let total = job.total_chunks * per_chunk;
-        let speed = done as f64 / secs;
-        let eta = if speed > 0.0 { total.saturating_sub(done) as f64 / speed } else { 0.0 };
-        let pct = (job.done_chunks * 100).checked_div(job.total_chunks).unwrap_or(100);
-        eprint!(
-            "\r{image} [{:<25}] {pct:3}% {} / {}  {}/s  ETA {eta:.0}s   ",
-            "#".repeat((pct / 4) as usize),
-            format_size(done),
-            format_size(total),
-            format_size(speed as u64)
-        );
-        let _ = std::io::stderr().flush();
+        let bar = bar.get_or_insert_with(|| vmthunder::cli::progress::bytes(&image, job.total_chunks * img.chunk_size));
+        bar.set_position(job.done_chunks * img.chunk_size);
         if job.finished {
-            eprintln!();
+            bar.finish();
             if let Some(e) = job.error {
                 bail!("prefetch of {image} failed: {e}");
             }

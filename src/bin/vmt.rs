@@ -35,6 +35,16 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// A live view of the node: per image hit ratio, bytes/s from cache, peers and origin,
+    /// guest wait p99, prefetch progress, peers. Ctrl-C quits.
+    Top {
+        /// Refresh interval.
+        #[arg(long, default_value = "1s", value_parser = vmthunder::config::parse_duration)]
+        interval: std::time::Duration,
+        /// Print one frame after one interval and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// Manage served images.
     #[command(subcommand)]
     Image(ImageCmd),
@@ -321,6 +331,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
         }
+        Cmd::Top { interval, once } => {
+            anyhow::ensure!(!interval.is_zero(), "--interval must be positive");
+            vmthunder::cli::top::run(&args.socket, interval, once).await?;
+        }
         Cmd::Image(ImageCmd::List { json }) => {
             let images = images(&args.socket).await?;
             if json {
@@ -371,11 +385,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 eprintln!("completing the cache of {image} in the background (see `vmt status`)");
                 return Ok(());
             }
+            let mut bar = None;
             loop {
                 let i = images(&args.socket).await?.into_iter().find(|i| i.name == image).context("image vanished")?;
-                eprint!("\r{image}: {}/{} chunks", i.chunks_present, i.chunks_total);
+                let bar = bar.get_or_insert_with(|| vmthunder::cli::progress::count(&image, i.chunks_total, "chunks"));
+                bar.set_position(i.chunks_present);
                 if i.chunks_present == i.chunks_total {
-                    eprintln!(" complete");
+                    bar.finish();
+                    eprintln!("{image}: cache complete");
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -550,19 +567,14 @@ fn print_status(i: &ImageStatus) {
 }
 
 fn detach(socket: &std::path::Path, domain: &str, disk: &str, timeout: u64) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut last = u64::MAX;
+    let bar = vmthunder::cli::progress::bytes(&format!("{domain} {disk}"), 0);
     let mut draw = |cur: u64, end: u64| {
-        let pct = (cur * 100).checked_div(end).unwrap_or(0);
-        if pct != last {
-            last = pct;
-            let bar = "#".repeat((pct / 4) as usize);
-            eprint!("\r{domain} {disk} [{bar:<25}] {pct:3}% ({} / {} MiB)", cur >> 20, end >> 20);
-            let _ = std::io::stderr().flush();
-        }
+        bar.set_length(end);
+        bar.set_position(cur);
     };
     let others = detach::block_pull(domain, disk, Duration::from_secs(timeout), &mut draw)?;
-    eprintln!("\r{domain} {disk} [{}] 100% detached{:20}", "#".repeat(25), "");
+    bar.finish();
+    eprintln!("{domain} {disk}: detached");
     if !others {
         // No disk of this domain reads from vmtd any more: drop its hold.
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

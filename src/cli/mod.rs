@@ -3,4 +3,6 @@
 
 pub mod cache;
 pub mod logging;
+pub mod progress;
+pub mod top;
 pub mod vmtd;
