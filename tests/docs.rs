@@ -69,3 +69,29 @@ fn every_configuration_key_is_documented_and_every_documented_key_exists() {
     assert!(undocumented.is_empty(), "keys in the code but not in the README's Configuration tables: {undocumented:?}");
     assert!(unknown.is_empty(), "keys in the README's Configuration tables that the code does not have: {unknown:?}");
 }
+
+/// `docs/cli.md` is what the programs say about themselves now (`scripts/gen-docs` rewrites
+/// it: this test with `VMTHUNDER_BLESS=1`).
+#[test]
+fn the_cli_reference_matches_the_programs() {
+    let dir = tempfile::tempdir().unwrap();
+    for (p, exe) in [
+        ("vmtd", env!("CARGO_BIN_EXE_vmtd")),
+        ("vmt", env!("CARGO_BIN_EXE_vmt")),
+        ("vmt-profile", env!("CARGO_BIN_EXE_vmt-profile")),
+        ("vmt-prefetch", env!("CARGO_BIN_EXE_vmt-prefetch")),
+        ("vmt-tracker", env!("CARGO_BIN_EXE_vmt-tracker")),
+    ] {
+        let out = std::process::Command::new(exe).env(vmthunder::cli::docs::ENV, dir.path()).output().unwrap();
+        assert!(out.status.success(), "{p}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(dir.path().join("man").join(format!("{p}.1")).exists(), "{p}: no man page");
+        assert!(dir.path().join("completions/bash").join(format!("{p}.bash")).exists(), "{p}: no completion");
+    }
+    let now = vmthunder::cli::docs::reference(dir.path()).unwrap();
+    let path = format!("{ROOT}/docs/cli.md");
+    if std::env::var_os("VMTHUNDER_BLESS").is_some() {
+        std::fs::write(&path, &now).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(committed == now, "docs/cli.md is stale: run scripts/gen-docs");
+}

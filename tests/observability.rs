@@ -175,6 +175,8 @@ fn guest_wait_histogram_counts_exactly_the_reads_that_missed() {
     std::fs::remove_dir_all(env.path("cache")).unwrap();
     let _vmtd = start_vmtd(&env, &cfg);
     ok(run(Command::new(VMT_PREFETCH).arg("--socket").arg(&sock).args(["warm", "--image", "img"])));
+    // The prefetch reports done once every chunk was handed out; each is stored right after.
+    wait_until("the profile's chunks cached", Duration::from_secs(30), || status(&env, "img").chunks_present == 150);
     replay(&env, &trace(&env, "again.csv", &first));
     assert_eq!((waits("origin"), waits("peer"), waits("hit")), (0, 0, 150));
 }

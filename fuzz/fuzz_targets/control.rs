@@ -3,7 +3,7 @@
 //! (2), so the JSON decoding of every request and response type is reached.
 //! Asserts: no panic; an accepted header announces at most `MAX_FRAME` bytes; a decoded message
 //! re-encodes to a frame that decodes to the same value; the images of `image_add` requests are
-//! validated without panic.
+//! validated without panic; `vmt top` renders any response without panic.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -48,7 +48,13 @@ impl Checked for Request {
     }
 }
 
-impl Checked for Response {}
+impl Checked for Response {
+    fn check(&self) {
+        // `vmt top` renders whatever a daemon answers.
+        let _ = vmthunder::cli::top::frame(self, Some(self), std::time::Duration::from_secs(1));
+        let _ = vmthunder::cli::top::frame(self, None, std::time::Duration::ZERO);
+    }
+}
 
 fn payload_as<T: Checked>(payload: &[u8], crc: u32) {
     let Ok(msg) = decode_payload::<T>(payload, crc) else { return };

@@ -193,6 +193,15 @@ fn control() -> Vec<Vec<u8>> {
         peers: 2,
         p2p: Some(PeerStatus { peers_usable: 1, sessions: 1, ..PeerStatus::default() }),
         cache: control::CacheHealth { write_errors: 1, ..Default::default() },
+        gave_up: 1,
+        reads_in_flight: 2,
+        bytes_from_cache: 3,
+        waits: control::WaitStatus {
+            hit: vmthunder::metrics::Snapshot { counts: vec![1, 2, 3], sum_ns: 40_000 },
+            ..Default::default()
+        },
+        origin_latency: vmthunder::metrics::Snapshot { counts: vec![0; 19], sum_ns: 0 },
+        peer_latency: vmthunder::metrics::Snapshot::default(),
     };
     let responses = vec![
         Response::Status {

@@ -43,6 +43,7 @@ enum Cmd {
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn main() -> anyhow::Result<()> {
+    vmthunder::cli::docs::generate_if_asked::<Args>("vmt-prefetch");
     let mut args = Args::parse();
     args.socket = args.vmtd.control_socket()?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -77,6 +78,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let img = status.into_iter().find(|i| i.name == image).context("image no longer served")?;
         let job = img.prefetch.context("vmtd reports no prefetch for this image")?;
         let bar = bar.get_or_insert_with(|| vmthunder::cli::progress::bytes(&image, job.total_chunks * img.chunk_size));
+        // The total is known once vmtd's prefetch task has started: set it every time.
+        bar.set_length(job.total_chunks * img.chunk_size);
         bar.set_position(job.done_chunks * img.chunk_size);
         if job.finished {
             bar.finish();

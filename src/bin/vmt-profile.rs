@@ -59,6 +59,7 @@ enum Cmd {
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn main() -> anyhow::Result<()> {
+    vmthunder::cli::docs::generate_if_asked::<Args>("vmt-profile");
     let mut args = Args::parse();
     args.socket = args.vmtd.control_socket()?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -39,6 +39,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    vmthunder::cli::docs::generate_if_asked::<Args>("vmt-tracker");
     let args = Args::parse();
     vmthunder::cli::logging::init(args.log_format);
     anyhow::ensure!(!args.ttl.is_zero(), "--ttl must be positive");

@@ -246,6 +246,7 @@ struct IscsiArgs {
 const TIMEOUT: Duration = Duration::from_secs(600);
 
 fn main() -> anyhow::Result<()> {
+    vmthunder::cli::docs::generate_if_asked::<Args>("vmt");
     let mut args = Args::parse();
     args.socket = args.vmtd.control_socket()?;
     // libvirt calls block: run them on this thread, outside the async runtime.

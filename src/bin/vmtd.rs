@@ -23,6 +23,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    vmthunder::cli::docs::generate_if_asked::<Args>("vmtd");
     let args = Args::parse();
     // glibc gives each thread that allocates its own arena and keeps freed buffers there; with
     // tokio's worker and blocking threads passing MiB-sized buffers around, that alone grows RSS

@@ -2,6 +2,7 @@
 //! and dispatches, these talk to vmtd and print.
 
 pub mod cache;
+pub mod docs;
 pub mod logging;
 pub mod progress;
 pub mod top;

@@ -17,6 +17,14 @@ pub fn bytes(n: u64) -> String {
     bytesize::ByteSize(n).display().iec().to_string().replace(' ', "")
 }
 
+/// A bucket bound as one word: `25µs`, `2.5ms`, `1s`.
+fn short(d: Duration) -> String {
+    let ns = d.as_nanos() as f64;
+    let (v, unit) = if ns < 1e6 { (ns / 1e3, "µs") } else if ns < 1e9 { (ns / 1e6, "ms") } else { (ns / 1e9, "s") };
+    let v = format!("{v:.1}");
+    format!("{}{unit}", v.strip_suffix(".0").unwrap_or(&v))
+}
+
 /// Every guest read's latency of an image, whatever the outcome.
 fn all_waits(i: &ImageStatus) -> Snapshot {
     let mut s = i.waits.hit.clone();
@@ -72,7 +80,7 @@ pub fn frame(now: &Response, before: Option<&Response>, dt: Duration) -> String 
         let p99 = match waits.quantile(0.99) {
             None => "-".to_string(),
             Some(Duration::MAX) => ">10s".to_string(),
-            Some(d) => humantime::format_duration(d).to_string(),
+            Some(d) => short(d),
         };
         let prefetch = match &i.prefetch {
             Some(f) => format!("{}/{}", f.done_chunks, f.total_chunks),
@@ -171,6 +179,8 @@ mod tests {
         assert_eq!(cols[2], format!("{}/s", bytes(512 << 10)), "{f}");
         assert_eq!(bytes(512 << 10), "512.0KiB");
         assert_eq!(cols[5], "50ms", "{f}");
+        assert_eq!((short(Duration::from_micros(2500)), short(Duration::from_micros(25))), ("2.5ms".into(), "25µs".into()));
+        assert_eq!(short(Duration::from_millis(2500)), "2.5s");
         assert_eq!(cols[8], bytes(3 << 20), "{f}");
         // No reads in the interval: nothing to say about hits or waits.
         let same = frame(&b, Some(&b), Duration::from_secs(1));

@@ -378,14 +378,24 @@ impl Image {
             // fetch them in this same round.
         }
         let store = self.store.clone();
-        if priority == Priority::Guest {
-            self.reads_waited.fetch_add(1, Ordering::Relaxed);
-        }
+        let guest = priority == Priority::Guest;
         let runs = self.fetcher.ensure_with(range.clone(), priority).await.map_err(|e| {
+            if guest {
+                self.reads_waited.fetch_add(1, Ordering::Relaxed);
+            }
             tracing::warn!(image = %self.name, offset, len, error = %e, "read failed");
             EIO
         })?;
-        let how = if runs.iter().all(|r| r.from_peers) { Served::Peer } else { Served::Origin };
+        // No run: the chunks were stored between the presence check and the fetcher's look,
+        // so nothing was waited for.
+        let how = match &runs[..] {
+            [] => Served::Hit,
+            runs if runs.iter().all(|r| r.from_peers) => Served::Peer,
+            _ => Served::Origin,
+        };
+        if guest && how != Served::Hit {
+            self.reads_waited.fetch_add(1, Ordering::Relaxed);
+        }
         let bytes = match runs.iter().find_map(|r| Some((r.share(offset, len as usize)?, r.bytes.len()))) {
             // The common cold read: one fetched run holds it all, share its buffer. A small read
             // of a much longer run (a prefetch's) gets a copy instead: a reply waiting to be

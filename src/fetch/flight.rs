@@ -377,12 +377,9 @@ impl Fetcher {
         loop {
             let attempt = async {
                 self.stats.upstream_reads.fetch_add(1, Ordering::Relaxed);
-                let t = Instant::now();
-                let r = self.source.read_checked_as(offset, len, priority).await;
-                if !self.source.waits_on_peers() {
-                    self.stats.origin_latency.observe(t.elapsed());
-                }
-                r
+                // Observed when the attempt ends, also by the deadline (the guard drops then).
+                let _timer = (!self.source.waits_on_peers()).then(|| self.stats.origin_latency.timer());
+                self.source.read_checked_as(offset, len, priority).await
             };
             match tokio::time::timeout_at(deadline, attempt).await {
                 Ok(Ok((data, checked))) if data.len() == len => return Ok((data, checked)),

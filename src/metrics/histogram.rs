@@ -39,6 +39,12 @@ pub struct Histogram {
 }
 
 impl Histogram {
+    /// Observes the time from now until the returned guard is dropped: also when the future
+    /// holding it is cancelled (a timed-out read still counts, with the time it took).
+    pub fn timer(&self) -> Timer<'_> {
+        Timer { histogram: self, start: std::time::Instant::now() }
+    }
+
     pub fn observe(&self, d: Duration) {
         let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let i = BOUNDS_NS.partition_point(|&b| b < ns);
@@ -56,7 +62,21 @@ impl Histogram {
     }
 }
 
+/// See [`Histogram::timer`].
+pub struct Timer<'a> {
+    histogram: &'a Histogram,
+    start: std::time::Instant,
+}
+
+impl Drop for Timer<'_> {
+    fn drop(&mut self) {
+        self.histogram.observe(self.start.elapsed());
+    }
+}
+
 /// A histogram's counts at one moment (per bucket, not cumulative), as `vmt status` sends them.
+/// Every method is total on any value (sums saturate, missing buckets count 0, extra ones are
+/// beyond the last bound), since one may come from another process.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Snapshot {
@@ -66,7 +86,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn count(&self) -> u64 {
-        self.counts.iter().sum()
+        self.counts.iter().fold(0u64, |a, &c| a.saturating_add(c))
     }
 
     /// What was observed after `earlier` (a snapshot of the same histogram).
@@ -84,9 +104,9 @@ impl Snapshot {
             self.counts.resize(other.counts.len(), 0);
         }
         for (a, b) in self.counts.iter_mut().zip(&other.counts) {
-            *a += b;
+            *a = a.saturating_add(*b);
         }
-        self.sum_ns += other.sum_ns;
+        self.sum_ns = self.sum_ns.saturating_add(other.sum_ns);
     }
 
     /// The upper bound of the bucket holding quantile `q` (0 < q <= 1), `None` without
@@ -97,9 +117,9 @@ impl Snapshot {
             return None;
         }
         let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
-        let mut seen = 0;
+        let mut seen = 0u64;
         for (i, c) in self.counts.iter().enumerate() {
-            seen += c;
+            seen = seen.saturating_add(*c);
             if seen >= rank {
                 return Some(BOUNDS_NS.get(i).map_or(Duration::MAX, |&ns| Duration::from_nanos(ns)));
             }
@@ -107,17 +127,16 @@ impl Snapshot {
         Some(Duration::MAX)
     }
 
-    /// Cumulative `(upper bound in seconds, count)` pairs ending with +Inf, as the Prometheus
-    /// exposition wants them.
-    pub fn cumulative(&self) -> Vec<(f64, u64)> {
-        let mut seen = 0;
-        let mut out = Vec::with_capacity(BUCKETS);
-        for i in 0..BUCKETS {
-            seen += self.counts.get(i).copied().unwrap_or(0);
-            let bound = BOUNDS_NS.get(i).map_or(f64::INFINITY, |&ns| ns as f64 / 1e9);
-            out.push((bound, seen));
-        }
-        out
+    /// `(upper bound in seconds, count)` per bucket, not cumulative, ending with +Inf: what
+    /// prometheus-client's encoder takes (it accumulates them itself).
+    pub fn buckets(&self) -> Vec<(f64, u64)> {
+        (0..BUCKETS)
+            .map(|i| {
+                let bound = BOUNDS_NS.get(i).map_or(f64::INFINITY, |&ns| ns as f64 / 1e9);
+                let extra: u64 = if i == BUCKETS - 1 { self.counts.iter().skip(BUCKETS).fold(0, |a, &c| a.saturating_add(c)) } else { 0 };
+                (bound, self.counts.get(i).copied().unwrap_or(0).saturating_add(extra))
+            })
+            .collect()
     }
 
     pub fn sum_seconds(&self) -> f64 {
@@ -144,9 +163,11 @@ mod tests {
         assert_eq!(s.quantile(0.5), Some(Duration::from_micros(50)));
         assert_eq!(s.quantile(0.66), Some(Duration::from_millis(1)));
         assert_eq!(s.quantile(1.0), Some(Duration::MAX));
-        let c = s.cumulative();
-        assert_eq!(c.last(), Some(&(f64::INFINITY, 6)));
-        assert_eq!(c[0], (25e-6, 2));
+        let b = s.buckets();
+        assert_eq!(b.len(), BOUNDS_NS.len() + 1);
+        assert_eq!(b.last(), Some(&(f64::INFINITY, 1)));
+        assert_eq!(b[0], (25e-6, 2));
+        assert_eq!(b.iter().map(|(_, c)| c).sum::<u64>(), 6);
         h.observe(Duration::from_millis(7));
         let later = h.snapshot().since(&s);
         assert_eq!(later.count(), 1);

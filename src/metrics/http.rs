@@ -61,30 +61,60 @@ pub async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>, mut shutdown:
 async fn answer(mut s: TcpStream, endpoint: Arc<Endpoint>) -> std::io::Result<()> {
     let head = match tokio::time::timeout(IO_TIMEOUT, read_head(&mut s)).await {
         Ok(Ok(Some(h))) => h,
-        Ok(Ok(None)) => return reply(&mut s, 431, "text/plain", "request head too large\n".into()).await,
+        Ok(Ok(None)) => {
+            let body = "request head too large\n".to_string();
+            return reply(&mut s, 431, "text/plain", body.len(), body).await;
+        }
         Ok(Err(e)) => return Err(e),
         Err(_) => return Ok(()),
     };
+    let head_only = head.starts_with("HEAD ");
     // Rendering may stat cache files: off the runtime's threads, which serve the guests.
     let routed = tokio::task::spawn_blocking(move || route(&head, &endpoint)).await;
-    let (status, kind, body) = routed.unwrap_or((500, "text/plain", "rendering failed\n".into()));
-    reply(&mut s, status, kind, body).await
+    let (status, kind, mut body) = routed.unwrap_or((500, "text/plain", "rendering failed\n".into()));
+    let len = body.len();
+    if head_only {
+        body.clear();
+    }
+    reply(&mut s, status, kind, len, body).await
+}
+
+/// What a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Metrics,
+    Healthz,
+    Readyz,
+    NotFound,
+    /// Not a GET (or HEAD).
+    BadMethod,
+}
+
+/// Classifies a request head (the request line and headers, as received). Pure: the fuzz
+/// target `metrics_http` drives it with arbitrary bytes.
+pub fn classify(head: &str) -> Route {
+    let mut parts = head.lines().next().unwrap_or("").split(' ');
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    if method != "GET" && method != "HEAD" {
+        return Route::BadMethod;
+    }
+    match target.split('?').next().unwrap_or("") {
+        "/metrics" => Route::Metrics,
+        "/healthz" => Route::Healthz,
+        "/readyz" => Route::Readyz,
+        _ => Route::NotFound,
+    }
 }
 
 /// What a request head gets: status, content type, body.
 fn route(head: &str, endpoint: &Endpoint) -> (u16, &'static str, String) {
-    let mut parts = head.lines().next().unwrap_or("").split(' ');
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    if method != "GET" && method != "HEAD" {
-        return (405, "text/plain", "only GET\n".into());
-    }
-    match path {
-        "/metrics" => (200, "text/plain; version=0.0.4; charset=utf-8", super::render(&endpoint.registry)),
-        "/healthz" => (200, "text/plain", "ok\n".into()),
-        "/readyz" if *endpoint.ready.borrow() => (200, "text/plain", "ready\n".into()),
-        "/readyz" => (503, "text/plain", "not ready\n".into()),
-        _ => (404, "text/plain", "not found: try /metrics, /healthz or /readyz\n".into()),
+    match classify(head) {
+        Route::Metrics => (200, "text/plain; version=0.0.4; charset=utf-8", super::render(&endpoint.registry)),
+        Route::Healthz => (200, "text/plain", "ok\n".into()),
+        Route::Readyz if *endpoint.ready.borrow() => (200, "text/plain", "ready\n".into()),
+        Route::Readyz => (503, "text/plain", "not ready\n".into()),
+        Route::BadMethod => (405, "text/plain", "only GET\n".into()),
+        Route::NotFound => (404, "text/plain", "not found: try /metrics, /healthz or /readyz\n".into()),
     }
 }
 
@@ -107,7 +137,8 @@ async fn read_head(s: &mut TcpStream) -> std::io::Result<Option<String>> {
     }
 }
 
-async fn reply(s: &mut TcpStream, status: u16, kind: &str, body: String) -> std::io::Result<()> {
+/// Writes the answer: `len` is the body's length, also when a HEAD request gets no body.
+async fn reply(s: &mut TcpStream, status: u16, kind: &str, len: usize, body: String) -> std::io::Result<()> {
     let reason = match status {
         200 => "OK",
         404 => "Not Found",
@@ -117,8 +148,7 @@ async fn reply(s: &mut TcpStream, status: u16, kind: &str, body: String) -> std:
         _ => "Service Unavailable",
     };
     let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
     );
     let write = async {
         s.write_all(head.as_bytes()).await?;
@@ -155,6 +185,8 @@ mod tests {
         ready_tx.send(true).unwrap();
         assert!(get(addr, "GET /readyz HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 200"));
         assert!(get(addr, "GET /healthz HTTP/1.0\r\n\r\n").await.starts_with("HTTP/1.1 200"));
+        let head = get(addr, "HEAD /healthz HTTP/1.1\r\n\r\n").await;
+        assert!(head.starts_with("HTTP/1.1 200") && head.contains("Content-Length: 3\r\n") && head.ends_with("\r\n\r\n"), "{head}");
         assert!(get(addr, "GET /nope HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 404"));
         assert!(get(addr, "POST /metrics HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 405"));
         let huge = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(3 * MAX_HEAD));
@@ -163,6 +195,23 @@ mod tests {
         let mut out = String::new();
         let _ = s.read_to_string(&mut out).await;
         assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    }
+
+    #[test]
+    fn classify_routes() {
+        assert_eq!(classify("GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n"), Route::Metrics);
+        assert_eq!(classify("HEAD /readyz HTTP/1.0\n\n"), Route::Readyz);
+        assert_eq!(classify("PUT /metrics HTTP/1.1\r\n\r\n"), Route::BadMethod);
+        assert_eq!(classify(""), Route::BadMethod);
+        assert_eq!(classify("GET"), Route::NotFound);
+        assert_eq!(classify("GET /metricsx HTTP/1.1"), Route::NotFound);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn classify_never_panics(head in "\\PC{0,300}") {
+            let _ = classify(&head);
+        }
     }
 
     #[tokio::test]

@@ -57,7 +57,7 @@ impl<'a, 'b> Families<'a, 'b> {
             m.encode_family(labels)?.encode_histogram::<NoLabelSet>(
                 s.sum_seconds(),
                 s.count(),
-                &s.cumulative(),
+                &s.buckets(),
                 None,
             )?;
         }
@@ -95,4 +95,52 @@ pub fn render(r: &Registry) -> String {
 /// Parses a `metrics_listen` value: an IP address and port.
 pub fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
     s.parse().map_err(|_| format!("{s:?} is not an IP address and port, e.g. \"127.0.0.1:9477\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[derive(Debug)]
+    struct One(Snapshot);
+
+    impl prometheus_client::collector::Collector for One {
+        fn encode(&self, mut enc: DescriptorEncoder) -> Fmt {
+            Families::new(&mut enc).seconds("wait", "Waits.", &[(vec![("image", "a".into())], self.0.clone())])
+        }
+    }
+
+    /// The exposition of a histogram is cumulative once, ends at +Inf with the count, and
+    /// its sum is in seconds.
+    #[test]
+    fn histograms_render_as_prometheus_expects() {
+        let h = Histogram::default();
+        for us in [10, 10, 40, 2_000, 20_000_000] {
+            h.observe(Duration::from_micros(us));
+        }
+        let mut r = registry();
+        r.register_collector(Box::new(One(h.snapshot())));
+        let text = render(&r);
+        let value = |series: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        };
+        assert_eq!(value("vmthunder_wait_seconds_bucket{image=\"a\",le=\"2.5e-05\"}"), 2.0);
+        assert_eq!(value("vmthunder_wait_seconds_bucket{image=\"a\",le=\"5e-05\"}"), 3.0);
+        assert_eq!(value("vmthunder_wait_seconds_bucket{image=\"a\",le=\"0.0025\"}"), 4.0);
+        assert_eq!(value("vmthunder_wait_seconds_bucket{image=\"a\",le=\"10\"}"), 4.0);
+        assert_eq!(value("vmthunder_wait_seconds_bucket{image=\"a\",le=\"+Inf\"}"), 5.0);
+        assert_eq!(value("vmthunder_wait_seconds_count{image=\"a\"}"), 5.0);
+        assert!((value("vmthunder_wait_seconds_sum{image=\"a\"}") - 20.00206).abs() < 1e-9);
+        // Buckets never decrease.
+        let buckets: Vec<f64> = text
+            .lines()
+            .filter(|l| l.starts_with("vmthunder_wait_seconds_bucket"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(buckets.len(), histogram::BOUNDS_NS.len() + 1);
+        assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
+    }
 }

@@ -299,17 +299,18 @@ impl Swarm {
                         Priority::Prefetch => self.origin_slots.background().await,
                         Priority::Guest | Priority::Relay => self.origin_slots.urgent().await,
                     };
-                    let t = Instant::now();
+                    // Observed however the read ends, a cancelled one included.
+                    let timer = self.stats.origin_latency.timer();
                     let data = self.origin.read(offset, len).await;
-                    self.stats.origin_latency.observe(t.elapsed());
+                    drop(timer);
                     let data = data?;
                     self.stats.bytes_from_origin.fetch_add(data.len() as u64, Ordering::Relaxed);
                     return Ok((Bytes::from(data), false));
                 }
                 Choice::Peer { node, .. } => {
-                    let t = Instant::now();
+                    let timer = self.stats.peer_latency.timer();
                     let got = self.ask(&node, run.clone()).await;
-                    self.stats.peer_latency.observe(t.elapsed());
+                    drop(timer);
                     let how = got.as_ref().map_or_else(|o| *o, |_| Outcome::Served);
                     piece.answered(&mut self.selector.lock().unwrap(), &node, how, Instant::now());
                     if let Ok(bytes) = got {
