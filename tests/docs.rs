@@ -133,8 +133,17 @@ fn anchor(heading: &str) -> String {
 /// and, with a `#fragment`, at a heading of that file.
 #[test]
 fn links_between_documents_resolve() {
-    let docs = ["README.md", "DESIGN.md", "FORMAT.md", "BENCHMARKS.md", "FUZZING.md", "docs/operator-guide.md",
-        "docs/testing.md", "docs/benchmarking.md", "profiles/README.md"];
+    let docs = [
+        "README.md",
+        "DESIGN.md",
+        "FORMAT.md",
+        "BENCHMARKS.md",
+        "FUZZING.md",
+        "docs/operator-guide.md",
+        "docs/testing.md",
+        "docs/benchmarking.md",
+        "profiles/README.md",
+    ];
     let mut broken = Vec::new();
     for doc in docs {
         let text = read(doc);
@@ -154,7 +163,10 @@ fn links_between_documents_resolve() {
                 continue;
             };
             if let Some(frag) = frag {
-                let found = body.lines().filter_map(|l| l.trim_start_matches('#').strip_prefix(' ').filter(|_| l.starts_with('#'))).any(|h| anchor(h) == frag);
+                let found = body
+                    .lines()
+                    .filter_map(|l| l.trim_start_matches('#').strip_prefix(' ').filter(|_| l.starts_with('#')))
+                    .any(|h| anchor(h) == frag);
                 if !found {
                     broken.push(format!("{doc}: {target} (no such heading)"));
                 }

@@ -35,11 +35,9 @@ pub fn generate(mut cmd: clap::Command, dir: &Path) -> std::io::Result<()> {
     }
     cmd.build();
     clap_mangen::generate_to(cmd.clone(), dir.join("man"))?;
-    for (shell, sub) in [
-        (clap_complete::Shell::Bash, "bash"),
-        (clap_complete::Shell::Zsh, "zsh"),
-        (clap_complete::Shell::Fish, "fish"),
-    ] {
+    for (shell, sub) in
+        [(clap_complete::Shell::Bash, "bash"), (clap_complete::Shell::Zsh, "zsh"), (clap_complete::Shell::Fish, "fish")]
+    {
         clap_complete::generate_to(shell, &mut cmd, &name, dir.join("completions").join(sub))?;
     }
     std::fs::write(dir.join("cli").join(format!("{name}.md")), markdown(&mut cmd))
@@ -74,7 +72,8 @@ pub fn markdown(cmd: &mut clap::Command) -> String {
 
 fn section(cmd: &mut clap::Command, path: String, level: usize, out: &mut String) {
     let _ = writeln!(out, "{} `{path}`\n\n```text\n{}```\n", "#".repeat(level), cmd.render_long_help());
-    let subs: Vec<String> = cmd.get_subcommands().filter(|s| s.get_name() != "help").map(|s| s.get_name().to_string()).collect();
+    let subs: Vec<String> =
+        cmd.get_subcommands().filter(|s| s.get_name() != "help").map(|s| s.get_name().to_string()).collect();
     for s in subs {
         if let Some(sub) = cmd.find_subcommand_mut(&s) {
             section(sub, format!("{path} {s}"), (level + 1).min(6), out);

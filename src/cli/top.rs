@@ -20,7 +20,13 @@ pub fn bytes(n: u64) -> String {
 /// A bucket bound as one word: `25µs`, `2.5ms`, `1s`.
 fn short(d: Duration) -> String {
     let ns = d.as_nanos() as f64;
-    let (v, unit) = if ns < 1e6 { (ns / 1e3, "µs") } else if ns < 1e9 { (ns / 1e6, "ms") } else { (ns / 1e9, "s") };
+    let (v, unit) = if ns < 1e6 {
+        (ns / 1e3, "µs")
+    } else if ns < 1e9 {
+        (ns / 1e6, "ms")
+    } else {
+        (ns / 1e9, "s")
+    };
     let v = format!("{v:.1}");
     format!("{}{unit}", v.strip_suffix(".0").unwrap_or(&v))
 }
@@ -179,7 +185,10 @@ mod tests {
         assert_eq!(cols[2], format!("{}/s", bytes(512 << 10)), "{f}");
         assert_eq!(bytes(512 << 10), "512.0KiB");
         assert_eq!(cols[5], "50ms", "{f}");
-        assert_eq!((short(Duration::from_micros(2500)), short(Duration::from_micros(25))), ("2.5ms".into(), "25µs".into()));
+        assert_eq!(
+            (short(Duration::from_micros(2500)), short(Duration::from_micros(25))),
+            ("2.5ms".into(), "25µs".into())
+        );
         assert_eq!(short(Duration::from_millis(2500)), "2.5s");
         assert_eq!(cols[8], bytes(3 << 20), "{f}");
         // No reads in the interval: nothing to say about hits or waits.

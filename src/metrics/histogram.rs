@@ -133,7 +133,11 @@ impl Snapshot {
         (0..BUCKETS)
             .map(|i| {
                 let bound = BOUNDS_NS.get(i).map_or(f64::INFINITY, |&ns| ns as f64 / 1e9);
-                let extra: u64 = if i == BUCKETS - 1 { self.counts.iter().skip(BUCKETS).fold(0, |a, &c| a.saturating_add(c)) } else { 0 };
+                let extra: u64 = if i == BUCKETS - 1 {
+                    self.counts.iter().skip(BUCKETS).fold(0, |a, &c| a.saturating_add(c))
+                } else {
+                    0
+                };
                 (bound, self.counts.get(i).copied().unwrap_or(0).saturating_add(extra))
             })
             .collect()

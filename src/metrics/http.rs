@@ -186,7 +186,10 @@ mod tests {
         assert!(get(addr, "GET /readyz HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 200"));
         assert!(get(addr, "GET /healthz HTTP/1.0\r\n\r\n").await.starts_with("HTTP/1.1 200"));
         let head = get(addr, "HEAD /healthz HTTP/1.1\r\n\r\n").await;
-        assert!(head.starts_with("HTTP/1.1 200") && head.contains("Content-Length: 3\r\n") && head.ends_with("\r\n\r\n"), "{head}");
+        assert!(
+            head.starts_with("HTTP/1.1 200") && head.contains("Content-Length: 3\r\n") && head.ends_with("\r\n\r\n"),
+            "{head}"
+        );
         assert!(get(addr, "GET /nope HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 404"));
         assert!(get(addr, "POST /metrics HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 405"));
         let huge = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(3 * MAX_HEAD));

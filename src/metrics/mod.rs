@@ -54,12 +54,7 @@ impl<'a, 'b> Families<'a, 'b> {
     pub fn seconds(&mut self, name: &str, help: &str, series: &[(Labels, Snapshot)]) -> Fmt {
         let mut m = self.enc.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
         for (labels, s) in series {
-            m.encode_family(labels)?.encode_histogram::<NoLabelSet>(
-                s.sum_seconds(),
-                s.count(),
-                &s.buckets(),
-                None,
-            )?;
+            m.encode_family(labels)?.encode_histogram::<NoLabelSet>(s.sum_seconds(), s.count(), &s.buckets(), None)?;
         }
         Ok(())
     }
