@@ -10,6 +10,8 @@ use vmthunder::libvirt::{domain, hook, storage};
 
 /// Domain XML larger than this is refused rather than read without bound.
 const MAX_XML: u64 = 16 << 20;
+/// Longest time reading the domain XML and looking into its disks may take.
+const PROBE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn main() {
     std::process::exit(match run() {
@@ -44,7 +46,21 @@ fn run() -> Result<(), String> {
     let check = hook::run_dir_check(run_dir);
     let pool_dirs: Vec<&std::path::Path> = storage::POOL_DIRS.iter().map(std::path::Path::new).collect();
     let probe = |c: &domain::Candidate| hook::probe_disk(c, &pool_dirs, &check);
-    let plan = hook::plan(op, sub_op, read_xml, &check, &probe).map_err(|e| e.to_string())?;
+    // Looking into disks reads files libvirt names, maybe on a network filesystem: libvirtd
+    // waits on the hook, so a filesystem that stops answering fails the start with a reason
+    // instead of hanging it (a read stuck in the kernel can still delay the exit itself).
+    let (probing, watchdog) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if watchdog.recv_timeout(PROBE_DEADLINE) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+            eprintln!(
+                "vmthunder: looking into the domain's disks took over {PROBE_DEADLINE:?}: a filesystem not answering?"
+            );
+            std::process::exit(1);
+        }
+    });
+    let plan = hook::plan(op, sub_op, read_xml, &check, &probe).map_err(|e| e.to_string());
+    drop(probing);
+    let plan = plan?;
     if let Some(e) = xml_err {
         return Err(format!("reading the domain XML: {e}"));
     }

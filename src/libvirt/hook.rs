@@ -109,12 +109,16 @@ pub fn probe_disk(
             None => return Ok(None),
         },
     };
-    // A disk root cannot see is libvirt's to deal with, not ours: one to be created by an
-    // incoming migration, an optional one, one on NFS with root squash.
+    // A disk root cannot see or read is libvirt's to deal with, not ours: one to be created by
+    // an incoming migration, an optional one, one on NFS with root squash.
     if std::fs::metadata(&path).is_err() {
         return Ok(None);
     }
-    match super::qcow2::chain_end(&path).map_err(|e| e.to_string())? {
+    let end = match super::qcow2::chain_end(&path) {
+        Err(super::qcow2::ChainError::NoAccess { .. }) => return Ok(None),
+        end => end.map_err(|e| e.to_string())?,
+    };
+    match end {
         super::qcow2::ChainEnd::Local => Ok(None),
         super::qcow2::ChainEnd::Network(name) => match super::qcow2::nbd_unix(&name) {
             Some((export, socket)) => {

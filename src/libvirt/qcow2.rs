@@ -3,8 +3,8 @@
 //! disks whose XML does not show the chain.
 //!
 //! Bounded and hostile-safe: at most [`MAX_DEPTH`] files (libvirt's own limit), each checked
-//! with `stat` before it is opened (only a regular file, or for the disk itself a block device:
-//! never a FIFO, socket or character device), opened with `O_NONBLOCK | O_NOCTTY`, checked again
+//! with `stat` before it is opened (only a regular file or a block device: never a FIFO,
+//! socket or character device), opened with `O_NONBLOCK | O_NOCTTY`, checked again
 //! to be the file stat saw, and read with two positioned reads (the 20 header bytes and at most
 //! 1023 bytes of backing name, the qcow2 limit); a file seen twice is a loop. A file that is not
 //! qcow2 (or is qcow v1) ends the chain. Never a shell, never libvirt.
@@ -27,6 +27,9 @@ pub enum ChainError {
     Io { path: String, message: String },
     #[error("{path}: not a regular file or block device")]
     NotAFile { path: String },
+    /// Root may not read it (NFS with root squash, say): not a disk vmthunder serves.
+    #[error("{path}: permission denied")]
+    NoAccess { path: String },
     #[error("{path}: bad qcow2 header: {message}")]
     BadHeader { path: String, message: String },
     #[error("{path}: backing chain loops back to {again}")]
@@ -45,14 +48,18 @@ pub enum ChainEnd {
 }
 
 /// The backing file name in the header of `path`; `None` when it is not qcow2 (v2 or v3) or
-/// has none. A block device is read only when `device_ok` (the disk itself, named by the XML).
-pub fn backing_name(path: &Path, device_ok: bool) -> Result<Option<String>, ChainError> {
+/// has none. Regular files and block devices (an LVM volume as a base image) are read, opened
+/// non-blocking; anything else (a FIFO, a character device, a directory) never is.
+fn backing_name(path: &Path) -> Result<Option<String>, ChainError> {
     use std::os::unix::fs::MetadataExt;
     let shown = || format!("{:?}", path.display().to_string());
-    let io = |e: std::io::Error| ChainError::Io { path: shown(), message: e.to_string() };
+    let io = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::PermissionDenied => ChainError::NoAccess { path: shown() },
+        _ => ChainError::Io { path: shown(), message: e.to_string() },
+    };
     let before = std::fs::metadata(path).map_err(io)?;
     let kind = before.file_type();
-    if !(kind.is_file() || (device_ok && kind.is_block_device())) {
+    if !(kind.is_file() || kind.is_block_device()) {
         return Err(ChainError::NotAFile { path: shown() });
     }
     let f = std::fs::OpenOptions::new()
@@ -100,14 +107,14 @@ pub fn chain_end(start: &Path) -> Result<ChainEnd, ChainError> {
     let shown = |p: &Path| format!("{:?}", p.display().to_string());
     let mut seen: Vec<PathBuf> = Vec::new();
     let mut current = start.to_path_buf();
-    for depth in 0..MAX_DEPTH {
+    for _ in 0..MAX_DEPTH {
         let real = std::fs::canonicalize(&current)
             .map_err(|e| ChainError::Io { path: shown(&current), message: e.to_string() })?;
         if seen.contains(&real) {
             return Err(ChainError::Loop { path: shown(start), again: shown(&real) });
         }
         seen.push(real);
-        let Some(name) = backing_name(&current, depth == 0)? else { return Ok(ChainEnd::Local) };
+        let Some(name) = backing_name(&current)? else { return Ok(ChainEnd::Local) };
         if is_network(&name) {
             return Ok(ChainEnd::Network(name));
         }

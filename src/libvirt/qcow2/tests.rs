@@ -68,6 +68,21 @@ fn hostile_headers_end_in_clear_errors() {
     qcow2(&p("to-fifo"), Some("fifo"));
     assert!(matches!(chain_end(&p("to-fifo")), Err(ChainError::NotAFile { .. })));
     assert!(matches!(chain_end(d.path()), Err(ChainError::NotAFile { .. })));
+    // A block device named by a header (an LVM volume as base image) is read like a file: any
+    // readable one of this machine, if it has one, ends the chain as a local disk.
+    use std::os::unix::fs::FileTypeExt;
+    let dev = std::fs::read_dir("/sys/block").into_iter().flatten().flatten().find_map(|e| {
+        let dev = Path::new("/dev").join(e.file_name());
+        let f = std::fs::File::open(&dev).ok()?;
+        f.metadata().ok()?.file_type().is_block_device().then_some(dev)
+    });
+    match dev {
+        Some(dev) => {
+            qcow2(&p("to-blk"), Some(dev.to_str().unwrap()));
+            assert!(chain_end(&p("to-blk")).is_ok(), "{dev:?}: {:?}", chain_end(&p("to-blk")));
+        }
+        None => eprintln!("no readable block device here: the block-device case is not checked"),
+    }
     // A character device named by a header is never opened.
     qcow2(&p("to-null"), Some("/dev/null"));
     assert!(matches!(chain_end(&p("to-null")), Err(ChainError::NotAFile { .. })));
