@@ -37,12 +37,20 @@ pub fn filesystem_bytes(dir: &Path) -> u64 {
     st.f_blocks.saturating_mul(st.f_frsize)
 }
 
-/// The node's budget, from `[cache]` and the cache filesystem's size.
-pub fn budget(limits: Option<CacheLimits>, cache_dir: &Path) -> Option<Arc<Budget>> {
+/// The node's budget, from `[cache]` and the cache filesystem's size; measured once the
+/// images are open (opening reclaims blocks a crash left unclaimed).
+pub fn budget(limits: Option<CacheLimits>) -> Option<Arc<Budget>> {
     let l = limits?;
-    let b = Budget::new(l.max, l.high, l.low);
-    b.measured(b.before_measuring(), gc::usage(cache_dir));
-    Some(Arc::new(b))
+    Some(Arc::new(Budget::new(l.max, l.high, l.low)))
+}
+
+/// Measures `budget` now; a failed measurement keeps the estimate.
+pub fn measure(budget: &Budget, cache_dir: &Path) {
+    let at = budget.before_measuring();
+    match gc::usage(cache_dir) {
+        Ok(used) => budget.measured(at, used),
+        Err(e) => tracing::warn!(dir = %cache_dir.display(), error = %e, "cannot measure the caches' usage"),
+    }
 }
 
 impl Daemon {
@@ -91,9 +99,14 @@ impl Daemon {
         let open = self.open_caches();
         let dir = self.cfg.cache_dir.clone();
         let policy = self.cfg.cache.eviction;
-        let r = tokio::task::spawn_blocking(move || gc::collect(&dir, &open, target, unused_only, policy))
-            .await
-            .unwrap_or_default();
+        let r = match tokio::task::spawn_blocking(move || gc::collect(&dir, &open, target, unused_only, policy)).await {
+            Ok(r) => r,
+            Err(e) => {
+                // No measurement: the budget keeps its estimate rather than a made-up zero.
+                tracing::error!(error = %e, "cache collection failed");
+                return Report::default();
+            }
+        };
         if let (Some(b), Some(at)) = (&self.budget, at) {
             b.measured(at, r.after);
         }
@@ -127,10 +140,8 @@ impl Daemon {
             if pressed && budget.unreachable() {
                 continue;
             }
-            let dir = self.cfg.cache_dir.clone();
-            let at = budget.before_measuring();
-            let used = tokio::task::spawn_blocking(move || gc::usage(&dir)).await.unwrap_or(0);
-            budget.measured(at, used);
+            let (dir, b) = (self.cfg.cache_dir.clone(), budget.clone());
+            let _ = tokio::task::spawn_blocking(move || measure(&b, &dir)).await;
             if budget.used() <= budget.high {
                 budget.set_unreachable(false);
                 continue;

@@ -238,6 +238,8 @@ impl Image {
         let g = self.manifest.geometry();
         let f = self.fetcher.stats();
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        // Once per status: it takes the selector's lock and unites the peers' have-maps.
+        let summary = self.swarm.as_ref().map(|s| s.summary());
         ImageStatus {
             name: self.name.clone(),
             origin: self.origin.clone(),
@@ -283,7 +285,7 @@ impl Image {
             }),
             socket: self.socket.display().to_string(),
             cache_dir: self.store.dir().display().to_string(),
-            peers: self.swarm.as_ref().map_or(0, |s| s.summary().members),
+            peers: summary.as_ref().map_or(0, |sum| sum.members),
             cache: {
                 let st = self.store.stats();
                 super::control::CacheHealth {
@@ -296,8 +298,8 @@ impl Image {
                     degraded: self.store.degraded(),
                 }
             },
-            p2p: self.swarm.as_ref().map(|s| {
-                let (st, sum) = (s.stats(), s.summary());
+            p2p: self.swarm.as_ref().zip(summary.as_ref()).map(|(s, sum)| {
+                let st = s.stats();
                 PeerStatus {
                     peers_usable: sum.usable,
                     sessions: s.sessions(),

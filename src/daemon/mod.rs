@@ -149,7 +149,7 @@ impl Daemon {
             None => None,
         };
         let limits = cfg.cache.limits(cache::filesystem_bytes(&cfg.cache_dir))?;
-        let budget = cache::budget(limits, &cfg.cache_dir);
+        let budget = cache::budget(limits);
         let daemon = Arc::new_cyclic(|weak: &std::sync::Weak<Daemon>| Daemon {
             budget,
             retired: Mutex::new(Vec::new()),
@@ -187,6 +187,9 @@ impl Daemon {
         }
         for img in &cfg.images {
             daemon.add_image(img).await?;
+        }
+        if let Some(b) = &daemon.budget {
+            cache::measure(b, &cfg.cache_dir);
         }
 
         let control_path = cfg.control_socket();

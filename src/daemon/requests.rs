@@ -34,7 +34,8 @@ impl Daemon {
         match req {
             Request::Status => {
                 let dir = self.cfg.cache_dir.clone();
-                let used = tokio::task::spawn_blocking(move || crate::store::gc::usage(&dir)).await.unwrap_or(0);
+                let used =
+                    tokio::task::spawn_blocking(move || crate::store::gc::usage(&dir).unwrap_or(0)).await.unwrap_or(0);
                 self.status(used)
             }
             Request::Assemble { domain, images } => match self.assemble(&domain, &images).await {

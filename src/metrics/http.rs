@@ -4,9 +4,10 @@
 //! A deliberately small HTTP/1.1 server, one request per connection: it only answers GETs of
 //! three paths, and a scraper must never cost the node more than a bounded share. At most
 //! [`MAX_CONNECTIONS`] at once (more are closed at accept), a request head of at most
-//! [`MAX_HEAD`] bytes read within [`IO_TIMEOUT`], the reply rendered before writing (no lock
-//! is held while a slow client reads) and written within [`IO_TIMEOUT`]. A scraper that
-//! connects and never reads therefore holds one connection slot for at most twice that.
+//! [`MAX_HEAD`] bytes read within [`IO_TIMEOUT`], `/metrics` rendered on the blocking pool
+//! within [`IO_TIMEOUT`] (the health answers need no disk and are given at once), and the reply
+//! written within [`IO_TIMEOUT`], no lock held meanwhile. A scraper, or a hung cache disk,
+//! therefore holds one connection slot for at most three times that.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,9 +70,19 @@ async fn answer(mut s: TcpStream, endpoint: Arc<Endpoint>) -> std::io::Result<()
         Err(_) => return Ok(()),
     };
     let head_only = head.starts_with("HEAD ");
-    // Rendering may stat cache files: off the runtime's threads, which serve the guests.
-    let routed = tokio::task::spawn_blocking(move || route(&head, &endpoint)).await;
-    let (status, kind, mut body) = routed.unwrap_or((500, "text/plain", "rendering failed\n".into()));
+    let (status, kind, mut body) = match classify(&head) {
+        // Rendering may stat cache files: off the runtime's threads, which serve the guests,
+        // and within the I/O timeout, so a hung cache disk cannot keep a slot forever. The
+        // health answers need no disk and are given here, whatever the disk does.
+        Route::Metrics => {
+            let render = tokio::task::spawn_blocking(move || super::render(&endpoint.registry));
+            match tokio::time::timeout(IO_TIMEOUT, render).await {
+                Ok(Ok(text)) => (200, "text/plain; version=0.0.4; charset=utf-8", text),
+                _ => (500, "text/plain", "rendering the metrics failed or timed out\n".into()),
+            }
+        }
+        route => answer_to(route, &endpoint),
+    };
     let len = body.len();
     if head_only {
         body.clear();
@@ -106,10 +117,10 @@ pub fn classify(head: &str) -> Route {
     }
 }
 
-/// What a request head gets: status, content type, body.
-fn route(head: &str, endpoint: &Endpoint) -> (u16, &'static str, String) {
-    match classify(head) {
-        Route::Metrics => (200, "text/plain; version=0.0.4; charset=utf-8", super::render(&endpoint.registry)),
+/// What a request other than `/metrics` gets: status, content type, body.
+fn answer_to(route: Route, endpoint: &Endpoint) -> (u16, &'static str, String) {
+    match route {
+        Route::Metrics => (500, "text/plain", "metrics are rendered by the caller\n".into()),
         Route::Healthz => (200, "text/plain", "ok\n".into()),
         Route::Readyz if *endpoint.ready.borrow() => (200, "text/plain", "ready\n".into()),
         Route::Readyz => (503, "text/plain", "not ready\n".into()),

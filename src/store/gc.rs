@@ -46,7 +46,7 @@ pub fn scan(cache_dir: &Path) -> Vec<DirInfo> {
     let mut out = Vec::new();
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.len() != 64 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !is_cache_dir_name(&name) {
             continue;
         }
         let dir = e.path();
@@ -61,9 +61,22 @@ pub fn scan(cache_dir: &Path) -> Vec<DirInfo> {
     out
 }
 
-/// Bytes all caches under `cache_dir` hold.
-pub fn usage(cache_dir: &Path) -> u64 {
-    scan(cache_dir).iter().map(|d| d.bytes).sum()
+/// A cache directory is named by its image's root digest: 64 hex digits.
+fn is_cache_dir_name(name: &str) -> bool {
+    name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Bytes all caches under `cache_dir` hold: their data files' allocated blocks, one `stat`
+/// each (what `scan` reports, without the rest). An error listing `cache_dir` is an error, not
+/// an empty cache: the budget must not believe the disk was freed.
+pub fn usage(cache_dir: &Path) -> std::io::Result<u64> {
+    let mut used = 0;
+    for e in std::fs::read_dir(cache_dir)?.flatten() {
+        if is_cache_dir_name(&e.file_name().to_string_lossy()) {
+            used += std::fs::metadata(e.path().join("data")).map_or(0, |m| m.blocks() * 512);
+        }
+    }
+    Ok(used)
 }
 
 pub fn is_pinned(dir: &Path) -> bool {

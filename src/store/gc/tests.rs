@@ -108,7 +108,9 @@ fn the_collector_takes_unused_then_unheld_then_held_lru_chunks() {
             Open { store: held.clone(), held: true, profile: Some(keep.clone()) },
         ]
     };
-    let total = usage(dir.path());
+    let total = usage(dir.path()).unwrap();
+    assert_eq!(total, scan(dir.path()).iter().map(|d| d.bytes).sum::<u64>());
+    assert!(usage(&dir.path().join("missing")).is_err(), "an unlistable cache dir is not an empty one");
     assert!(total >= 5 * 8 * chunk);
 
     let r = collect(dir.path(), &open(&keep), total - 8 * chunk, true, Policy::Lru);
@@ -148,12 +150,12 @@ fn profile_aware_eviction_takes_chunks_outside_profiles_first() {
         Open { store: b.clone(), held: false, profile: Some(profile.clone()) },
     ];
     // 8 chunks to free: the non-profile halves of both images, not all of the older one.
-    let r = collect(dir.path(), &open, usage(dir.path()) - 8 * chunk, false, Policy::Profile);
+    let r = collect(dir.path(), &open, usage(dir.path()).unwrap() - 8 * chunk, false, Policy::Profile);
     assert!(r.reached, "{r:?}");
     assert_eq!(a.present().iter().collect::<Vec<_>>(), [0, 1, 2, 3]);
     assert_eq!(b.present().iter().collect::<Vec<_>>(), [0, 1, 2, 3]);
     // Then profile chunks, least recently used image first.
-    let r = collect(dir.path(), &open, usage(dir.path()) - 4 * chunk, false, Policy::Profile);
+    let r = collect(dir.path(), &open, usage(dir.path()).unwrap() - 4 * chunk, false, Policy::Profile);
     assert!(r.reached);
     assert_eq!((a.present_count(), b.present_count()), (0, 4));
 }
