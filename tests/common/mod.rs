@@ -318,3 +318,12 @@ pub fn nbd_read(c: &mut Raw, handle: u64, offset: u64, length: u32) -> Vec<u8> {
     assert_eq!((r.handle, r.error), (handle, 0));
     c.recv(length as usize)
 }
+
+/// The number of the last `VMT-LOOP n SHA` line the readloop guest printed (0 before the first).
+pub fn last_loop(console: &str) -> u32 {
+    console
+        .lines()
+        .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "VMT-LOOP").nth(1)?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
