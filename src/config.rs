@@ -67,7 +67,7 @@ pub struct Config {
     /// Optional address of the metrics endpoint (`/metrics`, `/healthz`, `/readyz`), e.g.
     /// "127.0.0.1:9477"; off when absent.
     #[serde(default)]
-    pub metrics_listen: Option<String>,
+    pub metrics_listen: Option<SocketAddr>,
     /// How long one guest read may wait for an unreachable origin before it gets EIO.
     #[serde(default = "default_fetch_timeout")]
     pub fetch_timeout: String,
@@ -211,7 +211,6 @@ impl Config {
             }
         }
         self.tuning()?;
-        self.metrics_addr()?;
         self.nbd.limits()?;
         self.cache.validate()?;
         if let Some(p) = &self.p2p {
@@ -233,15 +232,6 @@ impl Config {
             }
         }
         Ok(())
-    }
-
-    /// The metrics endpoint's address, when `metrics_listen` is set.
-    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
-        self.metrics_listen
-            .as_deref()
-            .map(crate::metrics::parse_listen)
-            .transpose()
-            .map_err(|m| invalid("metrics_listen", m))
     }
 
     pub fn tuning(&self) -> Result<Tuning, ConfigError> {
@@ -484,7 +474,7 @@ chunk_size = "64KiB"
             assert!(err(&format!("metrics_listen = {bad}\n{GOOD}")).contains("metrics_listen"), "{bad}");
         }
         let ok = Config::from_toml(&format!("metrics_listen = \"[::1]:9477\"\n{GOOD}")).unwrap();
-        assert_eq!(ok.metrics_addr().unwrap(), Some("[::1]:9477".parse().unwrap()));
+        assert_eq!(ok.metrics_listen, Some("[::1]:9477".parse().unwrap()));
     }
 
     #[test]

@@ -34,7 +34,7 @@ struct Args {
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=4096))]
     peers_per_address: u16,
     /// Serve Prometheus metrics, /healthz and /readyz on this address, e.g. 127.0.0.1:9478.
-    #[arg(long, value_parser = vmthunder::metrics::parse_listen)]
+    #[arg(long)]
     metrics_listen: Option<SocketAddr>,
 }
 

@@ -114,7 +114,6 @@ fn encode_images(f: &mut Families, images: &[ImageStatus]) -> Fmt {
     f.counter("peer_sent", "Bytes uploaded to peers.", bytes.clone(), &p2p(|p| p.bytes_to_peers))?;
     f.counter("guest_reads", "Guest reads.", None, &c(|i| i.reads))?;
     f.counter("guest_reads_waited", "Guest reads that waited for a fetch.", None, &c(|i| i.reads_waited))?;
-    f.counter("guest_read_errors", "Guest reads answered with an error.", None, &c(|i| i.waits.error.count()))?;
     f.gauge("guest_reads_in_flight", "Guest reads being answered.", None, &g(|i| i.reads_in_flight))?;
     f.gauge("nbd_clients", "NBD clients connected to the image's export.", None, &g(|i| i.clients))?;
     f.counter(

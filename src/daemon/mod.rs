@@ -168,7 +168,7 @@ impl Daemon {
             shutdown: watch::channel(false).0,
             cfg: cfg.clone(),
         });
-        if let Some(addr) = cfg.metrics_addr()? {
+        if let Some(addr) = cfg.metrics_listen {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(io_err("metrics listening on", Path::new(&addr.to_string())))?;

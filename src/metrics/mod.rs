@@ -87,11 +87,6 @@ pub fn render(r: &Registry) -> String {
     out
 }
 
-/// Parses a `metrics_listen` value: an IP address and port.
-pub fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
-    s.parse().map_err(|_| format!("{s:?} is not an IP address and port, e.g. \"127.0.0.1:9477\""))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -127,9 +127,9 @@ impl ChunkStore {
     }
 
     /// Takes `victims` out of the cache in the crash-safe order above. Chunks not durable, or
-    /// already gone, are skipped. Fails only when the state file cannot be written; the chunks
-    /// are then out of the presence map, not punched, and dropped from the state by the next
-    /// commit.
+    /// already gone, are skipped. Fails only when the state file cannot be written (and the
+    /// disk is not full, see below); nothing is punched then, and the chunks, intact and
+    /// durable, go back into the presence map and are served again.
     pub fn evict(&self, victims: &RoaringBitmap) -> Result<Evicted, StoreError> {
         let mut durable = self.durable.lock().unwrap();
         let asked = victims & &*durable;

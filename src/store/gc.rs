@@ -167,21 +167,17 @@ pub fn collect(cache_dir: &Path, open: &[Open], target: u64, unused_only: bool, 
     let mut unheld: Vec<&Open> = open.iter().filter(|o| !o.held && !is_pinned(o.store.dir())).collect();
     unheld.sort_by_key(|o| o.store.last_use());
     let mut ok = true;
-    if policy == Policy::Profile {
+    // With `profile`, a first pass keeps every image's profile chunks; the second takes them.
+    let passes: &[bool] = if policy == Policy::Profile { &[true, false] } else { &[false] };
+    for &keep_profiles in passes {
         for o in &unheld {
             if !ok || r.after <= target {
                 break;
             }
-            let order: Vec<u32> = o.store.eviction_order(o.profile.as_ref()).into_iter().map(|(_, i)| i).collect();
+            let keep = if keep_profiles { o.profile.as_ref() } else { None };
+            let order: Vec<u32> = o.store.eviction_order(keep).into_iter().map(|(_, i)| i).collect();
             ok = evict_prefix(&mut r, &o.store, &order, target);
         }
-    }
-    for o in &unheld {
-        if !ok || r.after <= target {
-            break;
-        }
-        let order: Vec<u32> = o.store.eviction_order(None).into_iter().map(|(_, i)| i).collect();
-        ok = evict_prefix(&mut r, &o.store, &order, target);
     }
 
     // 3. Chunks of held images, least recently used first over all of them.
