@@ -107,6 +107,32 @@ fn relay_state_and_sessions_stay_bounded_as_nodes_are_added() {
 }
 
 #[test]
+fn several_images_boot_at_once_each_in_its_own_trees() {
+    let strategies = "direct,cor-tree,vmthunder";
+    let one = run(&args(&["--nodes", "24", "--strategies", strategies]).params().unwrap()).unwrap();
+    let three = run(&args(&["--nodes", "24", "--images", "3", "--strategies", strategies]).params().unwrap()).unwrap();
+    for (a, b) in one.strategies.iter().zip(&three.strategies) {
+        assert_eq!((b.failed_reads, b.unfinished), (0, 0), "{b:?}");
+        match b.strategy.name() {
+            // Direct reads do not care which image: the origin sends as much.
+            "direct" => assert_eq!(a.origin_bytes, b.origin_bytes),
+            // Each image comes from the origin about once: three times one image's bytes.
+            _ => {
+                let ratio = b.origin_bytes as f64 / a.origin_bytes as f64;
+                assert!((2.9..=3.1).contains(&ratio), "{ratio}: {a:?} {b:?}");
+                assert!(b.origin_per_working_set <= 1.05, "{b:?}");
+            }
+        }
+        if b.strategy.name() == "vmthunder" {
+            // Peers are the image's own 8 nodes only: at most 7 sessions each way.
+            assert!(b.sessions_max <= 14, "{b:?}");
+            assert!(a.sessions_max > 14, "one image: more peers than 14, or this proves nothing: {a:?}");
+            assert_eq!(b.tracker_nodes, 24);
+        }
+    }
+}
+
+#[test]
 fn bad_input_is_refused_naming_the_field() {
     for (flags, field) in [
         (&["--nodes", "0"][..], "nodes"),
@@ -128,6 +154,8 @@ fn bad_input_is_refused_naming_the_field() {
         (&["--host-cores", "100000"], "host-cores"),
         (&["--prefetch-lead", "5"], "prefetch-lead"),
         (&["--classes", "0"], "classes"),
+        (&["--images", "0"], "images"),
+        (&["--images", "101"], "images"),
     ] {
         let e = refused(flags);
         assert!(e.starts_with(&format!("{field}: ")), "{flags:?}: {e}");

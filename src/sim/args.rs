@@ -19,6 +19,11 @@ pub struct SimArgs {
     /// Number of nodes, each booting one guest.
     #[arg(long, default_value_t = 100)]
     pub nodes: u32,
+    /// Distinct images booted at once, each with the trace's reads and its own content: node i
+    /// boots image i mod M, so each image has every M-th node, its own relay trees and its own
+    /// copy-on-read tree; all share the origin's link and the tracker.
+    #[arg(long, default_value_t = 1)]
+    pub images: u32,
     /// Run at each of these numbers of nodes in turn instead (comma-separated, e.g.
     /// 1,10,100,1000): one table, or a JSON array of reports.
     #[arg(long, value_delimiter = ',', conflicts_with = "nodes")]
@@ -164,6 +169,7 @@ impl SimArgs {
             trace: self.trace.clone(),
             profile: self.profile.clone(),
             nodes: self.nodes,
+            images: self.images,
             strategies,
             seed: self.seed,
             scale: self.scale,

@@ -132,6 +132,8 @@ pub(super) struct Req {
 /// One node.
 pub(super) struct Node {
     pub name: String,
+    /// The digest of the image its guest boots (node i: image i mod `images`).
+    pub key: [u8; 32],
     pub up: LinkId,
     pub down: LinkId,
     pub alive: bool,
@@ -185,8 +187,12 @@ pub(super) const ORIGIN_SLOTS: u32 = 32;
 /// How soon a node's new chunks reach the peers holding sessions with it (the peer server's
 /// announcer: every 250 ms while busy).
 pub(super) const HAVE_INTERVAL: f64 = crate::p2p::server::HAVE_INTERVAL.as_secs_f64();
-/// The image every node serves (one image per run).
-pub(super) const IMAGE: [u8; 32] = [7; 32];
+/// The digest standing for image `m` (the tracker and the relay key everything by it).
+pub(super) fn image_key(m: u32) -> [u8; 32] {
+    let mut k = [7; 32];
+    k[..4].copy_from_slice(&m.to_le_bytes());
+    k
+}
 
 pub(super) struct Sim<'a> {
     pub p: &'a SimParams,
@@ -242,6 +248,7 @@ impl<'a> Sim<'a> {
                 let start = ns(p.warmup + if p.spread > 0.0 { rng.unit() * p.spread } else { 0.0 });
                 let name = node_name(i);
                 Node {
+                    key: image_key(i % p.images),
                     up: net.link(p.node_rate),
                     down: net.link(p.node_rate),
                     alive: true,

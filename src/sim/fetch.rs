@@ -68,10 +68,13 @@ impl Sim<'_> {
         let (i, run) = (fl.node, fl.run.clone());
         match self.strategy {
             Strategy::CorTree => {
-                if i == 0 {
+                // The image's own tree, over its nodes (every `images`-th, from its number).
+                let m = self.p.images;
+                let rank = i / m;
+                if rank == 0 {
                     self.origin_read(f);
                 } else {
-                    let parent = (i - 1) / self.p.tree_fanout;
+                    let parent = (rank - 1) / self.p.tree_fanout * m + i % m;
                     self.ask(i, parent, f, run);
                 }
             }

@@ -13,9 +13,9 @@ use super::SimError;
 pub enum Strategy {
     /// Every node reads the origin, no cache and no relay.
     Direct,
-    /// A static copy-on-read relay tree of fan-out `tree_fanout`: node i's parent is node
-    /// (i − 1) / k (node 0, the root, reads the origin), as the `qemu-nbd` tree of
-    /// `scripts/bench-relay`.
+    /// A static copy-on-read relay tree of fan-out `tree_fanout` per image: counting an
+    /// image's nodes from 0, node i's parent is node (i − 1) / k (node 0, the root, reads the
+    /// origin), as the `qemu-nbd` tree of `scripts/bench-relay`.
     CorTree,
     /// vmtd's peer-to-peer relay, as it is: its own decision code, simulated I/O.
     Vmthunder,
@@ -62,6 +62,8 @@ pub struct SimParams {
     /// chunk size too).
     pub profile: Option<PathBuf>,
     pub nodes: u32,
+    /// Distinct images of the trace's shape booted at once; node i boots image i mod `images`.
+    pub images: u32,
     pub strategies: Vec<Strategy>,
     pub seed: u64,
     /// Think times of the trace × this.
@@ -132,6 +134,9 @@ impl SimParams {
         };
         if !(1..=1_000_000).contains(&self.nodes) {
             return Err(bad("nodes", format!("{} must be between 1 and 1000000", self.nodes)));
+        }
+        if !(1..=self.nodes).contains(&self.images) {
+            return Err(bad("images", format!("{} must be between 1 and --nodes ({})", self.images, self.nodes)));
         }
         if self.strategies.is_empty() {
             return Err(bad("strategies", "at least one"));

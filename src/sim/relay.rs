@@ -18,7 +18,7 @@
 //! upload slots as a FIFO of `upload_slots`, the CPU cost of each reply (FIFO per node), and
 //! have-deltas reaching every subscriber at once, 250 ms after a node's first new chunk.
 
-use super::engine::{Ev, Purpose, Req, Sim, Wait, Want, IMAGE};
+use super::engine::{Ev, Purpose, Req, Sim, Wait, Want};
 use super::params::Strategy;
 use crate::p2p::select::{Choice, Outcome};
 
@@ -280,17 +280,19 @@ impl Sim<'_> {
             self.p.tracker_down.is_some_and(|(s, l)| since >= s && since < s + l && self.now >= self.first_start);
         if !down {
             let ask = self.tree_shape();
-            let (answer, _) = self.roster.register(IMAGE, &self.nodes[i as usize].name, ask, now);
+            let key = self.nodes[i as usize].key;
+            let (answer, _) = self.roster.register(key, &self.nodes[i as usize].name, ask, now);
             self.c.registrations += 1;
             // The answer's encoded size: names with their length prefixes, the header and fields.
             let names: u64 = answer.ancestors.iter().flatten().chain(&answer.near).map(|n| n.len() as u64 + 1).sum();
             self.c.answer_bytes += names + answer.ancestors.len() as u64 + 64;
             if let Some(m) = self.nodes[i as usize].membership.as_mut() {
                 m.tracker_answered(0, now);
-                m.named(0, IMAGE, answer, now);
+                m.named(0, key, answer, now);
             }
         }
-        let view = self.nodes[i as usize].membership.as_mut().and_then(|m| m.expire(now).then(|| m.view(&IMAGE)));
+        let key = self.nodes[i as usize].key;
+        let view = self.nodes[i as usize].membership.as_mut().and_then(|m| m.expire(now).then(|| m.view(&key)));
         if let Some(view) = view {
             let (usable, known) = {
                 let Some(sel) = self.nodes[i as usize].sel.as_mut() else { return };

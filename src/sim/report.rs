@@ -5,7 +5,7 @@ use std::time::Instant as WallClock;
 
 use serde::Serialize;
 
-use super::engine::{Sim, IMAGE};
+use super::engine::{image_key, Sim};
 use super::params::{SimParams, Strategy};
 use super::Workload;
 use crate::p2p::core::roster::NEAR;
@@ -28,7 +28,7 @@ pub struct StrategyReport {
     pub stall_max_ms: f64,
     pub failed_reads: u64,
     pub origin_bytes: u64,
-    /// Origin egress ÷ (working set in chunks × chunk size).
+    /// Origin egress ÷ (working set in chunks × chunk size × images).
     pub origin_per_working_set: f64,
     /// Bytes a node sent to peers ÷ the working set: the busiest node, and the 99th percentile.
     pub upload_max_per_working_set: f64,
@@ -122,7 +122,7 @@ pub(super) fn run_strategy(p: &SimParams, w: &Workload, s: Strategy) -> Strategy
             return r;
         }
     }
-    let solo = SimParams { nodes: 1, kill: 0.0, liars: 0.0, tracker_down: None, spread: 0.0, ..p.clone() };
+    let solo = SimParams { nodes: 1, images: 1, kill: 0.0, liars: 0.0, tracker_down: None, spread: 0.0, ..p.clone() };
     let mut one = Sim::new(&solo, w, s, 1);
     one.run();
     r.makespan_1_s = makespan(&one).0;
@@ -151,7 +151,8 @@ pub(super) fn run_strategy(p: &SimParams, w: &Workload, s: Strategy) -> Strategy
     }
     r.failed_reads = sim.c.failed_reads;
     r.origin_bytes = sim.c.origin_bytes;
-    r.origin_per_working_set = sim.c.origin_bytes as f64 / ws_bytes;
+    // Every image's working set comes from the origin once at best.
+    r.origin_per_working_set = sim.c.origin_bytes as f64 / (ws_bytes * f64::from(p.images));
     let live: Vec<_> = sim.nodes.iter().filter(|n| n.alive).collect();
     let mut up: Vec<u64> = live.iter().map(|n| n.uploaded).collect();
     up.sort_unstable();
@@ -167,7 +168,7 @@ pub(super) fn run_strategy(p: &SimParams, w: &Workload, s: Strategy) -> Strategy
         .map(|n| {
             let sel = n.sel.as_ref().map_or(0, |s| s.state_bytes());
             let members = n.membership.as_ref().map_or(0, |m| {
-                let v = m.view(&IMAGE);
+                let v = m.view(&n.key);
                 v.ancestors.iter().flatten().chain(&v.near).map(|x| x.len() as u64 + 48).sum()
             });
             sel + members
@@ -179,7 +180,7 @@ pub(super) fn run_strategy(p: &SimParams, w: &Workload, s: Strategy) -> Strategy
     let total = (sim.now as f64 / 1e9).max(1e-9);
     r.tracker_requests_per_s = sim.c.registrations as f64 / total;
     r.tracker_answer_bytes_per_s = sim.c.answer_bytes as f64 / total;
-    r.tracker_nodes = sim.roster.nodes(&IMAGE) as u64;
+    r.tracker_nodes = (0..p.images).map(|m| sim.roster.nodes(&image_key(m)) as u64).sum();
     r.peer_requests = sim.c.peer_requests;
     r.refusals = sim.c.refusals;
     r.killed = sim.nodes.iter().filter(|n| !n.alive).count() as u64;
