@@ -39,12 +39,14 @@ sleep_until() {
   sleep "$(awk -v t="$1" -v s="${2:-0}" -v now="$(date +%s.%N)" 'BEGIN {d = s + t - now; printf "%.3f", (d > 0 ? d : 0)}')"
 }
 
-# replay_on NODE EXPORT SCALE FROM START_AT OUT: in the background (its pid in replay_pid), node
-# NODE replays $trace against EXPORT from FROM s into the trace, think times × SCALE, starting at
-# the wall-clock time START_AT; its JSON report goes to OUT.json, its errors to OUT.err.
+# replay_on NODE EXPORT SCALE FROM START_AT OUT [ADDED_US]: in the background (its pid in
+# replay_pid), node NODE replays $trace against EXPORT from FROM s into the trace, think times ×
+# SCALE, starting at the wall-clock time START_AT, each burst ADDED_US µs slower (a dilated
+# testbed's stretch of a local read; 0 by default); its JSON report goes to OUT.json, its errors
+# to OUT.err.
 replay_on() {
   ip netns exec "vmtb-n$1" timeout 600 "$bin/vmt" bench replay --trace "$trace" --export "$2" \
-    --scale "$3" --from "$4" --start-at "$5" --json </dev/null >"$6.json" 2>"$6.err" &
+    --scale "$3" --from "$4" --start-at "$5" --added-latency-us "${7:-0}" --json </dev/null >"$6.json" 2>"$6.err" &
   # shellcheck disable=SC2034  # for the caller
   replay_pid=$!
 }

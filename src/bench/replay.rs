@@ -208,8 +208,15 @@ async fn wait_until(due: Instant) {
     }
 }
 
-/// Plays `bursts` against `target`, each request bounded by `op_timeout`.
-pub async fn replay<T: ReplayTarget>(target: Arc<T>, bursts: &[Burst], op_timeout: Duration) -> Report {
+/// Plays `bursts` against `target`, each request bounded by `op_timeout`. Each burst's answer
+/// counts `added` later than it came (as if the server and its path were that much slower: a
+/// time-dilated testbed stretches the software's own latency with it; zero otherwise).
+pub async fn replay<T: ReplayTarget>(
+    target: Arc<T>,
+    bursts: &[Burst],
+    op_timeout: Duration,
+    added: Duration,
+) -> Report {
     let mut report = Report::default();
     let mut latencies: Vec<Duration> = Vec::new();
     let mut waiting = Duration::ZERO;
@@ -252,7 +259,7 @@ pub async fn replay<T: ReplayTarget>(target: Arc<T>, bursts: &[Burst], op_timeou
         while let Some(done) = inflight.join_next().await {
             match done {
                 Ok((result, took)) => {
-                    latencies.push(took);
+                    latencies.push(took + added);
                     match result {
                         Ok(bytes) => report.bytes += bytes,
                         Err(e) => report.failed(e),
@@ -260,6 +267,9 @@ pub async fn replay<T: ReplayTarget>(target: Arc<T>, bursts: &[Burst], op_timeou
                 }
                 Err(e) => report.failed(format!("request task: {e}")),
             }
+        }
+        if !added.is_zero() {
+            wait_until(Instant::now() + added).await;
         }
         answered = Instant::now();
         waiting += answered - sent;
@@ -367,7 +377,7 @@ mod tests {
             sent: Mutex::new(vec![]),
         });
         let bursts = plan(&rows, 1.0).unwrap();
-        let r = replay(fake.clone(), &bursts, Duration::from_secs(5)).await;
+        let r = replay(fake.clone(), &bursts, Duration::from_secs(5), Duration::ZERO).await;
         let sent = fake.sent.lock().unwrap().clone();
         let at = |o: u64| sent.iter().find(|s| s.0 == o).unwrap().1;
         assert!(at(2) < Duration::from_millis(50), "burst members go out together: {sent:?}");
@@ -391,10 +401,33 @@ mod tests {
         });
         // 200 bursts 1.2 ms apart at scale 0.25: 199 think times of 0.3 ms, 59.7 ms in all.
         let rows: Vec<Row> = (0..200).map(|i| row(i as f64 * 0.0012, Op::Read, i)).collect();
-        let r = replay(fake, &plan(&rows, 0.25).unwrap(), Duration::from_secs(5)).await;
+        let r = replay(fake, &plan(&rows, 0.25).unwrap(), Duration::from_secs(5), Duration::ZERO).await;
         assert!(r.elapsed_s >= 0.0597, "{r:?}");
         // Rounding each one up to the millisecond would take at least 199 ms.
         assert!(r.elapsed_s < 0.16, "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn added_latency_comes_once_per_burst_and_counts_as_waiting() {
+        let fake = || {
+            Arc::new(Fake {
+                slow_offset: u64::MAX,
+                delay: Duration::ZERO,
+                start: Instant::now(),
+                sent: Mutex::new(vec![]),
+            })
+        };
+        // 50 bursts of two reads each, 10 ms apart.
+        let rows: Vec<Row> =
+            (0..100).map(|i| row((i / 2) as f64 * 0.01 + (i % 2) as f64 * 0.0001, Op::Read, i)).collect();
+        let bursts = plan(&rows, 1.0).unwrap();
+        assert_eq!(bursts.len(), 50);
+        let base = replay(fake(), &bursts, Duration::from_secs(5), Duration::ZERO).await;
+        let slow = replay(fake(), &bursts, Duration::from_secs(5), Duration::from_millis(2)).await;
+        // 2 ms per burst, not per read: 100 ms more waiting, not 200.
+        let more = slow.waiting_s - base.waiting_s;
+        assert!((0.1..0.15).contains(&more), "{more}: {base:?} {slow:?}");
+        assert!(slow.latency_ms_p50 >= 2.0 && base.latency_ms_p50 < 2.0, "{base:?} {slow:?}");
     }
 
     #[tokio::test]
@@ -406,7 +439,7 @@ mod tests {
             sent: Mutex::new(vec![]),
         });
         let bursts = plan(&[row(0.0, Op::Read, 1), row(0.0, Op::Read, 2)], 1.0).unwrap();
-        let r = replay(fake, &bursts, Duration::from_millis(100)).await;
+        let r = replay(fake, &bursts, Duration::from_millis(100), Duration::ZERO).await;
         assert_eq!((r.ops, r.bytes, r.read_errors), (2, 4096, 1));
         assert!(r.elapsed_s < 1.0);
     }

@@ -128,6 +128,10 @@ enum BenchCmd {
         /// replaying: lets many nodes start together.
         #[arg(long)]
         start_at: Option<f64>,
+        /// Count each burst as answered this many microseconds after it was: a time-dilated
+        /// testbed (scripts/bench-relay --dilate) stretches the software's own latency with it.
+        #[arg(long, default_value_t = 0.0)]
+        added_latency_us: f64,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -456,10 +460,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
 async fn bench(cmd: BenchCmd) -> anyhow::Result<()> {
     use vmthunder::bench::{replay, trace};
     match cmd {
-        BenchCmd::Replay { trace: file, export, name, scale, from, timeout, start_at, json } => {
+        BenchCmd::Replay { trace: file, export, name, scale, from, timeout, start_at, added_latency_us, json } => {
             if !(timeout.is_finite() && timeout > 0.0 && timeout <= 86400.0) {
                 bail!("--timeout {timeout}: give a number of seconds above 0, at most 86400");
             }
+            if !(added_latency_us.is_finite() && (0.0..=1e6).contains(&added_latency_us)) {
+                bail!("--added-latency-us {added_latency_us}: give microseconds from 0 to 1000000");
+            }
+            let added = Duration::from_secs_f64(added_latency_us / 1e6);
             let op_timeout = Duration::from_secs_f64(timeout);
             let rows = trace::load(&file)?;
             if !from.is_finite() {
@@ -479,7 +487,7 @@ async fn bench(cmd: BenchCmd) -> anyhow::Result<()> {
                     eprintln!("note: --start-at was {:.3} s ago; starting now", now - at);
                 }
             }
-            let report = replay::replay(client, &bursts, op_timeout).await;
+            let report = replay::replay(client, &bursts, op_timeout, added).await;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
