@@ -156,6 +156,7 @@ fn bad_input_is_refused_naming_the_field() {
         (&["--classes", "0"], "classes"),
         (&["--images", "0"], "images"),
         (&["--images", "101"], "images"),
+        (&["--first-address", "255.255.255.200"], "first-address"),
     ] {
         let e = refused(flags);
         assert!(e.starts_with(&format!("{field}: ")), "{flags:?}: {e}");

@@ -15,6 +15,7 @@ head = dict(kv.split("=", 1) for kv in lines[0].split())
 r = {"strategy": head["strategy"], "n": int(head["n"]), "rate": head["rate"],
      "origin_rate": head["origin_rate"], "scale": float(head["scale"]), "p2p": head["p2p"] == "1",
      "from": float(head.get("from", "0")), "dilate": float(head.get("dilate", "1")),
+     "added_us": int(head["added_us"]) if "added_us" in head else None,
      "footprint": footprint, "chunk_size": own["chunk_size"], "own_working_set": own["chunks"] * own["chunk_size"],
      "nodes": []}
 for line in lines[1:]:

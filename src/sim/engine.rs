@@ -225,10 +225,9 @@ pub(super) fn ns(secs: f64) -> u64 {
     (secs.max(0.0) * 1e9).round() as u64
 }
 
-/// A node's peer name: an address of its own (vmtd binds names to addresses).
-pub(super) fn node_name(i: u32) -> String {
-    let j = i + 1;
-    format!("10.{}.{}.{}:7000", (j >> 16) & 255, (j >> 8) & 255, j & 255)
+/// Node `i`'s peer name: an address of its own (vmtd binds names to addresses), `first` + i.
+pub(super) fn node_name(first: std::net::Ipv4Addr, i: u32) -> String {
+    format!("{}:7000", std::net::Ipv4Addr::from(u32::from(first) + i))
 }
 
 impl<'a> Sim<'a> {
@@ -246,7 +245,7 @@ impl<'a> Sim<'a> {
         let nodes = (0..n)
             .map(|i| {
                 let start = ns(p.warmup + if p.spread > 0.0 { rng.unit() * p.spread } else { 0.0 });
-                let name = node_name(i);
+                let name = node_name(p.first_address, i);
                 Node {
                     key: image_key(i % p.images),
                     up: net.link(p.node_rate),

@@ -9,7 +9,8 @@
 //!   engine::Sim ── event heap (virtual ns, seq) ── net::Net (links: processor sharing)
 //!     │ node cache + single flight (fetch::flight::runs plans the runs)
 //!     ├─ direct: every read from the origin
-//!     ├─ cor-tree: misses from the parent (i − 1) / k, the root from the origin
+//!     ├─ cor-tree: misses from the parent (i − 1) / k among the image's nodes, its root from
+//!     │            the origin (node i boots image i mod --images)
 //!     └─ vmthunder: relay.rs ── PieceRead / Selector / UploadBudget / Membership / Roster
 //! ```
 //!

@@ -116,6 +116,9 @@ pub struct SimParams {
     pub liars: f64,
     /// Refuse relay strategies whose peer state alone would exceed this many bytes.
     pub max_peer_state: u64,
+    /// Node i's peer name is this address plus i, port 7000: node keys, and so the trees'
+    /// shapes, come from names (`scripts/calibrate-sim` gives the testbed's).
+    pub first_address: std::net::Ipv4Addr,
 }
 
 fn bad(field: &'static str, reason: impl Into<String>) -> SimError {
@@ -135,8 +138,21 @@ impl SimParams {
         if !(1..=1_000_000).contains(&self.nodes) {
             return Err(bad("nodes", format!("{} must be between 1 and 1000000", self.nodes)));
         }
-        if !(1..=self.nodes).contains(&self.images) {
-            return Err(bad("images", format!("{} must be between 1 and --nodes ({})", self.images, self.nodes)));
+        let max_images = self.nodes.min(crate::p2p::core::roster::MAX_IMAGES as u32);
+        if !(1..=max_images).contains(&self.images) {
+            return Err(bad(
+                "images",
+                format!(
+                    "{} must be between 1 and {max_images} (at most one per node, and the tracker's limit)",
+                    self.images
+                ),
+            ));
+        }
+        if u64::from(u32::from(self.first_address)) + u64::from(self.nodes) > u64::from(u32::MAX) {
+            return Err(bad(
+                "first-address",
+                format!("{} plus {} nodes runs past 255.255.255.255", self.first_address, self.nodes),
+            ));
         }
         if self.strategies.is_empty() {
             return Err(bad("strategies", "at least one"));

@@ -42,10 +42,8 @@ impl Sim<'_> {
 
     /// The node a name stands for.
     fn index(&self, name: &str) -> Option<u32> {
-        let addr = name.strip_suffix(":7000")?;
-        let mut parts = addr.split('.').skip(1).map(|p| p.parse::<u32>().ok());
-        let (a, b, c) = (parts.next()??, parts.next()??, parts.next()??);
-        ((a << 16) | (b << 8) | c).checked_sub(1).filter(|&i| (i as usize) < self.nodes.len())
+        let addr: std::net::Ipv4Addr = name.strip_suffix(":7000")?.parse().ok()?;
+        u32::from(addr).checked_sub(u32::from(self.p.first_address)).filter(|&i| (i as usize) < self.nodes.len())
     }
 
     /// Node `i` asks node `j` for `run`, on behalf of its flight `f`.
