@@ -353,11 +353,18 @@ fn a_quiet_session_carries_nothing_and_stays_open() {
     // The shortest stall limit: a node that still took an idle session's silence for a hung peer
     // would drop the session within the quiet time below.
     c.stall = "600ms";
-    // One chunk per stripe: each node roots some of the 64 trees, so B relays some of A's reads
-    // and not all (with 1 MiB stripes, B roots all 4 once in 16 runs and has nothing left to read).
-    let a = c.add_node("stripe = \"64KiB\"", &[]);
-    let b = c.add_node("stripe = \"64KiB\"", &[]);
-    c.wait_meshed(&[a, b]);
+    // One chunk per stripe, spread over 16 trees (the most `classes` allows): each node roots
+    // some trees and has a parent in the others, whatever their names (ports), so B relays some
+    // of A's reads and not all. With the default 4 trees one node roots all of them once in 16
+    // runs, and B then relayed every read.
+    let first = c.add_node("stripe = \"64KiB\"\nclasses = 16", &[]);
+    let second = c.add_node("stripe = \"64KiB\"\nclasses = 16", &[]);
+    c.wait_meshed(&[first, second]);
+    // Once both views hold the tracker's final places, their parents add up to 16; A, the
+    // reader, has a parent in some trees, B is its parent there.
+    let parents = |i: usize| c.nodes[i].status().p2p.tree_parents;
+    wait_until("final places in both views", Duration::from_secs(20), || parents(first) + parents(second) == 16);
+    let (a, b) = if parents(first) > 0 { (first, second) } else { (second, first) };
     assert!(c.nodes[a].identical(&c.img));
     // Once each side knows every chunk the other holds, every have-map has been sent and
     // received, no request is pending, and neither session has anything left to say.

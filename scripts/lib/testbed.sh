@@ -46,7 +46,8 @@ sleep_until() {
 # to OUT.err.
 replay_on() {
   ip netns exec "vmtb-n$1" timeout 600 "$bin/vmt" bench replay --trace "$trace" --export "$2" \
-    --scale "$3" --from "$4" --start-at "$5" --added-latency-us "${7:-0}" --json </dev/null >"$6.json" 2>"$6.err" &
+    --scale "$3" --from "$4" --start-at "$5" --added-latency-us "${7:-0}" \
+    --timeout "$(awk -v k="${dilate:-1}" 'BEGIN { print 30 * k }')" --json </dev/null >"$6.json" 2>"$6.err" &
   # shellcheck disable=SC2034  # for the caller
   replay_pid=$!
 }
