@@ -293,7 +293,7 @@ fn vmtd_restart_during_guest_reads_is_invisible_to_the_guest() {
     node.vmtd = start_vmtd(&node.env, &node.cfg);
     let c = vm.wait_for("VMT-DONE");
     vm.wait_shutoff();
-    let loops: Vec<&str> = c.lines().filter(|l| l.contains("VMT-LOOP")).collect();
+    let loops = finished_loops(&c);
     assert_eq!(loops.len(), 4, "{c}");
     for l in loops {
         assert!(l.ends_with(&node.guest.sha256), "wrong data after restart: {l}\n{c}");
@@ -316,7 +316,7 @@ fn detached_vm_keeps_running_without_vmtd() {
     assert_eq!(node.vmtd.terminate(), Some(0));
     let c = vm.wait_for("VMT-DONE");
     vm.wait_shutoff();
-    let loops: Vec<&str> = c.lines().filter(|l| l.contains("VMT-LOOP")).collect();
+    let loops = finished_loops(&c);
     assert_eq!(loops.len(), 3, "{c}");
     assert!(loops.iter().all(|l| l.ends_with(&node.guest.sha256)), "{c}");
 }
@@ -390,7 +390,7 @@ fn volume_and_file_disks_without_backing_store_boot_through_vmthunder() {
         assert_eq!(s.recording.as_deref(), Some(vm.name.as_str()), "{form}: its first boot is recorded");
         let c = vm.wait_for("VMT-DONE");
         vm.wait_shutoff();
-        let loops: Vec<&str> = c.lines().filter(|l| l.contains("VMT-LOOP")).collect();
+        let loops = finished_loops(&c);
         assert_eq!(loops.len(), 2, "{form}: {c}");
         assert!(loops.iter().all(|l| l.ends_with(&node.guest.sha256)), "{form}: {c}");
         let s = status(&node.env, "guest");
@@ -472,7 +472,7 @@ fn save_and_restore_keep_reading_through_vmthunder() {
     // after the restore.
     wait_until("two full reads after the restore", BOOT_LIMIT, || last_loop(&vm.console()) >= saved_at + 2);
     let c = vm.console();
-    let loops: Vec<&str> = c.lines().filter(|l| l.contains("VMT-LOOP")).collect();
+    let loops = finished_loops(&c);
     assert!(!loops.is_empty(), "{c}");
     assert!(loops.iter().all(|l| l.ends_with(&node.guest.sha256)), "wrong data after restore:\n{c}");
     assert!(!c.contains("I/O error"), "{c}");

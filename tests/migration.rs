@@ -123,7 +123,7 @@ fn a_running_vm_live_migrates_to_a_node_whose_vmtd_serves_the_same_image() {
     let moved_at = last_loop(&read_console());
     wait_until("two full reads on B", Duration::from_secs(300), || last_loop(&read_console()) >= moved_at + 2);
     let c = read_console();
-    let loops: Vec<&str> = c.lines().filter(|l| l.contains("VMT-LOOP")).collect();
+    let loops = finished_loops(&c);
     assert!(loops.len() >= 3, "{c}");
     assert!(loops.iter().all(|l| l.ends_with(&sha)), "wrong data across the migration:\n{c}");
     assert!(!c.contains("I/O error"), "{c}");

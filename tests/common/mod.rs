@@ -319,11 +319,22 @@ pub fn nbd_read(c: &mut Raw, handle: u64, offset: u64, length: u32) -> Vec<u8> {
     c.recv(length as usize)
 }
 
-/// The number of the last `VMT-LOOP n SHA` line the readloop guest printed (0 before the first).
+/// The number of the last `VMT-LOOP n SHA` line the readloop guest finished printing (0 before
+/// the first).
 pub fn last_loop(console: &str) -> u32 {
-    console
-        .lines()
+    finished_loops(console)
+        .iter()
         .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "VMT-LOOP").nth(1)?.parse().ok())
         .max()
         .unwrap_or(0)
+}
+
+/// The guest's `VMT-LOOP` lines it has finished printing: a console read can end in the middle
+/// of the last one, whose checksum is then cut short.
+pub fn finished_loops(console: &str) -> Vec<&str> {
+    console
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n') && l.contains("VMT-LOOP"))
+        .map(|l| l.trim_end_matches(['\n', '\r']))
+        .collect()
 }
