@@ -171,6 +171,24 @@ impl Cluster {
             });
         }
     }
+    /// Two nodes in 16 trees (the most `classes` allows), with `stripe` bytes a stripe, once
+    /// both views hold the tracker's final places: (A, B), where A has a parent in some trees
+    /// and B is its parent there. Each tree has one root, the other node its child, so the
+    /// parents the two show add up to 16; one node roots all 16, whatever the names (ports),
+    /// about once in 2^15 runs.
+    fn pair_in_16_trees(&mut self, stripe: &str) -> (usize, usize) {
+        let conf = format!("stripe = \"{stripe}\"\nclasses = 16");
+        let first = self.add_node(&conf, &[]);
+        let second = self.add_node(&conf, &[]);
+        self.wait_meshed(&[first, second]);
+        let parents = |i: usize| self.nodes[i].status().p2p.tree_parents;
+        wait_until("final places in both views", Duration::from_secs(20), || parents(first) + parents(second) == 16);
+        if parents(first) > 0 {
+            (first, second)
+        } else {
+            (second, first)
+        }
+    }
 }
 
 fn cluster_key() -> ClusterKey {
@@ -304,17 +322,8 @@ fn read_at_once(c: &Cluster, nodes: &[usize]) -> (u64, u64) {
 #[test]
 fn a_node_reads_what_its_peer_holds_from_the_peer() {
     let mut c = Cluster::new(16 * MIB);
-    // 16 trees (the most `classes` allows), so each node roots some of them and has a parent in
-    // others, whatever their names (ports): one node roots all 16 about once in 2^15 runs.
-    let first = c.add_node("stripe = \"256KiB\"\nclasses = 16", &[]);
-    let second = c.add_node("stripe = \"256KiB\"\nclasses = 16", &[]);
-    c.wait_meshed(&[first, second]);
-    // Each tree has one root, the other node its child: once both views hold the tracker's
-    // final places, the parents they show add up to 16. A, the reader, has a parent somewhere,
-    // B is its parent there.
-    let parents = |i: usize| c.nodes[i].status().p2p.tree_parents;
-    wait_until("final places in both views", Duration::from_secs(20), || parents(first) + parents(second) == 16);
-    let (a, b) = if parents(first) > 0 { (first, second) } else { (second, first) };
+    // A, the reader, has a parent in some trees, B is its parent there.
+    let (a, b) = c.pair_in_16_trees("256KiB");
     assert!(c.nodes[a].identical(&c.img));
     // A's misses on stripes whose tree B roots went through B, which read them from the origin
     // once.
@@ -353,18 +362,9 @@ fn a_quiet_session_carries_nothing_and_stays_open() {
     // The shortest stall limit: a node that still took an idle session's silence for a hung peer
     // would drop the session within the quiet time below.
     c.stall = "600ms";
-    // One chunk per stripe, spread over 16 trees (the most `classes` allows): each node roots
-    // some trees and has a parent in the others, whatever their names (ports), so B relays some
-    // of A's reads and not all. With the default 4 trees one node roots all of them once in 16
-    // runs, and B then relayed every read.
-    let first = c.add_node("stripe = \"64KiB\"\nclasses = 16", &[]);
-    let second = c.add_node("stripe = \"64KiB\"\nclasses = 16", &[]);
-    c.wait_meshed(&[first, second]);
-    // Once both views hold the tracker's final places, their parents add up to 16; A, the
-    // reader, has a parent in some trees, B is its parent there.
-    let parents = |i: usize| c.nodes[i].status().p2p.tree_parents;
-    wait_until("final places in both views", Duration::from_secs(20), || parents(first) + parents(second) == 16);
-    let (a, b) = if parents(first) > 0 { (first, second) } else { (second, first) };
+    // One chunk per stripe, over 16 trees: B relays some of A's reads and not all (with the
+    // default 4 trees one node roots all of them once in 16 runs, and B then relayed every read).
+    let (a, b) = c.pair_in_16_trees("64KiB");
     assert!(c.nodes[a].identical(&c.img));
     // Once each side knows every chunk the other holds, every have-map has been sent and
     // received, no request is pending, and neither session has anything left to say.
