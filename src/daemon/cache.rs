@@ -100,7 +100,12 @@ impl Daemon {
         let dir = self.cfg.cache_dir.clone();
         let policy = self.cfg.cache.eviction;
         let r = match tokio::task::spawn_blocking(move || gc::collect(&dir, &open, target, unused_only, policy)).await {
-            Ok(r) => r,
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                // Nothing measured: the budget keeps its estimate.
+                tracing::error!(error = %e, "cache collection cannot list the cache directory");
+                return Report::default();
+            }
             Err(e) => {
                 // No measurement: the budget keeps its estimate rather than a made-up zero.
                 tracing::error!(error = %e, "cache collection failed");
@@ -202,7 +207,8 @@ impl Daemon {
         if name.len() < 8 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(DaemonError::UnknownImage(name).to_string());
         }
-        let found: Vec<_> = gc::scan(&self.cfg.cache_dir).into_iter().filter(|d| d.digest.starts_with(&name)).collect();
+        let all = gc::scan(&self.cfg.cache_dir).map_err(|e| format!("{}: {e}", self.cfg.cache_dir.display()))?;
+        let found: Vec<_> = all.into_iter().filter(|d| d.digest.starts_with(&name)).collect();
         match found.as_slice() {
             [one] => Ok(one.dir.clone()),
             [] => Err(format!("no image or cache digest {name}")),
@@ -212,7 +218,10 @@ impl Daemon {
 
     /// `cache_list`: every cache directory and the usage against the budget.
     pub(super) fn cache_ls(&self) -> Response {
-        let caches = self.cache_list();
+        let caches = match self.cache_list() {
+            Ok(c) => c,
+            Err(e) => return Response::Error { message: format!("{}: {e}", self.cfg.cache_dir.display()) },
+        };
         let used = caches.iter().map(|c| c.bytes).sum();
         Response::Caches { usage: self.cache_usage(used), caches }
     }
@@ -247,7 +256,7 @@ impl Daemon {
         gc::set_pinned(dir, pinned)
     }
 
-    fn cache_list(&self) -> Vec<CacheEntry> {
+    fn cache_list(&self) -> std::io::Result<Vec<CacheEntry>> {
         let images: Vec<Arc<Image>> = self.images.read().unwrap().values().cloned().collect();
         let retired: Vec<(Arc<Image>, Vec<String>)> = self
             .retired
@@ -257,7 +266,7 @@ impl Daemon {
             .map(|r| (r.image.clone(), r.holders.iter().cloned().collect()))
             .collect();
         let now = tick();
-        gc::scan(&self.cfg.cache_dir)
+        Ok(gc::scan(&self.cfg.cache_dir)?
             .into_iter()
             .map(|d| {
                 let serving =
@@ -294,7 +303,7 @@ impl Daemon {
                     }
                 }
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -305,4 +314,17 @@ fn closed_counts(dir: &Path) -> Option<(u64, u64)> {
     let present =
         std::fs::read(dir.join("state")).ok().and_then(|b| crate::store::state::decode(&b, &g, &m.root()).ok());
     Some((present.map_or(0, |p| p.len()), u64::from(g.chunk_count())))
+}
+
+/// Bytes the caches under `dir` hold, measured (blocking: one `stat` per cache). When `dir`
+/// cannot be listed, the budget's estimate (0 without a budget), with a warning: an unlistable
+/// directory is not an empty cache.
+pub(super) fn cache_used(dir: &Path, budget: Option<&crate::store::Budget>) -> u64 {
+    static WARNED: crate::throttle::Throttle = crate::throttle::Throttle::new();
+    gc::usage(dir).unwrap_or_else(|e| {
+        if WARNED.due() {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot measure the cache's usage");
+        }
+        budget.map_or(0, |b| b.used())
+    })
 }

@@ -31,7 +31,7 @@ impl Collector for NodeMetrics {
         };
         // Scrapes render on the blocking pool (see `metrics::http`): measuring usage may stat
         // every cache file.
-        let used = crate::store::gc::usage(&d.cfg.cache_dir).unwrap_or(0);
+        let used = super::cache::cache_used(&d.cfg.cache_dir, d.budget.as_deref());
         let Response::Status { images, profiles_rejected, p2p, nbd, cache, .. } = d.status(used) else {
             return Ok(());
         };

@@ -33,9 +33,10 @@ impl Daemon {
     pub(super) async fn handle(&self, req: Request) -> Response {
         match req {
             Request::Status => {
-                let dir = self.cfg.cache_dir.clone();
-                let used =
-                    tokio::task::spawn_blocking(move || crate::store::gc::usage(&dir).unwrap_or(0)).await.unwrap_or(0);
+                let (dir, budget) = (self.cfg.cache_dir.clone(), self.budget.clone());
+                let used = tokio::task::spawn_blocking(move || super::cache::cache_used(&dir, budget.as_deref()))
+                    .await
+                    .unwrap_or(0);
                 self.status(used)
             }
             Request::Assemble { domain, images } => match self.assemble(&domain, &images).await {

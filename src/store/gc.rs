@@ -40,25 +40,30 @@ pub struct DirInfo {
 }
 
 /// Every cache directory under `cache_dir` (named by a 64-digit hex digest; nothing else there,
-/// such as `manifests/`, is a cache).
-pub fn scan(cache_dir: &Path) -> Vec<DirInfo> {
-    let Ok(entries) = std::fs::read_dir(cache_dir) else { return Vec::new() };
+/// such as `manifests/`, is a cache). An error listing `cache_dir` is an error, not an empty
+/// cache: the budget must not believe the disk was freed.
+pub fn scan(cache_dir: &Path) -> std::io::Result<Vec<DirInfo>> {
     let mut out = Vec::new();
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !is_cache_dir_name(&name) {
-            continue;
-        }
-        let dir = e.path();
-        let meta = |f: &str| std::fs::metadata(dir.join(f)).ok();
-        let bytes = meta("data").map_or(0, |m| m.blocks() * 512);
-        let modified =
-            meta("state").or_else(|| meta("data")).and_then(|m| m.modified().ok()).unwrap_or(SystemTime::UNIX_EPOCH);
+    for (digest, dir) in cache_dirs(cache_dir)? {
+        let data = std::fs::metadata(dir.join("data")).ok();
+        let modified = std::fs::metadata(dir.join("state"))
+            .ok()
+            .or_else(|| data.clone())
+            .and_then(|m| m.modified().ok())
+            .unwrap_or(SystemTime::UNIX_EPOCH);
         let pinned = is_pinned(&dir);
-        out.push(DirInfo { digest: name, dir, bytes, modified, pinned });
+        out.push(DirInfo { digest, bytes: data.map_or(0, |m| m.blocks() * 512), dir, modified, pinned });
     }
     out.sort_by(|a, b| a.digest.cmp(&b.digest));
-    out
+    Ok(out)
+}
+
+/// The cache directories under `cache_dir`: (digest, path).
+fn cache_dirs(cache_dir: &Path) -> std::io::Result<impl Iterator<Item = (String, PathBuf)>> {
+    Ok(std::fs::read_dir(cache_dir)?.flatten().filter_map(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        is_cache_dir_name(&name).then(|| (name, e.path()))
+    }))
 }
 
 /// A cache directory is named by its image's root digest: 64 hex digits.
@@ -70,13 +75,7 @@ fn is_cache_dir_name(name: &str) -> bool {
 /// each (what `scan` reports, without the rest). An error listing `cache_dir` is an error, not
 /// an empty cache: the budget must not believe the disk was freed.
 pub fn usage(cache_dir: &Path) -> std::io::Result<u64> {
-    let mut used = 0;
-    for e in std::fs::read_dir(cache_dir)?.flatten() {
-        if is_cache_dir_name(&e.file_name().to_string_lossy()) {
-            used += std::fs::metadata(e.path().join("data")).map_or(0, |m| m.blocks() * 512);
-        }
-    }
-    Ok(used)
+    Ok(cache_dirs(cache_dir)?.map(|(_, dir)| std::fs::metadata(dir.join("data")).map_or(0, |m| m.blocks() * 512)).sum())
 }
 
 pub fn is_pinned(dir: &Path) -> bool {
@@ -131,9 +130,16 @@ pub struct Report {
     pub reached: bool,
 }
 
-/// Frees space until usage is at most `target`. With `unused_only`, only step 1 runs.
-pub fn collect(cache_dir: &Path, open: &[Open], target: u64, unused_only: bool, policy: Policy) -> Report {
-    let dirs = scan(cache_dir);
+/// Frees space until usage is at most `target`. With `unused_only`, only step 1 runs. Fails
+/// only when `cache_dir` cannot be listed (nothing was measured or freed then).
+pub fn collect(
+    cache_dir: &Path,
+    open: &[Open],
+    target: u64,
+    unused_only: bool,
+    policy: Policy,
+) -> std::io::Result<Report> {
+    let dirs = scan(cache_dir)?;
     let before: u64 = dirs.iter().map(|d| d.bytes).sum();
     let mut r = Report { before, after: before, ..Report::default() };
     let open_dirs: Vec<&Path> = open.iter().map(|o| o.store.dir()).collect();
@@ -159,7 +165,7 @@ pub fn collect(cache_dir: &Path, open: &[Open], target: u64, unused_only: bool, 
     }
     if unused_only {
         r.reached = r.after <= target;
-        return r;
+        return Ok(r);
     }
 
     // 2. Served images nobody holds, least recently used first. A failed eviction (its state
@@ -203,7 +209,7 @@ pub fn collect(cache_dir: &Path, open: &[Open], target: u64, unused_only: bool, 
         }
     }
     r.reached = r.after <= target;
-    r
+    Ok(r)
 }
 
 /// Evicts the first chunks of `order` from `store` until usage reaches `target` or they run out;

@@ -109,30 +109,30 @@ fn the_collector_takes_unused_then_unheld_then_held_lru_chunks() {
         ]
     };
     let total = usage(dir.path()).unwrap();
-    assert_eq!(total, scan(dir.path()).iter().map(|d| d.bytes).sum::<u64>());
+    assert_eq!(total, scan(dir.path()).unwrap().iter().map(|d| d.bytes).sum::<u64>());
     assert!(usage(&dir.path().join("missing")).is_err(), "an unlistable cache dir is not an empty one");
     assert!(total >= 5 * 8 * chunk);
 
-    let r = collect(dir.path(), &open(&keep), total - 8 * chunk, true, Policy::Lru);
+    let r = collect(dir.path(), &open(&keep), total - 8 * chunk, true, Policy::Lru).unwrap();
     assert_eq!(r.removed.len(), 1, "only the unpinned unused cache goes: {r:?}");
     assert!(r.reached);
-    assert_eq!(scan(dir.path()).len(), 4);
+    assert_eq!(scan(dir.path()).unwrap().len(), 4);
 
     // Down by 12 more chunks: the least recently used unheld image first, all of it, then
     // the next one's least recently used chunks.
-    let r = collect(dir.path(), &open(&keep), r.after - 12 * chunk, false, Policy::Lru);
+    let r = collect(dir.path(), &open(&keep), r.after - 12 * chunk, false, Policy::Lru).unwrap();
     assert!(r.reached, "{r:?}");
     assert_eq!(present(&old), 0);
     assert_eq!(present(&recent), 4);
     assert_eq!(present(&held), 8);
 
     // To nothing: the held image keeps its profile chunks, the pinned cache stays whole.
-    let r = collect(dir.path(), &open(&keep), 0, false, Policy::Lru);
+    let r = collect(dir.path(), &open(&keep), 0, false, Policy::Lru).unwrap();
     assert!(!r.reached);
     assert_eq!(present(&recent), 0);
     assert_eq!(held.present().iter().collect::<Vec<_>>(), [6, 7]);
-    assert_eq!(scan(dir.path()).iter().filter(|d| d.pinned).count(), 1);
-    assert!(scan(dir.path()).iter().find(|d| d.pinned).unwrap().bytes >= 8 * chunk);
+    assert_eq!(scan(dir.path()).unwrap().iter().filter(|d| d.pinned).count(), 1);
+    assert!(scan(dir.path()).unwrap().iter().find(|d| d.pinned).unwrap().bytes >= 8 * chunk);
 }
 
 #[test]
@@ -150,12 +150,12 @@ fn profile_aware_eviction_takes_chunks_outside_profiles_first() {
         Open { store: b.clone(), held: false, profile: Some(profile.clone()) },
     ];
     // 8 chunks to free: the non-profile halves of both images, not all of the older one.
-    let r = collect(dir.path(), &open, usage(dir.path()).unwrap() - 8 * chunk, false, Policy::Profile);
+    let r = collect(dir.path(), &open, usage(dir.path()).unwrap() - 8 * chunk, false, Policy::Profile).unwrap();
     assert!(r.reached, "{r:?}");
     assert_eq!(a.present().iter().collect::<Vec<_>>(), [0, 1, 2, 3]);
     assert_eq!(b.present().iter().collect::<Vec<_>>(), [0, 1, 2, 3]);
     // Then profile chunks, least recently used image first.
-    let r = collect(dir.path(), &open, usage(dir.path()).unwrap() - 4 * chunk, false, Policy::Profile);
+    let r = collect(dir.path(), &open, usage(dir.path()).unwrap() - 4 * chunk, false, Policy::Profile).unwrap();
     assert!(r.reached);
     assert_eq!((a.present_count(), b.present_count()), (0, 4));
 }
