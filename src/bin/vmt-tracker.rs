@@ -56,7 +56,7 @@ fn main() -> anyhow::Result<()> {
             let mut registry = vmthunder::metrics::registry();
             registry.register_collector(Box::new(TrackerMetrics(tracker.clone())));
             let ready = tokio::sync::watch::channel(true).1;
-            let endpoint = vmthunder::metrics::http::Endpoint { registry, ready };
+            let endpoint = vmthunder::metrics::http::Endpoint::new(registry, ready);
             tokio::spawn(vmthunder::metrics::http::serve(l, std::sync::Arc::new(endpoint), rx.clone()));
         }
         tokio::spawn(tracker.run(listener, rx));

@@ -174,7 +174,7 @@ impl Daemon {
                 .map_err(io_err("metrics listening on", Path::new(&addr.to_string())))?;
             let mut registry = crate::metrics::registry();
             registry.register_collector(Box::new(metrics::NodeMetrics { daemon: Arc::downgrade(&daemon) }));
-            let endpoint = crate::metrics::http::Endpoint { registry, ready: daemon.ready.subscribe() };
+            let endpoint = crate::metrics::http::Endpoint::new(registry, daemon.ready.subscribe());
             tokio::spawn(crate::metrics::http::serve(l, Arc::new(endpoint), daemon.shutdown.subscribe()));
             tracing::info!(listen = %addr, "metrics endpoint listening");
         }

@@ -7,8 +7,10 @@
 //! [`MAX_HEAD`] bytes read within [`IO_TIMEOUT`], `/metrics` rendered on the blocking pool
 //! within [`IO_TIMEOUT`] (the health answers need no disk and are given at once), and the reply
 //! written within [`IO_TIMEOUT`], no lock held meanwhile. A scraper, or a hung cache disk,
-//! therefore holds one connection slot for at most three times that.
+//! therefore holds one connection slot for at most three times that, and renders run one at a
+//! time (a render a hung disk keeps past its timeout answers later scrapes with 503).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,9 +28,27 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the endpoint serves.
 pub struct Endpoint {
-    pub registry: Registry,
+    registry: Arc<Registry>,
     /// True once the service is ready.
-    pub ready: watch::Receiver<bool>,
+    ready: watch::Receiver<bool>,
+    /// A render is running on the blocking pool. One at a time: a render that outlives its
+    /// timeout (a hung cache disk) keeps its thread, and scrapes must not add more.
+    rendering: Arc<AtomicBool>,
+}
+
+impl Endpoint {
+    pub fn new(registry: Registry, ready: watch::Receiver<bool>) -> Endpoint {
+        Endpoint { registry: Arc::new(registry), ready, rendering: Arc::new(AtomicBool::new(false)) }
+    }
+}
+
+/// Clears [`Endpoint::rendering`] when the render ends, however it ends.
+struct Rendering(Arc<AtomicBool>);
+
+impl Drop for Rendering {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// Serves `endpoint` on `listener` until `shutdown` turns true.
@@ -74,14 +94,25 @@ async fn answer(mut s: TcpStream, endpoint: Arc<Endpoint>) -> std::io::Result<()
         // Rendering may stat cache files: off the runtime's threads, which serve the guests,
         // and within the I/O timeout, so a hung cache disk cannot keep a slot forever. The
         // health answers need no disk and are given here, whatever the disk does.
+        Route::Metrics if endpoint.rendering.swap(true, Ordering::AcqRel) => {
+            (503, "text/plain", "the last render of the metrics has not ended yet\n".into())
+        }
         Route::Metrics => {
-            let render = tokio::task::spawn_blocking(move || super::render(&endpoint.registry));
+            let (guard, registry) = (Rendering(endpoint.rendering.clone()), endpoint.registry.clone());
+            let render = tokio::task::spawn_blocking(move || {
+                let _guard = guard;
+                super::render(&registry)
+            });
             match tokio::time::timeout(IO_TIMEOUT, render).await {
                 Ok(Ok(text)) => (200, "text/plain; version=0.0.4; charset=utf-8", text),
                 _ => (500, "text/plain", "rendering the metrics failed or timed out\n".into()),
             }
         }
-        route => answer_to(route, &endpoint),
+        Route::Healthz => (200, "text/plain", "ok\n".into()),
+        Route::Readyz if *endpoint.ready.borrow() => (200, "text/plain", "ready\n".into()),
+        Route::Readyz => (503, "text/plain", "not ready\n".into()),
+        Route::BadMethod => (405, "text/plain", "only GET\n".into()),
+        Route::NotFound => (404, "text/plain", "not found: try /metrics, /healthz or /readyz\n".into()),
     };
     let len = body.len();
     if head_only {
@@ -114,18 +145,6 @@ pub fn classify(head: &str) -> Route {
         "/healthz" => Route::Healthz,
         "/readyz" => Route::Readyz,
         _ => Route::NotFound,
-    }
-}
-
-/// What a request other than `/metrics` gets: status, content type, body.
-fn answer_to(route: Route, endpoint: &Endpoint) -> (u16, &'static str, String) {
-    match route {
-        Route::Metrics => (500, "text/plain", "metrics are rendered by the caller\n".into()),
-        Route::Healthz => (200, "text/plain", "ok\n".into()),
-        Route::Readyz if *endpoint.ready.borrow() => (200, "text/plain", "ready\n".into()),
-        Route::Readyz => (503, "text/plain", "not ready\n".into()),
-        Route::BadMethod => (405, "text/plain", "only GET\n".into()),
-        Route::NotFound => (404, "text/plain", "not found: try /metrics, /healthz or /readyz\n".into()),
     }
 }
 
@@ -188,7 +207,7 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let (ready_tx, ready) = watch::channel(false);
         let (_stop, stop) = watch::channel(false);
-        tokio::spawn(serve(l, Arc::new(Endpoint { registry: super::super::registry(), ready }), stop));
+        tokio::spawn(serve(l, Arc::new(Endpoint::new(super::super::registry(), ready)), stop));
         let m = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(m.starts_with("HTTP/1.1 200"), "{m}");
         assert!(m.contains("vmthunder_build_info{version=\""), "{m}");
@@ -234,7 +253,7 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let (_r, ready) = watch::channel(true);
         let (_stop, stop) = watch::channel(false);
-        tokio::spawn(serve(l, Arc::new(Endpoint { registry: super::super::registry(), ready }), stop));
+        tokio::spawn(serve(l, Arc::new(Endpoint::new(super::super::registry(), ready)), stop));
         // Every slot taken by a client that never sends a byte.
         let mut silent = Vec::new();
         for _ in 0..MAX_CONNECTIONS {
