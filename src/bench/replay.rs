@@ -269,11 +269,9 @@ pub async fn replay<T: ReplayTarget>(
                 Err(e) => report.failed(format!("request task: {e}")),
             }
         }
-        // Skipped writes are not sent: a burst of only those has no answer to stretch.
-        if !added.is_zero() && !inflight_was_empty {
-            wait_until(Instant::now() + added).await;
-        }
-        answered = Instant::now();
+        // The answer counts `added` later (skipped writes are not sent: a burst of only those
+        // has no answer to stretch); the next burst's wait takes it in.
+        answered = Instant::now() + if inflight_was_empty { Duration::ZERO } else { added };
         waiting += answered - sent;
     }
     report.elapsed_s = answered.duration_since(start).as_secs_f64();

@@ -148,7 +148,7 @@ impl SimParams {
                 ),
             ));
         }
-        if u64::from(u32::from(self.first_address)) + u64::from(self.nodes) > u64::from(u32::MAX) {
+        if u64::from(u32::from(self.first_address)) + u64::from(self.nodes) > 1 << 32 {
             return Err(bad(
                 "first-address",
                 format!("{} plus {} nodes runs past 255.255.255.255", self.first_address, self.nodes),
