@@ -470,7 +470,7 @@ fn save_and_restore_keep_reading_through_vmthunder() {
     assert_eq!(status(&node.env, "guest").holds, std::slice::from_ref(&vm.name), "restore assembled");
     // Two more whole reads after the one that was running at the save: one at least entirely
     // after the restore.
-    wait_until("two full reads after the restore", BOOT_LIMIT, || last_loop(&vm.console()) >= saved_at + 2);
+    wait_until("two full reads after the restore", BOOT_LIMIT, || finished_loop(&vm.console(), saved_at + 2));
     let c = vm.console();
     let loops = finished_loops(&c);
     assert!(!loops.is_empty(), "{c}");

@@ -121,7 +121,7 @@ fn a_running_vm_live_migrates_to_a_node_whose_vmtd_serves_the_same_image() {
     // The guest reads until the test ends it, so the move never races its last read: wait for
     // two more whole reads, the second entirely on B.
     let moved_at = last_loop(&read_console());
-    wait_until("two full reads on B", Duration::from_secs(300), || last_loop(&read_console()) >= moved_at + 2);
+    wait_until("two full reads on B", Duration::from_secs(300), || finished_loop(&read_console(), moved_at + 2));
     let c = read_console();
     let loops = finished_loops(&c);
     assert!(loops.len() >= 3, "{c}");

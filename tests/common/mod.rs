@@ -329,6 +329,13 @@ pub fn last_loop(console: &str) -> u32 {
         .unwrap_or(0)
 }
 
+/// Whether the readloop guest has finished loop `n`; panics with the console as soon as the
+/// guest reports an error, rather than waiting out the caller's limit.
+pub fn finished_loop(console: &str, n: u32) -> bool {
+    assert!(!console.contains("VMT-ERROR"), "the guest failed:\n{console}");
+    last_loop(console) >= n
+}
+
 /// The guest's `VMT-LOOP` lines it has finished printing: a console read can end in the middle
 /// of the last one, whose checksum is then cut short.
 pub fn finished_loops(console: &str) -> Vec<&str> {
