@@ -1,6 +1,6 @@
 //! `vmt-tracker`: the peer tracker. Nodes register the images they serve and learn each
 //! other's peer addresses; state is soft (a restart loses nothing the next heartbeats do not
-//! restore), so several trackers may run side by side.
+//! restore). Trackers given each other (`--peer`) share the nodes, each answering about N / M.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,6 +33,11 @@ struct Args {
     /// (a node registers under its peer address; 1 to 4096).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=4096))]
     peers_per_address: u16,
+    /// Another tracker of this cluster (HOST:PORT; repeat for each, this one's own address may be
+    /// among them): the trackers share the nodes, each placing those that register with it, and
+    /// join their trees. Needs a concrete --listen address (the name the others know it by).
+    #[arg(long = "peer", value_name = "HOST:PORT")]
+    peers: Vec<String>,
     /// Serve Prometheus metrics, /healthz and /readyz on this address, e.g. 127.0.0.1:9478.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -43,13 +48,23 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     vmthunder::cli::logging::init(args.log_format);
     anyhow::ensure!(!args.ttl.is_zero(), "--ttl must be positive");
+    for p in &args.peers {
+        anyhow::ensure!(
+            vmthunder::p2p::conn::is_canonical(p),
+            "--peer {p:?} is not an IP address and port, e.g. 10.0.0.3:7070"
+        );
+    }
+    anyhow::ensure!(
+        args.peers.is_empty() || !args.listen.ip().is_unspecified(),
+        "--peer needs a concrete --listen address: the other trackers know this one by it"
+    );
     let key = ClusterKey::load(&args.cluster_key_file)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
-        let tracker = Tracker::new(&args.listen.to_string(), key, args.ttl, usize::from(args.peers_per_address));
+        let tracker = Tracker::new(&args.listen.to_string(), key, args.ttl, usize::from(args.peers_per_address), &args.peers);
         let (stop, rx) = tokio::sync::watch::channel(false);
         if let Some(addr) = args.metrics_listen {
             let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("metrics listening on {addr}"))?;

@@ -19,8 +19,15 @@ pub struct P2pConfig {
     /// which then must not be a wildcard address.
     #[serde(default)]
     pub advertise: Option<SocketAddr>,
-    /// Trackers (`HOST:PORT`), all registered with; the union of their answers is used.
+    /// Trackers (`HOST:PORT`, at most 64). This node registers with `tracker_replicas` of them:
+    /// its home first (a rendezvous hash of its name and theirs, so nodes spread evenly), and
+    /// the next in its order while one does not answer.
     pub trackers: Vec<String>,
+    /// How many trackers this node registers with at once. 1 for trackers that share the load
+    /// (`vmt-tracker --peer`); trackers that do not know each other each place only their own
+    /// nodes, so give their count here.
+    #[serde(default = "default_tracker_replicas")]
+    pub tracker_replicas: usize,
     /// File holding the cluster key (at least 16 bytes; owner-only permissions).
     pub cluster_key_file: PathBuf,
     /// How often this node registers with the trackers.
@@ -63,6 +70,8 @@ pub struct P2pConfig {
 #[derive(Debug, Clone)]
 pub struct P2pTuning {
     pub listen: SocketAddr,
+    pub trackers: Vec<String>,
+    pub tracker_replicas: usize,
     pub advertise: String,
     pub heartbeat: Duration,
     pub peer_stall: Duration,
@@ -78,6 +87,9 @@ pub struct P2pTuning {
 
 fn default_heartbeat() -> String {
     "1s".into()
+}
+fn default_tracker_replicas() -> usize {
+    1
 }
 fn default_peer_stall() -> String {
     "1s".into()
@@ -113,8 +125,11 @@ impl P2pConfig {
             let key = if self.advertise.is_some() { "p2p.advertise" } else { "p2p.listen" };
             return Err(invalid(key, "peers need a concrete address and port (set p2p.advertise)"));
         }
-        if self.trackers.is_empty() {
-            return Err(invalid("p2p.trackers", "name at least one tracker (HOST:PORT)"));
+        if !(1..=64).contains(&self.trackers.len()) {
+            return Err(invalid("p2p.trackers", "name between 1 and 64 trackers (HOST:PORT)"));
+        }
+        if !(1..=self.trackers.len()).contains(&self.tracker_replicas) {
+            return Err(invalid("p2p.tracker_replicas", "must be between 1 and the number of trackers"));
         }
         for t in &self.trackers {
             if !t.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0)) {
@@ -166,6 +181,8 @@ impl P2pConfig {
         }
         Ok(P2pTuning {
             listen: self.listen,
+            trackers: self.trackers.clone(),
+            tracker_replicas: self.tracker_replicas,
             advertise: advertise.to_string(),
             heartbeat,
             peer_stall,

@@ -203,10 +203,8 @@ impl Daemon {
         }
         if let (Some(peers), Some((t, _, listener))) = (&daemon.peers, p2p) {
             tokio::spawn(peers.server.clone().run(listener, daemon.shutdown.subscribe()));
-            for (i, addr) in cfg.p2p.iter().flat_map(|p| p.trackers.iter()).enumerate() {
-                let w = Arc::downgrade(&daemon);
-                tokio::spawn(peers::Peers::heartbeats(w, i, addr.clone(), daemon.shutdown.subscribe()));
-            }
+            let (w, trackers) = (Arc::downgrade(&daemon), t.trackers.clone());
+            tokio::spawn(peers::Peers::heartbeats(w, trackers, t.tracker_replicas, daemon.shutdown.subscribe()));
             tracing::info!(node = %t.advertise, listen = %t.listen, "peer server listening");
         }
         tokio::spawn(Daemon::commit_loop(daemon.clone()));

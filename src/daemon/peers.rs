@@ -1,10 +1,13 @@
 //! vmtd's part in the peer-to-peer relay: its peer server and its tracker heartbeats.
 //!
-//! One heartbeat task per tracker registers every image with a swarm; each image's member list
-//! is every node some tracker named within the last three heartbeats. That window smooths over
-//! a tracker restart (its first answers list only the nodes that re-registered so far). When no
-//! tracker has answered within the window, members are left as they were: the node keeps using
-//! the peers it knows, and the origin. Of the names of one address, at most `peers_per_address`
+//! One heartbeat task registers every image with a swarm at `tracker_replicas` trackers: the
+//! first that answer in this node's own order of them (its home first, see
+//! `p2p::core::federation::rank`); a tracker that fails is passed over for [`RETRY_BEATS`]
+//! heartbeats, then tried again in its turn, so nodes go home after a restart. Each image's
+//! member list is every node some tracker named within the last three heartbeats. That window
+//! smooths over a failover or a tracker restart (its first answers list only the nodes that
+//! re-registered so far). When no tracker has answered within the window, members are left as
+//! they were: the node keeps using the peers it knows, and the origin. Of the names of one address, at most `peers_per_address`
 //! become members (the most recently named), so that no key holder makes this node dial more
 //! than that many ports of its own address, whatever it registers.
 
@@ -20,6 +23,7 @@ use super::image::PeerContext;
 use super::Daemon;
 use crate::config::P2pTuning;
 use crate::p2p::auth::ClusterKey;
+use crate::p2p::core::federation::rank;
 use crate::p2p::core::roster::NEAR;
 use crate::p2p::core::{Ask, Membership};
 use crate::p2p::server::{PeerExport, PeerLookup, PeerServer, UploadLimits};
@@ -27,6 +31,9 @@ use crate::p2p::tracker::TrackerClient;
 use crate::p2p::wire::Bytes32;
 
 use crate::p2p::core::upload::MAX_QUEUE;
+
+/// Heartbeats a tracker that failed is passed over for (while others answer).
+pub const RETRY_BEATS: u64 = 10;
 
 /// The node's peer-to-peer state.
 pub struct Peers {
@@ -97,14 +104,24 @@ impl Peers {
         }
     }
 
-    /// Registers with tracker `idx` at `addr` every heartbeat until shutdown.
-    pub async fn heartbeats(daemon: Weak<Daemon>, idx: usize, addr: String, mut shutdown: watch::Receiver<bool>) {
+    /// Registers with `replicas` of `trackers` every heartbeat until shutdown.
+    pub async fn heartbeats(
+        daemon: Weak<Daemon>,
+        trackers: Vec<String>,
+        replicas: usize,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let Some(peers) = daemon.upgrade().and_then(|d| d.peers.clone()) else { return };
-        let mut client = TrackerClient::new(&addr, &peers.ctx.me, peers.ctx.key.clone());
+        let me = &peers.ctx.me;
+        let mut clients: Vec<TrackerClient> =
+            trackers.iter().map(|a| TrackerClient::new(a, me, peers.ctx.key.clone())).collect();
+        let order = rank(me, &trackers);
+        // Per tracker: the heartbeat it last failed at, and whether it answered last time.
+        let mut failed: Vec<Option<u64>> = vec![None; trackers.len()];
+        let mut was_up = vec![true; trackers.len()];
         let mut tick = tokio::time::interval(peers.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut was_up = true;
-        loop {
+        for beat in 0u64.. {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shutdown.wait_for(|v| *v) => return,
@@ -116,24 +133,38 @@ impl Peers {
                 continue;
             }
             let limit = peers.heartbeat.max(Duration::from_secs(1));
-            match client.heartbeat(&ids, peers.ask, limit).await {
-                Ok(answer) => {
-                    if !was_up {
-                        tracing::info!(tracker = %client.addr(), "tracker reachable again");
-                    }
-                    was_up = true;
-                    let now = Instant::now().into_std();
-                    let mut a = peers.answers.lock().unwrap();
-                    a.tracker_answered(idx, now);
-                    for (image, answer) in answer {
-                        a.named(idx, image, answer, now);
-                    }
+            let resting = |i: usize| failed[i].is_some_and(|b| beat < b + RETRY_BEATS);
+            let tries: Vec<usize> = order
+                .iter()
+                .copied()
+                .filter(|&i| !resting(i))
+                .chain(order.iter().copied().filter(|&i| resting(i)))
+                .collect();
+            let mut served = 0;
+            for i in tries {
+                if served == replicas {
+                    clients[i].close();
+                    continue;
                 }
-                Err(e) => {
-                    if was_up {
-                        tracing::warn!(tracker = %client.addr(), error = %e, "tracker unreachable; keeping known peers");
+                match clients[i].heartbeat(&ids, peers.ask, limit).await {
+                    Ok(answer) => {
+                        if !was_up[i] {
+                            tracing::info!(tracker = %clients[i].addr(), "tracker reachable again");
+                        }
+                        (served, failed[i], was_up[i]) = (served + 1, None, true);
+                        let now = Instant::now().into_std();
+                        let mut a = peers.answers.lock().unwrap();
+                        a.tracker_answered(i, now);
+                        for (image, answer) in answer {
+                            a.named(i, image, answer, now);
+                        }
                     }
-                    was_up = false;
+                    Err(e) => {
+                        if was_up[i] {
+                            tracing::warn!(tracker = %clients[i].addr(), error = %e, "tracker unreachable; trying the next");
+                        }
+                        (failed[i], was_up[i]) = (Some(beat), false);
+                    }
                 }
             }
             peers.apply(&d);

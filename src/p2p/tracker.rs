@@ -2,10 +2,16 @@
 //! with their peer address, once per heartbeat, over an authenticated session; each
 //! registration is answered with the other live nodes of that image. A node not heard from for
 //! `ttl` is forgotten. Restarting a tracker loses nothing that the next heartbeats do not
-//! restore, and nodes may register with several trackers (see `Membership` for how answers
-//! combine). An answer is bounded whatever N is: the asker's ancestors in each relay tree, a few
+//! restore. An answer is bounded whatever N is: the asker's ancestors in each relay tree, a few
 //! ring successors and the count of live nodes ([`Roster`]); no limit refuses a node, memory is
 //! bounded by [`MAX_ENTRIES`] names and [`MAX_SESSIONS`] sessions.
+//!
+//! Several trackers share the load when each is given the others (`peers`): a node registers
+//! with one of them (its home, see [`super::core::federation`]), each tracker places the nodes
+//! it holds, and every `ttl / 3` it pushes a [`Summary`] per image to each other tracker over a
+//! session of its own (authenticated like a node's, and heard only from a configured tracker),
+//! so that the partitions join into one tree per class. Trackers that do not know each other
+//! each place their own nodes only; nodes then register with all of them (`p2p.tracker_replicas`).
 //!
 //! A node registers under the name it proved, which must be an address of the machine it
 //! connects from ([`super::admit`]), and an address has at most `per_address` names registered
@@ -28,8 +34,9 @@ use super::conn::{
     client_handshake, connect_from, read_frame_within, server_handshake, write_frame, ConnError, MAX_HANDSHAKES,
     SMALL_FRAME,
 };
+use super::core::federation::{Federation, SUMMARY_IMAGES};
 use super::core::roster::{Answer, Ask, Recorded, Roster, MAX_DEPTH, MAX_NEAR};
-use super::wire::{Bytes32, Frame, Message, MAX_MSG};
+use super::wire::{Bytes32, Frame, Message, Summary, MAX_MSG};
 
 /// The image field of a tracker session's `Hello`.
 pub const TRACKER_IMAGE: Bytes32 = [0; 32];
@@ -44,6 +51,10 @@ pub struct Tracker {
     admission: Arc<Admission>,
     /// The table itself: the pure [`Roster`] (shared with `vmt sim`).
     nodes: Mutex<Roster>,
+    /// The other trackers (configured), and what they said: the pure [`Federation`].
+    peers: Vec<String>,
+    federation: Mutex<Federation>,
+    ttl: Duration,
     /// Registrations answered, and node sessions open, since start.
     registrations: AtomicU64,
     sessions: AtomicU64,
@@ -51,14 +62,21 @@ pub struct Tracker {
 
 impl Tracker {
     /// A tracker named `me` (its listening address) that hands out nodes heard from within
-    /// `ttl`, at most `per_address` names of each address per image.
-    pub fn new(me: &str, key: ClusterKey, ttl: Duration, per_address: usize) -> Arc<Tracker> {
+    /// `ttl`, at most `per_address` names of each address per image, and shares the load with
+    /// the trackers `peers` (`me` among them is left out).
+    pub fn new(me: &str, key: ClusterKey, ttl: Duration, per_address: usize, peers: &[String]) -> Arc<Tracker> {
         let per_address = per_address.max(1);
+        let mut peers: Vec<String> = peers.iter().filter(|p| p.as_str() != me).cloned().collect();
+        peers.sort();
+        peers.dedup();
         Arc::new(Tracker {
             me: me.into(),
             key,
             admission: Admission::new(per_address),
             nodes: Mutex::new(Roster::new(ttl, per_address)),
+            peers,
+            federation: Mutex::new(Federation::new(ttl)),
+            ttl,
             registrations: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
         })
@@ -68,7 +86,10 @@ impl Tracker {
     /// while `per_address` live names of its address are, or the table is full.
     pub fn register(&self, image: Bytes32, node: &str, ask: Ask, now: Instant) -> Answer {
         self.registrations.fetch_add(1, Ordering::Relaxed);
-        let (answer, recorded) = self.nodes.lock().unwrap().register(image, node, ask, now.into_std());
+        let (mut answer, recorded) = self.nodes.lock().unwrap().register(image, node, ask, now.into_std());
+        if !self.peers.is_empty() {
+            self.federation.lock().unwrap().join(&image, node, ask, &mut answer, now.into_std());
+        }
         match recorded {
             Recorded::ImagesFull => tracing::warn!("tracker full: {MAX_IMAGES} images; registration ignored"),
             Recorded::NodesFull => tracing::debug!(node, "registration not recorded (address or table full)"),
@@ -77,8 +98,12 @@ impl Tracker {
         answer
     }
 
-    /// Accepts node sessions until `shutdown` turns true.
+    /// Accepts node sessions until `shutdown` turns true, and pushes summaries to the other
+    /// trackers meanwhile.
     pub async fn run(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+        for peer in 0..self.peers.len() {
+            tokio::spawn(self.clone().push(peer, shutdown.clone()));
+        }
         let sessions = Arc::new(tokio::sync::Semaphore::new(MAX_SESSIONS));
         let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         loop {
@@ -134,6 +159,9 @@ impl Tracker {
                 return Ok(());
             }
         };
+        if let Some(peer) = self.peers.iter().position(|p| *p == auth.node) {
+            return self.hear(s, peer, &admitted).await;
+        }
         loop {
             let read = tokio::select! {
                 r = read_frame_within(&mut s, SMALL_FRAME) => r?,
@@ -153,6 +181,80 @@ impl Tracker {
             };
             write_frame(&mut s, &Frame::new(peers)).await?;
         }
+    }
+}
+
+impl Tracker {
+    /// Reads summaries from the other tracker `peer` until its session ends.
+    async fn hear(&self, mut s: TcpStream, peer: usize, admitted: &super::admit::Admitted) -> Result<(), ConnError> {
+        loop {
+            let read = tokio::select! {
+                r = read_frame_within(&mut s, MAX_MSG as usize) => r?,
+                _ = admitted.replaced() => return Ok(()),
+            };
+            let Message::Summary { images } = read.msg else {
+                return Err(ConnError::Unexpected { expected: "Summary", got: Box::new(read.msg) });
+            };
+            self.federation.lock().unwrap().heard(peer, images, Instant::now().into_std());
+        }
+    }
+
+    /// Sends this tracker's summaries to the other tracker `peer` every `ttl / 3`, reconnecting
+    /// as needed, until shutdown.
+    async fn push(self: Arc<Self>, peer: usize, mut shutdown: watch::Receiver<bool>) {
+        let addr = self.peers[peer].clone();
+        let mut conn: Option<TcpStream> = None;
+        let period = self.ttl / 3;
+        let mut tick = tokio::time::interval(period.max(Duration::from_millis(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut was_up = true;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait_for(|v| *v) => return,
+            }
+            let summaries = self.nodes.lock().unwrap().summary();
+            let limit = period.max(Duration::from_secs(1));
+            let sent = tokio::time::timeout(limit, self.send(&addr, &mut conn, summaries)).await;
+            match sent.unwrap_or(Err(ConnError::Timeout)) {
+                Ok(()) if !was_up => {
+                    tracing::info!(tracker = %addr, "peer tracker reachable again");
+                    was_up = true;
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    if was_up {
+                        tracing::warn!(tracker = %addr, error = %e, "peer tracker unreachable");
+                    }
+                    was_up = false;
+                    conn = None;
+                }
+            }
+        }
+    }
+
+    async fn send(&self, addr: &str, conn: &mut Option<TcpStream>, summaries: Vec<Summary>) -> Result<(), ConnError> {
+        if conn.is_none() {
+            let mut s = connect_from(addr, &self.me).await?;
+            s.set_nodelay(true)?;
+            client_handshake(&mut s, &self.key, &self.me, TRACKER_IMAGE).await?;
+            *conn = Some(s);
+        }
+        let s = conn.as_mut().expect("connected above");
+        // An empty frame too: a tracker with no nodes is still heard.
+        let mut frames: Vec<Vec<Summary>> = summaries.chunks(SUMMARY_IMAGES).map(<[Summary]>::to_vec).collect();
+        if frames.is_empty() {
+            frames.push(Vec::new());
+        }
+        for images in frames {
+            write_frame(s, &Frame::new(Message::Summary { images })).await?;
+        }
+        Ok(())
+    }
+
+    /// Other trackers heard from within the TTL.
+    pub fn peers_heard(&self) -> usize {
+        self.federation.lock().unwrap().trackers_heard(Instant::now().into_std())
     }
 }
 
@@ -181,7 +283,19 @@ impl prometheus_client::collector::Collector for TrackerMetrics {
         let load = |a: &AtomicU64| vec![(crate::metrics::Labels::new(), a.load(Ordering::Relaxed))];
         f.counter("tracker_registrations", "Registrations answered.", None, &load(&t.registrations))?;
         let open = t.sessions.load(Ordering::Relaxed) as i64;
-        f.gauge("tracker_sessions", "Node sessions open.", None, &[(crate::metrics::Labels::new(), open)])
+        f.gauge(
+            "tracker_sessions",
+            "Sessions open (of nodes and of other trackers).",
+            None,
+            &[(crate::metrics::Labels::new(), open)],
+        )?;
+        let heard = t.peers_heard() as i64;
+        f.gauge(
+            "tracker_peers_heard",
+            "Other trackers heard from within the TTL.",
+            None,
+            &[(crate::metrics::Labels::new(), heard)],
+        )
     }
 }
 
@@ -200,6 +314,11 @@ impl TrackerClient {
 
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// Closes the session, if open (this node registers elsewhere now).
+    pub fn close(&mut self) {
+        self.conn = None;
     }
 
     /// Registers this node for each of `images` (asking for trees of `ask`'s shape) and returns
@@ -261,7 +380,7 @@ mod tests {
     #[test]
     fn an_address_registers_at_most_per_address_names_per_image() {
         let key = ClusterKey::from_secret(b"tracker test key 0123").unwrap();
-        let t = Tracker::new("t:1", key, Duration::from_secs(3), 4);
+        let t = Tracker::new("t:1", key, Duration::from_secs(3), 4, &[]);
         let t0 = Instant::now();
         let img = [1; 32];
         t.register(img, "10.0.0.1:7000", ASK, t0);
@@ -288,7 +407,7 @@ mod tests {
         let key = ClusterKey::from_secret(b"tracker test key 0123").unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let t = Tracker::new(&addr, key.clone(), Duration::from_secs(3), 8);
+        let t = Tracker::new(&addr, key.clone(), Duration::from_secs(3), 8, &[]);
         let (stop, rx) = watch::channel(false);
         tokio::spawn(t.run(listener, rx));
         let mut a = TrackerClient::new(&addr, "127.0.0.1:7000", key.clone());

@@ -49,7 +49,7 @@ pub enum WireError {
 }
 
 /// One message. Handshake first (`Hello`, `Challenge`, `Proof`), then either a peer session
-/// (have-maps, requests, data) or tracker traffic (`Register`, `Peers`).
+/// (have-maps, requests, data) or tracker traffic (`Register`, `Peers`, and between trackers `Summary`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
     /// Client → server: who I am, which image (all zero for the tracker), my challenge.
@@ -80,6 +80,9 @@ pub enum Message {
     /// successors, the number of live nodes serving `image`, and whether the places are
     /// provisional (the tracker warms up).
     Peers { image: Bytes32, ancestors: Vec<Vec<String>>, near: Vec<String>, total: u32, provisional: bool },
+    /// Tracker → tracker: what the sender holds of some images (at most
+    /// `federation::SUMMARY_IMAGES` per frame).
+    Summary { images: Vec<Summary> },
 }
 
 impl Message {
@@ -97,12 +100,22 @@ impl Message {
             Message::Ping => "Ping",
             Message::Register { .. } => "Register",
             Message::Peers { .. } => "Peers",
+            Message::Summary { .. } => "Summary",
         }
     }
 
     fn takes_tail(&self) -> bool {
         matches!(self, Message::Have | Message::HaveDelta | Message::Data { .. })
     }
+}
+
+/// One image as one tracker holds it (see `core::federation`): its node count and, per tree shape (`classes`), the root
+/// of each class's tree in the tracker's partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    pub image: Bytes32,
+    pub total: u32,
+    pub shapes: Vec<(u32, Vec<String>)>,
 }
 
 /// A decoded frame.

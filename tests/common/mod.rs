@@ -2,6 +2,8 @@
 //! qemu-io, nbdinfo) started with unique paths and killed on drop, even when a test fails.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -344,4 +346,20 @@ pub fn finished_loops(console: &str) -> Vec<&str> {
         .filter(|l| l.ends_with('\n') && l.contains("VMT-LOOP"))
         .map(|l| l.trim_end_matches(['\n', '\r']))
         .collect()
+}
+
+/// `GET path` on the metrics endpoint: the body of a 200 answer, or `None`.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+/// The value of one sample line (`name{labels} value`) of a scrape.
+pub fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }

@@ -12,6 +12,7 @@
 //!   tree               the relay trees' keys: classes, interior-disjoint groups, heap places
 //!   Membership         each image's View from tracker answers (window, per address)
 //!   Roster             the tracker's table (TTL, bounds, tree places, ring successors)
+//!   Federation         trackers sharing the load: partitions joined through their roots
 //!   UploadBudget       upload admission: reply bytes, session share, queue → reply or Busy
 //!   plan_runs          (fetch::flight) how missing chunks become upstream runs
 //!   prefetch_runs      (profile::prefetch) the order and runs of a profile's prefetch
@@ -20,12 +21,14 @@
 //! A bug the simulator finds in one of these is a bug in the daemon: `vmt sim` holds no second
 //! copy of any of them (it models links, CPU and guests, nothing else).
 
+pub mod federation;
 pub mod membership;
 pub mod piece;
 pub mod roster;
 pub mod tree;
 pub mod upload;
 
+pub use federation::Federation;
 pub use membership::{Membership, View};
 pub use piece::PieceRead;
 pub use roster::{Answer, Ask, Roster};

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use super::tree::{higher_first, node_hash, parent_place, Key};
 use crate::p2p::conn::node_host;
-use crate::p2p::wire::Bytes32;
+use crate::p2p::wire::{Bytes32, Summary};
 
 /// Most images a tracker keeps.
 pub const MAX_IMAGES: usize = 4096;
@@ -286,6 +286,23 @@ impl Roster {
             .iter()
             .map(|(id, m)| {
                 (*id, m.nodes.values().filter(|(_, last)| now.saturating_duration_since(*last) < ttl).count())
+            })
+            .collect()
+    }
+
+    /// What this tracker tells the others (see [`super::federation`]): per image, its node count
+    /// and, per tree shape of its snapshot, the root of each class's tree.
+    pub fn summary(&self) -> Vec<Summary> {
+        self.images
+            .iter()
+            .map(|(id, m)| {
+                let shapes = m
+                    .orders
+                    .iter()
+                    .filter(|(_, o)| o.iter().all(|c| !c.is_empty()))
+                    .map(|(classes, o)| (*classes, o.iter().map(|c| m.names[c[0].1 as usize].clone()).collect()))
+                    .collect();
+                Summary { image: *id, total: m.nodes.len() as u32, shapes }
             })
             .collect()
     }
