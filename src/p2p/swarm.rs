@@ -120,15 +120,17 @@ impl Swarm {
     /// them; sessions to peers that left the view close.
     pub fn set_view(&self, view: &View) {
         let now = Instant::now();
-        let (usable, known): (Vec<String>, std::collections::HashSet<String>) = {
+        let open: Vec<String> = self.conns.lock().unwrap().keys().cloned().collect();
+        // Sessions to peers that left the view, and idle ones to peers not kept (a climb's).
+        let (usable, gone): (Vec<String>, Vec<String>) = {
             let mut sel = self.selector.lock().unwrap();
             sel.set_view(view);
             sel.expire_bans(now);
-            (sel.usable_members(now), sel.known())
+            let usable = if view.provisional { Vec::new() } else { sel.usable_members(now) };
+            (usable, open.into_iter().filter(|n| !sel.keeps_session(n, now)).collect())
         };
         let gone: Vec<SessionSlot> = {
             let mut conns = self.conns.lock().unwrap();
-            let gone: Vec<String> = conns.keys().filter(|n| !known.contains(*n)).cloned().collect();
             gone.iter().filter_map(|n| conns.remove(n)).collect()
         };
         for slot in gone {

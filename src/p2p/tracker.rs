@@ -35,7 +35,7 @@ use super::conn::{
     SMALL_FRAME,
 };
 use super::core::federation::{Federation, SUMMARY_IMAGES};
-use super::core::roster::{Answer, Ask, Recorded, Roster, MAX_DEPTH, MAX_NEAR};
+use super::core::roster::{Answer, Ask, Recorded, Roster, MAX_CLASSES, MAX_DEPTH, MAX_NEAR};
 use super::wire::{Bytes32, Frame, Message, Summary, MAX_MSG};
 
 /// The image field of a tracker session's `Hello`.
@@ -86,10 +86,16 @@ impl Tracker {
     /// while `per_address` live names of its address are, or the table is full.
     pub fn register(&self, image: Bytes32, node: &str, ask: Ask, now: Instant) -> Answer {
         self.registrations.fetch_add(1, Ordering::Relaxed);
-        let (mut answer, recorded) = self.nodes.lock().unwrap().register(image, node, ask, now.into_std());
-        if !self.peers.is_empty() {
-            self.federation.lock().unwrap().join(&image, node, ask, &mut answer, now.into_std());
-        }
+        let (answer, recorded) = {
+            let mut roster = self.nodes.lock().unwrap();
+            let (mut answer, recorded) = roster.register(image, node, ask, now.into_std());
+            if let Some(tops) =
+                roster.tops(&image, ask.classes.clamp(1, MAX_CLASSES)).filter(|_| !self.peers.is_empty())
+            {
+                self.federation.lock().unwrap().join(&image, node, ask, &mut answer, &tops, now.into_std());
+            }
+            (answer, recorded)
+        };
         match recorded {
             Recorded::ImagesFull => tracing::warn!("tracker full: {MAX_IMAGES} images; registration ignored"),
             Recorded::NodesFull => tracing::debug!(node, "registration not recorded (address or table full)"),

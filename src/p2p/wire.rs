@@ -109,13 +109,14 @@ impl Message {
     }
 }
 
-/// One image as one tracker holds it (see `core::federation`): its node count and, per tree shape (`classes`), the root
-/// of each class's tree in the tracker's partition.
+/// One image as one tracker holds it (see `core::federation`): its node count and, per tree
+/// shape (`classes`), the top of each class's tree in the tracker's partition (its first names
+/// in the tree's order, highest first).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Summary {
     pub image: Bytes32,
     pub total: u32,
-    pub shapes: Vec<(u32, Vec<String>)>,
+    pub shapes: Vec<(u32, Vec<Vec<String>>)>,
 }
 
 /// A decoded frame.

@@ -113,6 +113,10 @@ pub struct SimArgs {
     /// Seconds the tracker keeps a node after its last registration.
     #[arg(long, default_value_t = 3.0)]
     pub tracker_ttl: f64,
+    /// Trackers sharing the nodes (as `vmt-tracker --peer`): each node registers with its home
+    /// tracker, and the trackers join their partitions' trees (1 to 64).
+    #[arg(long, default_value_t = 1)]
+    pub trackers: u32,
     #[arg(long, default_value_t = 4)]
     pub prefetch_concurrency: u32,
     /// vmthunder-profile: seconds before its guest's start that a node starts prefetching (the
@@ -126,8 +130,8 @@ pub struct SimArgs {
     /// Seconds after the first guest's start at which nodes are killed.
     #[arg(long, default_value_t = 1.0)]
     pub kill_at: f64,
-    /// START,LENGTH: the tracker answers nothing for LENGTH seconds from START seconds after the
-    /// first guest's start.
+    /// START,LENGTH: the trackers answer nothing (and hear nothing from each other) for LENGTH
+    /// seconds from START seconds after the first guest's start.
     #[arg(long)]
     pub tracker_down: Option<String>,
     /// Fraction of the nodes that claim every chunk and hold back what they lack.
@@ -202,6 +206,7 @@ impl SimArgs {
             upload_buffer: size("upload-buffer", &self.upload_buffer)?,
             heartbeat: self.heartbeat,
             tracker_ttl: self.tracker_ttl,
+            trackers: self.trackers,
             prefetch_concurrency: self.prefetch_concurrency,
             prefetch_lead: self.prefetch_lead,
             kill: self.kill,

@@ -19,7 +19,8 @@ use super::net::{FlowId, LinkId, Net};
 use super::params::{SimParams, Strategy};
 use super::slab::Slab;
 use super::Workload;
-use crate::p2p::core::{Membership, PieceRead, Roster, UploadBudget};
+use crate::p2p::core::federation::rank;
+use crate::p2p::core::{Federation, Membership, PieceRead, Roster, UploadBudget};
 use crate::p2p::select::{Outcome, Selector};
 
 /// A deterministic generator (splitmix64): the simulator's only source of randomness.
@@ -72,6 +73,8 @@ pub(super) enum Ev {
     Prefetch(u32),
     /// A guest read's answer reached the guest: its burst moves on.
     ReadAnswered(u32),
+    /// The trackers send each other their summaries (every ttl / 3, with several trackers).
+    Sync,
     Heartbeat(u32),
     Announce(u32),
     Kill,
@@ -132,6 +135,10 @@ pub(super) struct Req {
 /// One node.
 pub(super) struct Node {
     pub name: String,
+    /// The tracker it registers with (its first in rendezvous order).
+    pub home: u32,
+    /// Most peer sessions (asked and asking) it held at once.
+    pub sessions_peak: u64,
     /// The digest of the image its guest boots (node i: image i mod `images`).
     pub key: [u8; 32],
     pub up: LinkId,
@@ -211,7 +218,10 @@ pub(super) struct Sim<'a> {
     pub reads: Slab<Read>,
     pub reqs: Slab<Req>,
     pub flows: HashMap<FlowId, Purpose>,
-    pub roster: Roster,
+    /// Per tracker: its table, what the others told it, and the registrations it answered.
+    pub rosters: Vec<Roster>,
+    pub feds: Vec<Federation>,
+    pub tracker_registrations: Vec<u64>,
     pub c: Counters,
     pub rng: Rng,
     pub first_start: u64,
@@ -223,6 +233,11 @@ pub(super) struct Sim<'a> {
 
 pub(super) fn ns(secs: f64) -> u64 {
     (secs.max(0.0) * 1e9).round() as u64
+}
+
+/// Tracker `t`'s name (the nodes rank the trackers by their names).
+pub(super) fn tracker_name(t: u32) -> String {
+    format!("192.0.2.{}:7070", t + 1)
 }
 
 /// Node `i`'s peer name: an address of its own (vmtd binds names to addresses), `first` + i.
@@ -242,11 +257,14 @@ impl<'a> Sim<'a> {
         for i in pick(&mut rng, n, nl) {
             liars[i as usize] = true;
         }
+        let trackers: Vec<String> = (0..p.trackers).map(tracker_name).collect();
         let nodes = (0..n)
             .map(|i| {
                 let start = ns(p.warmup + if p.spread > 0.0 { rng.unit() * p.spread } else { 0.0 });
                 let name = node_name(p.first_address, i);
                 Node {
+                    home: rank(&name, &trackers)[0] as u32,
+                    sessions_peak: 0,
                     key: image_key(i % p.images),
                     up: net.link(p.node_rate),
                     down: net.link(p.node_rate),
@@ -297,7 +315,9 @@ impl<'a> Sim<'a> {
             reads: Slab::default(),
             reqs: Slab::default(),
             flows: HashMap::new(),
-            roster: Roster::new(Duration::from_secs_f64(p.tracker_ttl), 8),
+            rosters: (0..p.trackers).map(|_| Roster::new(Duration::from_secs_f64(p.tracker_ttl), 8)).collect(),
+            feds: (0..p.trackers).map(|_| Federation::new(Duration::from_secs_f64(p.tracker_ttl))).collect(),
+            tracker_registrations: vec![0; p.trackers as usize],
             c: Counters::default(),
             rng,
             first_start,
@@ -345,6 +365,9 @@ impl<'a> Sim<'a> {
         }
         if self.p.kill > 0.0 {
             self.at(self.first_start + ns(self.p.kill_at), Ev::Kill);
+        }
+        if self.strategy.relays() && self.p.trackers > 1 {
+            self.at(0, Ev::Sync);
         }
         self.running = self.nodes.len();
         while let Some(Reverse((t, _, id))) = self.heap.pop() {
@@ -401,6 +424,7 @@ impl<'a> Sim<'a> {
             Ev::Heartbeat(i) => self.heartbeat(i),
             Ev::Announce(i) => self.announce(i),
             Ev::Kill => self.kill(),
+            Ev::Sync => self.sync(),
         }
     }
 

@@ -103,6 +103,8 @@ pub struct SimParams {
     pub upload_buffer: u64,
     pub heartbeat: f64,
     pub tracker_ttl: f64,
+    /// Trackers sharing the nodes (each node at its home, partitions joined through their roots).
+    pub trackers: u32,
     pub prefetch_concurrency: u32,
     /// Seconds before its guest's start that a node starts prefetching the profile (at most
     /// `warmup`).
@@ -182,6 +184,9 @@ impl SimParams {
         }
         if !(self.tracker_ttl.is_finite() && self.tracker_ttl > 0.0 && self.tracker_ttl <= 3600.0) {
             return Err(bad("tracker-ttl", "must be more than 0 and at most 3600"));
+        }
+        if !(1..=64).contains(&self.trackers) {
+            return Err(bad("trackers", "must be between 1 and 64"));
         }
         for (field, f) in [("kill", self.kill), ("liars", self.liars)] {
             if !(0.0..=1.0).contains(&f) {

@@ -78,6 +78,10 @@ impl Sim<'_> {
             self.nodes[j as usize].cache.clone()
         };
         self.nodes[j as usize].subscribers.push(i);
+        for k in [i, j] {
+            let n = &mut self.nodes[k as usize];
+            n.sessions_peak = n.sessions_peak.max((n.sessions_out.len() + n.subscribers.len()) as u64);
+        }
         if let Some(sel) = self.nodes[i as usize].sel.as_mut() {
             sel.have_full(&name, have);
         }
@@ -267,20 +271,45 @@ impl Sim<'_> {
         piece.answered(sel, &name, how, now);
     }
 
-    /// A node's heartbeat: it registers with the tracker (if up), and its members follow.
+    /// Whether the trackers are down now (`--tracker-down`).
+    fn trackers_down(&self) -> bool {
+        let since = self.now.saturating_sub(self.first_start) as f64 / 1e9;
+        self.p.tracker_down.is_some_and(|(s, l)| since >= s && since < s + l && self.now >= self.first_start)
+    }
+
+    /// Every tracker sends the others its summaries (as each `Tracker::push` does every ttl / 3).
+    pub(super) fn sync(&mut self) {
+        if !self.trackers_down() {
+            let now = self.instant();
+            for t in 0..self.rosters.len() {
+                let summary = self.rosters[t].summary();
+                for (_, fed) in self.feds.iter_mut().enumerate().filter(|(u, _)| *u != t) {
+                    fed.heard(t, summary.clone(), now);
+                }
+            }
+        }
+        let period = self.p.tracker_ttl / 3.0;
+        self.after(period, Ev::Sync);
+    }
+
+    /// A node's heartbeat: it registers with its tracker (if up), and its members follow.
     pub(super) fn heartbeat(&mut self, i: u32) {
         if !self.nodes[i as usize].alive || self.nodes[i as usize].done.is_some() {
             return;
         }
         let now = self.instant();
-        let since = self.now.saturating_sub(self.first_start) as f64 / 1e9;
-        let down =
-            self.p.tracker_down.is_some_and(|(s, l)| since >= s && since < s + l && self.now >= self.first_start);
-        if !down {
+        if !self.trackers_down() {
             let ask = self.tree_shape();
-            let key = self.nodes[i as usize].key;
-            let (answer, _) = self.roster.register(key, &self.nodes[i as usize].name, ask, now);
+            let (key, home) = (self.nodes[i as usize].key, self.nodes[i as usize].home as usize);
+            let name = &self.nodes[i as usize].name;
+            let (mut answer, _) = self.rosters[home].register(key, name, ask, now);
+            if self.rosters.len() > 1 {
+                if let Some(tops) = self.rosters[home].tops(&key, ask.classes) {
+                    self.feds[home].join(&key, name, ask, &mut answer, &tops, now);
+                }
+            }
             self.c.registrations += 1;
+            self.tracker_registrations[home] += 1;
             // The answer's encoded size: names with their length prefixes, the header and fields.
             let names: u64 = answer.ancestors.iter().flatten().chain(&answer.near).map(|n| n.len() as u64 + 1).sum();
             self.c.answer_bytes += names + answer.ancestors.len() as u64 + 64;
@@ -292,18 +321,24 @@ impl Sim<'_> {
         let key = self.nodes[i as usize].key;
         let view = self.nodes[i as usize].membership.as_mut().and_then(|m| m.expire(now).then(|| m.view(&key)));
         if let Some(view) = view {
-            let (usable, known) = {
+            let usable = {
                 let Some(sel) = self.nodes[i as usize].sel.as_mut() else { return };
                 sel.set_view(&view);
                 sel.expire_bans(now);
-                (sel.usable_members(now), sel.known())
+                if view.provisional {
+                    Vec::new()
+                } else {
+                    sel.usable_members(now)
+                }
             };
-            // Sessions to peers that left the view close (as `Swarm::set_view` closes them).
+            // Sessions to peers that left the view, or idle ones it does not keep, close (as
+            // `Swarm::set_view` closes them).
+            let sel = self.nodes[i as usize].sel.as_ref().expect("a relay node");
             let gone: Vec<u32> = self.nodes[i as usize]
                 .sessions_out
                 .iter()
                 .copied()
-                .filter(|&j| !known.contains(&self.nodes[j as usize].name))
+                .filter(|&j| !sel.keeps_session(&self.nodes[j as usize].name, now))
                 .collect();
             for j in gone {
                 self.nodes[i as usize].sessions_out.remove(&j);

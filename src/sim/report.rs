@@ -33,7 +33,8 @@ pub struct StrategyReport {
     /// Bytes a node sent to peers ÷ the working set: the busiest node, and the 99th percentile.
     pub upload_max_per_working_set: f64,
     pub upload_p99_per_working_set: f64,
-    /// Peer sessions per node (asked and asking), at the end.
+    /// Peer sessions per node (asked and asking): the most any node held at once, and the mean
+    /// at the end.
     pub sessions_max: u64,
     pub sessions_mean: f64,
     /// Peer state per node (selector and member lists), at the end, in bytes.
@@ -41,6 +42,8 @@ pub struct StrategyReport {
     pub peer_state_mean_bytes: f64,
     pub tracker_requests_per_s: f64,
     pub tracker_answer_bytes_per_s: f64,
+    /// Registrations per second of the busiest tracker.
+    pub tracker_max_requests_per_s: f64,
     pub tracker_nodes: u64,
     pub peer_requests: u64,
     pub refusals: u64,
@@ -101,6 +104,7 @@ pub(super) fn run_strategy(p: &SimParams, w: &Workload, s: Strategy) -> Strategy
         peer_state_mean_bytes: 0.0,
         tracker_requests_per_s: 0.0,
         tracker_answer_bytes_per_s: 0.0,
+        tracker_max_requests_per_s: 0.0,
         tracker_nodes: 0,
         peer_requests: 0,
         refusals: 0,
@@ -161,7 +165,7 @@ pub(super) fn run_strategy(p: &SimParams, w: &Workload, s: Strategy) -> Strategy
         r.upload_p99_per_working_set = percentile(&up, 0.99) as f64 / ws_bytes;
     }
     let sessions: Vec<u64> = live.iter().map(|n| (n.sessions_out.len() + n.subscribers.len()) as u64).collect();
-    r.sessions_max = sessions.iter().copied().max().unwrap_or(0);
+    r.sessions_max = live.iter().map(|n| n.sessions_peak).max().unwrap_or(0);
     r.sessions_mean = sessions.iter().sum::<u64>() as f64 / sessions.len().max(1) as f64;
     let state: Vec<u64> = live
         .iter()
@@ -180,7 +184,8 @@ pub(super) fn run_strategy(p: &SimParams, w: &Workload, s: Strategy) -> Strategy
     let total = (sim.now as f64 / 1e9).max(1e-9);
     r.tracker_requests_per_s = sim.c.registrations as f64 / total;
     r.tracker_answer_bytes_per_s = sim.c.answer_bytes as f64 / total;
-    r.tracker_nodes = (0..p.images).map(|m| sim.roster.nodes(&image_key(m)) as u64).sum();
+    r.tracker_max_requests_per_s = sim.tracker_registrations.iter().copied().max().unwrap_or(0) as f64 / total;
+    r.tracker_nodes = sim.rosters.iter().flat_map(|t| (0..p.images).map(|m| t.nodes(&image_key(m)) as u64)).sum();
     r.peer_requests = sim.c.peer_requests;
     r.refusals = sim.c.refusals;
     r.killed = sim.nodes.iter().filter(|n| !n.alive).count() as u64;
@@ -227,7 +232,7 @@ impl Report {
         let mut t = String::new();
         t.push_str(
             "| strategy | N | makespan (s) | ×N=1 | stall mean / p99 / max (ms) | failed reads | origin ÷ working set \
-             | upload max / p99 ÷ working set | sessions max / mean | peer state max / mean (KiB) | tracker req/s \
+             | upload max / p99 ÷ working set | sessions max / mean | peer state max / mean (KiB) | tracker req/s all / busiest \
              | tracker answer KiB/s | unfinished | killed | sim wall (s) |\n",
         );
         t.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
@@ -239,7 +244,7 @@ impl Report {
             let _ = writeln!(
                 t,
                 "| {} | {} | {:.2} | {:.2} | {:.1} / {:.1} / {:.1} | {} | {:.2} | {:.2} / {:.2} | {} / {:.0} | {:.0} / {:.0} \
-                 | {:.0} | {:.0} | {} | {} | {:.1} |",
+                 | {:.0} / {:.0} | {:.0} | {} | {} | {:.1} |",
                 r.strategy.name(),
                 r.nodes,
                 r.makespan_s,
@@ -256,6 +261,7 @@ impl Report {
                 r.peer_state_max_bytes as f64 / 1024.0,
                 r.peer_state_mean_bytes / 1024.0,
                 r.tracker_requests_per_s,
+                r.tracker_max_requests_per_s,
                 r.tracker_answer_bytes_per_s / 1024.0,
                 r.unfinished,
                 r.killed,

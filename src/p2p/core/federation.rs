@@ -1,37 +1,44 @@
 //! Trackers that share the load, as a pure state machine: each tracker places only the nodes
 //! that register with it (its partition, an ordinary [`super::Roster`]), and the trackers join
-//! their partitions' trees through their roots. No I/O and no clock (callers pass `now`); vmtd's
-//! tracker and `vmt sim` feed it the same summaries.
+//! their partitions' trees through the tops of them. No I/O and no clock (callers pass `now`);
+//! vmtd's tracker and `vmt sim` feed it the same summaries.
 //!
 //! A node registers with one tracker, its home (the first of the configured trackers ranked by
 //! [`rank`], a rendezvous hash of node and tracker names), or the next that answers; so with M
-//! trackers each holds about N / M nodes and answers N / M heartbeats. Every sync period a
-//! tracker sends each other tracker a [`Summary`] per image: how many nodes it holds and, for
-//! each tree shape asked, the root of each class's tree in its partition. Its size depends on
-//! images, shapes and classes, never on N.
+//! trackers each holds about N / M nodes and answers N / M heartbeats. Every ttl / 3 a tracker
+//! sends each other tracker a [`Summary`] per image: how many nodes it holds and, for each tree
+//! shape asked, the top of each class's tree in its partition (the first [`TOP`] names of its
+//! order: the root and two levels at fan-out 4). Its size depends on images, shapes and classes,
+//! never on N.
 //!
-//! The joined tree of class c: within a partition, the partition's heap (as with one tracker);
-//! above the partition roots, a `fanout`-ary heap over the roots of every partition, sorted by
-//! key, highest first. A root's key is the highest of its partition, and a heap's parent ranks
-//! above its child, so every chain still climbs strictly ([`super::tree`]): no loop whatever each
-//! tracker has heard, and the single root of all (the highest key anywhere) is the only node that
-//! reads the origin for the class once the summaries have gone round. A partition root has up to
-//! `fanout` children in each heap.
+//! The joined tree of class c: the upper levels are one `fanout`-ary heap over the tops of every
+//! partition merged in key order (the same heap at every tracker, from the same summaries);
+//! below them, each partition's own heap. A node's chain follows its partition's heap up to the
+//! first node among its partition's tops, then that node's ancestors in the merged heap. Every
+//! step climbs strictly (a heap's parent ranks above its child, [`super::tree`]), so no chain can
+//! loop, whatever each tracker has heard; the single root of all (the highest key anywhere) is
+//! the only node that reads the origin for the class once the summaries have gone round. The
+//! upper nodes of a partition's top take their children from the merged heap only, and its
+//! lowest nodes are mostly leaves there, so few nodes have more than `fanout` children (at most
+//! `2 × fanout`). With partitions of at most [`TOP`] nodes, the merged heap holds every node and
+//! is exactly one tracker's heap over all of them.
 //!
 //! Invariants: summaries from a tracker count for `ttl` after they were heard (a tracker gone
 //! quiet drops out of the joined trees, and its nodes fail over to other trackers); at most
-//! [`MAX_IMAGES`] images per tracker and [`MAX_SHAPES`] shapes per image are kept, names that are
-//! not canonical peer addresses are dropped, and only configured trackers are heard.
+//! [`MAX_IMAGES`] images per tracker, [`MAX_SHAPES`] shapes per image and [`TOP`] names per class
+//! are kept, names that are not canonical peer addresses are dropped, and only configured
+//! trackers are heard.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use super::roster::{Answer, Ask, MAX_CLASSES, MAX_DEPTH, MAX_FANOUT, MAX_IMAGES, MAX_SHAPES};
+use super::roster::{Answer, Ask, MAX_CLASSES, MAX_DEPTH, MAX_FANOUT, MAX_IMAGES, MAX_SHAPES, TOP};
 use super::tree::{higher_first, node_hash, parent_place, Key};
 use crate::p2p::wire::{Bytes32, Summary};
 
-/// Most images one summary frame carries (a tracker sends as many frames as it needs).
-pub const SUMMARY_IMAGES: usize = 64;
+/// Most images one summary frame carries (a tracker sends as many frames as it needs): with
+/// [`MAX_SHAPES`] shapes of 16 classes of [`TOP`] names of at most 64 bytes, under 1 MiB.
+pub const SUMMARY_IMAGES: usize = 16;
 
 /// The order in which node `me` tries `trackers`: highest rendezvous score first. Every node
 /// computes it alone, and removing a tracker moves only that tracker's nodes (to their next).
@@ -55,18 +62,31 @@ pub struct Federation {
     heard: HashMap<usize, HashMap<Bytes32, (Summary, Instant)>>,
     /// Per tracker, when it last sent anything (a tracker with no nodes sends empty summaries).
     last: HashMap<usize, Instant>,
+    /// Bumped whenever a summary is heard: the merged orders below are recomputed after it.
+    version: u64,
+    /// Per (image, classes, class), the merged order of the tops and what it was computed from.
+    merged: HashMap<(Bytes32, u32, u32), Merged>,
+}
+
+#[derive(Debug, Clone)]
+struct Merged {
+    own: Vec<String>,
+    from: Vec<usize>,
+    version: u64,
+    order: Vec<String>,
 }
 
 impl Federation {
     /// Summaries count for `ttl` (the trackers' node TTL: a tracker is as alive as a node).
     pub fn new(ttl: Duration) -> Federation {
-        Federation { ttl, heard: HashMap::new(), last: HashMap::new() }
+        Federation { ttl, heard: HashMap::new(), last: HashMap::new(), version: 0, merged: HashMap::new() }
     }
 
     /// Tracker `from` (its index among the configured trackers) sent `summaries` at `now`.
     pub fn heard(&mut self, from: usize, summaries: Vec<Summary>, now: Instant) {
         let ttl = self.ttl;
         self.last.insert(from, now);
+        self.version += 1;
         let images = self.heard.entry(from).or_default();
         images.retain(|_, (_, t)| now.saturating_duration_since(*t) < ttl);
         for mut s in summaries {
@@ -74,79 +94,92 @@ impl Federation {
                 continue;
             }
             s.shapes.truncate(MAX_SHAPES);
-            for (classes, roots) in &mut s.shapes {
+            for (classes, tops) in &mut s.shapes {
                 *classes = (*classes).clamp(1, MAX_CLASSES);
-                roots.truncate(*classes as usize);
-                // A root that is no canonical peer address is left out of its class's heap
-                // (an empty name keeps the classes aligned).
-                for r in roots.iter_mut().filter(|r| !crate::p2p::conn::is_canonical(r)) {
-                    r.clear();
+                tops.truncate(*classes as usize);
+                for top in tops.iter_mut() {
+                    top.truncate(TOP);
+                    // Only canonical peer addresses (peer servers admit no other spelling).
+                    top.retain(|n| crate::p2p::conn::is_canonical(n));
                 }
             }
             images.insert(s.image, (s, now));
         }
+        // Merged orders of images no tracker tells of any more go (memory: images × shapes ×
+        // classes at most).
+        let heard = &self.heard;
+        self.merged.retain(|(img, _, _), _| heard.values().any(|m| m.contains_key(img)));
     }
 
     /// Nodes the other trackers hold for `image`, as last heard within the TTL.
     pub fn total(&self, image: &Bytes32, now: Instant) -> u32 {
-        self.fresh(image, now).map(|s| s.total).fold(0u32, u32::saturating_add)
+        self.fresh(image, now).map(|(_, s)| s.total).fold(0u32, u32::saturating_add)
     }
 
-    fn fresh<'a>(&'a self, image: &'a Bytes32, now: Instant) -> impl Iterator<Item = &'a Summary> + 'a {
+    fn fresh<'a>(&'a self, image: &'a Bytes32, now: Instant) -> impl Iterator<Item = (usize, &'a Summary)> + 'a {
         let ttl = self.ttl;
         self.heard
-            .values()
-            .filter_map(move |m| m.get(image))
-            .filter(move |(_, t)| now.saturating_duration_since(*t) < ttl)
-            .map(|(s, _)| s)
+            .iter()
+            .filter_map(move |(t, m)| Some((*t, m.get(image)?)))
+            .filter(move |(_, (_, at))| now.saturating_duration_since(*at) < ttl)
+            .map(|(t, (s, _))| (t, s))
     }
 
-    /// The ancestors of `root` (this tracker's root of class `class` for `classes` trees) in the
-    /// heap over the partition roots of every tracker, parent first.
-    pub fn above(
-        &self,
+    /// The tops of class `class` of every tracker heard (and `own`, this tracker's), merged into
+    /// one order, highest key first.
+    fn order(&mut self, image: &Bytes32, classes: u32, class: u32, own: &[String], now: Instant) -> &[String] {
+        let mut from: Vec<usize> = self.fresh(image, now).map(|(t, _)| t).collect();
+        from.sort_unstable();
+        let (version, cache_key) = (self.version, (*image, classes, class));
+        let stale = self.merged.get(&cache_key).is_none_or(|m| m.version != version || m.from != from || m.own != own);
+        if stale {
+            let key = |n: &str| Key::new(node_hash(n), class, classes);
+            let mut all: Vec<(Key, &str)> = own.iter().map(|n| (key(n), n.as_str())).collect();
+            for (_, s) in self.fresh(image, now) {
+                let Some((_, tops)) = s.shapes.iter().find(|(c, _)| *c == classes) else { continue };
+                all.extend(tops.get(class as usize).into_iter().flatten().map(|n| (key(n), n.as_str())));
+            }
+            all.sort_unstable_by(higher_first);
+            all.dedup_by(|a, b| a.1 == b.1);
+            let order = all.into_iter().map(|(_, n)| n.to_string()).collect();
+            self.merged.insert(cache_key, Merged { own: own.to_vec(), from, version, order });
+        }
+        &self.merged[&cache_key].order
+    }
+
+    /// Extends `answer` (this tracker's answer to `me`, from its partition, whose tops are `own`:
+    /// per class the first [`TOP`] names of its order) with the joined trees. The chain is kept
+    /// up to its first node among the tops (`me` itself, maybe), and goes on from there with that
+    /// node's ancestors in the `fanout`-ary heap over the merged tops of every tracker heard; and
+    /// the count is of every tracker's nodes. With no other tracker heard, nothing changes: the
+    /// heap over its own tops alone is the top of its own heap.
+    pub fn join(
+        &mut self,
         image: &Bytes32,
-        classes: u32,
-        fanout: u32,
-        class: u32,
-        root: &str,
+        me: &str,
+        ask: Ask,
+        answer: &mut Answer,
+        own: &[Vec<String>],
         now: Instant,
-    ) -> Vec<String> {
-        let key = |n: &str| Key::new(node_hash(n), class, classes);
-        let mut roots: Vec<(Key, &str)> = vec![(key(root), root)];
-        for s in self.fresh(image, now) {
-            let Some((_, rs)) = s.shapes.iter().find(|(c, _)| *c == classes) else { continue };
-            if let Some(r) = rs.get(class as usize).filter(|r| !r.is_empty()) {
-                roots.push((key(r), r.as_str()));
-            }
-        }
-        roots.sort_unstable_by(higher_first);
-        roots.dedup_by(|a, b| a.1 == b.1);
-        let Some(mut place) = roots.iter().position(|(_, n)| *n == root) else { return Vec::new() };
-        let mut up = Vec::new();
-        while let Some(p) = parent_place(place, fanout) {
-            if up.len() == MAX_DEPTH {
-                break;
-            }
-            up.push(roots[p].1.to_string());
-            place = p;
-        }
-        up
-    }
-
-    /// Extends `answer` (this tracker's answer to `me`, from its partition) with the joined
-    /// trees: where a chain ends at the partition's root, the root's ancestors among the
-    /// partition roots follow; and the count is of every tracker's nodes.
-    pub fn join(&self, image: &Bytes32, me: &str, ask: Ask, answer: &mut Answer, now: Instant) {
+    ) {
         let classes = ask.classes.clamp(1, MAX_CLASSES);
+        let fanout = ask.fanout.clamp(1, MAX_FANOUT);
         for (c, up) in answer.ancestors.iter_mut().enumerate() {
-            // A chain shorter than the bound ends at place 0: the partition's root.
-            if up.len() >= MAX_DEPTH {
-                continue;
+            let Some(top) = own.get(c) else { continue };
+            // The first of the chain (from `me`) among the tops; none when the chain was cut at
+            // the depth bound before it got there.
+            let seq = std::iter::once(me).chain(up.iter().map(String::as_str));
+            let Some(i) = seq.clone().position(|n| top.iter().any(|t| t == n)) else { continue };
+            let entry = seq.clone().nth(i).expect("found above").to_string();
+            let order = self.order(image, classes, c as u32, top, now);
+            let Some(mut place) = order.iter().position(|n| *n == entry) else { continue };
+            let mut above = Vec::new();
+            while let Some(p) = parent_place(place, fanout) {
+                above.push(order[p].clone());
+                place = p;
             }
-            let root = up.last().map_or(me, String::as_str).to_string();
-            let more = self.above(image, classes, ask.fanout.clamp(1, MAX_FANOUT), c as u32, &root, now);
-            up.extend(more.into_iter().filter(|n| n != me));
+            up.truncate(i);
+            up.extend(above);
             up.truncate(MAX_DEPTH);
         }
         answer.total = answer.total.saturating_add(self.total(image, now));
@@ -218,12 +251,20 @@ mod tests {
         (rosters, feds, now)
     }
 
+    /// Node `me`'s answer from its home tracker, joined.
+    fn joined(rosters: &mut [Roster], feds: &mut [Federation], home: usize, me: &str, now: Instant) -> Answer {
+        let img = [1; 32];
+        let (mut a, _) = rosters[home].register(img, me, ASK, now);
+        let tops = rosters[home].tops(&img, ASK.classes).expect("a snapshot");
+        feds[home].join(&img, me, ASK, &mut a, &tops, now);
+        a
+    }
+
     #[test]
     fn partitions_join_into_one_tree_per_class_that_climbs_strictly() {
         let (n, m) = (6000u32, 3usize);
-        let (mut rosters, feds, now) = cluster(n, m);
+        let (mut rosters, mut feds, now) = cluster(n, m);
         let trackers: Vec<String> = (0..m).map(|i| format!("10.9.0.{i}:7070")).collect();
-        let img = [1; 32];
         let mut roots = vec![0u32; ASK.classes as usize];
         let mut children: HashMap<(usize, String), u32> = HashMap::new();
         let mut load = vec![0u32; m];
@@ -231,8 +272,7 @@ mod tests {
             let me = name(i);
             let home = rank(&me, &trackers)[0];
             load[home] += 1;
-            let (mut a, _) = rosters[home].register(img, &me, ASK, now);
-            feds[home].join(&img, &me, ASK, &mut a, now);
+            let a = joined(&mut rosters, &mut feds, home, &me, now);
             assert_eq!(a.total, n, "every tracker counts the nodes of all");
             for (c, up) in a.ancestors.iter().enumerate() {
                 let mut below = me.as_str();
@@ -240,7 +280,7 @@ mod tests {
                     assert!(above(u, below, c as u32, ASK.classes), "{u} above {below} in class {c}");
                     below = u;
                 }
-                assert!(up.len() <= 9, "about log4 N deep: {up:?}");
+                assert!(up.len() <= 8, "about log4 N deep: {up:?}");
                 match up.first() {
                     Some(p) => *children.entry((c, p.clone())).or_default() += 1,
                     None => roots[c] += 1,
@@ -248,8 +288,26 @@ mod tests {
             }
         }
         assert_eq!(roots, vec![1; 4], "one root per class over all trackers");
-        assert!(children.values().all(|&k| k <= 2 * ASK.fanout), "a fanout per heap");
+        assert!(children.values().all(|&k| k <= 2 * ASK.fanout), "a fanout per heap at most");
+        let more = children.values().filter(|&&k| k > ASK.fanout).count();
+        assert!(more * 100 < children.len(), "{more} of {} parents have more than fanout children", children.len());
         assert!(load.iter().all(|&l| l > n / 4 && l < n / 2), "each tracker answers about N / M: {load:?}");
+    }
+
+    #[test]
+    fn small_partitions_join_into_exactly_the_one_tracker_heap() {
+        let (n, m) = (40u32, 3usize);
+        let (mut rosters, mut feds, now) = cluster(n, m);
+        let trackers: Vec<String> = (0..m).map(|i| format!("10.9.0.{i}:7070")).collect();
+        let (mut one, _, _) = cluster(n, 1);
+        for i in 0..n {
+            let me = name(i);
+            let home = rank(&me, &trackers)[0];
+            assert!(rosters[home].nodes(&[1; 32]) <= TOP, "every partition within its top");
+            let a = joined(&mut rosters, &mut feds, home, &me, now);
+            let (b, _) = one[0].register([1; 32], &me, ASK, now);
+            assert_eq!(a.ancestors, b.ancestors, "{me}");
+        }
     }
 
     #[test]
@@ -260,21 +318,21 @@ mod tests {
         assert_eq!(feds[0].trackers_heard(now), 1);
         let later = now + Duration::from_secs(4);
         assert_eq!((feds[0].total(&img, later), feds[0].trackers_heard(later)), (0, 0), "gone after the ttl");
-        // Nothing above a partition's root once its peers are gone: it reads the origin.
-        let root = rosters[0].summary()[0].shapes[0].1[0].clone();
-        assert!(feds[0].above(&img, 4, 4, 0, &root, later).is_empty());
+        // Once its peers are gone, a partition's root has nothing above it: it reads the origin.
+        let root = rosters[0].tops(&img, 4).unwrap()[0][0].clone();
+        let a = joined(&mut rosters, &mut feds, 0, &root, later);
+        assert!(a.ancestors[0].is_empty(), "{:?}", a.ancestors);
         // Garbage is bounded: shapes, classes and names.
         let junk = Summary {
             image: img,
             total: u32::MAX,
-            shapes: (1..10).map(|c| (c * 100, vec!["not a name".to_string(); 500])).collect(),
+            shapes: (1..10).map(|c| (c * 100, vec![vec!["not a name".to_string(); 500]; 500])).collect(),
         };
         feds[0].heard(1, vec![junk], later);
         let s = &feds[0].heard[&1][&img].0;
         assert_eq!(s.shapes.len(), MAX_SHAPES);
-        assert!(s.shapes.iter().all(|(c, r)| *c <= MAX_CLASSES && r.len() <= MAX_CLASSES as usize));
-        assert!(s.shapes.iter().flat_map(|(_, r)| r).all(|r| r.is_empty()));
+        assert!(s.shapes.iter().all(|(c, t)| *c <= MAX_CLASSES && t.len() <= MAX_CLASSES as usize));
+        assert!(s.shapes.iter().flat_map(|(_, t)| t).all(|t| t.is_empty()));
         assert_eq!(feds[0].total(&img, later), u32::MAX, "saturating, never wrapping");
-        let _ = rosters[0].register(img, &name(1), ASK, later);
     }
 }

@@ -34,6 +34,11 @@ pub struct View {
     pub placed: bool,
     /// Live nodes of the image, as the freshest answer said.
     pub total: u32,
+    /// Whether the places are a warming tracker's (no final ones yet): then the node opens no
+    /// session before it needs one. A table warming up after a cold start is rebuilt as it
+    /// doubles, and each generation would name other ring successors and parents near the top,
+    /// which would gather sessions from much of the cluster within one heartbeat.
+    pub provisional: bool,
 }
 
 /// What the trackers said: image → tracker → (answer, when), and tracker → when last answered.
@@ -42,8 +47,9 @@ pub struct Membership {
     window: Duration,
     per_address: usize,
     seen: HashMap<Bytes32, HashMap<usize, (Answer, Instant)>>,
-    /// Per image, the freshest places any tracker gave, with the count of live nodes then.
-    placed: HashMap<Bytes32, (Vec<Vec<String>>, u32)>,
+    /// Per image, the freshest places any tracker gave, with the count of live nodes then and
+    /// whether they were provisional.
+    placed: HashMap<Bytes32, (Vec<Vec<String>>, u32, bool)>,
     answered: HashMap<usize, Instant>,
 }
 
@@ -63,8 +69,9 @@ impl Membership {
     /// Tracker `tracker` answered at `now` for `image`.
     pub fn named(&mut self, tracker: usize, image: Bytes32, answer: Answer, now: Instant) {
         self.answered.insert(tracker, now);
-        if !answer.ancestors.is_empty() && (!answer.provisional || !self.placed.contains_key(&image)) {
-            self.placed.insert(image, (answer.ancestors.clone(), answer.total));
+        let had_final = self.placed.get(&image).is_some_and(|p| !p.2);
+        if !answer.ancestors.is_empty() && (!answer.provisional || !had_final) {
+            self.placed.insert(image, (answer.ancestors.clone(), answer.total, answer.provisional));
         }
         self.seen.entry(image).or_default().insert(tracker, (answer, now));
     }
@@ -99,8 +106,9 @@ impl Membership {
     /// The view of `image` as of the last [`Membership::expire`].
     pub fn view(&self, image: &Bytes32) -> View {
         let mut view = View::default();
-        if let Some((ancestors, total)) = self.placed.get(image) {
-            view = View { ancestors: ancestors.clone(), placed: true, total: *total, ..View::default() };
+        if let Some((ancestors, total, provisional)) = self.placed.get(image) {
+            let (ancestors, total, provisional) = (ancestors.clone(), *total, *provisional);
+            view = View { ancestors, placed: true, total, provisional, ..View::default() };
         }
         let Some(answers) = self.seen.get(image) else { return view };
         if let Some((a, _)) = answers.values().max_by_key(|(_, t)| *t) {
@@ -191,5 +199,24 @@ mod tests {
         assert!(!m.expire(t0 + Duration::from_secs(20)));
         assert_eq!(m.view(&img).near, vec!["10.0.0.4:7000"]);
         assert_eq!(m.trackers_up(t0 + Duration::from_secs(20)), 0);
+    }
+
+    #[test]
+    fn provisional_places_are_marked_and_never_replace_final_ones() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(Duration::from_secs(1), 8);
+        let img = [1; 32];
+        let warm = |parent: &str| Answer { provisional: true, ..answer(&["10.0.0.1:7000"], parent) };
+        m.named(0, img, warm("10.0.0.3:7000"), t0);
+        m.expire(t0);
+        let v = m.view(&img);
+        assert!(v.placed && v.provisional, "a warming tracker's places, marked");
+        m.named(0, img, answer(&["10.0.0.1:7000"], "10.0.0.5:7000"), t0);
+        m.expire(t0);
+        assert!(!m.view(&img).provisional);
+        m.named(0, img, warm("10.0.0.6:7000"), t0);
+        m.expire(t0);
+        let v = m.view(&img);
+        assert!(!v.provisional && v.ancestors[0] == vec!["10.0.0.5:7000".to_string()], "final places stay");
     }
 }

@@ -7,8 +7,8 @@
 //! (a `fanout`-ary heap over the live nodes sorted by [`Key`], so about log_fanout N names), its
 //! `near` successors on the ring of node hashes (a stable sample for have-maps and fallbacks),
 //! and the number of live nodes. The sorted orders are snapshots, rebuilt at most every
-//! [`REBUILD`] (and at least every half `ttl`), so a heartbeat costs O(classes · log N) and a
-//! storm of registrations O(N log N) per rebuild.
+//! [`REBUILD`] (and at least every half `ttl`, and whenever the table has doubled since), so a
+//! heartbeat costs O(classes · log N) and a storm of registrations O(N log N) per rebuild.
 //!
 //! After a silence of more than a `ttl` (a restart, or an outage in which no node got
 //! through), the table warms up for half a `ttl`: nothing expires and its places are
@@ -43,6 +43,9 @@ pub const MAX_SHAPES: usize = 2;
 /// Most ring successors an answer names, and how many a node asks for.
 pub const MAX_NEAR: u32 = 64;
 pub const NEAR: u32 = 8;
+/// Names of the top of each tree a tracker tells the others (see [`super::federation`]): the root
+/// and two levels below it at the default fan-out of 4.
+pub const TOP: usize = 21;
 /// Least time between two rebuilds of an image's snapshots.
 pub const REBUILD: Duration = Duration::from_millis(250);
 
@@ -265,9 +268,12 @@ impl Roster {
             }
         };
         let Some(m) = self.images.get_mut(&image) else { return (Answer::default(), recorded) };
+        // Also once the table has doubled since the snapshot (geometric, so O(N log N) in all):
+        // otherwise a storm of first registrations would all be placed around the few nodes of
+        // the first snapshot, each of which would get sessions from most of the cluster.
         let stale = m.built.is_none_or(|b| {
             let age = now.saturating_duration_since(b);
-            (m.dirty && age >= REBUILD) || age >= ttl / 2
+            (m.dirty && age >= REBUILD) || age >= ttl / 2 || m.nodes.len() >= 2 * m.names.len().max(1)
         });
         if stale {
             let before = m.nodes.len();
@@ -296,15 +302,18 @@ impl Roster {
         self.images
             .iter()
             .map(|(id, m)| {
-                let shapes = m
-                    .orders
-                    .iter()
-                    .filter(|(_, o)| o.iter().all(|c| !c.is_empty()))
-                    .map(|(classes, o)| (*classes, o.iter().map(|c| m.names[c[0].1 as usize].clone()).collect()))
-                    .collect();
+                let shapes = m.orders.keys().filter_map(|&c| Some((c, self.tops(id, c)?))).collect();
                 Summary { image: *id, total: m.nodes.len() as u32, shapes }
             })
             .collect()
+    }
+
+    /// Per class of the `classes` trees of `image`, the first [`TOP`] names of the snapshot's
+    /// order (the upper levels of this table's heap), if the snapshot holds that shape.
+    pub fn tops(&self, image: &Bytes32, classes: u32) -> Option<Vec<Vec<String>>> {
+        let m = self.images.get(image)?;
+        let orders = m.orders.get(&classes)?;
+        Some(orders.iter().map(|o| o.iter().take(TOP).map(|&(_, i)| m.names[i as usize].clone()).collect()).collect())
     }
 
     /// Nodes recorded for `image` (live or not yet swept).
@@ -432,5 +441,24 @@ mod tests {
         assert_eq!(a.ancestors.len(), 3);
         let (a, _) = t.register(img, &name(1), Ask { classes: 5, fanout: 4, near: 8 }, now);
         assert!(a.ancestors.is_empty() && a.near.len() == 8);
+    }
+
+    #[test]
+    fn a_storm_of_first_registrations_is_placed_against_at_least_half_of_it() {
+        let mut t = Roster::new(Duration::from_secs(3), 8);
+        let t0 = Instant::now();
+        let img = [1; 32];
+        // 4,000 nodes register within one millisecond, long before REBUILD: each is placed on a
+        // snapshot of at least half the nodes recorded before it, so no few first nodes become
+        // everyone's ring successors.
+        let mut near: HashMap<String, u32> = HashMap::new();
+        for i in 0..4000 {
+            let (a, _) = t.register(img, &name(i), ASK, t0 + Duration::from_nanos(u64::from(i) * 250));
+            for n in a.near {
+                *near.entry(n).or_default() += 1;
+            }
+        }
+        let most = near.values().copied().max().unwrap();
+        assert!(most <= 8 * 13, "named as a ring successor {most} times: about 8 per doubling at most");
     }
 }

@@ -387,8 +387,37 @@ fn with_the_trackers_places_state_is_bounded_and_a_refused_run_climbs_the_ancest
         near: vec![],
         placed: true,
         total: 2000,
+        provisional: false,
     };
     s.set_view(&view);
     assert_eq!(s.choose(0..1, now, &none()), Choice::Peer { node: up[2].clone(), parent: true });
     assert!(!s.known().contains(&up[0]), "peers that left the view are forgotten");
+}
+
+#[test]
+fn an_ancestor_climbed_to_is_no_holder_and_its_session_closes_once_idle() {
+    let now = Instant::now();
+    let (names, c) = placed(2000, 4, 4);
+    let i = (0..names.len()).find(|&i| c[i].ancestors[0].len() >= 3).unwrap();
+    let mut s = c[i].clone();
+    let up = s.ancestors[0].clone();
+    assert!(s.keeps_session(&up[0], now) && !s.keeps_session(&up[1], now), "the parent only");
+    // The parent refuses; the grandparent is asked and, while asked, keeps its session.
+    s.started(&up[0]);
+    s.finished(&up[0], 0..1, Outcome::Busy, now);
+    s.started(&up[1]);
+    assert!(s.keeps_session(&up[1], now));
+    s.finished(&up[1], 0..1, Outcome::Served, now);
+    // Idle again, and holding everything: still not asked as a holder while the parent is
+    // usable, and its session may close.
+    s.have_full(&up[1], (0..4096).collect());
+    s.have_full(&up[0], RoaringBitmap::new());
+    let later = now + Duration::from_secs(600);
+    assert!(!s.keeps_session(&up[1], later));
+    assert_eq!(s.choose(0..1, later, &none()), Choice::Peer { node: up[0].clone(), parent: true });
+    // A ring successor holding the run is a holder.
+    let near = s.near[0].clone();
+    s.have_full(&near, (0..4096).collect());
+    assert_eq!(s.choose(0..1, later, &none()), Choice::Peer { node: near.clone(), parent: false });
+    assert!(s.keeps_session(&near, later));
 }
