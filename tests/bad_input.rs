@@ -254,6 +254,7 @@ fn bad_configs_fail_with_the_key_named() {
         (p2p("listen = \"10.0.0.5:7000\"\npeers = []", &key), "peers"),
         (p2p("listen = \"10.0.0.5:7000\"\ntracker_replicas = 2", &key), "p2p.tracker_replicas"),
         (p2p("listen = \"10.0.0.5:7000\"\ntracker_replicas = 0", &key), "p2p.tracker_replicas"),
+        (p2p("listen = \"10.0.0.5:7000\"\nmax_sessions = 1", &key), "p2p.max_sessions"),
         (
             format!(
                 "[p2p]\nlisten = \"10.0.0.5:7000\"\ntrackers = [\"nohost\"]\ncluster_key_file = \"{}\"",

@@ -561,3 +561,36 @@ fn a_peer_that_never_reads_its_replies_holds_no_more_than_the_reply_budget() {
     assert_eq!(sb.bytes_from_origin, 0);
     assert_eq!(sb.p2p.unwrap().bytes_from_peers, c.data.len() as u64);
 }
+
+#[test]
+fn an_image_holds_no_more_peer_sessions_than_its_bound() {
+    let mut c = Cluster::new(4 * MIB);
+    let a = c.add_node("max_sessions = 3", &[]);
+    assert!(c.nodes[a].identical(&c.img), "A holds the image");
+    let (node, image) = (c.nodes[a].addr.clone(), c.nodes[a].image_id());
+    let held = |c: &Cluster| {
+        let (n, s) = (c.nodes[a].node_status(), c.nodes[a].status());
+        n.open_sessions + s.p2p.sessions
+    };
+    // Six key holders of another address: three are admitted, the rest refused after the
+    // handshake (no have-map), however long the three stay.
+    let rt = runtime();
+    let mut admitted = Vec::new();
+    for port in 1..=6 {
+        if let Some(s) = rt.block_on(session_as(&node, &format!("{ELSEWHERE}:{port}"), image)) {
+            admitted.push(s);
+        }
+    }
+    assert_eq!(admitted.len(), 3, "the bound, and no more");
+    assert_eq!(held(&c), 3);
+    // A real node joins while A is full: its reads go elsewhere, and A never holds more.
+    let b = c.add_node("", &[]);
+    assert!(c.nodes[b].identical(&c.img), "B reads the image whole");
+    assert!(held(&c) <= 3, "A holds at most its bound: {}", held(&c));
+    assert_eq!(c.nodes[b].status().failed, 0);
+    // Places free up as sessions end.
+    admitted.clear();
+    wait_until("the key holders' places free", Duration::from_secs(20), || c.nodes[a].node_status().open_sessions == 0);
+    assert!(rt.block_on(session_as(&node, &format!("{ELSEWHERE}:7"), image)).is_some(), "a free place");
+    assert!(held(&c) <= 3);
+}

@@ -77,7 +77,7 @@ fn relays_survive_killed_nodes_and_lying_peers_and_the_tree_does_not() {
     assert_eq!((relay.failed_reads, relay.unfinished), (0, 0), "{relay:?}");
     // A liar placed high in a tree answers NotHave as a parent; the reads below it climb its
     // ancestors, and where it is a root, the nodes right below it each fall back to the peers
-    // they know: a little origin egress, never a failed read (1.17 × in this run).
+    // they know: a little origin egress, never a failed read (1.10 × in this run).
     assert!(relay.origin_per_working_set <= 1.25, "lying peers cost little origin egress: {relay:?}");
 }
 

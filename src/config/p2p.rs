@@ -64,6 +64,9 @@ pub struct P2pConfig {
     /// per image), and handshakes it may have in progress.
     #[serde(default = "default_peers_per_address")]
     pub peers_per_address: usize,
+    /// Most peer sessions one image holds at once, opened by this node and by peers together.
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: usize,
 }
 
 /// Run-time settings of the `[p2p]` section, in typed units.
@@ -83,8 +86,12 @@ pub struct P2pTuning {
     pub upload_rate: Option<u64>,
     pub upload_buffer: u64,
     pub peers_per_address: usize,
+    pub max_sessions: usize,
 }
 
+fn default_max_sessions() -> usize {
+    64
+}
 fn default_heartbeat() -> String {
     "1s".into()
 }
@@ -179,6 +186,9 @@ impl P2pConfig {
         if !(1..=4096).contains(&self.peers_per_address) {
             return Err(invalid("p2p.peers_per_address", "must be between 1 and 4096"));
         }
+        if !(2..=4096).contains(&self.max_sessions) {
+            return Err(invalid("p2p.max_sessions", "must be between 2 and 4096"));
+        }
         Ok(P2pTuning {
             listen: self.listen,
             trackers: self.trackers.clone(),
@@ -194,6 +204,7 @@ impl P2pConfig {
             upload_rate,
             upload_buffer,
             peers_per_address: self.peers_per_address,
+            max_sessions: self.max_sessions,
         })
     }
 }

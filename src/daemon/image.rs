@@ -124,6 +124,8 @@ pub struct PeerContext {
     pub fanout: u32,
     /// Number of relay trees.
     pub classes: u32,
+    /// Most peer sessions of one image, both ways.
+    pub max_sessions: usize,
 }
 
 impl Image {
@@ -182,6 +184,7 @@ impl Image {
                 stripe,
                 fanout: p.fanout,
                 classes: p.classes,
+                max_sessions: p.max_sessions,
             };
             Swarm::new(&p.me, p.key.clone(), manifest.clone(), source.clone(), tuning)
         });
@@ -445,6 +448,10 @@ impl PeerExport for Image {
 
     fn have(&self) -> roaring::RoaringBitmap {
         self.store.present()
+    }
+
+    fn admit_session(&self) -> Option<Box<dyn Send>> {
+        Some(Box::new(self.swarm.as_ref()?.admit_inbound()?))
     }
 
     fn serve<'a>(&'a self, run: std::ops::Range<u32>, requester: &'a str) -> BoxFuture<'a, Option<Bytes>> {

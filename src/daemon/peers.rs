@@ -68,6 +68,7 @@ impl Peers {
             stripe: t.stripe,
             fanout: t.fanout,
             classes: t.classes,
+            max_sessions: t.max_sessions,
         };
         let limits = UploadLimits {
             slots: t.upload_slots,

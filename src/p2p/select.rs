@@ -346,9 +346,7 @@ impl Selector {
     }
 
     /// Whether `node` is one of the peers this node keeps a session with (see
-    /// [`Selector::usable_members`]): only those are asked as holders. An ancestor further up
-    /// is asked only when the ones below it refused; were it a holder for whoever once climbed
-    /// to it, the nodes near the root would serve ever more of their subtrees.
+    /// [`Selector::usable_members`]).
     fn kept(&self, node: &str, now: Instant) -> bool {
         if !self.placed || self.near.iter().any(|n| n == node) {
             return true;
@@ -359,8 +357,9 @@ impl Selector {
 
     /// Whether a session with `node` stays open: it is known, and kept (see
     /// [`Selector::usable_members`]) or has requests of this node in flight. The sessions a
-    /// climb past refusing ancestors opened close once idle, so a node near the root does not
-    /// keep one with every node that once climbed to it.
+    /// climb past refusing ancestors opened close once idle (and with them the peer's have-map
+    /// here): were an ancestor high up a holder for every node that once climbed to it, the
+    /// nodes near the root would serve ever more of their subtrees.
     pub fn keeps_session(&self, node: &str, now: Instant) -> bool {
         self.peers.get(node).is_some_and(|p| p.load > 0 || self.kept(node, now))
     }
@@ -390,9 +389,7 @@ impl Selector {
         let holder = self
             .peers
             .iter()
-            .filter(|(n, p)| {
-                Self::usable(p, now) && !tried.contains(n) && p.have.contains_range(run.clone()) && self.kept(n, now)
-            })
+            .filter(|(n, p)| Self::usable(p, now) && !tried.contains(n) && p.have.contains_range(run.clone()))
             .min_by_key(|(n, p)| (p.load, std::cmp::Reverse(tree::score(p.hash ^ self.me_hash, stripe)), n.as_str()));
         if let Some((n, _)) = holder {
             return Choice::Peer { node: n.clone(), parent: false };

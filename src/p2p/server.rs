@@ -80,6 +80,9 @@ pub trait PeerExport: Send + Sync + 'static {
     fn uploaded(&self, bytes: u64);
     /// Turns true when the image stops being served: its sessions end then.
     fn served_until(&self) -> watch::Receiver<bool>;
+    /// A place among the image's sessions for one a peer opens, held until it ends; `None` when
+    /// the image has its most sessions already (the peer reads elsewhere).
+    fn admit_session(&self) -> Option<Box<dyn Send>>;
 }
 
 /// Finds the image a peer asks for by its identity (manifest root digest).
@@ -261,6 +264,11 @@ impl PeerServer {
             return;
         };
         let Some(admitted) = self.admit(from, &auth.node, auth.image) else { return };
+        let Some(_place) = export.admit_session() else {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(peer = %auth.node, "peer session refused: the image has its most sessions");
+            return;
+        };
         self.stats.sessions.fetch_add(1, Ordering::Relaxed);
         self.stats.open.fetch_add(1, Ordering::Relaxed);
         let _open = Open(self.clone());

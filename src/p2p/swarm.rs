@@ -46,6 +46,8 @@ pub struct SwarmTuning {
     pub fanout: u32,
     /// Number of relay trees.
     pub classes: u32,
+    /// Most peer sessions of this image at once, opened by this node and by peers together.
+    pub max_sessions: usize,
 }
 
 /// Counters of one image's peer traffic (downloads; uploads are counted by the server).
@@ -80,7 +82,18 @@ pub struct Swarm {
     /// Bounds origin reads in flight (the fetcher holds no slots over a peer-aware source);
     /// guest and relay reads take them before prefetch.
     origin_slots: Slots,
+    /// Sessions peers opened to this node for this image (see [`Swarm::admit_inbound`]).
+    inbound: Arc<AtomicU64>,
     weak: Weak<Swarm>,
+}
+
+/// A place among an image's sessions held by a session a peer opened; freed on drop.
+pub struct InboundSession(Arc<AtomicU64>);
+
+impl Drop for InboundSession {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Swarm {
@@ -102,12 +115,27 @@ impl Swarm {
             tuning,
             stats: SwarmStats::default(),
             origin_slots: Slots::new(ORIGIN_SLOTS),
+            inbound: Arc::new(AtomicU64::new(0)),
             weak: weak.clone(),
         })
     }
 
     pub fn stats(&self) -> &SwarmStats {
         &self.stats
+    }
+
+    /// A place for a session a peer opens, while the image's sessions (both ways) are fewer than
+    /// `max_sessions`; `None` refuses it (the peer reads elsewhere).
+    pub fn admit_inbound(&self) -> Option<InboundSession> {
+        let max = self.tuning.max_sessions as u64;
+        let out = self.conns.lock().unwrap().len() as u64;
+        self.inbound.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n + out < max).then_some(n + 1)).ok()?;
+        Some(InboundSession(self.inbound.clone()))
+    }
+
+    /// Sessions peers opened to this node for this image, now.
+    pub fn inbound(&self) -> u64 {
+        self.inbound.load(Ordering::Relaxed)
     }
 
     pub fn summary(&self) -> Summary {
@@ -175,7 +203,16 @@ impl Swarm {
     }
 
     async fn session(&self, node: &str) -> Result<Arc<PeerConn>, Refusal> {
-        let shared = self.conns.lock().unwrap().entry(node.to_string()).or_default().clone();
+        let shared = {
+            let mut conns = self.conns.lock().unwrap();
+            // A slot of its own counts among the image's sessions from the start: at the bound,
+            // no new one (the read goes to another source).
+            let full = conns.len() as u64 + self.inbound() >= self.tuning.max_sessions as u64;
+            if !conns.contains_key(node) && full {
+                return Err(Refusal::Closed);
+            }
+            conns.entry(node.to_string()).or_default().clone()
+        };
         let mut slot = shared.lock().await;
         if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());

@@ -105,6 +105,9 @@ pub struct SimArgs {
     pub tree_fanout: u32,
     #[arg(long, default_value_t = 16)]
     pub upload_slots: u32,
+    /// Most peer sessions of a node at once, both ways (`p2p.max_sessions`).
+    #[arg(long, default_value_t = 64)]
+    pub max_sessions: u32,
     #[arg(long, default_value = "64MiB")]
     pub upload_buffer: String,
     /// Seconds between a node's tracker registrations.
@@ -203,6 +206,7 @@ impl SimArgs {
             classes: self.classes,
             tree_fanout: self.tree_fanout,
             upload_slots: self.upload_slots,
+            max_sessions: self.max_sessions,
             upload_buffer: size("upload-buffer", &self.upload_buffer)?,
             heartbeat: self.heartbeat,
             tracker_ttl: self.tracker_ttl,

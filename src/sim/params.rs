@@ -100,6 +100,8 @@ pub struct SimParams {
     pub classes: u32,
     pub tree_fanout: u32,
     pub upload_slots: u32,
+    /// Most peer sessions of a node at once, both ways.
+    pub max_sessions: u32,
     pub upload_buffer: u64,
     pub heartbeat: f64,
     pub tracker_ttl: f64,
@@ -184,6 +186,9 @@ impl SimParams {
         }
         if !(self.tracker_ttl.is_finite() && self.tracker_ttl > 0.0 && self.tracker_ttl <= 3600.0) {
             return Err(bad("tracker-ttl", "must be more than 0 and at most 3600"));
+        }
+        if !(2..=4096).contains(&self.max_sessions) {
+            return Err(bad("max-sessions", "must be between 2 and 4096"));
         }
         if !(1..=64).contains(&self.trackers) {
             return Err(bad("trackers", "must be between 1 and 64"));

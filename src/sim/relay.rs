@@ -65,7 +65,11 @@ impl Sim<'_> {
     fn open_session(&mut self, i: u32, j: u32) {
         let now = self.instant();
         let name = self.nodes[j as usize].name.clone();
-        if !self.nodes[j as usize].alive {
+        let held = |n: &super::engine::Node| n.sessions_out.len() + n.subscribers.len();
+        let max = self.p.max_sessions as usize;
+        // At either side's bound (`p2p.max_sessions`), refused: the asker reads elsewhere.
+        let full = held(&self.nodes[i as usize]) > max || held(&self.nodes[j as usize]) >= max;
+        if !self.nodes[j as usize].alive || full {
             self.nodes[i as usize].sessions_out.remove(&j);
             if let Some(sel) = self.nodes[i as usize].sel.as_mut() {
                 sel.unreachable(&name, now);
@@ -91,8 +95,10 @@ impl Sim<'_> {
         let Some(q) = self.reqs.get(r) else { return };
         let (i, j, run, bytes) = (q.client, q.server, q.run.clone(), q.bytes);
         let lat = self.lat();
-        if !self.nodes[j as usize].alive {
-            // The process is gone: its host resets the connection.
+        if !self.nodes[j as usize].alive
+            || (self.strategy.relays() && !self.nodes[i as usize].sessions_out.contains(&j))
+        {
+            // The process is gone (its host resets the connection), or the session was refused.
             self.after(lat, Ev::AtClient(r, Outcome::Lost));
             return;
         }
@@ -341,6 +347,11 @@ impl Sim<'_> {
                 .filter(|&j| !sel.keeps_session(&self.nodes[j as usize].name, now))
                 .collect();
             for j in gone {
+                // A closed session's have-map goes with it (as `PeerConn` tells the selector).
+                let name = self.nodes[j as usize].name.clone();
+                if let Some(sel) = self.nodes[i as usize].sel.as_mut() {
+                    sel.disconnected(&name);
+                }
                 self.nodes[i as usize].sessions_out.remove(&j);
                 self.nodes[j as usize].subscribers.retain(|&s| s != i);
             }

@@ -395,7 +395,7 @@ fn with_the_trackers_places_state_is_bounded_and_a_refused_run_climbs_the_ancest
 }
 
 #[test]
-fn an_ancestor_climbed_to_is_no_holder_and_its_session_closes_once_idle() {
+fn the_session_to_an_ancestor_climbed_to_closes_once_idle() {
     let now = Instant::now();
     let (names, c) = placed(2000, 4, 4);
     let i = (0..names.len()).find(|&i| c[i].ancestors[0].len() >= 3).unwrap();
@@ -408,12 +408,14 @@ fn an_ancestor_climbed_to_is_no_holder_and_its_session_closes_once_idle() {
     s.started(&up[1]);
     assert!(s.keeps_session(&up[1], now));
     s.finished(&up[1], 0..1, Outcome::Served, now);
-    // Idle again, and holding everything: still not asked as a holder while the parent is
-    // usable, and its session may close.
+    // Idle again and holding everything: its session is not kept; once closed, its have-map
+    // goes, and the parent is asked again.
     s.have_full(&up[1], (0..4096).collect());
     s.have_full(&up[0], RoaringBitmap::new());
     let later = now + Duration::from_secs(600);
     assert!(!s.keeps_session(&up[1], later));
+    assert_eq!(s.choose(0..1, later, &none()), Choice::Peer { node: up[1].clone(), parent: false });
+    s.disconnected(&up[1]);
     assert_eq!(s.choose(0..1, later, &none()), Choice::Peer { node: up[0].clone(), parent: true });
     // A ring successor holding the run is a holder.
     let near = s.near[0].clone();
