@@ -32,7 +32,7 @@ use crate::p2p::wire::Bytes32;
 
 use crate::p2p::core::upload::MAX_QUEUE;
 
-/// Heartbeats a tracker that failed is passed over for (while others answer).
+/// Heartbeats a tracker that failed is passed over for (tried only if no other answers).
 pub const RETRY_BEATS: u64 = 10;
 
 /// The node's peer-to-peer state.
@@ -134,16 +134,13 @@ impl Peers {
                 continue;
             }
             let limit = peers.heartbeat.max(Duration::from_secs(1));
+            // Trackers that failed lately are tried only when no other answered: each may take
+            // `limit` to fail again, and a heartbeat that took several would come late.
             let resting = |i: usize| failed[i].is_some_and(|b| beat < b + RETRY_BEATS);
-            let tries: Vec<usize> = order
-                .iter()
-                .copied()
-                .filter(|&i| !resting(i))
-                .chain(order.iter().copied().filter(|&i| resting(i)))
-                .collect();
+            let (fresh, rest): (Vec<usize>, Vec<usize>) = order.iter().partition(|&&i| !resting(i));
             let mut served = 0;
-            for i in tries {
-                if served == replicas {
+            for (i, retry) in fresh.into_iter().map(|i| (i, false)).chain(rest.into_iter().map(|i| (i, true))) {
+                if served == replicas || (retry && served > 0) {
                     clients[i].close();
                     continue;
                 }

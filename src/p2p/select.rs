@@ -400,6 +400,13 @@ impl Selector {
         }
     }
 
+    /// A request to `node` counted by [`Selector::started`] was not sent after all.
+    pub fn not_asked(&mut self, node: &str) {
+        if let Some(p) = self.peers.get_mut(node) {
+            p.load = p.load.saturating_sub(1);
+        }
+    }
+
     pub fn started(&mut self, node: &str) {
         if let Some(p) = self.peers.get_mut(node) {
             p.load += 1;

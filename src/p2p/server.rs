@@ -263,12 +263,14 @@ impl PeerServer {
             tracing::debug!(peer = %auth.node, "peer asked for an image not served here");
             return;
         };
-        let Some(admitted) = self.admit(from, &auth.node, auth.image) else { return };
+        // The image's bound first: a session refused here must not have replaced the node's
+        // older one, which admission does.
         let Some(_place) = export.admit_session() else {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(peer = %auth.node, "peer session refused: the image has its most sessions");
             return;
         };
+        let Some(admitted) = self.admit(from, &auth.node, auth.image) else { return };
         self.stats.sessions.fetch_add(1, Ordering::Relaxed);
         self.stats.open.fetch_add(1, Ordering::Relaxed);
         let _open = Open(self.clone());

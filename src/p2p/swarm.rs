@@ -128,9 +128,21 @@ impl Swarm {
     /// `max_sessions`; `None` refuses it (the peer reads elsewhere).
     pub fn admit_inbound(&self) -> Option<InboundSession> {
         let max = self.tuning.max_sessions as u64;
-        let out = self.conns.lock().unwrap().len() as u64;
+        // Under the lock `session` counts under too, so the two never both take the last place.
+        // Slots of sessions that ended count until `set_view` drops them: the bound errs low.
+        let conns = self.conns.lock().unwrap();
+        let out = conns.len() as u64;
         self.inbound.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n + out < max).then_some(n + 1)).ok()?;
+        drop(conns);
         Some(InboundSession(self.inbound.clone()))
+    }
+
+    /// Whether a session with `node` would pass the image's bound: none is open or being made,
+    /// and the image holds `max_sessions` already. Such a peer is passed over without counting
+    /// against it (it did nothing wrong).
+    fn full_without(&self, node: &str) -> bool {
+        let conns = self.conns.lock().unwrap();
+        !conns.contains_key(node) && conns.len() as u64 + self.inbound() >= self.tuning.max_sessions as u64
     }
 
     /// Sessions peers opened to this node for this image, now.
@@ -170,6 +182,9 @@ impl Swarm {
         }
         let Some(me) = self.weak.upgrade() else { return };
         for node in usable {
+            if self.full_without(&node) {
+                continue;
+            }
             let idle = {
                 let conns = self.conns.lock().unwrap();
                 // A locked slot is connecting already.
@@ -345,6 +360,9 @@ impl Swarm {
                     let data = data?;
                     self.stats.bytes_from_origin.fetch_add(data.len() as u64, Ordering::Relaxed);
                     return Ok((Bytes::from(data), false));
+                }
+                Choice::Peer { node, .. } if self.full_without(&node) => {
+                    piece.passed(&mut self.selector.lock().unwrap(), &node);
                 }
                 Choice::Peer { node, .. } => {
                     let timer = self.stats.peer_latency.timer();

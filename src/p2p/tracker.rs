@@ -89,9 +89,8 @@ impl Tracker {
         let (answer, recorded) = {
             let mut roster = self.nodes.lock().unwrap();
             let (mut answer, recorded) = roster.register(image, node, ask, now.into_std());
-            if let Some(tops) =
-                roster.tops(&image, ask.classes.clamp(1, MAX_CLASSES)).filter(|_| !self.peers.is_empty())
-            {
+            let tops = (!self.peers.is_empty()).then(|| roster.tops(&image, ask.classes.clamp(1, MAX_CLASSES)));
+            if let Some(tops) = tops.flatten() {
                 self.federation.lock().unwrap().join(&image, node, ask, &mut answer, &tops, now.into_std());
             }
             (answer, recorded)

@@ -12,7 +12,8 @@
 //! never on N.
 //!
 //! The joined tree of class c: the upper levels are one `fanout`-ary heap over the tops of every
-//! partition merged in key order (the same heap at every tracker, from the same summaries);
+//! partition merged in key order (the same heap at every tracker once the summaries have gone
+//! round: each merges its current tops with the others' last summaries);
 //! below them, each partition's own heap. A node's chain follows its partition's heap up to the
 //! first node among its partition's tops, then that node's ancestors in the merged heap. Every
 //! step climbs strictly (a heap's parent ranks above its child, [`super::tree`]), so no chain can
@@ -89,21 +90,31 @@ impl Federation {
         self.version += 1;
         let images = self.heard.entry(from).or_default();
         images.retain(|_, (_, t)| now.saturating_duration_since(*t) < ttl);
-        for mut s in summaries {
+        for s in summaries {
             if images.len() >= MAX_IMAGES && !images.contains_key(&s.image) {
                 continue;
             }
-            s.shapes.truncate(MAX_SHAPES);
-            for (classes, tops) in &mut s.shapes {
-                *classes = (*classes).clamp(1, MAX_CLASSES);
-                tops.truncate(*classes as usize);
-                for top in tops.iter_mut() {
-                    top.truncate(TOP);
-                    // Only canonical peer addresses (peer servers admit no other spelling).
-                    top.retain(|n| crate::p2p::conn::is_canonical(n));
-                }
-            }
-            images.insert(s.image, (s, now));
+            // Rebuilt, not cut down in place: a frame full of empty lists would otherwise keep
+            // their allocations. Only canonical peer addresses (peer servers admit no other
+            // spelling).
+            let shapes = s
+                .shapes
+                .into_iter()
+                .take(MAX_SHAPES)
+                .map(|(classes, tops)| {
+                    let classes = classes.clamp(1, MAX_CLASSES);
+                    let tops = tops
+                        .into_iter()
+                        .take(classes as usize)
+                        .map(|top| {
+                            let names = top.into_iter().take(TOP).filter(|n| crate::p2p::conn::is_canonical(n));
+                            names.map(|n| n.as_str().to_string()).collect()
+                        })
+                        .collect();
+                    (classes, tops)
+                })
+                .collect();
+            images.insert(s.image, (Summary { image: s.image, total: s.total, shapes }, now));
         }
         // Merged orders of images no tracker tells of any more go (memory: images × shapes ×
         // classes at most).
@@ -142,6 +153,10 @@ impl Federation {
             all.sort_unstable_by(higher_first);
             all.dedup_by(|a, b| a.1 == b.1);
             let order = all.into_iter().map(|(_, n)| n.to_string()).collect();
+            // Bounded whatever images nodes register: at most one order per image, shape and class.
+            if self.merged.len() >= MAX_IMAGES * MAX_SHAPES * MAX_CLASSES as usize {
+                self.merged.clear();
+            }
             self.merged.insert(cache_key, Merged { own: own.to_vec(), from, version, order });
         }
         &self.merged[&cache_key].order

@@ -39,6 +39,13 @@ impl PieceRead {
         choice
     }
 
+    /// `node` was chosen but not asked (this node could open no session with it): the next
+    /// choice avoids it, as after a refusal, and nothing counts against it.
+    pub fn passed(&mut self, sel: &mut Selector, node: &str) {
+        sel.not_asked(node);
+        self.tried.add(node, Outcome::Busy);
+    }
+
     /// `node` answered with `outcome`; unless it served, the next choice avoids it.
     pub fn answered(&mut self, sel: &mut Selector, node: &str, outcome: Outcome, now: Instant) {
         sel.finished(node, self.run.clone(), outcome, now);
@@ -71,6 +78,23 @@ mod tests {
             }
             Choice::Origin => {}
         }
+        assert!(s.usable_now(names[1], now));
+    }
+
+    #[test]
+    fn a_peer_passed_over_costs_it_nothing() {
+        let now = Instant::now();
+        let names = ["10.0.0.1:7000", "10.0.0.2:7000", "10.0.0.3:7000"];
+        let mut s = Selector::new(names[0], 1, 4, 64);
+        s.set_members(names);
+        s.have_full(names[1], (0..4).collect());
+        let mut p = PieceRead::new(0..1);
+        let Choice::Peer { node, .. } = p.next(&mut s, now) else { panic!("the holder") };
+        p.passed(&mut s, &node);
+        assert_ne!(p.next(&mut s, now), Choice::Peer { node: node.clone(), parent: false }, "not asked again");
+        // For the next piece it is the holder again: no backoff, its claim kept, its load 0.
+        let q = PieceRead::new(0..1);
+        assert_eq!(q.next(&mut s, now), Choice::Peer { node, parent: false });
         assert!(s.usable_now(names[1], now));
     }
 }

@@ -296,8 +296,9 @@ impl Roster {
             .collect()
     }
 
-    /// What this tracker tells the others (see [`super::federation`]): per image, its node count
-    /// and, per tree shape of its snapshot, the root of each class's tree.
+    /// What this tracker tells the others (see [`super::federation`]): per image, the nodes its
+    /// table holds (those expired but not yet swept included) and, per tree shape of its
+    /// snapshot, the top of each class's tree (see [`Roster::tops`]).
     pub fn summary(&self) -> Vec<Summary> {
         self.images
             .iter()
