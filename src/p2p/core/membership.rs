@@ -35,9 +35,8 @@ pub struct View {
     /// Live nodes of the image, as the freshest answer said.
     pub total: u32,
     /// Whether the places are a warming tracker's (no final ones yet): then the node opens no
-    /// session before it needs one. A table warming up after a cold start is rebuilt as it
-    /// doubles, and each generation would name other ring successors and parents near the top,
-    /// which would gather sessions from much of the cluster within one heartbeat.
+    /// session before it needs one. A table warming up after a cold start places every node
+    /// against its first few nodes, which would gather sessions from much of the cluster.
     pub provisional: bool,
 }
 
