@@ -210,14 +210,9 @@ impl Federation {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::p2p::core::roster::tests::{name, ASK};
     use crate::p2p::core::roster::{Roster, REBUILD};
     use crate::p2p::core::tree::above;
-
-    const ASK: Ask = Ask { classes: 4, fanout: 4, near: 8 };
-
-    fn name(i: u32) -> String {
-        format!("10.{}.{}.{}:7000", i >> 16, (i >> 8) & 255, i & 255)
-    }
 
     #[test]
     fn rank_is_a_stable_permutation_that_spreads_nodes_evenly() {

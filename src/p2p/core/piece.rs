@@ -59,42 +59,45 @@ impl PieceRead {
 mod tests {
     use super::*;
 
+    const NAMES: [&str; 3] = ["10.0.0.1:7000", "10.0.0.2:7000", "10.0.0.3:7000"];
+
+    /// The first of three nodes, knowing the others; the second holds the first chunks. Returns
+    /// its selector and a piece whose first choice is that holder, already made.
+    fn asked_the_holder(now: Instant) -> (Selector, PieceRead, String) {
+        let mut s = Selector::new(NAMES[0], 1, 4, 64);
+        s.set_members(NAMES);
+        s.have_full(NAMES[1], (0..4).collect());
+        let p = PieceRead::new(0..1);
+        let Choice::Peer { node, parent: false } = p.next(&mut s, now) else { panic!("the holder") };
+        assert_eq!(node, NAMES[1]);
+        (s, p, node)
+    }
+
     #[test]
     fn a_refused_piece_goes_elsewhere_and_loads_stay_exact() {
         let now = Instant::now();
-        let names = ["10.0.0.1:7000", "10.0.0.2:7000", "10.0.0.3:7000"];
-        let mut s = Selector::new(names[0], 1, 4, 64);
-        s.set_members(names);
-        s.have_full(names[1], (0..4).collect());
-        let mut p = PieceRead::new(0..1);
-        let Choice::Peer { node, parent: false } = p.next(&mut s, now) else { panic!("the holder") };
-        assert_eq!(node, names[1]);
+        let (mut s, mut p, node) = asked_the_holder(now);
         p.answered(&mut s, &node, Outcome::NotHave, now);
         // The holder lost its claim; the piece climbs or goes to the origin, never to it again.
         match p.next(&mut s, now) {
             Choice::Peer { node, .. } => {
-                assert_ne!(node, names[1]);
+                assert_ne!(node, NAMES[1]);
                 p.answered(&mut s, &node, Outcome::Served, now);
             }
             Choice::Origin => {}
         }
-        assert!(s.usable_now(names[1], now));
+        assert!(s.usable_now(NAMES[1], now));
     }
 
     #[test]
     fn a_peer_passed_over_costs_it_nothing() {
         let now = Instant::now();
-        let names = ["10.0.0.1:7000", "10.0.0.2:7000", "10.0.0.3:7000"];
-        let mut s = Selector::new(names[0], 1, 4, 64);
-        s.set_members(names);
-        s.have_full(names[1], (0..4).collect());
-        let mut p = PieceRead::new(0..1);
-        let Choice::Peer { node, .. } = p.next(&mut s, now) else { panic!("the holder") };
+        let (mut s, mut p, node) = asked_the_holder(now);
         p.passed(&mut s, &node);
         assert_ne!(p.next(&mut s, now), Choice::Peer { node: node.clone(), parent: false }, "not asked again");
         // For the next piece it is the holder again: no backoff, its claim kept, its load 0.
         let q = PieceRead::new(0..1);
         assert_eq!(q.next(&mut s, now), Choice::Peer { node, parent: false });
-        assert!(s.usable_now(names[1], now));
+        assert!(s.usable_now(NAMES[1], now));
     }
 }

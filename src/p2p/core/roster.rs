@@ -321,13 +321,14 @@ impl Roster {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::p2p::core::tree::above;
 
-    const ASK: Ask = Ask { classes: 4, fanout: 4, near: 8 };
+    pub(crate) const ASK: Ask = Ask { classes: 4, fanout: 4, near: 8 };
 
-    fn name(i: u32) -> String {
+    /// Node `i`'s name: an address of its own.
+    pub(crate) fn name(i: u32) -> String {
         format!("10.{}.{}.{}:7000", i >> 16, (i >> 8) & 255, i & 255)
     }
 
