@@ -105,7 +105,7 @@ pub struct SimParams {
     pub upload_buffer: u64,
     pub heartbeat: f64,
     pub tracker_ttl: f64,
-    /// Trackers sharing the nodes (each node at its home, partitions joined through their roots).
+    /// Trackers sharing the nodes (each node at its home, partitions joined through the merged tops of their trees).
     pub trackers: u32,
     pub prefetch_concurrency: u32,
     /// Seconds before its guest's start that a node starts prefetching the profile (at most

@@ -12,7 +12,7 @@
 //!   tree               the relay trees' keys: classes, interior-disjoint groups, heap places
 //!   Membership         each image's View from tracker answers (window, per address)
 //!   Roster             the tracker's table (TTL, bounds, tree places, ring successors)
-//!   Federation         trackers sharing the load: partitions joined through their roots
+//!   Federation         trackers sharing the load: partitions joined through their merged tops
 //!   UploadBudget       upload admission: reply bytes, session share, queue → reply or Busy
 //!   plan_runs          (fetch::flight) how missing chunks become upstream runs
 //!   prefetch_runs      (profile::prefetch) the order and runs of a profile's prefetch
