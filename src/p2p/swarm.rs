@@ -141,7 +141,11 @@ impl Swarm {
     /// and the image holds `max_sessions` already. Such a peer is passed over without counting
     /// against it (it did nothing wrong).
     fn full_without(&self, node: &str) -> bool {
-        let conns = self.conns.lock().unwrap();
+        self.over_bound(&self.conns.lock().unwrap(), node)
+    }
+
+    /// [`Swarm::full_without`] with `conns` locked by the caller.
+    fn over_bound(&self, conns: &HashMap<String, SessionSlot>, node: &str) -> bool {
         !conns.contains_key(node) && conns.len() as u64 + self.inbound() >= self.tuning.max_sessions as u64
     }
 
@@ -222,8 +226,7 @@ impl Swarm {
             let mut conns = self.conns.lock().unwrap();
             // A slot of its own counts among the image's sessions from the start: at the bound,
             // no new one (the read goes to another source).
-            let full = conns.len() as u64 + self.inbound() >= self.tuning.max_sessions as u64;
-            if !conns.contains_key(node) && full {
+            if self.over_bound(&conns, node) {
                 return Err(Refusal::Closed);
             }
             conns.entry(node.to_string()).or_default().clone()

@@ -54,6 +54,9 @@ pub struct Tracker {
     /// The other trackers (configured), and what they said: the pure [`Federation`].
     peers: Vec<String>,
     federation: Mutex<Federation>,
+    /// The summaries last made for the other trackers, and when: made once per push period for
+    /// all of them, not once per peer.
+    summaries: Mutex<Option<(Instant, Arc<Vec<Summary>>)>>,
     ttl: Duration,
     /// Registrations answered, and node sessions open, since start.
     registrations: AtomicU64,
@@ -76,6 +79,7 @@ impl Tracker {
             nodes: Mutex::new(Roster::new(ttl, per_address)),
             peers,
             federation: Mutex::new(Federation::new(ttl)),
+            summaries: Mutex::new(None),
             ttl,
             registrations: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
@@ -218,7 +222,7 @@ impl Tracker {
                 _ = tick.tick() => {}
                 _ = shutdown.wait_for(|v| *v) => return,
             }
-            let summaries = self.nodes.lock().unwrap().summary();
+            let summaries = self.summaries(period / 2);
             let limit = period.max(Duration::from_secs(1));
             let sent = tokio::time::timeout(limit, self.send(&addr, &mut conn, summaries)).await;
             match sent.unwrap_or(Err(ConnError::Timeout)) {
@@ -238,12 +242,28 @@ impl Tracker {
         }
     }
 
-    async fn send(&self, addr: &str, conn: &mut Option<TcpStream>, summaries: Vec<Summary>) -> Result<(), ConnError> {
+    /// This tracker's summaries, made again if older than `fresh`.
+    fn summaries(&self, fresh: Duration) -> Arc<Vec<Summary>> {
+        let mut made = self.summaries.lock().unwrap();
+        let now = Instant::now();
+        match made.as_ref() {
+            Some((at, s)) if now.saturating_duration_since(*at) < fresh => s.clone(),
+            _ => {
+                let s = Arc::new(self.nodes.lock().unwrap().summary());
+                *made = Some((now, s.clone()));
+                s
+            }
+        }
+    }
+
+    async fn send(
+        &self,
+        addr: &str,
+        conn: &mut Option<TcpStream>,
+        summaries: Arc<Vec<Summary>>,
+    ) -> Result<(), ConnError> {
         if conn.is_none() {
-            let mut s = connect_from(addr, &self.me).await?;
-            s.set_nodelay(true)?;
-            client_handshake(&mut s, &self.key, &self.me, TRACKER_IMAGE).await?;
-            *conn = Some(s);
+            *conn = Some(open_session(addr, &self.me, &self.key).await?);
         }
         let s = conn.as_mut().expect("connected above");
         // An empty frame too: a tracker with no nodes is still heard.
@@ -261,6 +281,15 @@ impl Tracker {
     pub fn peers_heard(&self) -> usize {
         self.federation.lock().unwrap().trackers_heard(Instant::now().into_std())
     }
+}
+
+/// A session with the tracker at `addr` as `me` (a node, or another tracker): connected from
+/// `me`'s address and authenticated.
+async fn open_session(addr: &str, me: &str, key: &ClusterKey) -> Result<TcpStream, ConnError> {
+    let mut s = connect_from(addr, me).await?;
+    s.set_nodelay(true)?;
+    client_handshake(&mut s, key, me, TRACKER_IMAGE).await?;
+    Ok(s)
 }
 
 /// The tracker's Prometheus metrics, read at scrape time.
@@ -344,10 +373,7 @@ impl TrackerClient {
 
     async fn exchange(&mut self, images: &[Bytes32], ask: Ask) -> Result<HashMap<Bytes32, Answer>, ConnError> {
         if self.conn.is_none() {
-            let mut s = connect_from(&self.addr, &self.me).await?;
-            s.set_nodelay(true)?;
-            client_handshake(&mut s, &self.key, &self.me, TRACKER_IMAGE).await?;
-            self.conn = Some(s);
+            self.conn = Some(open_session(&self.addr, &self.me, &self.key).await?);
         }
         let s = self.conn.as_mut().expect("connected above");
         let mut out = HashMap::new();
