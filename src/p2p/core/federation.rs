@@ -182,12 +182,27 @@ impl Federation {
         for (c, up) in answer.ancestors.iter_mut().enumerate() {
             let Some(top) = own.get(c) else { continue };
             // The first of the chain (from `me`) among the tops; none when the chain was cut at
-            // the depth bound before it got there.
+            // the depth bound before it got there. A node with no chain at all is its
+            // partition's root, in the snapshot's tops or not yet (a newcomer is placed where it
+            // would be before the next rebuild records it): it enters the merged heap itself.
+            // Left alone, such a newcomer would read the origin as a root of its own until its
+            // next heartbeat, however many nodes rank above it elsewhere.
             let seq = std::iter::once(me).chain(up.iter().map(String::as_str));
-            let Some(i) = seq.clone().position(|n| top.iter().any(|t| t == n)) else { continue };
+            let Some(i) = seq.clone().position(|n| top.iter().any(|t| t == n)).or(up.is_empty().then_some(0)) else {
+                continue;
+            };
             let entry = seq.clone().nth(i).expect("found above").to_string();
             let order = self.order(image, classes, c as u32, top, now);
-            let Some(mut place) = order.iter().position(|n| *n == entry) else { continue };
+            let mut place = match order.iter().position(|n| *n == entry) {
+                Some(p) => p,
+                // Where it would be: the places above it are the same as in a heap with it.
+                None if i == 0 => {
+                    let key = |n: &str| Key::new(node_hash(n), c as u32, classes);
+                    let mine = (key(me), me);
+                    order.partition_point(|n| higher_first(&(key(n), n.as_str()), &mine).is_lt())
+                }
+                None => continue,
+            };
             let mut above = Vec::new();
             while let Some(p) = parent_place(place, fanout) {
                 above.push(order[p].clone());
@@ -211,7 +226,7 @@ impl Federation {
 mod tests {
     use super::*;
     use crate::p2p::core::roster::tests::{name, ASK};
-    use crate::p2p::core::roster::{Roster, REBUILD};
+    use crate::p2p::core::roster::Roster;
     use crate::p2p::core::tree::above;
 
     #[test]
@@ -246,8 +261,9 @@ mod tests {
                 rosters[home].register(img, &name(i), ASK, t0 + Duration::from_secs(beat));
             }
         }
-        let now = t0 + Duration::from_secs(2) + REBUILD;
-        // One registration each at `now` rebuilds every tracker's snapshot.
+        // Half a ttl after the last rebuild (at the second beat): one registration each at `now`
+        // rebuilds every tracker's snapshot.
+        let now = t0 + Duration::from_secs(1) + ttl / 2;
         for (t, r) in rosters.iter_mut().enumerate() {
             let home = (0..n).find(|&i| rank(&name(i), &trackers)[0] == t).expect("a node at each tracker");
             r.register(img, &name(home), ASK, now);
@@ -302,6 +318,44 @@ mod tests {
         let more = children.values().filter(|&&k| k > ASK.fanout).count();
         assert!(more * 100 < children.len(), "{more} of {} parents have more than fanout children", children.len());
         assert!(load.iter().all(|&l| l > n / 4 && l < n / 2), "each tracker answers about N / M: {load:?}");
+    }
+
+    #[test]
+    fn a_newcomer_above_its_partition_climbs_into_the_joined_tree() {
+        let (n, m) = (300u32, 3usize);
+        let (mut rosters, mut feds, now) = cluster(n, m);
+        let trackers: Vec<String> = (0..m).map(|i| format!("10.9.0.{i}:7070")).collect();
+        let img = [1; 32];
+        // The root of each class over all trackers.
+        let tops: Vec<Vec<Vec<String>>> = rosters.iter().map(|r| r.tops(&img, ASK.classes).unwrap()).collect();
+        let root = |c: u32| {
+            let mut all: Vec<&String> = tops.iter().map(|t| &t[c as usize][0]).collect();
+            all.sort_by(|a, b| if above(a, b, c, ASK.classes) { std::cmp::Ordering::Less } else { std::cmp::Ordering::Greater });
+            all[0].clone()
+        };
+        // A node not yet in its tracker's snapshot (registered at the instant of the last
+        // rebuild) that would be its partition's root in some class, but not the root of all.
+        let (me, home, c) = (n..n + 20_000)
+            .map(name)
+            .find_map(|me| {
+                let home = rank(&me, &trackers)[0];
+                let c = (0..ASK.classes).find(|&c| {
+                    above(&me, &tops[home][c as usize][0], c, ASK.classes) && !above(&me, &root(c), c, ASK.classes)
+                })?;
+                Some((me, home, c))
+            })
+            .expect("such a name");
+        // The snapshots were rebuilt at `now`: the newcomer's registration is not recorded in
+        // them before the next rebuild.
+        let a = joined(&mut rosters, &mut feds, home, &me, now);
+        let up = &a.ancestors[c as usize];
+        assert!(!rosters[home].tops(&img, ASK.classes).unwrap()[c as usize].contains(&me), "not in the snapshot yet");
+        assert_eq!(up.last(), Some(&root(c)), "its chain ends at the root of all, not at itself: {up:?}");
+        let mut below = me.as_str();
+        for u in up {
+            assert!(above(u, below, c, ASK.classes), "{u} above {below}");
+            below = u;
+        }
     }
 
     #[test]
