@@ -95,7 +95,8 @@ impl Tracker {
             let (mut answer, recorded) = roster.register(image, node, ask, now.into_std());
             let tops = (!self.peers.is_empty()).then(|| roster.tops(&image, ask.classes.clamp(1, MAX_CLASSES)));
             if let Some(tops) = tops.flatten() {
-                self.federation.lock().unwrap().join(&image, node, ask, &mut answer, &tops, now.into_std());
+                let own = (tops.as_slice(), roster.nodes(&image) as u32);
+                self.federation.lock().unwrap().join(&image, node, ask, &mut answer, own, now.into_std());
             }
             (answer, recorded)
         };

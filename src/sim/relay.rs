@@ -298,9 +298,11 @@ impl Sim<'_> {
         self.after(period, Ev::Sync);
     }
 
-    /// A node's heartbeat: it registers with its tracker (if up), and its members follow.
+    /// A node's heartbeat: it registers with its tracker (if up), and its members follow. A node
+    /// whose guest has booted goes on (vmtd registers every image it serves, and a running
+    /// guest's image stays served), so later guests find it in the trees.
     pub(super) fn heartbeat(&mut self, i: u32) {
-        if !self.nodes[i as usize].alive || self.nodes[i as usize].done.is_some() {
+        if !self.nodes[i as usize].alive {
             return;
         }
         let now = self.instant();
@@ -311,7 +313,8 @@ impl Sim<'_> {
             let (mut answer, _) = self.rosters[home].register(key, name, ask, now);
             if self.rosters.len() > 1 {
                 if let Some(tops) = self.rosters[home].tops(&key, ask.classes) {
-                    self.feds[home].join(&key, name, ask, &mut answer, &tops, now);
+                    let own = (tops.as_slice(), self.rosters[home].nodes(&key) as u32);
+                    self.feds[home].join(&key, name, ask, &mut answer, own, now);
                 }
             }
             self.c.registrations += 1;

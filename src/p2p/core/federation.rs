@@ -11,18 +11,23 @@
 //! order: the root and two levels at fan-out 4). Its size depends on images, shapes and classes,
 //! never on N.
 //!
-//! The joined tree of class c: the upper levels are one `fanout`-ary heap over the tops of every
-//! partition merged in key order (the same heap at every tracker once the summaries have gone
-//! round: each merges its current tops with the others' last summaries);
-//! below them, each partition's own heap. A node's chain follows its partition's heap up to the
-//! first node among its partition's tops, then that node's ancestors in the merged heap. Every
-//! step climbs strictly (a heap's parent ranks above its child, [`super::tree`]), so no chain can
-//! loop, whatever each tracker has heard; the single root of all (the highest key anywhere) is
-//! the only node that reads the origin for the class once the summaries have gone round. The
-//! upper nodes of a partition's top take their children from the merged heap only, and its
-//! lowest nodes are mostly leaves there, so few nodes have more than `fanout` children (at most
-//! `2 × fanout`). With partitions of at most [`TOP`] nodes, the merged heap holds every node and
-//! is exactly one tracker's heap over all of them.
+//! The joined tree of class c: its upper levels are one tree over the tops of every partition
+//! merged in key order (the same tree at every tracker once the summaries have gone round: each
+//! merges its current tops with the others' last summaries); below them, each partition's own
+//! heap. A node's chain follows its partition's heap up to the first node among its partition's
+//! tops, then that node's ancestors in the merged tree. In the merged tree each name takes as
+//! parent the first name before it (so ranked above it) with room left, breadth first: a name's
+//! room is its `fanout` less the children it keeps in its partition (those past the top), so
+//! the lowest names of a large partition's top, which keep `fanout` children each, are leaves
+//! there, and the tree is as shallow as a heap. Joining M full heaps needs M − 1 places more
+//! than they have; those go one each to the last names with room, so no node has more than
+//! `fanout` + 1 children. Every step climbs strictly (a parent ranks above its child,
+//! [`super::tree`]), so no chain can loop, whatever each tracker has heard; the single root of
+//! all (the highest key anywhere) is the only node that reads the origin for the class once
+//! the summaries have gone round. A newcomer the partition would place at its root, not yet in
+//! the snapshot, enters the merged tree where its key puts it. With partitions of at most
+//! [`TOP`] nodes, the merged tree holds every node and is exactly one tracker's heap over all
+//! of them.
 //!
 //! Invariants: summaries from a tracker count for `ttl` after they were heard (a tracker gone
 //! quiet drops out of the joined trees, and its nodes fail over to other trackers); at most
@@ -34,7 +39,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::roster::{Answer, Ask, MAX_CLASSES, MAX_DEPTH, MAX_FANOUT, MAX_IMAGES, MAX_SHAPES, TOP};
-use super::tree::{higher_first, node_hash, parent_place, Key};
+use super::tree::{higher_first, node_hash, Key};
 use crate::p2p::wire::{Bytes32, Summary};
 
 /// Most images one summary frame carries (a tracker sends as many frames as it needs): with
@@ -71,10 +76,74 @@ pub struct Federation {
 
 #[derive(Debug, Clone)]
 struct Merged {
-    own: Vec<String>,
+    own: (Vec<String>, u32, u32),
     from: Vec<usize>,
     version: u64,
-    order: Vec<String>,
+    tops: Tops,
+}
+
+/// The merged tops of one class: names highest key first, and each one's parent (always a name
+/// before it, so every chain climbs; `None` for the root).
+#[derive(Debug, Clone, Default)]
+struct Tops {
+    names: Vec<String>,
+    parent: Vec<Option<usize>>,
+}
+
+/// Children the node at `place` of a partition's heap keeps there (those at places past the
+/// partition's `top` names, of its `total` nodes): the merged tree gives it only what is left of
+/// its `fanout`.
+fn kept_children(place: usize, top: usize, total: usize, fanout: usize) -> usize {
+    let first = place.saturating_mul(fanout).saturating_add(1);
+    first.saturating_add(fanout).min(total).saturating_sub(first.max(top))
+}
+
+/// Appends a partition's `names` (the top of its tree of `class`, of `total` nodes) to `all`,
+/// each with its room for children in the merged tree: its fan-out, less the children it keeps
+/// in its own partition.
+fn entries<'a>(names: &'a [String], total: u32, class: u32, shape: (u32, u32), all: &mut Vec<(Key, &'a str, usize)>) {
+    let (classes, f) = (shape.0, shape.1 as usize);
+    all.extend(names.iter().enumerate().map(|(place, n)| {
+        let room = f.saturating_sub(kept_children(place, names.len(), total as usize, f));
+        (Key::new(node_hash(n), class, classes), n.as_str(), room)
+    }));
+}
+
+impl Tops {
+    /// The tree over `all` ((key, name, room for children) per top, sorted highest first): each
+    /// name takes as parent the first name before it with room left, breadth first, so the tree
+    /// is as shallow as a heap. The tops' own heaps have room for all but the M − 1 extra
+    /// partition roots; those go to the last names with room to start with, one each in turn,
+    /// so no node has more than `fanout` + 1 children while M − 1 ≤ the nodes with room.
+    fn build(all: &[(Key, &str, usize)]) -> Tops {
+        let mut parent = vec![None; all.len()];
+        let mut room: Vec<usize> = all.iter().map(|x| x.2).collect();
+        let (mut next, mut hosts, mut extra) = (std::collections::VecDeque::new(), Vec::new(), 0usize);
+        for k in 0..all.len() {
+            if k > 0 {
+                while next.front().is_some_and(|&j| room[j] == 0) {
+                    next.pop_front();
+                }
+                let p = match next.front() {
+                    Some(&j) => {
+                        room[j] -= 1;
+                        j
+                    }
+                    None if hosts.is_empty() => k - 1,
+                    None => {
+                        extra += 1;
+                        hosts[hosts.len() - 1 - (extra - 1) % hosts.len()]
+                    }
+                };
+                parent[k] = Some(p);
+            }
+            if room[k] > 0 {
+                next.push_back(k);
+                hosts.push(k);
+            }
+        }
+        Tops { names: all.iter().map(|x| x.1.to_string()).collect(), parent }
+    }
 }
 
 impl Federation {
@@ -136,47 +205,55 @@ impl Federation {
             .map(|(t, (s, _))| (t, s))
     }
 
-    /// The tops of class `class` of every tracker heard (and `own`, this tracker's), merged into
-    /// one order, highest key first.
-    fn order(&mut self, image: &Bytes32, classes: u32, class: u32, own: &[String], now: Instant) -> &[String] {
+    /// The tops of class `class` of every tracker heard (and `own`, this tracker's, of a
+    /// partition of `own_total` nodes), merged into one tree (see [`Tops::build`]).
+    fn tops(&mut self, image: &Bytes32, shape: (u32, u32), class: u32, own: (&[String], u32), now: Instant) -> &Tops {
+        let ((classes, fanout), (top, own_total)) = (shape, own);
         let mut from: Vec<usize> = self.fresh(image, now).map(|(t, _)| t).collect();
         from.sort_unstable();
         let (version, cache_key) = (self.version, (*image, classes, class));
-        let stale = self.merged.get(&cache_key).is_none_or(|m| m.version != version || m.from != from || m.own != own);
+        let stale = self.merged.get(&cache_key).is_none_or(|m| {
+            m.version != version || m.from != from || m.own.0 != top || (m.own.1, m.own.2) != (own_total, fanout)
+        });
         if stale {
-            let key = |n: &str| Key::new(node_hash(n), class, classes);
-            let mut all: Vec<(Key, &str)> = own.iter().map(|n| (key(n), n.as_str())).collect();
+            let shape = (classes, fanout);
+            let mut all: Vec<(Key, &str, usize)> = Vec::new();
+            entries(top, own_total, class, shape, &mut all);
             for (_, s) in self.fresh(image, now) {
                 let Some((_, tops)) = s.shapes.iter().find(|(c, _)| *c == classes) else { continue };
-                all.extend(tops.get(class as usize).into_iter().flatten().map(|n| (key(n), n.as_str())));
+                if let Some(names) = tops.get(class as usize) {
+                    entries(names, s.total, class, shape, &mut all);
+                }
             }
-            all.sort_unstable_by(higher_first);
+            all.sort_unstable_by(|a, b| higher_first(&(a.0, a.1), &(b.0, b.1)));
             all.dedup_by(|a, b| a.1 == b.1);
-            let order = all.into_iter().map(|(_, n)| n.to_string()).collect();
-            // Bounded whatever images nodes register: at most one order per image, shape and class.
+            let tops = Tops::build(&all);
+            // Bounded whatever images nodes register: at most one tree per image, shape and class.
             if self.merged.len() >= MAX_IMAGES * MAX_SHAPES * MAX_CLASSES as usize {
                 self.merged.clear();
             }
-            self.merged.insert(cache_key, Merged { own: own.to_vec(), from, version, order });
+            let own = (top.to_vec(), own_total, fanout);
+            self.merged.insert(cache_key, Merged { own, from, version, tops });
         }
-        &self.merged[&cache_key].order
+        &self.merged[&cache_key].tops
     }
 
-    /// Extends `answer` (this tracker's answer to `me`, from its partition, whose tops are `own`:
-    /// per class the first [`TOP`] names of its order) with the joined trees. The chain is kept
-    /// up to its first node among the tops (`me` itself, maybe), and goes on from there with that
-    /// node's ancestors in the `fanout`-ary heap over the merged tops of every tracker heard; and
-    /// the count is of every tracker's nodes. With no other tracker heard, nothing changes: the
-    /// heap over its own tops alone is the top of its own heap.
+    /// Extends `answer` (this tracker's answer to `me`, from its partition of `own.1` nodes, whose
+    /// tops are `own.0`: per class the first [`TOP`] names of its order) with the joined trees.
+    /// The chain is kept up to its first node among the tops (`me` itself, maybe), and goes on
+    /// from there with that node's ancestors in the tree over the merged tops of every tracker
+    /// heard; and the count is of every tracker's nodes. With no other tracker heard, nothing
+    /// changes: the tree over its own tops alone is the top of its own heap.
     pub fn join(
         &mut self,
         image: &Bytes32,
         me: &str,
         ask: Ask,
         answer: &mut Answer,
-        own: &[Vec<String>],
+        own: (&[Vec<String>], u32),
         now: Instant,
     ) {
+        let (own, own_total) = own;
         let classes = ask.classes.clamp(1, MAX_CLASSES);
         let fanout = ask.fanout.clamp(1, MAX_FANOUT);
         for (c, up) in answer.ancestors.iter_mut().enumerate() {
@@ -184,7 +261,7 @@ impl Federation {
             // The first of the chain (from `me`) among the tops; none when the chain was cut at
             // the depth bound before it got there. A node with no chain at all is its
             // partition's root, in the snapshot's tops or not yet (a newcomer is placed where it
-            // would be before the next rebuild records it): it enters the merged heap itself.
+            // would be before the next rebuild records it): it enters the merged tree itself.
             // Left alone, such a newcomer would read the origin as a root of its own until its
             // next heartbeat, however many nodes rank above it elsewhere.
             let seq = std::iter::once(me).chain(up.iter().map(String::as_str));
@@ -192,21 +269,28 @@ impl Federation {
                 continue;
             };
             let entry = seq.clone().nth(i).expect("found above").to_string();
-            let order = self.order(image, classes, c as u32, top, now);
-            let mut place = match order.iter().position(|n| *n == entry) {
-                Some(p) => p,
-                // Where it would be: the places above it are the same as in a heap with it.
+            let tops = self.tops(image, (classes, fanout), c as u32, (top, own_total), now);
+            let names = &tops.names;
+            let mut at = match names.iter().position(|n| *n == entry) {
+                Some(p) => tops.parent[p],
+                // Where it would be, under the parent of the name it would come before (which
+                // ranks above it, as every name before that place does), or the last name.
                 None if i == 0 => {
                     let key = |n: &str| Key::new(node_hash(n), c as u32, classes);
                     let mine = (key(me), me);
-                    order.partition_point(|n| higher_first(&(key(n), n.as_str()), &mine).is_lt())
+                    let q = names.partition_point(|n| higher_first(&(key(n), n.as_str()), &mine).is_lt());
+                    if q < names.len() {
+                        tops.parent[q]
+                    } else {
+                        q.checked_sub(1)
+                    }
                 }
                 None => continue,
             };
             let mut above = Vec::new();
-            while let Some(p) = parent_place(place, fanout) {
-                above.push(order[p].clone());
-                place = p;
+            while let Some(p) = at {
+                above.push(names[p].clone());
+                at = tops.parent[p];
             }
             up.truncate(i);
             up.extend(above);
@@ -282,7 +366,8 @@ mod tests {
         let img = [1; 32];
         let (mut a, _) = rosters[home].register(img, me, ASK, now);
         let tops = rosters[home].tops(&img, ASK.classes).expect("a snapshot");
-        feds[home].join(&img, me, ASK, &mut a, &tops, now);
+        let own = (tops.as_slice(), rosters[home].nodes(&img) as u32);
+        feds[home].join(&img, me, ASK, &mut a, own, now);
         a
     }
 
@@ -314,9 +399,11 @@ mod tests {
             }
         }
         assert_eq!(roots, vec![1; 4], "one root per class over all trackers");
-        assert!(children.values().all(|&k| k <= 2 * ASK.fanout), "a fanout per heap at most");
+        // The partitions' heaps are full: joining them needs M − 1 places more than they have,
+        // one child more each for M − 1 nodes per class.
+        assert!(children.values().all(|&k| k <= ASK.fanout + 1), "fanout + 1 at most");
         let more = children.values().filter(|&&k| k > ASK.fanout).count();
-        assert!(more * 100 < children.len(), "{more} of {} parents have more than fanout children", children.len());
+        assert!(more <= (m - 1) * ASK.classes as usize, "{more} parents have more than fanout children");
         assert!(load.iter().all(|&l| l > n / 4 && l < n / 2), "each tracker answers about N / M: {load:?}");
     }
 
@@ -330,7 +417,13 @@ mod tests {
         let tops: Vec<Vec<Vec<String>>> = rosters.iter().map(|r| r.tops(&img, ASK.classes).unwrap()).collect();
         let root = |c: u32| {
             let mut all: Vec<&String> = tops.iter().map(|t| &t[c as usize][0]).collect();
-            all.sort_by(|a, b| if above(a, b, c, ASK.classes) { std::cmp::Ordering::Less } else { std::cmp::Ordering::Greater });
+            all.sort_by(|a, b| {
+                if above(a, b, c, ASK.classes) {
+                    std::cmp::Ordering::Less
+                } else {
+                    std::cmp::Ordering::Greater
+                }
+            });
             all[0].clone()
         };
         // A node not yet in its tracker's snapshot (registered at the instant of the last
