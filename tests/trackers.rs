@@ -10,19 +10,27 @@ use std::time::Duration;
 
 use common::cluster::*;
 use common::*;
+use vmthunder::p2p::tracker::TrackerClient;
+
+const ASK: vmthunder::p2p::core::Ask = vmthunder::p2p::core::Ask { classes: 4, fanout: 4, near: 8 };
 
 /// Trackers on loopback that know each other; `procs[i]` is `None` while tracker i is down.
 struct Trackers {
     addrs: Vec<String>,
+    ttl: &'static str,
     metrics: Vec<u16>,
     procs: Vec<Option<Proc>>,
 }
 
 impl Trackers {
     fn start(c: &Cluster, m: usize) -> Trackers {
+        Trackers::start_with_ttl(c, m, "1s")
+    }
+
+    fn start_with_ttl(c: &Cluster, m: usize, ttl: &'static str) -> Trackers {
         let addrs: Vec<String> = (0..m).map(|_| format!("127.0.0.1:{}", free_port())).collect();
         let metrics = (0..m).map(|_| free_port()).collect();
-        let mut t = Trackers { addrs, metrics, procs: (0..m).map(|_| None).collect() };
+        let mut t = Trackers { addrs, ttl, metrics, procs: (0..m).map(|_| None).collect() };
         for i in 0..m {
             t.up(c, i);
         }
@@ -34,7 +42,7 @@ impl Trackers {
         let log = std::fs::File::create(c.shared.path(&format!("tracker{i}.log"))).unwrap();
         let mut cmd = Command::new(TRACKER);
         // Every node and tracker here is at 127.0.0.1: room for all their names.
-        cmd.args(["--listen", &self.addrs[i], "--ttl", "1s", "--peers-per-address", "64"])
+        cmd.args(["--listen", &self.addrs[i], "--ttl", self.ttl, "--peers-per-address", "64"])
             .args(["--metrics-listen", &format!("127.0.0.1:{}", self.metrics[i])])
             .arg("--cluster-key-file")
             .arg(c.key_file());
@@ -110,6 +118,46 @@ fn trackers_share_the_nodes_join_their_trees_and_survive_a_restart() {
         t.load(busiest).is_some_and(|(n, heard)| n >= 1 && heard == 2) && held(&t) == 7
     });
     wait_until("one tree per class with all three", Duration::from_secs(30), || parents(&c, &all) == CLASSES * 6);
+}
+
+/// A tracker whose tops change tells the others at once, not at its next periodic push: until
+/// they know, the root a newcomer displaced goes on reading the origin for its own subtree.
+#[test]
+fn a_new_root_is_known_to_every_tracker_at_once() {
+    // A ttl of 10 minutes: the periodic pushes come every 200 s, long after this test's waits.
+    let c = Cluster::without_tracker(MIB);
+    let t = Trackers::start_with_ttl(&c, 2, "600s");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (image, class) = ([7; 32], 0);
+    let above = |a: &str, b: &str| vmthunder::p2p::core::tree::above(a, b, class, ASK.classes);
+    let home = |n: &str| vmthunder::p2p::core::federation::rank(n, &t.addrs)[0];
+    let key = common::cluster::cluster_key();
+    let mut clients: std::collections::HashMap<String, TrackerClient> = Default::default();
+    let mut beat = |n: &str| {
+        let client =
+            clients.entry(n.to_string()).or_insert_with(|| TrackerClient::new(&t.addrs[home(n)], n, key.clone()));
+        let answer = rt.block_on(client.heartbeat(&[image], ASK, Duration::from_secs(5))).ok()?;
+        answer.get(&image).map(|a| a.ancestors[class as usize].clone())
+    };
+    let names: Vec<String> = (0..16).map(|i| format!("127.0.0.1:{}", 20_000 + i)).collect();
+    let root = names.iter().fold(&names[0], |r, n| if above(n, r) { n } else { r }).clone();
+    // A node of the other tracker than the root's, whose chain ends at the root of all once the
+    // trackers have told each other of their first nodes.
+    let witness = names.iter().find(|n| home(n) != home(&root)).expect("nodes at both trackers").clone();
+    wait_until("one tree over both trackers", Duration::from_secs(60), || {
+        names.iter().filter(|n| **n != witness).for_each(|n| drop(beat(n)));
+        beat(&witness).is_some_and(|up| up.last() == Some(&root))
+    });
+    // A newcomer above the root, at the witness's tracker's peer: the witness's chain ends at
+    // it within a rebuild and a round trip, not at the next periodic push.
+    let newcomer = (100..60_000)
+        .map(|p| format!("127.0.0.1:{p}"))
+        .find(|n| above(n, &root) && home(n) == home(&root))
+        .expect("such a name");
+    wait_until("the new root known at the other tracker", Duration::from_secs(60), || {
+        drop(beat(&newcomer));
+        beat(&witness).is_some_and(|up| up.last() == Some(&newcomer))
+    });
 }
 
 #[test]

@@ -10,7 +10,9 @@
 //! with one of them (its home, see [`super::core::federation`]), each tracker places the nodes
 //! it holds, and every `ttl / 3` it pushes a [`Summary`] per image to each other tracker over a
 //! session of its own (authenticated like a node's, and heard only from a configured tracker),
-//! so that the partitions join into one tree per class. Trackers that do not know each other
+//! so that the partitions join into one tree per class; and at once (at most once per rebuild
+//! interval) when its tops changed, so that a new root anywhere is known everywhere within a
+//! round trip: until then, the root it displaced reads the origin for its subtree as well. Trackers that do not know each other
 //! each place their own nodes only; nodes then register with all of them (`p2p.tracker_replicas`).
 //!
 //! A node registers under the name it proved, which must be an address of the machine it
@@ -35,7 +37,7 @@ use super::conn::{
     SMALL_FRAME,
 };
 use super::core::federation::{Federation, SUMMARY_IMAGES};
-use super::core::roster::{Answer, Ask, Recorded, Roster, MAX_CLASSES, MAX_DEPTH, MAX_NEAR};
+use super::core::roster::{Answer, Ask, Recorded, Roster, MAX_CLASSES, MAX_DEPTH, MAX_NEAR, REBUILD};
 use super::wire::{Bytes32, Frame, Message, Summary, MAX_MSG};
 
 /// The image field of a tracker session's `Hello`.
@@ -56,7 +58,9 @@ pub struct Tracker {
     federation: Mutex<Federation>,
     /// The summaries last made for the other trackers, and when: made once per push period for
     /// all of them, not once per peer.
-    summaries: Mutex<Option<(Instant, Arc<Vec<Summary>>)>>,
+    summaries: Mutex<Option<(Instant, u64, Arc<Vec<Summary>>)>>,
+    /// The roster's [`Roster::changes`] as of the last registration: the pushes wake on it.
+    changed: watch::Sender<u64>,
     ttl: Duration,
     /// Registrations answered, and node sessions open, since start.
     registrations: AtomicU64,
@@ -80,6 +84,7 @@ impl Tracker {
             peers,
             federation: Mutex::new(Federation::new(ttl)),
             summaries: Mutex::new(None),
+            changed: watch::channel(0).0,
             ttl,
             registrations: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
@@ -90,16 +95,18 @@ impl Tracker {
     /// while `per_address` live names of its address are, or the table is full.
     pub fn register(&self, image: Bytes32, node: &str, ask: Ask, now: Instant) -> Answer {
         self.registrations.fetch_add(1, Ordering::Relaxed);
-        let (answer, recorded) = {
+        let (answer, recorded, changes) = {
             let mut roster = self.nodes.lock().unwrap();
             let (mut answer, recorded) = roster.register(image, node, ask, now.into_std());
+            let changes = roster.changes();
             let tops = (!self.peers.is_empty()).then(|| roster.tops(&image, ask.classes.clamp(1, MAX_CLASSES)));
             if let Some(tops) = tops.flatten() {
                 let own = (tops.as_slice(), roster.nodes(&image) as u32);
                 self.federation.lock().unwrap().join(&image, node, ask, &mut answer, own, now.into_std());
             }
-            (answer, recorded)
+            (answer, recorded, changes)
         };
+        self.changed.send_if_modified(|c| std::mem::replace(c, changes) != changes);
         match recorded {
             Recorded::ImagesFull => tracing::warn!("tracker full: {MAX_IMAGES} images; registration ignored"),
             Recorded::NodesFull => tracing::debug!(node, "registration not recorded (address or table full)"),
@@ -218,11 +225,19 @@ impl Tracker {
         let mut tick = tokio::time::interval(period.max(Duration::from_millis(10)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut was_up = true;
+        let mut changed = self.changed.subscribe();
+        let mut last = Instant::now();
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
+            let early = tokio::select! {
+                _ = tick.tick() => false,
+                Ok(()) = changed.changed() => true,
                 _ = shutdown.wait_for(|v| *v) => return,
+            };
+            if early {
+                // Tops changed: pushed now, but at most once per rebuild interval.
+                tokio::time::sleep_until(last + REBUILD).await;
             }
+            last = Instant::now();
             let summaries = self.summaries(period / 2);
             let limit = period.max(Duration::from_secs(1));
             let sent = tokio::time::timeout(limit, self.send(&addr, &mut conn, summaries)).await;
@@ -243,15 +258,16 @@ impl Tracker {
         }
     }
 
-    /// This tracker's summaries, made again if older than `fresh`.
+    /// This tracker's summaries, made again if older than `fresh` or its tops changed since.
     fn summaries(&self, fresh: Duration) -> Arc<Vec<Summary>> {
         let mut made = self.summaries.lock().unwrap();
         let now = Instant::now();
+        let changes = *self.changed.borrow();
         match made.as_ref() {
-            Some((at, s)) if now.saturating_duration_since(*at) < fresh => s.clone(),
+            Some((at, c, s)) if now.saturating_duration_since(*at) < fresh && *c == changes => s.clone(),
             _ => {
                 let s = Arc::new(self.nodes.lock().unwrap().summary());
-                *made = Some((now, s.clone()));
+                *made = Some((now, changes, s.clone()));
                 s
             }
         }

@@ -75,6 +75,8 @@ pub(super) enum Ev {
     ReadAnswered(u32),
     /// The trackers send each other their summaries (every ttl / 3, with several trackers).
     Sync,
+    /// A tracker whose tops changed tells the others (as `Tracker::push` does at once).
+    Push(u32),
     Heartbeat(u32),
     Announce(u32),
     Kill,
@@ -222,6 +224,9 @@ pub(super) struct Sim<'a> {
     pub rosters: Vec<Roster>,
     pub feds: Vec<Federation>,
     pub tracker_registrations: Vec<u64>,
+    /// Per tracker: its table's changes as of its last push, when that was, and whether a push
+    /// is due.
+    pub pushed: Vec<(u64, u64, bool)>,
     pub c: Counters,
     pub rng: Rng,
     pub first_start: u64,
@@ -318,6 +323,7 @@ impl<'a> Sim<'a> {
             rosters: (0..p.trackers).map(|_| Roster::new(Duration::from_secs_f64(p.tracker_ttl), 8)).collect(),
             feds: (0..p.trackers).map(|_| Federation::new(Duration::from_secs_f64(p.tracker_ttl))).collect(),
             tracker_registrations: vec![0; p.trackers as usize],
+            pushed: vec![(0, 0, false); p.trackers as usize],
             c: Counters::default(),
             rng,
             first_start,
@@ -425,6 +431,7 @@ impl<'a> Sim<'a> {
             Ev::Announce(i) => self.announce(i),
             Ev::Kill => self.kill(),
             Ev::Sync => self.sync(),
+            Ev::Push(t) => self.push(t),
         }
     }
 

@@ -20,6 +20,7 @@
 
 use super::engine::{Ev, Purpose, Req, Sim, Wait, Want};
 use super::params::Strategy;
+use crate::p2p::core::roster::REBUILD;
 use crate::p2p::select::{Choice, Outcome};
 
 impl Sim<'_> {
@@ -286,16 +287,43 @@ impl Sim<'_> {
     /// Every tracker sends the others its summaries (as each `Tracker::push` does every ttl / 3).
     pub(super) fn sync(&mut self) {
         if !self.trackers_down() {
-            let now = self.instant();
-            for t in 0..self.rosters.len() {
-                let summary = self.rosters[t].summary();
-                for (_, fed) in self.feds.iter_mut().enumerate().filter(|(u, _)| *u != t) {
-                    fed.heard(t, summary.clone(), now);
-                }
+            for t in 0..self.rosters.len() as u32 {
+                self.tell(t);
             }
         }
         let period = self.p.tracker_ttl / 3.0;
         self.after(period, Ev::Sync);
+    }
+
+    /// Tracker `t` tells the others its summaries now.
+    fn tell(&mut self, t: u32) {
+        let now = self.instant();
+        let summary = self.rosters[t as usize].summary();
+        for (_, fed) in self.feds.iter_mut().enumerate().filter(|(u, _)| *u != t as usize) {
+            fed.heard(t as usize, summary.clone(), now);
+        }
+        self.pushed[t as usize] = (self.rosters[t as usize].changes(), self.now, false);
+    }
+
+    /// A push of tracker `t`'s changed tops is due.
+    pub(super) fn push(&mut self, t: u32) {
+        if self.trackers_down() {
+            self.pushed[t as usize].2 = false;
+        } else {
+            self.tell(t);
+        }
+    }
+
+    /// After a registration at tracker `t`: if its tops changed since its last push, a push
+    /// follows within a hop's latency, at most one per rebuild interval (as `Tracker::push`).
+    fn push_if_changed(&mut self, t: u32) {
+        let (changes, last, due) = self.pushed[t as usize];
+        if self.rosters.len() < 2 || due || self.rosters[t as usize].changes() == changes {
+            return;
+        }
+        self.pushed[t as usize].2 = true;
+        let at = (self.now + super::engine::ns(self.lat())).max(last + super::engine::ns(REBUILD.as_secs_f64()));
+        self.at(at, Ev::Push(t));
     }
 
     /// A node's heartbeat: it registers with its tracker (if up), and its members follow. A node
@@ -319,6 +347,7 @@ impl Sim<'_> {
             }
             self.c.registrations += 1;
             self.tracker_registrations[home] += 1;
+            self.push_if_changed(home as u32);
             // The answer's encoded size: names with their length prefixes, the header and fields.
             let names: u64 = answer.ancestors.iter().flatten().chain(&answer.near).map(|n| n.len() as u64 + 1).sum();
             self.c.answer_bytes += names + answer.ancestors.len() as u64 + 64;

@@ -124,7 +124,28 @@ impl Image {
         self.dirty |= self.nodes.len() != before;
     }
 
-    fn rebuild(&mut self, now: Instant, ttl: Duration, expire: bool) {
+    /// The names of the tops of every tree shape held (see [`Roster::tops`]), shapes in order.
+    fn top_names(&self) -> Vec<(u32, Vec<Vec<&str>>)> {
+        let mut shapes: Vec<(u32, Vec<Vec<&str>>)> = self
+            .orders
+            .iter()
+            .map(|(&c, orders)| {
+                let names =
+                    |o: &Vec<(Key, u32)>| o.iter().take(TOP).map(|&(_, i)| self.names[i as usize].as_str()).collect();
+                (c, orders.iter().map(names).collect())
+            })
+            .collect();
+        shapes.sort_unstable();
+        shapes
+    }
+
+    /// Rebuilds the snapshot; whether its tops changed.
+    fn rebuild(&mut self, now: Instant, ttl: Duration, expire: bool) -> bool {
+        let before: Vec<(u32, Vec<Vec<String>>)> = self
+            .top_names()
+            .into_iter()
+            .map(|(c, t)| (c, t.into_iter().map(|t| t.into_iter().map(str::to_string).collect()).collect()))
+            .collect();
         if expire {
             self.expire(now, ttl);
         }
@@ -139,6 +160,8 @@ impl Image {
         }
         self.built = Some(now);
         self.dirty = false;
+        let after = self.top_names();
+        before.len() != after.len() || before.iter().zip(&after).any(|((c, b), (d, a))| c != d || b != a)
     }
 
     /// The snapshot's order of every class for `classes` trees, computed on first use.
@@ -211,6 +234,8 @@ pub struct Roster {
     /// The last registration, and the end of the current warm-up.
     last: Option<Instant>,
     warm_until: Option<Instant>,
+    /// Rebuilds that changed some image's tops (what the other trackers are told of).
+    changes: u64,
 }
 
 impl Roster {
@@ -225,6 +250,7 @@ impl Roster {
             swept: None,
             last: None,
             warm_until: None,
+            changes: 0,
         }
     }
 
@@ -274,7 +300,7 @@ impl Roster {
         });
         if stale {
             let before = m.nodes.len();
-            m.rebuild(now, ttl, !warming);
+            self.changes += u64::from(m.rebuild(now, ttl, !warming));
             self.entries = self.entries + m.nodes.len() - before;
         }
         let mut answer = m.answer(node, ask);
@@ -312,6 +338,12 @@ impl Roster {
         let m = self.images.get(image)?;
         let orders = m.orders.get(&classes)?;
         Some(orders.iter().map(|o| o.iter().take(TOP).map(|&(_, i)| m.names[i as usize].clone()).collect()).collect())
+    }
+
+    /// How many rebuilds changed some image's tops: a tracker tells the others as soon as this
+    /// moves, so that the joined trees follow a new root within a round trip, not a push period.
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     /// Nodes recorded for `image` (live or not yet swept).
@@ -392,6 +424,33 @@ pub(super) mod tests {
         let twice = inner.values().filter(|&&k| k > 1).count();
         assert!(twice * 100 < inner.len(), "{twice} of {} inner nodes are inner twice", inner.len());
         assert_eq!(t.nodes(&img), n as usize, "no node cap");
+    }
+
+    #[test]
+    fn changes_count_rebuilds_that_moved_the_tops_only() {
+        let mut t = Roster::new(Duration::from_secs(3), 8);
+        let t0 = Instant::now();
+        let img = [1; 32];
+        for i in 0..100 {
+            t.register(img, &name(i), ASK, t0);
+        }
+        let built = t0 + REBUILD;
+        t.register(img, &name(0), ASK, built);
+        let (tops, changes) = (t.tops(&img, ASK.classes).unwrap(), t.changes());
+        // The same nodes again, past a rebuild (half a ttl later): nothing moved.
+        for beat in 1..=8 {
+            for i in 0..100 {
+                t.register(img, &name(i), ASK, built + REBUILD * beat);
+            }
+        }
+        assert_eq!((t.changes(), t.tops(&img, ASK.classes).unwrap()), (changes, tops.clone()));
+        // A newcomer above the root of class 0 moves the tops at the next rebuild.
+        let top = (100..10_000).map(name).find(|n| above(n, &tops[0][0], 0, ASK.classes)).unwrap();
+        let later = built + REBUILD * 9;
+        t.register(img, &top, ASK, later);
+        t.register(img, &name(0), ASK, later + REBUILD);
+        assert_eq!(t.changes(), changes + 1);
+        assert_eq!(t.tops(&img, ASK.classes).unwrap()[0][0], top);
     }
 
     #[test]
