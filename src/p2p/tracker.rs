@@ -46,6 +46,9 @@ pub use super::core::roster::{MAX_ENTRIES, MAX_IMAGES};
 /// Most node sessions a tracker keeps open (one per node and tracker; a socket and a task each).
 pub const MAX_SESSIONS: usize = 1 << 16;
 
+/// Summaries made for the other trackers: when, at which [`Roster::changes`], and what.
+type Made = (Instant, u64, Arc<Vec<Summary>>);
+
 /// The tracker's state: image → node → last heard.
 pub struct Tracker {
     me: String,
@@ -58,7 +61,7 @@ pub struct Tracker {
     federation: Mutex<Federation>,
     /// The summaries last made for the other trackers, and when: made once per push period for
     /// all of them, not once per peer.
-    summaries: Mutex<Option<(Instant, u64, Arc<Vec<Summary>>)>>,
+    summaries: Mutex<Option<Made>>,
     /// The roster's [`Roster::changes`] as of the last registration: the pushes wake on it.
     changed: watch::Sender<u64>,
     ttl: Duration,
