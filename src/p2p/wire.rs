@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const MAGIC: &[u8; 4] = b"VMTP";
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 pub const HEADER_LEN: usize = 20;
 /// Largest postcard message (the peer lists of a tracker reply are the largest).
 pub const MAX_MSG: u32 = 1 << 20;

@@ -5,11 +5,11 @@
 //!
 //! A node registers with one tracker, its home (the first of the configured trackers ranked by
 //! [`rank`], a rendezvous hash of node and tracker names), or the next that answers; so with M
-//! trackers each holds about N / M nodes and answers N / M heartbeats. Every ttl / 3 a tracker
-//! sends each other tracker a [`Summary`] per image: how many nodes it holds and, for each tree
-//! shape asked, the top of each class's tree in its partition (the first [`TOP`] names of its
-//! order: the root and two levels at fan-out 4). Its size depends on images, shapes and classes,
-//! never on N.
+//! trackers each holds about N / M nodes and answers N / M heartbeats. Every ttl / 3, and as
+//! soon as its tops changed ([`super::Roster::changes`]), a tracker sends each other tracker a
+//! [`Summary`] per image: how many nodes it holds and, for each tree shape asked, the top of
+//! each class's tree in its partition (the first [`TOP`] names of its order: the root and two
+//! levels at fan-out 4). Its size depends on images, shapes and classes, never on N.
 //!
 //! The joined tree of class c: its upper levels are one tree over the tops of every partition
 //! merged in key order (the same tree at every tracker once the summaries have gone round: each

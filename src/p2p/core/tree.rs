@@ -1,11 +1,15 @@
 //! The relay trees, as pure functions of node names: every stripe belongs to one of `classes`
 //! trees (its class), and in the tree of class c every node has a key: (whether its group is c,
-//! its score for c). A node's group is its name's hash modulo `classes`, so the trees are
-//! interior-node-disjoint (as SplitStream's): the nodes of group c fill the upper places of tree
-//! c and are leaves in every other tree, so each node forwards at most one class of the image
-//! (`fanout` copies of a `1 / classes` share), whatever N is. This needs `fanout` ≥ `classes`
-//! (a heap of fan-out k has about N / k inner places, a group about N / classes members); with
-//! fewer, some nodes of other groups fill the rest and forward two classes.
+//! whether its second group is c, its score for c). A node's group is its name's hash modulo
+//! `classes`, so the trees are interior-node-disjoint (as SplitStream's): the nodes of group c
+//! fill the upper places of tree c and are leaves in every other tree, so each node forwards at
+//! most one class of the image (`fanout` copies of a `1 / classes` share), whatever N is. This
+//! needs `fanout` ≥ `classes` (a heap of fan-out k has about N / k inner places, a group about
+//! N / classes members). A group is only about that size, so some trees have more inner places
+//! than group members; the places left go to the nodes whose second group (another class, from
+//! other bits of the hash) is c, so a node fills in for one other class at most. By score alone,
+//! a node could fill in for several: with the trees of 100 nodes a tracker places over 10
+//! trackers at N = 1,000, some node forwarded three classes and uploaded 3.2 working sets.
 //!
 //! Invariants: a key depends on names and the class alone, never on who is a member, so every
 //! node ranks any two nodes alike; a node relays for a requester only if its key is higher, so
@@ -43,12 +47,25 @@ pub fn group_of(hash: u64, classes: u32) -> u32 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Key {
     in_group: bool,
+    in_second: bool,
     score: u64,
+}
+
+/// The second group of a node: another class than its group, whose tree it fills in for.
+pub fn second_group_of(hash: u64, classes: u32) -> u32 {
+    let classes = classes.max(1);
+    if classes == 1 {
+        return 0;
+    }
+    let other = ((hash >> 32) % u64::from(classes - 1)) as u32;
+    (group_of(hash, classes) + 1 + other) % classes
 }
 
 impl Key {
     pub fn new(hash: u64, class: u32, classes: u32) -> Key {
-        Key { in_group: group_of(hash, classes) == class, score: score(hash, class) }
+        let in_group = group_of(hash, classes) == class;
+        let in_second = !in_group && second_group_of(hash, classes) == class;
+        Key { in_group, in_second, score: score(hash, class) }
     }
 }
 
@@ -89,6 +106,25 @@ mod tests {
             for w in keyed.windows(2) {
                 assert!(above(w[0].1, w[1].1, class, classes) && !above(w[1].1, w[0].1, class, classes));
             }
+        }
+        // A group short of the inner places is filled in by the second group's nodes, so no
+        // node is inner in more than two trees (100 nodes: the size of a partition at N = 1,000
+        // over 10 trackers, where by score alone some node was inner in three).
+        for set in 0..50 {
+            let names: Vec<String> = (0..100).map(|i| format!("10.{set}.{}.{}:7000", i / 256, i % 256)).collect();
+            // The places with a child at fan-out 4: p · 4 + 1 < N.
+            let inner = (names.len() - 1).div_ceil(4);
+            let mut trees = vec![0; names.len()];
+            for class in 0..classes {
+                let mut keyed: Vec<(Key, &str, usize)> = names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| (Key::new(node_hash(n), class, classes), n.as_str(), i))
+                    .collect();
+                keyed.sort_by(|a, b| higher_first(&(a.0, a.1), &(b.0, b.1)));
+                keyed[..inner].iter().for_each(|&(_, _, i)| trees[i] += 1);
+            }
+            assert!(trees.iter().all(|&t| t <= 2), "set {set}: inner in {:?} trees", trees.iter().max());
         }
         assert_eq!(parent_place(0, 4), None);
         assert_eq!((1..=4).map(|p| parent_place(p, 4)).collect::<Vec<_>>(), vec![Some(0); 4]);
