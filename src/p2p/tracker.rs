@@ -10,10 +10,11 @@
 //! with one of them (its home, see [`super::core::federation`]), each tracker places the nodes
 //! it holds, and every `ttl / 3` it pushes a [`Summary`] per image to each other tracker over a
 //! session of its own (authenticated like a node's, and heard only from a configured tracker),
-//! so that the partitions join into one tree per class; and at once (at most once per rebuild
-//! interval) when its tops changed, so that a new root anywhere is known everywhere within a
-//! round trip: until then, the root it displaced reads the origin for its subtree as well. Trackers that do not know each other
-//! each place their own nodes only; nodes then register with all of them (`p2p.tracker_replicas`).
+//! so that the partitions join into one tree per class; and, for the images whose tops changed,
+//! at once (at most once per rebuild interval), so that a new root anywhere is known everywhere
+//! within a rebuild interval and a round trip: until then, the root it displaced reads the
+//! origin for its subtree as well. Trackers that do not know each other each place their own
+//! nodes only; nodes then register with all of them (`p2p.tracker_replicas`).
 //!
 //! A node registers under the name it proved, which must be an address of the machine it
 //! connects from ([`super::admit`]), and an address has at most `per_address` names registered
@@ -104,12 +105,19 @@ impl Tracker {
             let changes = roster.changes();
             let tops = (!self.peers.is_empty()).then(|| roster.tops(&image, ask.classes.clamp(1, MAX_CLASSES)));
             if let Some(tops) = tops.flatten() {
-                let own = (tops.as_slice(), roster.nodes(&image) as u32);
+                let own = (tops.as_slice(), roster.placed(&image) as u32);
                 self.federation.lock().unwrap().join(&image, node, ask, &mut answer, own, now.into_std());
             }
             (answer, recorded, changes)
         };
-        self.changed.send_if_modified(|c| std::mem::replace(c, changes) != changes);
+        // Registrations race to here: the count only moves forward.
+        self.changed.send_if_modified(|c| {
+            let newer = changes > *c;
+            if newer {
+                *c = changes;
+            }
+            newer
+        });
         match recorded {
             Recorded::ImagesFull => tracing::warn!("tracker full: {MAX_IMAGES} images; registration ignored"),
             Recorded::NodesFull => tracing::debug!(node, "registration not recorded (address or table full)"),
@@ -230,6 +238,8 @@ impl Tracker {
         let mut was_up = true;
         let mut changed = self.changed.subscribe();
         let mut last = Instant::now();
+        // The table's changes as of the last summaries the peer took.
+        let mut told = 0;
         loop {
             let early = tokio::select! {
                 _ = tick.tick() => false,
@@ -237,19 +247,33 @@ impl Tracker {
                 _ = shutdown.wait_for(|v| *v) => return,
             };
             if early {
-                // Tops changed: pushed now, but at most once per rebuild interval.
-                tokio::time::sleep_until(last + REBUILD).await;
+                // Tops changed: pushed now, but at most once per rebuild interval, or once a
+                // second to a peer that did not answer last time (it may be down a while).
+                let gap = if was_up { REBUILD } else { Duration::from_secs(1) };
+                tokio::time::sleep_until(last + gap).await;
             }
             last = Instant::now();
-            let summaries = self.summaries(period / 2);
+            let changes = *changed.borrow_and_update();
+            let summaries = if early {
+                // Only the images whose tops changed since: the peer keeps the others' last
+                // summaries for a ttl.
+                let since = self.nodes.lock().unwrap().summary(told);
+                if since.is_empty() {
+                    continue;
+                }
+                Arc::new(since)
+            } else {
+                self.summaries(period / 2)
+            };
             let limit = period.max(Duration::from_secs(1));
             let sent = tokio::time::timeout(limit, self.send(&addr, &mut conn, summaries)).await;
             match sent.unwrap_or(Err(ConnError::Timeout)) {
                 Ok(()) if !was_up => {
                     tracing::info!(tracker = %addr, "peer tracker reachable again");
                     was_up = true;
+                    told = changes;
                 }
-                Ok(()) => {}
+                Ok(()) => told = changes,
                 Err(e) => {
                     if was_up {
                         tracing::warn!(tracker = %addr, error = %e, "peer tracker unreachable");
@@ -269,7 +293,7 @@ impl Tracker {
         match made.as_ref() {
             Some((at, c, s)) if now.saturating_duration_since(*at) < fresh && *c == changes => s.clone(),
             _ => {
-                let s = Arc::new(self.nodes.lock().unwrap().summary());
+                let s = Arc::new(self.nodes.lock().unwrap().summary(0));
                 *made = Some((now, changes, s.clone()));
                 s
             }

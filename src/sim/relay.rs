@@ -288,41 +288,43 @@ impl Sim<'_> {
     pub(super) fn sync(&mut self) {
         if !self.trackers_down() {
             for t in 0..self.rosters.len() as u32 {
-                self.tell(t);
+                self.tell(t, 0);
             }
         }
         let period = self.p.tracker_ttl / 3.0;
         self.after(period, Ev::Sync);
     }
 
-    /// Tracker `t` tells the others its summaries now.
-    fn tell(&mut self, t: u32) {
+    /// Tracker `t` tells the others its summaries of the images whose tops changed after
+    /// `since` (0: of all).
+    fn tell(&mut self, t: u32, since: u64) {
         let now = self.instant();
-        let summary = self.rosters[t as usize].summary();
+        let summary = self.rosters[t as usize].summary(since);
         for (_, fed) in self.feds.iter_mut().enumerate().filter(|(u, _)| *u != t as usize) {
             fed.heard(t as usize, summary.clone(), now);
         }
-        self.pushed[t as usize] = (self.rosters[t as usize].changes(), self.now, false);
+        let p = &mut self.pushed[t as usize];
+        (p.0, p.1) = (self.rosters[t as usize].changes(), self.now);
     }
 
-    /// A push of tracker `t`'s changed tops is due.
+    /// A push of tracker `t`'s changed tops is due (sent a latency earlier).
     pub(super) fn push(&mut self, t: u32) {
-        if self.trackers_down() {
-            self.pushed[t as usize].2 = false;
-        } else {
-            self.tell(t);
+        self.pushed[t as usize].2 = false;
+        if !self.trackers_down() {
+            self.tell(t, self.pushed[t as usize].0);
         }
     }
 
     /// After a registration at tracker `t`: if its tops changed since its last push, a push
-    /// follows within a hop's latency, at most one per rebuild interval (as `Tracker::push`).
+    /// follows at most one per rebuild interval, arriving a hop's latency later (as
+    /// `Tracker::push`).
     fn push_if_changed(&mut self, t: u32) {
         let (changes, last, due) = self.pushed[t as usize];
         if self.rosters.len() < 2 || due || self.rosters[t as usize].changes() == changes {
             return;
         }
         self.pushed[t as usize].2 = true;
-        let at = (self.now + super::engine::ns(self.lat())).max(last + super::engine::ns(REBUILD.as_secs_f64()));
+        let at = self.now.max(last + super::engine::ns(REBUILD.as_secs_f64())) + super::engine::ns(self.lat());
         self.at(at, Ev::Push(t));
     }
 
@@ -341,7 +343,7 @@ impl Sim<'_> {
             let (mut answer, _) = self.rosters[home].register(key, name, ask, now);
             if self.rosters.len() > 1 {
                 if let Some(tops) = self.rosters[home].tops(&key, ask.classes) {
-                    let own = (tops.as_slice(), self.rosters[home].nodes(&key) as u32);
+                    let own = (tops.as_slice(), self.rosters[home].placed(&key) as u32);
                     self.feds[home].join(&key, name, ask, &mut answer, own, now);
                 }
             }

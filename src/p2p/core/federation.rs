@@ -20,8 +20,11 @@
 //! room is its `fanout` less the children it keeps in its partition (those past the top), so
 //! the lowest names of a large partition's top, which keep `fanout` children each, are leaves
 //! there, and the tree is as shallow as a heap. Joining M full heaps needs M − 1 places more
-//! than they have; those go one each to the last names with room, so no node has more than
-//! `fanout` + 1 children. Every step climbs strictly (a parent ranks above its child,
+//! than they have; those go one each to the last names with room, so once every tracker has
+//! heard the same summaries no node has more than `fanout` + 1 children (while M − 1 is no more
+//! than the names with room; a newcomer placed before the next rebuild may add one more for a
+//! while). Partitions are sized by their snapshots ([`super::Roster::placed`]), the number each
+//! summary carries, so every tracker computes the same rooms. Every step climbs strictly (a parent ranks above its child,
 //! [`super::tree`]), so no chain can loop, whatever each tracker has heard; the single root of
 //! all (the highest key anywhere) is the only node that reads the origin for the class once
 //! the summaries have gone round. A newcomer the partition would place at its root, not yet in
@@ -225,7 +228,9 @@ impl Federation {
                     entries(names, s.total, class, shape, &mut all);
                 }
             }
-            all.sort_unstable_by(|a, b| higher_first(&(a.0, a.1), &(b.0, b.1)));
+            // A name two partitions list (a node moving between trackers) is kept once, with the
+            // lesser room, so that every tracker builds the same tree whatever order it heard in.
+            all.sort_unstable_by(|a, b| higher_first(&(a.0, a.1), &(b.0, b.1)).then(a.2.cmp(&b.2)));
             all.dedup_by(|a, b| a.1 == b.1);
             let tops = Tops::build(&all);
             // Bounded whatever images nodes register: at most one tree per image, shape and class.
@@ -355,7 +360,7 @@ mod tests {
         let mut feds: Vec<Federation> = (0..m).map(|_| Federation::new(ttl)).collect();
         for (to, fed) in feds.iter_mut().enumerate() {
             for (from, r) in rosters.iter().enumerate().filter(|(from, _)| *from != to) {
-                fed.heard(from, r.summary(), now);
+                fed.heard(from, r.summary(0), now);
             }
         }
         (rosters, feds, now)
@@ -366,7 +371,7 @@ mod tests {
         let img = [1; 32];
         let (mut a, _) = rosters[home].register(img, me, ASK, now);
         let tops = rosters[home].tops(&img, ASK.classes).expect("a snapshot");
-        let own = (tops.as_slice(), rosters[home].nodes(&img) as u32);
+        let own = (tops.as_slice(), rosters[home].placed(&img) as u32);
         feds[home].join(&img, me, ASK, &mut a, own, now);
         a
     }

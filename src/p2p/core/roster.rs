@@ -105,6 +105,8 @@ struct Image {
     asked: std::collections::HashSet<u32>,
     built: Option<Instant>,
     dirty: bool,
+    /// The table's [`Roster::changes`] when this image's tops last changed.
+    changed: u64,
 }
 
 impl Image {
@@ -298,12 +300,19 @@ impl Roster {
             let age = now.saturating_duration_since(b);
             (m.dirty && age >= REBUILD) || age >= ttl / 2
         });
+        let mut moved = false;
         if stale {
             let before = m.nodes.len();
-            self.changes += u64::from(m.rebuild(now, ttl, !warming));
+            moved = m.rebuild(now, ttl, !warming);
             self.entries = self.entries + m.nodes.len() - before;
         }
+        // A shape asked for the first time gets its orders (and so its tops) in the answer.
+        let shapes = m.orders.len();
         let mut answer = m.answer(node, ask);
+        if moved || m.orders.len() != shapes {
+            self.changes += 1;
+            m.changed = self.changes;
+        }
         answer.provisional = warming;
         (answer, recorded)
     }
@@ -319,15 +328,17 @@ impl Roster {
             .collect()
     }
 
-    /// What this tracker tells the others (see [`super::federation`]): per image, the nodes its
-    /// table holds (those expired but not yet swept included) and, per tree shape of its
-    /// snapshot, the top of each class's tree (see [`Roster::tops`]).
-    pub fn summary(&self) -> Vec<Summary> {
+    /// What this tracker tells the others (see [`super::federation`]): per image whose tops
+    /// changed after `since` (a value of [`Roster::changes`]; 0 for all of them), the nodes of its
+    /// snapshot ([`Roster::placed`]) and, per tree shape of the snapshot, the top of each class's
+    /// tree (see [`Roster::tops`]).
+    pub fn summary(&self, since: u64) -> Vec<Summary> {
         self.images
             .iter()
+            .filter(|(_, m)| since == 0 || m.changed > since)
             .map(|(id, m)| {
                 let shapes = m.orders.keys().filter_map(|&c| Some((c, self.tops(id, c)?))).collect();
-                Summary { image: *id, total: m.nodes.len() as u32, shapes }
+                Summary { image: *id, total: m.names.len() as u32, shapes }
             })
             .collect()
     }
@@ -340,10 +351,17 @@ impl Roster {
         Some(orders.iter().map(|o| o.iter().take(TOP).map(|&(_, i)| m.names[i as usize].clone()).collect()).collect())
     }
 
-    /// How many rebuilds changed some image's tops: a tracker tells the others as soon as this
-    /// moves, so that the joined trees follow a new root within a round trip, not a push period.
+    /// How many times some image's tops changed (a rebuild moved them, or a shape was asked
+    /// for the first time): a tracker tells the others as soon as this moves, so that the joined
+    /// trees follow a new root within a rebuild interval and a round trip, not a push period.
     pub fn changes(&self) -> u64 {
         self.changes
+    }
+
+    /// Nodes in `image`'s snapshot: the partition whose tops [`Roster::tops`] gives, as the
+    /// federation sizes it (the same number the other trackers hear in its summary).
+    pub fn placed(&self, image: &Bytes32) -> usize {
+        self.images.get(image).map_or(0, |m| m.names.len())
     }
 
     /// Nodes recorded for `image` (live or not yet swept).
@@ -430,10 +448,13 @@ pub(super) mod tests {
     fn changes_count_rebuilds_that_moved_the_tops_only() {
         let mut t = Roster::new(Duration::from_secs(3), 8);
         let t0 = Instant::now();
-        let img = [1; 32];
+        let (img, other) = ([1; 32], [2; 32]);
+        t.register(img, &name(0), ASK, t0);
+        assert_eq!(t.changes(), 1, "an image's first tops are a change");
         for i in 0..100 {
             t.register(img, &name(i), ASK, t0);
         }
+        t.register(other, &name(0), ASK, t0);
         let built = t0 + REBUILD;
         t.register(img, &name(0), ASK, built);
         let (tops, changes) = (t.tops(&img, ASK.classes).unwrap(), t.changes());
@@ -451,6 +472,11 @@ pub(super) mod tests {
         t.register(img, &name(0), ASK, later + REBUILD);
         assert_eq!(t.changes(), changes + 1);
         assert_eq!(t.tops(&img, ASK.classes).unwrap()[0][0], top);
+        // Told since: that image only; from 0: both.
+        let told: Vec<Bytes32> = t.summary(changes).iter().map(|s| s.image).collect();
+        assert_eq!(told, vec![img]);
+        assert_eq!(t.summary(0).len(), 2);
+        assert_eq!(t.placed(&img), 101);
     }
 
     #[test]
