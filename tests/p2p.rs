@@ -24,9 +24,6 @@ use vmthunder::p2p::conn::{client_handshake, connect_from, read_frame, server_ha
 use vmthunder::p2p::tracker::TrackerClient;
 use vmthunder::p2p::wire::{Bytes32, Frame, Message, HEADER_LEN, MAGIC};
 
-/// The tree shape vmtd asks the tracker for by default.
-const ASK: vmthunder::p2p::core::Ask = vmthunder::p2p::core::Ask { classes: 4, fanout: 4, near: 8 };
-
 /// A runtime for the test's own protocol work (hostile peers).
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()

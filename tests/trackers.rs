@@ -12,8 +12,6 @@ use common::cluster::*;
 use common::*;
 use vmthunder::p2p::tracker::TrackerClient;
 
-const ASK: vmthunder::p2p::core::Ask = vmthunder::p2p::core::Ask { classes: 4, fanout: 4, near: 8 };
-
 /// Trackers on loopback that know each other; `procs[i]` is `None` while tracker i is down.
 struct Trackers {
     addrs: Vec<String>,
@@ -131,7 +129,7 @@ fn a_new_root_is_known_to_every_tracker_at_once() {
     let (image, class) = ([7; 32], 0);
     let above = |a: &str, b: &str| vmthunder::p2p::core::tree::above(a, b, class, ASK.classes);
     let home = |n: &str| vmthunder::p2p::core::federation::rank(n, &t.addrs)[0];
-    let key = common::cluster::cluster_key();
+    let key = cluster_key();
     let mut clients: std::collections::HashMap<String, TrackerClient> = Default::default();
     let mut beat = |n: &str| {
         let client =

@@ -178,6 +178,9 @@ impl Cluster {
     }
 }
 
+/// The tree shape every node of these tests asks for (vmtd's defaults).
+pub const ASK: vmthunder::p2p::core::Ask = vmthunder::p2p::core::Ask { classes: 4, fanout: 4, near: 8 };
+
 pub fn cluster_key() -> ClusterKey {
     ClusterKey::from_secret(KEY.as_bytes()).unwrap()
 }

@@ -127,27 +127,16 @@ impl Image {
     }
 
     /// The names of the tops of every tree shape held (see [`Roster::tops`]), shapes in order.
-    fn top_names(&self) -> Vec<(u32, Vec<Vec<&str>>)> {
-        let mut shapes: Vec<(u32, Vec<Vec<&str>>)> = self
-            .orders
-            .iter()
-            .map(|(&c, orders)| {
-                let names =
-                    |o: &Vec<(Key, u32)>| o.iter().take(TOP).map(|&(_, i)| self.names[i as usize].as_str()).collect();
-                (c, orders.iter().map(names).collect())
-            })
-            .collect();
+    fn top_names(&self) -> Vec<(u32, Vec<Vec<String>>)> {
+        let top = |o: &Vec<(Key, u32)>| o.iter().take(TOP).map(|&(_, i)| self.names[i as usize].clone()).collect();
+        let mut shapes: Vec<_> = self.orders.iter().map(|(&c, orders)| (c, orders.iter().map(top).collect())).collect();
         shapes.sort_unstable();
         shapes
     }
 
     /// Rebuilds the snapshot; whether its tops changed.
     fn rebuild(&mut self, now: Instant, ttl: Duration, expire: bool) -> bool {
-        let before: Vec<(u32, Vec<Vec<String>>)> = self
-            .top_names()
-            .into_iter()
-            .map(|(c, t)| (c, t.into_iter().map(|t| t.into_iter().map(str::to_string).collect()).collect()))
-            .collect();
+        let before = self.top_names();
         if expire {
             self.expire(now, ttl);
         }
@@ -162,8 +151,7 @@ impl Image {
         }
         self.built = Some(now);
         self.dirty = false;
-        let after = self.top_names();
-        before.len() != after.len() || before.iter().zip(&after).any(|((c, b), (d, a))| c != d || b != a)
+        before != self.top_names()
     }
 
     /// The snapshot's order of every class for `classes` trees, computed on first use.
