@@ -30,6 +30,10 @@ pub struct StrategyReport {
     pub origin_bytes: u64,
     /// Origin egress ÷ (working set in chunks × chunk size × images).
     pub origin_per_working_set: f64,
+    /// Origin egress ÷ (one node's origin egress with the same strategy × images): what the
+    /// relay adds. It differs from the above where a node brings in more than its trace reads
+    /// (a boot profile's chunks that this boot does not read).
+    pub origin_per_solo: f64,
     /// Bytes a node sent to peers ÷ the working set: the busiest node, and the 99th percentile.
     pub upload_max_per_working_set: f64,
     pub upload_p99_per_working_set: f64,
@@ -96,6 +100,7 @@ pub(super) fn run_strategy(p: &SimParams, w: &Workload, s: Strategy) -> Strategy
         failed_reads: 0,
         origin_bytes: 0,
         origin_per_working_set: 0.0,
+        origin_per_solo: 0.0,
         upload_max_per_working_set: 0.0,
         upload_p99_per_working_set: 0.0,
         sessions_max: 0,
@@ -157,6 +162,7 @@ pub(super) fn run_strategy(p: &SimParams, w: &Workload, s: Strategy) -> Strategy
     r.origin_bytes = sim.c.origin_bytes;
     // Every image's working set comes from the origin once at best.
     r.origin_per_working_set = sim.c.origin_bytes as f64 / (ws_bytes * f64::from(p.images));
+    r.origin_per_solo = sim.c.origin_bytes as f64 / (one.c.origin_bytes.max(1) as f64 * f64::from(p.images));
     let live: Vec<_> = sim.nodes.iter().filter(|n| n.alive).collect();
     let mut up: Vec<u64> = live.iter().map(|n| n.uploaded).collect();
     up.sort_unstable();
@@ -231,7 +237,7 @@ impl Report {
     pub fn table(&self) -> String {
         let mut t = String::new();
         t.push_str(
-            "| strategy | N | makespan (s) | ×N=1 | stall mean / p99 / max (ms) | failed reads | origin ÷ working set \
+            "| strategy | N | makespan (s) | ×N=1 | stall mean / p99 / max (ms) | failed reads | origin ÷ working set / ÷ N=1 \
              | upload max / p99 ÷ working set | sessions max / mean | peer state max / mean (KiB) | tracker req/s all / busiest \
              | tracker answer KiB/s | unfinished | killed | sim wall (s) |\n",
         );
@@ -243,7 +249,7 @@ impl Report {
             }
             let _ = writeln!(
                 t,
-                "| {} | {} | {:.2} | {:.2} | {:.1} / {:.1} / {:.1} | {} | {:.2} | {:.2} / {:.2} | {} / {:.0} | {:.0} / {:.0} \
+                "| {} | {} | {:.2} | {:.2} | {:.1} / {:.1} / {:.1} | {} | {:.2} / {:.2} | {:.2} / {:.2} | {} / {:.0} | {:.0} / {:.0} \
                  | {:.0} / {:.0} | {:.0} | {} | {} | {:.1} |",
                 r.strategy.name(),
                 r.nodes,
@@ -254,6 +260,7 @@ impl Report {
                 r.stall_max_ms,
                 r.failed_reads,
                 r.origin_per_working_set,
+                r.origin_per_solo,
                 r.upload_max_per_working_set,
                 r.upload_p99_per_working_set,
                 r.sessions_max,
