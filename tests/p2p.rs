@@ -20,7 +20,9 @@ use common::cluster::*;
 use common::*;
 use roaring::RoaringBitmap;
 use vmthunder::p2p::auth::ClusterKey;
-use vmthunder::p2p::conn::{client_handshake, connect_from, read_frame, server_handshake, write_frame, ConnError};
+use vmthunder::p2p::conn::{
+    client_handshake, connect_from, read_frame, server_handshake, write_frame, ConnError, HANDSHAKE_TIMEOUT,
+};
 use vmthunder::p2p::tracker::TrackerClient;
 use vmthunder::p2p::wire::{Bytes32, Frame, Message, HEADER_LEN, MAGIC};
 
@@ -42,7 +44,7 @@ async fn session_as(addr: &str, me: &str, image: Bytes32) -> Option<tokio::net::
 /// [`session_as`] from the address of the name `from`.
 async fn session_from(addr: &str, from: &str, me: &str, image: Bytes32) -> Option<tokio::net::TcpStream> {
     let mut s = connect_from(addr, from).await.unwrap();
-    client_handshake(&mut s, &cluster_key(), me, image).await.ok()?;
+    client_handshake(&mut s, &cluster_key(), me, image, HANDSHAKE_TIMEOUT).await.ok()?;
     match tokio::time::timeout(Duration::from_secs(30), read_frame(&mut s)).await.expect("an answer") {
         Ok(f) if f.msg == Message::Have => Some(s),
         _ => None,
@@ -91,7 +93,7 @@ impl Liar {
     }
 
     async fn lie(mut s: tokio::net::TcpStream, me: &str, chunks: u32, asked: &AtomicU64) -> Result<(), ConnError> {
-        server_handshake(&mut s, &cluster_key(), me).await?;
+        server_handshake(&mut s, &cluster_key(), me, HANDSHAKE_TIMEOUT).await?;
         let all: RoaringBitmap = (0..chunks).collect();
         let mut map = Vec::new();
         all.serialize_into(&mut map).unwrap();
@@ -373,7 +375,7 @@ fn unauthenticated_and_malformed_peer_frames_only_end_their_connection() {
     rt.block_on(async {
         let wrong = ClusterKey::from_secret(b"a guess at the cluster key").unwrap();
         let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        assert!(client_handshake(&mut s, &wrong, "127.0.0.1:1", image).await.is_err());
+        assert!(client_handshake(&mut s, &wrong, "127.0.0.1:1", image, HANDSHAKE_TIMEOUT).await.is_err());
         // Skipping the proof and asking for data straight away.
         let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
         write_frame(&mut s, &Frame::new(Message::Hello { node: "127.0.0.1:1".into(), image, nonce: [0; 32] }))
@@ -385,7 +387,7 @@ fn unauthenticated_and_malformed_peer_frames_only_end_their_connection() {
         // Authenticated, then a request beyond the image: the session ends.
         let key = ClusterKey::from_secret(KEY.as_bytes()).unwrap();
         let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        client_handshake(&mut s, &key, "127.0.0.1:1", image).await.unwrap();
+        client_handshake(&mut s, &key, "127.0.0.1:1", image, HANDSHAKE_TIMEOUT).await.unwrap();
         assert_eq!(read_frame(&mut s).await.unwrap().msg, Message::Have);
         write_frame(&mut s, &Frame::new(Message::Request { id: 1, first: 60, count: 10 })).await.unwrap();
         loop {

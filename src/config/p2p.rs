@@ -36,6 +36,10 @@ pub struct P2pConfig {
     /// Silence after which a peer session counts as dead and its requests go elsewhere.
     #[serde(default = "default_peer_stall")]
     pub peer_stall: String,
+    /// How long this node's peer server waits for a connecting peer to prove itself. (A node
+    /// opening a session waits `peer_stall` for the whole opening.)
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout: String,
     /// Longest wait for one peer request (a parent may first have to fetch the run itself).
     #[serde(default = "default_peer_timeout")]
     pub peer_timeout: String,
@@ -79,6 +83,7 @@ pub struct P2pTuning {
     pub heartbeat: Duration,
     pub peer_stall: Duration,
     pub peer_timeout: Duration,
+    pub handshake_timeout: Duration,
     pub stripe: u64,
     pub fanout: u32,
     pub classes: u32,
@@ -103,6 +108,9 @@ fn default_peer_stall() -> String {
 }
 fn default_peer_timeout() -> String {
     "10s".into()
+}
+fn default_handshake_timeout() -> String {
+    "5s".into()
 }
 fn default_stripe() -> String {
     "1MiB".into()
@@ -164,6 +172,7 @@ impl P2pConfig {
             return Err(invalid("p2p.peer_stall", format!("must be at least {min_stall:?}")));
         }
         let peer_timeout = dur("peer_timeout", &self.peer_timeout, Duration::from_secs(600))?;
+        let handshake_timeout = dur("handshake_timeout", &self.handshake_timeout, Duration::from_secs(600))?;
         let stripe = parse_size(&self.stripe).map_err(|m| invalid("p2p.stripe", m))?;
         if !(4096..=1 << 30).contains(&stripe) {
             return Err(invalid("p2p.stripe", "must be between 4KiB and 1GiB"));
@@ -197,6 +206,7 @@ impl P2pConfig {
             heartbeat,
             peer_stall,
             peer_timeout,
+            handshake_timeout,
             stripe,
             fanout: self.fanout,
             classes: self.classes,

@@ -76,6 +76,7 @@ impl Peers {
             max_queue: MAX_QUEUE,
             buffer: t.upload_buffer,
             per_address: t.peers_per_address,
+            handshake_timeout: t.handshake_timeout,
         };
         let server = PeerServer::new(&t.advertise, key, Arc::new(Lookup(daemon)), limits);
         Peers {

@@ -21,7 +21,9 @@ use tokio::net::{TcpSocket, TcpStream};
 use super::auth::{nonce, ClusterKey, Role};
 use super::wire::{self, Bytes32, Frame, Message, WireError, HEADER_LEN};
 
-/// How long a handshake may take before the connection is dropped.
+/// How long a handshake may take before the connection is dropped, by default (trackers, and
+/// a peer server without `p2p.handshake_timeout`); a peer opening a session is bounded by its
+/// `peer_stall` instead.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most handshakes in progress at once on a peer server or a tracker: idle connections that never authenticate cannot take
 /// the places of real sessions for longer than one handshake timeout each.
@@ -174,12 +176,13 @@ pub async fn connect_from(addr: &str, me: &str) -> std::io::Result<TcpStream> {
 }
 
 /// The client side: proves itself to the server at the other end and checks the server's
-/// proof. Returns the server's node name.
+/// proof, all `within` the given time. Returns the server's node name.
 pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     key: &ClusterKey,
     me: &str,
     image: Bytes32,
+    within: Duration,
 ) -> Result<String, ConnError> {
     let run = async {
         let nonce_c = nonce();
@@ -196,7 +199,7 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         write_frame(s, &Frame::new(Message::Proof { proof })).await?;
         Ok(node)
     };
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, run).await.map_err(|_| ConnError::Timeout)?
+    tokio::time::timeout(within, run).await.map_err(|_| ConnError::Timeout)?
 }
 
 /// What the server learns from a successful handshake.
@@ -208,11 +211,12 @@ pub struct Authenticated {
 
 /// The server side: answers a client's `Hello` with a challenge and checks its proof. The
 /// caller looks the image up only afterwards, so an outsider learns nothing about what is
-/// served here.
+/// served here. A client that has not proved itself `within` the given time is dropped.
 pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     key: &ClusterKey,
     me: &str,
+    within: Duration,
 ) -> Result<Authenticated, ConnError> {
     let run = async {
         let (node, image, nonce_c) = match read_frame_within(s, SMALL_FRAME).await?.msg {
@@ -232,7 +236,7 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         }
         Ok(Authenticated { node, image })
     };
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, run).await.map_err(|_| ConnError::Timeout)?
+    tokio::time::timeout(within, run).await.map_err(|_| ConnError::Timeout)?
 }
 
 #[cfg(test)]
@@ -248,8 +252,9 @@ mod tests {
         let (mut a, mut b) = tokio::io::duplex(1 << 16);
         let k = key("the cluster key of this test");
         let (k2, img) = (k.clone(), [5u8; 32]);
-        let server = tokio::spawn(async move { server_handshake(&mut b, &k2, "10.0.0.2:7000").await });
-        let peer = client_handshake(&mut a, &k, "10.0.0.1:7000", img).await.unwrap();
+        let server =
+            tokio::spawn(async move { server_handshake(&mut b, &k2, "10.0.0.2:7000", HANDSHAKE_TIMEOUT).await });
+        let peer = client_handshake(&mut a, &k, "10.0.0.1:7000", img, HANDSHAKE_TIMEOUT).await.unwrap();
         assert_eq!(peer, "10.0.0.2:7000");
         let auth = server.await.unwrap().unwrap();
         assert_eq!(auth, Authenticated { node: "10.0.0.1:7000".into(), image: img });
@@ -258,9 +263,11 @@ mod tests {
     #[tokio::test]
     async fn a_wrong_key_is_refused_on_both_sides() {
         let (mut a, mut b) = tokio::io::duplex(1 << 16);
-        let server =
-            tokio::spawn(async move { server_handshake(&mut b, &key("the server's own key"), "10.0.0.2:7000").await });
-        let r = client_handshake(&mut a, &key("an outsider's guess!"), "10.0.0.1:7000", [0; 32]).await;
+        let server = tokio::spawn(async move {
+            server_handshake(&mut b, &key("the server's own key"), "10.0.0.2:7000", HANDSHAKE_TIMEOUT).await
+        });
+        let r =
+            client_handshake(&mut a, &key("an outsider's guess!"), "10.0.0.1:7000", [0; 32], HANDSHAKE_TIMEOUT).await;
         assert!(matches!(r, Err(ConnError::Auth(_))), "{r:?}");
         drop(a);
         assert!(server.await.unwrap().is_err());
@@ -270,7 +277,8 @@ mod tests {
     async fn a_forged_proof_is_refused_by_the_server() {
         let (mut a, mut b) = tokio::io::duplex(1 << 16);
         let k = key("the cluster key of this test");
-        let server = tokio::spawn(async move { server_handshake(&mut b, &k, "10.0.0.2:7000").await });
+        let server =
+            tokio::spawn(async move { server_handshake(&mut b, &k, "10.0.0.2:7000", HANDSHAKE_TIMEOUT).await });
         write_frame(&mut a, &Frame::new(Message::Hello { node: "1.2.3.4:5".into(), image: [0; 32], nonce: [0; 32] }))
             .await
             .unwrap();

@@ -79,7 +79,7 @@ impl PeerConn {
             // session comes from.
             let mut s = connect_from(node, me).await?;
             s.set_nodelay(true)?;
-            let name = client_handshake(&mut s, key, me, image).await?;
+            let name = client_handshake(&mut s, key, me, image, limit).await?;
             Ok::<_, ConnError>((s, name))
         })
         .await

@@ -90,7 +90,7 @@ pub trait PeerLookup: Send + Sync + 'static {
     fn find(&self, image: &Bytes32) -> Option<Arc<dyn PeerExport>>;
 }
 
-/// Upload caps of one node.
+/// Upload caps of one node, and its handshakes' time limit.
 #[derive(Debug, Clone, Copy)]
 pub struct UploadLimits {
     /// Chunk replies being sent at once, node-wide.
@@ -104,6 +104,8 @@ pub struct UploadLimits {
     pub buffer: u64,
     /// Node names one IP address may hold sessions under, and handshakes in progress from it.
     pub per_address: usize,
+    /// How long a peer may take to prove itself (`p2p.handshake_timeout`).
+    pub handshake_timeout: Duration,
 }
 
 pub use super::core::upload::MAX_BUFFER;
@@ -249,7 +251,7 @@ impl PeerServer {
     /// in progress) and then its session.
     async fn session(self: Arc<Self>, mut s: TcpStream, from: IpAddr, shaking: (OwnedSemaphorePermit, Handshaking)) {
         let _ = s.set_nodelay(true);
-        let handshake = server_handshake(&mut s, &self.key, &self.me).await;
+        let handshake = server_handshake(&mut s, &self.key, &self.me, self.limits.handshake_timeout).await;
         drop(shaking);
         let auth = match handshake {
             Ok(a) => a,

@@ -34,8 +34,8 @@ use tokio::time::Instant;
 use super::admit::Admission;
 use super::auth::ClusterKey;
 use super::conn::{
-    client_handshake, connect_from, read_frame_within, server_handshake, write_frame, ConnError, MAX_HANDSHAKES,
-    SMALL_FRAME,
+    client_handshake, connect_from, read_frame_within, server_handshake, write_frame, ConnError, HANDSHAKE_TIMEOUT,
+    MAX_HANDSHAKES, SMALL_FRAME,
 };
 use super::core::federation::{Federation, SUMMARY_IMAGES};
 use super::core::roster::{Answer, Ask, Recorded, Roster, MAX_CLASSES, MAX_DEPTH, MAX_NEAR, REBUILD};
@@ -171,7 +171,7 @@ impl Tracker {
         shaking: (tokio::sync::OwnedSemaphorePermit, super::admit::Handshaking),
     ) -> Result<(), ConnError> {
         let _ = s.set_nodelay(true);
-        let handshake = server_handshake(&mut s, &self.key, &self.me).await;
+        let handshake = server_handshake(&mut s, &self.key, &self.me, HANDSHAKE_TIMEOUT).await;
         drop(shaking);
         let auth = match handshake {
             Ok(a) => a,
@@ -332,7 +332,7 @@ impl Tracker {
 async fn open_session(addr: &str, me: &str, key: &ClusterKey) -> Result<TcpStream, ConnError> {
     let mut s = connect_from(addr, me).await?;
     s.set_nodelay(true)?;
-    client_handshake(&mut s, key, me, TRACKER_IMAGE).await?;
+    client_handshake(&mut s, key, me, TRACKER_IMAGE, HANDSHAKE_TIMEOUT).await?;
     Ok(s)
 }
 
