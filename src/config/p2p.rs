@@ -116,10 +116,10 @@ fn default_stripe() -> String {
     "1MiB".into()
 }
 fn default_fanout() -> u32 {
-    4
+    2
 }
 fn default_classes() -> u32 {
-    4
+    1
 }
 fn default_upload_slots() -> usize {
     16

@@ -371,17 +371,26 @@ impl Selector {
     }
 
     /// Where to read `run` (one stripe at most, see [`Selector::split`]) from, avoiding the
-    /// peers already asked for it (`tried`). A usable holder first; else, while every peer
-    /// asked only refused (`NotHave`, `Busy`: quick answers), the parent the stripe's tree has
-    /// without them, which ranks above this node as every parent does, so the run still climbs
-    /// towards the one node that reads it from the origin. Once a peer failed this run (an
-    /// error, a stall, a timeout), it goes to a holder or the origin, never up the tree: this
-    /// read is late already, and climbing further could use up the fetch's time before the
-    /// origin gets its turn. A peer that failed is also marked down, so later runs of its
-    /// stripes go to the parent the tree has without it. After [`MAX_TRIES`] peers, the origin.
+    /// peers already asked for it (`tried`). While every peer asked only refused (`NotHave`,
+    /// `Busy`: quick answers), the parent the stripe's tree has without them: it ranks above
+    /// this node as every parent does, so the run climbs towards the one node that reads it
+    /// from the origin. The tree comes first even where another peer holds the run already:
+    /// holders are the nodes near the root, which everyone's view holds, and asking them would
+    /// load them with their whole subtrees (`vmt sim`, N = 1,000 in a binary tree: the busiest
+    /// node uploaded 7.6 working sets and the storm took ×1.73 a solo boot; parent first, 2.0
+    /// and ×1.23). Without a parent, or once a peer failed this run (an error, a stall, a
+    /// timeout), a usable holder, else the origin, never further up the tree: this read is late
+    /// already, and climbing further could use up the fetch's time before the origin gets its
+    /// turn. A peer that failed is also marked down, so later runs of its stripes go to the
+    /// parent the tree has without it. After [`MAX_TRIES`] peers, the origin.
     pub fn choose(&self, run: Range<u32>, now: Instant, tried: &Tried) -> Choice {
         if tried.peers.len() >= MAX_TRIES {
             return Choice::Origin;
+        }
+        if !tried.failed {
+            if let Some(n) = self.parent_without(run.start, now, tried) {
+                return Choice::Peer { node: n.to_string(), parent: true };
+            }
         }
         // Among equally loaded holders, each asker prefers a different one (a score of holder,
         // asker and stripe), so that a popular run's holders share the askers.
@@ -391,12 +400,9 @@ impl Selector {
             .iter()
             .filter(|(n, p)| Self::usable(p, now) && !tried.contains(n) && p.have.contains_range(run.clone()))
             .min_by_key(|(n, p)| (p.load, std::cmp::Reverse(tree::score(p.hash ^ self.me_hash, stripe)), n.as_str()));
-        if let Some((n, _)) = holder {
-            return Choice::Peer { node: n.clone(), parent: false };
-        }
-        match self.parent_without(run.start, now, tried) {
-            Some(n) if !tried.failed => Choice::Peer { node: n.to_string(), parent: true },
-            _ => Choice::Origin,
+        match holder {
+            Some((n, _)) => Choice::Peer { node: n.clone(), parent: false },
+            None => Choice::Origin,
         }
     }
 

@@ -93,12 +93,12 @@ pub struct SimArgs {
     pub max_fetch: String,
     #[arg(long, default_value = "1MiB")]
     pub stripe: String,
-    /// Fan-out of vmthunder's per-stripe relay trees.
-    #[arg(long, default_value_t = 4)]
+    /// Fan-out of vmthunder's per-stripe relay trees (vmtd's default).
+    #[arg(long, default_value_t = 2)]
     pub fanout: u32,
     /// Number of vmthunder's relay trees (stripes spread over them; each node is an inner node
-    /// of one).
-    #[arg(long, default_value_t = 4)]
+    /// of one; vmtd's default).
+    #[arg(long, default_value_t = 1)]
     pub classes: u32,
     /// Fan-out of the copy-on-read tree (2: node i's parent is node i/2, counting from 1).
     #[arg(long, default_value_t = 2)]

@@ -42,7 +42,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::roster::{Answer, Ask, MAX_CLASSES, MAX_DEPTH, MAX_FANOUT, MAX_IMAGES, MAX_SHAPES, TOP};
-use super::tree::{higher_first, node_hash, Key};
+use super::tree::{above, higher_first, node_hash, Key};
 use crate::p2p::wire::{Bytes32, Summary};
 
 /// Most images one summary frame carries (a tracker sends as many frames as it needs): with
@@ -263,43 +263,59 @@ impl Federation {
         let fanout = ask.fanout.clamp(1, MAX_FANOUT);
         for (c, up) in answer.ancestors.iter_mut().enumerate() {
             let Some(top) = own.get(c) else { continue };
-            // The first of the chain (from `me`) among the tops; none when the chain was cut at
-            // the depth bound before it got there. A node with no chain at all is its
-            // partition's root, in the snapshot's tops or not yet (a newcomer is placed where it
-            // would be before the next rebuild records it): it enters the merged tree itself.
-            // Left alone, such a newcomer would read the origin as a root of its own until its
-            // next heartbeat, however many nodes rank above it elsewhere.
-            let seq = std::iter::once(me).chain(up.iter().map(String::as_str));
-            let Some(i) = seq.clone().position(|n| top.iter().any(|t| t == n)).or(up.is_empty().then_some(0)) else {
-                continue;
-            };
-            let entry = seq.clone().nth(i).expect("found above").to_string();
-            let tops = self.tops(image, (classes, fanout), c as u32, (top, own_total), now);
-            let names = &tops.names;
-            let mut at = match names.iter().position(|n| *n == entry) {
-                Some(p) => tops.parent[p],
-                // Where it would be, under the parent of the name it would come before (which
-                // ranks above it, as every name before that place does), or the last name.
-                None if i == 0 => {
-                    let key = |n: &str| Key::new(node_hash(n), c as u32, classes);
-                    let mine = (key(me), me);
-                    let q = names.partition_point(|n| higher_first(&(key(n), n.as_str()), &mine).is_lt());
-                    if q < names.len() {
-                        tops.parent[q]
-                    } else {
-                        q.checked_sub(1)
+            // The partition's node ranked right above `me`, after the chain (see `Answer`): kept
+            // aside while the chain is joined, then the merged tops' own where `me` is one.
+            let last_two = up.len().checked_sub(2).map(|k| (&up[k + 1], &up[k]));
+            let off_chain = last_two.is_some_and(|(l, b)| !above(l, b, c as u32, classes));
+            let mut next = if off_chain { up.pop() } else { None };
+            'join: {
+                // The first of the chain (from `me`) among the tops; none when the chain was cut at
+                // the depth bound before it got there. A node with no chain at all is its
+                // partition's root, in the snapshot's tops or not yet (a newcomer is placed where it
+                // would be before the next rebuild records it): it enters the merged tree itself.
+                // Left alone, such a newcomer would read the origin as a root of its own until its
+                // next heartbeat, however many nodes rank above it elsewhere.
+                let seq = std::iter::once(me).chain(up.iter().map(String::as_str));
+                let Some(i) = seq.clone().position(|n| top.iter().any(|t| t == n)).or(up.is_empty().then_some(0))
+                else {
+                    break 'join;
+                };
+                let entry = seq.clone().nth(i).expect("found above").to_string();
+                let tops = self.tops(image, (classes, fanout), c as u32, (top, own_total), now);
+                let names = &tops.names;
+                let mut at = match names.iter().position(|n| *n == entry) {
+                    Some(p) => tops.parent[p],
+                    // Where it would be, under the parent of the name it would come before (which
+                    // ranks above it, as every name before that place does), or the last name.
+                    None if i == 0 => {
+                        let key = |n: &str| Key::new(node_hash(n), c as u32, classes);
+                        let mine = (key(me), me);
+                        let q = names.partition_point(|n| higher_first(&(key(n), n.as_str()), &mine).is_lt());
+                        if q < names.len() {
+                            tops.parent[q]
+                        } else {
+                            q.checked_sub(1)
+                        }
+                    }
+                    None => break 'join,
+                };
+                let mut above = Vec::new();
+                while let Some(p) = at {
+                    above.push(names[p].clone());
+                    at = tops.parent[p];
+                }
+                if i == 0 {
+                    if let Some(p) = names.iter().position(|n| *n == me) {
+                        next = p.checked_sub(1).map(|q| names[q].clone());
                     }
                 }
-                None => continue,
-            };
-            let mut above = Vec::new();
-            while let Some(p) = at {
-                above.push(names[p].clone());
-                at = tops.parent[p];
+                up.truncate(i);
+                up.extend(above);
+                up.truncate(MAX_DEPTH);
             }
-            up.truncate(i);
-            up.extend(above);
-            up.truncate(MAX_DEPTH);
+            if let Some(n) = next.filter(|n| n != me && !up.contains(n) && up.len() < MAX_DEPTH) {
+                up.push(n);
+            }
         }
         answer.total = answer.total.saturating_add(self.total(image, now));
     }
@@ -391,12 +407,17 @@ mod tests {
             let a = joined(&mut rosters, &mut feds, home, &me, now);
             assert_eq!(a.total, n, "every tracker counts the nodes of all");
             for (c, up) in a.ancestors.iter().enumerate() {
+                // Each above the one before, but for a last one off the chain (the node ranked
+                // right above `me`), which is above `me`.
                 let mut below = me.as_str();
-                for u in up {
-                    assert!(above(u, below, c as u32, ASK.classes), "{u} above {below} in class {c}");
+                for (k, u) in up.iter().enumerate() {
+                    assert!(above(u, &me, c as u32, ASK.classes), "{u} above {me} in class {c}");
+                    if !above(u, below, c as u32, ASK.classes) {
+                        assert_eq!(k + 1, up.len(), "only the last may leave the chain: {up:?}");
+                    }
                     below = u;
                 }
-                assert!(up.len() <= 8, "about log4 N deep: {up:?}");
+                assert!(up.len() <= 9, "about log4 N deep: {up:?}");
                 match up.first() {
                     Some(p) => *children.entry((c, p.clone())).or_default() += 1,
                     None => roots[c] += 1,

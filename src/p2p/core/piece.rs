@@ -61,13 +61,15 @@ mod tests {
 
     const NAMES: [&str; 3] = ["10.0.0.1:7000", "10.0.0.2:7000", "10.0.0.3:7000"];
 
-    /// The first of three nodes, knowing the others; the second holds the first chunks. Returns
-    /// its selector and a piece whose first choice is that holder, already made.
+    /// The first of three nodes, knowing the others; the second holds every chunk. Returns its
+    /// selector and a piece of a stripe it is the root of (no parent comes first), whose first
+    /// choice is that holder, already made.
     fn asked_the_holder(now: Instant) -> (Selector, PieceRead, String) {
         let mut s = Selector::new(NAMES[0], 1, 4, 64);
         s.set_members(NAMES);
-        s.have_full(NAMES[1], (0..4).collect());
-        let p = PieceRead::new(0..1);
+        s.have_full(NAMES[1], (0..1000).collect());
+        let c = (0..1000).find(|&c| s.is_root(c, now)).unwrap();
+        let p = PieceRead::new(c..c + 1);
         let Choice::Peer { node, parent: false } = p.next(&mut s, now) else { panic!("the holder") };
         assert_eq!(node, NAMES[1]);
         (s, p, node)
@@ -96,7 +98,7 @@ mod tests {
         p.passed(&mut s, &node);
         assert_ne!(p.next(&mut s, now), Choice::Peer { node: node.clone(), parent: false }, "not asked again");
         // For the next piece it is the holder again: no backoff, its claim kept, its load 0.
-        let q = PieceRead::new(0..1);
+        let q = PieceRead::new(p.run());
         assert_eq!(q.next(&mut s, now), Choice::Peer { node, parent: false });
         assert!(s.usable_now(NAMES[1], now));
     }

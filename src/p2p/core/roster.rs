@@ -60,7 +60,8 @@ pub struct Ask {
 /// A tracker's answer to one registration.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Answer {
-    /// Per class, the asker's ancestors, its parent first (empty: it is the root).
+    /// Per class, the asker's ancestors, its parent first, then the node ranked right above the
+    /// asker if it is not one of them (empty: the asker is the root).
     pub ancestors: Vec<Vec<String>>,
     /// The asker's successors on the ring of node hashes.
     pub near: Vec<String>,
@@ -188,6 +189,10 @@ impl Image {
             let mine = (Key::new(hash, c as u32, classes), me);
             // Its place: the number of nodes ranked above it (where it is, or would be).
             let mut place = order.partition_point(|&(k, i)| (k, names[i as usize].as_str()) > mine);
+            // The node ranked right above this one comes after the chain (it ranks above, so a
+            // read that climbs to it still climbs): the way up when every ancestor refuses. A root
+            // that never relays would otherwise leave both its children reading the origin.
+            let next_above = place.checked_sub(1).map(|p| names[order[p].1 as usize].clone());
             let mut up = Vec::new();
             while let Some(p) = parent_place(place, fanout) {
                 if up.len() == MAX_DEPTH {
@@ -195,6 +200,9 @@ impl Image {
                 }
                 up.push(names[order[p].1 as usize].clone());
                 place = p;
+            }
+            if let Some(n) = next_above.filter(|n| n != me && !up.contains(n) && up.len() < MAX_DEPTH) {
+                up.push(n);
             }
             ancestors.push(up);
         }
@@ -407,11 +415,17 @@ pub(super) mod tests {
             assert_eq!(r, Recorded::Yes);
             assert_eq!(a.total, n);
             assert_eq!(a.near.len(), 8);
-            assert!(a.ancestors.iter().all(|up| up.len() <= 8), "depth about log4 N: {:?}", a.ancestors);
+            assert!(a.ancestors.iter().all(|up| up.len() <= 9), "depth about log4 N: {:?}", a.ancestors);
             for (c, up) in a.ancestors.iter().enumerate() {
+                // The chain to the root, each above the one before; then maybe the node ranked
+                // right above this one, above it too.
                 let mut below = me.as_str();
-                for u in up {
-                    assert!(above(u, below, c as u32, ASK.classes), "{u} above {below} in class {c}");
+                for (k, u) in up.iter().enumerate() {
+                    assert!(above(u, &me, c as u32, ASK.classes), "{u} above {me} in class {c}");
+                    if !above(u, below, c as u32, ASK.classes) {
+                        assert_eq!(k + 1, up.len(), "only the last may leave the chain: {up:?}");
+                        break;
+                    }
                     below = u;
                 }
                 match up.first() {
@@ -507,6 +521,7 @@ pub(super) mod tests {
         let deepest = (1..=200).map(|i| t.register(img, &name(i), chain, now).0).max_by_key(|a| a.ancestors[0].len());
         let a = deepest.unwrap();
         assert_eq!(a.ancestors[0].len(), MAX_DEPTH, "a chain of 200 is cut at the depth bound");
+        assert!(a.ancestors.iter().all(|up| up.len() <= MAX_DEPTH), "the node above within the bound too");
         assert_eq!(a.near.len(), MAX_NEAR as usize, "ring successors at most MAX_NEAR");
         // Two shapes are placed; a third is answered without places.
         let (a, _) = t.register(img, &name(1), Ask { classes: 3, fanout: 4, near: 8 }, now);

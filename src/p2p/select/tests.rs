@@ -76,22 +76,29 @@ fn each_stripe_forms_one_tree_of_bounded_fanout_and_roots_spread() {
 }
 
 #[test]
-fn a_holder_wins_over_the_parent_and_the_least_loaded_holder_first() {
+fn the_parent_comes_before_holders_and_after_a_failure_the_least_loaded_holder() {
     let now = Instant::now();
-    let mut s = cluster(4, 4, 4).remove(0);
     let names = nodes(4);
-    let mut have = RoaringBitmap::new();
-    have.insert_range(0..8);
-    s.have_full(&names[1], have.clone());
-    s.have_full(&names[2], have);
-    s.started(&names[1]);
-    assert_eq!(s.choose(0..4, now, &none()), Choice::Peer { node: names[2].clone(), parent: false });
-    assert_eq!(
-        s.choose(0..4, now, &tried(&[&names[2]], Outcome::Busy)),
-        Choice::Peer { node: names[1].clone(), parent: false }
-    );
+    let c = cluster(4, 4, 4);
+    // A node with a parent in the first stripe's tree; the two others hold the run.
+    let i = (0..4).find(|&i| c[i].parent(0, now).is_some()).unwrap();
+    let mut s = c[i].clone();
+    let parent = s.parent(0, now).unwrap().to_string();
+    let holders: Vec<String> = names.iter().filter(|n| **n != names[i] && **n != parent).cloned().collect();
+    for h in &holders {
+        s.have_full(h, (0..8).collect());
+    }
+    s.started(&holders[0]);
+    // Holders do not take the run from the tree.
+    assert_eq!(s.choose(0..4, now, &none()), Choice::Peer { node: parent.clone(), parent: true });
+    // The parent failed: the least loaded holder, then the other.
+    let failed = tried(&[&parent], Outcome::Failed);
+    assert_eq!(s.choose(0..4, now, &failed), Choice::Peer { node: holders[1].clone(), parent: false });
+    let mut t = failed.clone();
+    t.add(&holders[1], Outcome::Busy);
+    assert_eq!(s.choose(0..4, now, &t), Choice::Peer { node: holders[0].clone(), parent: false });
     // Not all of the run: the have-map does not count.
-    assert!(matches!(s.choose(6..10, now, &none()), Choice::Origin | Choice::Peer { parent: true, .. }));
+    assert_eq!(s.choose(6..10, now, &failed), Choice::Origin);
 }
 
 #[test]
@@ -173,32 +180,36 @@ fn a_holder_that_refuses_what_it_claims_loses_the_claim_and_the_run_climbs() {
     let all: RoaringBitmap = (0..10_000).collect();
     s.have_full(&liar, all.clone());
     let run = chunk..chunk + 1;
-    assert_eq!(s.choose(run.clone(), now, &none()), Choice::Peer { node: liar.clone(), parent: false });
+    // A claim does not take the run from the tree.
+    assert_eq!(s.choose(run.clone(), now, &none()), Choice::Peer { node: up[0].clone(), parent: true });
+    // Once the parent failed, the holders are asked: the liar, which refuses.
+    let failed = tried(&[&up[0]], Outcome::Failed);
+    assert_eq!(s.choose(run.clone(), now, &failed), Choice::Peer { node: liar.clone(), parent: false });
     s.started(&liar);
     s.finished(&liar, run.clone(), Outcome::NotHave, now);
-    // The run climbs to this node's parent, not to the origin; the liar is not paused (it
+    // A refused run climbs to this node's parent, not to the origin; the liar is not paused (it
     // may still serve what it holds), but is no longer asked for this run.
     let refused = tried(&[&liar], Outcome::NotHave);
     assert_eq!(s.choose(run.clone(), now, &refused), Choice::Peer { node: up[0].clone(), parent: true });
-    assert_eq!(s.choose(run.clone(), now, &none()), Choice::Peer { node: up[0].clone(), parent: true });
+    assert_eq!(s.choose(run.clone(), now, &failed), Choice::Origin);
     assert!(s.usable_now(&liar, now));
     // A new full have-map (a new session) cannot bring the claim back; others stay.
     s.have_full(&liar, all.clone());
-    assert_eq!(s.choose(run.clone(), now, &none()), Choice::Peer { node: up[0].clone(), parent: true });
+    assert_eq!(s.choose(run.clone(), now, &failed), Choice::Origin);
     let other = (chunk + 1)..(chunk + 2);
-    assert_eq!(s.choose(other.clone(), now, &none()), Choice::Peer { node: liar.clone(), parent: false });
+    assert_eq!(s.choose(other.clone(), now, &failed), Choice::Peer { node: liar.clone(), parent: false });
     // Serving the run proves it: the claim counts again.
     s.started(&liar);
     s.finished(&liar, run.clone(), Outcome::Served, now);
     s.have_full(&liar, all.clone());
-    assert_eq!(s.choose(run.clone(), now, &none()), Choice::Peer { node: liar.clone(), parent: false });
+    assert_eq!(s.choose(run.clone(), now, &failed), Choice::Peer { node: liar.clone(), parent: false });
     // An announcement anew (an honest node that dropped the chunk and has it again) brings a
     // refused claim back, until the peer has been caught MAX_DISPROOFS times: then nothing
     // it claims counts.
     s.started(&liar);
     s.finished(&liar, run.clone(), Outcome::NotHave, now);
     s.have_added(&liar, &run.clone().collect());
-    assert_eq!(s.choose(run.clone(), now, &none()), Choice::Peer { node: liar.clone(), parent: false });
+    assert_eq!(s.choose(run.clone(), now, &failed), Choice::Peer { node: liar.clone(), parent: false });
     for _ in 0..MAX_DISPROOFS {
         s.started(&liar);
         s.finished(&liar, run.clone(), Outcome::NotHave, now);
@@ -206,8 +217,8 @@ fn a_holder_that_refuses_what_it_claims_loses_the_claim_and_the_run_climbs() {
     }
     s.have_full(&liar, all.clone());
     s.have_added(&liar, &all);
-    assert_ne!(s.choose(other, now, &none()), Choice::Peer { node: liar.clone(), parent: false });
-    assert_ne!(s.choose(run, now, &none()), Choice::Peer { node: liar, parent: false });
+    assert_eq!(s.choose(other, now, &failed), Choice::Origin);
+    assert_eq!(s.choose(run, now, &failed), Choice::Origin);
 }
 
 #[test]
@@ -258,10 +269,10 @@ fn after_max_tries_peers_a_run_goes_to_the_origin() {
     }
     let mut t = none();
     for _ in 0..MAX_TRIES {
-        let Choice::Peer { node, parent: false } = s.choose(0..1, now, &t) else { panic!("a holder") };
+        let Choice::Peer { node, .. } = s.choose(0..1, now, &t) else { panic!("an ancestor or a holder") };
         t.add(&node, Outcome::Busy);
     }
-    assert_eq!(s.choose(0..1, now, &t), Choice::Origin, "one holder left, but enough tries");
+    assert_eq!(s.choose(0..1, now, &t), Choice::Origin, "peers left, but enough tries");
 }
 
 #[test]
@@ -414,12 +425,35 @@ fn the_session_to_an_ancestor_climbed_to_closes_once_idle() {
     s.have_full(&up[0], RoaringBitmap::new());
     let later = now + Duration::from_secs(600);
     assert!(!s.keeps_session(&up[1], later));
-    assert_eq!(s.choose(0..1, later, &none()), Choice::Peer { node: up[1].clone(), parent: false });
-    s.disconnected(&up[1]);
     assert_eq!(s.choose(0..1, later, &none()), Choice::Peer { node: up[0].clone(), parent: true });
+    let failed = tried(&[&up[0]], Outcome::Failed);
+    assert_eq!(s.choose(0..1, later, &failed), Choice::Peer { node: up[1].clone(), parent: false });
+    s.disconnected(&up[1]);
+    assert_eq!(s.choose(0..1, later, &failed), Choice::Origin);
     // A ring successor holding the run is a holder.
     let near = s.near[0].clone();
     s.have_full(&near, (0..4096).collect());
-    assert_eq!(s.choose(0..1, later, &none()), Choice::Peer { node: near.clone(), parent: false });
+    assert_eq!(s.choose(0..1, later, &failed), Choice::Peer { node: near.clone(), parent: false });
     assert!(s.keeps_session(&near, later));
+}
+
+#[test]
+fn past_a_root_that_refuses_the_run_goes_to_the_node_ranked_next_not_to_the_origin() {
+    let now = Instant::now();
+    let (names, c) = placed(100, 2, 1);
+    let root = names[(0..names.len()).find(|&i| c[i].ancestors[0].is_empty()).unwrap()].clone();
+    // The root's second child: its answer names the root, then the root's first child.
+    let i = (0..names.len()).find(|&i| c[i].ancestors[0].len() == 2 && c[i].ancestors[0][0] == root).unwrap();
+    let mut s = c[i].clone();
+    let first = s.ancestors[0][1].clone();
+    assert_eq!(s.choose(0..1, now, &none()), Choice::Peer { node: root.clone(), parent: true });
+    s.started(&root);
+    s.finished(&root, 0..1, Outcome::NotHave, now);
+    // Refused: not the origin (two children of a root that never relays would both read it).
+    assert_eq!(
+        s.choose(0..1, now, &tried(&[&root], Outcome::NotHave)),
+        Choice::Peer { node: first.clone(), parent: true }
+    );
+    // And while the root is paused, the next runs go there at once.
+    assert_eq!(s.choose(1..2, now, &none()), Choice::Peer { node: first, parent: true });
 }
