@@ -3,8 +3,8 @@
 //!
 //! ```text
 //!   fetch::Fetcher ──▶ swarm::Swarm (a ChunkSource) ──▶ select::Selector (pure: which source?)
-//!                           │                               ├─ peer holding the run (have-maps)
 //!                           │                               ├─ parent in the stripe's relay tree
+//!                           │                               ├─ peer holding the run (have-maps)
 //!                           │                               └─ origin
 //!                           └─ peer::PeerConn ══ wire frames, conn handshake ══▶ server::PeerServer
 //!   tracker::TrackerClient ── heartbeats ──▶ tracker::Tracker (soft state: who serves what)

@@ -2,14 +2,15 @@
 //! own (callers pass `now`), so a simulator can drive this very code at any scale.
 //!
 //! For a run of missing chunks:
-//! 1. a live peer whose have-map holds the whole run, the least loaded first;
-//! 2. otherwise this node's *parent* in the tree of the run's stripe: every stripe belongs to one
-//!    of `classes` trees ([`crate::p2p::core::tree`]: keys by name, interior-node-disjoint
-//!    groups), whose places the tracker computes; a node learns its ancestors in each tree (its
-//!    [`View`]), asks the first usable one, and the root reads the stripe from the origin. Without
-//!    a tracker's places (a view of names only), or when every ancestor refused or failed, the
-//!    tree is ranked here, over the known peers that rank above this node;
-//! 3. the origin, when this node is the root, or when a peer failed this run.
+//! 1. this node's *parent* in the tree of the run's stripe: every stripe belongs to one of
+//!    `classes` trees ([`crate::p2p::core::tree`]: keys by name, interior-node-disjoint groups),
+//!    whose places the tracker computes; a node learns its ancestors in each tree (its [`View`]),
+//!    asks the first usable one that was not tried, and the root reads the stripe from the
+//!    origin. Without a tracker's places (a view of names only), or when every ancestor refused
+//!    or failed, the tree is ranked here, over the known peers that rank above this node;
+//! 2. when no such peer is left, or once a peer failed this run (timed out or sent wrong data), a
+//!    live peer whose have-map holds the whole run, the least loaded first;
+//! 3. the origin, when this node is the root, or when no holder is left after a failure.
 //!
 //! State is bounded by the view, not by N: the peers named in the last view (ancestors and ring
 //! successors, about `classes · log N + near`) and, until their bans end, banned ones. Peers that
@@ -19,7 +20,7 @@
 //! holder that answers `NotHave` for a run its have-map claimed loses the claim (a later full
 //! have-map cannot bring it back, only a fresh announcement of the chunk, and after
 //! [`MAX_DISPROOFS`] caught claims none of the peer's claims count) and the run goes to another
-//! holder or up the tree; a peer that answers `Busy`, or `NotHave` as a parent, is avoided for a while
+//! holder or the origin; a peer that answers `Busy`, or `NotHave` as a parent, is avoided for a while
 //! (250 ms, doubled per refusal in a row) and the run climbs to the parent the tree has without it.
 //!
 //! A node relays for a requester only if its own key in the stripe's tree is higher: keys depend

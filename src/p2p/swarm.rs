@@ -1,5 +1,5 @@
 //! The peer-aware source of one image: a [`ChunkSource`] that reads each run from the source the
-//! [`Selector`] picks (a peer holding it, this node's parent in the stripe's relay tree, or the
+//! [`Selector`] picks (this node's parent in the stripe's relay tree, a peer holding it, or the
 //! origin) and falls back to the next one when a peer refuses, fails, stalls or lies: a refused
 //! run still climbs the stripe's tree, a failed one goes to a holder or the origin.
 //!
