@@ -232,6 +232,28 @@ fn a_peer_serving_corrupt_data_is_banned_and_no_bad_byte_reaches_a_client() {
     assert_eq!(s.failed_reads, 0);
 }
 
+/// A parent that claims every chunk and refuses what it lacks instead of fetching it for its
+/// children (the lying switch): they climb past it, and the origin still sends each chunk about
+/// once (`read_at_once` checks it within 5%).
+#[test]
+fn a_parent_that_claims_everything_and_relays_nothing_raises_no_origin_egress() {
+    let mut c = Cluster::new(8 * MIB);
+    // Six names in the order of vmtd's one tree: the liar is the root's first child, so it is
+    // the parent of two nodes and not the root (which reads the origin itself).
+    let name = |p: u16| format!("127.0.0.1:{p}");
+    let mut ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
+    let above = |a: u16, b: u16| vmthunder::p2p::core::tree::above(&name(a), &name(b), 0, 1);
+    ports.sort_by(|&a, &b| if above(a, b) { std::cmp::Ordering::Less } else { std::cmp::Ordering::Greater });
+    let lie = [(vmthunder::p2p::server::LIE_SWITCH, "1")];
+    let nodes: Vec<usize> =
+        ports.iter().enumerate().map(|(k, &p)| c.add_node_on(p, "", if k == 1 { &lie } else { &[] })).collect();
+    c.wait_meshed(&nodes);
+    read_at_once(&c, &nodes);
+    let refused: u64 = nodes.iter().map(|&i| c.nodes[i].status().p2p.peer_refusals).sum();
+    assert!(refused > 0, "the liar was asked as a parent and refused");
+    assert!(nodes.iter().all(|&i| c.nodes[i].status().failed == 0));
+}
+
 /// Reads on `readers` while `victim` (which holds everything and serves slowly) is taken out
 /// by `strike`: the readers finish with correct data and no failed read.
 fn survive(stall: &'static str, strike: impl FnOnce(&mut Proc)) {

@@ -170,16 +170,25 @@ pub struct PeerServer {
     stats: ServerStats,
     /// Test switch: flip a byte in every chunk sent, to prove that receivers catch it.
     corrupt: bool,
+    /// Test switch: claim every chunk, and answer `NotHave` for what is not held instead of
+    /// fetching it for the asker, to prove that a lying peer cannot make others skip the tree.
+    lie: bool,
 }
 
 /// The environment variable that turns on [`PeerServer`]'s corrupting test switch.
 pub const CORRUPT_SWITCH: &str = "VMT_TEST_CORRUPT_UPLOADS";
+/// The environment variable that turns on [`PeerServer`]'s lying test switch.
+pub const LIE_SWITCH: &str = "VMT_TEST_LIE_NOT_HAVE";
 
 impl PeerServer {
     pub fn new(me: &str, key: ClusterKey, lookup: Arc<dyn PeerLookup>, limits: UploadLimits) -> Arc<PeerServer> {
         let corrupt = std::env::var_os(CORRUPT_SWITCH).is_some_and(|v| v == "1");
         if corrupt {
             tracing::warn!("{CORRUPT_SWITCH}=1: this node sends corrupted chunks to its peers (test switch)");
+        }
+        let lie = std::env::var_os(LIE_SWITCH).is_some_and(|v| v == "1");
+        if lie {
+            tracing::warn!("{LIE_SWITCH}=1: this node claims every chunk and relays nothing (test switch)");
         }
         Arc::new(PeerServer {
             me: me.into(),
@@ -192,6 +201,7 @@ impl PeerServer {
             next_free: Mutex::new(Instant::now()),
             stats: ServerStats::default(),
             corrupt,
+            lie,
         })
     }
 
@@ -299,8 +309,13 @@ impl PeerServer {
         let requested = Arc::new(tokio::sync::Notify::new());
         // Aborted however the session ends (also when dropped at shutdown): a quiet announcer
         // never sends, so it would never notice that the session is gone.
-        let announcer =
-            AbortOnDrop(tokio::spawn(announce(export.clone(), tx.clone(), queued.clone(), requested.clone())));
+        let announcer = AbortOnDrop(tokio::spawn(announce(
+            export.clone(),
+            tx.clone(),
+            queued.clone(),
+            requested.clone(),
+            self.lie,
+        )));
         let mut removed = export.served_until();
         let why = loop {
             let read = tokio::select! {
@@ -374,7 +389,8 @@ impl PeerServer {
         } else {
             None
         };
-        let Some(bytes) = export.serve(run, requester).await else {
+        let served = if self.lie && early.is_none() { None } else { export.serve(run, requester).await };
+        let Some(bytes) = served else {
             self.stats.not_have.fetch_add(1, Ordering::Relaxed);
             drop(bytes_held);
             let _ = tx.send((Frame::new(Message::NotHave { id }), None)).await;
@@ -421,7 +437,23 @@ async fn announce(
     tx: mpsc::Sender<(Frame, Held)>,
     queued: Arc<AtomicUsize>,
     requested: Arc<tokio::sync::Notify>,
+    lie: bool,
 ) {
+    if lie {
+        // Every chunk of the image: the first run out of range bounds it.
+        let (mut lo, mut hi) = (0u32, u32::MAX);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if export.run_len(mid..mid + 1).is_some() {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        let all: RoaringBitmap = (0..lo).collect();
+        let _ = tx.send((Frame::with_tail(Message::Have, bitmap_bytes(&all)), None)).await;
+        std::future::pending::<()>().await;
+    }
     let mut sent = export.have();
     let mut count = sent.len();
     if tx.send((Frame::with_tail(Message::Have, bitmap_bytes(&sent)), None)).await.is_err() {

@@ -129,8 +129,18 @@ impl Cluster {
     }
 
     pub fn add_node_with_trackers(&mut self, trackers: &str, p2p_extra: &str, vars: &[(&str, &str)]) -> usize {
+        self.add_node_full(trackers, free_port(), p2p_extra, vars)
+    }
+
+    /// [`Cluster::add_node`] with its peer server on `port`, which names it (tree places follow
+    /// from names).
+    pub fn add_node_on(&mut self, port: u16, p2p_extra: &str, vars: &[(&str, &str)]) -> usize {
+        let trackers = format!("\"127.0.0.1:{}\"", self.tracker_port);
+        self.add_node_full(&trackers, port, p2p_extra, vars)
+    }
+
+    fn add_node_full(&mut self, trackers: &str, port: u16, p2p_extra: &str, vars: &[(&str, &str)]) -> usize {
         let env = Env::new();
-        let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let head = format!(
             "[p2p]\nlisten = \"{addr}\"\ntrackers = [{trackers}]\ncluster_key_file = \"{}\"\nheartbeat = \"200ms\"\npeer_stall = \"{}\"\n{p2p_extra}\n",
@@ -178,7 +188,8 @@ impl Cluster {
     }
 }
 
-/// The tree shape every node of these tests asks for (vmtd's defaults).
+/// The tree shape the tests' own tracker clients ask for: four trees of fan-out 4 (vmtd's
+/// default is one of fan-out 2).
 pub const ASK: vmthunder::p2p::core::Ask = vmthunder::p2p::core::Ask { classes: 4, fanout: 4, near: 8 };
 
 pub fn cluster_key() -> ClusterKey {
