@@ -438,6 +438,10 @@ impl PeerExport for Image {
         self.manifest.geometry().run_bytes(run).map(|(_, len)| len as u64)
     }
 
+    fn chunks(&self) -> u32 {
+        self.manifest.geometry().chunk_count()
+    }
+
     fn have_count(&self) -> u64 {
         self.store.present_count()
     }

@@ -69,6 +69,8 @@ pub trait PeerExport: Send + Sync + 'static {
     fn have_count(&self) -> u64;
     /// Bytes in chunks `run`, or `None` if `run` is out of range.
     fn run_len(&self, run: Range<u32>) -> Option<u64>;
+    /// Chunks in the image.
+    fn chunks(&self) -> u32;
     /// The chunks this node holds.
     fn have(&self) -> RoaringBitmap;
     /// Whether this node holds every chunk of `run`.
@@ -440,17 +442,7 @@ async fn announce(
     lie: bool,
 ) {
     if lie {
-        // Every chunk of the image: the first run out of range bounds it.
-        let (mut lo, mut hi) = (0u32, u32::MAX);
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            if export.run_len(mid..mid + 1).is_some() {
-                lo = mid + 1;
-            } else {
-                hi = mid;
-            }
-        }
-        let all: RoaringBitmap = (0..lo).collect();
+        let all: RoaringBitmap = (0..export.chunks()).collect();
         let _ = tx.send((Frame::with_tail(Message::Have, bitmap_bytes(&all)), None)).await;
         std::future::pending::<()>().await;
     }

@@ -41,7 +41,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use super::roster::{Answer, Ask, MAX_CLASSES, MAX_DEPTH, MAX_FANOUT, MAX_IMAGES, MAX_SHAPES, TOP};
+use super::roster::{append_next_above, Answer, Ask, MAX_CLASSES, MAX_DEPTH, MAX_FANOUT, MAX_IMAGES, MAX_SHAPES, TOP};
 use super::tree::{above, higher_first, node_hash, Key};
 use crate::p2p::wire::{Bytes32, Summary};
 
@@ -313,9 +313,7 @@ impl Federation {
                 up.extend(above);
                 up.truncate(MAX_DEPTH);
             }
-            if let Some(n) = next.filter(|n| n != me && !up.contains(n) && up.len() < MAX_DEPTH) {
-                up.push(n);
-            }
+            append_next_above(up, next, me);
         }
         answer.total = answer.total.saturating_add(self.total(image, now));
     }

@@ -57,6 +57,14 @@ pub struct Ask {
     pub near: u32,
 }
 
+/// Appends to `up`, a chain of ancestors of `me`, the node ranked right above `me` (see
+/// [`Answer::ancestors`]), unless it is `me`, in the chain already, or past [`MAX_DEPTH`].
+pub(super) fn append_next_above(up: &mut Vec<String>, next: Option<String>, me: &str) {
+    if let Some(n) = next.filter(|n| n != me && !up.contains(n) && up.len() < MAX_DEPTH) {
+        up.push(n);
+    }
+}
+
 /// A tracker's answer to one registration.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Answer {
@@ -201,9 +209,7 @@ impl Image {
                 up.push(names[order[p].1 as usize].clone());
                 place = p;
             }
-            if let Some(n) = next_above.filter(|n| n != me && !up.contains(n) && up.len() < MAX_DEPTH) {
-                up.push(n);
-            }
+            append_next_above(&mut up, next_above, me);
             ancestors.push(up);
         }
         Answer { ancestors, near: self.near(me, hash, ask.near), total: self.nodes.len() as u32, provisional: false }
