@@ -140,6 +140,10 @@ pub struct SimArgs {
     /// Fraction of the nodes that claim every chunk and hold back what they lack.
     #[arg(long, default_value_t = 0.0)]
     pub liars: f64,
+    /// What if a relay passed each chunk of a run on as it arrives, instead of once the whole run
+    /// is in (cut-through forwarding)? vmtd does not do this yet; the model is coarse (DESIGN.md).
+    #[arg(long)]
+    pub cut_through: bool,
     /// Relay runs whose peer state would need more than this are not run (said why instead).
     #[arg(long, default_value = "6GiB")]
     pub max_peer_state: String,
@@ -218,6 +222,7 @@ impl SimArgs {
             tracker_down,
             liars: self.liars,
             max_peer_state: size("max-peer-state", &self.max_peer_state)?,
+            cut_through: self.cut_through,
             first_address: self.first_address,
         };
         p.check()?;

@@ -102,6 +102,8 @@ pub(super) enum Want {
 pub(super) struct Wait {
     pub node: u32,
     pub pending: u32,
+    /// Of those, the fetches that have not started receiving (`--cut-through`).
+    pub unstarted: u32,
     pub failed: bool,
     pub want: Want,
 }
@@ -112,6 +114,8 @@ pub(super) struct Flight {
     pub run: Range<u32>,
     pub waits: Vec<u32>,
     pub piece: Option<PieceRead>,
+    /// Its bytes have started arriving (`--cut-through`).
+    pub receiving: bool,
 }
 
 /// One guest read.
@@ -132,6 +136,11 @@ pub(super) struct Req {
     pub reserved: u64,
     pub slot: bool,
     pub flow: Option<FlowId>,
+    /// Cut through (`--cut-through`): the reply started before its chunks were all at the
+    /// server; when the fetches it waits on ended (ns), and whether its last byte left already.
+    pub early: bool,
+    pub upstream_done: Option<u64>,
+    pub sent: bool,
 }
 
 /// One node.
@@ -519,7 +528,7 @@ impl<'a> Sim<'a> {
             }
             let cs = self.p.chunk_size;
             let chunks = (offset / cs) as u32..(offset + len).div_ceil(cs) as u32;
-            let w = self.waits.insert(Wait { node: i, pending: 0, failed: false, want: Want::Read(r) });
+            let w = self.waits.insert(Wait { node: i, pending: 0, unstarted: 0, failed: false, want: Want::Read(r) });
             if self.ensure(i, chunks, w) {
                 self.waits.remove(w);
                 self.read_done(r, false);
@@ -565,7 +574,7 @@ impl<'a> Sim<'a> {
     pub fn pump_prefetch(&mut self, i: u32) {
         while self.nodes[i as usize].prefetching < self.p.prefetch_concurrency {
             let Some(run) = self.nodes[i as usize].prefetch.pop_front() else { return };
-            let w = self.waits.insert(Wait { node: i, pending: 0, failed: false, want: Want::Prefetch });
+            let w = self.waits.insert(Wait { node: i, pending: 0, unstarted: 0, failed: false, want: Want::Prefetch });
             if self.ensure(i, run, w) {
                 self.waits.remove(w);
             } else {

@@ -42,7 +42,13 @@ impl Sim<'_> {
         let mut new = Vec::new();
         for run in runs(mine, max, boundary) {
             let range = run[0].0..run[run.len() - 1].0 + 1;
-            let f = self.flights.insert(Flight { node: i, run: range.clone(), waits: Vec::new(), piece: None });
+            let f = self.flights.insert(Flight {
+                node: i,
+                run: range.clone(),
+                waits: Vec::new(),
+                piece: None,
+                receiving: false,
+            });
             for c in range {
                 self.nodes[i as usize].inflight.insert(c, f);
             }
@@ -54,8 +60,10 @@ impl Sim<'_> {
                 fl.waits.push(w);
             }
         }
+        let unstarted = join.iter().filter(|&&f| self.flights.get(f).is_some_and(|fl| !fl.receiving)).count();
         if let Some(wt) = self.waits.get_mut(w) {
             wt.pending = join.len() as u32;
+            wt.unstarted = unstarted as u32;
         }
         for f in new {
             self.start_fetch(f);
@@ -111,6 +119,7 @@ impl Sim<'_> {
         self.c.origin_bytes += bytes;
         let down = self.nodes[i as usize].down;
         self.flow(self.origin_up, down, bytes, Purpose::Origin(f));
+        self.receiving(f);
     }
 
     pub(super) fn origin_done(&mut self, f: u32) {

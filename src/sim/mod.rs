@@ -19,6 +19,7 @@
 //! DESIGN.md ("Simulating a bulk boot").
 
 pub mod args;
+mod cut;
 mod engine;
 mod fetch;
 pub mod net;

@@ -120,6 +120,9 @@ pub struct SimParams {
     pub liars: f64,
     /// Refuse relay strategies whose peer state alone would exceed this many bytes.
     pub max_peer_state: u64,
+    /// What if relays passed each chunk on as it arrives (`cut`; vmtd does not yet).
+    #[serde(default)]
+    pub cut_through: bool,
     /// Node i's peer name is this address plus i, port 7000: node keys, and so the trees'
     /// shapes, come from names (`scripts/calibrate-sim` gives the testbed's).
     pub first_address: std::net::Ipv4Addr,

@@ -50,8 +50,19 @@ impl Sim<'_> {
     /// Node `i` asks node `j` for `run`, on behalf of its flight `f`.
     pub(super) fn ask(&mut self, i: u32, j: u32, f: u32, run: std::ops::Range<u32>) {
         let bytes = u64::from(run.end - run.start) * self.p.chunk_size;
-        let r =
-            self.reqs.insert(Req { client: i, server: j, flight: f, run, bytes, reserved: 0, slot: false, flow: None });
+        let r = self.reqs.insert(Req {
+            client: i,
+            server: j,
+            flight: f,
+            run,
+            bytes,
+            reserved: 0,
+            slot: false,
+            flow: None,
+            early: false,
+            upstream_done: None,
+            sent: false,
+        });
         self.c.peer_requests += 1;
         let mut delay = self.lat();
         if self.strategy.relays() && self.nodes[i as usize].sessions_out.insert(j) {
@@ -105,7 +116,7 @@ impl Sim<'_> {
         }
         if self.strategy == Strategy::CorTree {
             self.nodes[j as usize].serving.insert(r);
-            let w = self.waits.insert(Wait { node: j, pending: 0, failed: false, want: Want::Serve(r) });
+            let w = self.waits.insert(Wait { node: j, pending: 0, unstarted: 0, failed: false, want: Want::Serve(r) });
             if self.ensure(j, run, w) {
                 self.waits.remove(w);
                 self.ready_to_serve(r, false);
@@ -133,10 +144,12 @@ impl Sim<'_> {
         if holds {
             self.want_slot(r);
         } else if relays {
-            let w = self.waits.insert(Wait { node: j, pending: 0, failed: false, want: Want::Serve(r) });
+            let w = self.waits.insert(Wait { node: j, pending: 0, unstarted: 0, failed: false, want: Want::Serve(r) });
             if self.ensure(j, run, w) {
                 self.waits.remove(w);
                 self.want_slot(r);
+            } else if self.waits.get(w).is_some_and(|wt| wt.unstarted == 0) {
+                self.start_early(r);
             }
         } else {
             self.release(r);
@@ -147,6 +160,9 @@ impl Sim<'_> {
 
     /// The chunks of request `r` are at its server now (or the fetch failed).
     pub(super) fn ready_to_serve(&mut self, r: u32, failed: bool) {
+        if self.early_upstream_done(r, failed) {
+            return;
+        }
         let Some(q) = self.reqs.get(r) else { return };
         let j = q.server;
         if failed || !self.nodes[j as usize].alive {
@@ -162,7 +178,7 @@ impl Sim<'_> {
         }
     }
 
-    fn want_slot(&mut self, r: u32) {
+    pub(super) fn want_slot(&mut self, r: u32) {
         let Some(j) = self.reqs.get(r).map(|q| q.server) else { return };
         let n = &mut self.nodes[j as usize];
         if n.slots_free == 0 {
@@ -182,13 +198,15 @@ impl Sim<'_> {
         let (j, bytes) = (q.server, q.bytes);
         let cost = self.p.cpu_per_request + bytes as f64 * self.p.cpu_per_byte;
         let done = self.cpu(j, cost);
+        let done = self.pipelined(done, cost);
         self.at(super::engine::ns(done), Ev::StartReply(r));
     }
 
     pub(super) fn start_reply(&mut self, r: u32) {
         let Some(q) = self.reqs.get(r) else { return };
-        let (i, j, bytes) = (q.client, q.server, q.bytes);
-        if !self.nodes[j as usize].alive {
+        let (i, j, bytes, f) = (q.client, q.server, q.bytes, q.flight);
+        if !self.nodes[j as usize].alive || (self.strategy.relays() && !q.slot) {
+            // Gone, or an early reply whose fetch failed (released, its asker told).
             return;
         }
         let (up, down) = (self.nodes[j as usize].up, self.nodes[i as usize].down);
@@ -196,10 +214,11 @@ impl Sim<'_> {
         if let Some(q) = self.reqs.get_mut(r) {
             q.flow = Some(id);
         }
+        self.receiving(f);
     }
 
     /// Gives back what request `r` holds at its server (slot, reserved bytes, queue place).
-    fn release(&mut self, r: u32) {
+    pub(super) fn release(&mut self, r: u32) {
         let Some(q) = self.reqs.get_mut(r) else { return };
         let (i, j, reserved, slot) = (q.client, q.server, q.reserved, q.slot);
         q.reserved = 0;
@@ -223,14 +242,30 @@ impl Sim<'_> {
 
     /// A reply's last byte left its server.
     pub(super) fn reply_sent(&mut self, r: u32) {
+        let Some(q) = self.reqs.get_mut(r) else { return };
+        q.flow = None;
+        if q.early && q.upstream_done.is_none() {
+            // Cut through: the last chunk is not at the server yet.
+            q.sent = true;
+            return;
+        }
+        self.deliver(r);
+    }
+
+    /// Request `r`'s reply is all sent: the server lets go, the asker checks it.
+    pub(super) fn deliver(&mut self, r: u32) {
         let Some(q) = self.reqs.get(r) else { return };
         let (i, j, bytes) = (q.client, q.server, q.bytes);
+        // Cut through, the last chunk leaves the server at best one chunk time after it came.
+        let last = q.upstream_done.map_or(0.0, |t| t as f64 / 1e9 + self.p.chunk_size as f64 / self.p.node_rate);
         self.nodes[j as usize].uploaded += bytes;
         self.release(r);
         // The asker checks the bytes (hashing costs it CPU) once they are in.
         let lat = self.lat();
-        let verify = self.cpu(i, bytes as f64 * self.p.cpu_per_byte + self.p.cpu_per_request);
-        let t = (self.secs() + lat).max(verify);
+        let cost = bytes as f64 * self.p.cpu_per_byte + self.p.cpu_per_request;
+        let verify = self.cpu(i, cost);
+        let verify = self.pipelined(verify, cost).max(self.secs().max(last) + self.chunk_cpu());
+        let t = (self.secs().max(last) + lat).max(verify);
         self.at(super::engine::ns(t), Ev::Served(r));
     }
 
