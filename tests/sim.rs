@@ -86,12 +86,23 @@ fn cut_through_relays_survive_killed_nodes_and_lying_peers() {
     // `--cut-through` (a what-if): replies start before their runs are in; a relay killed
     // while it passes a run on breaks the reply, and its askers read elsewhere.
     for extra in [["--kill", "0.25"], ["--liars", "0.25"]] {
-        let mut flags = vec!["--nodes", "24", "--strategies", "vmthunder", "--cut-through", "--kill-at", "0.5"];
+        let mut flags = vec!["--nodes", "24", "--strategies", "vmthunder", "--cut-through", "--kill-at", "0.05"];
         flags.extend_from_slice(&extra);
-        let r = run(&args(&flags).params().unwrap()).unwrap();
+        let p = args(&flags).params().unwrap();
+        let r = run(&p).unwrap();
         let s = &r.strategies[0];
         assert_eq!((s.failed_reads, s.unfinished), (0, 0), "{extra:?}: {s:?}");
         assert!(s.origin_per_working_set <= 1.25, "{extra:?}: {s:?}");
+        assert!(s.early_replies > 0, "replies cut through: {s:?}");
+        let again = run(&p).unwrap();
+        assert_eq!(
+            (s.makespan_s, s.events, s.early_broken),
+            (again.strategies[0].makespan_s, again.strategies[0].events, again.strategies[0].early_broken),
+            "deterministic"
+        );
+        if extra[0] == "--kill" {
+            assert!(s.early_broken > 0, "the kill broke replies under way: {s:?}");
+        }
     }
     // Cut through, a run costs about its transfer once on its way down a chain, not once per
     // level: with node links ten times the origin's, where bandwidth is not short, two trees

@@ -2,44 +2,36 @@
 //! once all of it is in and checked. Cut through, it would pass each chunk on as it arrives and
 //! is checked. Modelled coarsely, to weigh the change before building it: a reply starts once
 //! every fetch it waits on has started receiving (a reply from the origin or from a peer whose
-//! bytes flow), shares the links like any reply, and its last byte is delivered no earlier than
-//! one chunk time over the node link after the last of those fetches ended. A fetch that fails
-//! under an early reply breaks it (the asker sees its connection drop, `Lost`).
+//! bytes flow; a fetch that lost its source and asks another still counts), shares the links
+//! like any reply, and its last byte is delivered no earlier than one chunk time over the node
+//! link after the last of those fetches ended. Its CPU holds it up by one chunk's share at each
+//! end; the sender's rest is booked once the reply is sent, the asker's overlaps the transfer.
 //!
 //! Invariant: an early reply is delivered exactly once, by whichever comes last of its own last
-//! byte ([`Sim::reply_sent`]) and its fetches' end ([`Sim::early_upstream_done`]).
+//! byte ([`Sim::reply_sent`]) and its fetches' end ([`Sim::early_upstream_done`]); a kill that
+//! ends it first drops its wait (`Want::Dropped`), so neither happens after.
 
 use super::engine::{Ev, Sim, Want};
 use crate::p2p::select::Outcome;
 
 impl Sim<'_> {
-    /// CPU per chunk of a reply, at either end.
-    pub(super) fn chunk_cpu(&self) -> f64 {
-        if self.p.cut_through {
-            self.p.cpu_per_request + self.p.chunk_size as f64 * self.p.cpu_per_byte
-        } else {
-            0.0
-        }
+    /// Whether replies cut through (relay strategies with `--cut-through`).
+    pub(super) fn cuts(&self) -> bool {
+        self.p.cut_through && self.strategy.relays()
     }
 
-    /// When a reply's CPU work of `cost`, done by `done` on its node's CPU, holds it up: all of
-    /// it before the first byte without cut-through; cut through, chunk by chunk alongside the
-    /// transfer, so only the one chunk at an end.
-    pub(super) fn pipelined(&self, done: f64, cost: f64) -> f64 {
-        if self.p.cut_through {
-            done - (cost - self.chunk_cpu()).max(0.0)
-        } else {
-            done
-        }
+    /// CPU per chunk of a reply, at either end.
+    pub(super) fn chunk_cpu(&self) -> f64 {
+        self.p.cpu_per_request + self.p.chunk_size as f64 * self.p.cpu_per_byte
     }
 
     /// Flight `f` started receiving: replies that now wait on no fetch still silent start.
     pub(super) fn receiving(&mut self, f: u32) {
-        if !self.p.cut_through || !self.strategy.relays() {
+        if !self.cuts() {
             return;
         }
         let Some(fl) = self.flights.get_mut(f) else { return };
-        if fl.receiving {
+        if fl.receiving || !self.nodes[fl.node as usize].alive {
             return;
         }
         fl.receiving = true;
@@ -56,7 +48,7 @@ impl Sim<'_> {
 
     /// Starts request `r`'s reply before its chunks are all at its server.
     pub(super) fn start_early(&mut self, r: u32) {
-        if !self.p.cut_through || !self.strategy.relays() {
+        if !self.cuts() {
             return;
         }
         let Some(q) = self.reqs.get_mut(r) else { return };
@@ -64,6 +56,7 @@ impl Sim<'_> {
             return;
         }
         q.early = true;
+        self.c.early_replies += 1;
         self.want_slot(r);
     }
 
@@ -74,8 +67,13 @@ impl Sim<'_> {
         if !q.early {
             return false;
         }
-        if failed || !self.nodes[q.server as usize].alive {
-            // The server cannot finish what it began: the connection breaks mid-reply.
+        if !self.nodes[q.server as usize].serving.contains(&r) {
+            // Ended by a kill already (released, its asker told).
+            return true;
+        }
+        if failed {
+            // The server cannot finish what it began: the connection breaks mid-reply. (A relay's
+            // fetch falls back to the origin rather than fail; this keeps the model whole.)
             let (j, flow) = (q.server, q.flow.take());
             if let Some(id) = flow {
                 self.cancel_flow(id);

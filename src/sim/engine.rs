@@ -96,6 +96,8 @@ pub(super) enum Want {
     Read(u32),
     Serve(u32),
     Prefetch,
+    /// Its request was ended by a kill: the wait ends without effect.
+    Dropped,
 }
 
 /// A wait on one or more fetches.
@@ -136,11 +138,12 @@ pub(super) struct Req {
     pub reserved: u64,
     pub slot: bool,
     pub flow: Option<FlowId>,
-    /// Cut through (`--cut-through`): the reply started before its chunks were all at the
-    /// server; when the fetches it waits on ended (ns), and whether its last byte left already.
+    /// `--cut-through`: started before its chunks were in; when they were (ns); all sent.
     pub early: bool,
     pub upstream_done: Option<u64>,
     pub sent: bool,
+    /// The server's wait for its chunks, while it has one (dropped if a kill ends it).
+    pub wait: Option<u32>,
 }
 
 /// One node.
@@ -198,6 +201,9 @@ pub(super) struct Counters {
     pub events: u64,
     pub peer_requests: u64,
     pub refusals: u64,
+    /// `--cut-through`: replies started before their chunks were in; those a kill broke.
+    pub early_replies: u64,
+    pub early_broken: u64,
 }
 
 /// Origin reads in flight per image over a peer-aware source (as `Swarm`'s).

@@ -180,6 +180,7 @@ impl Sim<'_> {
                     n.prefetching = n.prefetching.saturating_sub(1);
                     self.pump_prefetch(wt.node);
                 }
+                Want::Dropped => {}
             }
         }
     }

@@ -120,8 +120,8 @@ pub struct SimParams {
     pub liars: f64,
     /// Refuse relay strategies whose peer state alone would exceed this many bytes.
     pub max_peer_state: u64,
-    /// What if relays passed each chunk on as it arrives (`cut`; vmtd does not yet).
-    #[serde(default)]
+    /// What if relays passed each chunk on as it arrives (a what-if: vmtd does not yet).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cut_through: bool,
     /// Node i's peer name is this address plus i, port 7000: node keys, and so the trees'
     /// shapes, come from names (`scripts/calibrate-sim` gives the testbed's).

@@ -62,6 +62,7 @@ impl Sim<'_> {
             early: false,
             upstream_done: None,
             sent: false,
+            wait: None,
         });
         self.c.peer_requests += 1;
         let mut delay = self.lat();
@@ -148,8 +149,14 @@ impl Sim<'_> {
             if self.ensure(j, run, w) {
                 self.waits.remove(w);
                 self.want_slot(r);
-            } else if self.waits.get(w).is_some_and(|wt| wt.unstarted == 0) {
-                self.start_early(r);
+            } else {
+                if let Some(q) = self.reqs.get_mut(r) {
+                    q.wait = Some(w);
+                }
+                // Cut through, a reply whose chunks are all arriving already need not wait.
+                if self.waits.get(w).is_some_and(|wt| wt.unstarted == 0) {
+                    self.start_early(r);
+                }
             }
         } else {
             self.release(r);
@@ -160,6 +167,9 @@ impl Sim<'_> {
 
     /// The chunks of request `r` are at its server now (or the fetch failed).
     pub(super) fn ready_to_serve(&mut self, r: u32, failed: bool) {
+        if let Some(q) = self.reqs.get_mut(r) {
+            q.wait = None;
+        }
         if self.early_upstream_done(r, failed) {
             return;
         }
@@ -197,8 +207,10 @@ impl Sim<'_> {
         let Some(q) = self.reqs.get(r) else { return };
         let (j, bytes) = (q.server, q.bytes);
         let cost = self.p.cpu_per_request + bytes as f64 * self.p.cpu_per_byte;
-        let done = self.cpu(j, cost);
-        let done = self.pipelined(done, cost);
+        // Cut through, the first chunk's share before the first byte; the rest as it goes
+        // (booked once the reply is sent, `deliver`), so the relay checks its own incoming run
+        // in between.
+        let done = self.cpu(j, if self.cuts() { self.chunk_cpu() } else { cost });
         self.at(super::engine::ns(done), Ev::StartReply(r));
     }
 
@@ -206,7 +218,8 @@ impl Sim<'_> {
         let Some(q) = self.reqs.get(r) else { return };
         let (i, j, bytes, f) = (q.client, q.server, q.bytes, q.flight);
         if !self.nodes[j as usize].alive || (self.strategy.relays() && !q.slot) {
-            // Gone, or an early reply whose fetch failed (released, its asker told).
+            // Gone, or released meanwhile by a kill (its asker told): a relay's reply holds a
+            // slot until it is sent.
             return;
         }
         let (up, down) = (self.nodes[j as usize].up, self.nodes[i as usize].down);
@@ -264,8 +277,15 @@ impl Sim<'_> {
         let lat = self.lat();
         let cost = bytes as f64 * self.p.cpu_per_byte + self.p.cpu_per_request;
         let verify = self.cpu(i, cost);
-        let verify = self.pipelined(verify, cost).max(self.secs().max(last) + self.chunk_cpu());
-        let t = (self.secs().max(last) + lat).max(verify);
+        let t = if self.cuts() {
+            // The sender's share past the first chunk, and the asker's checks chunk by chunk as
+            // they come: only the last chunk's check is left once it is in.
+            self.cpu(j, (cost - self.chunk_cpu()).max(0.0));
+            let arrived = self.secs().max(last) + lat;
+            (arrived + self.chunk_cpu()).max(verify - (cost - self.chunk_cpu()).max(0.0))
+        } else {
+            (self.secs() + lat).max(verify)
+        };
         self.at(super::engine::ns(t), Ev::Served(r));
     }
 
@@ -471,6 +491,21 @@ impl Sim<'_> {
         self.nodes[j as usize].subscribers = keep;
     }
 
+    /// Request `r` ends at its server because a node was killed: its slot, bytes and wait go
+    /// (the wait would otherwise fire on whatever request reuses the id).
+    fn end_for_kill(&mut self, r: u32) {
+        if let Some(q) = self.reqs.get_mut(r) {
+            q.flow = None;
+            self.c.early_broken += u64::from(q.early);
+            if let Some(w) = q.wait.take() {
+                if let Some(wt) = self.waits.get_mut(w) {
+                    wt.want = Want::Dropped;
+                }
+            }
+        }
+        self.release(r);
+    }
+
     /// Kills the configured fraction of nodes: their connections reset at once.
     pub(super) fn kill(&mut self) {
         let n = self.nodes.len() as u32;
@@ -499,7 +534,7 @@ impl Sim<'_> {
             if gone {
                 self.cancel_flow(f);
                 if let Purpose::Reply(r) = p {
-                    self.release(r);
+                    self.end_for_kill(r);
                     self.after(lat, Ev::AtClient(r, Outcome::Lost));
                 }
             }
@@ -508,7 +543,7 @@ impl Sim<'_> {
             let mut serving: Vec<u32> = self.nodes[j as usize].serving.drain().collect();
             serving.sort_unstable();
             for r in serving {
-                self.release(r);
+                self.end_for_kill(r);
                 self.after(lat, Ev::AtClient(r, Outcome::Lost));
             }
             let name = self.nodes[j as usize].name.clone();

@@ -53,6 +53,12 @@ pub struct StrategyReport {
     pub refusals: u64,
     pub killed: u64,
     pub events: u64,
+    /// With `--cut-through`: replies started before their chunks were in, and those a kill
+    /// broke.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub early_replies: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub early_broken: u64,
     /// Wall-clock seconds this strategy took to simulate.
     pub wall_s: f64,
     /// Each finished guest's boot time from its start, sorted (for the completion CDF; not in
@@ -115,6 +121,8 @@ pub(super) fn run_strategy(p: &SimParams, w: &Workload, s: Strategy) -> Strategy
         refusals: 0,
         killed: 0,
         events: 0,
+        early_replies: 0,
+        early_broken: 0,
         wall_s: 0.0,
         node_times_s: Vec::new(),
     };
@@ -196,7 +204,13 @@ pub(super) fn run_strategy(p: &SimParams, w: &Workload, s: Strategy) -> Strategy
     r.refusals = sim.c.refusals;
     r.killed = sim.nodes.iter().filter(|n| !n.alive).count() as u64;
     r.events = sim.c.events;
+    r.early_replies = sim.c.early_replies;
+    r.early_broken = sim.c.early_broken;
     r
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The slowest surviving guest's boot time, and how many never finished.
