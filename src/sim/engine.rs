@@ -57,8 +57,8 @@ pub(super) enum Ev {
     AtClient(u32, Outcome),
     /// A reply's bytes reached the asker and were checked.
     Served(u32),
-    /// A server starts sending a reply (its CPU work done).
-    StartReply(u32),
+    /// A server starts sending a reply, its CPU work done (with its serial: ids are reused).
+    StartReply(u32, u64),
     /// An origin read of a fetch starts (its request arrived at the origin).
     OriginStart(u32),
     /// An origin read's bytes reached the node.
@@ -129,6 +129,8 @@ pub(super) struct Read {
 
 /// One request to a peer (or a tree parent).
 pub(super) struct Req {
+    /// Unique for the run (the slab reuses ids).
+    pub serial: u64,
     pub client: u32,
     pub server: u32,
     pub flight: u32,
@@ -142,7 +144,7 @@ pub(super) struct Req {
     pub early: bool,
     pub upstream_done: Option<u64>,
     pub sent: bool,
-    /// The server's wait for its chunks, while it has one (dropped if a kill ends it).
+    /// The server's wait for its chunks while it has one (a kill drops it).
     pub wait: Option<u32>,
 }
 
@@ -201,7 +203,7 @@ pub(super) struct Counters {
     pub events: u64,
     pub peer_requests: u64,
     pub refusals: u64,
-    /// `--cut-through`: replies started before their chunks were in; those a kill broke.
+    /// `--cut-through`: replies begun early, and those a kill broke.
     pub early_replies: u64,
     pub early_broken: u64,
 }
@@ -440,7 +442,7 @@ impl<'a> Sim<'a> {
             Ev::OriginDone(f) => self.origin_done(f),
             Ev::AtServer(r) => self.at_server(r),
             Ev::AtClient(r, how) => self.at_client(r, how),
-            Ev::StartReply(r) => self.start_reply(r),
+            Ev::StartReply(r, serial) => self.start_reply(r, serial),
             Ev::Served(r) => self.served(r),
             Ev::Heartbeat(i) => self.heartbeat(i),
             Ev::Announce(i) => self.announce(i),

@@ -50,7 +50,9 @@ impl Sim<'_> {
     /// Node `i` asks node `j` for `run`, on behalf of its flight `f`.
     pub(super) fn ask(&mut self, i: u32, j: u32, f: u32, run: std::ops::Range<u32>) {
         let bytes = u64::from(run.end - run.start) * self.p.chunk_size;
+        self.c.peer_requests += 1;
         let r = self.reqs.insert(Req {
+            serial: self.c.peer_requests,
             client: i,
             server: j,
             flight: f,
@@ -64,7 +66,6 @@ impl Sim<'_> {
             sent: false,
             wait: None,
         });
-        self.c.peer_requests += 1;
         let mut delay = self.lat();
         if self.strategy.relays() && self.nodes[i as usize].sessions_out.insert(j) {
             // A new session: connect and handshake first (two round trips), then its `Have`.
@@ -121,6 +122,8 @@ impl Sim<'_> {
             if self.ensure(j, run, w) {
                 self.waits.remove(w);
                 self.ready_to_serve(r, false);
+            } else if let Some(q) = self.reqs.get_mut(r) {
+                q.wait = Some(w);
             }
             return;
         }
@@ -205,23 +208,24 @@ impl Sim<'_> {
     /// The server spends its CPU on the reply, then sends it.
     fn reply_cpu(&mut self, r: u32) {
         let Some(q) = self.reqs.get(r) else { return };
-        let (j, bytes) = (q.server, q.bytes);
+        let (j, bytes, serial) = (q.server, q.bytes, q.serial);
         let cost = self.p.cpu_per_request + bytes as f64 * self.p.cpu_per_byte;
         // Cut through, the first chunk's share before the first byte; the rest as it goes
         // (booked once the reply is sent, `deliver`), so the relay checks its own incoming run
         // in between.
         let done = self.cpu(j, if self.cuts() { self.chunk_cpu() } else { cost });
-        self.at(super::engine::ns(done), Ev::StartReply(r));
+        self.at(super::engine::ns(done), Ev::StartReply(r, serial));
     }
 
-    pub(super) fn start_reply(&mut self, r: u32) {
-        let Some(q) = self.reqs.get(r) else { return };
+    pub(super) fn start_reply(&mut self, r: u32, serial: u64) {
+        let Some(q) = self.reqs.get(r).filter(|q| q.serial == serial) else { return };
         let (i, j, bytes, f) = (q.client, q.server, q.bytes, q.flight);
         if !self.nodes[j as usize].alive || (self.strategy.relays() && !q.slot) {
             // Gone, or released meanwhile by a kill (its asker told): a relay's reply holds a
             // slot until it is sent.
             return;
         }
+        debug_assert!(q.flow.is_none(), "one flow per reply");
         let (up, down) = (self.nodes[j as usize].up, self.nodes[i as usize].down);
         let id = self.flow(up, down, bytes, Purpose::Reply(r));
         if let Some(q) = self.reqs.get_mut(r) {
@@ -247,6 +251,7 @@ impl Sim<'_> {
         }
         if slot {
             n.slots_free += 1;
+            debug_assert!(n.slots_free <= self.p.upload_slots, "a slot given back twice");
             if let Some(next) = n.slot_queue.pop_front() {
                 self.want_slot(next);
             }
@@ -540,6 +545,8 @@ impl Sim<'_> {
             }
         }
         for &j in &victims {
+            // Its queued replies end with the rest; none may take a slot freed below.
+            self.nodes[j as usize].slot_queue.clear();
             let mut serving: Vec<u32> = self.nodes[j as usize].serving.drain().collect();
             serving.sort_unstable();
             for r in serving {
