@@ -80,11 +80,12 @@ impl Tracker {
         let mut peers: Vec<String> = peers.iter().filter(|p| p.as_str() != me).cloned().collect();
         peers.sort();
         peers.dedup();
+        let roster = Roster::new(ttl, per_address).federated(!peers.is_empty());
         Arc::new(Tracker {
             me: me.into(),
             key,
             admission: Admission::new(per_address),
-            nodes: Mutex::new(Roster::new(ttl, per_address)),
+            nodes: Mutex::new(roster),
             peers,
             federation: Mutex::new(Federation::new(ttl)),
             summaries: Mutex::new(None),

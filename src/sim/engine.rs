@@ -273,6 +273,7 @@ impl<'a> Sim<'a> {
         let mut net = Net::with_burst(p.link_burst);
         let origin_up = net.link(p.origin_rate);
         let relays = strategy.relays();
+        let ttl = Duration::from_secs_f64(p.tracker_ttl);
         let stripe = (p.stripe / p.chunk_size) as u32;
         let mut liars: Vec<bool> = (0..n).map(|_| false).collect();
         let nl = (p.liars * f64::from(n)).floor() as usize;
@@ -337,8 +338,8 @@ impl<'a> Sim<'a> {
             reads: Slab::default(),
             reqs: Slab::default(),
             flows: HashMap::new(),
-            rosters: (0..p.trackers).map(|_| Roster::new(Duration::from_secs_f64(p.tracker_ttl), 8)).collect(),
-            feds: (0..p.trackers).map(|_| Federation::new(Duration::from_secs_f64(p.tracker_ttl))).collect(),
+            rosters: (0..p.trackers).map(|_| Roster::new(ttl, 8).federated(p.trackers > 1)).collect(),
+            feds: (0..p.trackers).map(|_| Federation::new(ttl)).collect(),
             tracker_registrations: vec![0; p.trackers as usize],
             pushed: vec![(0, 0, false); p.trackers as usize],
             c: Counters::default(),

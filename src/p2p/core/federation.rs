@@ -19,11 +19,12 @@
 //! parent the first name before it (so ranked above it) with room left, breadth first: a name's
 //! room is its `fanout` less the children it keeps in its partition (those past the top), so
 //! the lowest names of a large partition's top, which keep `fanout` children each, are leaves
-//! there, and the tree is as shallow as a heap. Joining M full heaps needs M − 1 places more
-//! than they have; those go one each to the last names with room, so once every tracker has
-//! heard the same summaries no node has more than `fanout` + 1 children (while M − 1 is no more
-//! than the names with room; a newcomer placed before the next rebuild may add one more for a
-//! while). Partitions are sized by their snapshots ([`super::Roster::placed`]), the number each
+//! there, and the tree is as shallow as a heap. Joining M full heaps would need M − 1 places
+//! more than they have, so a federated tracker's heap keeps one child under its root
+//! ([`super::tree::parent_place_federated`]): each partition's tops then have a place to spare,
+//! and once every tracker has heard the same summaries no node has more than `fanout` children
+//! (a newcomer placed before the next rebuild may add one more for a while; should places still
+//! run short, the last names with room take one more each). Partitions are sized by their snapshots ([`super::Roster::placed`]), the number each
 //! summary carries, so every tracker computes the same rooms. Every step climbs strictly (a parent ranks above its child,
 //! [`super::tree`]), so no chain can loop, whatever each tracker has heard; the single root of
 //! all (the highest key anywhere) is the only node that reads the origin for the class once
@@ -42,7 +43,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::roster::{append_next_above, Answer, Ask, MAX_CLASSES, MAX_DEPTH, MAX_FANOUT, MAX_IMAGES, MAX_SHAPES, TOP};
-use super::tree::{above, higher_first, node_hash, Key};
+use super::tree::{above, child_places_federated, higher_first, node_hash, Key};
 use crate::p2p::wire::{Bytes32, Summary};
 
 /// Most images one summary frame carries (a tracker sends as many frames as it needs): with
@@ -95,10 +96,12 @@ struct Tops {
 
 /// Children the node at `place` of a partition's heap keeps there (those at places past the
 /// partition's `top` names, of its `total` nodes): the merged tree gives it only what is left of
-/// its `fanout`.
+/// its `fanout`. A partition's root keeps one child ([`child_places_federated`]), so the tops of
+/// a partition have one place more than their names need, and M partitions join with no node
+/// above its `fanout`.
 fn kept_children(place: usize, top: usize, total: usize, fanout: usize) -> usize {
-    let first = place.saturating_mul(fanout).saturating_add(1);
-    first.saturating_add(fanout).min(total).saturating_sub(first.max(top))
+    let kids = child_places_federated(place, fanout as u32);
+    kids.end.min(total).saturating_sub(kids.start.max(top))
 }
 
 /// Appends a partition's `names` (the top of its tree of `class`, of `total` nodes) to `all`,
@@ -115,9 +118,9 @@ fn entries<'a>(names: &'a [String], total: u32, class: u32, shape: (u32, u32), a
 impl Tops {
     /// The tree over `all` ((key, name, room for children) per top, sorted highest first): each
     /// name takes as parent the first name before it with room left, breadth first, so the tree
-    /// is as shallow as a heap. The tops' own heaps have room for all but the M − 1 extra
-    /// partition roots; those go to the last names with room to start with, one each in turn,
-    /// so no node has more than `fanout` + 1 children while M − 1 ≤ the nodes with room.
+    /// is as shallow as a heap. The tops' own heaps have room for every partition root (each
+    /// root keeps a place, [`kept_children`]); should places run short, the last names with room
+    /// to start with take one more each in turn.
     fn build(all: &[(Key, &str, usize)]) -> Tops {
         let mut parent = vec![None; all.len()];
         let mut room: Vec<usize> = all.iter().map(|x| x.2).collect();
@@ -355,7 +358,7 @@ mod tests {
     fn cluster(n: u32, m: usize) -> (Vec<Roster>, Vec<Federation>, Instant) {
         let trackers: Vec<String> = (0..m).map(|i| format!("10.9.0.{i}:7070")).collect();
         let ttl = Duration::from_secs(3);
-        let mut rosters: Vec<Roster> = (0..m).map(|_| Roster::new(ttl, 8)).collect();
+        let mut rosters: Vec<Roster> = (0..m).map(|_| Roster::new(ttl, 8).federated(m > 1)).collect();
         let t0 = Instant::now();
         let img = [1; 32];
         for beat in 0..2 {
@@ -423,11 +426,9 @@ mod tests {
             }
         }
         assert_eq!(roots, vec![1; 4], "one root per class over all trackers");
-        // The partitions' heaps are full: joining them needs M − 1 places more than they have,
-        // one child more each for M − 1 nodes per class.
-        assert!(children.values().all(|&k| k <= ASK.fanout + 1), "fanout + 1 at most");
-        let more = children.values().filter(|&&k| k > ASK.fanout).count();
-        assert!(more <= (m - 1) * ASK.classes as usize, "{more} parents have more than fanout children");
+        // Full heaps would need M − 1 places more than they have; each partition's root keeps
+        // one, so no node has more than `fanout` children.
+        assert!(children.values().all(|&k| k <= ASK.fanout), "fanout at most: {:?}", children.values().max());
         assert!(load.iter().all(|&l| l > n / 4 && l < n / 2), "each tracker answers about N / M: {load:?}");
     }
 

@@ -4,7 +4,8 @@
 //! heartbeats with this very code.
 //!
 //! An answer is bounded whatever N is: for each class, the asker's ancestors in that class's tree
-//! (a `fanout`-ary heap over the live nodes sorted by [`Key`], so about log_fanout N names), its
+//! (a `fanout`-ary heap over the live nodes sorted by [`Key`], so about log_fanout N names; with
+//! other trackers sharing the nodes, its root keeps one child and room for a partition root), its
 //! `near` successors on the ring of node hashes (a stable sample for have-maps and fallbacks),
 //! and the number of live nodes. The sorted orders are snapshots, rebuilt at most every
 //! [`REBUILD`] (and at least every half `ttl`), so a heartbeat costs O(classes · log N) and a
@@ -24,7 +25,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use super::tree::{higher_first, node_hash, parent_place, Key};
+use super::tree::{higher_first, node_hash, parent_place, parent_place_federated, Key};
 use crate::p2p::conn::node_host;
 use crate::p2p::wire::{Bytes32, Summary};
 
@@ -179,7 +180,7 @@ impl Image {
         })
     }
 
-    fn answer(&mut self, me: &str, ask: Ask) -> Answer {
+    fn answer(&mut self, me: &str, ask: Ask, federated: bool) -> Answer {
         let hash = node_hash(me);
         let classes = ask.classes.clamp(1, MAX_CLASSES);
         let fanout = ask.fanout.clamp(1, MAX_FANOUT);
@@ -202,7 +203,8 @@ impl Image {
             // that never relays would otherwise leave both its children reading the origin.
             let next_above = place.checked_sub(1).map(|p| names[order[p].1 as usize].clone());
             let mut up = Vec::new();
-            while let Some(p) = parent_place(place, fanout) {
+            let parent = if federated { parent_place_federated } else { parent_place };
+            while let Some(p) = parent(place, fanout) {
                 if up.len() == MAX_DEPTH {
                     break;
                 }
@@ -240,6 +242,9 @@ pub struct Roster {
     warm_until: Option<Instant>,
     /// Rebuilds that changed some image's tops (what the other trackers are told of).
     changes: u64,
+    /// Other trackers share the nodes: each image's root keeps a place for another partition's
+    /// root ([`super::tree::parent_place_federated`]).
+    federated: bool,
 }
 
 impl Roster {
@@ -255,7 +260,14 @@ impl Roster {
             last: None,
             warm_until: None,
             changes: 0,
+            federated: false,
         }
+    }
+
+    /// Whether other trackers share the nodes ([`super::federation`]): the places keep room.
+    pub fn federated(mut self, federated: bool) -> Roster {
+        self.federated = federated;
+        self
     }
 
     /// Records `node` for `image` and answers it (see [`Answer`]), with whether it was recorded.
@@ -310,7 +322,7 @@ impl Roster {
         }
         // A shape asked for the first time gets its orders (and so its tops) in the answer.
         let shapes = m.orders.len();
-        let mut answer = m.answer(node, ask);
+        let mut answer = m.answer(node, ask, self.federated);
         if moved || m.orders.len() != shapes {
             self.changes += 1;
             m.changed = self.changes;

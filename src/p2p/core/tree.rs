@@ -86,6 +86,30 @@ pub fn parent_place(place: usize, fanout: u32) -> Option<usize> {
     (place > 0).then(|| (place - 1) / fanout.max(1) as usize)
 }
 
+/// The parent's place in a partition's heap when trackers share the nodes
+/// ([`super::federation`]): its root keeps one child (place 1, the root of an ordinary heap
+/// below), so every partition root has room for the root of another partition in the joined
+/// tree, and joining M partitions needs no node with more than `fanout` children.
+pub fn parent_place_federated(place: usize, fanout: u32) -> Option<usize> {
+    match place {
+        0 => None,
+        1 => Some(0),
+        p => Some((p - 2) / fanout.max(1) as usize + 1),
+    }
+}
+
+/// The places of the children of `place` in a partition's heap (see [`parent_place_federated`]).
+pub fn child_places_federated(place: usize, fanout: u32) -> std::ops::Range<usize> {
+    let f = fanout.max(1) as usize;
+    match place {
+        0 => 1..2,
+        p => {
+            let first = (p - 1) * f + 2;
+            first..first + f
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,5 +153,15 @@ mod tests {
         assert_eq!(parent_place(0, 4), None);
         assert_eq!((1..=4).map(|p| parent_place(p, 4)).collect::<Vec<_>>(), vec![Some(0); 4]);
         assert_eq!(parent_place(5, 4), Some(1));
+        // A federated partition's heap: the root keeps one child, below it an ordinary heap.
+        for f in [1, 2, 4] {
+            assert_eq!(parent_place_federated(0, f), None);
+            assert_eq!(child_places_federated(0, f), 1..2);
+            for p in 1..200 {
+                let parent = parent_place_federated(p, f).unwrap();
+                assert!(parent < p && child_places_federated(parent, f).contains(&p), "f {f}, place {p}");
+            }
+        }
+        assert_eq!((2..=5).map(|p| parent_place_federated(p, 2)).collect::<Vec<_>>(), [1, 1, 2, 2].map(Some));
     }
 }
