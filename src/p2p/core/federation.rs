@@ -8,8 +8,7 @@
 //! trackers each holds about N / M nodes and answers N / M heartbeats. Every ttl / 3, and as
 //! soon as its tops changed ([`super::Roster::changes`]), a tracker sends each other tracker a
 //! [`Summary`] per image: how many nodes it holds and, for each tree shape asked, the top of
-//! each class's tree in its partition (the first [`TOP`] names of its order: the root and two
-//! levels at fan-out 4). Its size depends on images, shapes and classes, never on N.
+//! each class's tree in its partition (the first [`TOP`] names of its order). Its size depends on images, shapes and classes, never on N.
 //!
 //! The joined tree of class c: its upper levels are one tree over the tops of every partition
 //! merged in key order (the same tree at every tracker once the summaries have gone round: each
@@ -21,10 +20,10 @@
 //! the lowest names of a large partition's top, which keep `fanout` children each, are leaves
 //! there, and the tree is as shallow as a heap. Joining M full heaps would need M − 1 places
 //! more than they have, so a federated tracker's heap keeps one child under its root
-//! ([`super::tree::parent_place_federated`]): each partition's tops then have a place to spare,
-//! and once every tracker has heard the same summaries no node has more than `fanout` children
-//! (a newcomer placed before the next rebuild may add one more for a while; should places still
-//! run short, the last names with room take one more each). Partitions are sized by their snapshots ([`super::Roster::placed`]), the number each
+//! ([`super::tree::parent_place_federated`]): each partition's tops then have a place to spare
+//! (with `fanout` ≥ 2), and once every tracker has heard the same summaries no node has more
+//! than `fanout` children (a newcomer placed before the next rebuild may add one more for a
+//! while; with `fanout` 1, the names that had room take one more each, the last first). Partitions are sized by their snapshots ([`super::Roster::placed`]), the number each
 //! summary carries, so every tracker computes the same rooms. Every step climbs strictly (a parent ranks above its child,
 //! [`super::tree`]), so no chain can loop, whatever each tracker has heard; the single root of
 //! all (the highest key anywhere) is the only node that reads the origin for the class once
@@ -97,8 +96,8 @@ struct Tops {
 /// Children the node at `place` of a partition's heap keeps there (those at places past the
 /// partition's `top` names, of its `total` nodes): the merged tree gives it only what is left of
 /// its `fanout`. A partition's root keeps one child ([`child_places_federated`]), so the tops of
-/// a partition have one place more than their names need, and M partitions join with no node
-/// above its `fanout`.
+/// a full partition have `fanout` − 1 places more than their names need, and with `fanout` ≥ 2
+/// M partitions join with no node above its `fanout`.
 fn kept_children(place: usize, top: usize, total: usize, fanout: usize) -> usize {
     let kids = child_places_federated(place, fanout as u32);
     kids.end.min(total).saturating_sub(kids.start.max(top))
@@ -119,12 +118,14 @@ impl Tops {
     /// The tree over `all` ((key, name, room for children) per top, sorted highest first): each
     /// name takes as parent the first name before it with room left, breadth first, so the tree
     /// is as shallow as a heap. The tops' own heaps have room for every partition root (each
-    /// root keeps a place, [`kept_children`]); should places run short, the last names with room
-    /// to start with take one more each in turn.
+    /// root keeps a place, [`kept_children`]); should places run short (`fanout` 1), the names
+    /// with room to start with take one more each, the last first, none a second before all
+    /// have had one.
     fn build(all: &[(Key, &str, usize)]) -> Tops {
         let mut parent = vec![None; all.len()];
         let mut room: Vec<usize> = all.iter().map(|x| x.2).collect();
-        let (mut next, mut hosts, mut extra) = (std::collections::VecDeque::new(), Vec::new(), 0usize);
+        let (mut next, mut hosts) = (std::collections::VecDeque::new(), Vec::new());
+        let mut extras = vec![0usize; all.len()];
         for k in 0..all.len() {
             if k > 0 {
                 while next.front().is_some_and(|&j| room[j] == 0) {
@@ -137,8 +138,9 @@ impl Tops {
                     }
                     None if hosts.is_empty() => k - 1,
                     None => {
-                        extra += 1;
-                        hosts[hosts.len() - 1 - (extra - 1) % hosts.len()]
+                        let h = *hosts.iter().rev().min_by_key(|&&j| extras[j]).expect("hosts is not empty");
+                        extras[h] += 1;
+                        h
                     }
                 };
                 parent[k] = Some(p);
@@ -250,8 +252,9 @@ impl Federation {
     /// tops are `own.0`: per class the first [`TOP`] names of its order) with the joined trees.
     /// The chain is kept up to its first node among the tops (`me` itself, maybe), and goes on
     /// from there with that node's ancestors in the tree over the merged tops of every tracker
-    /// heard; and the count is of every tracker's nodes. With no other tracker heard, nothing
-    /// changes: the tree over its own tops alone is the top of its own heap.
+    /// heard; and the count is of every tracker's nodes. With no other tracker heard, the tree
+    /// over its own tops alone is an ordinary heap (its root's one child in the partition is a
+    /// top itself, so the root has room for `fanout`): loop-free, no node above `fanout`.
     pub fn join(
         &mut self,
         image: &Bytes32,
@@ -430,6 +433,40 @@ mod tests {
         // one, so no node has more than `fanout` children.
         assert!(children.values().all(|&k| k <= ASK.fanout), "fanout at most: {:?}", children.values().max());
         assert!(load.iter().all(|&l| l > n / 4 && l < n / 2), "each tracker answers about N / M: {load:?}");
+    }
+
+    #[test]
+    fn partition_tops_have_the_places_their_names_need() {
+        // With fan-out 2 or more, the tops of a partition of any size have at least as many
+        // places for children in the joined tree as they have names: joining M partitions
+        // needs no node above its fan-out.
+        for f in 2..=MAX_FANOUT as usize {
+            for total in [1, 2, 21, 22, 43, 100, 1000, 100_000] {
+                let tops = TOP.min(total);
+                let room: usize = (0..tops).map(|p| f - kept_children(p, TOP, total, f)).sum();
+                assert!(room >= tops, "fan-out {f}, {total} nodes: room {room} for {tops} tops");
+            }
+        }
+        // Fan-out 1 (chains) is short one place per partition: ten partitions of 1,000 nodes,
+        // whose tops have room for all but one of them; the names with room take one more
+        // each, never two while another has none.
+        let names: Vec<String> = (0..10_000).map(name).collect();
+        let mut all: Vec<(Key, &str, usize)> = Vec::new();
+        for q in 0..10 {
+            let mut part: Vec<(Key, &str)> =
+                names.iter().skip(q).step_by(10).map(|n| (Key::new(node_hash(n), 0, 1), n.as_str())).collect();
+            part.sort_by(higher_first);
+            all.extend(part[..TOP].iter().enumerate().map(|(p, &(k, n))| (k, n, 1 - kept_children(p, TOP, 1000, 1))));
+        }
+        all.sort_by(|a, b| higher_first(&(a.0, a.1), &(b.0, b.1)));
+        let tops = Tops::build(&all);
+        // Each name's children: those it keeps in its partition (1 - room) and in the tree.
+        let mut children: Vec<usize> = all.iter().map(|e| 1 - e.2).collect();
+        for p in tops.parent.iter().flatten() {
+            children[*p] += 1;
+        }
+        assert!(children.iter().all(|&c| c <= 2), "at most one extra child each: {:?}", children.iter().max());
+        assert!(children.iter().filter(|&&c| c == 2).count() >= 9, "the 9 extra places were taken");
     }
 
     #[test]

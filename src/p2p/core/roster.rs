@@ -44,8 +44,8 @@ pub const MAX_SHAPES: usize = 2;
 /// Most ring successors an answer names, and how many a node asks for.
 pub const MAX_NEAR: u32 = 64;
 pub const NEAR: u32 = 8;
-/// Names of the top of each tree a tracker tells the others (see [`super::federation`]): the root
-/// and two levels below it at a fan-out of 4, four at the default fan-out of 2.
+/// Names of the top of each tree a tracker tells the others (see [`super::federation`]): its
+/// first 21 places (the root and two levels of an ordinary heap of fan-out 4).
 pub const TOP: usize = 21;
 /// Least time between two rebuilds of an image's snapshots.
 pub const REBUILD: Duration = Duration::from_millis(250);

@@ -89,7 +89,8 @@ pub fn parent_place(place: usize, fanout: u32) -> Option<usize> {
 /// The parent's place in a partition's heap when trackers share the nodes
 /// ([`super::federation`]): its root keeps one child (place 1, the root of an ordinary heap
 /// below), so every partition root has room for the root of another partition in the joined
-/// tree, and joining M partitions needs no node with more than `fanout` children.
+/// tree, and with `fanout` ≥ 2 joining M partitions needs no node with more than `fanout`
+/// children (with `fanout` 1 this is the ordinary chain).
 pub fn parent_place_federated(place: usize, fanout: u32) -> Option<usize> {
     match place {
         0 => None,
