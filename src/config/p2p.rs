@@ -172,7 +172,8 @@ impl P2pConfig {
             return Err(invalid("p2p.peer_stall", format!("must be at least {min_stall:?}")));
         }
         let peer_timeout = dur("peer_timeout", &self.peer_timeout, Duration::from_secs(600))?;
-        let handshake_timeout = dur("handshake_timeout", &self.handshake_timeout, Duration::from_secs(600))?;
+        // Each connection still proving itself holds one of MAX_HANDSHAKES places meanwhile.
+        let handshake_timeout = dur("handshake_timeout", &self.handshake_timeout, Duration::from_secs(120))?;
         let stripe = parse_size(&self.stripe).map_err(|m| invalid("p2p.stripe", m))?;
         if !(4096..=1 << 30).contains(&stripe) {
             return Err(invalid("p2p.stripe", "must be between 4KiB and 1GiB"));

@@ -25,8 +25,9 @@ use super::wire::{self, Bytes32, Frame, Message, WireError, HEADER_LEN};
 /// a peer server without `p2p.handshake_timeout`); a peer opening a session is bounded by its
 /// `peer_stall` instead.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most handshakes in progress at once on a peer server or a tracker: idle connections that never authenticate cannot take
-/// the places of real sessions for longer than one handshake timeout each.
+/// Most handshakes in progress at once on a peer server or a tracker: idle connections that
+/// never authenticate cannot take the places of real sessions for longer than one handshake
+/// timeout each (5 s, or a peer server's `p2p.handshake_timeout`, at most 2 min).
 pub const MAX_HANDSHAKES: usize = 64;
 /// Longest node name (a socket address) accepted.
 pub const MAX_NODE_NAME: usize = 64;

@@ -441,12 +441,8 @@ async fn announce(
     requested: Arc<tokio::sync::Notify>,
     lie: bool,
 ) {
-    if lie {
-        let all: RoaringBitmap = (0..export.chunks()).collect();
-        let _ = tx.send((Frame::with_tail(Message::Have, bitmap_bytes(&all)), None)).await;
-        std::future::pending::<()>().await;
-    }
-    let mut sent = export.have();
+    // Lying, the first have-map claims every chunk; pings and the deltas of chunks gained go on.
+    let mut sent = if lie { (0..export.chunks()).collect() } else { export.have() };
     let mut count = sent.len();
     if tx.send((Frame::with_tail(Message::Have, bitmap_bytes(&sent)), None)).await.is_err() {
         return;
