@@ -78,7 +78,7 @@ impl Liar {
                 loop {
                     tokio::select! {
                         _ = tick.tick() => {
-                            let _ = tracker.heartbeat(&[image], ASK, Duration::from_secs(1)).await;
+                            let _ = tracker.heartbeat(&[(image, 0)], ASK, Duration::from_secs(1)).await;
                         }
                         r = listener.accept() => if let Ok((s, _)) = r {
                             let (me, counter) = (me.clone(), counter.clone());
@@ -238,21 +238,12 @@ fn a_peer_serving_corrupt_data_is_banned_and_no_bad_byte_reaches_a_client() {
 #[test]
 fn a_parent_that_claims_everything_and_relays_nothing_raises_no_origin_egress() {
     let mut c = Cluster::new(8 * MIB);
-    // Six names in the order of vmtd's one tree: the liar is the root's first child, so it is
-    // the parent of two nodes and not the root (which reads the origin itself).
-    use vmthunder::p2p::core::tree::{higher_first, node_hash, Key};
-    let name = |p: u16| format!("127.0.0.1:{p}");
-    let mut ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
-    ports.sort_unstable();
-    ports.dedup();
-    assert_eq!(ports.len(), 6, "six distinct ports");
-    let mut named: Vec<(Key, String, u16)> =
-        ports.iter().map(|&p| (Key::new(node_hash(&name(p)), 0, 1), name(p), p)).collect();
-    named.sort_by(|a, b| higher_first(&(a.0, a.1.as_str()), &(b.0, b.1.as_str())));
-    let ports: Vec<u16> = named.into_iter().map(|(_, _, p)| p).collect();
+    // Six nodes joining in turn, the order of vmtd's one tree: the liar, second, is the root's
+    // first child, so it is the parent of two nodes and not the root (which reads the origin
+    // itself).
     let lie = [(vmthunder::p2p::server::LIE_SWITCH, "1")];
     let nodes: Vec<usize> =
-        ports.iter().enumerate().map(|(k, &p)| c.add_node_on(p, "", if k == 1 { &lie } else { &[] })).collect();
+        (0..6).map(|k| c.add_node_in_order(free_port(), "", if k == 1 { &lie } else { &[] })).collect();
     c.wait_meshed(&nodes);
     read_at_once(&c, &nodes);
     assert!(c.nodes[nodes[1]].node_status().not_have > 0, "the liar was asked as a parent and refused");
@@ -469,7 +460,7 @@ fn a_key_holder_gets_no_more_than_the_per_address_bound_whatever_names_it_claims
     let mut answered = 0;
     for port in 1..=1000 {
         let mut client = TrackerClient::new(&tracker, &format!("{ELSEWHERE}:{port}"), cluster_key());
-        if let Ok(answer) = rt.block_on(client.heartbeat(&[image], ASK, Duration::from_secs(5))) {
+        if let Ok(answer) = rt.block_on(client.heartbeat(&[(image, 0)], ASK, Duration::from_secs(5))) {
             let named = answer[&image].names().iter().filter(|n| n.starts_with(&format!("{ELSEWHERE}:"))).count();
             most_named = most_named.max(named);
             answered += 1;

@@ -136,7 +136,7 @@ fn a_new_root_is_known_to_every_tracker_at_once() {
     let mut beat = |n: &str| {
         let client =
             clients.entry(n.to_string()).or_insert_with(|| TrackerClient::new(&t.addrs[home(n)], n, key.clone()));
-        let answer = rt.block_on(client.heartbeat(&[image], ASK, Duration::from_secs(5))).ok()?;
+        let answer = rt.block_on(client.heartbeat(&[(image, 0)], ASK, Duration::from_secs(5))).ok()?;
         answer.get(&image).map(|a| a.ancestors[class as usize].clone())
     };
     let names: Vec<String> = (0..16).map(|i| format!("127.0.0.1:{}", 20_000 + i)).collect();

@@ -108,7 +108,7 @@ fn p2p_wire() -> Vec<Vec<u8>> {
         Frame::new(Message::NotHave { id: 1 }),
         Frame::new(Message::Busy { id: 1 }),
         Frame::new(Message::Ping),
-        Frame::new(Message::Register { image: [4; 32], classes: 4, fanout: 4, near: 8 }),
+        Frame::new(Message::Register { image: [4; 32], classes: 4, fanout: 4, near: 8, joined: 1_796_000_000_000 }),
         Frame::new(Message::Peers {
             image: [4; 32],
             ancestors: vec![vec!["10.0.0.3:7000".into()], vec![]],

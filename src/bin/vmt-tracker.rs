@@ -50,7 +50,7 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(!args.ttl.is_zero(), "--ttl must be positive");
     for p in &args.peers {
         anyhow::ensure!(
-            vmthunder::p2p::conn::is_canonical(p),
+            vmthunder::p2p::conn::is_canonical_addr(p),
             "--peer {p:?} is not an IP address and port, e.g. 10.0.0.3:7070"
         );
     }

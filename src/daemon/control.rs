@@ -281,6 +281,10 @@ pub struct PeerStatus {
     /// Relay trees in which this node has a parent, in its current view (it roots the others).
     #[serde(default)]
     pub tree_parents: u64,
+    /// This node's name for the image: its address and when it joined the image (Unix ms);
+    /// nodes that joined earlier are placed higher in the trees.
+    #[serde(default)]
+    pub name: String,
 }
 
 /// The node's peer server and tracker sessions.

@@ -186,7 +186,10 @@ impl Image {
                 classes: p.classes,
                 max_sessions: p.max_sessions,
             };
-            Swarm::new(&p.me, p.key.clone(), manifest.clone(), source.clone(), tuning)
+            // Its name for this image carries when it joined it: the trees place nodes that
+            // joined earlier (and hold more) above it.
+            let me = crate::p2p::conn::image_name(&p.me, crate::p2p::conn::joined_now());
+            Swarm::new(&me, p.key.clone(), manifest.clone(), source.clone(), tuning)
         });
         let source: Arc<dyn crate::fetch::ChunkSource> = match &swarm {
             Some(s) => s.clone(),
@@ -316,6 +319,7 @@ impl Image {
                     peer_refusals: load(&st.peer_refusals),
                     peer_failures: load(&st.peer_failures),
                     peer_verify_failures: load(&st.peer_verify_failures),
+                    name: s.me().to_string(),
                 }
             }),
         }

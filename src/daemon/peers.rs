@@ -129,8 +129,13 @@ impl Peers {
                 _ = shutdown.wait_for(|v| *v) => return,
             }
             let Some(d) = daemon.upgrade() else { return };
-            let ids: Vec<Bytes32> =
-                d.images.read().unwrap().values().filter(|i| i.swarm.is_some()).map(|i| i.manifest.root().0).collect();
+            let ids: Vec<(Bytes32, u64)> = d
+                .images
+                .read()
+                .unwrap()
+                .values()
+                .filter_map(|i| Some((i.manifest.root().0, crate::p2p::core::tree::joined_of(i.swarm.as_ref()?.me()))))
+                .collect();
             if ids.is_empty() {
                 continue;
             }

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use thiserror::Error;
 use tokio::sync::Notify;
 
-use super::conn::{is_canonical, node_ip};
+use super::conn::{is_canonical, node_addr, node_ip};
 use super::wire::Bytes32;
 
 /// Why a connection or a session was refused.
@@ -53,7 +53,8 @@ pub struct Admission {
 #[derive(Debug, Default)]
 struct Address {
     handshakes: usize,
-    /// Node name → image → the session holding that place.
+    /// Node address (a name without its join time: a node has one name per image) → image →
+    /// the session holding that place.
     names: HashMap<String, HashMap<Bytes32, Holder>>,
 }
 
@@ -83,7 +84,7 @@ impl Admission {
 
     /// The handshake of a connection from `from` proved the name `node`, for `image`: admits the
     /// session if the name has that address and the address has a place for it. A session of
-    /// the same name and image is replaced: [`Admitted::replaced`] fires for it.
+    /// the same node address and image is replaced: [`Admitted::replaced`] fires for it.
     pub fn admit(self: &Arc<Self>, from: IpAddr, node: &str, image: Bytes32) -> Result<Admitted, AdmitError> {
         let from = from.to_canonical();
         // Only the canonical spelling of an address counts (`10.0.0.1:7000`, `[fd00::1]:7000`):
@@ -92,6 +93,8 @@ impl Admission {
         if node_ip(node) != Some(from) || !is_canonical(node) {
             return Err(AdmitError::NotBound { node: node.into(), from });
         }
+        // A node's names for its images differ in their join times only: one place per address.
+        let node = node_addr(node);
         let mut table = self.table.lock().unwrap();
         let a = table.entry(from).or_default();
         if !a.names.contains_key(node) && a.names.len() >= self.per_address {
@@ -195,6 +198,15 @@ mod tests {
             assert!(adm.admit(ip("10.0.0.1"), spelling, [1; 32]).is_err(), "{spelling} is not the canonical name");
         }
         assert!(adm.admit(ip("fd00::1"), "[FD00:0::1]:7000", [1; 32]).is_err());
+        // A node's names for its images (with when it joined each) take one place: its address's.
+        let adm = Admission::new(1);
+        let a = adm.admit(ip("10.0.0.1"), "10.0.0.1:7000@1796000000000", [1; 32]).unwrap();
+        let b = adm.admit(ip("10.0.0.1"), "10.0.0.1:7000@1796000000001", [2; 32]).unwrap();
+        assert!(adm.admit(ip("10.0.0.1"), "10.0.0.1:7001@1796000000000", [1; 32]).is_err(), "a second address");
+        assert_eq!(adm.names(ip("10.0.0.1")), 1);
+        drop((a, b));
+        assert_eq!(adm.names(ip("10.0.0.1")), 0);
+        assert!(adm.admit(ip("10.0.0.1"), "10.0.0.1:7000@", [1; 32]).is_err(), "a join time must be a number");
     }
 
     #[test]

@@ -29,8 +29,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// never authenticate cannot take the places of real sessions for longer than one handshake
 /// timeout each (5 s, or a peer server's `p2p.handshake_timeout`, at most 2 min).
 pub const MAX_HANDSHAKES: usize = 64;
-/// Longest node name (a socket address) accepted.
-pub const MAX_NODE_NAME: usize = 64;
+/// Longest node name accepted: a socket address (47 bytes at most, written canonically) and
+/// `@` and a join time (20 digits at most).
+pub const MAX_NODE_NAME: usize = 80;
 
 /// Errors of one connection.
 #[derive(Debug, Error)]
@@ -106,12 +107,13 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<
     Ok(crate::netio::write_all_vectored(w, &[&f.encode_head(), &f.tail]).await?)
 }
 
-/// A node name is its peer address: `host:port`, printable, short.
+/// A node name is its peer address, `host:port`, and for an image maybe `@` and when it joined
+/// it: printable, short.
 pub fn check_node(node: &str) -> Result<(), ConnError> {
     let ok = !node.is_empty()
         && node.len() <= MAX_NODE_NAME
         && node.bytes().all(|b| b.is_ascii_graphic())
-        && node.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+        && node_addr(node).rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
     if ok {
         Ok(())
     } else {
@@ -119,25 +121,59 @@ pub fn check_node(node: &str) -> Result<(), ConnError> {
     }
 }
 
+/// The peer address of a node name: the name without the `@MILLIS` a node's name for an image
+/// ends with (`10.0.0.5:7000` of `10.0.0.5:7000@1796000000000`; see `tree::joined_of`).
+pub fn node_addr(node: &str) -> &str {
+    node.split_once('@').map_or(node, |(a, _)| a)
+}
+
+/// A node's name for an image it joined at `joined` (Unix milliseconds): `ADDR@JOINED`, or the
+/// bare address when `joined` is 0 (not said).
+pub fn image_name(addr: &str, joined: u64) -> String {
+    if joined == 0 {
+        addr.to_string()
+    } else {
+        format!("{}@{joined}", node_addr(addr))
+    }
+}
+
+/// Now, in Unix milliseconds (at least 1: 0 means "not said" on the wire): when a node joins
+/// an image, for [`image_name`].
+pub fn joined_now() -> u64 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
 /// The host part of a node name (`10.0.0.5` of `10.0.0.5:7000`, `[fd00::5]` of
-/// `[fd00::5]:7000`): the whole name if it has no port.
+/// `[fd00::5]:7000`): the whole address if it has no port.
 pub fn node_host(node: &str) -> &str {
-    node.rsplit_once(':').map_or(node, |(h, _)| h)
+    let addr = node_addr(node);
+    addr.rsplit_once(':').map_or(addr, |(h, _)| h)
 }
 
-/// The IP address a node name stands for, if it is an IP socket address (`vmtd`'s names always
-/// are), IPv4-mapped IPv6 addresses as IPv4.
+/// The IP address a node name stands for, if its address is an IP socket address (`vmtd`'s
+/// names always are), IPv4-mapped IPv6 addresses as IPv4.
 pub fn node_ip(node: &str) -> Option<IpAddr> {
-    node.parse::<SocketAddr>().ok().map(|a| a.ip().to_canonical())
+    node_addr(node).parse::<SocketAddr>().ok().map(|a| a.ip().to_canonical())
 }
 
-/// True when `node` is an IP socket address written the one way Rust writes it, with an IPv4
-/// address for an IPv4-mapped one: the only spelling of a node name that is admitted.
-pub fn is_canonical(node: &str) -> bool {
-    node.parse::<std::net::SocketAddr>().is_ok_and(|a| {
+/// True when `addr` is an IP socket address written the one way Rust writes it, with an IPv4
+/// address for an IPv4-mapped one.
+pub fn is_canonical_addr(addr: &str) -> bool {
+    addr.parse::<std::net::SocketAddr>().is_ok_and(|a| {
         let a = std::net::SocketAddr::new(a.ip().to_canonical(), a.port());
-        a.to_string() == node
+        a.to_string() == addr
     })
+}
+
+/// True when `node` is the only spelling of a node name that is admitted: a canonical address
+/// ([`is_canonical_addr`]), then optionally `@` and a join time in decimal without leading zeros.
+pub fn is_canonical(node: &str) -> bool {
+    let time_ok = |t: &str| t.parse::<u64>().is_ok_and(|v| v.to_string() == t);
+    match node.split_once('@') {
+        Some((addr, t)) => is_canonical_addr(addr) && time_ok(t),
+        None => is_canonical_addr(node),
+    }
 }
 
 /// Opens a TCP connection to `addr` from the IP address of this node's name `me`, so that the
@@ -295,6 +331,15 @@ mod tests {
         assert_eq!(node_ip("[fd00::5]:7000"), Some("fd00::5".parse().unwrap()));
         assert_eq!(node_ip("[::ffff:10.0.0.5]:7000"), Some("10.0.0.5".parse().unwrap()), "v4-mapped");
         assert_eq!(node_ip("host.example:7000"), None);
+        // A node's name for an image: its address and when it joined the image.
+        assert_eq!(node_addr("10.0.0.5:7000@1796000000000"), "10.0.0.5:7000");
+        assert_eq!(node_host("[fd00::5]:7000@17"), "[fd00::5]");
+        assert_eq!(node_ip("10.0.0.5:7000@17"), Some("10.0.0.5".parse().unwrap()));
+        assert!(is_canonical("10.0.0.5:7000@1796000000000") && is_canonical("10.0.0.5:7000"));
+        for bad in ["10.0.0.5:7000@", "10.0.0.5:7000@017", "10.0.0.5:7000@-1", "10.0.0.5:7000@1@2", "10.0.0.5@1"] {
+            assert!(!is_canonical(bad), "{bad}");
+        }
+        assert!(!is_canonical_addr("10.0.0.5:7000@1"));
     }
 
     #[tokio::test]

@@ -19,7 +19,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::auth::ClusterKey;
-use super::conn::{client_handshake, connect_from, read_frame_progressing, write_frame, ConnError};
+use super::conn::{client_handshake, connect_from, node_addr, read_frame_progressing, write_frame, ConnError};
 use super::select::Selector;
 use super::wire::{Bytes32, Frame, Message};
 
@@ -77,15 +77,17 @@ impl PeerConn {
         let (s, name) = tokio::time::timeout(limit, async {
             // From this node's own address: the peer admits only a name that is the address a
             // session comes from.
-            let mut s = connect_from(node, me).await?;
+            let mut s = connect_from(node_addr(node), me).await?;
             s.set_nodelay(true)?;
             let name = client_handshake(&mut s, key, me, image, limit).await?;
             Ok::<_, ConnError>((s, name))
         })
         .await
         .map_err(|_| ConnError::Timeout)??;
-        if name != node {
-            // A peer answering under another name would corrupt everyone's relay trees.
+        if node_addr(&name) != node_addr(node) {
+            // A peer answering for another address would corrupt everyone's relay trees. (It
+            // answers with its address alone: its name for this image, with when it joined it,
+            // came from the tracker it registered with.)
             return Err(ConnError::BadNode(name));
         }
         let (rd, mut wr) = s.into_split();

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use roaring::RoaringBitmap;
 
 use crate::p2p::core::membership::View;
-use crate::p2p::core::tree::{self, class_of, node_hash, Key};
+use crate::p2p::core::tree::{self, class_of, node_id, Key, NodeId};
 
 /// How long a peer that failed is avoided at first; doubled per consecutive failure.
 pub const FIRST_DOWN: Duration = Duration::from_millis(500);
@@ -106,7 +106,7 @@ impl Tried {
 struct Peer {
     /// Listed by a tracker (or configured); non-members are never asked.
     member: bool,
-    hash: u64,
+    id: NodeId,
     have: RoaringBitmap,
     /// Chunks it claimed and then refused: not taken from a full have-map again; a later delta
     /// that announces one anew (an honest node that dropped a chunk and fetched it again) brings
@@ -128,7 +128,7 @@ struct Peer {
 #[derive(Debug, Clone)]
 pub struct Selector {
     me: String,
-    me_hash: u64,
+    me_id: NodeId,
     stripe: u32,
     fanout: u32,
     classes: u32,
@@ -161,7 +161,7 @@ impl Selector {
     pub fn new(me: &str, stripe: u32, fanout: u32, classes: u32) -> Selector {
         Selector {
             me: me.into(),
-            me_hash: node_hash(me),
+            me_id: node_id(me),
             stripe: stripe.max(1),
             fanout: fanout.max(1),
             classes: classes.max(1),
@@ -220,7 +220,7 @@ impl Selector {
                 .entry(n.clone())
                 .or_insert_with(|| Peer {
                     member: false,
-                    hash: node_hash(n),
+                    id: node_id(n),
                     have: RoaringBitmap::new(),
                     disproved: RoaringBitmap::new(),
                     disproofs: 0,
@@ -291,9 +291,9 @@ impl Selector {
     /// tracker's places, the parent a heap over the usable known peers gives.
     fn parent_without(&self, chunk: u32, now: Instant, tried: &Tried) -> Option<&str> {
         let class = self.class(chunk);
-        let mine = (Key::new(self.me_hash, class, self.classes), self.me.as_str());
+        let mine = (Key::new(self.me_id, class, self.classes), self.me.as_str());
         let ok = |n: &str, p: &Peer| {
-            Self::usable(p, now) && !tried.contains(n) && (Key::new(p.hash, class, self.classes), n) > mine
+            Self::usable(p, now) && !tried.contains(n) && (Key::new(p.id, class, self.classes), n) > mine
         };
         if self.placed {
             let up = self.ancestors.get(class as usize).map(Vec::as_slice).unwrap_or_default();
@@ -308,7 +308,7 @@ impl Selector {
             .peers
             .iter()
             .filter(|(n, p)| ok(n, p))
-            .map(|(n, p)| (Key::new(p.hash, class, self.classes), n.as_str()))
+            .map(|(n, p)| (Key::new(p.id, class, self.classes), n.as_str()))
             .collect();
         let parent = tree::parent_place(above.len(), self.fanout)?;
         above.sort_unstable_by(tree::higher_first);
@@ -400,7 +400,9 @@ impl Selector {
             .peers
             .iter()
             .filter(|(n, p)| Self::usable(p, now) && !tried.contains(n) && p.have.contains_range(run.clone()))
-            .min_by_key(|(n, p)| (p.load, std::cmp::Reverse(tree::score(p.hash ^ self.me_hash, stripe)), n.as_str()));
+            .min_by_key(|(n, p)| {
+                (p.load, std::cmp::Reverse(tree::score(p.id.hash ^ self.me_id.hash, stripe)), n.as_str())
+            });
         match holder {
             Some((n, _)) => Choice::Peer { node: n.clone(), parent: false },
             None => Choice::Origin,

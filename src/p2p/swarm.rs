@@ -154,6 +154,11 @@ impl Swarm {
         self.inbound.load(Ordering::Relaxed)
     }
 
+    /// This node's name for the image (its address and when it joined the image).
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
     pub fn summary(&self) -> Summary {
         self.selector.lock().unwrap().summary(Instant::now())
     }

@@ -196,11 +196,15 @@ impl Tracker {
                 r = read_frame_within(&mut s, SMALL_FRAME) => r?,
                 _ = admitted.replaced() => return Ok(()),
             };
-            let (image, ask) = match read.msg {
-                Message::Register { image, classes, fanout, near } => (image, Ask { classes, fanout, near }),
+            let (image, ask, joined) = match read.msg {
+                Message::Register { image, classes, fanout, near, joined } => {
+                    (image, Ask { classes, fanout, near }, joined)
+                }
                 other => return Err(ConnError::Unexpected { expected: "Register", got: Box::new(other) }),
             };
-            let a = self.register(image, &auth.node, ask, Instant::now());
+            // Its name for the image carries when it joined: the trees place the first highest.
+            let name = super::conn::image_name(&auth.node, joined);
+            let a = self.register(image, &name, ask, Instant::now());
             let peers = Message::Peers {
                 image,
                 ancestors: a.ancestors,
@@ -400,12 +404,12 @@ impl TrackerClient {
         self.conn = None;
     }
 
-    /// Registers this node for each of `images` (asking for trees of `ask`'s shape) and returns
-    /// the answer for each, within `limit`. A failure drops the session; the next call
+    /// Registers this node for each of `images` (with when it joined each; asking for trees of
+    /// `ask`'s shape) and returns the answer for each, within `limit`. A failure drops the session; the next call
     /// reconnects.
     pub async fn heartbeat(
         &mut self,
-        images: &[Bytes32],
+        images: &[(Bytes32, u64)],
         ask: Ask,
         limit: Duration,
     ) -> Result<HashMap<Bytes32, Answer>, ConnError> {
@@ -416,15 +420,15 @@ impl TrackerClient {
         r
     }
 
-    async fn exchange(&mut self, images: &[Bytes32], ask: Ask) -> Result<HashMap<Bytes32, Answer>, ConnError> {
+    async fn exchange(&mut self, images: &[(Bytes32, u64)], ask: Ask) -> Result<HashMap<Bytes32, Answer>, ConnError> {
         if self.conn.is_none() {
             self.conn = Some(open_session(&self.addr, &self.me, &self.key).await?);
         }
         let s = self.conn.as_mut().expect("connected above");
         let mut out = HashMap::new();
-        for image in images {
-            let (classes, fanout, near) = (ask.classes, ask.fanout, ask.near);
-            write_frame(s, &Frame::new(Message::Register { image: *image, classes, fanout, near })).await?;
+        for (image, joined) in images {
+            let (classes, fanout, near, joined) = (ask.classes, ask.fanout, ask.near, *joined);
+            write_frame(s, &Frame::new(Message::Register { image: *image, classes, fanout, near, joined })).await?;
             match read_frame_within(s, MAX_MSG as usize).await?.msg {
                 Message::Peers { image: i, mut ancestors, mut near, total, provisional } if i == *image => {
                     // Bounded whatever a tracker sends: the view is this node's peer state.
@@ -490,11 +494,11 @@ mod tests {
         let mut b = TrackerClient::new(&addr, "127.0.0.2:7000", key.clone());
         let img = [9; 32];
         let limit = Duration::from_secs(5);
-        a.heartbeat(&[img], ASK, limit).await.unwrap();
+        a.heartbeat(&[(img, 0)], ASK, limit).await.unwrap();
         // The tracker's places follow within its rebuild interval: wait on the condition.
         let mut seen = Vec::new();
         for _ in 0..200 {
-            let got = b.heartbeat(&[img], ASK, limit).await.unwrap();
+            let got = b.heartbeat(&[(img, 0)], ASK, limit).await.unwrap();
             seen = got[&img].names().into_iter().map(String::from).collect();
             if got[&img].total == 2 && !seen.is_empty() {
                 break;
@@ -504,10 +508,10 @@ mod tests {
         assert_eq!(seen, vec!["127.0.0.1:7000"]);
         let mut outsider =
             TrackerClient::new(&addr, "127.0.0.3:7000", ClusterKey::from_secret(b"not the cluster key!").unwrap());
-        assert!(outsider.heartbeat(&[img], ASK, limit).await.is_err());
+        assert!(outsider.heartbeat(&[(img, 0)], ASK, limit).await.is_err());
         // A name that is not an address of the machine it connects from is refused.
         let mut liar = TrackerClient::new(&addr, "192.0.2.1:7000", key);
-        assert!(liar.heartbeat(&[img], ASK, limit).await.is_err());
+        assert!(liar.heartbeat(&[(img, 0)], ASK, limit).await.is_err());
         let _ = stop.send(true);
     }
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const MAGIC: &[u8; 4] = b"VMTP";
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 pub const HEADER_LEN: usize = 20;
 /// Largest postcard message (the peer lists of a tracker reply are the largest).
 pub const MAX_MSG: u32 = 1 << 20;
@@ -73,9 +73,10 @@ pub enum Message {
     /// Liveness, sent by a server while a request of the client's is in progress and nothing
     /// else is sent.
     Ping,
-    /// Node → tracker: I serve `image` at my peer address `node`; my relay trees are `classes`
-    /// trees of fan-out `fanout`, and I want `near` ring successors.
-    Register { image: Bytes32, classes: u32, fanout: u32, near: u32 },
+    /// Node → tracker: I serve `image` at my peer address `node` since `joined` (Unix
+    /// milliseconds; 0: not said), so my name for it is `node@joined`; my relay trees are
+    /// `classes` trees of fan-out `fanout`, and I want `near` ring successors.
+    Register { image: Bytes32, classes: u32, fanout: u32, near: u32, joined: u64 },
     /// Tracker → node: for each class the asker's ancestors (parent first), its ring
     /// successors, the number of live nodes serving `image`, and whether the places are
     /// provisional (the tracker warms up).
@@ -238,7 +239,7 @@ mod tests {
             Frame::new(Message::NotHave { id: 1 }),
             Frame::new(Message::Busy { id: 1 }),
             Frame::new(Message::Ping),
-            Frame::new(Message::Register { image: [4; 32], classes: 4, fanout: 4, near: 8 }),
+            Frame::new(Message::Register { image: [4; 32], classes: 4, fanout: 4, near: 8, joined: 1_796_000_000_000 }),
             Frame::new(Message::Peers {
                 image: [4; 32],
                 ancestors: vec![vec!["a:1".into()], vec![]],

@@ -262,10 +262,14 @@ pub(super) fn tracker_name(t: u32) -> String {
     format!("192.0.2.{}:7070", t + 1)
 }
 
-/// Node `i`'s peer name: an address of its own (vmtd binds names to addresses), `first` + i.
-pub(super) fn node_name(first: std::net::Ipv4Addr, i: u32) -> String {
-    format!("{}:7000", std::net::Ipv4Addr::from(u32::from(first) + i))
+/// Node `i`'s peer name for its image: an address of its own (vmtd binds names to addresses),
+/// `first` + i, and when its vmtd opened the image (`at`, virtual ns, on a fixed epoch base).
+pub(super) fn node_name(first: std::net::Ipv4Addr, i: u32, at: u64) -> String {
+    format!("{}:7000@{}", std::net::Ipv4Addr::from(u32::from(first) + i), EPOCH_MS + at / 1_000_000)
 }
+
+/// The Unix time in milliseconds that virtual time 0 stands for in node names.
+const EPOCH_MS: u64 = 1_796_000_000_000;
 
 impl<'a> Sim<'a> {
     pub fn new(p: &'a SimParams, w: &'a Workload, strategy: Strategy, n: u32) -> Sim<'a> {
@@ -284,7 +288,7 @@ impl<'a> Sim<'a> {
         let nodes = (0..n)
             .map(|i| {
                 let start = ns(p.warmup + if p.spread > 0.0 { rng.unit() * p.spread } else { 0.0 });
-                let name = node_name(p.first_address, i);
+                let name = node_name(p.first_address, i, start.saturating_sub(ns(p.warmup)));
                 Node {
                     home: rank(&name, &trackers)[0] as u32,
                     sessions_peak: 0,

@@ -168,15 +168,33 @@ impl Cluster {
             });
         }
     }
+    /// Starts a node, as [`Cluster::add_node_on`], and waits until the clock is past the time it
+    /// joined the image: a node started next joins later, so it is placed below this one in
+    /// every tree but those of its own groups.
+    pub fn add_node_in_order(&mut self, port: u16, p2p_extra: &str, vars: &[(&str, &str)]) -> usize {
+        use vmthunder::p2p::{conn::joined_now, core::tree::joined_of};
+        let i = self.add_node_on(port, p2p_extra, vars);
+        let joined = || joined_of(&self.nodes[i].status().p2p.name);
+        wait_until("the node's name for the image", Duration::from_secs(20), || joined() != u64::MAX);
+        let t = joined();
+        wait_until("the clock past the node's join time", Duration::from_secs(20), || joined_now() > t);
+        i
+    }
+
     /// Two nodes in 16 trees (the most `classes` allows), with `stripe` bytes a stripe, once
     /// both views hold the tracker's final places: (A, B), where A has a parent in some trees
     /// and B is its parent there. Each tree has one root, the other node its child, so the
-    /// parents the two show add up to 16; one node roots all 16, whatever the names (ports),
-    /// about once in 2^15 runs.
+    /// parents the two show add up to 16. Their ports are picked in different groups: the node
+    /// that joined first roots every tree but the other's group's (and maybe its second
+    /// group's), which the other roots.
     pub fn pair_in_16_trees(&mut self, stripe: &str) -> (usize, usize) {
+        use vmthunder::p2p::core::tree::{group_of, node_hash};
         let conf = format!("stripe = \"{stripe}\"\nclasses = 16");
-        let first = self.add_node(&conf, &[]);
-        let second = self.add_node(&conf, &[]);
+        let group = |p: u16| group_of(node_hash(&format!("127.0.0.1:{p}")), 16);
+        let p1 = free_port();
+        let p2 = std::iter::repeat_with(free_port).find(|&p| p != p1 && group(p) != group(p1)).unwrap();
+        let first = self.add_node_in_order(p1, &conf, &[]);
+        let second = self.add_node_on(p2, &conf, &[]);
         self.wait_meshed(&[first, second]);
         let parents = |i: usize| self.nodes[i].status().p2p.tree_parents;
         wait_until("final places in both views", Duration::from_secs(20), || parents(first) + parents(second) == 16);

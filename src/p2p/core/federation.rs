@@ -42,7 +42,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::roster::{append_next_above, Answer, Ask, MAX_CLASSES, MAX_DEPTH, MAX_FANOUT, MAX_IMAGES, MAX_SHAPES, TOP};
-use super::tree::{above, child_places_federated, higher_first, node_hash, Key};
+use super::tree::{above, child_places_federated, higher_first, node_id, Key};
 use crate::p2p::wire::{Bytes32, Summary};
 
 /// Most images one summary frame carries (a tracker sends as many frames as it needs): with
@@ -110,7 +110,7 @@ fn entries<'a>(names: &'a [String], total: u32, class: u32, shape: (u32, u32), a
     let (classes, f) = (shape.0, shape.1 as usize);
     all.extend(names.iter().enumerate().map(|(place, n)| {
         let room = f.saturating_sub(kept_children(place, names.len(), total as usize, f));
-        (Key::new(node_hash(n), class, classes), n.as_str(), room)
+        (Key::new(node_id(n), class, classes), n.as_str(), room)
     }));
 }
 
@@ -294,7 +294,7 @@ impl Federation {
                     // Where it would be, under the parent of the name it would come before (which
                     // ranks above it, as every name before that place does), or the last name.
                     None if i == 0 => {
-                        let key = |n: &str| Key::new(node_hash(n), c as u32, classes);
+                        let key = |n: &str| Key::new(node_id(n), c as u32, classes);
                         let mine = (key(me), me);
                         let q = names.partition_point(|n| higher_first(&(key(n), n.as_str()), &mine).is_lt());
                         if q < names.len() {
@@ -454,7 +454,7 @@ mod tests {
         let mut all: Vec<(Key, &str, usize)> = Vec::new();
         for q in 0..10 {
             let mut part: Vec<(Key, &str)> =
-                names.iter().skip(q).step_by(10).map(|n| (Key::new(node_hash(n), 0, 1), n.as_str())).collect();
+                names.iter().skip(q).step_by(10).map(|n| (Key::new(node_id(n), 0, 1), n.as_str())).collect();
             part.sort_by(higher_first);
             all.extend(part[..TOP].iter().enumerate().map(|(p, &(k, n))| (k, n, 1 - kept_children(p, TOP, 1000, 1))));
         }

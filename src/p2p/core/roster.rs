@@ -25,7 +25,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use super::tree::{higher_first, node_hash, parent_place, parent_place_federated, Key};
+use super::tree::{higher_first, joined_of, node_hash, node_id, parent_place, parent_place_federated, Key, NodeId};
 use crate::p2p::conn::node_host;
 use crate::p2p::wire::{Bytes32, Summary};
 
@@ -170,7 +170,12 @@ impl Image {
         self.orders.entry(classes).or_insert_with(|| {
             (0..classes)
                 .map(|c| {
-                    let mut o: Vec<(Key, u32)> = ring.iter().map(|&(h, i)| (Key::new(h, c, classes), i)).collect();
+                    let mut o: Vec<(Key, u32)> = ring
+                        .iter()
+                        .map(|&(h, i)| {
+                            (Key::new(NodeId { hash: h, joined: joined_of(&names[i as usize]) }, c, classes), i)
+                        })
+                        .collect();
                     o.sort_unstable_by(|a, b| {
                         higher_first(&(a.0, names[a.1 as usize].as_str()), &(b.0, names[b.1 as usize].as_str()))
                     });
@@ -195,7 +200,7 @@ impl Image {
         self.order(classes);
         let (names, orders) = (&self.names, &self.orders[&classes]);
         for (c, order) in orders.iter().enumerate() {
-            let mine = (Key::new(hash, c as u32, classes), me);
+            let mine = (Key::new(node_id(me), c as u32, classes), me);
             // Its place: the number of nodes ranked above it (where it is, or would be).
             let mut place = order.partition_point(|&(k, i)| (k, names[i as usize].as_str()) > mine);
             // The node ranked right above this one comes after the chain (it ranks above, so a
@@ -462,6 +467,41 @@ pub(super) mod tests {
         let twice = inner.values().filter(|&&k| k > 1).count();
         assert!(twice * 100 < inner.len(), "{twice} of {} inner nodes are inner twice", inner.len());
         assert_eq!(t.nodes(&img), n as usize, "no node cap");
+    }
+
+    #[test]
+    fn nodes_that_joined_earlier_are_placed_higher_and_a_newcomer_moves_no_one() {
+        // One tree of fan-out 2 (vmtd's default): 200 nodes joining 1 ms apart, their names
+        // (ports) in no order of their join times.
+        let ask = Ask { classes: 1, fanout: 2, near: 8 };
+        let mut t = Roster::new(Duration::from_secs(3), 8);
+        let t0 = Instant::now();
+        let img = [1; 32];
+        let joined = |i: u32| 1_796_000_000_000 + u64::from(i);
+        let named = |i: u32| format!("{}@{}", name(i.wrapping_mul(2_654_435_761) >> 8), joined(i));
+        let beat = |t: &mut Roster, n: u32, at: Instant| {
+            for i in 0..n {
+                t.register(img, &named(i), ask, at);
+            }
+        };
+        beat(&mut t, 200, t0);
+        beat(&mut t, 200, t0 + Duration::from_secs(2));
+        let now = t0 + Duration::from_secs(2);
+        let chains: Vec<Vec<String>> =
+            (0..200).map(|i| t.register(img, &named(i), ask, now).0.ancestors[0].clone()).collect();
+        for (i, up) in chains.iter().enumerate() {
+            // The heap over the join order: the parent of the i-th to join is the (i - 1) / 2-th.
+            let parent = (i > 0).then(|| named((i as u32 - 1) / 2));
+            assert_eq!(up.first().cloned(), parent, "node {i}");
+            assert!(up.iter().all(|u| joined_of(u) < joined(i as u32)), "node {i}: every ancestor joined first");
+        }
+        // A newcomer takes the next place: everyone else keeps their chain.
+        beat(&mut t, 201, now + REBUILD);
+        for (i, up) in chains.iter().enumerate() {
+            assert_eq!(&t.register(img, &named(i as u32), ask, now + REBUILD * 2).0.ancestors[0], up, "node {i}");
+        }
+        let up = t.register(img, &named(200), ask, now + REBUILD * 2).0.ancestors[0].clone();
+        assert_eq!(up.first(), Some(&named(99)), "the newcomer is a leaf under the 100th");
     }
 
     #[test]

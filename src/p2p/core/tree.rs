@@ -20,8 +20,10 @@
 use std::cmp::Ordering;
 
 /// A node name's hash: the basis of its group, its scores and its place on the tracker's ring.
+/// Of its address alone, so a node keeps its group and place on the ring in every image and
+/// across restarts (which change when it joined).
 pub fn node_hash(name: &str) -> u64 {
-    let h = blake3::hash(name.as_bytes());
+    let h = blake3::hash(crate::p2p::conn::node_addr(name).as_bytes());
     u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
@@ -43,11 +45,35 @@ pub fn group_of(hash: u64, classes: u32) -> u32 {
     (hash % u64::from(classes.max(1))) as u32
 }
 
-/// A node's key in the tree of one class; higher ranks nearer the root.
+/// What a node's keys are made of, read from its name alone: the hash of the name and when the
+/// node joined the image (see [`joined_of`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeId {
+    pub hash: u64,
+    pub joined: u64,
+}
+
+/// The [`NodeId`] of a node name.
+pub fn node_id(name: &str) -> NodeId {
+    NodeId { hash: node_hash(name), joined: joined_of(name) }
+}
+
+/// When a node joined its image, in milliseconds since the Unix epoch: the `@MILLIS` suffix of
+/// its name for the image (`10.0.0.5:7000@1796000000000`); a name without one ranks after
+/// every join time.
+pub fn joined_of(name: &str) -> u64 {
+    name.rsplit_once('@').and_then(|(_, t)| t.parse().ok()).unwrap_or(u64::MAX)
+}
+
+/// A node's key in the tree of one class; higher ranks nearer the root. Within its group, the
+/// node that joined the image first ranks highest: a node joining later is placed below the
+/// nodes already there, which hold more of the image than it does, and the places of the
+/// others do not move when it joins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Key {
     in_group: bool,
     in_second: bool,
+    earlier: std::cmp::Reverse<u64>,
     score: u64,
 }
 
@@ -62,10 +88,11 @@ pub fn second_group_of(hash: u64, classes: u32) -> u32 {
 }
 
 impl Key {
-    pub fn new(hash: u64, class: u32, classes: u32) -> Key {
+    pub fn new(id: NodeId, class: u32, classes: u32) -> Key {
+        let hash = id.hash;
         let in_group = group_of(hash, classes) == class;
         let in_second = !in_group && second_group_of(hash, classes) == class;
-        Key { in_group, in_second, score: score(hash, class) }
+        Key { in_group, in_second, earlier: std::cmp::Reverse(id.joined), score: score(hash, class) }
     }
 }
 
@@ -77,7 +104,7 @@ pub fn higher_first(a: &(Key, &str), b: &(Key, &str)) -> Ordering {
 
 /// Whether `a` ranks above `b` in the tree of `class`.
 pub fn above(a: &str, b: &str, class: u32, classes: u32) -> bool {
-    let (ka, kb) = (Key::new(node_hash(a), class, classes), Key::new(node_hash(b), class, classes));
+    let (ka, kb) = (Key::new(node_id(a), class, classes), Key::new(node_id(b), class, classes));
     (ka, a) > (kb, b)
 }
 
@@ -121,7 +148,7 @@ mod tests {
         let names: Vec<String> = (0..400).map(|i| format!("10.0.{}.{}:7000", i / 256, i % 256)).collect();
         for class in 0..classes {
             let mut keyed: Vec<(Key, &str)> =
-                names.iter().map(|n| (Key::new(node_hash(n), class, classes), n.as_str())).collect();
+                names.iter().map(|n| (Key::new(node_id(n), class, classes), n.as_str())).collect();
             keyed.sort_by(higher_first);
             // The group comes first: with about N / classes members it fills the heap's inner
             // places (N / fanout of them) when fanout = classes.
@@ -144,7 +171,7 @@ mod tests {
                 let mut keyed: Vec<(Key, &str, usize)> = names
                     .iter()
                     .enumerate()
-                    .map(|(i, n)| (Key::new(node_hash(n), class, classes), n.as_str(), i))
+                    .map(|(i, n)| (Key::new(node_id(n), class, classes), n.as_str(), i))
                     .collect();
                 keyed.sort_by(|a, b| higher_first(&(a.0, a.1), &(b.0, b.1)));
                 keyed[..inner].iter().for_each(|&(_, _, i)| trees[i] += 1);
