@@ -145,6 +145,21 @@ fn relay_state_and_sessions_stay_bounded_as_nodes_are_added() {
     assert!(state[1] < 2 * state[0], "peer state per node: {state:?}");
 }
 
+/// Guests that start one after another: each newcomer is placed below the nodes already there
+/// (the trees follow the order the nodes joined), so no node takes on new children as others
+/// arrive, and each forwards the image at most `fanout` (2) times. Placed by hash, newcomers
+/// displaced the nodes near the top, which then served a new subtree after each arrival (the
+/// busiest node uploaded 9 working sets in this run).
+#[test]
+fn nodes_that_arrive_one_after_another_do_not_reshape_the_trees() {
+    let a = args(&["--nodes", "300", "--strategies", "vmthunder", "--spread", "20"]);
+    let r = run(&a.params().unwrap()).unwrap();
+    let s = &r.strategies[0];
+    assert_eq!((s.failed_reads, s.unfinished), (0, 0), "{s:?}");
+    assert!(s.origin_per_working_set <= 1.05, "each chunk from the origin about once: {s:?}");
+    assert!(s.upload_max_per_working_set <= 2.05, "at most two children's copies: {s:?}");
+}
+
 #[test]
 fn several_images_boot_at_once_each_in_its_own_trees() {
     let strategies = "direct,cor-tree,vmthunder";

@@ -290,7 +290,8 @@ impl<'a> Sim<'a> {
                 let start = ns(p.warmup + if p.spread > 0.0 { rng.unit() * p.spread } else { 0.0 });
                 let name = node_name(p.first_address, i, start.saturating_sub(ns(p.warmup)));
                 Node {
-                    home: rank(&name, &trackers)[0] as u32,
+                    // vmtd ranks the trackers by its address, its name for no image.
+                    home: rank(crate::p2p::conn::node_addr(&name), &trackers)[0] as u32,
                     sessions_peak: 0,
                     key: image_key(i % p.images),
                     up: net.link(p.node_rate),
