@@ -134,7 +134,7 @@ impl Peers {
                 .read()
                 .unwrap()
                 .values()
-                .filter_map(|i| Some((i.manifest.root().0, crate::p2p::core::tree::joined_of(i.swarm.as_ref()?.me()))))
+                .filter_map(|i| Some((i.manifest.root().0, i.swarm.as_ref()?.joined())))
                 .collect();
             if ids.is_empty() {
                 continue;

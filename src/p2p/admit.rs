@@ -1,14 +1,16 @@
 //! Who may hold sessions on a peer server or a tracker, so that one holder of the cluster key
 //! takes a bounded share of them whatever names it claims.
 //!
-//! - **Names are bound to addresses.** A node's name is its peer address; a session whose proven
-//!   name does not have the IP address the connection comes from is refused. A key holder on one
-//!   machine can therefore only speak for addresses of that machine.
-//! - **One session per name and image.** A node keeps one session per image with each peer and
-//!   one with each tracker; a second one of the same name replaces the first, which is told to
-//!   end (a node that lost its connection without a reset must be able to come back).
-//! - **`per_address` names per address**, and as many handshakes in progress from it: the
-//!   sessions one address can hold are at most `per_address` names times the images served.
+//! - **Names are bound to addresses.** A node's name is its peer address (for an image, followed
+//!   by `@` and when it joined the image); a session whose proven name does not have the IP
+//!   address the connection comes from is refused. A key holder on one machine can therefore
+//!   only speak for addresses of that machine.
+//! - **One session per peer address and image.** A node keeps one session per image with each
+//!   peer and one with each tracker; a second one of the same address (whatever join time its
+//!   name carries) replaces the first, which is told to end (a node that lost its connection
+//!   without a reset, or restarted, must be able to come back).
+//! - **`per_address` peer addresses per IP address**, and as many handshakes in progress from
+//!   it: the sessions one IP address can hold are at most `per_address` times the images served.
 //!
 //! ```text
 //!  accept ──▶ handshake(ip) ─ more than per_address in progress from ip? ─▶ refused

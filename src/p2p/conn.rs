@@ -29,8 +29,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// never authenticate cannot take the places of real sessions for longer than one handshake
 /// timeout each (5 s, or a peer server's `p2p.handshake_timeout`, at most 2 min).
 pub const MAX_HANDSHAKES: usize = 64;
-/// Longest node name accepted: a socket address (47 bytes at most, written canonically) and
-/// `@` and a join time (20 digits at most).
+/// Longest node name accepted: a socket address (58 bytes at most as Rust writes it, an IPv6
+/// address with a scope id) and `@` and a join time (20 digits at most).
 pub const MAX_NODE_NAME: usize = 80;
 
 /// Errors of one connection.
@@ -121,19 +121,29 @@ pub fn check_node(node: &str) -> Result<(), ConnError> {
     }
 }
 
-/// The peer address of a node name: the name without the `@MILLIS` a node's name for an image
-/// ends with (`10.0.0.5:7000` of `10.0.0.5:7000@1796000000000`; see `tree::joined_of`).
+/// A node name's parts: its peer address and, in a node's name for an image, the text after the
+/// first `@`, its join time (`10.0.0.5:7000` and `1796000000000` of
+/// `10.0.0.5:7000@1796000000000`; see `tree::joined_of`).
+pub fn split_name(node: &str) -> (&str, Option<&str>) {
+    match node.split_once('@') {
+        Some((addr, t)) => (addr, Some(t)),
+        None => (node, None),
+    }
+}
+
+/// The peer address of a node name (see [`split_name`]).
 pub fn node_addr(node: &str) -> &str {
-    node.split_once('@').map_or(node, |(a, _)| a)
+    split_name(node).0
 }
 
 /// A node's name for an image it joined at `joined` (Unix milliseconds): `ADDR@JOINED`, or the
 /// bare address when `joined` is 0 (not said).
 pub fn image_name(addr: &str, joined: u64) -> String {
+    let addr = node_addr(addr);
     if joined == 0 {
         addr.to_string()
     } else {
-        format!("{}@{joined}", node_addr(addr))
+        format!("{addr}@{joined}")
     }
 }
 
@@ -167,13 +177,12 @@ pub fn is_canonical_addr(addr: &str) -> bool {
 }
 
 /// True when `node` is the only spelling of a node name that is admitted: a canonical address
-/// ([`is_canonical_addr`]), then optionally `@` and a join time in decimal without leading zeros.
+/// ([`is_canonical_addr`]), then optionally `@` and a join time from 1 on, in decimal without
+/// leading zeros.
 pub fn is_canonical(node: &str) -> bool {
-    let time_ok = |t: &str| t.parse::<u64>().is_ok_and(|v| v.to_string() == t);
-    match node.split_once('@') {
-        Some((addr, t)) => is_canonical_addr(addr) && time_ok(t),
-        None => is_canonical_addr(node),
-    }
+    let (addr, time) = split_name(node);
+    let time_ok = |t: &str| t.parse::<u64>().is_ok_and(|v| v > 0 && v.to_string() == t);
+    is_canonical_addr(addr) && time.is_none_or(time_ok)
 }
 
 /// Opens a TCP connection to `addr` from the IP address of this node's name `me`, so that the
@@ -336,7 +345,7 @@ mod tests {
         assert_eq!(node_host("[fd00::5]:7000@17"), "[fd00::5]");
         assert_eq!(node_ip("10.0.0.5:7000@17"), Some("10.0.0.5".parse().unwrap()));
         assert!(is_canonical("10.0.0.5:7000@1796000000000") && is_canonical("10.0.0.5:7000"));
-        for bad in ["10.0.0.5:7000@", "10.0.0.5:7000@017", "10.0.0.5:7000@-1", "10.0.0.5:7000@1@2", "10.0.0.5@1"] {
+        for bad in ["10.0.0.5:7000@", "10.0.0.5:7000@017", "10.0.0.5:7000@0", "10.0.0.5:7000@1@2", "10.0.0.5@1"] {
             assert!(!is_canonical(bad), "{bad}");
         }
         assert!(!is_canonical_addr("10.0.0.5:7000@1"));

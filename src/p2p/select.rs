@@ -35,8 +35,9 @@ use std::time::{Duration, Instant};
 
 use roaring::RoaringBitmap;
 
+use crate::p2p::conn::node_addr;
 use crate::p2p::core::membership::View;
-use crate::p2p::core::tree::{self, class_of, node_id, Key, NodeId};
+use crate::p2p::core::tree::{self, class_of, joined_of, node_id, Key, NodeId};
 
 /// How long a peer that failed is avoided at first; doubled per consecutive failure.
 pub const FIRST_DOWN: Duration = Duration::from_millis(500);
@@ -203,19 +204,30 @@ impl Selector {
     /// Replaces the view (from the trackers). Peers that left it are forgotten, unless banned
     /// (a banned peer cannot clear its ban by re-registering) or asked right now.
     pub fn set_view(&mut self, view: &View) {
-        let names: std::collections::HashSet<&String> = view.ancestors.iter().flatten().chain(&view.near).collect();
+        // One name per node: a node that joined the image again (a restart) may still be named
+        // under its old name for a while, by a tracker that has not heard of the new one; the
+        // name that joined last is the node. This node's own names are left out.
+        let mut latest: HashMap<&str, &String> = HashMap::new();
+        for n in view.ancestors.iter().flatten().chain(&view.near) {
+            let joined = |n: &str| Some(joined_of(n)).filter(|&t| t != u64::MAX).unwrap_or(0);
+            let e = latest.entry(node_addr(n)).or_insert(n);
+            if (joined(n), n) > (joined(e), *e) {
+                *e = n;
+            }
+        }
+        let me = node_addr(&self.me);
+        let keep = |n: &String| node_addr(n) != me && latest.get(node_addr(n)) == Some(&n);
+        let names: std::collections::HashSet<&String> =
+            view.ancestors.iter().flatten().chain(&view.near).filter(|n| keep(n)).collect();
         self.peers.retain(|n, p| names.contains(n) || p.banned_until.is_some() || p.load > 0);
         for p in self.peers.values_mut() {
             p.member = false;
         }
         self.placed = view.placed;
-        self.near = view.near.clone();
-        self.ancestors = view.ancestors.clone();
+        self.near = view.near.iter().filter(|n| keep(n)).cloned().collect();
+        self.ancestors = view.ancestors.iter().map(|up| up.iter().filter(|n| keep(n)).cloned().collect()).collect();
         self.ancestors.resize(self.classes as usize, Vec::new());
         for n in names {
-            if *n == self.me {
-                continue;
-            }
             self.peers
                 .entry(n.clone())
                 .or_insert_with(|| Peer {

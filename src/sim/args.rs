@@ -148,7 +148,7 @@ pub struct SimArgs {
     #[arg(long, default_value = "6GiB")]
     pub max_peer_state: String,
     /// Node i's peer address is this one plus i (port 7000). The relay's trees are shaped by
-    /// the nodes' names: the testbed's are 10.77.0.11 onwards.
+    /// the nodes' addresses (and when they joined): the testbed's are 10.77.0.11 onwards.
     #[arg(long, default_value = "10.0.0.1")]
     pub first_address: std::net::Ipv4Addr,
     /// Print the report as JSON.

@@ -265,7 +265,8 @@ pub(super) fn tracker_name(t: u32) -> String {
 /// Node `i`'s peer name for its image: an address of its own (vmtd binds names to addresses),
 /// `first` + i, and when its vmtd opened the image (`at`, virtual ns, on a fixed epoch base).
 pub(super) fn node_name(first: std::net::Ipv4Addr, i: u32, at: u64) -> String {
-    format!("{}:7000@{}", std::net::Ipv4Addr::from(u32::from(first) + i), EPOCH_MS + at / 1_000_000)
+    let addr = format!("{}:7000", std::net::Ipv4Addr::from(u32::from(first) + i));
+    crate::p2p::conn::image_name(&addr, EPOCH_MS + at / 1_000_000)
 }
 
 /// The Unix time in milliseconds that virtual time 0 stands for in node names.

@@ -43,7 +43,7 @@ impl Sim<'_> {
 
     /// The node a name stands for.
     fn index(&self, name: &str) -> Option<u32> {
-        let addr = name.split_once('@').map_or(name, |(a, _)| a);
+        let addr = crate::p2p::conn::node_addr(name);
         let addr: std::net::Ipv4Addr = addr.strip_suffix(":7000")?.parse().ok()?;
         u32::from(addr).checked_sub(u32::from(self.p.first_address)).filter(|&i| (i as usize) < self.nodes.len())
     }

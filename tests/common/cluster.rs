@@ -192,8 +192,8 @@ impl Cluster {
         let conf = format!("stripe = \"{stripe}\"\nclasses = 16");
         let group = |p: u16| group_of(node_hash(&format!("127.0.0.1:{p}")), 16);
         let p1 = free_port();
-        let p2 = std::iter::repeat_with(free_port).find(|&p| p != p1 && group(p) != group(p1)).unwrap();
         let first = self.add_node_in_order(p1, &conf, &[]);
+        let p2 = std::iter::repeat_with(free_port).find(|&p| p != p1 && group(p) != group(p1)).unwrap();
         let second = self.add_node_on(p2, &conf, &[]);
         self.wait_meshed(&[first, second]);
         let parents = |i: usize| self.nodes[i].status().p2p.tree_parents;

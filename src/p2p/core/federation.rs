@@ -46,7 +46,7 @@ use super::tree::{above, child_places_federated, higher_first, node_id, Key};
 use crate::p2p::wire::{Bytes32, Summary};
 
 /// Most images one summary frame carries (a tracker sends as many frames as it needs): with
-/// [`MAX_SHAPES`] shapes of 16 classes of [`TOP`] names of at most 64 bytes, under 1 MiB.
+/// [`MAX_SHAPES`] shapes of 16 classes of [`TOP`] names of at most 80 bytes, under 1 MiB.
 pub const SUMMARY_IMAGES: usize = 16;
 
 /// The order in which node `me` tries `trackers`: highest rendezvous score first. Every node
@@ -311,7 +311,9 @@ impl Federation {
                     at = tops.parent[p];
                 }
                 if i == 0 {
-                    if let Some(p) = names.iter().position(|n| *n == me) {
+                    if let Some(p) =
+                        names.iter().position(|n| crate::p2p::conn::node_addr(n) == crate::p2p::conn::node_addr(me))
+                    {
                         next = p.checked_sub(1).map(|q| names[q].clone());
                     }
                 }

@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::tree::{higher_first, joined_of, node_hash, node_id, parent_place, parent_place_federated, Key, NodeId};
-use crate::p2p::conn::node_host;
+use crate::p2p::conn::{node_addr, node_host};
 use crate::p2p::wire::{Bytes32, Summary};
 
 /// Most images a tracker keeps.
@@ -61,7 +61,7 @@ pub struct Ask {
 /// Appends to `up`, a chain of ancestors of `me`, the node ranked right above `me` (see
 /// [`Answer::ancestors`]), unless it is `me`, in the chain already, or past [`MAX_DEPTH`].
 pub(super) fn append_next_above(up: &mut Vec<String>, next: Option<String>, me: &str) {
-    if let Some(n) = next.filter(|n| n != me && !up.contains(n) && up.len() < MAX_DEPTH) {
+    if let Some(n) = next.filter(|n| node_addr(n) != node_addr(me) && !up.contains(n) && up.len() < MAX_DEPTH) {
         up.push(n);
     }
 }
@@ -104,8 +104,11 @@ pub enum Recorded {
 struct Image {
     /// Name → (hash, last registration).
     nodes: HashMap<String, (u64, Instant)>,
-    /// Recorded names per address.
+    /// Recorded names per IP address.
     hosts: HashMap<String, usize>,
+    /// Peer address (`HOST:PORT`) → its recorded name: one name per node, the latest it
+    /// registered under (a node that joins again, after a restart, has a new one).
+    addrs: HashMap<String, String>,
     /// Snapshot: names, the ring (hash, name index) by hash, and per (classes) the order of
     /// each class's tree, highest first.
     names: Vec<String>,
@@ -121,13 +124,16 @@ struct Image {
 
 impl Image {
     fn expire(&mut self, now: Instant, ttl: Duration) {
-        let hosts = &mut self.hosts;
+        let (hosts, addrs) = (&mut self.hosts, &mut self.addrs);
         let before = self.nodes.len();
         self.nodes.retain(|n, (_, t)| {
             let live = now.saturating_duration_since(*t) < ttl;
             if !live {
                 if let Some(c) = hosts.get_mut(node_host(n)) {
                     *c = c.saturating_sub(1);
+                }
+                if addrs.get(node_addr(n)).is_some_and(|a| a == n) {
+                    addrs.remove(node_addr(n));
                 }
             }
             live
@@ -227,7 +233,7 @@ impl Image {
         let start = self.ring.partition_point(|&(h, _)| h <= hash);
         (0..self.ring.len())
             .map(|k| &self.names[self.ring[(start + k) % self.ring.len()].1 as usize])
-            .filter(|n| n.as_str() != me)
+            .filter(|n| node_addr(n) != node_addr(me))
             .take(want.min(MAX_NEAR) as usize)
             .cloned()
             .collect()
@@ -298,14 +304,25 @@ impl Roster {
             Recorded::ImagesFull
         } else {
             let m = self.images.entry(image).or_default();
-            let host = node_host(node);
+            let (host, addr) = (node_host(node), node_addr(node));
+            let older = m.addrs.get(addr).filter(|o| o.as_str() != node).cloned();
             match m.nodes.get_mut(node) {
                 Some((_, t)) => {
                     *t = now;
                     Recorded::Yes
                 }
+                None if older.is_some() => {
+                    // The node joined the image again (a restart): its new name replaces the
+                    // old, which would otherwise rank above it and be taken for another node.
+                    m.nodes.remove(older.as_deref().unwrap_or_default());
+                    m.nodes.insert(node.to_string(), (node_hash(node), now));
+                    m.addrs.insert(addr.to_string(), node.to_string());
+                    m.dirty = true;
+                    Recorded::Yes
+                }
                 None if self.entries < MAX_ENTRIES && m.hosts.get(host).copied().unwrap_or(0) < self.per_address => {
                     m.nodes.insert(node.to_string(), (node_hash(node), now));
+                    m.addrs.insert(addr.to_string(), node.to_string());
                     *m.hosts.entry(host.to_string()).or_default() += 1;
                     m.dirty = true;
                     self.entries += 1;
@@ -502,6 +519,33 @@ pub(super) mod tests {
         }
         let up = t.register(img, &named(200), ask, now + REBUILD * 2).0.ancestors[0].clone();
         assert_eq!(up.first(), Some(&named(99)), "the newcomer is a leaf under the 100th");
+    }
+
+    #[test]
+    fn a_node_that_joins_again_replaces_its_old_name() {
+        let ask = Ask { classes: 1, fanout: 2, near: 8 };
+        let mut t = Roster::new(Duration::from_secs(3), 1);
+        let t0 = Instant::now();
+        let img = [1; 32];
+        let (a1, a2, b) = ("10.0.0.1:7000@1796000000001", "10.0.0.1:7000@1796000000009", "10.0.0.2:7000@1796000000002");
+        t.register(img, a1, ask, t0);
+        t.register(img, b, ask, t0);
+        assert_eq!(t.register(img, b, ask, t0 + REBUILD).0.names(), vec![a1]);
+        // Restarted, the node registers under a new name (even with one name allowed per
+        // address): the old one is gone at once, not after the ttl.
+        assert_eq!(t.register(img, a2, ask, t0 + REBUILD * 2).1, Recorded::Yes);
+        assert_eq!(t.nodes(&img), 2);
+        let later = t0 + REBUILD * 4;
+        assert_eq!(t.register(img, b, ask, later).0.names(), vec![a2], "the new name, ranked below b");
+        assert_eq!(
+            t.register(img, b, ask, later).0.ancestors[0],
+            Vec::<String>::new(),
+            "b, which joined first, is the root"
+        );
+        assert_eq!(t.register(img, a2, ask, later).0.names(), vec![b], "never its own old name");
+        // It expires with its last registration: the address holds no entry left behind.
+        assert!(t.register(img, b, ask, t0 + Duration::from_secs(4)).0.names().is_empty());
+        assert_eq!(t.nodes(&img), 1);
     }
 
     #[test]

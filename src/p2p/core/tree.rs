@@ -1,7 +1,7 @@
 //! The relay trees, as pure functions of node names: every stripe belongs to one of `classes`
 //! trees (its class), and in the tree of class c every node has a key: (whether its group is c,
-//! whether its second group is c, its score for c). A node's group is its name's hash modulo
-//! `classes`, so the trees are interior-node-disjoint (as SplitStream's): the nodes of group c
+//! whether its second group is c, how early it joined the image, its score for c). A node's
+//! group is its address's hash modulo `classes`, so the trees are interior-node-disjoint (as SplitStream's): the nodes of group c
 //! fill the upper places of tree c and are leaves in every other tree, so each node forwards at
 //! most one class of the image (`fanout` copies of a `1 / classes` share), whatever N is. This
 //! needs `fanout` ≥ `classes` (a heap of fan-out k has about N / k inner places, a group about
@@ -62,7 +62,7 @@ pub fn node_id(name: &str) -> NodeId {
 /// its name for the image (`10.0.0.5:7000@1796000000000`); a name without one ranks after
 /// every join time.
 pub fn joined_of(name: &str) -> u64 {
-    name.rsplit_once('@').and_then(|(_, t)| t.parse().ok()).unwrap_or(u64::MAX)
+    crate::p2p::conn::split_name(name).1.and_then(|t| t.parse().ok()).unwrap_or(u64::MAX)
 }
 
 /// A node's key in the tree of one class; higher ranks nearer the root. Within its group, the

@@ -404,6 +404,26 @@ fn with_the_trackers_places_state_is_bounded_and_a_refused_run_climbs_the_ancest
 }
 
 #[test]
+fn a_node_named_twice_is_one_peer_and_never_this_node() {
+    // Trackers that have not all heard of a restart name a node under its old and its new name;
+    // this node's own old name may come back too.
+    let mut s = Selector::new("10.0.0.1:7000@1796000000005", 1, 2, 1);
+    let (old, new) = ("10.0.0.2:7000@1796000000001".to_string(), "10.0.0.2:7000@1796000000007".to_string());
+    let view = crate::p2p::core::View {
+        ancestors: vec![vec![old.clone(), "10.0.0.3:7000@1796000000000".into()]],
+        near: vec![new.clone(), "10.0.0.1:7000@1796000000002".into()],
+        placed: true,
+        total: 4,
+        provisional: false,
+    };
+    s.set_view(&view);
+    let mut known: Vec<String> = s.known().into_iter().collect();
+    known.sort();
+    assert_eq!(known, vec![new.clone(), "10.0.0.3:7000@1796000000000".to_string()]);
+    assert_eq!(s.ancestors[0], vec!["10.0.0.3:7000@1796000000000".to_string()], "the old name is not asked");
+}
+
+#[test]
 fn the_session_to_an_ancestor_climbed_to_closes_once_idle() {
     let now = Instant::now();
     let (names, c) = placed(2000, 4, 4);
