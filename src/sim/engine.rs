@@ -63,6 +63,8 @@ pub(super) enum Ev {
     OriginStart(u32),
     /// An origin read's bytes reached the node.
     OriginDone(u32),
+    /// A node has checked an origin read's bytes against the manifest (vmthunder).
+    OriginChecked(u32),
     /// A direct guest read's request reached the origin.
     DirectStart(u32),
     /// A direct guest read's bytes reached the node.
@@ -447,6 +449,7 @@ impl<'a> Sim<'a> {
             Ev::Fetched(f) => self.flight_done(f, false),
             Ev::OriginStart(f) => self.origin_start(f),
             Ev::OriginDone(f) => self.origin_done(f),
+            Ev::OriginChecked(f) => self.fetched(f),
             Ev::AtServer(r) => self.at_server(r),
             Ev::AtClient(r, how) => self.at_client(r, how),
             Ev::StartReply(r, serial) => self.start_reply(r, serial),

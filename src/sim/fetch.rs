@@ -123,7 +123,7 @@ impl Sim<'_> {
     }
 
     pub(super) fn origin_done(&mut self, f: u32) {
-        let Some(i) = self.flights.get(f).map(|fl| fl.node) else { return };
+        let Some((i, chunks)) = self.flights.get(f).map(|fl| (fl.node, fl.run.end - fl.run.start)) else { return };
         if self.strategy.relays() {
             let n = &mut self.nodes[i as usize];
             n.origin_free += 1;
@@ -132,6 +132,12 @@ impl Sim<'_> {
                 let lat = self.lat();
                 self.after(lat + self.p.origin_delay, Ev::OriginStart(next));
             }
+            // vmtd checks a run from the origin against the manifest before its readers get it,
+            // as it checks a peer's reply: the receiver's share of the CPU cost, here too.
+            let cost = f64::from(chunks) * self.p.chunk_size as f64 * self.p.cpu_per_byte + self.p.cpu_per_request;
+            let checked = self.cpu(i, cost);
+            self.at(super::engine::ns(checked), Ev::OriginChecked(f));
+            return;
         }
         self.fetched(f);
     }
