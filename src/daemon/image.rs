@@ -186,8 +186,8 @@ impl Image {
                 classes: p.classes,
                 max_sessions: p.max_sessions,
             };
-            // Its name for this image carries when it joined it: the trees place nodes that
-            // joined earlier (and hold more) above it.
+            // Its name for this image carries when it joined it (now, as vmtd opens the image):
+            // the trees place the nodes that joined earlier above it.
             let me = crate::p2p::conn::image_name(&p.me, crate::p2p::conn::joined_now());
             Swarm::new(&me, p.key.clone(), manifest.clone(), source.clone(), tuning)
         });
