@@ -62,7 +62,8 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 50.0)]
     pub cpu_us_per_request: f64,
     /// CPU seconds per GiB relayed, both ends together (BENCHMARKS.md measures 4.3–6.8 on the
-    /// testbed); half is charged to the sender, half to the receiver.
+    /// testbed); half is charged to the sender, half to the receiver (also of a run from the
+    /// origin).
     #[arg(long, default_value_t = 5.0)]
     pub cpu_s_per_gib: f64,
     /// Microseconds every guest read takes beyond its data's arrival (the answer's way through
@@ -73,7 +74,8 @@ pub struct SimArgs {
     /// latency.
     #[arg(long, default_value_t = 0.0)]
     pub origin_delay_us: f64,
-    /// Microseconds a node takes to handle a fetched run (check, store, wake its readers).
+    /// Microseconds a node takes to handle a fetched run beyond its CPU cost (store, wake its
+    /// readers).
     #[arg(long, default_value_t = 0.0)]
     pub fetch_overhead_us: f64,
     /// All nodes share this many CPU cores (an emulated testbed on one host); 0: each node has

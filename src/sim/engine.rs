@@ -63,7 +63,7 @@ pub(super) enum Ev {
     OriginStart(u32),
     /// An origin read's bytes reached the node.
     OriginDone(u32),
-    /// A node has checked an origin read's bytes against the manifest (vmthunder).
+    /// A node has handled an origin read's bytes (vmtd: checked them against the manifest).
     OriginChecked(u32),
     /// A direct guest read's request reached the origin.
     DirectStart(u32),

@@ -132,11 +132,21 @@ impl Sim<'_> {
                 let lat = self.lat();
                 self.after(lat + self.p.origin_delay, Ev::OriginStart(next));
             }
-            // vmtd checks a run from the origin against the manifest before its readers get it,
-            // as it checks a peer's reply: the receiver's share of the CPU cost, here too.
+        }
+        if self.nodes[i as usize].alive {
+            // The node's process receives and handles the run as it does a peer's reply (vmtd
+            // also checks it against the manifest before its readers get it): the receiver's
+            // share of the CPU cost, from the origin too. Cut through, only the last chunk's is
+            // left once the run is in, as in `deliver`.
             let cost = f64::from(chunks) * self.p.chunk_size as f64 * self.p.cpu_per_byte + self.p.cpu_per_request;
-            let checked = self.cpu(i, cost);
-            self.at(super::engine::ns(checked), Ev::OriginChecked(f));
+            let verify = self.cpu(i, cost);
+            let done = if self.cuts() {
+                let chunk = self.chunk_cpu();
+                (self.secs() + chunk).max(verify - (cost - chunk).max(0.0))
+            } else {
+                verify
+            };
+            self.at(super::engine::ns(done), Ev::OriginChecked(f));
             return;
         }
         self.fetched(f);

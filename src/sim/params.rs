@@ -78,14 +78,15 @@ pub struct SimParams {
     pub origin_rate: f64,
     /// One-way latency of one hop, seconds.
     pub latency: f64,
-    /// CPU seconds per request served or fetched from a peer, and per byte, at each end.
+    /// CPU seconds per request served or fetched (from a peer or the origin), and per byte, at
+    /// each end a node's process is.
     pub cpu_per_request: f64,
     pub cpu_per_byte: f64,
     /// Seconds every guest read takes beyond its data's arrival (the answer's way to the guest).
     pub read_overhead: f64,
     /// Seconds the origin takes to start answering a read (its disk), beyond the hop's latency.
     pub origin_delay: f64,
-    /// Seconds a node takes to handle a fetched run (check, store, wake its readers).
+    /// Seconds a node takes to handle a fetched run beyond its CPU cost (store, wake its readers).
     pub fetch_overhead: f64,
     /// Cores all nodes share (0: a CPU per node).
     pub host_cores: u32,

@@ -15,7 +15,8 @@
 //!   (`disconnected`), a node that cannot be reached (`unreachable`).
 //!
 //! Modelled, not vmtd's code: the timing of messages (one hop of latency each), the peer server's
-//! upload slots as a FIFO of `upload_slots`, the CPU cost of each reply (FIFO per node), and
+//! upload slots as a FIFO of `upload_slots`, the CPU cost of each reply and of each run from the
+//! origin (FIFO per node), and
 //! have-deltas reaching every subscriber at once, 250 ms after a node's first new chunk.
 
 use super::engine::{Ev, Purpose, Req, Sim, Wait, Want};
