@@ -8,7 +8,8 @@
 //! trackers each holds about N / M nodes and answers N / M heartbeats. Every ttl / 3, and as
 //! soon as its tops changed ([`super::Roster::changes`]), a tracker sends each other tracker a
 //! [`Summary`] per image: how many nodes it holds and, for each tree shape asked, the top of
-//! each class's tree in its partition (the first [`TOP`] names of its order). Its size depends on images, shapes and classes, never on N.
+//! each class's tree in its partition (the first [`TOP`] names of its order). Its size depends
+//! on images, shapes and classes, never on N.
 //!
 //! The joined tree of class c: its upper levels are one tree over the tops of every partition
 //! merged in key order (the same tree at every tracker once the summaries have gone round: each
@@ -23,11 +24,12 @@
 //! ([`super::tree::parent_place_federated`]): each partition's tops then have a place to spare
 //! (with `fanout` ≥ 2), and once every tracker has heard the same summaries no node has more
 //! than `fanout` children (a newcomer placed before the next rebuild may add one more for a
-//! while; with `fanout` 1, the names that had room take one more each, the last first). Partitions are sized by their snapshots ([`super::Roster::placed`]), the number each
-//! summary carries, so every tracker computes the same rooms. Every step climbs strictly (a parent ranks above its child,
-//! [`super::tree`]), so no chain can loop, whatever each tracker has heard; the single root of
-//! all (the highest key anywhere) is the only node that reads the origin for the class once
-//! the summaries have gone round. A newcomer the partition would place at its root, not yet in
+//! while; with `fanout` 1, the names that had room take one more each, the last first).
+//! Partitions are sized by their snapshots ([`super::Roster::placed`]), the number each summary
+//! carries, so every tracker computes the same rooms. Every step climbs strictly (a parent ranks
+//! above its child, [`super::tree`]), so no chain can loop, whatever each tracker has heard; the
+//! single root of all (the highest key anywhere) is the only node that reads the origin for the
+//! class once the summaries have gone round. A newcomer the partition would place at its root, not yet in
 //! the snapshot, enters the merged tree where its key puts it. With partitions of at most
 //! [`TOP`] nodes, the merged tree holds every node and is exactly one tracker's heap over all
 //! of them.
@@ -43,6 +45,7 @@ use std::time::{Duration, Instant};
 
 use super::roster::{append_next_above, Answer, Ask, MAX_CLASSES, MAX_DEPTH, MAX_FANOUT, MAX_IMAGES, MAX_SHAPES, TOP};
 use super::tree::{above, child_places_federated, higher_first, node_id, Key};
+use crate::p2p::conn::node_addr;
 use crate::p2p::wire::{Bytes32, Summary};
 
 /// Most images one summary frame carries (a tracker sends as many frames as it needs): with
@@ -311,9 +314,7 @@ impl Federation {
                     at = tops.parent[p];
                 }
                 if i == 0 {
-                    if let Some(p) =
-                        names.iter().position(|n| crate::p2p::conn::node_addr(n) == crate::p2p::conn::node_addr(me))
-                    {
+                    if let Some(p) = names.iter().position(|n| node_addr(n) == node_addr(me)) {
                         next = p.checked_sub(1).map(|q| names[q].clone());
                     }
                 }
