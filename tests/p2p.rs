@@ -237,16 +237,35 @@ fn a_peer_serving_corrupt_data_is_banned_and_no_bad_byte_reaches_a_client() {
 /// once (`read_at_once` checks it within 5%).
 #[test]
 fn a_parent_that_claims_everything_and_relays_nothing_raises_no_origin_egress() {
-    let mut c = Cluster::new(8 * MIB);
     // Six nodes joining in turn, the order of vmtd's one tree: the liar, second, is the root's
     // first child, so it is the parent of two nodes and not the root (which reads the origin
     // itself).
+    lying_parent_at(1);
+}
+
+/// As above with the liar at the root of the tree, reading nothing itself (a root that reads
+/// the image reads it from the origin, as any root does): it refuses every chunk, its first
+/// child reads the origin in its stead and the second climbs to the first, so the origin still
+/// sends each chunk about once.
+#[test]
+fn a_lying_root_raises_no_origin_egress() {
+    lying_parent_at(0);
+}
+
+/// Six nodes joining in turn, the `at`-th of them lying (see above); the others read the image
+/// at once, and the liar too unless it is the root.
+fn lying_parent_at(at: usize) {
+    let mut c = Cluster::new(8 * MIB);
     let lie = [(vmthunder::p2p::server::LIE_SWITCH, "1")];
     let nodes: Vec<usize> =
-        (0..6).map(|k| c.add_node_in_order(free_port(), "", if k == 1 { &lie } else { &[] })).collect();
+        (0..6).map(|k| c.add_node_in_order(free_port(), "", if k == at { &lie } else { &[] })).collect();
     c.wait_meshed(&nodes);
-    read_at_once(&c, &nodes);
-    assert!(c.nodes[nodes[1]].node_status().not_have > 0, "the liar was asked as a parent and refused");
+    let readers: Vec<usize> = nodes.iter().copied().filter(|&i| at != 0 || i != nodes[at]).collect();
+    read_at_once(&c, &readers);
+    assert!(c.nodes[nodes[at]].node_status().not_have > 0, "the liar was asked as a parent and refused");
+    if at == 0 {
+        assert_eq!(settled(&c.nodes[nodes[at]].env, "img").bytes_from_origin, 0, "the liar read nothing");
+    }
     assert!(nodes.iter().all(|&i| c.nodes[i].status().failed == 0));
 }
 
