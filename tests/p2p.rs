@@ -639,5 +639,6 @@ fn an_image_holds_no_more_peer_sessions_than_its_bound() {
     }
     assert!(reader.wait().unwrap().success(), "B reads the image whole");
     assert!(most <= 3, "A held {most} sessions");
+    assert_eq!(c.nodes[a].status().p2p.sessions_peak, 3, "A's own count: the bound reached, never passed");
     assert_eq!(c.nodes[b].status().failed, 0);
 }

@@ -8,7 +8,7 @@
 # 64 KiB chunks, OWN_FOOTPRINT the same in the run's own chunk size.
 relay_result() {
   python3 - "$1" "$2" "$3" "$4" <<'PY'
-import json, sys
+import json, os, sys
 raw, out, footprint, own = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
 lines = open(raw).read().splitlines()
 head = dict(kv.split("=", 1) for kv in lines[0].split())
@@ -28,6 +28,13 @@ for line in lines[1:]:
                            "elapsed_s": rep.get("elapsed_s"), "bytes": rep.get("bytes"),
                            "read_errors": rep.get("read_errors", None), "waiting_s": rep.get("waiting_s"),
                            "p50_ms": rep.get("latency_ms_p50"), "p99_ms": rep.get("latency_ms_p99")})
+# vmtd's own status after the run (vmthunder runs): the most session places each node held.
+for x in r["nodes"]:
+    try:
+        st = json.load(open(os.path.join(os.path.dirname(raw), f"n{x['node']}.status.json")))
+        x["sessions_peak"] = max(i["p2p"]["sessions_peak"] for i in st if i.get("p2p"))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
 json.dump(r, open(out, "w"), indent=1)
 PY
 }
@@ -96,5 +103,12 @@ for r in rs:
     name = label(r)
     times = " ".join(f"{x['elapsed_s']:.2f}" if x["elapsed_s"] is not None else "–" for x in r["nodes"])
     print(f"- {name}, from {r.get('from', 0):g} s, origin {r['origin_rate']}, N={r['n']}: {times}")
+peaks = [r for r in rs if any("sessions_peak" in x for x in r["nodes"])]
+if peaks:
+    print("\nMost peer sessions of the image a node held at once, both ways (vmtd's `sessions_peak`; "
+          "`p2p.max_sessions` bounds it), largest / median over the nodes:\n")
+for r in peaks:
+    v = sorted(x.get("sessions_peak", 0) for x in r["nodes"])
+    print(f"- {label(r)}, from {r.get('from', 0):g} s, origin {r['origin_rate']}, N={r['n']}: {v[-1]} / {v[len(v) // 2]}")
 PY
 }

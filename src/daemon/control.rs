@@ -264,6 +264,10 @@ pub struct PeerStatus {
     pub peers_usable: u64,
     /// Sessions open to peers (each brings that peer's have-map).
     pub sessions: u64,
+    /// Most session places of this image held at once since it opened, both ways (what
+    /// `p2p.max_sessions` bounds).
+    #[serde(default)]
+    pub sessions_peak: u64,
     /// Chunks of this image that usable peers are known to hold.
     pub chunks_at_peers: u64,
     pub peers_banned: u64,

@@ -309,6 +309,7 @@ impl Image {
                 PeerStatus {
                     peers_usable: sum.usable,
                     sessions: s.sessions(),
+                    sessions_peak: s.sessions_peak(),
                     chunks_at_peers: sum.chunks_at_peers,
                     tree_parents: sum.parents,
                     peers_banned: sum.banned,

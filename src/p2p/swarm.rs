@@ -84,6 +84,9 @@ pub struct Swarm {
     origin_slots: Slots,
     /// Sessions peers opened to this node for this image (see [`Swarm::admit_inbound`]).
     inbound: Arc<AtomicU64>,
+    /// Most places among the image's sessions held at once (both ways, as the bound counts
+    /// them): never above `max_sessions`.
+    places_peak: AtomicU64,
     weak: Weak<Swarm>,
 }
 
@@ -116,6 +119,7 @@ impl Swarm {
             stats: SwarmStats::default(),
             origin_slots: Slots::new(ORIGIN_SLOTS),
             inbound: Arc::new(AtomicU64::new(0)),
+            places_peak: AtomicU64::new(0),
             weak: weak.clone(),
         })
     }
@@ -132,7 +136,11 @@ impl Swarm {
         // Slots of sessions that ended count until `set_view` drops them: the bound errs low.
         let conns = self.conns.lock().unwrap();
         let out = conns.len() as u64;
-        self.inbound.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n + out < max).then_some(n + 1)).ok()?;
+        let n = self
+            .inbound
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n + out < max).then_some(n + 1))
+            .ok()?;
+        self.places_peak.fetch_max(n + 1 + out, Ordering::Relaxed);
         drop(conns);
         Some(InboundSession(self.inbound.clone()))
     }
@@ -216,6 +224,12 @@ impl Swarm {
         }
     }
 
+    /// Most places among the image's sessions held at once since it opened, both ways (what
+    /// `max_sessions` bounds; a place counts from the moment a session is being made).
+    pub fn sessions_peak(&self) -> u64 {
+        self.places_peak.load(Ordering::Relaxed)
+    }
+
     /// Peer sessions open now.
     pub fn sessions(&self) -> u64 {
         let slots: Vec<SessionSlot> = self.conns.lock().unwrap().values().cloned().collect();
@@ -239,7 +253,9 @@ impl Swarm {
             if self.over_bound(&conns, node) {
                 return Err(Refusal::Closed);
             }
-            conns.entry(node.to_string()).or_default().clone()
+            let slot = conns.entry(node.to_string()).or_default().clone();
+            self.places_peak.fetch_max(conns.len() as u64 + self.inbound(), Ordering::Relaxed);
+            slot
         };
         let mut slot = shared.lock().await;
         if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
