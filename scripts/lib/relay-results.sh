@@ -32,9 +32,12 @@ for line in lines[1:]:
 for x in r["nodes"]:
     try:
         st = json.load(open(os.path.join(os.path.dirname(raw), f"n{x['node']}.status.json")))
-        x["sessions_peak"] = max(i["p2p"]["sessions_peak"] for i in st if i.get("p2p"))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    except (OSError, ValueError):
+        continue
+    img = [i for i in st if isinstance(i, dict) and i.get("name") == "img"] if isinstance(st, list) else []
+    p2p = img[0].get("p2p") if img else None
+    if isinstance(p2p, dict) and isinstance(p2p.get("sessions_peak"), int):
+        x["sessions_peak"] = p2p["sessions_peak"]
 json.dump(r, open(out, "w"), indent=1)
 PY
 }
@@ -105,10 +108,11 @@ for r in rs:
     print(f"- {name}, from {r.get('from', 0):g} s, origin {r['origin_rate']}, N={r['n']}: {times}")
 peaks = [r for r in rs if any("sessions_peak" in x for x in r["nodes"])]
 if peaks:
-    print("\nMost peer sessions of the image a node held at once, both ways (vmtd's `sessions_peak`; "
-          "`p2p.max_sessions` bounds it), largest / median over the nodes:\n")
+    print("\nMost places among the image's peer sessions a node held at once, both ways (vmtd's "
+          "`sessions_peak`, what `p2p.max_sessions` bounds), largest / median over the nodes that reported it:\n")
 for r in peaks:
-    v = sorted(x.get("sessions_peak", 0) for x in r["nodes"])
-    print(f"- {label(r)}, from {r.get('from', 0):g} s, origin {r['origin_rate']}, N={r['n']}: {v[-1]} / {v[len(v) // 2]}")
+    v = sorted(x["sessions_peak"] for x in r["nodes"] if "sessions_peak" in x)
+    print(f"- {label(r)}, from {r.get('from', 0):g} s, origin {r['origin_rate']}, N={r['n']}: "
+          f"{v[-1]} / {v[len(v) // 2]} ({len(v)} of {len(r['nodes'])} nodes)")
 PY
 }
