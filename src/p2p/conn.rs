@@ -131,6 +131,12 @@ pub fn split_name(node: &str) -> (&str, Option<&str>) {
     }
 }
 
+/// When the node of an image's name joined the image (Unix ms), if the name says so readably
+/// (see [`split_name`]).
+pub fn join_time(node: &str) -> Option<u64> {
+    split_name(node).1.and_then(|t| t.parse().ok())
+}
+
 /// The peer address of a node name (see [`split_name`]).
 pub fn node_addr(node: &str) -> &str {
     split_name(node).0

@@ -35,9 +35,9 @@ use std::time::{Duration, Instant};
 
 use roaring::RoaringBitmap;
 
-use crate::p2p::conn::node_addr;
+use crate::p2p::conn::{join_time, node_addr};
 use crate::p2p::core::membership::View;
-use crate::p2p::core::tree::{self, class_of, joined_of, node_id, Key, NodeId};
+use crate::p2p::core::tree::{self, class_of, node_id, Key, NodeId};
 
 /// How long a peer that failed is avoided at first; doubled per consecutive failure.
 pub const FIRST_DOWN: Duration = Duration::from_millis(500);
@@ -209,7 +209,7 @@ impl Selector {
         // name that joined last is the node. This node's own names are left out.
         let mut latest: HashMap<&str, &String> = HashMap::new();
         for n in view.ancestors.iter().flatten().chain(&view.near) {
-            let joined = |n: &str| Some(joined_of(n)).filter(|&t| t != u64::MAX).unwrap_or(0);
+            let joined = |n: &str| join_time(n).unwrap_or(0);
             let e = latest.entry(node_addr(n)).or_insert(n);
             if (joined(n), n) > (joined(e), *e) {
                 *e = n;

@@ -169,7 +169,7 @@ impl Swarm {
 
     /// When this node joined the image, as its name says (Unix ms; 0: its name does not say).
     pub fn joined(&self) -> u64 {
-        Some(crate::p2p::core::tree::joined_of(&self.me)).filter(|&t| t != u64::MAX).unwrap_or(0)
+        crate::p2p::conn::join_time(&self.me).unwrap_or(0)
     }
 
     pub fn summary(&self) -> Summary {

@@ -62,7 +62,7 @@ pub fn node_id(name: &str) -> NodeId {
 /// its name for the image (`10.0.0.5:7000@1796000000000`); a name without one ranks after
 /// every join time.
 pub fn joined_of(name: &str) -> u64 {
-    crate::p2p::conn::split_name(name).1.and_then(|t| t.parse().ok()).unwrap_or(u64::MAX)
+    crate::p2p::conn::join_time(name).unwrap_or(u64::MAX)
 }
 
 /// A node's key in the tree of one class; higher ranks nearer the root. Within its group, the
