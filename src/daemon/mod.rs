@@ -9,6 +9,7 @@ mod cache;
 pub mod control;
 mod holds;
 pub mod image;
+mod manifests;
 mod metrics;
 mod peers;
 mod profiles;
