@@ -78,6 +78,14 @@ fn a_running_vm_live_migrates_to_a_node_whose_vmtd_serves_the_same_image() {
     }
     assert!(disk.contains("<disk type='file'"), "{disk}");
     let name = format!("vmt-mig-{}", std::process::id());
+    // The hosts' libvirtds label the kernel and initrd they boot; the machine's own libvirtd may
+    // be running other domains from the shared copies (another test run), and labelling a file
+    // in use by another daemon's domain fails. So this test boots copies of its own.
+    let boot = env.path("boot");
+    std::fs::create_dir(&boot).unwrap();
+    for f in ["vmlinuz", "initrd.img"] {
+        std::fs::copy(guest.join(f), boot.join(f)).unwrap();
+    }
     let console = env.path("console");
     let xml = format!(
         "<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>
@@ -88,8 +96,8 @@ fn a_running_vm_live_migrates_to_a_node_whose_vmtd_serves_the_same_image() {
   <devices>{disk}
     <serial type='file'><source path='{console}' append='on'/><target port='0'/></serial>
     <memballoon model='none'/></devices></domain>",
-        kernel = guest.join("vmlinuz").display(),
-        initrd = guest.join("initrd.img").display(),
+        kernel = boot.join("vmlinuz").display(),
+        initrd = boot.join("initrd.img").display(),
         console = console.display()
     );
     let xml_path = env.path("domain.xml");
