@@ -146,6 +146,11 @@ pub struct SimArgs {
     /// is in (cut-through forwarding)? vmtd does not do this yet; the model is coarse (DESIGN.md).
     #[arg(long)]
     pub cut_through: bool,
+    /// What if a relay pushed each run it obtains (from its parent, the origin or a push) at once
+    /// to its children in that stripe's tree that neither hold it nor fetch it, instead of
+    /// waiting to be asked? vmtd does not do this; the model is coarse (DESIGN.md).
+    #[arg(long)]
+    pub push: bool,
     /// Relay runs whose peer state would need more than this are not run (said why instead).
     #[arg(long, default_value = "6GiB")]
     pub max_peer_state: String,
@@ -225,6 +230,7 @@ impl SimArgs {
             liars: self.liars,
             max_peer_state: size("max-peer-state", &self.max_peer_state)?,
             cut_through: self.cut_through,
+            push: self.push,
             first_address: self.first_address,
         };
         p.check()?;

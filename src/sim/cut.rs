@@ -35,6 +35,7 @@ impl Sim<'_> {
             return;
         }
         fl.receiving = true;
+        let (i, run) = (fl.node, fl.run.clone());
         let waits = fl.waits.clone();
         for w in waits {
             let Some(wt) = self.waits.get_mut(w) else { continue };
@@ -44,6 +45,8 @@ impl Sim<'_> {
                 self.start_early(r);
             }
         }
+        // `--push`, cut through: the children get the run as it arrives here.
+        self.push_run(i, run, Some(f));
     }
 
     /// Starts request `r`'s reply before its chunks are all at its server.

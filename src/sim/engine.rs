@@ -120,6 +120,8 @@ pub(super) struct Flight {
     pub piece: Option<PieceRead>,
     /// Its bytes have started arriving (`--cut-through`).
     pub receiving: bool,
+    /// A run a parent pushes to this node (`--push`): no source to choose, it just arrives.
+    pub pushed: bool,
 }
 
 /// One guest read.
@@ -192,6 +194,10 @@ pub(super) struct Node {
     pub announcing: bool,
     /// Requests this node is answering now.
     pub serving: HashSet<u32>,
+    /// `--push`: per class, this node's parent in its view as of its last heartbeat, and the
+    /// nodes that named this one their parent then.
+    pub parent_of: Vec<Option<u32>>,
+    pub children: Vec<Vec<u32>>,
 }
 
 /// Counters of one run.
@@ -208,6 +214,12 @@ pub(super) struct Counters {
     /// `--cut-through`: replies begun early, and those a kill broke.
     pub early_replies: u64,
     pub early_broken: u64,
+    /// `--push`: runs pushed to a child, their bytes, those the sender's budget refused, and
+    /// those lost (a kill) before they arrived.
+    pub pushes: u64,
+    pub push_bytes: u64,
+    pub pushes_refused: u64,
+    pub pushes_lost: u64,
 }
 
 /// Origin reads in flight per image over a peer-aware source (as `Swarm`'s).
@@ -324,6 +336,8 @@ impl<'a> Sim<'a> {
                     announced: RoaringBitmap::new(),
                     announcing: false,
                     serving: HashSet::new(),
+                    parent_of: vec![None; if p.push { p.classes as usize } else { 0 }],
+                    children: vec![Vec::new(); if p.push { p.classes as usize } else { 0 }],
                     name,
                 }
             })

@@ -48,6 +48,7 @@ impl Sim<'_> {
                 waits: Vec::new(),
                 piece: None,
                 receiving: false,
+                pushed: false,
             });
             for c in range {
                 self.nodes[i as usize].inflight.insert(c, f);
@@ -164,7 +165,7 @@ impl Sim<'_> {
     /// Flight `f` ended: its chunks are cached (unless it failed) and its waiters move on.
     pub(super) fn flight_done(&mut self, f: u32, failed: bool) {
         let Some(fl) = self.flights.remove(f) else { return };
-        let i = fl.node;
+        let (i, run) = (fl.node, fl.run.clone());
         {
             let n = &mut self.nodes[i as usize];
             for c in fl.run.clone() {
@@ -198,6 +199,10 @@ impl Sim<'_> {
                 }
                 Want::Dropped => {}
             }
+        }
+        if !failed {
+            // `--push`: on to the children that lack it.
+            self.push_run(i, run, None);
         }
     }
 }

@@ -25,6 +25,7 @@ mod fetch;
 pub mod net;
 pub mod params;
 pub mod plot;
+mod push;
 mod relay;
 pub mod report;
 mod slab;

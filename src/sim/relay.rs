@@ -43,7 +43,7 @@ impl Sim<'_> {
     }
 
     /// The node a name stands for.
-    fn index(&self, name: &str) -> Option<u32> {
+    pub(super) fn index(&self, name: &str) -> Option<u32> {
         let addr = crate::p2p::conn::node_addr(name);
         let addr: std::net::Ipv4Addr = addr.strip_suffix(":7000")?.parse().ok()?;
         u32::from(addr).checked_sub(u32::from(self.p.first_address)).filter(|&i| (i as usize) < self.nodes.len())
@@ -325,6 +325,10 @@ impl Sim<'_> {
                 sel.disconnected(&name);
             }
         }
+        if self.flights.get(q.flight).is_some_and(|fl| fl.pushed) {
+            self.push_lost(q.flight);
+            return;
+        }
         self.answered(&q, how);
         self.next_source(q.flight);
     }
@@ -457,6 +461,7 @@ impl Sim<'_> {
                     self.open_session(i, j);
                 }
             }
+            self.refresh_parents(i);
         }
         let hb = self.p.heartbeat;
         self.after(hb, Ev::Heartbeat(i));

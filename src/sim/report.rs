@@ -59,6 +59,16 @@ pub struct StrategyReport {
     pub early_replies: u64,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub early_broken: u64,
+    /// With `--push`: runs pushed down the trees, their bytes, pushes the senders' budgets
+    /// refused, and pushes a kill broke.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pushes: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub push_bytes: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pushes_refused: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pushes_lost: u64,
     /// Wall-clock seconds this strategy took to simulate.
     pub wall_s: f64,
     /// Each finished guest's boot time from its start, sorted (for the completion CDF; not in
@@ -123,6 +133,10 @@ pub(super) fn run_strategy(p: &SimParams, w: &Workload, s: Strategy) -> Strategy
         events: 0,
         early_replies: 0,
         early_broken: 0,
+        pushes: 0,
+        push_bytes: 0,
+        pushes_refused: 0,
+        pushes_lost: 0,
         wall_s: 0.0,
         node_times_s: Vec::new(),
     };
@@ -206,6 +220,10 @@ pub(super) fn run_strategy(p: &SimParams, w: &Workload, s: Strategy) -> Strategy
     r.events = sim.c.events;
     r.early_replies = sim.c.early_replies;
     r.early_broken = sim.c.early_broken;
+    r.pushes = sim.c.pushes;
+    r.push_bytes = sim.c.push_bytes;
+    r.pushes_refused = sim.c.pushes_refused;
+    r.pushes_lost = sim.c.pushes_lost;
     r
 }
 

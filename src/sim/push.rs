@@ -1,0 +1,172 @@
+//! What if relays pushed (`vmt sim --push`)? vmtd does not: a relay sends a run only when a
+//! child asks for it. Pushing, a node that obtains a run (from its parent, the origin, a push,
+//! for its guest, its prefetch or an asker) sends it at once to each of its children in that
+//! stripe's tree that neither holds nor fetches any of it (the chunks it lacks, as runs), so
+//! runs flood down every tree at link rate and every node is "ahead" of its subtree in every
+//! tree, not in one only. Modelled coarsely, to weigh the change before building it:
+//!
+//! - A node's children in tree c are the nodes whose own view made it their parent in c
+//!   (`Selector::parent`) at their last heartbeat, and that hold a session with it (the push
+//!   rides the child's session to its parent: no session is opened for it).
+//! - A push is a reply nobody asked for: it reserves the sender's upload budget (per session and
+//!   node-wide; refused, it is not sent), waits for one of its upload slots (FIFO with replies),
+//!   costs the same CPU at both ends and crosses the sender's up link and the child's down link.
+//!   No request message, so no request latency; one hop's latency on delivery.
+//! - At the child the run is in flight from the moment the push is decided: the child's reads
+//!   and its children's requests for those chunks wait for it rather than ask. Once stored, the
+//!   child pushes on. Pushes never go to the origin, so origin egress stays what the pulls need.
+//! - With `--cut-through`, a push starts as soon as the sender's own fetch starts receiving and
+//!   ends no earlier than one chunk time after it (an early reply, `cut.rs`).
+//! - A push lost to a kill leaves its chunks to an ordinary fetch if anything waits on them.
+//!
+//! Not modelled: a child that lacks a run but will never read it still gets it (with one image
+//! and no profile every node reads the same working set, so nothing is wasted; with a profile,
+//! its prefetch asks for the same runs anyway); no prioritisation of asked replies over pushes;
+//! the children list is a snapshot per heartbeat (a parent that fails between two is still
+//! pushed to from above).
+
+use std::ops::Range;
+
+use super::engine::{Flight, Req, Sim, Wait, Want};
+use crate::p2p::core::tree::class_of;
+
+/// Pushes' serials (a request's serial is its number, far below).
+const PUSH_SERIAL: u64 = 1 << 62;
+
+impl Sim<'_> {
+    /// Whether relays push (relay strategies with `--push`).
+    pub(super) fn pushes(&self) -> bool {
+        self.p.push && self.strategy.relays()
+    }
+
+    /// Node `i`'s parent in each tree as its view gives it now; the children lists follow.
+    pub(super) fn refresh_parents(&mut self, i: u32) {
+        if !self.pushes() {
+            return;
+        }
+        let now = self.instant();
+        for c in 0..self.p.classes {
+            // Stripe c is of class c.
+            let chunk = c * self.w.stripe_chunks;
+            let name = self.nodes[i as usize].sel.as_ref().and_then(|s| s.parent(chunk, now)).map(str::to_string);
+            let parent = name.and_then(|n| self.index(&n));
+            let c = c as usize;
+            let old = self.nodes[i as usize].parent_of[c];
+            if old == parent {
+                continue;
+            }
+            if let Some(o) = old {
+                self.nodes[o as usize].children[c].retain(|&x| x != i);
+            }
+            if let Some(q) = parent {
+                self.nodes[q as usize].children[c].push(i);
+            }
+            self.nodes[i as usize].parent_of[c] = parent;
+        }
+    }
+
+    /// Node `i` obtained `run` (or, cut through, started receiving it in its flight `from`): it
+    /// pushes to each child in the run's tree the chunks that child neither holds nor fetches.
+    pub(super) fn push_run(&mut self, i: u32, run: Range<u32>, from: Option<u32>) {
+        if !self.pushes() || run.is_empty() {
+            return;
+        }
+        let n = &self.nodes[i as usize];
+        if !n.alive || n.liar {
+            return;
+        }
+        let c = class_of(run.start / self.w.stripe_chunks, self.p.classes) as usize;
+        let mut todo: Vec<(u32, Range<u32>)> = Vec::new();
+        for &j in &n.children[c] {
+            let k = &self.nodes[j as usize];
+            if !k.alive || !k.sessions_out.contains(&i) || k.parent_of[c] != Some(i) {
+                continue;
+            }
+            let lacks = |x: u32| !k.cache.contains(x) && !k.inflight.contains_key(&x);
+            let mut at = run.start;
+            while at < run.end {
+                while at < run.end && !lacks(at) {
+                    at += 1;
+                }
+                let start = at;
+                while at < run.end && lacks(at) {
+                    at += 1;
+                }
+                if start < at {
+                    todo.push((j, start..at));
+                }
+            }
+        }
+        for (j, r) in todo {
+            self.push_to(i, j, r, from);
+        }
+    }
+
+    /// Node `i` pushes `run` to its child `j` (cut through: while its flight `from` arrives).
+    fn push_to(&mut self, i: u32, j: u32, run: Range<u32>, from: Option<u32>) {
+        let bytes = u64::from(run.end - run.start) * self.p.chunk_size;
+        let n = &mut self.nodes[i as usize];
+        let (held, queued) = n.sessions_in.get(&j).copied().unwrap_or((0, 0));
+        let Some(reserved) = n.budget.as_mut().and_then(|b| b.reserve(held, queued, bytes)) else {
+            self.c.pushes_refused += 1;
+            return;
+        };
+        let s = n.sessions_in.entry(j).or_default();
+        s.0 += reserved;
+        s.1 += 1;
+        self.c.pushes += 1;
+        self.c.push_bytes += bytes;
+        let f = self.flights.insert(Flight {
+            node: j,
+            run: run.clone(),
+            waits: Vec::new(),
+            piece: None,
+            receiving: false,
+            pushed: true,
+        });
+        for x in run.clone() {
+            self.nodes[j as usize].inflight.insert(x, f);
+        }
+        let r = self.reqs.insert(Req {
+            serial: PUSH_SERIAL | self.c.pushes,
+            client: j,
+            server: i,
+            flight: f,
+            run,
+            bytes,
+            reserved,
+            slot: false,
+            flow: None,
+            early: false,
+            upstream_done: None,
+            sent: false,
+            wait: None,
+        });
+        self.nodes[i as usize].serving.insert(r);
+        if let Some(g) = from.filter(|&g| self.flights.get(g).is_some()) {
+            // Cut through: an early reply, settled when the sender's own flight ends.
+            let w = self.waits.insert(Wait { node: i, pending: 1, unstarted: 0, failed: false, want: Want::Serve(r) });
+            if let Some(fl) = self.flights.get_mut(g) {
+                fl.waits.push(w);
+            }
+            if let Some(q) = self.reqs.get_mut(r) {
+                q.wait = Some(w);
+                q.early = true;
+            }
+        }
+        self.want_slot(r);
+    }
+
+    /// The push feeding flight `f` broke (its sender was killed, or its own fetch failed): what
+    /// waits on the chunks is fetched as any miss; with no one waiting, they are let go.
+    pub(super) fn push_lost(&mut self, f: u32) {
+        self.c.pushes_lost += 1;
+        let Some(fl) = self.flights.get_mut(f) else { return };
+        if fl.waits.is_empty() {
+            self.flight_done(f, true);
+            return;
+        }
+        fl.pushed = false;
+        self.start_fetch(f);
+    }
+}
