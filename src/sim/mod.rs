@@ -28,6 +28,7 @@ pub mod plot;
 mod push;
 mod relay;
 pub mod report;
+mod rng;
 mod slab;
 
 use std::ops::Range;

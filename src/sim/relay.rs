@@ -522,7 +522,7 @@ impl Sim<'_> {
     pub(super) fn kill(&mut self) {
         let n = self.nodes.len() as u32;
         let k = (self.p.kill * f64::from(n)).floor() as usize;
-        let victims = super::engine::pick(&mut self.rng, n, k);
+        let victims = super::rng::pick(&mut self.rng, n, k);
         let lat = self.lat();
         for &j in &victims {
             let node = &mut self.nodes[j as usize];
