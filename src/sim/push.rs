@@ -1,7 +1,7 @@
 //! What if relays pushed (`vmt sim --push`)? vmtd does not: a relay sends a run only when a
 //! child asks for it. Pushing, a node that obtains a run (from its parent, the origin, a push,
-//! for its guest, its prefetch or an asker) sends it at once to each of its children in that
-//! stripe's tree that neither holds nor fetches any of it (the chunks it lacks, as runs), so
+//! for its guest, its prefetch or an asker) sends each of its children in that stripe's tree
+//! at once the chunks of it the child neither holds nor fetches (as runs), so
 //! runs flood down every tree at link rate and every node is "ahead" of its subtree in every
 //! tree, not in one only. Modelled coarsely, to weigh the change before building it:
 //!
@@ -17,9 +17,12 @@
 //!   child pushes on. Pushes never go to the origin, so origin egress stays what the pulls need.
 //! - With `--cut-through`, a push starts as soon as the sender's own fetch starts receiving and
 //!   ends no earlier than one chunk time after it (an early reply, `cut.rs`).
-//! - A push lost to a kill leaves its chunks to an ordinary fetch if anything waits on them.
+//! - A push lost to a kill leaves its chunks to an ordinary fetch if a read, a prefetch or an
+//!   asking child waits on them; pushes on to the node's own children only fail with it.
 //!
-//! Not modelled: a child that lacks a run but will never read it still gets it (with one image
+//! Not modelled: the parent knows at once which nodes take it as their parent and what each
+//! holds and fetches (vmtd's would learn it from messages: a child saying so, and have-maps up
+//! to 250 ms old, so it could push what a child is already fetching elsewhere); a child that lacks a run but will never read it still gets it (with one image
 //! and no profile every node reads the same working set, so nothing is wasted; with a profile,
 //! its prefetch asks for the same runs anyway); no prioritisation of asked replies over pushes;
 //! the children list is a snapshot per heartbeat (a parent that fails between two is still
@@ -32,6 +35,11 @@ use crate::p2p::core::tree::class_of;
 
 /// Pushes' serials (a request's serial is its number, far below).
 const PUSH_SERIAL: u64 = 1 << 62;
+
+/// Whether a request's serial is a push's.
+pub(super) fn is_push(serial: u64) -> bool {
+    serial & PUSH_SERIAL != 0
+}
 
 impl Sim<'_> {
     /// Whether relays push (relay strategies with `--push`).
@@ -158,15 +166,25 @@ impl Sim<'_> {
     }
 
     /// The push feeding flight `f` broke (its sender was killed, or its own fetch failed): what
-    /// waits on the chunks is fetched as any miss; with no one waiting, they are let go.
+    /// waits on the chunks (a read, a prefetch, a child that asked) is fetched as any miss. With
+    /// no one waiting but pushes on to this node's children (cut through), they are let go and
+    /// the pushes on fail with them, each child then on its own: a push never makes a node fetch
+    /// what nobody asked for, from its parent or the origin.
     pub(super) fn push_lost(&mut self, f: u32) {
         self.c.pushes_lost += 1;
-        let Some(fl) = self.flights.get_mut(f) else { return };
-        if fl.waits.is_empty() {
+        let Some(waits) = self.flights.get(f).map(|fl| fl.waits.clone()) else { return };
+        let unasked = waits.iter().all(|&w| match self.waits.get(w).map(|wt| wt.want) {
+            Some(Want::Serve(r)) => self.reqs.get(r).is_some_and(|q| is_push(q.serial)),
+            Some(Want::Dropped) | None => true,
+            Some(Want::Read(_) | Want::Prefetch) => false,
+        });
+        if unasked {
             self.flight_done(f, true);
             return;
         }
-        fl.pushed = false;
+        if let Some(fl) = self.flights.get_mut(f) {
+            fl.pushed = false;
+        }
         self.start_fetch(f);
     }
 }

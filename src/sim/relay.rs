@@ -508,7 +508,8 @@ impl Sim<'_> {
     fn end_for_kill(&mut self, r: u32) {
         if let Some(q) = self.reqs.get_mut(r) {
             q.flow = None;
-            self.c.early_broken += u64::from(q.early);
+            // Pushes a kill breaks count as lost pushes (`pushes_lost`), not as early replies.
+            self.c.early_broken += u64::from(q.early && !super::push::is_push(q.serial));
             if let Some(w) = q.wait.take() {
                 if let Some(wt) = self.waits.get_mut(w) {
                     wt.want = Want::Dropped;
