@@ -131,6 +131,28 @@ pub(super) struct Req {
     pub wait: Option<u32>,
 }
 
+impl Req {
+    /// A request (or a push: `--push`) of `run` from `server` to `client`, for `client`'s
+    /// flight, with `reserved` bytes of the server's budget already taken.
+    pub fn new(serial: u64, client: u32, server: u32, flight: u32, run: Range<u32>, bytes: u64, reserved: u64) -> Req {
+        Req {
+            serial,
+            client,
+            server,
+            flight,
+            run,
+            bytes,
+            reserved,
+            slot: false,
+            flow: None,
+            early: false,
+            upstream_done: None,
+            sent: false,
+            wait: None,
+        }
+    }
+}
+
 /// One node.
 pub(super) struct Node {
     pub name: String,

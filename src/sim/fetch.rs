@@ -42,17 +42,7 @@ impl Sim<'_> {
         let mut new = Vec::new();
         for run in runs(mine, max, boundary) {
             let range = run[0].0..run[run.len() - 1].0 + 1;
-            let f = self.flights.insert(Flight {
-                node: i,
-                run: range.clone(),
-                waits: Vec::new(),
-                piece: None,
-                receiving: false,
-                pushed: false,
-            });
-            for c in range {
-                self.nodes[i as usize].inflight.insert(c, f);
-            }
+            let f = self.new_flight(i, range, false);
             join.push(f);
             new.push(f);
         }
@@ -160,6 +150,22 @@ impl Sim<'_> {
         } else {
             self.flight_done(f, false);
         }
+    }
+
+    /// A new flight of `run` on node `i` (pushed to it, or to be fetched), its chunks in flight.
+    pub(super) fn new_flight(&mut self, i: u32, run: Range<u32>, pushed: bool) -> u32 {
+        let f = self.flights.insert(Flight {
+            node: i,
+            run: run.clone(),
+            waits: Vec::new(),
+            piece: None,
+            receiving: false,
+            pushed,
+        });
+        for c in run {
+            self.nodes[i as usize].inflight.insert(c, f);
+        }
+        f
     }
 
     /// Flight `f` ended: its chunks are cached (unless it failed) and its waiters move on.

@@ -30,7 +30,8 @@
 
 use std::ops::Range;
 
-use super::engine::{Flight, Req, Sim, Wait, Want};
+use super::engine::{Req, Sim, Wait, Want};
+use crate::fetch::flight::runs;
 use crate::p2p::core::tree::class_of;
 
 /// Pushes' serials (a request's serial is its number, far below).
@@ -90,19 +91,10 @@ impl Sim<'_> {
             if !k.alive || !k.sessions_out.contains(&i) || k.parent_of[c] != Some(i) {
                 continue;
             }
-            let lacks = |x: u32| !k.cache.contains(x) && !k.inflight.contains_key(&x);
-            let mut at = run.start;
-            while at < run.end {
-                while at < run.end && !lacks(at) {
-                    at += 1;
-                }
-                let start = at;
-                while at < run.end && lacks(at) {
-                    at += 1;
-                }
-                if start < at {
-                    todo.push((j, start..at));
-                }
+            let lacks: Vec<(u32, ())> =
+                run.clone().filter(|x| !k.cache.contains(*x) && !k.inflight.contains_key(x)).map(|x| (x, ())).collect();
+            for part in runs(lacks, u32::MAX, None) {
+                todo.push((j, part[0].0..part[part.len() - 1].0 + 1));
             }
         }
         for (j, r) in todo {
@@ -113,43 +105,14 @@ impl Sim<'_> {
     /// Node `i` pushes `run` to its child `j` (cut through: while its flight `from` arrives).
     fn push_to(&mut self, i: u32, j: u32, run: Range<u32>, from: Option<u32>) {
         let bytes = u64::from(run.end - run.start) * self.p.chunk_size;
-        let n = &mut self.nodes[i as usize];
-        let (held, queued) = n.sessions_in.get(&j).copied().unwrap_or((0, 0));
-        let Some(reserved) = n.budget.as_mut().and_then(|b| b.reserve(held, queued, bytes)) else {
+        let Some(reserved) = self.reserve_upload(i, j, bytes) else {
             self.c.pushes_refused += 1;
             return;
         };
-        let s = n.sessions_in.entry(j).or_default();
-        s.0 += reserved;
-        s.1 += 1;
         self.c.pushes += 1;
         self.c.push_bytes += bytes;
-        let f = self.flights.insert(Flight {
-            node: j,
-            run: run.clone(),
-            waits: Vec::new(),
-            piece: None,
-            receiving: false,
-            pushed: true,
-        });
-        for x in run.clone() {
-            self.nodes[j as usize].inflight.insert(x, f);
-        }
-        let r = self.reqs.insert(Req {
-            serial: PUSH_SERIAL | self.c.pushes,
-            client: j,
-            server: i,
-            flight: f,
-            run,
-            bytes,
-            reserved,
-            slot: false,
-            flow: None,
-            early: false,
-            upstream_done: None,
-            sent: false,
-            wait: None,
-        });
+        let f = self.new_flight(j, run.clone(), true);
+        let r = self.reqs.insert(Req::new(PUSH_SERIAL | self.c.pushes, j, i, f, run, bytes, reserved));
         self.nodes[i as usize].serving.insert(r);
         if let Some(g) = from.filter(|&g| self.flights.get(g).is_some()) {
             // Cut through: an early reply, settled when the sender's own flight ends.

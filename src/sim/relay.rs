@@ -53,21 +53,7 @@ impl Sim<'_> {
     pub(super) fn ask(&mut self, i: u32, j: u32, f: u32, run: std::ops::Range<u32>) {
         let bytes = u64::from(run.end - run.start) * self.p.chunk_size;
         self.c.peer_requests += 1;
-        let r = self.reqs.insert(Req {
-            serial: self.c.peer_requests,
-            client: i,
-            server: j,
-            flight: f,
-            run,
-            bytes,
-            reserved: 0,
-            slot: false,
-            flow: None,
-            early: false,
-            upstream_done: None,
-            sent: false,
-            wait: None,
-        });
+        let r = self.reqs.insert(Req::new(self.c.peer_requests, i, j, f, run, bytes, 0));
         let mut delay = self.lat();
         if self.strategy.relays() && self.nodes[i as usize].sessions_out.insert(j) {
             // A new session: connect and handshake first (two round trips), then its `Have`.
@@ -129,16 +115,12 @@ impl Sim<'_> {
             }
             return;
         }
-        let n = &mut self.nodes[j as usize];
-        let (held, queued) = n.sessions_in.get(&i).copied().unwrap_or((0, 0));
-        let Some(reserved) = n.budget.as_mut().and_then(|b| b.reserve(held, queued, bytes)) else {
+        let Some(reserved) = self.reserve_upload(j, i, bytes) else {
             self.c.refusals += 1;
             self.after(lat, Ev::AtClient(r, Outcome::Busy));
             return;
         };
-        let s = n.sessions_in.entry(i).or_default();
-        s.0 += reserved;
-        s.1 += 1;
+        let n = &mut self.nodes[j as usize];
         n.serving.insert(r);
         if let Some(q) = self.reqs.get_mut(r) {
             q.reserved = reserved;
@@ -168,6 +150,18 @@ impl Sim<'_> {
             self.c.refusals += 1;
             self.after(lat, Ev::AtClient(r, Outcome::NotHave));
         }
+    }
+
+    /// Takes `bytes` of node `j`'s upload budget for a reply to `i` on their session (as the
+    /// peer server's `UploadBudget`), booked against that session; `None`: over budget.
+    pub(super) fn reserve_upload(&mut self, j: u32, i: u32, bytes: u64) -> Option<u64> {
+        let n = &mut self.nodes[j as usize];
+        let (held, queued) = n.sessions_in.get(&i).copied().unwrap_or((0, 0));
+        let reserved = n.budget.as_mut().and_then(|b| b.reserve(held, queued, bytes))?;
+        let s = n.sessions_in.entry(i).or_default();
+        s.0 += reserved;
+        s.1 += 1;
+        Some(reserved)
     }
 
     /// The chunks of request `r` are at its server now (or the fetch failed).
