@@ -50,8 +50,9 @@ async fn session_from(addr: &str, from: &str, me: &str, image: Bytes32) -> Optio
 #[test]
 fn a_node_reads_what_its_peer_holds_from_the_peer() {
     let mut c = Cluster::new(16 * MIB);
-    // A, the reader, has a parent in some trees, B is its parent there.
-    let (a, b) = c.pair_in_16_trees("256KiB");
+    // A, the reader, has a parent in some trees, B is its parent there. Neither pushes: B then
+    // holds only what it relayed, and reads the rest from A.
+    let (a, b) = c.pair_in_16_trees("256KiB", "push = false");
     assert!(c.nodes[a].identical(&c.img));
     // A's misses on stripes whose tree B roots went through B, which read them from the origin
     // once.
@@ -92,7 +93,9 @@ fn a_quiet_session_carries_nothing_and_stays_open() {
     c.stall = "600ms";
     // One chunk per stripe, over 16 trees: B relays some of A's reads and not all (with the
     // default 4 trees one node roots all of them once in 16 runs, and B then relayed every read).
-    let (a, b) = c.pair_in_16_trees("64KiB");
+    // Without pushes B holds only what it relayed (`a_parent_pushes_…` has the quiet check with
+    // pushes).
+    let (a, b) = c.pair_in_16_trees("64KiB", "push = false");
     assert!(c.nodes[a].identical(&c.img));
     // Once each side knows every chunk the other holds, every have-map has been sent and
     // received, no request is pending, and neither session has anything left to say.
@@ -112,6 +115,42 @@ fn a_quiet_session_carries_nothing_and_stays_open() {
     let sb = c.nodes[b].status();
     assert_eq!(sb.p2p.bytes_from_peers, (64 - held_by_b) * 64 * 1024, "the rest came from A: {:?}", sb.p2p);
     assert!(sb.p2p.peer_failures == 0 && sb.failed == 0, "{:?}", sb.p2p);
+}
+
+#[test]
+fn a_parent_pushes_what_it_obtains_and_its_child_never_asks() {
+    let mut c = Cluster::new(16 * MIB);
+    // A reads everything; B reads nothing. In the trees A roots, B is its child: what A reads
+    // from the origin there, A pushes to B. In the others B relays A's reads.
+    let (a, b) = c.pair_in_16_trees("256KiB", "");
+    wait_until("B adopted A", Duration::from_secs(20), || c.nodes[a].node_status().children == 1);
+    assert!(c.nodes[a].identical(&c.img));
+    let chunks = c.data.len() as u64 / (64 << 10);
+    wait_until("B holds every chunk", Duration::from_secs(30), || {
+        settled(&c.nodes[b].env, "img").chunks_present == chunks
+    });
+    let (sa, sb) = (c.nodes[a].status(), c.nodes[b].status());
+    let relayed = sb.p2p.bytes_to_peers;
+    assert!(relayed > 0 && relayed < c.data.len() as u64, "B relayed the stripes it roots: {relayed}");
+    assert_eq!(sb.p2p.bytes_pushed, c.data.len() as u64 - relayed, "A pushed the rest: {:?}", sb.p2p);
+    assert_eq!(sb.p2p.peer_requests, 0, "B never asked: {:?}", sb.p2p);
+    assert_eq!(sa.p2p.bytes_to_peers, sb.p2p.bytes_pushed, "every push was taken");
+    let origin = |c: &Cluster| {
+        settled(&c.nodes[a].env, "img").bytes_from_origin + settled(&c.nodes[b].env, "img").bytes_from_origin
+    };
+    assert_eq!(origin(&c), c.data.len() as u64, "each chunk crossed the origin link once");
+    // Pushes done and every have-map sent, the sessions fall quiet (nothing for 2 s), and B
+    // serves its cache.
+    c.wait_known(a, chunks);
+    c.wait_known(b, chunks);
+    let both = |c: &Cluster| bytes_on_sessions(&c.nodes[a].addr) + bytes_on_sessions(&c.nodes[b].addr);
+    let last = both(&c);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(both(&c), last, "sessions carry nothing once the pushes are done");
+    assert!(c.nodes[b].identical(&c.img));
+    let sb2 = c.nodes[b].status();
+    assert_eq!((sb2.p2p.bytes_from_peers, sb2.p2p.peer_requests), (sb.p2p.bytes_from_peers, 0), "all from B's cache");
+    assert_eq!(origin(&c), c.data.len() as u64);
 }
 
 #[test]

@@ -71,6 +71,11 @@ pub struct P2pConfig {
     /// Most peer sessions one image holds at once, opened by this node and by peers together.
     #[serde(default = "default_max_sessions")]
     pub max_sessions: usize,
+    /// Whether a node pushes each run it obtains to its children in that run's relay tree
+    /// (what they neither hold nor asked for), below asked replies, instead of waiting to be
+    /// asked.
+    #[serde(default = "default_push")]
+    pub push: bool,
 }
 
 /// Run-time settings of the `[p2p]` section, in typed units.
@@ -92,8 +97,12 @@ pub struct P2pTuning {
     pub upload_buffer: u64,
     pub peers_per_address: usize,
     pub max_sessions: usize,
+    pub push: bool,
 }
 
+fn default_push() -> bool {
+    true
+}
 fn default_max_sessions() -> usize {
     64
 }
@@ -216,6 +225,7 @@ impl P2pConfig {
             upload_buffer,
             peers_per_address: self.peers_per_address,
             max_sessions: self.max_sessions,
+            push: self.push,
         })
     }
 }

@@ -273,7 +273,16 @@ pub struct PeerStatus {
     pub peers_banned: u64,
     /// Bans since start (a peer sent data not matching the manifest).
     pub bans: u64,
+    /// Bytes received from peers, asked for or pushed (verified).
     pub bytes_from_peers: u64,
+    /// Of them, bytes a parent pushed unasked and this node took.
+    #[serde(default)]
+    pub bytes_pushed: u64,
+    /// Pushes offered and not taken: nothing of them was wanted, the offer did not come from
+    /// this node's parent in the run's tree, or the receive budget was spent.
+    #[serde(default)]
+    pub pushes_dropped: u64,
+    /// Bytes uploaded to peers, replies and pushes.
     pub bytes_to_peers: u64,
     pub peer_requests: u64,
     /// Requests a peer answered with not-have or busy.
@@ -315,6 +324,16 @@ pub struct NodeP2pStatus {
     pub reply_bytes: u64,
     #[serde(default)]
     pub reply_bytes_peak: u64,
+    /// Peer sessions whose peer takes this node as its parent in some relay tree, now (it
+    /// pushes to them).
+    #[serde(default)]
+    pub children: u64,
+    /// Runs pushed to children since start, and runs not pushed (no room in the reply budget,
+    /// or asked for meanwhile).
+    #[serde(default)]
+    pub pushes: u64,
+    #[serde(default)]
+    pub pushes_skipped: u64,
 }
 
 /// A response from the daemon.

@@ -124,6 +124,8 @@ pub struct PeerContext {
     pub classes: u32,
     /// Most peer sessions of one image, both ways.
     pub max_sessions: usize,
+    /// Whether relays push runs down their trees.
+    pub push: bool,
 }
 
 impl Image {
@@ -183,6 +185,7 @@ impl Image {
                 fanout: p.fanout,
                 classes: p.classes,
                 max_sessions: p.max_sessions,
+                push: p.push,
             };
             // Its name for this image carries when it joined it (now, as vmtd opens the image):
             // the trees place the nodes that joined earlier above it.
@@ -199,6 +202,9 @@ impl Image {
             source,
             FetchTuning { timeout: tuning.fetch_timeout, max_chunks },
         );
+        if let Some(s) = &swarm {
+            s.attach(&fetcher);
+        }
         tracing::info!(image = %name, digest = %manifest.root(), size = manifest.geometry().image_size(),
             present = store.present_count(), "image ready");
         Ok(Arc::new(Image {
@@ -313,6 +319,8 @@ impl Image {
                     peers_banned: sum.banned,
                     bans: sum.bans_total,
                     bytes_from_peers: load(&st.bytes_from_peers),
+                    bytes_pushed: load(&st.bytes_pushed),
+                    pushes_dropped: load(&st.pushes_dropped),
                     bytes_to_peers: load(&self.bytes_to_peers),
                     peer_requests: load(&st.peer_requests),
                     peer_refusals: load(&st.peer_refusals),
@@ -459,6 +467,18 @@ impl PeerExport for Image {
 
     fn admit_session(&self) -> Option<Box<dyn Send>> {
         Some(Box::new(self.swarm.as_ref()?.admit_inbound()?))
+    }
+
+    fn obtained(&self) -> Option<tokio::sync::broadcast::Receiver<Arc<crate::fetch::flight::RunData>>> {
+        self.swarm.as_ref().filter(|s| s.pushes()).map(|_| self.fetcher.obtained())
+    }
+
+    fn adopted_by(&self, child: &str, classes: &[u32]) -> Vec<u32> {
+        self.swarm.as_ref().map(|s| s.adopted_by(child, classes)).unwrap_or_default()
+    }
+
+    fn class(&self, chunk: u32) -> u32 {
+        self.swarm.as_ref().map_or(0, |s| s.class(chunk))
     }
 
     fn serve<'a>(&'a self, run: std::ops::Range<u32>, requester: &'a str) -> BoxFuture<'a, Option<Bytes>> {

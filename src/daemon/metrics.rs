@@ -111,7 +111,13 @@ fn encode_images(f: &mut Families, images: &[ImageStatus]) -> Fmt {
     )?;
     f.counter("origin_received", "Bytes read from the origin.", bytes.clone(), &c(|i| i.bytes_from_origin))?;
     f.counter("peer_received", "Bytes received from peers (verified).", bytes.clone(), &p2p(|p| p.bytes_from_peers))?;
-    f.counter("peer_sent", "Bytes uploaded to peers.", bytes.clone(), &p2p(|p| p.bytes_to_peers))?;
+    f.counter(
+        "peer_pushed_received",
+        "Bytes received from peers that a parent pushed unasked (verified; part of peer_received).",
+        bytes.clone(),
+        &p2p(|p| p.bytes_pushed),
+    )?;
+    f.counter("peer_sent", "Bytes uploaded to peers, replies and pushes.", bytes.clone(), &p2p(|p| p.bytes_to_peers))?;
     f.counter("guest_reads", "Guest reads.", None, &c(|i| i.reads))?;
     f.counter("guest_reads_waited", "Guest reads that waited for a fetch.", None, &c(|i| i.reads_waited))?;
     f.gauge("guest_reads_in_flight", "Guest reads being answered.", None, &g(|i| i.reads_in_flight))?;

@@ -69,6 +69,7 @@ impl Peers {
             fanout: t.fanout,
             classes: t.classes,
             max_sessions: t.max_sessions,
+            push: t.push,
         };
         let limits = UploadLimits {
             slots: t.upload_slots,
@@ -102,6 +103,9 @@ impl Peers {
             open_sessions: load(&s.open),
             reply_bytes: load(&s.buffered),
             reply_bytes_peak: load(&s.buffered_peak),
+            children: load(&s.children),
+            pushes: load(&s.pushes),
+            pushes_skipped: load(&s.pushes_skipped),
             trackers_up: load(&self.trackers_up),
         }
     }

@@ -14,6 +14,12 @@
 //!   leaves the in-flight map only after it is in the store, so a reader that arrives meanwhile
 //!   joins the finished flight and gets the same bytes.
 //!
+//! - **Pushed runs**: a run a peer offers to push ([`Fetcher::offer`]) is in flight from the
+//!   offer on, so reads wait for it rather than ask; if it does not arrive, its waiters fetch it
+//!   themselves ([`FetchError::Lost`] is never a read's outcome). Every run this node obtains,
+//!   fetched or pushed, is announced to [`Fetcher::obtained`]'s subscribers (the peer server
+//!   pushes it on).
+//!
 //! Fetches run as their own tasks, so a client that disconnects mid-read does not cancel a fetch
 //! that other clients are waiting on.
 
@@ -36,6 +42,10 @@ use crate::store::{ChunkStore, StoreError};
 /// Most runs one image has in flight (reading upstream or waiting to be stored), over a source
 /// that does not wait on peers; a peer-aware source bounds its origin reads itself.
 const MAX_UPSTREAM: usize = 32;
+/// Obtained runs announced and not yet taken by the slowest subscriber; it misses older ones.
+const OBTAINED_BACKLOG: usize = 1024;
+/// Most times a read waits on offered pushes that are lost before it fetches regardless.
+const MAX_LOST: usize = 4;
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -51,6 +61,9 @@ pub enum FetchError {
     /// The fetch task ended without an outcome (daemon shutting down).
     #[error("fetch aborted")]
     Aborted,
+    /// A run a peer offered to push did not arrive: its waiters fetch it themselves.
+    #[error("a pushed run was lost")]
+    Lost,
 }
 
 /// Counters of one image's miss path.
@@ -91,6 +104,8 @@ pub struct FetchTuning {
 /// Verified bytes of one coalesced upstream read, starting at byte `offset` of the image.
 #[derive(Debug)]
 pub struct RunData {
+    /// The chunks it holds, all of them verified.
+    pub chunks: Range<u32>,
     pub offset: u64,
     pub bytes: Bytes,
     /// Every byte came from peers (and was verified by the peer-aware source), none from the
@@ -122,6 +137,8 @@ type Outcome = Option<Result<Arc<RunData>, FetchError>>;
 struct Claim {
     fetcher: Arc<Fetcher>,
     run: Vec<(u32, watch::Sender<Outcome>)>,
+    /// What its waiters hear if it ends without an outcome.
+    lost: FetchError,
 }
 
 impl Drop for Claim {
@@ -132,10 +149,9 @@ impl Drop for Claim {
         // May run while unwinding from a panic taken under this lock: never panic again here.
         let mut inflight = self.fetcher.inflight.lock().unwrap_or_else(|e| e.into_inner());
         for (i, tx) in self.run.drain(..) {
-            if inflight.get(&i).is_some_and(|rx| rx.same_channel(&tx.subscribe())) {
-                inflight.remove(&i);
-            }
-            tx.send_if_modified(|o| o.is_none() && o.replace(Err(FetchError::Aborted)).is_none());
+            release(&mut inflight, i, &tx);
+            let lost = self.lost.clone();
+            tx.send_if_modified(|o| o.is_none() && o.replace(Err(lost)).is_none());
         }
     }
 }
@@ -146,11 +162,17 @@ pub struct Fetcher {
     manifest: Arc<Manifest>,
     source: Arc<dyn ChunkSource>,
     tuning: FetchTuning,
-    inflight: Mutex<HashMap<u32, watch::Receiver<Outcome>>>,
+    /// Each chunk's flight, and whether it is an offered push (see [`Fetcher::ensure_pass`]).
+    inflight: Mutex<HashMap<u32, (watch::Receiver<Outcome>, bool)>>,
     /// Upstream slots: guest and relay runs are urgent, prefetch stands back (see `slots`).
     upstream: Slots,
     stats: FetchStats,
+    obtained: tokio::sync::broadcast::Sender<Arc<RunData>>,
 }
+
+/// Chunks a peer offered to push, in flight here until [`Fetcher::deliver`] gets their bytes;
+/// dropped undelivered, their waiters fetch them themselves.
+pub struct Offered(Claim);
 
 impl Fetcher {
     pub fn new(
@@ -167,11 +189,17 @@ impl Fetcher {
             inflight: Mutex::new(HashMap::new()),
             upstream: Slots::new(MAX_UPSTREAM),
             stats: FetchStats::default(),
+            obtained: tokio::sync::broadcast::channel(OBTAINED_BACKLOG).0,
         })
     }
 
     pub fn stats(&self) -> &FetchStats {
         &self.stats
+    }
+
+    /// The chunks the node cache holds.
+    pub fn present(&self) -> roaring::RoaringBitmap {
+        self.store.present()
     }
 
     /// Largest number of chunks fetched in one upstream read.
@@ -182,6 +210,37 @@ impl Fetcher {
     /// Number of chunks being fetched right now.
     pub fn inflight(&self) -> usize {
         self.inflight.lock().unwrap().len()
+    }
+
+    /// Every run this node obtains from now on, fetched or pushed, once verified (a subscriber
+    /// that falls [`OBTAINED_BACKLOG`] runs behind misses the oldest).
+    pub fn obtained(&self) -> tokio::sync::broadcast::Receiver<Arc<RunData>> {
+        self.obtained.subscribe()
+    }
+
+    /// Takes the chunks of `run` that are neither present nor in flight as in flight until a
+    /// push delivers them (`None`: there are none).
+    pub fn offer(self: &Arc<Self>, run: Range<u32>) -> Option<Offered> {
+        let mut inflight = self.inflight.lock().unwrap();
+        let mut mine = Vec::new();
+        for i in self.store.missing(run) {
+            if let std::collections::hash_map::Entry::Vacant(e) = inflight.entry(i) {
+                let (tx, rx) = watch::channel(None);
+                e.insert((rx, true));
+                mine.push((i, tx));
+            }
+        }
+        (!mine.is_empty()).then(|| Offered(Claim { fetcher: self.clone(), run: mine, lost: FetchError::Lost }))
+    }
+
+    /// The bytes of the run `chunks` starting at byte `offset`, pushed by a peer and verified
+    /// against the manifest already: hands them to the offer's waiters and stores them.
+    pub async fn deliver(self: &Arc<Self>, offered: Offered, chunks: Range<u32>, offset: u64, bytes: Bytes) {
+        let me = self.clone();
+        let claim = offered.0;
+        if tokio::task::spawn_blocking(move || me.finish(chunks, offset, bytes, true, claim)).await.is_err() {
+            tracing::error!("storing a pushed run failed");
+        }
     }
 
     /// Makes every chunk in `range` present, fetching what is missing. Returns the fetched runs
@@ -197,6 +256,33 @@ impl Fetcher {
         range: Range<u32>,
         priority: Priority,
     ) -> Result<Vec<Arc<RunData>>, FetchError> {
+        // A lost push leaves its chunks to the next pass, which fetches what is still missing;
+        // the last pass fetches even chunks offered again.
+        let mut data: Vec<Arc<RunData>> = Vec::new();
+        for pass in 0..=MAX_LOST {
+            match self.ensure_pass(range.clone(), priority, &mut data, pass == MAX_LOST).await {
+                Err(FetchError::Lost) if pass < MAX_LOST => continue,
+                Err(e) => {
+                    if priority == Priority::Guest {
+                        self.stats.failed_reads.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Err(e);
+                }
+                Ok(()) => return Ok(data),
+            }
+        }
+        Err(FetchError::Aborted)
+    }
+
+    /// One pass of [`Fetcher::ensure_with`]: the runs it waited on join `data`; `Lost` when a
+    /// pushed run it waited on did not arrive. The `last` pass waits on no offered push.
+    async fn ensure_pass(
+        self: &Arc<Self>,
+        range: Range<u32>,
+        priority: Priority,
+        data: &mut Vec<Arc<RunData>>,
+        last: bool,
+    ) -> Result<(), FetchError> {
         let mut waits = Vec::new();
         let mut mine: Vec<(u32, watch::Sender<Outcome>)> = Vec::new();
         {
@@ -204,13 +290,16 @@ impl Fetcher {
             // lock cannot miss a fetch that is just finishing.
             let mut inflight = self.inflight.lock().unwrap();
             for i in self.store.missing(range) {
-                if let Some(rx) = inflight.get(&i) {
-                    waits.push(rx.clone());
-                } else {
-                    let (tx, rx) = watch::channel(None);
-                    inflight.insert(i, rx.clone());
-                    waits.push(rx);
-                    mine.push((i, tx));
+                // On the last pass an offered push is not waited for but raced: its peer may
+                // offer again and again and never deliver.
+                match inflight.get(&i) {
+                    Some((rx, pushed)) if !(last && *pushed) => waits.push(rx.clone()),
+                    _ => {
+                        let (tx, rx) = watch::channel(None);
+                        inflight.insert(i, (rx.clone(), false));
+                        waits.push(rx);
+                        mine.push((i, tx));
+                    }
                 }
             }
         }
@@ -218,7 +307,6 @@ impl Fetcher {
             let me = Arc::clone(self);
             tokio::spawn(async move { me.fetch_run(run, priority).await });
         }
-        let mut data: Vec<Arc<RunData>> = Vec::new();
         let mut failure = None;
         for mut rx in waits {
             let outcome = match rx.wait_for(Option::is_some).await {
@@ -231,20 +319,18 @@ impl Fetcher {
                         data.push(run);
                     }
                 }
+                Err(FetchError::Lost) => {
+                    failure.get_or_insert(FetchError::Lost);
+                }
                 Err(e) => {
-                    failure.get_or_insert(e);
+                    // A real failure outranks a lost push.
+                    if failure.as_ref().is_none_or(|f| *f == FetchError::Lost) {
+                        failure = Some(e);
+                    }
                 }
             }
         }
-        match failure {
-            None => Ok(data),
-            Some(e) => {
-                if priority == Priority::Guest {
-                    self.stats.failed_reads.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e)
-            }
-        }
+        failure.map_or(Ok(()), Err)
     }
 
     /// The upstream slot a fetch holds until its run is stored; none with a peer-aware source.
@@ -272,7 +358,7 @@ impl Fetcher {
             .map(|(o, l)| (o.0, l))
             .expect("fetched runs are adjacent chunks inside the image");
         // From here on the entries leave the in-flight map however this task ends.
-        let mut claim = Claim { fetcher: self.clone(), run };
+        let mut claim = Claim { fetcher: self.clone(), run, lost: FetchError::Aborted };
         // Held until the run is stored: bounds both upstream reads in flight and fetched bytes
         // waiting for the data file (none over a peer-aware source, see `slot`).
         let _permit = self.slot(priority).await;
@@ -281,7 +367,7 @@ impl Fetcher {
             Err(e) => {
                 let mut inflight = self.inflight.lock().unwrap();
                 for (i, tx) in claim.run.drain(..) {
-                    inflight.remove(&i);
+                    release(&mut inflight, i, &tx);
                     let _ = tx.send(Some(Err(e.clone())));
                 }
                 return;
@@ -291,18 +377,19 @@ impl Fetcher {
         let me = Arc::clone(&self);
         // Hashing and the data-file write run on the blocking pool: a slow or failing cache disk
         // must never hold a runtime thread, which with `worker_threads = 1` is every session's.
-        let finish = move || me.finish(offset, data, checked, claim);
+        let chunks = claim.run[0].0..claim.run[claim.run.len() - 1].0 + 1;
+        let finish = move || me.finish(chunks, offset, Bytes::from(data), checked, claim);
         if tokio::task::spawn_blocking(finish).await.is_err() {
             // The claim moved into the task cleaned up the in-flight entries as it unwound.
             tracing::error!("verify-and-store task failed");
         }
     }
 
-    /// Verifies a fetched run (unless `checked`), hands it to its waiters, stores it, and lets
-    /// its chunks leave the in-flight map.
-    fn finish(&self, offset: u64, data: Vec<u8>, checked: bool, mut claim: Claim) {
+    /// Verifies a fetched run (unless `checked`), hands it to its waiters, announces it, stores
+    /// the claim's chunks of it, and lets them leave the in-flight map.
+    fn finish(&self, chunks: Range<u32>, offset: u64, bytes: Bytes, checked: bool, mut claim: Claim) {
         let from_peers = checked && self.source.waits_on_peers();
-        let run_data = Arc::new(RunData { offset, bytes: Bytes::from(data), from_peers });
+        let run_data = Arc::new(RunData { chunks, offset, bytes, from_peers });
         let run = &claim.run;
         // Verify, hand the bytes to the waiters, then store: the write is off their path.
         let verified: Vec<bool> = run.iter().map(|(i, _)| checked || self.verify(&run_data, ChunkIdx(*i))).collect();
@@ -310,7 +397,11 @@ impl Fetcher {
             let outcome = if *ok { Ok(run_data.clone()) } else { Err(FetchError::Verify(ChunkIdx(*i))) };
             let _ = tx.send(Some(outcome));
         }
-        // One write per stretch of verified chunks (the run is contiguous).
+        if verified.iter().all(|v| *v) {
+            // Nobody subscribed is no error.
+            let _ = self.obtained.send(run_data.clone());
+        }
+        // One write per stretch of adjacent verified chunks (a pushed run's claim may have gaps).
         let mut k = 0;
         while k < run.len() {
             if !verified[k] {
@@ -318,7 +409,7 @@ impl Fetcher {
                 continue;
             }
             let start = k;
-            while k < run.len() && verified[k] {
+            while k < run.len() && verified[k] && run[k].0 - run[start].0 == (k - start) as u32 {
                 k += 1;
             }
             self.store_span(&run_data, run[start].0..run[k - 1].0 + 1);
@@ -326,8 +417,8 @@ impl Fetcher {
         // Chunks that could not be stored were served from memory (also to readers that joined
         // meanwhile: the outcome stays the verified bytes); a later read fetches them again.
         let mut inflight = self.inflight.lock().unwrap();
-        for (i, _tx) in claim.run.drain(..) {
-            inflight.remove(&i);
+        for (i, tx) in claim.run.drain(..) {
+            release(&mut inflight, i, &tx);
         }
     }
 
@@ -408,6 +499,14 @@ impl Fetcher {
     }
 }
 
+/// Takes chunk `i`'s entry out of the in-flight map if it is `tx`'s flight (a read may have
+/// replaced an offered push's entry with a fetch of its own).
+fn release(inflight: &mut HashMap<u32, (watch::Receiver<Outcome>, bool)>, i: u32, tx: &watch::Sender<Outcome>) {
+    if inflight.get(&i).is_some_and(|(rx, _)| rx.same_channel(&tx.subscribe())) {
+        inflight.remove(&i);
+    }
+}
+
 /// Splits sorted chunk indices into runs of adjacent chunks, each at most `max` long and, with
 /// `boundary`, never crossing a multiple of it. Pure: `vmt sim` plans its nodes' upstream reads
 /// with it too.
@@ -426,150 +525,4 @@ pub fn runs<T>(items: Vec<(u32, T)>, max: u32, boundary: Option<u32>) -> Vec<Vec
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::fetch::BoxFuture;
-    use crate::image::{ChunkSize, Geometry};
-    use std::sync::atomic::AtomicBool;
-
-    #[test]
-    fn runs_split_on_gaps_and_size() {
-        let items: Vec<(u32, ())> = [1, 2, 3, 5, 6, 7, 8, 9].iter().map(|&i| (i, ())).collect();
-        let r: Vec<Vec<u32>> =
-            runs(items.clone(), 3, None).into_iter().map(|r| r.into_iter().map(|(i, _)| i).collect()).collect();
-        assert_eq!(r, vec![vec![1, 2, 3], vec![5, 6, 7], vec![8, 9]]);
-        let r: Vec<Vec<u32>> =
-            runs(items, 8, Some(4)).into_iter().map(|r| r.into_iter().map(|(i, _)| i).collect()).collect();
-        assert_eq!(r, vec![vec![1, 2, 3], vec![5, 6, 7], vec![8, 9]], "cut at multiples of 4");
-    }
-
-    /// A source over a byte vector that counts reads and can be switched off or made to lie.
-    struct MemSource {
-        data: Vec<u8>,
-        reads: AtomicU64,
-        down: AtomicBool,
-        corrupt: AtomicBool,
-        panic: AtomicBool,
-    }
-
-    impl ChunkSource for MemSource {
-        fn describe(&self) -> String {
-            "memory".into()
-        }
-        fn size(&self) -> BoxFuture<'_, Result<u64, SourceError>> {
-            Box::pin(async move { Ok(self.data.len() as u64) })
-        }
-        fn read(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
-            Box::pin(async move {
-                self.reads.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                if self.panic.swap(false, Ordering::SeqCst) {
-                    panic!("a source bug");
-                }
-                if self.down.load(Ordering::SeqCst) {
-                    return Err(SourceError::Unreachable { what: "memory".into(), reason: "down".into() });
-                }
-                let mut v = self.data[offset as usize..offset as usize + len].to_vec();
-                if self.corrupt.load(Ordering::SeqCst) {
-                    v[0] ^= 1;
-                }
-                Ok(v)
-            })
-        }
-    }
-
-    /// Waits until every started fetch has been stored (stores follow the waiters' wake-up).
-    async fn settled(f: &Fetcher) {
-        for _ in 0..400 {
-            if f.inflight() == 0 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        panic!("fetches never settled");
-    }
-
-    fn setup(timeout: Duration) -> (tempfile::TempDir, Arc<MemSource>, Arc<ChunkStore>, Arc<Fetcher>) {
-        let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 31 % 256) as u8).collect();
-        let g = Geometry::new(data.len() as u64, ChunkSize::new(4096).unwrap()).unwrap();
-        let m = Manifest::build(g, |idx, buf| {
-            let o = g.chunk_offset(idx).0 as usize;
-            buf.copy_from_slice(&data[o..o + buf.len()]);
-            Ok::<_, ()>(())
-        })
-        .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let m = Arc::new(m);
-        let store = Arc::new(ChunkStore::open(dir.path(), &m).unwrap());
-        let src = Arc::new(MemSource {
-            data,
-            reads: AtomicU64::new(0),
-            down: AtomicBool::new(false),
-            corrupt: AtomicBool::new(false),
-            panic: AtomicBool::new(false),
-        });
-        let f = Fetcher::new(store.clone(), m, src.clone(), FetchTuning { timeout, max_chunks: 4 });
-        (dir, src, store, f)
-    }
-
-    #[tokio::test]
-    async fn concurrent_misses_fetch_once() {
-        let (_d, src, store, f) = setup(Duration::from_secs(5));
-        let tasks: Vec<_> = (0..8)
-            .map(|_| {
-                let f = f.clone();
-                tokio::spawn(async move { f.ensure(0..4).await })
-            })
-            .collect();
-        for t in tasks {
-            let runs = t.await.unwrap().unwrap();
-            assert_eq!(runs.len(), 1);
-            assert_eq!(runs[0].slice(0, 4096).unwrap(), &src.data[..4096]);
-        }
-        assert_eq!(src.reads.load(Ordering::SeqCst), 1, "one coalesced read for chunks 0..4");
-        settled(&f).await;
-        assert!(store.has_all(0..4));
-        assert!(f.ensure(0..4).await.unwrap().is_empty(), "present chunks come from the store");
-        assert_eq!(src.reads.load(Ordering::SeqCst), 1, "present chunks are not fetched again");
-        f.ensure(4..16).await.unwrap();
-        assert_eq!(src.reads.load(Ordering::SeqCst), 4, "12 chunks in runs of at most 4");
-    }
-
-    #[tokio::test]
-    async fn source_down_fails_within_budget_then_recovers() {
-        let (_d, src, store, f) = setup(Duration::from_millis(400));
-        src.down.store(true, Ordering::SeqCst);
-        let t0 = std::time::Instant::now();
-        assert!(matches!(f.ensure(0..1).await, Err(FetchError::GaveUp { .. })));
-        assert!(t0.elapsed() < Duration::from_secs(2));
-        assert!(src.reads.load(Ordering::SeqCst) >= 2, "retried before giving up");
-        assert!(!store.has(ChunkIdx(0)));
-        src.down.store(false, Ordering::SeqCst);
-        f.ensure(0..1).await.unwrap();
-        settled(&f).await;
-        assert!(store.has(ChunkIdx(0)));
-    }
-
-    #[tokio::test]
-    async fn corrupt_data_is_never_stored() {
-        let (_d, src, store, f) = setup(Duration::from_secs(1));
-        src.corrupt.store(true, Ordering::SeqCst);
-        assert_eq!(f.ensure(2..3).await.unwrap_err(), FetchError::Verify(ChunkIdx(2)));
-        settled(&f).await;
-        assert!(!store.has(ChunkIdx(2)));
-        assert_eq!(f.stats().verify_failures.load(Ordering::SeqCst), 1);
-        assert_eq!(store.pending_count(), 0);
-    }
-
-    #[tokio::test]
-    async fn a_fetch_that_panics_leaves_no_dead_entries() {
-        let (_d, src, store, f) = setup(Duration::from_secs(1));
-        src.panic.store(true, Ordering::SeqCst);
-        assert_eq!(f.ensure(1..3).await.unwrap_err(), FetchError::Aborted);
-        assert_eq!(f.inflight(), 0, "the panicked fetch's entries are gone");
-        let runs = f.ensure(1..3).await.unwrap();
-        assert_eq!(runs[0].slice(4096, 8192).unwrap(), &src.data[4096..12288]);
-        settled(&f).await;
-        assert!(store.has_all(1..3));
-    }
-}
+mod tests;

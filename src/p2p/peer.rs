@@ -1,14 +1,16 @@
 //! Our side of a session with one peer for one image: requests out, data and have-maps in.
 //!
-//! One reader task dispatches replies to the requests waiting on them and feeds have-maps into
-//! the image's [`Selector`]; one writer task sends requests. While a request of ours is in
-//! progress the server sends something at least every 250 ms (a ping if nothing else), so
-//! silence longer than `stall` while we wait means the peer is dead or hung: the session closes
-//! and every request on it fails at once, to be retried elsewhere. A session with no request
-//! pending may be silent for ever: it costs nothing, and a dead peer is found by the next
-//! request to it.
+//! One reader task dispatches replies to the requests waiting on them, feeds have-maps into
+//! the image's [`Selector`] and hands runs the peer pushes to a [`PushSink`]; one writer task
+//! sends requests (and `Adopt`, which makes the peer push). While a request of ours or a run it
+//! offered is in progress the server sends something at least every 250 ms (a ping if nothing
+//! else), so silence longer than `stall` while we wait means the peer is dead or hung: the
+//! session closes, every request on it fails at once, to be retried elsewhere, and every offered
+//! run is lost (its readers fetch it). A session with nothing pending may be silent for ever:
+//! it costs nothing, and a dead peer is found by the next request to it.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,6 +24,18 @@ use super::auth::ClusterKey;
 use super::conn::{client_handshake, connect_from, node_addr, read_frame_progressing, write_frame, ConnError};
 use super::select::Selector;
 use super::wire::{Bytes32, Frame, Message};
+use crate::fetch::flight::Offered;
+use crate::fetch::BoxFuture;
+
+/// Where the runs a peer pushes go (the image's swarm).
+pub trait PushSink: Send + Sync + 'static {
+    /// `from` offers to push `run`: the chunks of it this node lacks and fetches from nowhere
+    /// else now, taken as in flight; `None` when there are none (the push is dropped).
+    fn offered(&self, from: &str, run: Range<u32>) -> Option<Offered>;
+    /// The bytes of an offered run: verified, handed to the offer's waiters and stored. False
+    /// when they do not match the manifest (the session then ends).
+    fn pushed(&self, from: &str, run: Range<u32>, offered: Offered, bytes: Bytes) -> BoxFuture<'_, bool>;
+}
 
 /// How a request to a peer ended, short of data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +59,8 @@ pub struct PeerConn {
     stop: tokio::sync::Notify,
     /// Wakes the reader when a request is added: its stall clock runs only while one is pending.
     requested: tokio::sync::Notify,
+    /// The trees in which this node last told the peer it is its parent (`Adopt`).
+    adopted: Mutex<Option<Vec<u32>>>,
 }
 
 /// Removes a request's entry when its caller stops waiting (it timed out or was dropped).
@@ -60,15 +76,16 @@ impl Drop for Waiting<'_> {
 }
 
 impl PeerConn {
-    /// Connects to `node` (its peer address), authenticates, and starts the session.
+    /// Connects to `node` (its peer address), authenticates for `image` (of `chunks` chunks),
+    /// and starts the session.
     pub async fn connect(
         node: &str,
         me: &str,
         key: &ClusterKey,
-        image: Bytes32,
+        (image, chunks): (Bytes32, u32),
         stall: Duration,
-        chunks: u32,
         selector: Arc<Mutex<Selector>>,
+        sink: std::sync::Weak<dyn PushSink>,
     ) -> Result<Arc<PeerConn>, ConnError> {
         // A frozen peer still completes TCP handshakes (the kernel does), so the whole opening,
         // not just the connect, is bounded by the stall limit: a read never waits longer on a
@@ -103,6 +120,7 @@ impl PeerConn {
             closed: AtomicBool::new(false),
             stop: tokio::sync::Notify::new(),
             requested: tokio::sync::Notify::new(),
+            adopted: Mutex::new(None),
         });
         let writer = tokio::spawn(async move {
             while let Some(f) = rx.recv().await {
@@ -116,8 +134,10 @@ impl PeerConn {
             // Silence counts from the last frame, or from when a request found the session
             // quiet; the frame itself must then keep arriving (no `stall` between its bytes).
             let mut heard = tokio::time::Instant::now();
+            // Runs the peer offered, by first chunk, until their bytes come.
+            let mut offers: HashMap<u32, (u32, Offered)> = HashMap::new();
             let why = loop {
-                let waiting = !me.pending.lock().unwrap().is_empty();
+                let waiting = !me.pending.lock().unwrap().is_empty() || !offers.is_empty();
                 let ready = tokio::select! {
                     // Waits for the first byte of the next frame without taking it.
                     r = rd.fill_buf() => match r {
@@ -126,7 +146,7 @@ impl PeerConn {
                         Err(e) => Err(e.to_string()),
                     },
                     _ = tokio::time::sleep_until(heard + stall), if waiting => {
-                        if me.pending.lock().unwrap().is_empty() {
+                        if me.pending.lock().unwrap().is_empty() && offers.is_empty() {
                             continue;
                         }
                         Err(format!("silent for {stall:?}"))
@@ -163,6 +183,31 @@ impl PeerConn {
                         continue;
                     }
                     Message::Ping => continue,
+                    Message::Offer { first, count } => {
+                        let run = first..first.saturating_add(count);
+                        if count == 0 || run.end > chunks || offers.contains_key(&first) {
+                            break format!("bad offer of chunks {first}+{count}");
+                        }
+                        if let Some(o) = sink.upgrade().and_then(|s| s.offered(&me.node, run)) {
+                            offers.insert(first, (count, o));
+                        }
+                        continue;
+                    }
+                    Message::Push { first, count } => {
+                        // A push nobody here waits for (nothing of it was wanted) is dropped.
+                        let Some((offered_count, offered)) = offers.remove(&first) else { continue };
+                        if offered_count != count {
+                            break format!("push of chunks {first}+{count} does not match its offer");
+                        }
+                        let Some(sink) = sink.upgrade() else { continue };
+                        let (from, run) = (me.clone(), first..first + count);
+                        tokio::spawn(async move {
+                            if !sink.pushed(&from.node, run, offered, f.tail).await {
+                                from.close();
+                            }
+                        });
+                        continue;
+                    }
                     other => break format!("unexpected {other:?}"),
                 };
                 if let Some(w) = me.pending.lock().unwrap().remove(&id) {
@@ -171,12 +216,19 @@ impl PeerConn {
             };
             tracing::debug!(peer = %me.node, reason = %why, "peer session ended");
             me.closed.store(true, Ordering::SeqCst);
+            // Offered runs still to come are lost: their readers fetch them.
+            drop(offers);
             selector.lock().unwrap().disconnected(&me.node);
             // Dropping the senders fails every waiting request with `Closed`.
             me.pending.lock().unwrap().clear();
             writer.abort();
         });
         Ok(conn)
+    }
+
+    /// The peer's name.
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     pub fn is_closed(&self) -> bool {
@@ -187,6 +239,22 @@ impl PeerConn {
     /// next request opens a fresh session (with a fresh have-map).
     pub fn close(&self) {
         self.stop.notify_one();
+    }
+
+    /// Tells the peer that this node takes it as its parent in the trees of `classes` (none:
+    /// in no tree), unless that is what it was told last; `have` gives this node's chunks.
+    pub fn adopt(&self, classes: Vec<u32>, have: impl FnOnce() -> RoaringBitmap) {
+        let mut last = self.adopted.lock().unwrap();
+        if last.as_ref() == Some(&classes) || (last.is_none() && classes.is_empty()) {
+            return;
+        }
+        let mut tail = Vec::new();
+        have().serialize_into(&mut tail).expect("writing to a Vec cannot fail");
+        let frame = Frame::with_tail(Message::Adopt { classes: classes.clone() }, Bytes::from(tail));
+        // Never waits: with the queue full, the next view tries again.
+        if self.tx.try_send(frame).is_ok() {
+            *last = Some(classes);
+        }
     }
 
     /// Asks for chunks `first..first + count`.
@@ -206,7 +274,7 @@ impl PeerConn {
 /// A peer's have-map, if it is a valid Roaring bitmap of chunks below `chunks`. The container
 /// count in its header is checked before decoding: a Roaring decoder gives every container of
 /// runs a full 8 KiB bitmap, so a small hostile map could otherwise cost hundreds of MiB.
-fn decode_have(tail: &[u8], chunks: u32) -> Option<RoaringBitmap> {
+pub(crate) fn decode_have(tail: &[u8], chunks: u32) -> Option<RoaringBitmap> {
     const SERIAL_COOKIE_NO_RUNCONTAINER: u32 = 12346;
     const SERIAL_COOKIE: u32 = 12347;
     let word = |at: usize| tail.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));

@@ -174,8 +174,22 @@ impl Selector {
         }
     }
 
-    fn class(&self, chunk: u32) -> u32 {
+    /// The tree (class) of the stripe holding `chunk`.
+    pub fn class(&self, chunk: u32) -> u32 {
         class_of(chunk / self.stripe, self.classes)
+    }
+
+    /// This node's parent in each tree that gives it one now, as `(class, parent)`.
+    pub fn parents(&self, now: Instant) -> Vec<(u32, String)> {
+        // Stripe c is of class c.
+        (0..self.classes)
+            .filter_map(|c| Some((c, self.parent(c.checked_mul(self.stripe)?, now)?.to_string())))
+            .collect()
+    }
+
+    /// Whether this node ranks above `node` in the tree of `class` (so it may push to it).
+    pub fn above_in(&self, class: u32, node: &str) -> bool {
+        class < self.classes && tree::above(&self.me, node, class, self.classes)
     }
 
     pub fn me(&self) -> &str {

@@ -9,7 +9,8 @@
 //! anything is read or fetched, and keeps them until its frame is written: a request that finds
 //! the budget (or its session's share of it) spent, or too many requests queued, gets `Busy` at
 //! once. Sessions are admitted per name and per address ([`super::admit`]). Any malformed frame
-//! or out-of-range request ends that session only.
+//! or out-of-range request ends that session only. A peer that takes this node as its parent in
+//! some trees (`Adopt`) is also pushed the runs of those trees this node obtains ([`push`]).
 
 use std::net::IpAddr;
 use std::ops::Range;
@@ -28,7 +29,10 @@ use super::auth::ClusterKey;
 use super::conn::{read_frame_within, server_handshake, write_frame, ConnError, MAX_HANDSHAKES, SMALL_FRAME};
 use super::core::upload::UploadBudget;
 use super::wire::{Bytes32, Frame, Message, MAX_TAIL};
+use crate::fetch::flight::RunData;
 use crate::fetch::BoxFuture;
+
+mod push;
 
 /// How often a busy session announces new chunks, or pings while the peer waits on us with
 /// nothing else to send: the longest silence a waiting peer sees (it gives up on us after its
@@ -85,6 +89,13 @@ pub trait PeerExport: Send + Sync + 'static {
     /// A place among the image's sessions for one a peer opens, held until it ends; `None` when
     /// the image has its most sessions already (the peer reads elsewhere).
     fn admit_session(&self) -> Option<Box<dyn Send>>;
+    /// Every run this node obtains from now on, if it pushes them to its children.
+    fn obtained(&self) -> Option<tokio::sync::broadcast::Receiver<Arc<RunData>>>;
+    /// The trees among `classes` in which `child` may take this node as its parent (those in
+    /// which this node ranks above it).
+    fn adopted_by(&self, child: &str, classes: &[u32]) -> Vec<u32>;
+    /// The tree of the stripe holding `chunk`.
+    fn class(&self, chunk: u32) -> u32;
 }
 
 /// Finds the image a peer asks for by its identity (manifest root digest).
@@ -126,6 +137,12 @@ pub struct ServerStats {
     /// Bytes of replies reserved now, and the most ever reserved at once.
     pub buffered: AtomicU64,
     pub buffered_peak: AtomicU64,
+    /// Sessions whose peer takes this node as its parent in some tree, now.
+    pub children: AtomicU64,
+    /// Runs pushed to children, and runs not pushed (no room in the budget, or asked for
+    /// meanwhile).
+    pub pushes: AtomicU64,
+    pub pushes_skipped: AtomicU64,
 }
 
 /// The bytes of one reply, reserved from the node's budget and its session's share from the
@@ -319,15 +336,30 @@ impl PeerServer {
             self.lie,
         )));
         let mut removed = export.served_until();
+        // Requests are small; an `Adopt` carries a have-map.
+        let frame_limit = push::adopt_limit(export.chunks());
+        let mut pushing: Option<push::Pushing> = None;
         let why = loop {
             let read = tokio::select! {
-                r = read_frame_within(&mut rd, SMALL_FRAME) => r,
+                r = read_frame_within(&mut rd, frame_limit) => r,
                 _ = writer_gone.notified() => break "the peer stopped reading".to_string(),
                 _ = removed.wait_for(|v| *v) => break "the image is no longer served".to_string(),
                 _ = admitted.replaced() => break "replaced by a newer session of the same node".to_string(),
             };
             let (id, first, count) = match read {
                 Ok(Frame { msg: Message::Request { id, first, count }, .. }) => (id, first, count),
+                Ok(Frame { msg: Message::Adopt { classes }, tail }) => {
+                    let queue = push::SessionQueue {
+                        tx: tx.clone(),
+                        reserved: reserved.clone(),
+                        queued: queued.clone(),
+                        requested: requested.clone(),
+                    };
+                    match self.adopt(&mut pushing, &export, &auth.node, (classes, &tail), &queue) {
+                        Ok(()) => continue,
+                        Err(why) => break why,
+                    }
+                }
                 Ok(f) => break ConnError::Unexpected { expected: "Request", got: Box::new(f.msg) }.to_string(),
                 Err(e) => break e.to_string(),
             };
@@ -336,6 +368,9 @@ impl PeerServer {
                 break format!("request for chunks {first}+{count} is out of range");
             };
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            if let Some(p) = &pushing {
+                p.asked(run.clone());
+            }
             let bytes = self.reserve(len, &reserved, queued.load(Ordering::Relaxed));
             let Some(bytes) = bytes else {
                 self.stats.busy.fetch_add(1, Ordering::Relaxed);
@@ -356,6 +391,7 @@ impl PeerServer {
         // Its place goes to the next session of this node (a replacing one has it already).
         drop(admitted);
         drop(announcer);
+        drop(pushing);
         drop(tx);
         // Replies still being prepared hold senders (and their bytes, within the budget); the
         // writer ends when the last is done.
@@ -367,10 +403,15 @@ impl PeerServer {
     /// [`UploadBudget::reserve`]'s. Never waits (see there why).
     fn reserve(self: &Arc<Self>, len: u64, reserved: &Arc<AtomicU64>, queued: usize) -> Option<Reservation> {
         let bytes = self.budget.lock().unwrap().reserve(reserved.load(Ordering::Relaxed), queued, len)?;
+        Some(self.reserved(bytes, reserved))
+    }
+
+    /// Counts `bytes` taken from the budget as a session's, held by the [`Reservation`].
+    fn reserved(self: &Arc<Self>, bytes: u64, reserved: &Arc<AtomicU64>) -> Reservation {
         reserved.fetch_add(bytes, Ordering::Relaxed);
         let now = self.stats.buffered.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.stats.buffered_peak.fetch_max(now, Ordering::Relaxed);
-        Some(Reservation { server: self.clone(), session: reserved.clone(), bytes })
+        Reservation { server: self.clone(), session: reserved.clone(), bytes }
     }
 
     async fn reply(
@@ -403,19 +444,23 @@ impl PeerServer {
             None => self.slots.clone().acquire_owned().await.expect("semaphore never closed"),
         };
         self.pace(bytes.len() as u64).await;
-        let bytes = if self.corrupt {
-            let mut v = bytes.to_vec();
-            for b in v.iter_mut().step_by(4096) {
-                *b ^= 0x5A;
-            }
-            Bytes::from(v)
-        } else {
-            bytes
-        };
+        let bytes = self.maybe_corrupt(bytes);
         let n = bytes.len() as u64;
         if tx.send((Frame::with_tail(Message::Data { id }, bytes), Some((permit, bytes_held)))).await.is_ok() {
             export.uploaded(n);
         }
+    }
+
+    /// `bytes` as sent: corrupted under the test switch.
+    fn maybe_corrupt(&self, bytes: Bytes) -> Bytes {
+        if !self.corrupt {
+            return bytes;
+        }
+        let mut v = bytes.to_vec();
+        for b in v.iter_mut().step_by(4096) {
+            *b ^= 0x5A;
+        }
+        Bytes::from(v)
     }
 
     /// Waits for this reply's turn under the upload rate cap.

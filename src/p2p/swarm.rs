@@ -3,6 +3,9 @@
 //! origin) and falls back to the next one when a peer refuses, fails, stalls or lies: a refused
 //! run still climbs the stripe's tree, a failed one goes to a holder or the origin.
 //!
+//! Runs a parent pushes arrive here too (`push`): this node tells each of its parents in which
+//! trees it takes it as its parent, and verifies, receives and stores what they push.
+//!
 //! Peer data is verified against the manifest here, chunk by chunk, before it goes anywhere: a
 //! mismatch drops the data, bans the peer and reads the run elsewhere. Origin bytes are passed
 //! on unchecked, and origin errors as they are, so the fetcher verifies them and applies its
@@ -48,6 +51,8 @@ pub struct SwarmTuning {
     pub classes: u32,
     /// Most peer sessions of this image at once, opened by this node and by peers together.
     pub max_sessions: usize,
+    /// Whether this node asks its parents to push (and pushes to its children).
+    pub push: bool,
 }
 
 /// Counters of one image's peer traffic (downloads; uploads are counted by the server).
@@ -59,6 +64,11 @@ pub struct SwarmStats {
     pub peer_refusals: AtomicU64,
     pub peer_failures: AtomicU64,
     pub peer_verify_failures: AtomicU64,
+    /// Runs parents pushed here and used, their bytes, and pushes dropped (none of it was
+    /// wanted, or the receive budget was spent).
+    pub pushes: AtomicU64,
+    pub bytes_pushed: AtomicU64,
+    pub pushes_dropped: AtomicU64,
     /// Latency of each origin read, and of each request to a peer (whatever its answer).
     pub origin_latency: crate::metrics::Histogram,
     pub peer_latency: crate::metrics::Histogram,
@@ -87,6 +97,11 @@ pub struct Swarm {
     /// Most places among the image's sessions held at once (both ways, as the bound counts
     /// them): never above `max_sessions`.
     places_peak: AtomicU64,
+    /// The image's fetcher, which pushed runs go to (set once it exists: it reads through this
+    /// swarm).
+    fetcher: std::sync::OnceLock<Weak<crate::fetch::flight::Fetcher>>,
+    /// Bytes of pushed runs being verified and stored at once, in KiB: a push past it is dropped.
+    push_budget: Arc<tokio::sync::Semaphore>,
     weak: Weak<Swarm>,
 }
 
@@ -120,6 +135,8 @@ impl Swarm {
             origin_slots: Slots::new(ORIGIN_SLOTS),
             inbound: Arc::new(AtomicU64::new(0)),
             places_peak: AtomicU64::new(0),
+            fetcher: std::sync::OnceLock::new(),
+            push_budget: Arc::new(tokio::sync::Semaphore::new(push::RECEIVE_BUDGET_KIB)),
             weak: weak.clone(),
         })
     }
@@ -202,6 +219,7 @@ impl Swarm {
                 }
             }
         }
+        self.adopt_parents();
         let Some(me) = self.weak.upgrade() else { return };
         for node in usable {
             if self.full_without(&node) {
@@ -217,8 +235,9 @@ impl Swarm {
             }
             let me = me.clone();
             tokio::spawn(async move {
-                if me.session(&node).await.is_err() {
-                    me.selector.lock().unwrap().unreachable(&node, Instant::now());
+                match me.session(&node).await {
+                    Ok(conn) => me.adopt(&conn),
+                    Err(_) => me.selector.lock().unwrap().unreachable(&node, Instant::now()),
                 }
             });
         }
@@ -265,10 +284,10 @@ impl Swarm {
             node,
             &self.me,
             &self.key,
-            self.image,
+            (self.image, self.manifest.geometry().chunk_count()),
             self.tuning.stall,
-            self.manifest.geometry().chunk_count(),
             self.selector.clone(),
+            self.weak.clone() as Weak<dyn super::peer::PushSink>,
         )
         .await
         {
@@ -497,5 +516,6 @@ impl ChunkSource for Swarm {
     }
 }
 
+mod push;
 #[cfg(test)]
 mod tests;

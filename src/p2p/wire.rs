@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const MAGIC: &[u8; 4] = b"VMTP";
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 pub const HEADER_LEN: usize = 20;
 /// Largest postcard message (the peer lists of a tracker reply are the largest).
 pub const MAX_MSG: u32 = 1 << 20;
@@ -84,6 +84,15 @@ pub enum Message {
     /// Tracker → tracker: what the sender holds of some images (at most
     /// `federation::SUMMARY_IMAGES` per frame).
     Summary { images: Vec<Summary> },
+    /// Client → server: in the trees of `classes` this node takes the server as its parent, so
+    /// the server may push it the runs of those trees' stripes it obtains; no class ends that
+    /// (tail: the client's have-map, so that nothing it holds is pushed).
+    Adopt { classes: Vec<u32> },
+    /// Server → client: chunks `first..first + count` follow in a `Push`; the client may wait
+    /// for them rather than ask.
+    Offer { first: u32, count: u32 },
+    /// Server → client: the bytes of an offered run nobody asked for (tail: the chunks' bytes).
+    Push { first: u32, count: u32 },
 }
 
 impl Message {
@@ -102,11 +111,17 @@ impl Message {
             Message::Register { .. } => "Register",
             Message::Peers { .. } => "Peers",
             Message::Summary { .. } => "Summary",
+            Message::Adopt { .. } => "Adopt",
+            Message::Offer { .. } => "Offer",
+            Message::Push { .. } => "Push",
         }
     }
 
     fn takes_tail(&self) -> bool {
-        matches!(self, Message::Have | Message::HaveDelta | Message::Data { .. })
+        matches!(
+            self,
+            Message::Have | Message::HaveDelta | Message::Data { .. } | Message::Adopt { .. } | Message::Push { .. }
+        )
     }
 }
 
@@ -239,6 +254,9 @@ mod tests {
             Frame::new(Message::NotHave { id: 1 }),
             Frame::new(Message::Busy { id: 1 }),
             Frame::new(Message::Ping),
+            Frame::with_tail(Message::Adopt { classes: vec![0, 3] }, Bytes::from_static(b"bitmap")),
+            Frame::new(Message::Offer { first: 16, count: 16 }),
+            Frame::with_tail(Message::Push { first: 16, count: 1 }, Bytes::from(vec![0xCD; 4096])),
             Frame::new(Message::Register { image: [4; 32], classes: 4, fanout: 4, near: 8, joined: 1_796_000_000_000 }),
             Frame::new(Message::Peers {
                 image: [4; 32],

@@ -186,10 +186,10 @@ impl Cluster {
     /// and B is its parent there. Each tree has one root, the other node its child, so the
     /// parents the two show add up to 16. Their ports are picked in different groups: the node
     /// that joined first roots every tree but the other's group's (and maybe its second
-    /// group's), which the other roots.
-    pub fn pair_in_16_trees(&mut self, stripe: &str) -> (usize, usize) {
+    /// group's), which the other roots. `extra` goes into both nodes' `[p2p]` sections.
+    pub fn pair_in_16_trees(&mut self, stripe: &str, extra: &str) -> (usize, usize) {
         use vmthunder::p2p::core::tree::{group_of, node_hash};
-        let conf = format!("stripe = \"{stripe}\"\nclasses = 16");
+        let conf = format!("stripe = \"{stripe}\"\nclasses = 16\n{extra}");
         let group = |p: u16| group_of(node_hash(&format!("127.0.0.1:{p}")), 16);
         let p1 = free_port();
         let first = self.add_node_in_order(p1, &conf, &[]);

@@ -54,6 +54,15 @@ impl UploadBudget {
         Some(bytes)
     }
 
+    /// Like [`UploadBudget::reserve`], for a push (a reply nobody asked for): it ranks below
+    /// asked replies, so it may only take the first half of the budget, leaving the rest to them.
+    pub fn reserve_push(&mut self, session_bytes: u64, session_queued: usize, len: u64) -> Option<u64> {
+        if self.used + len.clamp(1, self.buffer) > self.buffer / 2 {
+            return None;
+        }
+        self.reserve(session_bytes, session_queued, len)
+    }
+
     /// A reply's bytes were written (or dropped).
     pub fn release(&mut self, bytes: u64) {
         self.used = self.used.saturating_sub(bytes);
@@ -86,5 +95,8 @@ mod tests {
         assert_eq!(b.reserve(0, 0, 1), None);
         b.release(1000);
         assert_eq!((b.used(), b.peak()), (0, 1000));
+        assert_eq!(b.reserve_push(0, 0, 400), Some(400));
+        assert_eq!(b.reserve_push(0, 0, 200), None, "pushes take at most half");
+        assert_eq!(b.reserve(0, 0, 500), Some(500), "asked replies take the rest");
     }
 }
