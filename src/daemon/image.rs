@@ -481,6 +481,14 @@ impl PeerExport for Image {
         self.swarm.as_ref().map_or(0, |s| s.class(chunk))
     }
 
+    fn cached(&self, run: std::ops::Range<u32>) -> BoxFuture<'_, Option<Bytes>> {
+        Box::pin(async move {
+            let len = u32::try_from(self.run_len(run.clone())?).ok()?;
+            let offset = self.manifest.geometry().chunk_offset(ChunkIdx(run.start)).0;
+            Image::cached(self, offset, len).await
+        })
+    }
+
     fn serve<'a>(&'a self, run: std::ops::Range<u32>, requester: &'a str) -> BoxFuture<'a, Option<Bytes>> {
         Box::pin(async move {
             let len = u32::try_from(self.run_len(run.clone())?).ok()?;

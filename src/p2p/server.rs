@@ -96,6 +96,8 @@ pub trait PeerExport: Send + Sync + 'static {
     fn adopted_by(&self, child: &str, classes: &[u32]) -> Vec<u32>;
     /// The tree of the stripe holding `chunk`.
     fn class(&self, chunk: u32) -> u32;
+    /// The bytes of `run` if this node holds it and they read back; never a fetch.
+    fn cached(&self, run: Range<u32>) -> BoxFuture<'_, Option<Bytes>>;
 }
 
 /// Finds the image a peer asks for by its identity (manifest root digest).
@@ -309,23 +311,36 @@ impl PeerServer {
         // Requests are small: one read takes in several.
         let mut rd = tokio::io::BufReader::with_capacity(4096, rd);
         let (tx, mut rx) = mpsc::channel::<(Frame, Held)>(64);
+        // Pushes wait in a queue of their own, written only while no other frame waits: an
+        // asked reply never queues behind runs nobody asked for (an offer is in `rx` before its
+        // push is in `pushes`, so it is written first).
+        let (push_tx, mut pushes) = mpsc::channel::<(Frame, Held)>(1);
         let writer_gone = Arc::new(tokio::sync::Notify::new());
         let gone = writer_gone.clone();
         let writer = tokio::spawn(async move {
-            while let Some((f, held)) = rx.recv().await {
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    f = rx.recv() => f,
+                    Some(f) = pushes.recv() => Some(f),
+                };
+                let Some((f, held)) = next else { break };
                 match tokio::time::timeout(WRITE_TIMEOUT, write_frame(&mut wr, &f)).await {
                     Ok(Ok(())) => drop(held),
                     _ => break,
                 }
             }
-            // Frames still queued, their upload slots and their bytes, go with the channel.
-            drop(rx);
+            // Frames still queued, their upload slots and their bytes, go with the channels.
+            drop((rx, pushes));
             gone.notify_one();
         });
         // Bytes of replies this session holds, and requests it has being answered.
         let reserved = Arc::new(AtomicU64::new(0));
         let queued = Arc::new(AtomicUsize::new(0));
         let requested = Arc::new(tokio::sync::Notify::new());
+        // Pushes offered on this session and not yet handed to the writer.
+        let pushing_now = Arc::new(AtomicUsize::new(0));
+        let push_freed = Arc::new(tokio::sync::Notify::new());
         // Aborted however the session ends (also when dropped at shutdown): a quiet announcer
         // never sends, so it would never notice that the session is gone.
         let announcer = AbortOnDrop(tokio::spawn(announce(
@@ -351,6 +366,9 @@ impl PeerServer {
                 Ok(Frame { msg: Message::Adopt { classes }, tail }) => {
                     let queue = push::SessionQueue {
                         tx: tx.clone(),
+                        push_tx: push_tx.clone(),
+                        pushing: pushing_now.clone(),
+                        freed: push_freed.clone(),
                         reserved: reserved.clone(),
                         queued: queued.clone(),
                         requested: requested.clone(),

@@ -105,7 +105,7 @@ impl Sim<'_> {
     /// Node `i` pushes `run` to its child `j` (cut through: while its flight `from` arrives).
     fn push_to(&mut self, i: u32, j: u32, run: Range<u32>, from: Option<u32>) {
         let bytes = u64::from(run.end - run.start) * self.p.chunk_size;
-        let Some(reserved) = self.reserve_upload(i, j, bytes) else {
+        let Some(reserved) = self.reserve_upload(i, j, bytes, true) else {
             self.c.pushes_refused += 1;
             return;
         };

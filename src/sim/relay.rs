@@ -115,7 +115,7 @@ impl Sim<'_> {
             }
             return;
         }
-        let Some(reserved) = self.reserve_upload(j, i, bytes) else {
+        let Some(reserved) = self.reserve_upload(j, i, bytes, false) else {
             self.c.refusals += 1;
             self.after(lat, Ev::AtClient(r, Outcome::Busy));
             return;
@@ -153,11 +153,13 @@ impl Sim<'_> {
     }
 
     /// Takes `bytes` of node `j`'s upload budget for a reply to `i` on their session (as the
-    /// peer server's `UploadBudget`), booked against that session; `None`: over budget.
-    pub(super) fn reserve_upload(&mut self, j: u32, i: u32, bytes: u64) -> Option<u64> {
+    /// peer server's `UploadBudget`; a push, as vmtd's, within half of it), booked against that
+    /// session; `None`: over budget.
+    pub(super) fn reserve_upload(&mut self, j: u32, i: u32, bytes: u64, push: bool) -> Option<u64> {
         let n = &mut self.nodes[j as usize];
         let (held, queued) = n.sessions_in.get(&i).copied().unwrap_or((0, 0));
-        let reserved = n.budget.as_mut().and_then(|b| b.reserve(held, queued, bytes))?;
+        let b = n.budget.as_mut()?;
+        let reserved = if push { b.reserve_push(held, queued, bytes) } else { b.reserve(held, queued, bytes) }?;
         let s = n.sessions_in.entry(i).or_default();
         s.0 += reserved;
         s.1 += 1;

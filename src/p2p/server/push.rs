@@ -5,12 +5,15 @@
 //! Invariants: a push is a reply nobody asked for and ranks below asked ones: it reserves its
 //! bytes from the node's budget only while half of it is free ([`UploadBudget::reserve_push`],
 //! never waiting: a push that finds no room is not offered, and the child asks when it needs
-//! the run), then takes an upload slot and the rate cap's turn like a reply. A node pushes only
+//! the run), and only while the session has fewer than [`PUSH_WINDOW`] pushes waiting; it then
+//! takes an upload slot and the rate cap's turn like a reply, and is written only when no other
+//! frame of the session waits. A node pushes only
 //! down its trees (to a peer it ranks above in the run's tree, see `Swarm::adopted_by`), so
 //! pushes never loop. Every offer is followed by its push unless the session ends.
 //!
 //! [`UploadBudget::reserve_push`]: crate::p2p::core::upload::UploadBudget::reserve_push
 
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -60,9 +63,48 @@ impl Pushing {
 /// What a session lends its pushes: its frame queue and its share of the budget and queue.
 pub(super) struct SessionQueue {
     pub tx: mpsc::Sender<(Frame, Held)>,
+    /// The writer's queue of pushes, taken only while `tx` has nothing.
+    pub push_tx: mpsc::Sender<(Frame, Held)>,
+    /// Pushes offered and not yet handed to the writer (at most [`PUSH_WINDOW`]), and a wake-up
+    /// when one is.
+    pub pushing: Arc<AtomicUsize>,
+    pub freed: Arc<tokio::sync::Notify>,
     pub reserved: Arc<AtomicU64>,
     pub queued: Arc<AtomicUsize>,
     pub requested: Arc<tokio::sync::Notify>,
+}
+
+/// Pushes one session may have offered and not yet handed to its writer: runs obtained while
+/// that many wait queue in the session's backlog, not offered (the child asks for one when it
+/// needs it first). Pushes then fill the link's idle time instead of queueing up in front of
+/// the runs the child's guest asks for.
+const PUSH_WINDOW: usize = 2;
+
+/// Runs at the back of a session's backlog that keep their bytes (the others are read back from
+/// the cache when their turn comes).
+const KEPT_BYTES: usize = 4;
+/// How soon a push that found no room in the budget tries again (unless a push ends first).
+const RETRY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// How an attempt to push ended.
+enum Pushed {
+    /// Offered (and on its way), or nothing to push.
+    Sent,
+    /// No room in the budget: try again later.
+    NoRoom,
+    /// The session ended.
+    Closed,
+}
+
+/// Takes one push off its session's window when it is handed to the writer or dropped, and
+/// wakes the session's pusher.
+struct Window(Arc<AtomicUsize>, Arc<tokio::sync::Notify>);
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.1.notify_one();
+    }
 }
 
 /// Largest `Adopt` frame for an image of `chunks` chunks: its classes and a have-map (a Roaring
@@ -113,7 +155,7 @@ impl PeerServer {
     }
 
     /// Offers and pushes each run this node obtains in the adopted trees, as long as the
-    /// session lives.
+    /// session lives, oldest first, as the window and the budget let it.
     async fn push_runs(
         self: Arc<Self>,
         export: Arc<dyn PeerExport>,
@@ -121,66 +163,108 @@ impl PeerServer {
         mut obtained: broadcast::Receiver<Arc<RunData>>,
         queue: SessionQueue,
     ) {
+        // Runs to push, oldest first; the newest few keep their bytes, the others are read back
+        // from the cache when their turn comes.
+        let mut backlog: VecDeque<(Range<u32>, Option<Arc<RunData>>)> = VecDeque::new();
+        let mut blocked = false;
         loop {
-            let run = match obtained.recv().await {
-                Ok(r) => r,
-                // Runs missed are asked for when needed.
-                Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => return,
-            };
-            let class = export.class(run.chunks.start);
-            let wanted = {
-                let a = adoption.lock().unwrap();
-                if !a.classes.contains(&class) {
-                    continue;
+            tokio::select! {
+                r = obtained.recv() => match r {
+                    Ok(run) => {
+                        if adoption.lock().unwrap().classes.contains(&export.class(run.chunks.start)) {
+                            backlog.push_back((run.chunks.clone(), Some(run)));
+                            if let Some(k) = backlog.len().checked_sub(KEPT_BYTES + 1) {
+                                backlog[k].1 = None;
+                            }
+                        }
+                    }
+                    // Runs missed are asked for when needed.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                _ = queue.freed.notified(), if !backlog.is_empty() => {}
+                _ = tokio::time::sleep(RETRY), if blocked && !backlog.is_empty() => {}
+            }
+            blocked = false;
+            while queue.pushing.load(Ordering::Relaxed) < PUSH_WINDOW {
+                let Some((chunks, data)) = backlog.pop_front() else { break };
+                let wanted = {
+                    let a = adoption.lock().unwrap();
+                    let mut w = RoaringBitmap::new();
+                    w.insert_range(chunks.clone());
+                    w - &a.known
+                };
+                let mut pieces = stretches(&wanted).into_iter();
+                while let Some(piece) = pieces.next() {
+                    match self.push(&export, &adoption, (&chunks, data.as_ref()), piece.clone(), &queue).await {
+                        Pushed::Sent => {}
+                        Pushed::Closed => return,
+                        Pushed::NoRoom => {
+                            // The rest of this run waits for room, at the front.
+                            let rest = piece.start..chunks.end;
+                            backlog.push_front((rest, data.clone()));
+                            blocked = true;
+                            break;
+                        }
+                    }
+                    if queue.pushing.load(Ordering::Relaxed) >= PUSH_WINDOW {
+                        if let Some(next) = pieces.next() {
+                            backlog.push_front((next.start..chunks.end, data.clone()));
+                        }
+                        break;
+                    }
                 }
-                let mut w = RoaringBitmap::new();
-                w.insert_range(run.chunks.clone());
-                w - &a.known
-            };
-            for piece in stretches(&wanted) {
-                if !self.push(&export, &adoption, &run, piece, &queue).await {
-                    return;
+                if blocked {
+                    break;
                 }
             }
         }
     }
 
-    /// Offers `piece` of `run` and sends it once it has a slot; false when the session ended.
+    /// Offers `piece` of `chunks` (whose bytes `data` may hold) and sends it once it has a slot.
     async fn push(
         self: &Arc<Self>,
         export: &Arc<dyn PeerExport>,
         adoption: &Arc<Mutex<Adoption>>,
-        run: &Arc<RunData>,
+        (chunks, data): (&Range<u32>, Option<&Arc<RunData>>),
         piece: Range<u32>,
         queue: &SessionQueue,
-    ) -> bool {
-        let skip = if piece.start > run.chunks.start { export.run_len(run.chunks.start..piece.start) } else { Some(0) };
-        let (Some(skip), Some(len)) = (skip, export.run_len(piece.clone())) else { return true };
-        let Some(bytes) = run
-            .bytes
-            .get(skip as usize..(skip + len) as usize)
-            .map(|_| run.bytes.slice(skip as usize..(skip + len) as usize))
-        else {
-            return true;
-        };
+    ) -> Pushed {
+        let Some(len) = export.run_len(piece.clone()) else { return Pushed::Sent };
+        let skip = if piece.start > chunks.start { export.run_len(chunks.start..piece.start) } else { Some(0) };
+        let held_bytes = data.zip(skip).and_then(|(d, skip)| {
+            let range = skip as usize..(skip + len) as usize;
+            d.bytes.get(range.clone()).map(|_| d.bytes.slice(range))
+        });
         let Some(held) = self.reserve_push(len, &queue.reserved, queue.queued.load(Ordering::Relaxed)) else {
-            self.stats.pushes_skipped.fetch_add(1, Ordering::Relaxed);
-            return true;
+            return Pushed::NoRoom;
         };
+        queue.pushing.fetch_add(1, Ordering::Relaxed);
+        let window = Window(queue.pushing.clone(), queue.freed.clone());
         adoption.lock().unwrap().known.insert_range(piece.clone());
         if queue.queued.fetch_add(1, Ordering::Relaxed) == 0 {
             queue.requested.notify_one();
         }
         let slot = Queued(queue.queued.clone());
+        let bytes = match held_bytes {
+            Some(b) => b,
+            // Read back before it is offered: a run that left the cache is not pushed.
+            None => match export.cached(piece.clone()).await {
+                Some(b) => b,
+                None => {
+                    self.stats.pushes_skipped.fetch_add(1, Ordering::Relaxed);
+                    return Pushed::Sent;
+                }
+            },
+        };
         let (first, count) = (piece.start, piece.end - piece.start);
         if queue.tx.send((Frame::new(Message::Offer { first, count }), None)).await.is_err() {
-            return false;
+            return Pushed::Closed;
         }
-        let (me, export, tx) = (self.clone(), export.clone(), queue.tx.clone());
+        let (me, export, tx) = (self.clone(), export.clone(), queue.push_tx.clone());
         let adoption = adoption.clone();
         tokio::spawn(async move {
-            let _slot = slot;
+            let (_slot, _window) = (slot, window);
             let permit = me.slots.clone().acquire_owned().await.expect("semaphore never closed");
             // Asked for wholly since it was offered: the peer asked before the offer reached it
             // (it waits on no chunk of it then), and its reply carries the bytes.
@@ -195,7 +279,7 @@ impl PeerServer {
                 export.uploaded(len);
             }
         });
-        true
+        Pushed::Sent
     }
 
     /// Reserves `len` bytes for a push, as [`PeerServer::reserve`] does for a reply.
@@ -209,6 +293,9 @@ impl Clone for SessionQueue {
     fn clone(&self) -> SessionQueue {
         SessionQueue {
             tx: self.tx.clone(),
+            push_tx: self.push_tx.clone(),
+            pushing: self.pushing.clone(),
+            freed: self.freed.clone(),
             reserved: self.reserved.clone(),
             queued: self.queued.clone(),
             requested: self.requested.clone(),
