@@ -84,9 +84,11 @@ fn relays_survive_killed_nodes_and_lying_peers_and_the_tree_does_not() {
 #[test]
 fn cut_through_relays_survive_killed_nodes_and_lying_peers() {
     // `--cut-through` (a what-if): replies start before their runs are in; a relay killed
-    // while it passes a run on breaks the reply, and its askers read elsewhere.
+    // while it passes a run on breaks the reply, and its askers read elsewhere. Without pushes,
+    // so that the runs go down the trees as asked replies (pushes are `pushing_relays_…`).
     for extra in [["--kill", "0.25"], ["--liars", "0.25"]] {
-        let mut flags = vec!["--nodes", "24", "--strategies", "vmthunder", "--cut-through", "--kill-at", "0.05"];
+        let mut flags =
+            vec!["--nodes", "24", "--strategies", "vmthunder", "--push", "false", "--cut-through", "--kill-at", "0.05"];
         flags.extend_from_slice(&extra);
         let p = args(&flags).params().unwrap();
         let r = run(&p).unwrap();
@@ -108,7 +110,8 @@ fn cut_through_relays_survive_killed_nodes_and_lying_peers() {
     // level: with node links ten times the origin's, where bandwidth is not short, two trees
     // (each node a descendant of its descendants in the other) boot 16 nodes within 5% of a
     // solo boot (×1.09 without).
-    let flags = ["--nodes", "16", "--strategies", "vmthunder", "--classes", "2", "--node-link", "10gbit"];
+    let flags =
+        ["--nodes", "16", "--strategies", "vmthunder", "--classes", "2", "--node-link", "10gbit", "--push", "false"];
     let ratio = |cut: bool| {
         let mut f = flags.to_vec();
         if cut {
@@ -122,7 +125,7 @@ fn cut_through_relays_survive_killed_nodes_and_lying_peers() {
 
 #[test]
 fn pushing_relays_survive_killed_nodes_and_lying_peers_and_change_nothing_when_off() {
-    // `--push` (a what-if): runs flood down the trees unasked; a push its sender's kill breaks
+    // Pushes (vmtd's default): runs flow down the trees unasked; a push its sender's kill breaks
     // leaves its chunks to an ordinary fetch, and a liar pushes nothing.
     for extra in [&["--kill", "0.25"][..], &["--liars", "0.25"], &["--kill", "0.25", "--cut-through"]] {
         let mut flags = vec!["--nodes", "24", "--strategies", "vmthunder", "--push", "--kill-at", "0.05"];
@@ -142,16 +145,14 @@ fn pushing_relays_survive_killed_nodes_and_lying_peers_and_change_nothing_when_o
     }
     // With one tree, pushing spares a node's two children sharing its up link in lockstep
     // (×1.12 pulled, ×1.02 pushed in this run).
-    let ratio = |push: bool| {
-        let mut f = vec!["--nodes", "16", "--strategies", "vmthunder"];
-        if push {
-            f.push("--push");
-        }
+    let ratio = |push: &str| {
+        let f = ["--nodes", "16", "--strategies", "vmthunder", "--push", push];
         let r = run(&args(&f).params().unwrap()).unwrap();
         (r.strategies[0].ratio, r.strategies[0].pushes)
     };
-    let ((pulled, none), (pushed, _)) = (ratio(false), ratio(true));
-    assert_eq!(none, 0, "no pushes without --push");
+    let ((pulled, none), (pushed, _)) = (ratio("false"), ratio("true"));
+    assert_eq!(none, 0, "no pushes with --push false");
+    assert!(args(&["--strategies", "vmthunder"]).params().unwrap().push, "vmtd's default");
     assert!(pushed < pulled && pushed <= 1.05, "pulled ×{pulled}, pushed ×{pushed}");
 }
 

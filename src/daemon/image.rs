@@ -369,6 +369,11 @@ impl Image {
         // eviction) between a fetch and the read of what it did not fetch.
         let range = self.manifest.geometry().chunks_covering(ByteOffset(offset), u64::from(len));
         self.store.touch(range.clone());
+        if priority != Priority::Relay {
+            if let Some(s) = &self.swarm {
+                s.activate();
+            }
+        }
         for _ in 0..=range.len() {
             if let Some(served) = self.try_bytes(offset, len, priority).await? {
                 return Ok(served);

@@ -130,6 +130,10 @@ impl Daemon {
             old.cancel();
         }
         tracing::info!(image = %img.name, chunks = profile.entries.len(), ?rate, "prefetching from profile");
+        // A prefetch reads the image as its guest will: the node takes its parents to push to it.
+        if let Some(s) = &img.swarm {
+            s.activate();
+        }
         let rate = rate.or(self.tuning.prefetch_rate);
         tokio::spawn(prefetch::run(
             img.fetcher.clone(),

@@ -191,6 +191,8 @@ pub struct PeerServer {
     stats: ServerStats,
     /// Test switch: flip a byte in every chunk sent, to prove that receivers catch it.
     corrupt: bool,
+    /// Test switch: the same for pushed chunks only.
+    corrupt_pushes: bool,
     /// Test switch: claim every chunk, and answer `NotHave` for what is not held instead of
     /// fetching it for the asker, to prove that a lying peer cannot make others skip the tree.
     lie: bool,
@@ -198,6 +200,9 @@ pub struct PeerServer {
 
 /// The environment variable that turns on [`PeerServer`]'s corrupting test switch.
 pub const CORRUPT_SWITCH: &str = "VMT_TEST_CORRUPT_UPLOADS";
+/// The environment variable that turns on [`PeerServer`]'s corrupting test switch for pushes
+/// only.
+pub const CORRUPT_PUSHES_SWITCH: &str = "VMT_TEST_CORRUPT_PUSHES";
 /// The environment variable that turns on [`PeerServer`]'s lying test switch.
 pub const LIE_SWITCH: &str = "VMT_TEST_LIE_NOT_HAVE";
 
@@ -206,6 +211,12 @@ impl PeerServer {
         let corrupt = std::env::var_os(CORRUPT_SWITCH).is_some_and(|v| v == "1");
         if corrupt {
             tracing::warn!("{CORRUPT_SWITCH}=1: this node sends corrupted chunks to its peers (test switch)");
+        }
+        let corrupt_pushes = std::env::var_os(CORRUPT_PUSHES_SWITCH).is_some_and(|v| v == "1");
+        if corrupt_pushes {
+            tracing::warn!(
+                "{CORRUPT_PUSHES_SWITCH}=1: this node pushes corrupted chunks to its children (test switch)"
+            );
         }
         let lie = std::env::var_os(LIE_SWITCH).is_some_and(|v| v == "1");
         if lie {
@@ -222,6 +233,7 @@ impl PeerServer {
             next_free: Mutex::new(Instant::now()),
             stats: ServerStats::default(),
             corrupt,
+            corrupt_pushes,
             lie,
         })
     }
@@ -314,7 +326,7 @@ impl PeerServer {
         // Pushes wait in a queue of their own, written only while no other frame waits: an
         // asked reply never queues behind runs nobody asked for (an offer is in `rx` before its
         // push is in `pushes`, so it is written first).
-        let (push_tx, mut pushes) = mpsc::channel::<(Frame, Held)>(1);
+        let (push_tx, mut pushes) = mpsc::channel::<push::QueuedPush>(1);
         let writer_gone = Arc::new(tokio::sync::Notify::new());
         let gone = writer_gone.clone();
         let writer = tokio::spawn(async move {
@@ -322,7 +334,10 @@ impl PeerServer {
                 let next = tokio::select! {
                     biased;
                     f = rx.recv() => f,
-                    Some(f) = pushes.recv() => Some(f),
+                    Some(p) = pushes.recv() => match p.still_wanted() {
+                        Some(f) => Some(f),
+                        None => continue,
+                    },
                 };
                 let Some((f, held)) = next else { break };
                 match tokio::time::timeout(WRITE_TIMEOUT, write_frame(&mut wr, &f)).await {
@@ -462,16 +477,16 @@ impl PeerServer {
             None => self.slots.clone().acquire_owned().await.expect("semaphore never closed"),
         };
         self.pace(bytes.len() as u64).await;
-        let bytes = self.maybe_corrupt(bytes);
+        let bytes = self.maybe_corrupt(bytes, false);
         let n = bytes.len() as u64;
         if tx.send((Frame::with_tail(Message::Data { id }, bytes), Some((permit, bytes_held)))).await.is_ok() {
             export.uploaded(n);
         }
     }
 
-    /// `bytes` as sent: corrupted under the test switch.
-    fn maybe_corrupt(&self, bytes: Bytes) -> Bytes {
-        if !self.corrupt {
+    /// `bytes` as sent (`push`: in a push): corrupted under the test switches.
+    fn maybe_corrupt(&self, bytes: Bytes, push: bool) -> Bytes {
+        if !(self.corrupt || (push && self.corrupt_pushes)) {
             return bytes;
         }
         let mut v = bytes.to_vec();

@@ -102,6 +102,9 @@ pub struct Swarm {
     fetcher: std::sync::OnceLock<Weak<crate::fetch::flight::Fetcher>>,
     /// Bytes of pushed runs being verified and stored at once, in KiB: a push past it is dropped.
     push_budget: Arc<tokio::sync::Semaphore>,
+    /// This node's guest or prefetch has begun reading the image: only then does it adopt its
+    /// parents (a node that will not read for a while is not pushed runs it may never need).
+    active: std::sync::atomic::AtomicBool,
     weak: Weak<Swarm>,
 }
 
@@ -137,6 +140,7 @@ impl Swarm {
             places_peak: AtomicU64::new(0),
             fetcher: std::sync::OnceLock::new(),
             push_budget: Arc::new(tokio::sync::Semaphore::new(push::RECEIVE_BUDGET_KIB)),
+            active: std::sync::atomic::AtomicBool::new(false),
             weak: weak.clone(),
         })
     }

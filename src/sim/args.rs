@@ -146,10 +146,10 @@ pub struct SimArgs {
     /// is in (cut-through forwarding)? vmtd does not do this yet; the model is coarse (DESIGN.md).
     #[arg(long)]
     pub cut_through: bool,
-    /// What if a relay pushed each run it obtains (from its parent, the origin or a push) at once
-    /// to its children in that stripe's tree that neither hold it nor fetch it, instead of
-    /// waiting to be asked? vmtd does not do this; the model is coarse (DESIGN.md).
-    #[arg(long)]
+    /// Whether relays push each run they obtain (from their parent, the origin or a push) to
+    /// their children in that stripe's tree that neither hold it nor fetch it, as vmtd does with
+    /// `p2p.push` (its default); `--push false` models `p2p.push = false` (DESIGN.md).
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub push: bool,
     /// Relay runs whose peer state would need more than this are not run (said why instead).
     #[arg(long, default_value = "6GiB")]

@@ -199,7 +199,17 @@ pub(super) struct Node {
     /// nodes that named this one their parent then.
     pub parent_of: Vec<Option<u32>>,
     pub children: Vec<Vec<u32>>,
+    /// `--push`: per child, pushes reserved and not yet sent (at most vmtd's window), and the
+    /// runs waiting for a place among them, oldest first.
+    pub pushes_out: HashMap<u32, PushQueue>,
+    /// Its guest or its prefetch has begun reading: only then does it take a parent to push to
+    /// it (as vmtd's `Adopt`).
+    pub active: bool,
 }
+
+/// `--push`: pushes to one child reserved and not yet sent, and the runs (with the flight that
+/// brings them, cut through) waiting for a place among them, oldest first.
+pub(super) type PushQueue = (u32, VecDeque<(Range<u32>, Option<u32>)>);
 
 /// Counters of one run.
 #[derive(Debug, Default)]
@@ -339,6 +349,8 @@ impl<'a> Sim<'a> {
                     serving: HashSet::new(),
                     parent_of: vec![None; if p.push { p.classes as usize } else { 0 }],
                     children: vec![Vec::new(); if p.push { p.classes as usize } else { 0 }],
+                    pushes_out: HashMap::new(),
+                    active: false,
                     name,
                 }
             })
@@ -457,6 +469,7 @@ impl<'a> Sim<'a> {
             }
             Ev::Prefetch(i) => {
                 if self.nodes[i as usize].alive {
+                    self.activate(i);
                     self.nodes[i as usize].prefetch = self.w.profile_runs.iter().cloned().collect();
                     self.pump_prefetch(i);
                 }
@@ -545,6 +558,7 @@ impl<'a> Sim<'a> {
         if !node.alive || node.done.is_some() {
             return;
         }
+        self.activate(i);
         let Some(burst) = self.w.bursts.get(self.nodes[i as usize].burst) else {
             self.finish(i);
             return;

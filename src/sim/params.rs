@@ -124,8 +124,8 @@ pub struct SimParams {
     /// What if relays passed each chunk on as it arrives (a what-if: vmtd does not yet).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cut_through: bool,
-    /// What if relays pushed each run they obtain down its stripe's tree to the children that
-    /// lack it (a what-if: vmtd does not).
+    /// Whether relays push each run they obtain down its stripe's tree to the children that
+    /// lack it, as vmtd does with `p2p.push` (its default).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub push: bool,
     /// Node i's peer name is this address plus i, port 7000: node keys, and so the trees'

@@ -1,38 +1,47 @@
-//! What if relays pushed (`vmt sim --push`)? vmtd does not: a relay sends a run only when a
-//! child asks for it. Pushing, a node that obtains a run (from its parent, the origin, a push,
-//! for its guest, its prefetch or an asker) sends each of its children in that stripe's tree
-//! at once the chunks of it the child neither holds nor fetches (as runs), so
-//! runs flood down every tree at link rate and every node is "ahead" of its subtree in every
-//! tree, not in one only. Modelled coarsely, to weigh the change before building it:
+//! Relays that push (vmtd's `p2p.push`, on by default; `vmt sim --push false` turns it off): a
+//! node that obtains a run (from its parent, the origin, a push, for its guest, its prefetch or
+//! an asker) sends each of its children in that stripe's tree the chunks of it the child
+//! neither holds nor fetches (as runs), so runs flow down the tree ahead of the guests. As
+//! vmtd's, modelled coarsely:
 //!
 //! - A node's children in tree c are the nodes whose own view made it their parent in c
 //!   (`Selector::parent`) at their last heartbeat, and that hold a session with it (the push
 //!   rides the child's session to its parent: no session is opened for it).
-//! - A push is a reply nobody asked for: it reserves the sender's upload budget (per session and
-//!   node-wide; refused, it is not sent), waits for one of its upload slots (FIFO with replies),
-//!   costs the same CPU at both ends and crosses the sender's up link and the child's down link.
-//!   No request message, so no request latency; one hop's latency on delivery.
+//! - A push is a reply nobody asked for: it reserves the sender's upload budget within half of
+//!   it (`UploadBudget::reserve_push`; refused, it is not sent), waits for one of its upload
+//!   slots (FIFO with replies), costs the same CPU at both ends and crosses the sender's up link
+//!   and the child's down link. No request message, so no request latency; one hop's latency
+//!   on delivery. At most [`PUSH_WINDOW`] pushes to one child wait to be sent; the runs obtained
+//!   meanwhile wait in that child's backlog, oldest first, and are pushed as places free up
+//!   (what the child has come to hold or fetch meanwhile left out).
 //! - At the child the run is in flight from the moment the push is decided: the child's reads
 //!   and its children's requests for those chunks wait for it rather than ask. Once stored, the
 //!   child pushes on. Pushes never go to the origin, so origin egress stays what the pulls need.
 //! - With `--cut-through`, a push starts as soon as the sender's own fetch starts receiving and
-//!   ends no earlier than one chunk time after it (an early reply, `cut.rs`).
+//!   ends no earlier than one chunk time after it (an early reply, `cut.rs`); vmtd does not cut
+//!   through.
 //! - A push lost to a kill leaves its chunks to an ordinary fetch if a read, a prefetch or an
 //!   asking child waits on them; pushes on to the node's own children only fail with it.
 //!
-//! Not modelled: the parent knows at once which nodes take it as their parent and what each
-//! holds and fetches (vmtd's would learn it from messages: a child saying so, and have-maps up
-//! to 250 ms old, so it could push what a child is already fetching elsewhere); a child that lacks a run but will never read it still gets it (with one image
-//! and no profile every node reads the same working set, so nothing is wasted; with a profile,
-//! its prefetch asks for the same runs anyway); no prioritisation of asked replies over pushes;
-//! the children list is a snapshot per heartbeat (a parent that fails between two is still
-//! pushed to from above).
+//! Where vmtd differs: its parent knows at once which nodes take it as their parent (they say
+//! so with `Adopt` when their view changes) and learns what a child holds from the `Adopt`'s
+//! have-map and what it asks for, not what it fetches elsewhere (so it may push a run a child
+//! is fetching from the origin after a refusal, a duplicate the model leaves out); its session
+//! writer sends a push only when no asked reply waits (here they share the links); a push that
+//! finds no room waits for it there and is dropped here. A child that lacks a run but will never
+//! read it still gets it (with one image and no profile every node reads the same working set,
+//! so nothing is wasted; with a profile, its prefetch asks for the same runs anyway); the
+//! children list is a snapshot per heartbeat (a parent that fails between two is still pushed
+//! to from above).
 
 use std::ops::Range;
 
 use super::engine::{Req, Sim, Wait, Want};
 use crate::fetch::flight::runs;
 use crate::p2p::core::tree::class_of;
+
+/// Pushes one node has reserved and not yet sent to one child, as vmtd's `PUSH_WINDOW`.
+const PUSH_WINDOW: u32 = 2;
 
 /// Pushes' serials (a request's serial is its number, far below).
 const PUSH_SERIAL: u64 = 1 << 62;
@@ -48,16 +57,30 @@ impl Sim<'_> {
         self.p.push && self.strategy.relays()
     }
 
-    /// Node `i`'s parent in each tree as its view gives it now; the children lists follow.
+    /// Node `i` begins reading (its guest or its prefetch): it takes its parents now.
+    pub(super) fn activate(&mut self, i: u32) {
+        if !std::mem::replace(&mut self.nodes[i as usize].active, true) {
+            self.refresh_parents(i);
+        }
+    }
+
+    /// Node `i`'s parent in each tree as its view gives it now (none before it is active); the
+    /// children lists follow.
     pub(super) fn refresh_parents(&mut self, i: u32) {
         if !self.pushes() {
             return;
         }
+        let active = self.nodes[i as usize].active;
         let now = self.instant();
         for c in 0..self.p.classes {
             // Stripe c is of class c.
             let chunk = c * self.w.stripe_chunks;
-            let name = self.nodes[i as usize].sel.as_ref().and_then(|s| s.parent(chunk, now)).map(str::to_string);
+            let name = self.nodes[i as usize]
+                .sel
+                .as_ref()
+                .filter(|_| active)
+                .and_then(|s| s.parent(chunk, now))
+                .map(str::to_string);
             let parent = name.and_then(|n| self.index(&n));
             let c = c as usize;
             let old = self.nodes[i as usize].parent_of[c];
@@ -85,30 +108,76 @@ impl Sim<'_> {
             return;
         }
         let c = class_of(run.start / self.w.stripe_chunks, self.p.classes) as usize;
-        let mut todo: Vec<(u32, Range<u32>)> = Vec::new();
-        for &j in &n.children[c] {
-            let k = &self.nodes[j as usize];
-            if !k.alive || !k.sessions_out.contains(&i) || k.parent_of[c] != Some(i) {
-                continue;
-            }
-            let lacks: Vec<(u32, ())> =
-                run.clone().filter(|x| !k.cache.contains(*x) && !k.inflight.contains_key(x)).map(|x| (x, ())).collect();
-            for part in runs(lacks, u32::MAX, None) {
-                todo.push((j, part[0].0..part[part.len() - 1].0 + 1));
-            }
-        }
-        for (j, r) in todo {
-            self.push_to(i, j, r, from);
+        let children = n.children[c].clone();
+        for j in children {
+            // As vmtd's: the run joins the session's backlog, pushed as places free up.
+            self.nodes[i as usize].pushes_out.entry(j).or_default().1.push_back((run.clone(), from));
+            self.pump(i, j);
         }
     }
 
-    /// Node `i` pushes `run` to its child `j` (cut through: while its flight `from` arrives).
-    fn push_to(&mut self, i: u32, j: u32, run: Range<u32>, from: Option<u32>) {
+    /// The runs of `run`'s chunks that child `j` of node `i` in tree `c` neither holds nor
+    /// fetches (none if it is no longer `i`'s child there or holds no session with it).
+    fn lacks(&self, i: u32, j: u32, c: usize, run: Range<u32>) -> Vec<Range<u32>> {
+        let k = &self.nodes[j as usize];
+        if !k.alive || !k.sessions_out.contains(&i) || k.parent_of[c] != Some(i) {
+            return Vec::new();
+        }
+        let lacks: Vec<(u32, ())> =
+            run.filter(|x| !k.cache.contains(*x) && !k.inflight.contains_key(x)).map(|x| (x, ())).collect();
+        runs(lacks, u32::MAX, None).into_iter().map(|part| part[0].0..part[part.len() - 1].0 + 1).collect()
+    }
+
+    /// A push of node `i` to `j` was sent (or dropped): the next runs of `j`'s backlog take its
+    /// place.
+    pub(super) fn push_done(&mut self, i: u32, j: u32) {
+        if let Some(w) = self.nodes[i as usize].pushes_out.get_mut(&j) {
+            w.0 = w.0.saturating_sub(1);
+        }
+        self.pump(i, j);
+    }
+
+    /// Pushes the oldest runs of `j`'s backlog at `i` while fewer than [`PUSH_WINDOW`] pushes to
+    /// it wait to be sent.
+    fn pump(&mut self, i: u32, j: u32) {
+        loop {
+            let n = &mut self.nodes[i as usize];
+            if !n.alive {
+                return;
+            }
+            let Some(w) = n.pushes_out.get_mut(&j).filter(|w| w.0 < PUSH_WINDOW) else { return };
+            let Some((run, from)) = w.1.pop_front() else { return };
+            let c = class_of(run.start / self.w.stripe_chunks, self.p.classes) as usize;
+            // A run that waited may outlive its flight, whose slot a later flight then holds.
+            let from = from.filter(|&g| {
+                self.flights.get(g).is_some_and(|fl| fl.node == i && fl.run.start <= run.start && run.end <= fl.run.end)
+            });
+            let mut parts = self.lacks(i, j, c, run.clone()).into_iter();
+            while let Some(part) = parts.next() {
+                if !self.push_to(i, j, part.clone(), from) {
+                    // No room in the budget: dropped, as vmtd's would wait (the child asks).
+                    continue;
+                }
+                let w = self.nodes[i as usize].pushes_out.entry(j).or_default();
+                if w.0 >= PUSH_WINDOW {
+                    if let Some(next) = parts.next() {
+                        w.1.push_front((next.start..run.end, from));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Node `i` pushes `run` to its child `j` (cut through: while its flight `from` arrives);
+    /// false when its budget has no room.
+    fn push_to(&mut self, i: u32, j: u32, run: Range<u32>, from: Option<u32>) -> bool {
         let bytes = u64::from(run.end - run.start) * self.p.chunk_size;
         let Some(reserved) = self.reserve_upload(i, j, bytes, true) else {
             self.c.pushes_refused += 1;
-            return;
+            return false;
         };
+        self.nodes[i as usize].pushes_out.entry(j).or_default().0 += 1;
         self.c.pushes += 1;
         self.c.push_bytes += bytes;
         let f = self.new_flight(j, run.clone(), true);
@@ -126,6 +195,7 @@ impl Sim<'_> {
             }
         }
         self.want_slot(r);
+        true
     }
 
     /// The push feeding flight `f` broke (its sender was killed, or its own fetch failed): what

@@ -235,7 +235,7 @@ impl Sim<'_> {
     /// Gives back what request `r` holds at its server (slot, reserved bytes, queue place).
     pub(super) fn release(&mut self, r: u32) {
         let Some(q) = self.reqs.get_mut(r) else { return };
-        let (i, j, reserved, slot) = (q.client, q.server, q.reserved, q.slot);
+        let (i, j, reserved, slot, q_serial) = (q.client, q.server, q.reserved, q.slot, q.serial);
         q.reserved = 0;
         q.slot = false;
         let n = &mut self.nodes[j as usize];
@@ -247,12 +247,16 @@ impl Sim<'_> {
             s.0 = s.0.saturating_sub(reserved);
             s.1 = s.1.saturating_sub(1);
         }
+        let push = super::push::is_push(q_serial);
         if slot {
             n.slots_free += 1;
             debug_assert!(n.slots_free <= self.p.upload_slots, "a slot given back twice");
             if let Some(next) = n.slot_queue.pop_front() {
                 self.want_slot(next);
             }
+        }
+        if push && reserved > 0 {
+            self.push_done(j, i);
         }
     }
 

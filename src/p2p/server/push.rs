@@ -60,11 +60,36 @@ impl Pushing {
     }
 }
 
+/// A push waiting for its session's writer.
+pub(super) struct QueuedPush {
+    frame: Frame,
+    held: Held,
+    adoption: Arc<Mutex<Adoption>>,
+    run: Range<u32>,
+    server: Arc<PeerServer>,
+    export: Arc<dyn PeerExport>,
+}
+
+impl QueuedPush {
+    /// The frame to write and what it holds, unless the peer has asked for the whole run on the
+    /// session since it was offered: it asked before the offer reached it (so it waits on no
+    /// chunk of it), and its reply carries the bytes.
+    pub(super) fn still_wanted(self) -> Option<(Frame, Held)> {
+        if self.adoption.lock().unwrap().asked.contains_range(self.run.clone()) {
+            self.server.stats.pushes_skipped.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        self.server.stats.pushes.fetch_add(1, Ordering::Relaxed);
+        self.export.uploaded(self.frame.tail.len() as u64);
+        Some((self.frame, self.held))
+    }
+}
+
 /// What a session lends its pushes: its frame queue and its share of the budget and queue.
 pub(super) struct SessionQueue {
     pub tx: mpsc::Sender<(Frame, Held)>,
     /// The writer's queue of pushes, taken only while `tx` has nothing.
-    pub push_tx: mpsc::Sender<(Frame, Held)>,
+    pub push_tx: mpsc::Sender<QueuedPush>,
     /// Pushes offered and not yet handed to the writer (at most [`PUSH_WINDOW`]), and a wake-up
     /// when one is.
     pub pushing: Arc<AtomicUsize>,
@@ -266,18 +291,12 @@ impl PeerServer {
         tokio::spawn(async move {
             let (_slot, _window) = (slot, window);
             let permit = me.slots.clone().acquire_owned().await.expect("semaphore never closed");
-            // Asked for wholly since it was offered: the peer asked before the offer reached it
-            // (it waits on no chunk of it then), and its reply carries the bytes.
-            if adoption.lock().unwrap().asked.contains_range(first..first + count) {
-                me.stats.pushes_skipped.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
             me.pace(len).await;
-            let bytes = me.maybe_corrupt(bytes);
-            me.stats.pushes.fetch_add(1, Ordering::Relaxed);
-            if tx.send((Frame::with_tail(Message::Push { first, count }, bytes), Some((permit, held)))).await.is_ok() {
-                export.uploaded(len);
-            }
+            let bytes = me.maybe_corrupt(bytes, true);
+            let frame = Frame::with_tail(Message::Push { first, count }, bytes);
+            let run = first..first + count;
+            let push = QueuedPush { frame, held: Some((permit, held)), adoption, run, server: me.clone(), export };
+            let _ = tx.send(push).await;
         });
         Pushed::Sent
     }

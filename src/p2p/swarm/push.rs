@@ -35,6 +35,14 @@ impl Swarm {
         self.tuning.push
     }
 
+    /// This node's guest or prefetch reads the image: from now on it adopts its parents (at
+    /// once, so that what they obtain next is pushed here). Cheap after the first call.
+    pub fn activate(&self) {
+        if self.tuning.push && !self.active.swap(true, Ordering::Relaxed) {
+            self.adopt_parents();
+        }
+    }
+
     /// The tree (class) of the stripe holding `chunk`.
     pub fn class(&self, chunk: u32) -> u32 {
         self.selector.lock().unwrap().class(chunk)
@@ -60,7 +68,7 @@ impl Swarm {
             conns.values().filter_map(|s| s.try_lock().ok().and_then(|g| g.clone())).collect()
         };
         let mut parents: HashMap<String, Vec<u32>> = HashMap::new();
-        for (class, node) in self.selector.lock().unwrap().parents(Instant::now()) {
+        for (class, node) in self.parents() {
             parents.entry(node).or_default().push(class);
         }
         for conn in open.iter().filter(|c| !c.is_closed()) {
@@ -74,9 +82,16 @@ impl Swarm {
         if !self.tuning.push {
             return;
         }
-        let parents = self.selector.lock().unwrap().parents(Instant::now());
-        let classes = parents.into_iter().filter(|(_, n)| n == conn.node()).map(|(c, _)| c).collect();
+        let classes = self.parents().into_iter().filter(|(_, n)| n == conn.node()).map(|(c, _)| c).collect();
         conn.adopt(classes, || self.have());
+    }
+
+    /// This node's parent in each tree, once it is active (none before).
+    fn parents(&self) -> Vec<(u32, String)> {
+        if !self.active.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
+        self.selector.lock().unwrap().parents(Instant::now())
     }
 
     fn have(&self) -> roaring::RoaringBitmap {
