@@ -328,8 +328,8 @@ pub struct NodeP2pStatus {
     /// pushes to them).
     #[serde(default)]
     pub children: u64,
-    /// Runs pushed to children since start, and runs not pushed (no room in the reply budget,
-    /// or asked for meanwhile).
+    /// Runs pushed to children since start, and runs not pushed (asked for on the session after
+    /// their offer, or gone from the cache before they could be offered).
     #[serde(default)]
     pub pushes: u64,
     #[serde(default)]

@@ -474,7 +474,7 @@ impl PeerExport for Image {
         Some(Box::new(self.swarm.as_ref()?.admit_inbound()?))
     }
 
-    fn obtained(&self) -> Option<tokio::sync::broadcast::Receiver<Arc<crate::fetch::flight::RunData>>> {
+    fn obtained(&self) -> Option<tokio::sync::broadcast::Receiver<crate::fetch::flight::Obtained>> {
         self.swarm.as_ref().filter(|s| s.pushes()).map(|_| self.fetcher.obtained())
     }
 

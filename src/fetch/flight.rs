@@ -167,12 +167,27 @@ pub struct Fetcher {
     /// Upstream slots: guest and relay runs are urgent, prefetch stands back (see `slots`).
     upstream: Slots,
     stats: FetchStats,
-    obtained: tokio::sync::broadcast::Sender<Arc<RunData>>,
+    obtained: tokio::sync::broadcast::Sender<Obtained>,
+}
+
+/// A run this node obtained, verified: its chunks, and its bytes while anything still holds
+/// them (the ring of announcements pins no memory; once gone, they are in the cache).
+#[derive(Debug, Clone)]
+pub struct Obtained {
+    pub chunks: Range<u32>,
+    pub data: std::sync::Weak<RunData>,
 }
 
 /// Chunks a peer offered to push, in flight here until [`Fetcher::deliver`] gets their bytes;
 /// dropped undelivered, their waiters fetch them themselves.
 pub struct Offered(Claim);
+
+impl Offered {
+    /// The chunks the offer took (those it found neither present nor in flight).
+    pub fn chunks(&self) -> impl Iterator<Item = u32> + '_ {
+        self.0.run.iter().map(|(i, _)| *i)
+    }
+}
 
 impl Fetcher {
     pub fn new(
@@ -214,7 +229,7 @@ impl Fetcher {
 
     /// Every run this node obtains from now on, fetched or pushed, once verified (a subscriber
     /// that falls [`OBTAINED_BACKLOG`] runs behind misses the oldest).
-    pub fn obtained(&self) -> tokio::sync::broadcast::Receiver<Arc<RunData>> {
+    pub fn obtained(&self) -> tokio::sync::broadcast::Receiver<Obtained> {
         self.obtained.subscribe()
     }
 
@@ -399,7 +414,7 @@ impl Fetcher {
         }
         if verified.iter().all(|v| *v) {
             // Nobody subscribed is no error.
-            let _ = self.obtained.send(run_data.clone());
+            let _ = self.obtained.send(Obtained { chunks: run_data.chunks.clone(), data: Arc::downgrade(&run_data) });
         }
         // One write per stretch of adjacent verified chunks (a pushed run's claim may have gaps).
         let mut k = 0;

@@ -27,6 +27,13 @@ use super::wire::{Bytes32, Frame, Message};
 use crate::fetch::flight::Offered;
 use crate::fetch::BoxFuture;
 
+/// Longest wait for the push of an offered run, however chatty its session: past it the offer
+/// is dropped and its readers fetch the chunks (as `peer_timeout` bounds a request's wait).
+pub const OFFER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most offers of one session waiting for their pushes; further ones are ignored (their pushes
+/// dropped). A parent has two at a time.
+const MAX_OFFERS: usize = 16;
+
 /// Where the runs a peer pushes go (the image's swarm).
 pub trait PushSink: Send + Sync + 'static {
     /// `from` offers to push `run`: the chunks of it this node lacks and fetches from nowhere
@@ -134,8 +141,8 @@ impl PeerConn {
             // Silence counts from the last frame, or from when a request found the session
             // quiet; the frame itself must then keep arriving (no `stall` between its bytes).
             let mut heard = tokio::time::Instant::now();
-            // Runs the peer offered, by first chunk, until their bytes come.
-            let mut offers: HashMap<u32, (u32, Offered)> = HashMap::new();
+            // Runs the peer offered, by first chunk, until their bytes come or their time is up.
+            let mut offers: HashMap<u32, (u32, Offered, tokio::time::Instant)> = HashMap::new();
             let why = loop {
                 let waiting = !me.pending.lock().unwrap().is_empty() || !offers.is_empty();
                 let ready = tokio::select! {
@@ -156,6 +163,14 @@ impl PeerConn {
                         continue;
                     }
                     _ = me.stop.notified() => Err("closed by this node".to_string()),
+                    _ = tokio::time::sleep_until(
+                        offers.values().map(|o| o.2).min().unwrap_or_else(|| heard + OFFER_TIMEOUT)
+                    ), if !offers.is_empty() => {
+                        // Its readers fetch the chunks.
+                        let now = tokio::time::Instant::now();
+                        offers.retain(|_, o| o.2 > now);
+                        continue;
+                    }
                 };
                 if let Err(why) = ready {
                     break why;
@@ -188,14 +203,17 @@ impl PeerConn {
                         if count == 0 || run.end > chunks || offers.contains_key(&first) {
                             break format!("bad offer of chunks {first}+{count}");
                         }
+                        if offers.len() >= MAX_OFFERS {
+                            continue;
+                        }
                         if let Some(o) = sink.upgrade().and_then(|s| s.offered(&me.node, run)) {
-                            offers.insert(first, (count, o));
+                            offers.insert(first, (count, o, tokio::time::Instant::now() + OFFER_TIMEOUT));
                         }
                         continue;
                     }
                     Message::Push { first, count } => {
                         // A push nobody here waits for (nothing of it was wanted) is dropped.
-                        let Some((offered_count, offered)) = offers.remove(&first) else { continue };
+                        let Some((offered_count, offered, _)) = offers.remove(&first) else { continue };
                         if offered_count != count {
                             break format!("push of chunks {first}+{count} does not match its offer");
                         }

@@ -29,7 +29,7 @@ use super::auth::ClusterKey;
 use super::conn::{read_frame_within, server_handshake, write_frame, ConnError, MAX_HANDSHAKES, SMALL_FRAME};
 use super::core::upload::UploadBudget;
 use super::wire::{Bytes32, Frame, Message, MAX_TAIL};
-use crate::fetch::flight::RunData;
+use crate::fetch::flight::Obtained;
 use crate::fetch::BoxFuture;
 
 mod push;
@@ -90,7 +90,7 @@ pub trait PeerExport: Send + Sync + 'static {
     /// the image has its most sessions already (the peer reads elsewhere).
     fn admit_session(&self) -> Option<Box<dyn Send>>;
     /// Every run this node obtains from now on, if it pushes them to its children.
-    fn obtained(&self) -> Option<tokio::sync::broadcast::Receiver<Arc<RunData>>>;
+    fn obtained(&self) -> Option<tokio::sync::broadcast::Receiver<Obtained>>;
     /// The trees among `classes` in which `child` may take this node as its parent (those in
     /// which this node ranks above it).
     fn adopted_by(&self, child: &str, classes: &[u32]) -> Vec<u32>;
@@ -141,8 +141,8 @@ pub struct ServerStats {
     pub buffered_peak: AtomicU64,
     /// Sessions whose peer takes this node as its parent in some tree, now.
     pub children: AtomicU64,
-    /// Runs pushed to children, and runs not pushed (no room in the budget, or asked for
-    /// meanwhile).
+    /// Runs pushed to children, and runs not pushed (asked for after their offer, or gone from
+    /// the cache before they could be offered).
     pub pushes: AtomicU64,
     pub pushes_skipped: AtomicU64,
 }
@@ -153,6 +153,8 @@ struct Reservation {
     server: Arc<PeerServer>,
     session: Arc<AtomicU64>,
     bytes: u64,
+    /// A push's place in its session's window, given back with the bytes.
+    window: Option<push::Window>,
 }
 
 impl Drop for Reservation {
@@ -163,8 +165,9 @@ impl Drop for Reservation {
     }
 }
 
-/// What a frame on its way out holds until it is written: a reply's upload slot and bytes.
-type Held = Option<(OwnedSemaphorePermit, Reservation)>;
+/// What a frame on its way out holds until it is written: a reply's upload slot and bytes (a
+/// push takes no slot).
+type Held = Option<(Option<OwnedSemaphorePermit>, Reservation)>;
 
 /// Counts a session as open while it lives.
 struct Open(Arc<PeerServer>);
@@ -334,7 +337,7 @@ impl PeerServer {
                 let next = tokio::select! {
                     biased;
                     f = rx.recv() => f,
-                    Some(p) = pushes.recv() => match p.still_wanted() {
+                    Some(p) = pushes.recv() => match p.ready().await {
                         Some(f) => Some(f),
                         None => continue,
                     },
@@ -444,7 +447,7 @@ impl PeerServer {
         reserved.fetch_add(bytes, Ordering::Relaxed);
         let now = self.stats.buffered.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.stats.buffered_peak.fetch_max(now, Ordering::Relaxed);
-        Reservation { server: self.clone(), session: reserved.clone(), bytes }
+        Reservation { server: self.clone(), session: reserved.clone(), bytes, window: None }
     }
 
     async fn reply(
@@ -479,7 +482,7 @@ impl PeerServer {
         self.pace(bytes.len() as u64).await;
         let bytes = self.maybe_corrupt(bytes, false);
         let n = bytes.len() as u64;
-        if tx.send((Frame::with_tail(Message::Data { id }, bytes), Some((permit, bytes_held)))).await.is_ok() {
+        if tx.send((Frame::with_tail(Message::Data { id }, bytes), Some((Some(permit), bytes_held)))).await.is_ok() {
             export.uploaded(n);
         }
     }

@@ -2,14 +2,17 @@
 //! (`Adopt`) gets every run this node obtains in those trees' stripes, less what the peer holds
 //! (its have-map with the `Adopt`) or asked for on this session, as `Offer` and then `Push`.
 //!
-//! Invariants: a push is a reply nobody asked for and ranks below asked ones: it reserves its
-//! bytes from the node's budget only while half of it is free ([`UploadBudget::reserve_push`],
-//! never waiting: a push that finds no room is not offered, and the child asks when it needs
-//! the run), and only while the session has fewer than [`PUSH_WINDOW`] pushes waiting; it then
-//! takes an upload slot and the rate cap's turn like a reply, and is written only when no other
-//! frame of the session waits. A node pushes only
-//! down its trees (to a peer it ranks above in the run's tree, see `Swarm::adopted_by`), so
-//! pushes never loop. Every offer is followed by its push unless the session ends.
+//! Invariants: a push is a reply nobody asked for and ranks below asked ones. It is offered only
+//! while the session has fewer than [`PUSH_WINDOW`] pushes offered and not yet written, and only
+//! with its bytes reserved from the node's budget within half of it
+//! ([`UploadBudget::reserve_push`], never waiting); runs that find no place wait in the
+//! session's backlog (at most [`MAX_BACKLOG`] runs, the oldest dropped: the child asks for what
+//! it needs). It takes no upload slot (the window bounds pushes per session, the budget their
+//! bytes), and the session's writer sends it, in its turn under the rate cap, only when no
+//! other frame of the session waits. A node pushes only down its trees (to a peer it ranks
+//! above in the run's tree, see `Swarm::adopted_by`), so pushes never loop. An offer is
+//! followed by its push unless the peer asked for the whole run on the session meanwhile (its
+//! reply carries it) or the session ends; the peer gives up on an offer that does not come.
 //!
 //! [`UploadBudget::reserve_push`]: crate::p2p::core::upload::UploadBudget::reserve_push
 
@@ -22,7 +25,7 @@ use roaring::RoaringBitmap;
 use tokio::sync::{broadcast, mpsc};
 
 use super::{AbortOnDrop, Held, PeerExport, PeerServer, Queued, Reservation};
-use crate::fetch::flight::RunData;
+use crate::fetch::flight::{runs, Obtained, RunData};
 use crate::p2p::wire::{Frame, Message};
 
 /// What a session's peer took this node as: its parent in `classes`, holding `known`.
@@ -63,7 +66,8 @@ impl Pushing {
 /// A push waiting for its session's writer.
 pub(super) struct QueuedPush {
     frame: Frame,
-    held: Held,
+    /// Its bytes in the budget and its place in the session's window, until written.
+    held: Reservation,
     adoption: Arc<Mutex<Adoption>>,
     run: Range<u32>,
     server: Arc<PeerServer>,
@@ -71,27 +75,30 @@ pub(super) struct QueuedPush {
 }
 
 impl QueuedPush {
-    /// The frame to write and what it holds, unless the peer has asked for the whole run on the
-    /// session since it was offered: it asked before the offer reached it (so it waits on no
-    /// chunk of it), and its reply carries the bytes.
-    pub(super) fn still_wanted(self) -> Option<(Frame, Held)> {
+    /// The frame to write now and what it holds, after its turn under the rate cap; `None` when
+    /// the peer has asked for the whole run on the session since it was offered: it asked
+    /// before the offer reached it (so it waits on no chunk of it), and its reply carries the
+    /// bytes.
+    pub(super) async fn ready(self) -> Option<(Frame, Held)> {
         if self.adoption.lock().unwrap().asked.contains_range(self.run.clone()) {
             self.server.stats.pushes_skipped.fetch_add(1, Ordering::Relaxed);
             return None;
         }
+        let len = self.frame.tail.len() as u64;
+        self.server.pace(len).await;
         self.server.stats.pushes.fetch_add(1, Ordering::Relaxed);
-        self.export.uploaded(self.frame.tail.len() as u64);
-        Some((self.frame, self.held))
+        self.export.uploaded(len);
+        Some((self.frame, Some((None, self.held))))
     }
 }
 
 /// What a session lends its pushes: its frame queue and its share of the budget and queue.
+#[derive(Clone)]
 pub(super) struct SessionQueue {
     pub tx: mpsc::Sender<(Frame, Held)>,
     /// The writer's queue of pushes, taken only while `tx` has nothing.
     pub push_tx: mpsc::Sender<QueuedPush>,
-    /// Pushes offered and not yet handed to the writer (at most [`PUSH_WINDOW`]), and a wake-up
-    /// when one is.
+    /// Pushes offered and not yet written (at most [`PUSH_WINDOW`]), and a wake-up when one is.
     pub pushing: Arc<AtomicUsize>,
     pub freed: Arc<tokio::sync::Notify>,
     pub reserved: Arc<AtomicU64>,
@@ -99,11 +106,13 @@ pub(super) struct SessionQueue {
     pub requested: Arc<tokio::sync::Notify>,
 }
 
-/// Pushes one session may have offered and not yet handed to its writer: runs obtained while
-/// that many wait queue in the session's backlog, not offered (the child asks for one when it
-/// needs it first). Pushes then fill the link's idle time instead of queueing up in front of
-/// the runs the child's guest asks for.
+/// Pushes one session may have offered and not yet written: runs obtained while that many wait
+/// queue in the session's backlog, not offered (the child asks for one when it needs it
+/// first). Pushes then fill the link's idle time instead of queueing up in front of the runs
+/// the child's guest asks for.
 const PUSH_WINDOW: usize = 2;
+/// Most runs waiting in one session's backlog; past it the oldest is dropped.
+const MAX_BACKLOG: usize = 1024;
 
 /// Runs at the back of a session's backlog that keep their bytes (the others are read back from
 /// the cache when their turn comes).
@@ -121,9 +130,9 @@ enum Pushed {
     Closed,
 }
 
-/// Takes one push off its session's window when it is handed to the writer or dropped, and
-/// wakes the session's pusher.
-struct Window(Arc<AtomicUsize>, Arc<tokio::sync::Notify>);
+/// Takes one push off its session's window when it is written or dropped, and wakes the
+/// session's pusher.
+pub(super) struct Window(Arc<AtomicUsize>, Arc<tokio::sync::Notify>);
 
 impl Drop for Window {
     fn drop(&mut self) {
@@ -153,10 +162,15 @@ impl PeerServer {
         if classes.len() > 1024 {
             return Err(format!("adoption in {} trees", classes.len()));
         }
+        let classes = export.adopted_by(child, &classes);
+        if pushing.as_ref().is_some_and(|p| p.adoption.lock().unwrap().classes == classes) {
+            // Nothing changes (a peer's own vmtd sends an adoption only when it does): its map
+            // is not decoded again.
+            return Ok(());
+        }
         let Some(have) = crate::p2p::peer::decode_have(have, export.chunks()) else {
             return Err("malformed have-map in an adoption".into());
         };
-        let classes = export.adopted_by(child, &classes);
         if let Some(p) = pushing {
             let mut a = p.adoption.lock().unwrap();
             match (a.classes.is_empty(), classes.is_empty()) {
@@ -185,7 +199,7 @@ impl PeerServer {
         self: Arc<Self>,
         export: Arc<dyn PeerExport>,
         adoption: Arc<Mutex<Adoption>>,
-        mut obtained: broadcast::Receiver<Arc<RunData>>,
+        mut obtained: broadcast::Receiver<Obtained>,
         queue: SessionQueue,
     ) {
         // Runs to push, oldest first; the newest few keep their bytes, the others are read back
@@ -197,9 +211,12 @@ impl PeerServer {
                 r = obtained.recv() => match r {
                     Ok(run) => {
                         if adoption.lock().unwrap().classes.contains(&export.class(run.chunks.start)) {
-                            backlog.push_back((run.chunks.clone(), Some(run)));
+                            backlog.push_back((run.chunks.clone(), run.data.upgrade()));
                             if let Some(k) = backlog.len().checked_sub(KEPT_BYTES + 1) {
                                 backlog[k].1 = None;
+                            }
+                            if backlog.len() > MAX_BACKLOG {
+                                backlog.pop_front();
                             }
                         }
                     }
@@ -213,21 +230,22 @@ impl PeerServer {
             blocked = false;
             while queue.pushing.load(Ordering::Relaxed) < PUSH_WINDOW {
                 let Some((chunks, data)) = backlog.pop_front() else { break };
-                let wanted = {
+                let wanted: Vec<(u32, ())> = {
                     let a = adoption.lock().unwrap();
-                    let mut w = RoaringBitmap::new();
-                    w.insert_range(chunks.clone());
-                    w - &a.known
+                    // A tree no longer adopted: its runs are not pushed.
+                    if !a.classes.contains(&export.class(chunks.start)) {
+                        continue;
+                    }
+                    chunks.clone().filter(|c| !a.known.contains(*c)).map(|c| (c, ())).collect()
                 };
-                let mut pieces = stretches(&wanted).into_iter();
+                let mut pieces = runs(wanted, u32::MAX, None).into_iter().map(|r| r[0].0..r[r.len() - 1].0 + 1);
                 while let Some(piece) = pieces.next() {
-                    match self.push(&export, &adoption, (&chunks, data.as_ref()), piece.clone(), &queue).await {
+                    match self.push(&export, &adoption, data.as_ref(), piece.clone(), &queue).await {
                         Pushed::Sent => {}
                         Pushed::Closed => return,
                         Pushed::NoRoom => {
                             // The rest of this run waits for room, at the front.
-                            let rest = piece.start..chunks.end;
-                            backlog.push_front((rest, data.clone()));
+                            backlog.push_front((piece.start..chunks.end, data.clone()));
                             blocked = true;
                             break;
                         }
@@ -246,26 +264,22 @@ impl PeerServer {
         }
     }
 
-    /// Offers `piece` of `chunks` (whose bytes `data` may hold) and sends it once it has a slot.
+    /// Offers `piece` (whose bytes the obtained run `data` may hold) and hands it to the writer.
     async fn push(
         self: &Arc<Self>,
         export: &Arc<dyn PeerExport>,
         adoption: &Arc<Mutex<Adoption>>,
-        (chunks, data): (&Range<u32>, Option<&Arc<RunData>>),
+        data: Option<&Arc<RunData>>,
         piece: Range<u32>,
         queue: &SessionQueue,
     ) -> Pushed {
         let Some(len) = export.run_len(piece.clone()) else { return Pushed::Sent };
-        let skip = if piece.start > chunks.start { export.run_len(chunks.start..piece.start) } else { Some(0) };
-        let held_bytes = data.zip(skip).and_then(|(d, skip)| {
-            let range = skip as usize..(skip + len) as usize;
-            d.bytes.get(range.clone()).map(|_| d.bytes.slice(range))
-        });
-        let Some(held) = self.reserve_push(len, &queue.reserved, queue.queued.load(Ordering::Relaxed)) else {
+        let held_bytes = data.and_then(|d| piece_bytes(d, piece.clone(), |r| export.run_len(r)));
+        let Some(mut held) = self.reserve_push(len, &queue.reserved, queue.queued.load(Ordering::Relaxed)) else {
             return Pushed::NoRoom;
         };
         queue.pushing.fetch_add(1, Ordering::Relaxed);
-        let window = Window(queue.pushing.clone(), queue.freed.clone());
+        held.window = Some(Window(queue.pushing.clone(), queue.freed.clone()));
         adoption.lock().unwrap().known.insert_range(piece.clone());
         if queue.queued.fetch_add(1, Ordering::Relaxed) == 0 {
             queue.requested.notify_one();
@@ -286,16 +300,19 @@ impl PeerServer {
         if queue.tx.send((Frame::new(Message::Offer { first, count }), None)).await.is_err() {
             return Pushed::Closed;
         }
-        let (me, export, tx) = (self.clone(), export.clone(), queue.push_tx.clone());
-        let adoption = adoption.clone();
+        let frame = Frame::with_tail(Message::Push { first, count }, self.maybe_corrupt(bytes, true));
+        let push = QueuedPush {
+            frame,
+            held,
+            adoption: adoption.clone(),
+            run: piece,
+            server: self.clone(),
+            export: export.clone(),
+        };
+        let tx = queue.push_tx.clone();
         tokio::spawn(async move {
-            let (_slot, _window) = (slot, window);
-            let permit = me.slots.clone().acquire_owned().await.expect("semaphore never closed");
-            me.pace(len).await;
-            let bytes = me.maybe_corrupt(bytes, true);
-            let frame = Frame::with_tail(Message::Push { first, count }, bytes);
-            let run = first..first + count;
-            let push = QueuedPush { frame, held: Some((permit, held)), adoption, run, server: me.clone(), export };
+            // Counted among the session's requests in progress (pings go on) until handed over.
+            let _slot = slot;
             let _ = tx.send(push).await;
         });
         Pushed::Sent
@@ -308,30 +325,17 @@ impl PeerServer {
     }
 }
 
-impl Clone for SessionQueue {
-    fn clone(&self) -> SessionQueue {
-        SessionQueue {
-            tx: self.tx.clone(),
-            push_tx: self.push_tx.clone(),
-            pushing: self.pushing.clone(),
-            freed: self.freed.clone(),
-            reserved: self.reserved.clone(),
-            queued: self.queued.clone(),
-            requested: self.requested.clone(),
-        }
+/// The bytes of `piece` within the obtained run `data`, if it holds them all. The backlog may
+/// have cut the run since (a piece sent, the rest put back): its bytes still start at its first
+/// chunk, whatever the entry's range now says.
+fn piece_bytes(data: &RunData, piece: Range<u32>, run_len: impl Fn(Range<u32>) -> Option<u64>) -> Option<bytes::Bytes> {
+    if piece.is_empty() || piece.start < data.chunks.start || piece.end > data.chunks.end {
+        return None;
     }
-}
-
-/// The runs of adjacent chunks in `map`.
-fn stretches(map: &RoaringBitmap) -> Vec<Range<u32>> {
-    let mut out: Vec<Range<u32>> = Vec::new();
-    for c in map {
-        match out.last_mut() {
-            Some(r) if r.end == c => r.end += 1,
-            _ => out.push(c..c + 1),
-        }
-    }
-    out
+    let skip = if piece.start > data.chunks.start { run_len(data.chunks.start..piece.start)? } else { 0 };
+    let range = skip as usize..skip.checked_add(run_len(piece)?)? as usize;
+    data.bytes.get(range.clone())?;
+    Some(data.bytes.slice(range))
 }
 
 #[cfg(test)]
@@ -339,10 +343,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stretches_are_runs_of_adjacent_chunks() {
-        let map: RoaringBitmap = [1, 2, 3, 7, 9, 10].into_iter().collect();
-        assert_eq!(stretches(&map), vec![1..4, 7..8, 9..11]);
-        assert!(stretches(&RoaringBitmap::new()).is_empty());
+    fn a_piece_of_a_cut_run_takes_its_own_bytes() {
+        // Chunks of 4 bytes, the run 8..16 holds chunk c's bytes as four times c.
+        let bytes: Vec<u8> = (8u8..16).flat_map(|c| [c; 4]).collect();
+        let run = RunData { chunks: 8..16, offset: 32, bytes: bytes::Bytes::from(bytes), from_peers: false };
+        let len = |r: Range<u32>| Some(u64::from(r.end - r.start) * 4);
+        assert_eq!(&piece_bytes(&run, 10..12, len).unwrap()[..], &[10, 10, 10, 10, 11, 11, 11, 11]);
+        assert_eq!(&piece_bytes(&run, 8..9, len).unwrap()[..], &[8; 4]);
+        assert_eq!(&piece_bytes(&run, 15..16, len).unwrap()[..], &[15; 4]);
+        assert!(piece_bytes(&run, 7..9, len).is_none() && piece_bytes(&run, 15..17, len).is_none());
+        assert!(piece_bytes(&run, 9..9, len).is_none());
     }
 
     #[test]

@@ -137,10 +137,13 @@ impl PushSink for Swarm {
                 }
             };
             let Some(fetcher) = self.fetcher.get().and_then(Weak::upgrade) else { return true };
-            let offset = self.manifest.geometry().chunk_offset(crate::image::ChunkIdx(run.start)).0;
+            let g = self.manifest.geometry();
+            let offset = g.chunk_offset(crate::image::ChunkIdx(run.start)).0;
+            // What the offer took is what is used; the rest of the run was here or on its way.
+            let used: u64 = offered.chunks().map(|i| g.chunk_len(crate::image::ChunkIdx(i)) as u64).sum();
             self.stats.pushes.fetch_add(1, Ordering::Relaxed);
-            self.stats.bytes_pushed.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            self.stats.bytes_from_peers.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            self.stats.bytes_pushed.fetch_add(used, Ordering::Relaxed);
+            self.stats.bytes_from_peers.fetch_add(used, Ordering::Relaxed);
             fetcher.deliver(offered, run, offset, bytes).await;
             true
         })
