@@ -239,9 +239,8 @@ impl Swarm {
             }
             let me = me.clone();
             tokio::spawn(async move {
-                match me.session(&node).await {
-                    Ok(conn) => me.adopt(&conn),
-                    Err(_) => me.selector.lock().unwrap().unreachable(&node, Instant::now()),
+                if me.session(&node).await.is_err() {
+                    me.selector.lock().unwrap().unreachable(&node, Instant::now());
                 }
             });
         }
@@ -304,6 +303,8 @@ impl Swarm {
                     return Err(Refusal::Closed);
                 }
                 *slot = Some(c.clone());
+                // A parent learns at once that this node takes it as one (once it reads).
+                self.adopt(&c);
                 Ok(c)
             }
             Err(e) => {
