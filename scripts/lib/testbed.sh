@@ -6,6 +6,18 @@
 # and common.sh.
 
 net=10.77.0
+
+# testbed_lock: waits (30 min at most) until no other script on this machine uses the testbed,
+# then holds it until this script exits. Its names (vmtb-*) are fixed, so two testbeds at once
+# (say two test runs side by side) would collide. The lock is fd 9, which the testbed's daemons
+# do not inherit (scripts/testbed closes it for them).
+testbed_lock() {
+  exec 9>/run/lock/vmthunder-testbed.lock
+  if ! flock -n 9; then
+    echo "$me: waiting for another user of the testbed to finish" >&2
+    flock -w 1800 9 || { echo "$me: the testbed stayed in use for 30 minutes" >&2; exit 1; }
+  fi
+}
 # shellcheck disable=SC2034  # for the callers
 origin_ip=$net.1 tracker_ip=$net.2
 node_ip() { echo "$net.$((10 + $1))"; }
