@@ -274,9 +274,10 @@ impl Fetcher {
         // A lost push leaves its chunks to the next pass, which fetches what is still missing;
         // the last pass fetches even chunks offered again.
         let mut data: Vec<Arc<RunData>> = Vec::new();
-        for pass in 0..=MAX_LOST {
+        let mut pass = 0;
+        loop {
             match self.ensure_pass(range.clone(), priority, &mut data, pass == MAX_LOST).await {
-                Err(FetchError::Lost) if pass < MAX_LOST => continue,
+                Err(FetchError::Lost) if pass < MAX_LOST => pass += 1,
                 Err(e) => {
                     if priority == Priority::Guest {
                         self.stats.failed_reads.fetch_add(1, Ordering::Relaxed);
@@ -286,7 +287,6 @@ impl Fetcher {
                 Ok(()) => return Ok(data),
             }
         }
-        Err(FetchError::Aborted)
     }
 
     /// One pass of [`Fetcher::ensure_with`]: the runs it waited on join `data`; `Lost` when a

@@ -43,6 +43,9 @@ use crate::p2p::core::tree::class_of;
 /// Pushes one node has reserved and not yet sent to one child, as vmtd's `PUSH_WINDOW`.
 const PUSH_WINDOW: u32 = 2;
 
+/// Most runs waiting in one child's backlog, as vmtd's; past it the oldest is dropped.
+const MAX_BACKLOG: usize = 1024;
+
 /// Pushes' serials (a request's serial is its number, far below).
 const PUSH_SERIAL: u64 = 1 << 62;
 
@@ -111,7 +114,11 @@ impl Sim<'_> {
         let children = n.children[c].clone();
         for j in children {
             // As vmtd's: the run joins the session's backlog, pushed as places free up.
-            self.nodes[i as usize].pushes_out.entry(j).or_default().1.push_back((run.clone(), from));
+            let backlog = &mut self.nodes[i as usize].pushes_out.entry(j).or_default().1;
+            backlog.push_back((run.clone(), from));
+            if backlog.len() > MAX_BACKLOG {
+                backlog.pop_front();
+            }
             self.pump(i, j);
         }
     }

@@ -38,7 +38,8 @@ impl Swarm {
     /// This node's guest or prefetch reads the image: from now on it adopts its parents (at
     /// once, so that what they obtain next is pushed here). Cheap after the first call.
     pub fn activate(&self) {
-        if self.tuning.push && !self.active.swap(true, Ordering::Relaxed) {
+        // Every guest read calls this: a load, not a write, once active.
+        if self.tuning.push && !self.active.load(Ordering::Relaxed) && !self.active.swap(true, Ordering::Relaxed) {
             self.adopt_parents();
         }
     }
