@@ -334,6 +334,10 @@ pub struct NodeP2pStatus {
     pub pushes: u64,
     #[serde(default)]
     pub pushes_skipped: u64,
+    /// Requests answered `Pushed` since start: they asked for a run this node had pushed to
+    /// the asker on the session already.
+    #[serde(default)]
+    pub pushes_answered: u64,
 }
 
 /// A response from the daemon.

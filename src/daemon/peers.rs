@@ -106,6 +106,7 @@ impl Peers {
             children: load(&s.children),
             pushes: load(&s.pushes),
             pushes_skipped: load(&s.pushes_skipped),
+            pushes_answered: load(&s.pushes_answered),
             trackers_up: load(&self.trackers_up),
         }
     }

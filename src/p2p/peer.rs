@@ -55,11 +55,19 @@ pub enum Refusal {
 
 type Reply = Result<Bytes, Refusal>;
 
+/// A request waiting for its reply: the chunks it asks for, whether it was asked again after a
+/// `Pushed` this node could not take from a push, and where its reply goes.
+struct Pending {
+    run: Range<u32>,
+    again: bool,
+    reply: oneshot::Sender<Reply>,
+}
+
 /// An open session with one peer.
 pub struct PeerConn {
     node: String,
     tx: mpsc::Sender<Frame>,
-    pending: Mutex<HashMap<u32, oneshot::Sender<Reply>>>,
+    pending: Mutex<HashMap<u32, Pending>>,
     next: AtomicU32,
     closed: AtomicBool,
     /// Wakes the reader to end the session from our side.
@@ -83,13 +91,13 @@ impl Drop for Waiting<'_> {
 }
 
 impl PeerConn {
-    /// Connects to `node` (its peer address), authenticates for `image` (of `chunks` chunks),
-    /// and starts the session.
+    /// Connects to `node` (its peer address), authenticates for `image` (of geometry `g`), and
+    /// starts the session.
     pub async fn connect(
         node: &str,
         me: &str,
         key: &ClusterKey,
-        (image, chunks): (Bytes32, u32),
+        (image, g): (Bytes32, crate::image::Geometry),
         stall: Duration,
         selector: Arc<Mutex<Selector>>,
         sink: std::sync::Weak<dyn PushSink>,
@@ -137,6 +145,7 @@ impl PeerConn {
             }
         });
         let me = conn.clone();
+        let chunks = g.chunk_count();
         tokio::spawn(async move {
             // Silence counts from the last frame, or from when a request found the session
             // quiet; the frame itself must then keep arriving (no `stall` between its bytes).
@@ -198,6 +207,20 @@ impl PeerConn {
                         continue;
                     }
                     Message::Ping => continue,
+                    Message::Pushed { id } => {
+                        // Not answered by a push read before (this node had read the push
+                        // before it asked): asked again, once; the peer then sends `Data`.
+                        let mut pending = me.pending.lock().unwrap();
+                        let Some(p) = pending.get_mut(&id) else { continue };
+                        let frame = Frame::new(Message::Request { id, first: p.run.start, count: p.run.len() as u32 });
+                        if p.again || me.tx.try_send(frame).is_err() {
+                            let p = pending.remove(&id).expect("found above");
+                            let _ = p.reply.send(Err(if p.again { Refusal::NotHave } else { Refusal::Busy }));
+                        } else {
+                            p.again = true;
+                        }
+                        continue;
+                    }
                     Message::Offer { first, count } => {
                         let run = first..first.saturating_add(count);
                         if count == 0 || run.end > chunks || offers.contains_key(&first) {
@@ -212,6 +235,12 @@ impl PeerConn {
                         continue;
                     }
                     Message::Push { first, count } => {
+                        let run = first..first.saturating_add(count);
+                        if g.run_bytes(run.clone()).is_none_or(|(_, len)| len != f.tail.len()) {
+                            break format!("push of chunks {first}+{count} in {} bytes", f.tail.len());
+                        }
+                        // Requests of ours it holds crossed it: the peer answers them `Pushed`.
+                        me.answer_from_push(g, run, &f.tail);
                         // A push nobody here waits for (nothing of it was wanted) is dropped.
                         let Some((offered_count, offered, _)) = offers.remove(&first) else { continue };
                         if offered_count != count {
@@ -228,8 +257,8 @@ impl PeerConn {
                     }
                     other => break format!("unexpected {other:?}"),
                 };
-                if let Some(w) = me.pending.lock().unwrap().remove(&id) {
-                    let _ = w.send(reply);
+                if let Some(p) = me.pending.lock().unwrap().remove(&id) {
+                    let _ = p.reply.send(reply);
                 }
             };
             tracing::debug!(peer = %me.node, reason = %why, "peer session ended");
@@ -275,11 +304,30 @@ impl PeerConn {
         }
     }
 
+    /// Answers each request waiting for chunks that all lie in the pushed run `run` (whose
+    /// bytes are `bytes`) from the push: the peer answers it `Pushed`, which then finds nothing
+    /// waiting. The bytes are checked as any reply's.
+    fn answer_from_push(&self, g: crate::image::Geometry, run: Range<u32>, bytes: &Bytes) {
+        let mut pending = self.pending.lock().unwrap();
+        let held: Vec<u32> = pending
+            .iter()
+            .filter(|(_, p)| run.start <= p.run.start && p.run.end <= run.end)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in held {
+            let p = pending.remove(&id).expect("listed above");
+            let skip = g.run_bytes(run.start..p.run.start).map_or(0, |(_, n)| n);
+            let len = g.run_bytes(p.run.clone()).map_or(0, |(_, n)| n);
+            let _ = p.reply.send(Ok(bytes.slice(skip..skip + len)));
+        }
+    }
+
     /// Asks for chunks `first..first + count`.
     pub async fn request(&self, first: u32, count: u32) -> Reply {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().unwrap().insert(id, tx);
+        let run = first..first.saturating_add(count);
+        self.pending.lock().unwrap().insert(id, Pending { run, again: false, reply: tx });
         self.requested.notify_one();
         let _waiting = Waiting { conn: self, id };
         if self.is_closed() {
@@ -314,6 +362,77 @@ pub(crate) fn decode_have(tail: &[u8], chunks: u32) -> Option<RoaringBitmap> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::{ChunkSize, Geometry};
+    use crate::p2p::conn::{read_frame, server_handshake};
+
+    struct NoSink;
+
+    impl PushSink for NoSink {
+        fn offered(&self, _: &str, _: Range<u32>) -> Option<Offered> {
+            None
+        }
+        fn pushed(&self, _: &str, _: Range<u32>, _: Offered, _: Bytes) -> BoxFuture<'_, bool> {
+            Box::pin(async { true })
+        }
+    }
+
+    /// Chunk `c`'s bytes: 4096 times `c`.
+    fn chunks(run: Range<u32>) -> Bytes {
+        Bytes::from(run.flat_map(|c| [c as u8; 4096]).collect::<Vec<u8>>())
+    }
+
+    async fn expect_request(s: &mut tokio::net::TcpStream) -> (u32, u32, u32) {
+        match read_frame(s).await.unwrap().msg {
+            Message::Request { id, first, count } => (id, first, count),
+            other => panic!("expected a request, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_crossing_a_push_is_answered_from_it_and_asked_again_only_once() {
+        let key = ClusterKey::from_secret(b"a test cluster key of some length").unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = listener.local_addr().unwrap().to_string();
+        let g = Geometry::new(16 * 4096, ChunkSize::new(4096).unwrap()).unwrap();
+        let me = "127.0.0.1:1";
+        let selector = Arc::new(Mutex::new(Selector::new(me, 16, 2, 1)));
+        let sink: std::sync::Weak<dyn PushSink> = std::sync::Weak::<NoSink>::new();
+        let (skey, sname) = (key.clone(), server.clone());
+        let peer = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            server_handshake(&mut s, &skey, &sname, Duration::from_secs(5)).await.unwrap();
+            // 1. The request for chunk 2 crosses the push of 0..4: answered from the push.
+            let (id, first, count) = expect_request(&mut s).await;
+            assert_eq!((first, count), (2, 1));
+            write_frame(&mut s, &Frame::new(Message::Offer { first: 0, count: 4 })).await.unwrap();
+            write_frame(&mut s, &Frame::with_tail(Message::Push { first: 0, count: 4 }, chunks(0..4))).await.unwrap();
+            write_frame(&mut s, &Frame::new(Message::Pushed { id })).await.unwrap();
+            // 2. `Pushed` for a run the client holds from no push: it asks again, gets `Data`.
+            let (id, first, count) = expect_request(&mut s).await;
+            assert_eq!((first, count), (8, 2));
+            write_frame(&mut s, &Frame::new(Message::Pushed { id })).await.unwrap();
+            assert_eq!(expect_request(&mut s).await, (id, 8, 2), "the same request again");
+            write_frame(&mut s, &Frame::with_tail(Message::Data { id }, chunks(8..10))).await.unwrap();
+            // 3. `Pushed` twice: no third request, the client counts it as `NotHave`.
+            let (id, _, _) = expect_request(&mut s).await;
+            write_frame(&mut s, &Frame::new(Message::Pushed { id })).await.unwrap();
+            assert_eq!(expect_request(&mut s).await.0, id);
+            write_frame(&mut s, &Frame::new(Message::Pushed { id })).await.unwrap();
+            // 4. A push whose tail is not its run's length ends the session.
+            let _ = expect_request(&mut s).await;
+            write_frame(&mut s, &Frame::with_tail(Message::Push { first: 4, count: 2 }, chunks(4..5))).await.unwrap();
+            // The client closes; anything else it sent is a failure of the test.
+            assert!(read_frame(&mut s).await.is_err(), "the client sent more after a bad push");
+        });
+        let conn =
+            PeerConn::connect(&server, me, &key, ([5; 32], g), Duration::from_secs(5), selector, sink).await.unwrap();
+        assert_eq!(conn.request(2, 1).await.unwrap(), chunks(2..3));
+        assert_eq!(conn.request(8, 2).await.unwrap(), chunks(8..10));
+        assert_eq!(conn.request(12, 1).await, Err(Refusal::NotHave));
+        assert_eq!(conn.request(13, 1).await, Err(Refusal::Closed));
+        assert!(conn.pending.lock().unwrap().is_empty());
+        tokio::time::timeout(Duration::from_secs(10), peer).await.unwrap().unwrap();
+    }
 
     fn bytes(map: &RoaringBitmap) -> Vec<u8> {
         let mut v = Vec::new();

@@ -145,6 +145,8 @@ pub struct ServerStats {
     /// the cache before they could be offered).
     pub pushes: AtomicU64,
     pub pushes_skipped: AtomicU64,
+    /// Requests answered `Pushed`: they crossed a push of what they ask for.
+    pub pushes_answered: AtomicU64,
 }
 
 /// The bytes of one reply, reserved from the node's budget and its session's share from the
@@ -404,8 +406,10 @@ impl PeerServer {
                 break format!("request for chunks {first}+{count} is out of range");
             };
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            if let Some(p) = &pushing {
-                p.asked(run.clone());
+            if pushing.as_ref().is_some_and(|p| p.asked(run.clone())) {
+                // Written after the push that holds the run: not sent twice.
+                let _ = tx.send((Frame::new(Message::Pushed { id }), None)).await;
+                continue;
             }
             let bytes = self.reserve(len, &reserved, queued.load(Ordering::Relaxed));
             let Some(bytes) = bytes else {

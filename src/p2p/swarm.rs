@@ -287,7 +287,7 @@ impl Swarm {
             node,
             &self.me,
             &self.key,
-            (self.image, self.manifest.geometry().chunk_count()),
+            (self.image, self.manifest.geometry()),
             self.tuning.stall,
             self.selector.clone(),
             self.weak.clone() as Weak<dyn super::peer::PushSink>,

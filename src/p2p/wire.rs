@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const MAGIC: &[u8; 4] = b"VMTP";
-pub const VERSION: u16 = 5;
+pub const VERSION: u16 = 6;
 pub const HEADER_LEN: usize = 20;
 /// Largest postcard message (the peer lists of a tracker reply are the largest).
 pub const MAX_MSG: u32 = 1 << 20;
@@ -93,6 +93,10 @@ pub enum Message {
     Offer { first: u32, count: u32 },
     /// Server → client: the bytes of an offered run nobody asked for (tail: the chunks' bytes).
     Push { first: u32, count: u32 },
+    /// Server → client: request `id` asks for chunks of one run this server pushed on this
+    /// session before this reply (the request crossed the push): the client takes them from
+    /// the push, or asks again once (and is then answered with `Data`).
+    Pushed { id: u32 },
 }
 
 impl Message {
@@ -114,6 +118,7 @@ impl Message {
             Message::Adopt { .. } => "Adopt",
             Message::Offer { .. } => "Offer",
             Message::Push { .. } => "Push",
+            Message::Pushed { .. } => "Pushed",
         }
     }
 
@@ -257,6 +262,7 @@ mod tests {
             Frame::with_tail(Message::Adopt { classes: vec![0, 3] }, Bytes::from_static(b"bitmap")),
             Frame::new(Message::Offer { first: 16, count: 16 }),
             Frame::with_tail(Message::Push { first: 16, count: 1 }, Bytes::from(vec![0xCD; 4096])),
+            Frame::new(Message::Pushed { id: 9 }),
             Frame::new(Message::Register { image: [4; 32], classes: 4, fanout: 4, near: 8, joined: 1_796_000_000_000 }),
             Frame::new(Message::Peers {
                 image: [4; 32],

@@ -37,6 +37,9 @@ struct Adoption {
     known: RoaringBitmap,
     /// Chunks the peer asked this session for.
     asked: RoaringBitmap,
+    /// The last runs pushed on this session ([`RECENT_PUSHES`]), oldest first: a request for
+    /// chunks within one of them crossed its push and is answered `Pushed`, once.
+    sent: VecDeque<Range<u32>>,
 }
 
 /// The pushes of one session, once its peer adopted this node; ends with the session.
@@ -55,11 +58,20 @@ impl Drop for Pushing {
 }
 
 impl Pushing {
-    /// The peer asked for `run` on this session: it gets it as a reply, not as a push.
-    pub(super) fn asked(&self, run: Range<u32>) {
+    /// The peer asked for `run` on this session: it gets it as a reply, not as a push. True
+    /// when a push written on this session before now holds all of `run`: the request crossed
+    /// it, and the reply is `Pushed` (the peer has the bytes from the push, or asks again, and
+    /// the push no longer answers for it then).
+    pub(super) fn asked(&self, run: Range<u32>) -> bool {
         let mut a = self.adoption.lock().unwrap();
+        if let Some(k) = a.sent.iter().position(|s| s.start <= run.start && run.end <= s.end) {
+            a.sent.remove(k);
+            self.server.stats.pushes_answered.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
         a.known.insert_range(run.clone());
         a.asked.insert_range(run);
+        false
     }
 }
 
@@ -80,9 +92,18 @@ impl QueuedPush {
     /// before the offer reached it (so it waits on no chunk of it), and its reply carries the
     /// bytes.
     pub(super) async fn ready(self) -> Option<(Frame, Held)> {
-        if self.adoption.lock().unwrap().asked.contains_range(self.run.clone()) {
-            self.server.stats.pushes_skipped.fetch_add(1, Ordering::Relaxed);
-            return None;
+        {
+            let mut a = self.adoption.lock().unwrap();
+            if a.asked.contains_range(self.run.clone()) {
+                self.server.stats.pushes_skipped.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            // From here on a request for chunks of the run is answered `Pushed`: its reply is
+            // queued after this push, which the writer writes next.
+            if a.sent.len() == RECENT_PUSHES {
+                a.sent.pop_front();
+            }
+            a.sent.push_back(self.run.clone());
         }
         let len = self.frame.tail.len() as u64;
         self.server.pace(len).await;
@@ -113,6 +134,9 @@ pub(super) struct SessionQueue {
 const PUSH_WINDOW: usize = 2;
 /// Most runs waiting in one session's backlog; past it the oldest is dropped.
 const MAX_BACKLOG: usize = 1024;
+
+/// Pushes written on a session that answer a request crossing them (see [`Pushing::asked`]).
+const RECENT_PUSHES: usize = 4;
 
 /// Runs at the back of a session's backlog that keep their bytes (the others are read back from
 /// the cache when their turn comes).
@@ -186,7 +210,7 @@ impl PeerServer {
             return Ok(());
         }
         let Some(obtained) = export.obtained() else { return Ok(()) };
-        let adoption = Arc::new(Mutex::new(Adoption { classes, known: have, asked: RoaringBitmap::new() }));
+        let adoption = Arc::new(Mutex::new(Adoption { classes, known: have, ..Default::default() }));
         let task = tokio::spawn(self.clone().push_runs(export.clone(), adoption.clone(), obtained, queue.clone()));
         self.stats.children.fetch_add(1, Ordering::Relaxed);
         *pushing = Some(Pushing { server: self.clone(), adoption, _task: AbortOnDrop(task) });
