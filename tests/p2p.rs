@@ -167,6 +167,34 @@ fn a_parent_pushes_what_it_obtains_to_a_reading_child_that_never_asks() {
 }
 
 #[test]
+fn a_node_that_boots_later_is_pushed_its_parents_boot_without_asking() {
+    let mut c = Cluster::new(16 * MIB);
+    // A roots the one tree and boots first: it reads the whole image, which is then its boot.
+    // B joins after it, below it, and reads one chunk: from then on A pushes it every run of
+    // A's boot it lacks, in the order A read them.
+    let a = c.add_node_in_order(free_port(), "", &[]);
+    let b = c.add_node_in_order(free_port(), "", &[]);
+    c.wait_meshed(&[a, b]);
+    wait_until("the tracker's places", Duration::from_secs(20), || {
+        (c.nodes[a].status().p2p.tree_parents, c.nodes[b].status().p2p.tree_parents) == (0, 1)
+    });
+    assert!(c.nodes[a].identical(&c.img));
+    let chunk = 64u64 << 10;
+    let chunks = c.data.len() as u64 / chunk;
+    assert!(qemu_io_read(&c.nodes[b].env.export_uri("img"), 0, 4096));
+    wait_until("B holds A's whole boot", Duration::from_secs(30), || {
+        settled(&c.nodes[b].env, "img").chunks_present == chunks
+    });
+    let sb = settled(&c.nodes[b].env, "img");
+    let pb = sb.p2p.clone().unwrap();
+    assert_eq!(sb.bytes_from_origin, 0, "B read nothing from the origin: {pb:?}");
+    assert!(pb.peer_requests <= 1, "B asked for its one read at most: {pb:?}");
+    assert!(pb.bytes_pushed >= c.data.len() as u64 - chunk, "A pushed the rest: {pb:?}");
+    assert_eq!(settled(&c.nodes[a].env, "img").bytes_from_origin, c.data.len() as u64);
+    assert!(c.nodes[b].identical(&c.img));
+}
+
+#[test]
 fn concurrent_readers_take_each_chunk_from_the_origin_about_once() {
     let mut c = Cluster::new(32 * MIB);
     let nodes: Vec<usize> = (0..3).map(|_| c.add_node("", &[])).collect();

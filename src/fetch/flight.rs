@@ -18,7 +18,9 @@
 //!   offer on, so reads wait for it rather than ask; if it does not arrive, its waiters fetch it
 //!   themselves ([`FetchError::Lost`] is never a read's outcome). Every run this node obtains,
 //!   fetched or pushed, is announced to [`Fetcher::obtained`]'s subscribers (the peer server
-//!   pushes it on).
+//!   pushes it on). The runs obtained in the first [`BOOT_WINDOW`] after this node's own boot
+//!   begins are kept in order ([`Fetcher::boot_log`]): a peer that starts its boot later is
+//!   pushed them ahead of its reads.
 //!
 //! Fetches run as their own tasks, so a client that disconnects mid-read does not cancel a fetch
 //! that other clients are waiting on.
@@ -44,6 +46,10 @@ use crate::store::{ChunkStore, StoreError};
 const MAX_UPSTREAM: usize = 32;
 /// Obtained runs announced and not yet taken by the slowest subscriber; it misses older ones.
 const OBTAINED_BACKLOG: usize = 1024;
+/// How long after this node's boot begins the runs it obtains join its boot log, and most runs
+/// the log keeps (a session's push backlog holds as many).
+pub const BOOT_WINDOW: Duration = Duration::from_secs(60);
+pub const BOOT_LOG_RUNS: usize = 1024;
 /// Most times a read waits on offered pushes that are lost before it fetches regardless.
 const MAX_LOST: usize = 4;
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
@@ -168,6 +174,8 @@ pub struct Fetcher {
     upstream: Slots,
     stats: FetchStats,
     obtained: tokio::sync::broadcast::Sender<Obtained>,
+    /// When this node's boot began, and the runs obtained since, within [`BOOT_WINDOW`].
+    boot: Mutex<Option<(Instant, Vec<Range<u32>>)>>,
 }
 
 /// A run this node obtained, verified: its chunks, and its bytes while anything still holds
@@ -205,6 +213,7 @@ impl Fetcher {
             upstream: Slots::new(MAX_UPSTREAM),
             stats: FetchStats::default(),
             obtained: tokio::sync::broadcast::channel(OBTAINED_BACKLOG).0,
+            boot: Mutex::new(None),
         })
     }
 
@@ -231,6 +240,19 @@ impl Fetcher {
     /// that falls [`OBTAINED_BACKLOG`] runs behind misses the oldest).
     pub fn obtained(&self) -> tokio::sync::broadcast::Receiver<Obtained> {
         self.obtained.subscribe()
+    }
+
+    /// This node's boot begins (its guest's or its prefetch's first read): the runs it obtains
+    /// from now on, for [`BOOT_WINDOW`], join its boot log. Once only.
+    pub fn boot_begins(&self) {
+        self.boot.lock().unwrap().get_or_insert_with(|| (Instant::now(), Vec::new()));
+    }
+
+    /// The runs this node obtained since its boot began, in the order it obtained them (at most
+    /// [`BOOT_LOG_RUNS`], within [`BOOT_WINDOW`]): what a peer that boots the same image later
+    /// will read, roughly in that order.
+    pub fn boot_log(&self) -> Vec<Range<u32>> {
+        self.boot.lock().unwrap().as_ref().map(|(_, log)| log.clone()).unwrap_or_default()
     }
 
     /// Takes the chunks of `run` that are neither present nor in flight as in flight until a
@@ -413,6 +435,11 @@ impl Fetcher {
             let _ = tx.send(Some(outcome));
         }
         if verified.iter().all(|v| *v) {
+            if let Some((began, log)) = self.boot.lock().unwrap().as_mut() {
+                if began.elapsed() <= BOOT_WINDOW && log.len() < BOOT_LOG_RUNS {
+                    log.push(run_data.chunks.clone());
+                }
+            }
             // Nobody subscribed is no error.
             let _ = self.obtained.send(Obtained { chunks: run_data.chunks.clone(), data: Arc::downgrade(&run_data) });
         }

@@ -91,6 +91,8 @@ pub trait PeerExport: Send + Sync + 'static {
     fn admit_session(&self) -> Option<Box<dyn Send>>;
     /// Every run this node obtains from now on, if it pushes them to its children.
     fn obtained(&self) -> Option<tokio::sync::broadcast::Receiver<Obtained>>;
+    /// The runs this node obtained since its own boot began, in order (`Fetcher::boot_log`).
+    fn boot_log(&self) -> Vec<Range<u32>>;
     /// The trees among `classes` in which `child` may take this node as its parent (those in
     /// which this node ranks above it).
     fn adopted_by(&self, child: &str, classes: &[u32]) -> Vec<u32>;

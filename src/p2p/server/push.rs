@@ -13,6 +13,9 @@
 //! above in the run's tree, see `Swarm::adopted_by`), so pushes never loop. An offer is
 //! followed by its push unless the peer asked for the whole run on the session meanwhile (its
 //! reply carries it) or the session ends; the peer gives up on an offer that does not come.
+//! A peer that adopts this node after this node's own boot began is first pushed the runs of
+//! that boot (`Fetcher::boot_log`) in the order this node obtained them: a later boot of the
+//! same image reads them, in about that order, and finds them there ahead of its reads.
 //!
 //! [`UploadBudget::reserve_push`]: crate::p2p::core::upload::UploadBudget::reserve_push
 
@@ -210,46 +213,60 @@ impl PeerServer {
             return Ok(());
         }
         let Some(obtained) = export.obtained() else { return Ok(()) };
+        // Subscribed first: a run obtained meanwhile is in both, and offered once (`known`).
+        let boot: VecDeque<_> = export
+            .boot_log()
+            .into_iter()
+            .filter(|r| classes.contains(&export.class(r.start)))
+            .map(|r| (r, None))
+            .collect();
         let adoption = Arc::new(Mutex::new(Adoption { classes, known: have, ..Default::default() }));
-        let task = tokio::spawn(self.clone().push_runs(export.clone(), adoption.clone(), obtained, queue.clone()));
+        let task =
+            tokio::spawn(self.clone().push_runs(export.clone(), adoption.clone(), (obtained, boot), queue.clone()));
         self.stats.children.fetch_add(1, Ordering::Relaxed);
         *pushing = Some(Pushing { server: self.clone(), adoption, _task: AbortOnDrop(task) });
         Ok(())
     }
 
-    /// Offers and pushes each run this node obtains in the adopted trees, as long as the
-    /// session lives, oldest first, as the window and the budget let it.
+    /// Offers and pushes the runs of this node's boot (`boot`) and each run it obtains in the
+    /// adopted trees, as long as the session lives, oldest first, as the window and the budget
+    /// let it.
     async fn push_runs(
         self: Arc<Self>,
         export: Arc<dyn PeerExport>,
         adoption: Arc<Mutex<Adoption>>,
-        mut obtained: broadcast::Receiver<Obtained>,
+        (mut obtained, boot): (broadcast::Receiver<Obtained>, VecDeque<(Range<u32>, Option<Arc<RunData>>)>),
         queue: SessionQueue,
     ) {
         // Runs to push, oldest first; the newest few keep their bytes, the others are read back
         // from the cache when their turn comes.
-        let mut backlog: VecDeque<(Range<u32>, Option<Arc<RunData>>)> = VecDeque::new();
+        let mut backlog = boot;
+        backlog.truncate(MAX_BACKLOG);
         let mut blocked = false;
+        // With a boot to push, the first round offers it at once, before any run is obtained.
+        let mut waits = backlog.is_empty();
         loop {
-            tokio::select! {
-                r = obtained.recv() => match r {
-                    Ok(run) => {
-                        if adoption.lock().unwrap().classes.contains(&export.class(run.chunks.start)) {
-                            backlog.push_back((run.chunks.clone(), run.data.upgrade()));
-                            if let Some(k) = backlog.len().checked_sub(KEPT_BYTES + 1) {
-                                backlog[k].1 = None;
-                            }
-                            if backlog.len() > MAX_BACKLOG {
-                                backlog.pop_front();
+            if std::mem::replace(&mut waits, true) {
+                tokio::select! {
+                    r = obtained.recv() => match r {
+                        Ok(run) => {
+                            if adoption.lock().unwrap().classes.contains(&export.class(run.chunks.start)) {
+                                backlog.push_back((run.chunks.clone(), run.data.upgrade()));
+                                if let Some(k) = backlog.len().checked_sub(KEPT_BYTES + 1) {
+                                    backlog[k].1 = None;
+                                }
+                                if backlog.len() > MAX_BACKLOG {
+                                    backlog.pop_front();
+                                }
                             }
                         }
-                    }
-                    // Runs missed are asked for when needed.
-                    Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => return,
-                },
-                _ = queue.freed.notified(), if !backlog.is_empty() => {}
-                _ = tokio::time::sleep(RETRY), if blocked && !backlog.is_empty() => {}
+                        // Runs missed are asked for when needed.
+                        Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                    _ = queue.freed.notified(), if !backlog.is_empty() => {}
+                    _ = tokio::time::sleep(RETRY), if blocked && !backlog.is_empty() => {}
+                }
             }
             blocked = false;
             while queue.pushing.load(Ordering::Relaxed) < PUSH_WINDOW {

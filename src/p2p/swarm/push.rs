@@ -40,6 +40,9 @@ impl Swarm {
     pub fn activate(&self) {
         // Every guest read calls this: a load, not a write, once active.
         if self.tuning.push && !self.active.load(Ordering::Relaxed) && !self.active.swap(true, Ordering::Relaxed) {
+            if let Some(f) = self.fetcher.get().and_then(Weak::upgrade) {
+                f.boot_begins();
+            }
             self.adopt_parents();
         }
     }
