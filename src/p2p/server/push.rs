@@ -78,6 +78,9 @@ impl Pushing {
     }
 }
 
+/// Runs waiting to be offered on a session, oldest first, with their bytes while kept.
+type Backlog = VecDeque<(Range<u32>, Option<Arc<RunData>>)>;
+
 /// A push waiting for its session's writer.
 pub(super) struct QueuedPush {
     frame: Frame,
@@ -214,7 +217,7 @@ impl PeerServer {
         }
         let Some(obtained) = export.obtained() else { return Ok(()) };
         // Subscribed first: a run obtained meanwhile is in both, and offered once (`known`).
-        let boot: VecDeque<_> = export
+        let boot: Backlog = export
             .boot_log()
             .into_iter()
             .filter(|r| classes.contains(&export.class(r.start)))
@@ -235,7 +238,7 @@ impl PeerServer {
         self: Arc<Self>,
         export: Arc<dyn PeerExport>,
         adoption: Arc<Mutex<Adoption>>,
-        (mut obtained, boot): (broadcast::Receiver<Obtained>, VecDeque<(Range<u32>, Option<Arc<RunData>>)>),
+        (mut obtained, boot): (broadcast::Receiver<Obtained>, Backlog),
         queue: SessionQueue,
     ) {
         // Runs to push, oldest first; the newest few keep their bytes, the others are read back
