@@ -151,6 +151,11 @@ pub struct SimArgs {
     /// `p2p.push` (its default); `--push false` models `p2p.push = false` (DESIGN.md).
     #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub push: bool,
+    /// With `--push`: a relay first pushes a child that starts reading after its own boot began
+    /// the runs of that boot, in the order it obtained them (its first minute of reads), as vmtd
+    /// does; `--push-boot false` leaves that out (what it brings: BENCHMARKS.md).
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub push_boot: bool,
     /// Relay runs whose peer state would need more than this are not run (said why instead).
     #[arg(long, default_value = "6GiB")]
     pub max_peer_state: String,
@@ -231,6 +236,7 @@ impl SimArgs {
             max_peer_state: size("max-peer-state", &self.max_peer_state)?,
             cut_through: self.cut_through,
             push: self.push,
+            push_boot: self.push_boot,
             first_address: self.first_address,
         };
         p.check()?;

@@ -205,6 +205,9 @@ pub(super) struct Node {
     /// Its guest or its prefetch has begun reading: only then does it take a parent to push to
     /// it (as vmtd's `Adopt`).
     pub active: bool,
+    /// When it became active, and the runs it obtained since (its boot log, see `push.rs`).
+    pub active_at: u64,
+    pub boot_log: Vec<std::ops::Range<u32>>,
 }
 
 /// `--push`: pushes to one child reserved and not yet sent, and the runs (with the flight that
@@ -351,6 +354,8 @@ impl<'a> Sim<'a> {
                     children: vec![Vec::new(); if p.push { p.classes as usize } else { 0 }],
                     pushes_out: HashMap::new(),
                     active: false,
+                    active_at: 0,
+                    boot_log: Vec::new(),
                     name,
                 }
             })

@@ -128,6 +128,10 @@ pub struct SimParams {
     /// lack it, as vmtd does with `p2p.push` (its default).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub push: bool,
+    /// Whether a pushing relay first pushes a child that starts reading the runs of its own
+    /// boot, as vmtd does when it pushes (`Fetcher::boot_log`).
+    #[serde(default)]
+    pub push_boot: bool,
     /// Node i's peer name is this address plus i, port 7000: node keys, and so the trees'
     /// shapes, come from names (`scripts/calibrate-sim` gives the testbed's).
     pub first_address: std::net::Ipv4Addr,

@@ -20,6 +20,10 @@
 //! - With `--cut-through`, a push starts as soon as the sender's own fetch starts receiving and
 //!   ends no earlier than one chunk time after it (an early reply, `cut.rs`); vmtd does not cut
 //!   through.
+//! - A node's boot log is the runs it obtained in its first [`BOOT_WINDOW`] of being active (at
+//!   most [`BOOT_LOG_RUNS`]), in order; when a child that is active takes it as its parent in a
+//!   tree where it was not its parent in any tree before (as vmtd, at a session's first
+//!   `Adopt`), the log's runs of that tree go first into the child's backlog (`--push-boot`).
 //! - A push lost to a kill leaves its chunks to an ordinary fetch if a read, a prefetch or an
 //!   asking child waits on them; pushes on to the node's own children only fail with it.
 //!
@@ -37,7 +41,7 @@
 use std::ops::Range;
 
 use super::engine::{Req, Sim, Wait, Want};
-use crate::fetch::flight::runs;
+use crate::fetch::flight::{runs, BOOT_LOG_RUNS, BOOT_WINDOW};
 use crate::p2p::core::tree::class_of;
 
 /// Pushes one node has reserved and not yet sent to one child, as vmtd's `PUSH_WINDOW`.
@@ -63,6 +67,7 @@ impl Sim<'_> {
     /// Node `i` begins reading (its guest or its prefetch): it takes its parents now.
     pub(super) fn activate(&mut self, i: u32) {
         if !std::mem::replace(&mut self.nodes[i as usize].active, true) {
+            self.nodes[i as usize].active_at = self.now;
             self.refresh_parents(i);
         }
     }
@@ -96,7 +101,11 @@ impl Sim<'_> {
             if let Some(q) = parent {
                 self.nodes[q as usize].children[c].push(i);
             }
+            let adopted_before = parent.is_some_and(|q| self.nodes[i as usize].parent_of.contains(&Some(q)));
             self.nodes[i as usize].parent_of[c] = parent;
+            if let Some(q) = parent.filter(|_| self.p.push_boot && !adopted_before) {
+                self.push_boot(q, i, c);
+            }
         }
     }
 
@@ -106,9 +115,13 @@ impl Sim<'_> {
         if !self.pushes() || run.is_empty() {
             return;
         }
-        let n = &self.nodes[i as usize];
+        let now = self.now;
+        let n = &mut self.nodes[i as usize];
         if !n.alive || n.liar {
             return;
+        }
+        if n.active && now - n.active_at <= BOOT_WINDOW.as_nanos() as u64 && n.boot_log.len() < BOOT_LOG_RUNS {
+            n.boot_log.push(run.clone());
         }
         let c = class_of(run.start / self.w.stripe_chunks, self.p.classes) as usize;
         let children = n.children[c].clone();
@@ -121,6 +134,24 @@ impl Sim<'_> {
             }
             self.pump(i, j);
         }
+    }
+
+    /// Child `j` took node `i` as its parent in tree `c` (and in no other before): the runs of
+    /// `i`'s boot in that tree go first into `j`'s backlog.
+    fn push_boot(&mut self, i: u32, j: u32, c: usize) {
+        let (classes, stripe) = (self.p.classes, self.w.stripe_chunks);
+        let n = &mut self.nodes[i as usize];
+        let log: Vec<Range<u32>> =
+            n.boot_log.iter().filter(|r| class_of(r.start / stripe, classes) as usize == c).cloned().collect();
+        if log.is_empty() {
+            return;
+        }
+        let backlog = &mut n.pushes_out.entry(j).or_default().1;
+        for r in log.into_iter().rev() {
+            backlog.push_front((r, None));
+        }
+        backlog.truncate(MAX_BACKLOG);
+        self.pump(i, j);
     }
 
     /// The runs of `run`'s chunks that child `j` of node `i` in tree `c` neither holds nor
