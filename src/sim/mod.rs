@@ -22,6 +22,7 @@ pub mod args;
 mod cut;
 mod engine;
 mod fetch;
+mod guest;
 pub mod net;
 pub mod params;
 pub mod plot;
