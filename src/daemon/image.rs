@@ -481,7 +481,6 @@ impl PeerExport for Image {
     fn boot_log(&self) -> Vec<std::ops::Range<u32>> {
         self.fetcher.boot_log()
     }
-
     fn adopted_by(&self, child: &str, classes: &[u32]) -> Vec<u32> {
         self.swarm.as_ref().map(|s| s.adopted_by(child, classes)).unwrap_or_default()
     }

@@ -46,10 +46,12 @@ use crate::store::{ChunkStore, StoreError};
 const MAX_UPSTREAM: usize = 32;
 /// Obtained runs announced and not yet taken by the slowest subscriber; it misses older ones.
 const OBTAINED_BACKLOG: usize = 1024;
-/// How long after this node's boot begins the runs it obtains join its boot log, and most runs
-/// the log keeps (a session's push backlog holds as many).
+/// How long after this node's boot begins the runs it obtains join its boot log.
 pub const BOOT_WINDOW: Duration = Duration::from_secs(60);
+/// Most runs a boot log keeps (half of a session's push backlog).
 pub const BOOT_LOG_RUNS: usize = 1024;
+/// Most bytes of runs a boot log names: what a later boot is pushed at most from one parent.
+pub const BOOT_LOG_BYTES: u64 = 256 << 20;
 /// Most times a read waits on offered pushes that are lost before it fetches regardless.
 const MAX_LOST: usize = 4;
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
@@ -174,8 +176,16 @@ pub struct Fetcher {
     upstream: Slots,
     stats: FetchStats,
     obtained: tokio::sync::broadcast::Sender<Obtained>,
-    /// When this node's boot began, and the runs obtained since, within [`BOOT_WINDOW`].
-    boot: Mutex<Option<(Instant, Vec<Range<u32>>)>>,
+    /// This node's boot log, once its boot began.
+    boot: Mutex<Option<BootLog>>,
+}
+
+/// When a node's boot began, and the runs it obtained since, within [`BOOT_WINDOW`], with their
+/// bytes.
+struct BootLog {
+    began: Instant,
+    runs: Vec<Range<u32>>,
+    bytes: u64,
 }
 
 /// A run this node obtained, verified: its chunks, and its bytes while anything still holds
@@ -245,14 +255,14 @@ impl Fetcher {
     /// This node's boot begins (its guest's or its prefetch's first read): the runs it obtains
     /// from now on, for [`BOOT_WINDOW`], join its boot log. Once only.
     pub fn boot_begins(&self) {
-        self.boot.lock().unwrap().get_or_insert_with(|| (Instant::now(), Vec::new()));
+        self.boot.lock().unwrap().get_or_insert_with(|| BootLog { began: Instant::now(), runs: Vec::new(), bytes: 0 });
     }
 
     /// The runs this node obtained since its boot began, in the order it obtained them (at most
-    /// [`BOOT_LOG_RUNS`], within [`BOOT_WINDOW`]): what a peer that boots the same image later
-    /// will read, roughly in that order.
+    /// [`BOOT_LOG_RUNS`] and [`BOOT_LOG_BYTES`], within [`BOOT_WINDOW`]): what a peer that
+    /// boots the same image later will read, roughly in that order.
     pub fn boot_log(&self) -> Vec<Range<u32>> {
-        self.boot.lock().unwrap().as_ref().map(|(_, log)| log.clone()).unwrap_or_default()
+        self.boot.lock().unwrap().as_ref().map(|log| log.runs.clone()).unwrap_or_default()
     }
 
     /// Takes the chunks of `run` that are neither present nor in flight as in flight until a
@@ -435,9 +445,14 @@ impl Fetcher {
             let _ = tx.send(Some(outcome));
         }
         if verified.iter().all(|v| *v) {
-            if let Some((began, log)) = self.boot.lock().unwrap().as_mut() {
-                if began.elapsed() <= BOOT_WINDOW && log.len() < BOOT_LOG_RUNS {
-                    log.push(run_data.chunks.clone());
+            if let Some(log) = self.boot.lock().unwrap().as_mut() {
+                let len = run_data.bytes.len() as u64;
+                if log.began.elapsed() <= BOOT_WINDOW
+                    && log.runs.len() < BOOT_LOG_RUNS
+                    && log.bytes + len <= BOOT_LOG_BYTES
+                {
+                    log.runs.push(run_data.chunks.clone());
+                    log.bytes += len;
                 }
             }
             // Nobody subscribed is no error.

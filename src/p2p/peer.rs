@@ -2,7 +2,9 @@
 //!
 //! One reader task dispatches replies to the requests waiting on them, feeds have-maps into
 //! the image's [`Selector`] and hands runs the peer pushes to a [`PushSink`]; one writer task
-//! sends requests (and `Adopt`, which makes the peer push). While a request of ours or a run it
+//! sends requests (and `Adopt`, which makes the peer push). A request that crosses a push of
+//! its chunks on the wire is answered from the push when it arrives (the peer then answers the
+//! request `Pushed`, not with the bytes again). While a request of ours or a run it
 //! offered is in progress the server sends something at least every 250 ms (a ping if nothing
 //! else), so silence longer than `stall` while we wait means the peer is dead or hung: the
 //! session closes, every request on it fails at once, to be retried elsewhere, and every offered
@@ -209,7 +211,8 @@ impl PeerConn {
                     Message::Ping => continue,
                     Message::Pushed { id } => {
                         // Not answered by a push read before (this node had read the push
-                        // before it asked): asked again, once; the peer then sends `Data`.
+                        // before it asked, and dropped it): asked again, once; the peer then
+                        // answers it as any request.
                         let mut pending = me.pending.lock().unwrap();
                         let Some(p) = pending.get_mut(&id) else { continue };
                         let frame = Frame::new(Message::Request { id, first: p.run.start, count: p.run.len() as u32 });
@@ -419,7 +422,7 @@ mod tests {
             assert_eq!(expect_request(&mut s).await.0, id);
             write_frame(&mut s, &Frame::new(Message::Pushed { id })).await.unwrap();
             // 4. A push whose tail is not its run's length ends the session.
-            let _ = expect_request(&mut s).await;
+            assert_eq!(expect_request(&mut s).await.1, 13);
             write_frame(&mut s, &Frame::with_tail(Message::Push { first: 4, count: 2 }, chunks(4..5))).await.unwrap();
             // The client closes; anything else it sent is a failure of the test.
             assert!(read_frame(&mut s).await.is_err(), "the client sent more after a bad push");

@@ -95,7 +95,7 @@ pub enum Message {
     Push { first: u32, count: u32 },
     /// Server → client: request `id` asks for chunks of one run this server pushed on this
     /// session before this reply (the request crossed the push): the client takes them from
-    /// the push, or asks again once (and is then answered with `Data`).
+    /// the push, or asks again once (answered then as any request).
     Pushed { id: u32 },
 }
 

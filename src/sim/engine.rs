@@ -206,9 +206,10 @@ pub(super) struct Node {
     /// Its guest or its prefetch has begun reading: only then does it take a parent to push to
     /// it (as vmtd's `Adopt`).
     pub active: bool,
-    /// When it became active, and the runs it obtained since (its boot log, see `push.rs`).
+    /// When it became active, and the runs it obtained since (its boot log, see `push.rs`), with
+    /// their bytes.
     pub active_at: u64,
-    pub boot_log: Vec<std::ops::Range<u32>>,
+    pub boot_log: (Vec<std::ops::Range<u32>>, u64),
 }
 
 /// `--push`: pushes to one child reserved and not yet sent, and the runs (with the flight that
@@ -356,7 +357,7 @@ impl<'a> Sim<'a> {
                     pushes_out: HashMap::new(),
                     active: false,
                     active_at: 0,
-                    boot_log: Vec::new(),
+                    boot_log: (Vec::new(), 0),
                     name,
                 }
             })

@@ -21,9 +21,12 @@
 //!   ends no earlier than one chunk time after it (an early reply, `cut.rs`); vmtd does not cut
 //!   through.
 //! - A node's boot log is the runs it obtained in its first [`BOOT_WINDOW`] of being active (at
-//!   most [`BOOT_LOG_RUNS`]), in order; when a child that is active takes it as its parent in a
-//!   tree where it was not its parent in any tree before (as vmtd, at a session's first
-//!   `Adopt`), the log's runs of that tree go first into the child's backlog (`--push-boot`).
+//!   most [`BOOT_LOG_RUNS`] and [`BOOT_LOG_BYTES`]), in order; when a child that is active takes
+//!   it as its parent in trees where it was not its parent in any tree before (vmtd: at a
+//!   session's first `Adopt`), the log's runs of those trees go first into the child's backlog
+//!   (`--push-boot`). vmtd seeds a backlog once per session, so again after a session to the
+//!   same parent was closed and opened anew; here sessions are not closed, and a node that
+//!   becomes a parent again after a while is one again and seeds again.
 //! - A push lost to a kill leaves its chunks to an ordinary fetch if a read, a prefetch or an
 //!   asking child waits on them; pushes on to the node's own children only fail with it.
 //!
@@ -41,14 +44,14 @@
 use std::ops::Range;
 
 use super::engine::{Req, Sim, Wait, Want};
-use crate::fetch::flight::{runs, BOOT_LOG_RUNS, BOOT_WINDOW};
+use crate::fetch::flight::{runs, BOOT_LOG_BYTES, BOOT_LOG_RUNS, BOOT_WINDOW};
 use crate::p2p::core::tree::class_of;
 
 /// Pushes one node has reserved and not yet sent to one child, as vmtd's `PUSH_WINDOW`.
 const PUSH_WINDOW: u32 = 2;
 
 /// Most runs waiting in one child's backlog, as vmtd's; past it the oldest is dropped.
-const MAX_BACKLOG: usize = 1024;
+const MAX_BACKLOG: usize = 2048;
 
 /// Pushes' serials (a request's serial is its number, far below).
 const PUSH_SERIAL: u64 = 1 << 62;
@@ -80,6 +83,9 @@ impl Sim<'_> {
         }
         let active = self.nodes[i as usize].active;
         let now = self.instant();
+        // The parents before this view: a tree's boot goes with the first adoption of a node in
+        // this round too (as in one `Adopt` naming several trees).
+        let before = self.nodes[i as usize].parent_of.clone();
         for c in 0..self.p.classes {
             // Stripe c is of class c.
             let chunk = c * self.w.stripe_chunks;
@@ -101,7 +107,7 @@ impl Sim<'_> {
             if let Some(q) = parent {
                 self.nodes[q as usize].children[c].push(i);
             }
-            let adopted_before = parent.is_some_and(|q| self.nodes[i as usize].parent_of.contains(&Some(q)));
+            let adopted_before = parent.is_some_and(|q| before.contains(&Some(q)));
             self.nodes[i as usize].parent_of[c] = parent;
             if let Some(q) = parent.filter(|_| self.p.push_boot && !adopted_before) {
                 self.push_boot(q, i, c);
@@ -115,13 +121,21 @@ impl Sim<'_> {
         if !self.pushes() || run.is_empty() {
             return;
         }
-        let now = self.now;
+        let (now, bytes) = (self.now, u64::from(run.end - run.start) * self.p.chunk_size);
         let n = &mut self.nodes[i as usize];
         if !n.alive || n.liar {
             return;
         }
-        if n.active && now - n.active_at <= BOOT_WINDOW.as_nanos() as u64 && n.boot_log.len() < BOOT_LOG_RUNS {
-            n.boot_log.push(run.clone());
+        // Once per run: cut through, it is also handed on as it starts arriving (`from`).
+        let (log, logged) = &mut n.boot_log;
+        if from.is_none()
+            && n.active
+            && now - n.active_at <= BOOT_WINDOW.as_nanos() as u64
+            && log.len() < BOOT_LOG_RUNS
+            && *logged + bytes <= BOOT_LOG_BYTES
+        {
+            log.push(run.clone());
+            *logged += bytes;
         }
         let c = class_of(run.start / self.w.stripe_chunks, self.p.classes) as usize;
         let children = n.children[c].clone();
@@ -142,7 +156,7 @@ impl Sim<'_> {
         let (classes, stripe) = (self.p.classes, self.w.stripe_chunks);
         let n = &mut self.nodes[i as usize];
         let log: Vec<Range<u32>> =
-            n.boot_log.iter().filter(|r| class_of(r.start / stripe, classes) as usize == c).cloned().collect();
+            n.boot_log.0.iter().filter(|r| class_of(r.start / stripe, classes) as usize == c).cloned().collect();
         if log.is_empty() {
             return;
         }

@@ -54,6 +54,11 @@ impl UploadBudget {
         Some(bytes)
     }
 
+    /// Whether a push of `len` bytes can ever be reserved (a longer one would wait for ever).
+    pub fn push_fits(&self, len: u64) -> bool {
+        len.clamp(1, self.buffer) <= self.buffer / 2
+    }
+
     /// Like [`UploadBudget::reserve`], for a push (a reply nobody asked for): it ranks below
     /// asked replies, so it may only take the first half of the budget, leaving the rest to them.
     pub fn reserve_push(&mut self, session_bytes: u64, session_queued: usize, len: u64) -> Option<u64> {
@@ -98,5 +103,8 @@ mod tests {
         assert_eq!(b.reserve_push(0, 0, 400), Some(400));
         assert_eq!(b.reserve_push(0, 0, 200), None, "pushes take at most half");
         assert_eq!(b.reserve(0, 0, 500), Some(500), "asked replies take the rest");
+        assert!(b.push_fits(500) && !b.push_fits(501), "a push longer than half never fits");
+        b.release(900);
+        assert_eq!(b.reserve_push(0, 0, 501), None, "even with the budget empty");
     }
 }

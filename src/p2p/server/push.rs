@@ -13,6 +13,8 @@
 //! above in the run's tree, see `Swarm::adopted_by`), so pushes never loop. An offer is
 //! followed by its push unless the peer asked for the whole run on the session meanwhile (its
 //! reply carries it) or the session ends; the peer gives up on an offer that does not come.
+//! A request for chunks of a push written already crossed it on the wire and is answered
+//! `Pushed` (see [`Pushing::asked`]), once per chunk.
 //! A peer that adopts this node after this node's own boot began is first pushed the runs of
 //! that boot (`Fetcher::boot_log`) in the order this node obtained them: a later boot of the
 //! same image reads them, in about that order, and finds them there ahead of its reads.
@@ -40,9 +42,10 @@ struct Adoption {
     known: RoaringBitmap,
     /// Chunks the peer asked this session for.
     asked: RoaringBitmap,
-    /// The last runs pushed on this session ([`RECENT_PUSHES`]), oldest first: a request for
-    /// chunks within one of them crossed its push and is answered `Pushed`, once.
-    sent: VecDeque<Range<u32>>,
+    /// The last runs pushed on this session ([`RECENT_PUSHES`]), oldest first, each with the
+    /// chunks of it already answered `Pushed`: a request for chunks within one of them crossed
+    /// its push and is answered `Pushed`, once per chunk (a request asked again gets `Data`).
+    sent: VecDeque<(Range<u32>, RoaringBitmap)>,
 }
 
 /// The pushes of one session, once its peer adopted this node; ends with the session.
@@ -62,13 +65,16 @@ impl Drop for Pushing {
 
 impl Pushing {
     /// The peer asked for `run` on this session: it gets it as a reply, not as a push. True
-    /// when a push written on this session before now holds all of `run`: the request crossed
-    /// it, and the reply is `Pushed` (the peer has the bytes from the push, or asks again, and
-    /// the push no longer answers for it then).
+    /// when a push written on this session before now holds all of `run` and no chunk of it
+    /// was answered so before: the request crossed the push, and the reply is `Pushed` (the
+    /// peer has the bytes from the push, or asks again, and then gets `Data`).
     pub(super) fn asked(&self, run: Range<u32>) -> bool {
         let mut a = self.adoption.lock().unwrap();
-        if let Some(k) = a.sent.iter().position(|s| s.start <= run.start && run.end <= s.end) {
-            a.sent.remove(k);
+        let crossed = a.sent.iter_mut().find(|(s, answered)| {
+            s.start <= run.start && run.end <= s.end && answered.range_cardinality(run.clone()) == 0
+        });
+        if let Some((_, answered)) = crossed {
+            answered.insert_range(run);
             self.server.stats.pushes_answered.fetch_add(1, Ordering::Relaxed);
             return true;
         }
@@ -109,7 +115,7 @@ impl QueuedPush {
             if a.sent.len() == RECENT_PUSHES {
                 a.sent.pop_front();
             }
-            a.sent.push_back(self.run.clone());
+            a.sent.push_back((self.run.clone(), RoaringBitmap::new()));
         }
         let len = self.frame.tail.len() as u64;
         self.server.pace(len).await;
@@ -139,7 +145,7 @@ pub(super) struct SessionQueue {
 /// the child's guest asks for.
 const PUSH_WINDOW: usize = 2;
 /// Most runs waiting in one session's backlog; past it the oldest is dropped.
-const MAX_BACKLOG: usize = 1024;
+const MAX_BACKLOG: usize = 2048;
 
 /// Pushes written on a session that answer a request crossing them (see [`Pushing::asked`]).
 const RECENT_PUSHES: usize = 4;
@@ -318,6 +324,12 @@ impl PeerServer {
         queue: &SessionQueue,
     ) -> Pushed {
         let Some(len) = export.run_len(piece.clone()) else { return Pushed::Sent };
+        if !self.budget.lock().unwrap().push_fits(len) {
+            // Longer than half the budget (a small `upload_buffer`): never pushed, the child
+            // asks for it.
+            self.stats.pushes_skipped.fetch_add(1, Ordering::Relaxed);
+            return Pushed::Sent;
+        }
         let held_bytes = data.and_then(|d| piece_bytes(d, piece.clone(), |r| export.run_len(r)));
         let Some(mut held) = self.reserve_push(len, &queue.reserved, queue.queued.load(Ordering::Relaxed)) else {
             return Pushed::NoRoom;
