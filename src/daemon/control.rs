@@ -329,7 +329,8 @@ pub struct NodeP2pStatus {
     #[serde(default)]
     pub children: u64,
     /// Runs pushed to children since start, and runs not pushed (asked for on the session after
-    /// their offer, or gone from the cache before they could be offered).
+    /// their offer, gone from the cache before they could be offered, or longer than half the
+    /// reply budget).
     #[serde(default)]
     pub pushes: u64,
     #[serde(default)]

@@ -143,8 +143,8 @@ pub struct ServerStats {
     pub buffered_peak: AtomicU64,
     /// Sessions whose peer takes this node as its parent in some tree, now.
     pub children: AtomicU64,
-    /// Runs pushed to children, and runs not pushed (asked for after their offer, or gone from
-    /// the cache before they could be offered).
+    /// Runs pushed to children, and runs not pushed (asked for after their offer, gone from the
+    /// cache before they could be offered, or longer than half the budget).
     pub pushes: AtomicU64,
     pub pushes_skipped: AtomicU64,
     /// Requests answered `Pushed`: they crossed a push of what they ask for.
