@@ -147,8 +147,10 @@ const PUSH_WINDOW: usize = 2;
 /// Most runs waiting in one session's backlog; past it the oldest is dropped.
 const MAX_BACKLOG: usize = 2048;
 
-/// Pushes written on a session that answer a request crossing them (see [`Pushing::asked`]).
-const RECENT_PUSHES: usize = 4;
+/// Pushes written on a session that answer a request crossing them (see [`Pushing::asked`]):
+/// as many as may be on their way at once (a socket's buffers hold megabytes, many pushes of a
+/// few chunks), so that a request that crossed an older one is not answered with the bytes again.
+const RECENT_PUSHES: usize = 64;
 
 /// Runs at the back of a session's backlog that keep their bytes (the others are read back from
 /// the cache when their turn comes).
