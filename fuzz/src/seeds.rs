@@ -105,6 +105,7 @@ fn p2p_wire() -> Vec<Vec<u8>> {
         Frame::with_tail(Message::HaveDelta, Bytes::from(bitmap_bytes(&[7u32, 8].into_iter().collect()))),
         Frame::new(Message::Request { id: 1, first: 2, count: 3 }),
         Frame::with_tail(Message::Data { id: 1 }, Bytes::from(vec![0xab; 64])),
+        Frame::with_tail(Message::Part { id: 1, count: 1 }, Bytes::from(vec![0xac; 64])),
         Frame::new(Message::NotHave { id: 1 }),
         Frame::new(Message::Busy { id: 1 }),
         Frame::new(Message::Ping),

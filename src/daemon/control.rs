@@ -339,6 +339,9 @@ pub struct NodeP2pStatus {
     /// the asker on the session already.
     #[serde(default)]
     pub pushes_answered: u64,
+    /// Frames of replies' chunks sent ahead of the rest as they arrived (cut through).
+    #[serde(default)]
+    pub parts: u64,
 }
 
 /// A response from the daemon.
@@ -352,7 +355,7 @@ pub enum Response {
         profiles_rejected: u64,
         /// The peer server, with `[p2p]` configured.
         #[serde(default)]
-        p2p: Option<NodeP2pStatus>,
+        p2p: Option<Box<NodeP2pStatus>>,
         #[serde(default)]
         nbd: NbdStatus,
         #[serde(default)]

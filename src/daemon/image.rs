@@ -13,7 +13,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 use crate::config::{ImageConfig, Tuning};
-use crate::fetch::flight::{FetchTuning, Fetcher, Priority, RunData};
+use crate::fetch::flight::{FetchTuning, Fetcher, Parts, Priority, RunData};
 use crate::fetch::origin::OriginUrl;
 use crate::fetch::{BoxFuture, SourceError};
 use crate::image::{ByteOffset, ChunkIdx, ChunkSize, Manifest, ManifestError};
@@ -398,7 +398,6 @@ impl Image {
             // The chunks left the cache meanwhile (evicted, or forgotten after a failed read):
             // fetch them in this same round.
         }
-        let store = self.store.clone();
         let guest = priority == Priority::Guest;
         let runs = self.fetcher.ensure_with(range.clone(), priority).await.map_err(|e| {
             if guest {
@@ -417,7 +416,16 @@ impl Image {
         if guest && how != Served::Hit {
             self.reads_waited.fetch_add(1, Ordering::Relaxed);
         }
-        let bytes = match runs.iter().find_map(|r| Some((r.share(offset, len as usize)?, r.bytes.len()))) {
+        let bytes = self.bytes_of_runs(offset, len, runs).await.map_err(|_| EIO)?;
+        Ok(bytes.map(|b| (b, how)))
+    }
+
+    /// The bytes of `[offset, offset + len)` from fetched `runs`, or from the cache for chunks
+    /// none of them holds; `Err` if the blocking pool failed, `None` if the cache read did.
+    async fn bytes_of_runs(&self, offset: u64, len: u32, runs: Vec<Arc<RunData>>) -> Result<Option<Bytes>, ()> {
+        let range = self.manifest.geometry().chunks_covering(ByteOffset(offset), u64::from(len));
+        let store = self.store.clone();
+        Ok(match runs.iter().find_map(|r| Some((r.share(offset, len as usize)?, r.bytes.len()))) {
             // The common cold read: one fetched run holds it all, share its buffer. A small read
             // of a much longer run (a prefetch's) gets a copy instead: a reply waiting to be
             // written then pins no more memory than the NBD budgets charge it.
@@ -425,10 +433,19 @@ impl Image {
             Some((shared, _)) => Some(Bytes::copy_from_slice(&shared)),
             None => {
                 let read = tokio::task::spawn_blocking(move || assemble(&store, offset, len, range, &runs));
-                read.await.map_err(|_| EIO)?.map(Bytes::from)
+                read.await.map_err(|_| ())?.map(Bytes::from)
             }
-        };
-        Ok(bytes.map(|b| (b, how)))
+        })
+    }
+
+    /// A relay's reply to a peer for `run`, fetched on its behalf: the chunks that arrive in
+    /// order go to `parts` as they come (cut through), and the rest is returned.
+    async fn relay(&self, run: std::ops::Range<u32>, parts: &Parts) -> Option<Bytes> {
+        let g = self.manifest.geometry();
+        self.store.touch(run.clone());
+        let (runs, rest) = self.fetcher.ensure_parts(run.clone(), Priority::Relay, parts).await.ok()?;
+        let (offset, len) = g.run_bytes(rest..run.end)?;
+        self.bytes_of_runs(offset.0, u32::try_from(len).ok()?, runs).await.ok()?
     }
 }
 
@@ -497,7 +514,12 @@ impl PeerExport for Image {
         })
     }
 
-    fn serve<'a>(&'a self, run: std::ops::Range<u32>, requester: &'a str) -> BoxFuture<'a, Option<Bytes>> {
+    fn serve<'a>(
+        &'a self,
+        run: std::ops::Range<u32>,
+        requester: &'a str,
+        parts: &'a Parts,
+    ) -> BoxFuture<'a, Option<Bytes>> {
         Box::pin(async move {
             let len = u32::try_from(self.run_len(run.clone())?).ok()?;
             let offset = self.manifest.geometry().chunk_offset(ChunkIdx(run.start)).0;
@@ -507,7 +529,10 @@ impl PeerExport for Image {
             if !self.swarm.as_ref().is_some_and(|s| s.relays_for(run.clone(), requester)) {
                 return self.cached(offset, len).await;
             }
-            self.bytes(offset, len, Priority::Relay).await.ok().map(|(b, _)| b)
+            if self.store.has_all(run.clone()) {
+                return self.cached(offset, len).await;
+            }
+            self.relay(run, parts).await
         })
     }
 

@@ -107,6 +107,7 @@ impl Peers {
             pushes: load(&s.pushes),
             pushes_skipped: load(&s.pushes_skipped),
             pushes_answered: load(&s.pushes_answered),
+            parts: load(&s.parts),
             trackers_up: load(&self.trackers_up),
         }
     }

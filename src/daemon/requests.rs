@@ -18,7 +18,7 @@ impl Daemon {
                 .map(|i| i.status(self.holders(&i.name), self.profile_of(i).map(|p| p.entries.len() as u64)))
                 .collect(),
             profiles_rejected: self.profiles_rejected.load(std::sync::atomic::Ordering::Relaxed),
-            p2p: self.peers.as_ref().map(|p| p.status()),
+            p2p: self.peers.as_ref().map(|p| Box::new(p.status())),
             cache: self.cache_usage(used),
             nbd: control::NbdStatus {
                 connections: self.nbd.connections() as u64,

@@ -27,7 +27,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -303,12 +303,37 @@ impl Fetcher {
         range: Range<u32>,
         priority: Priority,
     ) -> Result<Vec<Arc<RunData>>, FetchError> {
+        self.ensure_passes(range, priority, None).await
+    }
+
+    /// [`Fetcher::ensure_with`] for a relay that cuts through: while the chunks of `range` come
+    /// in order, each is sent to `parts` as it arrives (coalesced with those that came with it),
+    /// all but the last. Returns the runs, and the first chunk not sent: the rest of the reply.
+    /// A chunk the cache held, or one that came out of order, ends the parts.
+    pub async fn ensure_parts(
+        self: &Arc<Self>,
+        range: Range<u32>,
+        priority: Priority,
+        parts: &Parts,
+    ) -> Result<(Vec<Arc<RunData>>, u32), FetchError> {
+        let mut emit = Emit { g: self.manifest.geometry(), tx: parts, next: range.start, end: range.end, on: true };
+        let runs = self.ensure_passes(range, priority, Some(&mut emit)).await?;
+        Ok((runs, emit.next))
+    }
+
+    async fn ensure_passes(
+        self: &Arc<Self>,
+        range: Range<u32>,
+        priority: Priority,
+        mut emit: Option<&mut Emit<'_>>,
+    ) -> Result<Vec<Arc<RunData>>, FetchError> {
         // A lost push leaves its chunks to the next pass, which fetches what is still missing;
         // the last pass fetches even chunks offered again.
         let mut data: Vec<Arc<RunData>> = Vec::new();
         let mut pass = 0;
         loop {
-            match self.ensure_pass(range.clone(), priority, &mut data, pass == MAX_LOST).await {
+            let last = pass == MAX_LOST;
+            match self.ensure_pass(range.clone(), priority, &mut data, last, emit.as_deref_mut()).await {
                 Err(FetchError::Lost) if pass < MAX_LOST => pass += 1,
                 Err(e) => {
                     if priority == Priority::Guest {
@@ -329,6 +354,7 @@ impl Fetcher {
         priority: Priority,
         data: &mut Vec<Arc<RunData>>,
         last: bool,
+        mut emit: Option<&mut Emit<'_>>,
     ) -> Result<(), FetchError> {
         let mut waits = Vec::new();
         let mut mine: Vec<(u32, watch::Sender<Outcome>)> = Vec::new();
@@ -340,11 +366,11 @@ impl Fetcher {
                 // On the last pass an offered push is not waited for but raced: its peer may
                 // offer again and again and never deliver.
                 match inflight.get(&i) {
-                    Some((rx, pushed)) if !(last && *pushed) => waits.push(rx.clone()),
+                    Some((rx, pushed)) if !(last && *pushed) => waits.push((i, rx.clone())),
                     _ => {
                         let (tx, rx) = watch::channel(None);
                         inflight.insert(i, (rx.clone(), false));
-                        waits.push(rx);
+                        waits.push((i, rx));
                         mine.push((i, tx));
                     }
                 }
@@ -355,13 +381,17 @@ impl Fetcher {
             tokio::spawn(async move { me.fetch_run(run, priority).await });
         }
         let mut failure = None;
-        for mut rx in waits {
+        for k in 0..waits.len() {
+            let (i, rx) = &mut waits[k];
             let outcome = match rx.wait_for(Option::is_some).await {
                 Ok(v) => v.clone().unwrap_or(Err(FetchError::Aborted)),
                 Err(_) => Err(FetchError::Aborted),
             };
             match outcome {
                 Ok(run) => {
+                    if let Some(emit) = emit.as_deref_mut() {
+                        emit.chunk(*i, &run, &waits[k + 1..]);
+                    }
                     if !data.iter().any(|d| Arc::ptr_eq(d, &run)) {
                         data.push(run);
                     }
@@ -409,13 +439,21 @@ impl Fetcher {
         // Held until the run is stored: bounds both upstream reads in flight and fetched bytes
         // waiting for the data file (none over a peer-aware source, see `slot`).
         let _permit = self.slot(priority).await;
-        let (data, checked) = match self.read_with_retries(offset, len, priority).await {
+        let read = {
+            // Chunks a relay up the tree cuts through reach their waiters as they arrive.
+            let early = AtomicU32::new(0);
+            let progress = |chunks: Range<u32>, bytes: Bytes| self.early(&claim.run, &early, chunks, bytes);
+            self.read_with_retries(offset, len, priority, &progress).await
+        };
+        let (data, checked) = match read {
             Ok(read) => read,
             Err(e) => {
                 let mut inflight = self.inflight.lock().unwrap();
                 for (i, tx) in claim.run.drain(..) {
                     release(&mut inflight, i, &tx);
-                    let _ = tx.send(Some(Err(e.clone())));
+                    // Chunks handed on early keep their (verified) bytes.
+                    let e = e.clone();
+                    tx.send_if_modified(|o| o.is_none() && o.replace(Err(e)).is_none());
                 }
                 return;
             }
@@ -430,6 +468,27 @@ impl Fetcher {
             // The claim moved into the task cleaned up the in-flight entries as it unwound.
             tracing::error!("verify-and-store task failed");
         }
+    }
+
+    /// Verified `bytes` of `chunks` that arrived ahead of the rest of the fetched `run`: the
+    /// waiters of those not handed on yet (`done` counts them from the run's start) get them
+    /// now. The run stays in flight until it is whole and stored.
+    fn early(&self, run: &[(u32, watch::Sender<Outcome>)], done: &AtomicU32, chunks: Range<u32>, bytes: Bytes) {
+        let g = self.manifest.geometry();
+        let first = run[0].0;
+        let from = first + done.load(Ordering::Relaxed);
+        let end = chunks.end.min(first + run.len() as u32);
+        if chunks.start > from || end <= from {
+            return;
+        }
+        let skip = g.run_bytes(chunks.start..from).map_or(0, |(_, n)| n);
+        let Some((offset, len)) = g.run_bytes(from..end) else { return };
+        let Some(part) = bytes.get(skip..skip + len).map(|_| bytes.slice(skip..skip + len)) else { return };
+        let part = Arc::new(RunData { chunks: from..end, offset: offset.0, bytes: part, from_peers: true });
+        for (_, tx) in &run[(from - first) as usize..(end - first) as usize] {
+            tx.send_if_modified(|o| o.is_none() && o.replace(Ok(part.clone())).is_none());
+        }
+        done.store(end - first, Ordering::Relaxed);
     }
 
     /// Verifies a fetched run (unless `checked`), hands it to its waiters, announces it, stores
@@ -517,6 +576,7 @@ impl Fetcher {
         offset: u64,
         len: usize,
         priority: Priority,
+        progress: super::Progress<'_>,
     ) -> Result<(Vec<u8>, bool), FetchError> {
         let start = Instant::now();
         let deadline = start + self.tuning.timeout;
@@ -527,7 +587,7 @@ impl Fetcher {
                 self.stats.upstream_reads.fetch_add(1, Ordering::Relaxed);
                 // Observed when the attempt ends, also by the deadline (the guard drops then).
                 let _timer = (!self.source.waits_on_peers()).then(|| self.stats.origin_latency.timer());
-                self.source.read_checked_as(offset, len, priority).await
+                self.source.read_streaming(offset, len, priority, progress).await
             };
             match tokio::time::timeout_at(deadline, attempt).await {
                 Ok(Ok((data, checked))) if data.len() == len => return Ok((data, checked)),
@@ -553,6 +613,51 @@ impl Fetcher {
     fn gave_up(&self, start: Instant, last: String) -> FetchError {
         self.stats.gave_up.fetch_add(1, Ordering::Relaxed);
         FetchError::GaveUp { what: self.source.describe(), secs: start.elapsed().as_secs_f64(), last }
+    }
+}
+
+/// Where [`Fetcher::ensure_parts`] sends the chunks it hands on early.
+pub type Parts = tokio::sync::mpsc::UnboundedSender<(Range<u32>, Bytes)>;
+
+/// A cut-through reply's progress: the next chunk to send, and the reply's end.
+struct Emit<'a> {
+    g: crate::image::Geometry,
+    tx: &'a Parts,
+    next: u32,
+    end: u32,
+    on: bool,
+}
+
+impl Emit<'_> {
+    /// Chunk `i` arrived in `run`: sent on if it is the next, with the chunks after it that
+    /// came in the same run (`ahead`: the waits after it, in order), all but the reply's last.
+    fn chunk(&mut self, i: u32, run: &Arc<RunData>, ahead: &[(u32, watch::Receiver<Outcome>)]) {
+        if !self.on || i != self.next {
+            self.on = false;
+            return;
+        }
+        let mut end = i + 1;
+        for (j, rx) in ahead {
+            let same = matches!(&*rx.borrow(), Some(Ok(r)) if Arc::ptr_eq(r, run));
+            if *j != end || !same {
+                break;
+            }
+            end += 1;
+        }
+        let end = end.min(self.end - 1);
+        if end <= i {
+            return;
+        }
+        let bytes = self.g.run_bytes(i..end).and_then(|(offset, len)| run.share(offset.0, len));
+        let Some(bytes) = bytes else {
+            self.on = false;
+            return;
+        };
+        if self.tx.send((i..end, bytes)).is_err() {
+            self.on = false;
+            return;
+        }
+        self.next = end;
     }
 }
 

@@ -24,6 +24,12 @@ use crate::image::{ChunkIdx, ChunkSize, Geometry, Manifest};
 /// A boxed future, so that sources can sit behind `dyn ChunkSource`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Where a streaming read ([`ChunkSource::read_streaming`]) hands on its first chunks as they
+/// arrive, before the read ends: `(chunks, their bytes)`, whole chunks already checked against
+/// the image's manifest, in order within one attempt (a source that gives up on one peer and
+/// asks another starts again from the beginning; the receiver skips what it has).
+pub type Progress<'a> = &'a (dyn Fn(std::ops::Range<u32>, bytes::Bytes) + Send + Sync);
+
 /// Errors of one read from a source. Cloneable: one failure is handed to every waiter.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum SourceError {
@@ -71,6 +77,19 @@ pub trait ChunkSource: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<(Vec<u8>, bool), SourceError>> {
         let _ = priority;
         self.read_checked(offset, len)
+    }
+    /// [`ChunkSource::read_checked_as`], handing on the first chunks as they arrive (a relay
+    /// up the tree that cuts through): the fetcher's waiters get them before the read ends.
+    /// Sources that read all at once ignore `progress`.
+    fn read_streaming<'a>(
+        &'a self,
+        offset: u64,
+        len: usize,
+        priority: flight::Priority,
+        progress: Progress<'a>,
+    ) -> BoxFuture<'a, Result<(Vec<u8>, bool), SourceError>> {
+        let _ = progress;
+        self.read_checked_as(offset, len, priority)
     }
     /// Whether a read may wait on other nodes' fetches (a peer-aware source). The fetcher then
     /// holds no upstream slot across reads: slots held while waiting on peers that hold slots

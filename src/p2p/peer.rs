@@ -58,12 +58,18 @@ pub enum Refusal {
 type Reply = Result<Bytes, Refusal>;
 
 /// A request waiting for its reply: the chunks it asks for, whether it was asked again after a
-/// `Pushed` this node could not take from a push, and where its reply goes.
+/// `Pushed` this node could not take from a push, how many chunks came ahead in `Part`s and
+/// where they went, and where the rest of its reply goes.
 struct Pending {
     run: Range<u32>,
     again: bool,
+    got: u32,
+    parts: Option<Parts>,
     reply: oneshot::Sender<Reply>,
 }
+
+/// Where the `Part`s of a reply go as they arrive: `(chunks, bytes)`, in order, unchecked.
+pub type Parts = mpsc::UnboundedSender<(Range<u32>, Bytes)>;
 
 /// An open session with one peer.
 pub struct PeerConn {
@@ -194,6 +200,25 @@ impl PeerConn {
                 heard = tokio::time::Instant::now();
                 let (id, reply) = match f.msg {
                     Message::Data { id } => (id, Ok(f.tail)),
+                    Message::Part { id, count } => {
+                        let mut pending = me.pending.lock().unwrap();
+                        // A reply nobody waits for any more (answered from a push, timed out).
+                        let Some(p) = pending.get_mut(&id) else { continue };
+                        // Parts leave at least one chunk to the reply's `Data`.
+                        let from = p.run.start + p.got;
+                        let part = from..from.saturating_add(count);
+                        if count == 0
+                            || part.end >= p.run.end
+                            || g.run_bytes(part.clone()).is_none_or(|(_, len)| len != f.tail.len())
+                        {
+                            break format!("part of chunks {from}+{count} in {} bytes", f.tail.len());
+                        }
+                        p.got += count;
+                        if p.parts.as_ref().is_some_and(|tx| tx.send((part, f.tail)).is_err()) {
+                            p.parts = None;
+                        }
+                        continue;
+                    }
                     Message::NotHave { id } => (id, Err(Refusal::NotHave)),
                     Message::Busy { id } => (id, Err(Refusal::Busy)),
                     Message::Have | Message::HaveDelta => {
@@ -319,18 +344,22 @@ impl PeerConn {
             .collect();
         for id in held {
             let p = pending.remove(&id).expect("listed above");
-            let skip = g.run_bytes(run.start..p.run.start).map_or(0, |(_, n)| n);
-            let len = g.run_bytes(p.run.clone()).map_or(0, |(_, n)| n);
+            // What came in parts is the caller's already.
+            let rest = p.run.start + p.got..p.run.end;
+            let skip = g.run_bytes(run.start..rest.start).map_or(0, |(_, n)| n);
+            let len = g.run_bytes(rest).map_or(0, |(_, n)| n);
             let _ = p.reply.send(Ok(bytes.slice(skip..skip + len)));
         }
     }
 
-    /// Asks for chunks `first..first + count`.
-    pub async fn request(&self, first: u32, count: u32) -> Reply {
+    /// Asks for chunks `first..first + count`. A relay that cuts through sends the first of
+    /// them ahead in parts: those go to `parts` as they arrive, and the reply holds the rest
+    /// (all of them when no part came).
+    pub async fn request(&self, first: u32, count: u32, parts: Parts) -> Reply {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         let run = first..first.saturating_add(count);
-        self.pending.lock().unwrap().insert(id, Pending { run, again: false, reply: tx });
+        self.pending.lock().unwrap().insert(id, Pending { run, again: false, got: 0, parts: Some(parts), reply: tx });
         self.requested.notify_one();
         let _waiting = Waiting { conn: self, id };
         if self.is_closed() {
@@ -429,11 +458,61 @@ mod tests {
         });
         let conn =
             PeerConn::connect(&server, me, &key, ([5; 32], g), Duration::from_secs(5), selector, sink).await.unwrap();
-        assert_eq!(conn.request(2, 1).await.unwrap(), chunks(2..3));
-        assert_eq!(conn.request(8, 2).await.unwrap(), chunks(8..10));
-        assert_eq!(conn.request(12, 1).await, Err(Refusal::NotHave));
-        assert_eq!(conn.request(13, 1).await, Err(Refusal::Closed));
+        assert_eq!(conn.request(2, 1, mpsc::unbounded_channel().0).await.unwrap(), chunks(2..3));
+        assert_eq!(conn.request(8, 2, mpsc::unbounded_channel().0).await.unwrap(), chunks(8..10));
+        assert_eq!(conn.request(12, 1, mpsc::unbounded_channel().0).await, Err(Refusal::NotHave));
+        assert_eq!(conn.request(13, 1, mpsc::unbounded_channel().0).await, Err(Refusal::Closed));
         assert!(conn.pending.lock().unwrap().is_empty());
+        tokio::time::timeout(Duration::from_secs(10), peer).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn parts_of_a_reply_come_ahead_in_order_and_the_reply_holds_the_rest() {
+        let key = ClusterKey::from_secret(b"a test cluster key of some length").unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = listener.local_addr().unwrap().to_string();
+        let g = Geometry::new(16 * 4096, ChunkSize::new(4096).unwrap()).unwrap();
+        let me = "127.0.0.1:1";
+        let selector = Arc::new(Mutex::new(Selector::new(me, 16, 2, 1)));
+        let sink: std::sync::Weak<dyn PushSink> = std::sync::Weak::<NoSink>::new();
+        let (skey, sname) = (key.clone(), server.clone());
+        let (go_on, go) = oneshot::channel::<()>();
+        let peer = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            server_handshake(&mut s, &skey, &sname, Duration::from_secs(5)).await.unwrap();
+            // 1. Chunks 4..8: one part, then one of two chunks, then the reply's last chunk,
+            // held back until the client has seen the parts.
+            let (id, first, count) = expect_request(&mut s).await;
+            assert_eq!((first, count), (4, 4));
+            write_frame(&mut s, &Frame::with_tail(Message::Part { id, count: 1 }, chunks(4..5))).await.unwrap();
+            write_frame(&mut s, &Frame::with_tail(Message::Part { id, count: 2 }, chunks(5..7))).await.unwrap();
+            go.await.unwrap();
+            write_frame(&mut s, &Frame::with_tail(Message::Data { id }, chunks(7..8))).await.unwrap();
+            // 2. A part, then `NotHave`: the part stands, the request is refused.
+            let (id, _, _) = expect_request(&mut s).await;
+            write_frame(&mut s, &Frame::with_tail(Message::Part { id, count: 1 }, chunks(8..9))).await.unwrap();
+            write_frame(&mut s, &Frame::new(Message::NotHave { id })).await.unwrap();
+            // 3. A part that leaves nothing to the reply ends the session.
+            let (id, _, _) = expect_request(&mut s).await;
+            write_frame(&mut s, &Frame::with_tail(Message::Part { id, count: 2 }, chunks(10..12))).await.unwrap();
+            assert!(read_frame(&mut s).await.is_err(), "the client sent more after a bad part");
+        });
+        let conn =
+            PeerConn::connect(&server, me, &key, ([5; 32], g), Duration::from_secs(5), selector, sink).await.unwrap();
+        let (tx, mut parts) = mpsc::unbounded_channel();
+        let reply = {
+            let conn = conn.clone();
+            tokio::spawn(async move { conn.request(4, 4, tx).await })
+        };
+        assert_eq!(parts.recv().await.unwrap(), (4..5, chunks(4..5)));
+        assert_eq!(parts.recv().await.unwrap(), (5..7, chunks(5..7)));
+        assert!(!reply.is_finished(), "the parts came ahead of the reply");
+        go_on.send(()).unwrap();
+        assert_eq!(reply.await.unwrap().unwrap(), chunks(7..8), "the reply is the rest");
+        let (tx, mut parts) = mpsc::unbounded_channel();
+        assert_eq!(conn.request(8, 2, tx).await, Err(Refusal::NotHave));
+        assert_eq!(parts.recv().await.unwrap(), (8..9, chunks(8..9)));
+        assert_eq!(conn.request(10, 2, mpsc::unbounded_channel().0).await, Err(Refusal::Closed));
         tokio::time::timeout(Duration::from_secs(10), peer).await.unwrap().unwrap();
     }
 

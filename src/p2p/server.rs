@@ -29,7 +29,7 @@ use super::auth::ClusterKey;
 use super::conn::{read_frame_within, server_handshake, write_frame, ConnError, MAX_HANDSHAKES, SMALL_FRAME};
 use super::core::upload::UploadBudget;
 use super::wire::{Bytes32, Frame, Message, MAX_TAIL};
-use crate::fetch::flight::Obtained;
+use crate::fetch::flight::{Obtained, Parts};
 use crate::fetch::BoxFuture;
 
 mod push;
@@ -80,8 +80,10 @@ pub trait PeerExport: Send + Sync + 'static {
     /// Whether this node holds every chunk of `run`.
     fn holds(&self, run: Range<u32>) -> bool;
     /// The bytes of `run` if this node holds it, or fetches it for `requester`, which it ranks
-    /// above in the stripe's tree; `None` when neither (the asker then goes elsewhere).
-    fn serve<'a>(&'a self, run: Range<u32>, requester: &'a str) -> BoxFuture<'a, Option<Bytes>>;
+    /// above in the stripe's tree; `None` when neither (the asker then goes elsewhere). Fetched,
+    /// the first chunks may go to `parts` as they arrive (cut through): then the bytes returned
+    /// are the rest, and `None` means the rest cannot come.
+    fn serve<'a>(&'a self, run: Range<u32>, requester: &'a str, parts: &'a Parts) -> BoxFuture<'a, Option<Bytes>>;
     /// Counts bytes sent to peers.
     fn uploaded(&self, bytes: u64);
     /// Turns true when the image stops being served: its sessions end then.
@@ -149,6 +151,8 @@ pub struct ServerStats {
     pub pushes_skipped: AtomicU64,
     /// Requests answered `Pushed`: they crossed a push of what they ask for.
     pub pushes_answered: AtomicU64,
+    /// Replies' chunks sent ahead of the rest as they arrived here (cut through), in frames.
+    pub parts: AtomicU64,
 }
 
 /// The bytes of one reply, reserved from the node's budget and its session's share from the
@@ -474,14 +478,43 @@ impl PeerServer {
         } else {
             None
         };
-        let served = if self.lie && early.is_none() { None } else { export.serve(run, requester).await };
-        let Some(bytes) = served else {
+        let (parts_tx, mut parts) = mpsc::unbounded_channel();
+        let lie = self.lie && early.is_none();
+        let served = async {
+            if lie {
+                return None;
+            }
+            export.serve(run.clone(), requester, &parts_tx).await
+        };
+        tokio::pin!(served);
+        // Parts go out as they come, on the reply's upload slot (taken with the first).
+        let mut permit = early;
+        let mut next = run.start;
+        let served = loop {
+            tokio::select! {
+                biased;
+                Some(part) = parts.recv() => next = self.part(&*export, id, part, &mut permit, tx).await,
+                s = &mut served => break s,
+            }
+        };
+        while let Ok(part) = parts.try_recv() {
+            next = self.part(&*export, id, part, &mut permit, tx).await;
+        }
+        let Some(mut bytes) = served else {
+            // Parts sent stand: the asker reads the rest elsewhere.
             self.stats.not_have.fetch_add(1, Ordering::Relaxed);
             drop(bytes_held);
             let _ = tx.send((Frame::new(Message::NotHave { id }), None)).await;
             return;
         };
-        let permit = match early {
+        // The rest goes a chunk per frame too, but for its last: a relay below passes each on as
+        // it arrives rather than once the whole run is in.
+        let ahead = export.run_len(next..run.end.saturating_sub(1)).map_or(0, |n| n as usize);
+        if next + 1 < run.end && ahead < bytes.len() {
+            let part = bytes.split_to(ahead);
+            self.part(&*export, id, (next..run.end - 1, part), &mut permit, tx).await;
+        }
+        let permit = match permit {
             Some(p) => p,
             None => self.slots.clone().acquire_owned().await.expect("semaphore never closed"),
         };
@@ -491,6 +524,34 @@ impl PeerServer {
         if tx.send((Frame::with_tail(Message::Data { id }, bytes), Some((Some(permit), bytes_held)))).await.is_ok() {
             export.uploaded(n);
         }
+    }
+
+    /// Sends `chunks` of request `id`'s reply ahead of the rest, a chunk per frame, on its upload
+    /// slot; returns the chunk after them.
+    async fn part(
+        &self,
+        export: &dyn PeerExport,
+        id: u32,
+        (chunks, mut bytes): (Range<u32>, Bytes),
+        permit: &mut Option<OwnedSemaphorePermit>,
+        tx: &mpsc::Sender<(Frame, Held)>,
+    ) -> u32 {
+        if permit.is_none() {
+            *permit = Some(self.slots.clone().acquire_owned().await.expect("semaphore never closed"));
+        }
+        for c in chunks.clone() {
+            let n = if c + 1 == chunks.end { bytes.len() } else { export.run_len(c..c + 1).map_or(0, |n| n as usize) };
+            let chunk = bytes.split_to(n.min(bytes.len()));
+            self.pace(chunk.len() as u64).await;
+            let chunk = self.maybe_corrupt(chunk, false);
+            let n = chunk.len() as u64;
+            if tx.send((Frame::with_tail(Message::Part { id, count: 1 }, chunk), None)).await.is_err() {
+                break;
+            }
+            export.uploaded(n);
+            self.stats.parts.fetch_add(1, Ordering::Relaxed);
+        }
+        chunks.end
     }
 
     /// `bytes` as sent (`push`: in a push): corrupted under the test switches.

@@ -27,7 +27,7 @@ use super::select::{Choice, Outcome, Selector, Summary};
 use super::wire::Bytes32;
 use crate::fetch::flight::Priority;
 use crate::fetch::slots::Slots;
-use crate::fetch::{BoxFuture, ChunkSource, SourceError};
+use crate::fetch::{BoxFuture, ChunkSource, Progress, SourceError};
 use crate::image::{ChunkIdx, Manifest};
 
 /// Origin reads in flight per image.
@@ -316,26 +316,20 @@ impl Swarm {
     }
 
     /// Asks `node` for `run` and checks what comes back (the selector hears of it from the
-    /// caller's [`PieceRead`]).
-    async fn ask(&self, node: &str, run: Range<u32>) -> Result<Bytes, Outcome> {
+    /// caller's [`PieceRead`]); the chunks a relay cuts through go to `progress` as they arrive,
+    /// checked, and the reply is all of the run.
+    async fn ask(&self, node: &str, run: Range<u32>, progress: Progress<'_>) -> Result<Bytes, Outcome> {
         let outcome = async {
             let conn = self.session(node).await.map_err(|_| Outcome::Lost)?;
             self.stats.peer_requests.fetch_add(1, Ordering::Relaxed);
-            let reply = tokio::time::timeout(self.tuning.request_timeout, conn.request(run.start, run.end - run.start))
-                .await
-                .map_err(|_| {
-                    tracing::warn!(peer = node, first = run.start, count = run.end - run.start,
-                        timeout = ?self.tuning.request_timeout, "peer request timed out");
-                    // Its have-map is forgotten on failure; only a fresh session brings it back.
-                    conn.close();
-                    Outcome::Failed
-                })?;
-            match reply {
-                Ok(bytes) => self.verify(node, run.clone(), bytes).await,
-                Err(Refusal::NotHave) => Err(Outcome::NotHave),
-                Err(Refusal::Busy) => Err(Outcome::Busy),
-                Err(Refusal::Closed) => Err(Outcome::Lost),
-            }
+            let asked = self.parts(node, &conn, run.clone(), progress);
+            tokio::time::timeout(self.tuning.request_timeout, asked).await.map_err(|_| {
+                tracing::warn!(peer = node, first = run.start, count = run.end - run.start,
+                    timeout = ?self.tuning.request_timeout, "peer request timed out");
+                // Its have-map is forgotten on failure; only a fresh session brings it back.
+                conn.close();
+                Outcome::Failed
+            })?
         }
         .await;
         let how = match &outcome {
@@ -356,6 +350,56 @@ impl Swarm {
             }
         }
         outcome
+    }
+
+    /// One request on `conn`: its parts checked and handed to `progress` as they come, then the
+    /// rest; all of the run's bytes.
+    async fn parts(
+        &self,
+        node: &str,
+        conn: &PeerConn,
+        run: Range<u32>,
+        progress: Progress<'_>,
+    ) -> Result<Bytes, Outcome> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let reply = conn.request(run.start, run.end - run.start, tx);
+        tokio::pin!(reply);
+        let mut got: Vec<Bytes> = Vec::new();
+        let mut at = run.start;
+        let mut take = |part: Range<u32>, bytes: Bytes, got: &mut Vec<Bytes>| {
+            progress(part.clone(), bytes.clone());
+            at = part.end;
+            got.push(bytes);
+        };
+        let reply = loop {
+            tokio::select! {
+                biased;
+                Some((part, bytes)) = rx.recv() => {
+                    let bytes = self.verify(node, part.clone(), bytes).await?;
+                    take(part, bytes, &mut got);
+                }
+                r = &mut reply => break r,
+            }
+        };
+        // Parts sent before the reply are in the channel already.
+        while let Ok((part, bytes)) = rx.try_recv() {
+            let bytes = self.verify(node, part.clone(), bytes).await?;
+            take(part, bytes, &mut got);
+        }
+        let rest = match reply {
+            Ok(bytes) => self.verify(node, at..run.end, bytes).await?,
+            Err(Refusal::NotHave) => return Err(Outcome::NotHave),
+            Err(Refusal::Busy) => return Err(Outcome::Busy),
+            Err(Refusal::Closed) => return Err(Outcome::Lost),
+        };
+        if got.is_empty() {
+            return Ok(rest);
+        }
+        let mut all = Vec::with_capacity(got.iter().map(Bytes::len).sum::<usize>() + rest.len());
+        for b in got.iter().chain([&rest]) {
+            all.extend_from_slice(b);
+        }
+        Ok(Bytes::from(all))
     }
 
     async fn verify(&self, node: &str, run: Range<u32>, bytes: Bytes) -> Result<Bytes, Outcome> {
@@ -390,7 +434,12 @@ impl Swarm {
 
     /// Reads one stripe's piece of a run from the best source that answers; true when the
     /// bytes came from a peer (and were verified here).
-    async fn read_piece(&self, run: Range<u32>, priority: Priority) -> Result<(Bytes, bool), SourceError> {
+    async fn read_piece(
+        &self,
+        run: Range<u32>,
+        priority: Priority,
+        progress: Progress<'_>,
+    ) -> Result<(Bytes, bool), SourceError> {
         let mut piece = PieceRead::new(run.clone());
         loop {
             let choice = piece.next(&mut self.selector.lock().unwrap(), Instant::now());
@@ -419,7 +468,7 @@ impl Swarm {
                 }
                 Choice::Peer { node, .. } => {
                     let timer = self.stats.peer_latency.timer();
-                    let got = self.ask(&node, run.clone()).await;
+                    let got = self.ask(&node, run.clone(), progress).await;
                     drop(timer);
                     let how = got.as_ref().map_or_else(|o| *o, |_| Outcome::Served);
                     piece.answered(&mut self.selector.lock().unwrap(), &node, how, Instant::now());
@@ -469,6 +518,16 @@ impl ChunkSource for Swarm {
         len: usize,
         priority: Priority,
     ) -> BoxFuture<'_, Result<(Vec<u8>, bool), SourceError>> {
+        Box::pin(async move { self.read_streaming(offset, len, priority, &|_, _| {}).await })
+    }
+
+    fn read_streaming<'a>(
+        &'a self,
+        offset: u64,
+        len: usize,
+        priority: Priority,
+        progress: Progress<'a>,
+    ) -> BoxFuture<'a, Result<(Vec<u8>, bool), SourceError>> {
         Box::pin(async move {
             let g = self.manifest.geometry();
             let run = g.chunks_covering(crate::image::ByteOffset(offset), len as u64);
@@ -481,7 +540,7 @@ impl ChunkSource for Swarm {
             if let [piece] = &pieces[..] {
                 // The usual case: one stripe, read in this task. The reply's own buffer is
                 // usually taken over without a copy.
-                let (bytes, checked) = self.read_piece(piece.clone(), priority).await?;
+                let (bytes, checked) = self.read_piece(piece.clone(), priority, progress).await?;
                 let mut out = Vec::from(bytes);
                 out.truncate(len);
                 return Ok((out, checked));
@@ -489,7 +548,7 @@ impl ChunkSource for Swarm {
             let mut tasks = tokio::task::JoinSet::new();
             for (k, piece) in pieces.into_iter().enumerate() {
                 let me = me.clone();
-                tasks.spawn(async move { (k, me.read_piece(piece, priority).await) });
+                tasks.spawn(async move { (k, me.read_piece(piece, priority, &|_, _| {}).await) });
             }
             let mut parts: Vec<Option<Bytes>> = vec![None; tasks.len()];
             let mut all_checked = true;

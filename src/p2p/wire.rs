@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const MAGIC: &[u8; 4] = b"VMTP";
-pub const VERSION: u16 = 6;
+pub const VERSION: u16 = 7;
 pub const HEADER_LEN: usize = 20;
 /// Largest postcard message (the peer lists of a tracker reply are the largest).
 pub const MAX_MSG: u32 = 1 << 20;
@@ -64,8 +64,13 @@ pub enum Message {
     HaveDelta,
     /// Client → server: please send chunks `first..first + count`.
     Request { id: u32, first: u32, count: u32 },
-    /// Server → client: the bytes of request `id` (tail: the chunks' bytes).
+    /// Server → client: the bytes of request `id` (tail: the chunks' bytes), or after `Part`s
+    /// of it, the rest of them: the reply's last frame.
     Data { id: u32 },
+    /// Server → client: the next `count` chunks of request `id` (tail: their bytes), sent as
+    /// they reach a server that relays them (cut through). More follow: `Part`s, then `Data`
+    /// with the rest, or `NotHave` / `Busy` if the rest cannot come (the parts stand).
+    Part { id: u32, count: u32 },
     /// Server → client: I do not have (and will not fetch) what request `id` asks.
     NotHave { id: u32 },
     /// Server → client: too many requests queued here; ask someone else.
@@ -109,6 +114,7 @@ impl Message {
             Message::HaveDelta => "HaveDelta",
             Message::Request { .. } => "Request",
             Message::Data { .. } => "Data",
+            Message::Part { .. } => "Part",
             Message::NotHave { .. } => "NotHave",
             Message::Busy { .. } => "Busy",
             Message::Ping => "Ping",
@@ -125,7 +131,12 @@ impl Message {
     fn takes_tail(&self) -> bool {
         matches!(
             self,
-            Message::Have | Message::HaveDelta | Message::Data { .. } | Message::Adopt { .. } | Message::Push { .. }
+            Message::Have
+                | Message::HaveDelta
+                | Message::Data { .. }
+                | Message::Part { .. }
+                | Message::Adopt { .. }
+                | Message::Push { .. }
         )
     }
 }
@@ -255,6 +266,7 @@ mod tests {
             Frame::new(Message::Proof { proof: [3; 32] }),
             Frame::with_tail(Message::Have, Bytes::from_static(b"bitmap")),
             Frame::with_tail(Message::Data { id: 5 }, Bytes::from(vec![0xAB; 4096])),
+            Frame::with_tail(Message::Part { id: 5, count: 1 }, Bytes::from(vec![0xAC; 4096])),
             Frame::new(Message::Request { id: 1, first: 2, count: 3 }),
             Frame::new(Message::NotHave { id: 1 }),
             Frame::new(Message::Busy { id: 1 }),

@@ -38,7 +38,7 @@ impl Node {
     }
     pub fn node_status(&self) -> NodeP2pStatus {
         match call(&self.env.control_sock(), Request::Status).unwrap() {
-            Response::Status { p2p, .. } => p2p.expect("node p2p status"),
+            Response::Status { p2p, .. } => *p2p.expect("node p2p status"),
             r => panic!("unexpected {r:?}"),
         }
     }

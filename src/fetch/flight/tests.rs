@@ -63,6 +63,21 @@ async fn settled(f: &Fetcher) {
 }
 
 fn setup(timeout: Duration) -> (tempfile::TempDir, Arc<MemSource>, Arc<ChunkStore>, Arc<Fetcher>) {
+    setup_with(timeout, |data| MemSource {
+        data,
+        reads: AtomicU64::new(0),
+        down: AtomicBool::new(false),
+        corrupt: AtomicBool::new(false),
+        panic: AtomicBool::new(false),
+    })
+}
+
+/// A fetcher of 16 chunks of 4 KiB, in runs of at most 4, over the source `make` builds from
+/// the image's bytes.
+fn setup_with<S: ChunkSource>(
+    timeout: Duration,
+    make: impl FnOnce(Vec<u8>) -> S,
+) -> (tempfile::TempDir, Arc<S>, Arc<ChunkStore>, Arc<Fetcher>) {
     let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 31 % 256) as u8).collect();
     let g = Geometry::new(data.len() as u64, ChunkSize::new(4096).unwrap()).unwrap();
     let m = Manifest::build(g, |idx, buf| {
@@ -74,15 +89,93 @@ fn setup(timeout: Duration) -> (tempfile::TempDir, Arc<MemSource>, Arc<ChunkStor
     let dir = tempfile::tempdir().unwrap();
     let m = Arc::new(m);
     let store = Arc::new(ChunkStore::open(dir.path(), &m).unwrap());
-    let src = Arc::new(MemSource {
-        data,
-        reads: AtomicU64::new(0),
-        down: AtomicBool::new(false),
-        corrupt: AtomicBool::new(false),
-        panic: AtomicBool::new(false),
-    });
+    let src = Arc::new(make(data));
     let f = Fetcher::new(store.clone(), m, src.clone(), FetchTuning { timeout, max_chunks: 4 });
     (dir, src, store, f)
+}
+
+/// A source that hands on the first `ahead` chunks of a read at once (as a relay cutting
+/// through), then holds the rest until `gate` opens.
+struct Streaming {
+    data: Vec<u8>,
+    ahead: u32,
+    gate: tokio::sync::Semaphore,
+}
+
+impl ChunkSource for Streaming {
+    fn describe(&self) -> String {
+        "streaming".into()
+    }
+    fn size(&self) -> BoxFuture<'_, Result<u64, SourceError>> {
+        Box::pin(async move { Ok(self.data.len() as u64) })
+    }
+    fn read(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
+        Box::pin(async move { Ok(self.data[offset as usize..offset as usize + len].to_vec()) })
+    }
+    fn read_streaming<'a>(
+        &'a self,
+        offset: u64,
+        len: usize,
+        _: Priority,
+        progress: crate::fetch::Progress<'a>,
+    ) -> BoxFuture<'a, Result<(Vec<u8>, bool), SourceError>> {
+        Box::pin(async move {
+            let first = (offset / 4096) as u32;
+            let ahead = (self.ahead as usize * 4096).min(len);
+            let o = offset as usize;
+            progress(first..first + self.ahead, Bytes::copy_from_slice(&self.data[o..o + ahead]));
+            // A second, overlapping hand-on (another attempt starting again) changes nothing.
+            progress(first..first + 1, Bytes::copy_from_slice(&self.data[o..o + 4096]));
+            let _open = self.gate.acquire().await.unwrap();
+            Ok((self.data[o..o + len].to_vec(), true))
+        })
+    }
+}
+
+#[tokio::test]
+async fn chunks_cut_through_reach_readers_and_relays_before_the_run_is_in() {
+    let (_d, src, store, f) =
+        setup_with(Duration::from_secs(5), |data| Streaming { data, ahead: 2, gate: tokio::sync::Semaphore::new(0) });
+    // A relay's reply for 0..4: the two chunks that came ahead go out as a part while the
+    // read still waits for the rest.
+    let (tx, mut parts) = tokio::sync::mpsc::unbounded_channel();
+    let relay = {
+        let f = f.clone();
+        tokio::spawn(async move { f.ensure_parts(0..4, Priority::Relay, &tx).await })
+    };
+    let ahead = Duration::from_secs(5);
+    let (chunks, bytes) = tokio::time::timeout(ahead, parts.recv()).await.expect("a part ahead of the run").unwrap();
+    assert_eq!((chunks, &bytes[..]), (0..2, &src.data[..2 * 4096]));
+    // A reader of chunk 1 gets it now too, from the same flight.
+    let runs = tokio::time::timeout(ahead, f.ensure(1..2)).await.expect("chunk 1 ahead of the run").unwrap();
+    assert_eq!(runs[0].slice(4096, 4096).unwrap(), &src.data[4096..8192]);
+    assert!(!relay.is_finished(), "the rest of the run is not in");
+    assert!(!store.has(ChunkIdx(0)), "stored only once the run is whole");
+    src.gate.add_permits(1);
+    let (runs, rest) = relay.await.unwrap().unwrap();
+    assert_eq!(rest, 2, "the rest of the reply starts after the part");
+    assert!(runs.iter().any(|r| r.slice(2 * 4096, 2 * 4096) == Some(&src.data[2 * 4096..4 * 4096])));
+    assert!(parts.try_recv().is_err(), "the reply's last chunks are not sent as parts");
+    settled(&f).await;
+    assert!(store.has_all(0..4));
+    // All of a run in at once: all but its last chunk go ahead, the last is the reply's.
+    let (tx, mut parts) = tokio::sync::mpsc::unbounded_channel();
+    let src4 = Streaming { data: src.data.clone(), ahead: 4, gate: tokio::sync::Semaphore::new(1) };
+    let (_d2, _, _, f4) = setup_with(Duration::from_secs(5), |_| src4);
+    let (_, rest) = f4.ensure_parts(4..8, Priority::Relay, &tx).await.unwrap();
+    assert_eq!(rest, 7);
+    let mut next = 4;
+    while let Ok((chunks, _)) = parts.try_recv() {
+        assert_eq!(chunks.start, next, "parts in order");
+        next = chunks.end;
+    }
+    assert_eq!(next, 7);
+    // A chunk the cache holds ends the parts: the reply then carries it all.
+    src.gate.add_permits(1);
+    let (tx, mut parts) = tokio::sync::mpsc::unbounded_channel();
+    let (_, rest) = f.ensure_parts(3..8, Priority::Relay, &tx).await.unwrap();
+    assert_eq!(rest, 3);
+    assert!(parts.try_recv().is_err());
 }
 
 #[tokio::test]
