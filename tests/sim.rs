@@ -83,7 +83,7 @@ fn relays_survive_killed_nodes_and_lying_peers_and_the_tree_does_not() {
 
 #[test]
 fn cut_through_relays_survive_killed_nodes_and_lying_peers() {
-    // `--cut-through` (a what-if): replies start before their runs are in; a relay killed
+    // Cut through (vmtd's way, the default): replies start before their runs are in; a relay killed
     // while it passes a run on breaks the reply, and its askers read elsewhere. Without pushes,
     // so that the runs go down the trees as asked replies (pushes are `pushing_relays_…`).
     for extra in [["--kill", "0.25"], ["--liars", "0.25"]] {
@@ -114,9 +114,7 @@ fn cut_through_relays_survive_killed_nodes_and_lying_peers() {
         ["--nodes", "16", "--strategies", "vmthunder", "--classes", "2", "--node-link", "10gbit", "--push", "false"];
     let ratio = |cut: bool| {
         let mut f = flags.to_vec();
-        if cut {
-            f.push("--cut-through");
-        }
+        f.extend(["--cut-through", if cut { "true" } else { "false" }]);
         run(&args(&f).params().unwrap()).unwrap().strategies[0].ratio
     };
     let (store, cut) = (ratio(false), ratio(true));
@@ -127,7 +125,7 @@ fn cut_through_relays_survive_killed_nodes_and_lying_peers() {
 fn pushing_relays_survive_killed_nodes_and_lying_peers_and_change_nothing_when_off() {
     // Pushes (vmtd's default): runs flow down the trees unasked; a push its sender's kill breaks
     // leaves its chunks to an ordinary fetch, and a liar pushes nothing.
-    for extra in [&["--kill", "0.25"][..], &["--liars", "0.25"], &["--kill", "0.25", "--cut-through"]] {
+    for extra in [&["--kill", "0.25"][..], &["--liars", "0.25"], &["--kill", "0.25", "--push-cut-through"]] {
         let mut flags = vec!["--nodes", "24", "--strategies", "vmthunder", "--push", "--kill-at", "0.05"];
         flags.extend_from_slice(extra);
         let p = args(&flags).params().unwrap();
@@ -152,7 +150,8 @@ fn pushing_relays_survive_killed_nodes_and_lying_peers_and_change_nothing_when_o
     };
     let ((pulled, none), (pushed, _)) = (ratio("false"), ratio("true"));
     assert_eq!(none, 0, "no pushes with --push false");
-    assert!(args(&["--strategies", "vmthunder"]).params().unwrap().push, "vmtd's default");
+    let defaults = args(&["--strategies", "vmthunder"]).params().unwrap();
+    assert!(defaults.push && defaults.cut_through && !defaults.push_cut_through, "vmtd's defaults");
     assert!(pushed < pulled && pushed <= 1.05, "pulled ×{pulled}, pushed ×{pushed}");
 }
 

@@ -174,8 +174,8 @@ impl Drop for Reservation {
 }
 
 /// What a frame on its way out holds until it is written: a reply's upload slot and bytes (a
-/// push takes no slot).
-type Held = Option<(Option<OwnedSemaphorePermit>, Reservation)>;
+/// push takes no slot; a part ahead of its reply, no bytes of its own).
+type Held = (Option<OwnedSemaphorePermit>, Option<Reservation>);
 
 /// Counts a session as open while it lives.
 struct Open(Arc<PeerServer>);
@@ -414,13 +414,13 @@ impl PeerServer {
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             if pushing.as_ref().is_some_and(|p| p.asked(run.clone())) {
                 // Written after the push that holds the run: not sent twice.
-                let _ = tx.send((Frame::new(Message::Pushed { id }), None)).await;
+                let _ = tx.send((Frame::new(Message::Pushed { id }), (None, None))).await;
                 continue;
             }
             let bytes = self.reserve(len, &reserved, queued.load(Ordering::Relaxed));
             let Some(bytes) = bytes else {
                 self.stats.busy.fetch_add(1, Ordering::Relaxed);
-                let _ = tx.send((Frame::new(Message::Busy { id }), None)).await;
+                let _ = tx.send((Frame::new(Message::Busy { id }), (None, None))).await;
                 continue;
             };
             if queued.fetch_add(1, Ordering::Relaxed) == 0 {
@@ -487,65 +487,67 @@ impl PeerServer {
             export.serve(run.clone(), requester, &parts_tx).await
         };
         tokio::pin!(served);
-        // Parts go out as they come, on the reply's upload slot (taken with the first).
-        let mut permit = early;
+        // Parts go out as they come; `next` is the first chunk not sent.
         let mut next = run.start;
         let served = loop {
             tokio::select! {
                 biased;
-                Some(part) = parts.recv() => next = self.part(&*export, id, part, &mut permit, tx).await,
+                Some(part) = parts.recv() => next = self.part(&*export, id, part, false, tx).await,
                 s = &mut served => break s,
             }
         };
         while let Ok(part) = parts.try_recv() {
-            next = self.part(&*export, id, part, &mut permit, tx).await;
+            next = self.part(&*export, id, part, false, tx).await;
         }
         let Some(mut bytes) = served else {
             // Parts sent stand: the asker reads the rest elsewhere.
             self.stats.not_have.fetch_add(1, Ordering::Relaxed);
             drop(bytes_held);
-            let _ = tx.send((Frame::new(Message::NotHave { id }), None)).await;
+            let _ = tx.send((Frame::new(Message::NotHave { id }), (None, None))).await;
             return;
         };
-        // The rest goes a chunk per frame too, but for its last: a relay below passes each on as
-        // it arrives rather than once the whole run is in.
-        let ahead = export.run_len(next..run.end.saturating_sub(1)).map_or(0, |n| n as usize);
-        if next + 1 < run.end && ahead < bytes.len() {
-            let part = bytes.split_to(ahead);
-            self.part(&*export, id, (next..run.end - 1, part), &mut permit, tx).await;
-        }
-        let permit = match permit {
+        let permit = match early {
             Some(p) => p,
             None => self.slots.clone().acquire_owned().await.expect("semaphore never closed"),
         };
+        // The rest goes a chunk per frame too, but for its last: a relay below passes each on as
+        // it arrives rather than once the whole run is in.
+        let ahead = export.run_len(next..run.end - 1).map_or(0, |n| n as usize);
+        if next + 1 < run.end && ahead < bytes.len() {
+            let part = bytes.split_to(ahead);
+            self.part(&*export, id, (next..run.end - 1, part), true, tx).await;
+        }
         self.pace(bytes.len() as u64).await;
         let bytes = self.maybe_corrupt(bytes, false);
         let n = bytes.len() as u64;
-        if tx.send((Frame::with_tail(Message::Data { id }, bytes), Some((Some(permit), bytes_held)))).await.is_ok() {
+        if tx.send((Frame::with_tail(Message::Data { id }, bytes), (Some(permit), Some(bytes_held)))).await.is_ok() {
             export.uploaded(n);
         }
     }
 
-    /// Sends `chunks` of request `id`'s reply ahead of the rest, a chunk per frame, on its upload
-    /// slot; returns the chunk after them.
+    /// Sends `chunks` of request `id`'s reply ahead of the rest, a chunk per frame. `holding`:
+    /// under the reply's upload slot, held until its last frame; otherwise each frame takes a
+    /// slot until it is written. A part cut through must hold none while the rest is fetched:
+    /// a slot held across a wait on other nodes could close a cycle of waits between them.
     async fn part(
         &self,
         export: &dyn PeerExport,
         id: u32,
         (chunks, mut bytes): (Range<u32>, Bytes),
-        permit: &mut Option<OwnedSemaphorePermit>,
+        holding: bool,
         tx: &mpsc::Sender<(Frame, Held)>,
     ) -> u32 {
-        if permit.is_none() {
-            *permit = Some(self.slots.clone().acquire_owned().await.expect("semaphore never closed"));
-        }
         for c in chunks.clone() {
             let n = if c + 1 == chunks.end { bytes.len() } else { export.run_len(c..c + 1).map_or(0, |n| n as usize) };
             let chunk = bytes.split_to(n.min(bytes.len()));
+            let permit = match holding {
+                true => None,
+                false => Some(self.slots.clone().acquire_owned().await.expect("semaphore never closed")),
+            };
             self.pace(chunk.len() as u64).await;
             let chunk = self.maybe_corrupt(chunk, false);
             let n = chunk.len() as u64;
-            if tx.send((Frame::with_tail(Message::Part { id, count: 1 }, chunk), None)).await.is_err() {
+            if tx.send((Frame::with_tail(Message::Part { id, count: 1 }, chunk), (permit, None))).await.is_err() {
                 break;
             }
             export.uploaded(n);
@@ -592,7 +594,7 @@ async fn announce(
     // Lying, the first have-map claims every chunk; pings and the deltas of chunks gained go on.
     let mut sent = if lie { (0..export.chunks()).collect() } else { export.have() };
     let mut count = sent.len();
-    if tx.send((Frame::with_tail(Message::Have, bitmap_bytes(&sent)), None)).await.is_err() {
+    if tx.send((Frame::with_tail(Message::Have, bitmap_bytes(&sent)), (None, None))).await.is_err() {
         return;
     }
     let mut busy = false;
@@ -618,7 +620,7 @@ async fn announce(
         let waiting = queued.load(Ordering::Relaxed) > 0;
         busy = frame.is_some() || waiting;
         let Some(frame) = frame.or_else(|| waiting.then(|| Frame::new(Message::Ping))) else { continue };
-        if tx.send((frame, None)).await.is_err() {
+        if tx.send((frame, (None, None))).await.is_err() {
             return;
         }
     }

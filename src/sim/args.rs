@@ -142,10 +142,15 @@ pub struct SimArgs {
     /// Fraction of the nodes that claim every chunk and hold back what they lack.
     #[arg(long, default_value_t = 0.0)]
     pub liars: f64,
-    /// What if a relay passed each chunk of a run on as it arrives, instead of once the whole run
-    /// is in (cut-through forwarding)? vmtd does not do this yet; the model is coarse (DESIGN.md).
-    #[arg(long)]
+    /// Relays pass each chunk of a reply on as it arrives rather than once the whole run is in
+    /// (cut through), as vmtd does; `--cut-through false` models a relay that waits for the run.
+    /// The model is coarse (DESIGN.md).
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub cut_through: bool,
+    /// What if pushes cut through too (a push starting as the pushed run starts arriving)? vmtd
+    /// pushes a run once it is in.
+    #[arg(long)]
+    pub push_cut_through: bool,
     /// Whether relays push each run they obtain (from their parent, the origin or a push) to
     /// their children in that stripe's tree that neither hold it nor fetch it, as vmtd does with
     /// `p2p.push` (its default); `--push false` models `p2p.push = false` (DESIGN.md).
@@ -235,6 +240,7 @@ impl SimArgs {
             liars: self.liars,
             max_peer_state: size("max-peer-state", &self.max_peer_state)?,
             cut_through: self.cut_through,
+            push_cut_through: self.push_cut_through,
             push: self.push,
             push_boot: self.push_boot,
             first_address: self.first_address,

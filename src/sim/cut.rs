@@ -45,8 +45,10 @@ impl Sim<'_> {
                 self.start_early(r);
             }
         }
-        // `--push`, cut through: the children get the run as it arrives here.
-        self.push_run(i, run, Some(f));
+        // `--push-cut-through`: the children get the run as it arrives here.
+        if self.p.push_cut_through {
+            self.push_run(i, run, Some(f));
+        }
     }
 
     /// Starts request `r`'s reply before its chunks are all at its server.
@@ -60,7 +62,9 @@ impl Sim<'_> {
         }
         q.early = true;
         self.c.early_replies += 1;
-        self.want_slot(r);
+        // As vmtd's: the parts of a reply cut through take an upload slot each while they are
+        // written, none while the rest is on its way (modelled as none at all).
+        self.reply_cpu(r);
     }
 
     /// The fetches request `r` waited on ended (or failed). True if `r` is an early reply, which

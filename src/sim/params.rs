@@ -121,9 +121,12 @@ pub struct SimParams {
     pub liars: f64,
     /// Refuse relay strategies whose peer state alone would exceed this many bytes.
     pub max_peer_state: u64,
-    /// What if relays passed each chunk on as it arrives (a what-if: vmtd does not yet).
+    /// Relays pass each chunk of a reply on as it arrives (vmtd does).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cut_through: bool,
+    /// With `cut_through`: pushes too (a what-if: vmtd pushes a run once it is in).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub push_cut_through: bool,
     /// Whether relays push each run they obtain down its stripe's tree to the children that
     /// lack it, as vmtd does with `p2p.push` (its default).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -204,7 +204,7 @@ impl Sim<'_> {
     }
 
     /// The server spends its CPU on the reply, then sends it.
-    fn reply_cpu(&mut self, r: u32) {
+    pub(super) fn reply_cpu(&mut self, r: u32) {
         let Some(q) = self.reqs.get(r) else { return };
         let (j, bytes, serial) = (q.server, q.bytes, q.serial);
         let cost = self.p.cpu_per_request + bytes as f64 * self.p.cpu_per_byte;
@@ -218,9 +218,9 @@ impl Sim<'_> {
     pub(super) fn start_reply(&mut self, r: u32, serial: u64) {
         let Some(q) = self.reqs.get(r).filter(|q| q.serial == serial) else { return };
         let (i, j, bytes, f) = (q.client, q.server, q.bytes, q.flight);
-        if !self.nodes[j as usize].alive || (self.strategy.relays() && !q.slot) {
+        if !self.nodes[j as usize].alive || (self.strategy.relays() && !q.slot && !q.early) {
             // Gone, or released meanwhile by a kill (its asker told): a relay's reply holds a
-            // slot until it is sent.
+            // slot until it is sent (cut through, none).
             return;
         }
         debug_assert!(q.flow.is_none(), "one flow per reply");

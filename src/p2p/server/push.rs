@@ -121,7 +121,7 @@ impl QueuedPush {
         self.server.pace(len).await;
         self.server.stats.pushes.fetch_add(1, Ordering::Relaxed);
         self.export.uploaded(len);
-        Some((self.frame, Some((None, self.held))))
+        Some((self.frame, (None, Some(self.held))))
     }
 }
 
@@ -355,7 +355,7 @@ impl PeerServer {
             },
         };
         let (first, count) = (piece.start, piece.end - piece.start);
-        if queue.tx.send((Frame::new(Message::Offer { first, count }), None)).await.is_err() {
+        if queue.tx.send((Frame::new(Message::Offer { first, count }), (None, None))).await.is_err() {
             return Pushed::Closed;
         }
         let frame = Frame::with_tail(Message::Push { first, count }, self.maybe_corrupt(bytes, true));
