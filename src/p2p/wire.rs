@@ -67,10 +67,6 @@ pub enum Message {
     /// Server → client: the bytes of request `id` (tail: the chunks' bytes), or after `Part`s
     /// of it, the rest of them: the reply's last frame.
     Data { id: u32 },
-    /// Server → client: the next `count` chunks of request `id` (tail: their bytes), sent as
-    /// they reach a server that relays them (cut through). More follow: `Part`s, then `Data`
-    /// with the rest, or `NotHave` / `Busy` if the rest cannot come (the parts stand).
-    Part { id: u32, count: u32 },
     /// Server → client: I do not have (and will not fetch) what request `id` asks.
     NotHave { id: u32 },
     /// Server → client: too many requests queued here; ask someone else.
@@ -102,6 +98,10 @@ pub enum Message {
     /// session before this reply (the request crossed the push): the client takes them from
     /// the push, or asks again once (answered then as any request).
     Pushed { id: u32 },
+    /// Server → client: the next `count` chunks of request `id` (tail: their bytes), sent as
+    /// they reach a server that relays them (cut through). More follow: `Part`s, then `Data`
+    /// with the rest, or `NotHave` / `Busy` if the rest cannot come (the parts stand).
+    Part { id: u32, count: u32 },
 }
 
 impl Message {
@@ -284,6 +284,15 @@ mod tests {
                 provisional: false,
             }),
         ]
+    }
+
+    #[test]
+    fn message_numbers_are_those_of_format_md() {
+        let number = |m: Message| postcard::to_allocvec(&m).unwrap()[0];
+        assert_eq!(number(Message::Data { id: 0 }), 6);
+        assert_eq!(number(Message::NotHave { id: 0 }), 7);
+        assert_eq!(number(Message::Pushed { id: 0 }), 16);
+        assert_eq!(number(Message::Part { id: 0, count: 0 }), 17);
     }
 
     #[test]
