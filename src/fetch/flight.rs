@@ -632,7 +632,11 @@ impl Emit<'_> {
     /// Chunk `i` arrived in `run`: sent on if it is the next, with the chunks after it that
     /// came in the same run (`ahead`: the waits after it, in order), all but the reply's last.
     fn chunk(&mut self, i: u32, run: &Arc<RunData>, ahead: &[(u32, watch::Receiver<Outcome>)]) {
-        if !self.on || i != self.next {
+        // A chunk sent already (waited on again in a later pass) changes nothing.
+        if !self.on || i < self.next {
+            return;
+        }
+        if i != self.next {
             self.on = false;
             return;
         }

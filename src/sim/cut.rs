@@ -1,11 +1,14 @@
-//! What if relays cut through (`vmt sim --cut-through`)? vmtd does not yet: a relay sends a run
-//! once all of it is in and checked. Cut through, it would pass each chunk on as it arrives and
-//! is checked. Modelled coarsely, to weigh the change before building it: a reply starts once
-//! every fetch it waits on has started receiving (a reply from the origin or from a peer whose
-//! bytes flow; a fetch that lost its source and asks another still counts), shares the links
-//! like any reply, and its last byte is delivered no earlier than one chunk time over the node
-//! link after the last of those fetches ended. Its CPU holds it up by one chunk's share at each
-//! end; the sender's rest is booked once the reply is sent, the asker's overlaps the transfer.
+//! Relays that cut through (vmtd's way; `vmt sim --cut-through false` models store and
+//! forward): a relay passes each chunk of a reply on as it arrives and is checked, rather than
+//! once the whole run is in. Modelled coarsely: a reply starts once every fetch it waits on has
+//! started receiving (a reply from the origin or from a peer whose bytes flow; a fetch that lost
+//! its source and asks another still counts), shares the links like any reply, takes no upload
+//! slot (vmtd's parts take one per frame, only while it is written), and its last byte is
+//! delivered no earlier than one chunk time over the node link after the last of those fetches
+//! ended. Its CPU holds it up by one chunk's share at each end; the sender's rest is booked once
+//! the reply is sent, the asker's overlaps the transfer. Pushes cut through only with
+//! `--push-cut-through` (a what-if: vmtd pushes a run once it is in). Left out: vmtd answers a
+//! read waiting on a chunk as the chunk arrives; here the read waits for its run.
 //!
 //! Invariant: an early reply is delivered exactly once, by whichever comes last of its own last
 //! byte ([`Sim::reply_sent`]) and its fetches' end ([`Sim::early_upstream_done`]); a kill that
@@ -15,7 +18,7 @@ use super::engine::{Ev, Sim, Want};
 use crate::p2p::select::Outcome;
 
 impl Sim<'_> {
-    /// Whether replies cut through (relay strategies with `--cut-through`).
+    /// Whether replies cut through (relay strategies, unless `--cut-through false`).
     pub(super) fn cuts(&self) -> bool {
         self.p.cut_through && self.strategy.relays()
     }
