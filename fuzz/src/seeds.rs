@@ -209,7 +209,7 @@ fn control() -> Vec<Vec<u8>> {
             version: "0.1.0".into(),
             images: vec![status],
             profiles_rejected: 0,
-            p2p: Some(control::NodeP2pStatus { node: "10.0.0.1:7000".into(), ..Default::default() }),
+            p2p: Some(Box::new(control::NodeP2pStatus { node: "10.0.0.1:7000".into(), ..Default::default() })),
             nbd: control::NbdStatus { connections: 1, max_connections: 1024, ..Default::default() },
             cache: control::CacheUsage { used: 1, max: Some(2), ..Default::default() },
         },
