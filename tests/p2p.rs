@@ -221,11 +221,14 @@ fn relay_chains_climb_to_the_root_of_each_stripe() {
     assert!(total >= 3 * size && total <= 4 * size + size / 5, "relayed {total}: {relayed:?}");
     assert!(relayed.iter().filter(|&&r| r > 0).count() >= 4, "uploads spread: {relayed:?}");
     assert!(nodes.iter().all(|&i| c.nodes[i].status().failed == 0));
-    // Replies go a chunk per frame, relays passing each on as it arrives (cut through): a
-    // 16-chunk run is 15 parts and the rest.
-    let parts: u64 = nodes.iter().map(|&i| c.nodes[i].node_status().parts).sum();
+    // Replies go a chunk per frame (a 16-chunk run is 15 parts and the rest), and relays send
+    // the chunks of the runs they fetch for their askers on as they come (cut through).
+    let status: Vec<_> = nodes.iter().map(|&i| c.nodes[i].node_status()).collect();
+    let parts: u64 = status.iter().map(|s| s.parts).sum();
+    let cut: u64 = status.iter().map(|s| s.cut_through).sum();
     let chunk = 64 << 10;
     assert!(parts * chunk >= total / 2, "{parts} parts for {total} bytes relayed");
+    assert!(cut > 0 && cut <= parts, "{cut} of {parts} parts cut through");
 }
 
 /// Reads on `readers` while `victim` (which holds everything and serves slowly) is taken out

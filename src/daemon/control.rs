@@ -339,9 +339,12 @@ pub struct NodeP2pStatus {
     /// the asker on the session already.
     #[serde(default)]
     pub pushes_answered: u64,
-    /// Frames of replies' chunks sent ahead of the rest as they arrived (cut through).
+    /// Replies' chunks sent ahead of their last, a frame each, since start; of those, the
+    /// chunks of runs fetched for the asker, sent as they arrived (cut through).
     #[serde(default)]
     pub parts: u64,
+    #[serde(default)]
+    pub cut_through: u64,
 }
 
 /// A response from the daemon.

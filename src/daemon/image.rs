@@ -445,7 +445,12 @@ impl Image {
         self.store.touch(run.clone());
         let (runs, rest) = self.fetcher.ensure_parts(run.clone(), Priority::Relay, parts).await.ok()?;
         let (offset, len) = g.run_bytes(rest..run.end)?;
-        self.bytes_of_runs(offset.0, u32::try_from(len).ok()?, runs).await.ok()?
+        let len = u32::try_from(len).ok()?;
+        match self.bytes_of_runs(offset.0, len, runs).await {
+            Ok(Some(bytes)) => Some(bytes),
+            // A chunk of the rest left the cache before it was read back: fetched again.
+            _ => self.bytes(offset.0, len, Priority::Relay).await.ok().map(|(b, _)| b),
+        }
     }
 }
 
@@ -530,7 +535,10 @@ impl PeerExport for Image {
                 return self.cached(offset, len).await;
             }
             if self.store.has_all(run.clone()) {
-                return self.cached(offset, len).await;
+                if let Some(bytes) = self.cached(offset, len).await {
+                    return Some(bytes);
+                }
+                // Not readable after all (the store forgets a chunk whose read failed): fetched.
             }
             self.relay(run, parts).await
         })

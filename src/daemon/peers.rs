@@ -108,6 +108,7 @@ impl Peers {
             pushes_skipped: load(&s.pushes_skipped),
             pushes_answered: load(&s.pushes_answered),
             parts: load(&s.parts),
+            cut_through: load(&s.cut_through),
             trackers_up: load(&self.trackers_up),
         }
     }

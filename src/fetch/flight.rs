@@ -652,7 +652,15 @@ impl Emit<'_> {
         if end <= i {
             return;
         }
-        let bytes = self.g.run_bytes(i..end).and_then(|(offset, len)| run.share(offset.0, len));
+        // A part of a much longer run (a prefetch's) is a copy: a part waiting to be written then
+        // pins no more memory than its reply's reservation covers.
+        let bytes = self.g.run_bytes(i..end).and_then(|(offset, len)| run.share(offset.0, len)).map(|b| {
+            if b.len() * 2 >= run.bytes.len() {
+                b
+            } else {
+                Bytes::copy_from_slice(&b)
+            }
+        });
         let Some(bytes) = bytes else {
             self.on = false;
             return;

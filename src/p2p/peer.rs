@@ -240,6 +240,10 @@ impl PeerConn {
                         // answers it as any request.
                         let mut pending = me.pending.lock().unwrap();
                         let Some(p) = pending.get_mut(&id) else { continue };
+                        if p.got > 0 {
+                            // A request being answered in parts crossed no push.
+                            break format!("Pushed after parts of request {id}");
+                        }
                         let frame = Frame::new(Message::Request { id, first: p.run.start, count: p.run.len() as u32 });
                         if p.again || me.tx.try_send(frame).is_err() {
                             let p = pending.remove(&id).expect("found above");

@@ -151,8 +151,10 @@ pub struct ServerStats {
     pub pushes_skipped: AtomicU64,
     /// Requests answered `Pushed`: they crossed a push of what they ask for.
     pub pushes_answered: AtomicU64,
-    /// Replies' chunks sent ahead of the rest as they arrived here (cut through), in frames.
+    /// Replies' chunks sent ahead of their last, a frame each; of those, the chunks of runs
+    /// fetched for the asker, sent as they arrived here (cut through).
     pub parts: AtomicU64,
+    pub cut_through: AtomicU64,
 }
 
 /// The bytes of one reply, reserved from the node's budget and its session's share from the
@@ -480,9 +482,14 @@ impl PeerServer {
         };
         let (parts_tx, mut parts) = mpsc::unbounded_channel();
         let lie = self.lie && early.is_none();
+        let held = early.is_some();
         let served = async {
             if lie {
                 return None;
+            }
+            if held {
+                // Holding its slot: never a fetch (a run that left the cache since is not here).
+                return export.cached(run.clone()).await;
             }
             export.serve(run.clone(), requester, &parts_tx).await
         };
@@ -552,6 +559,9 @@ impl PeerServer {
             }
             export.uploaded(n);
             self.stats.parts.fetch_add(1, Ordering::Relaxed);
+            if !holding {
+                self.stats.cut_through.fetch_add(1, Ordering::Relaxed);
+            }
         }
         chunks.end
     }

@@ -172,8 +172,8 @@ async fn chunks_cut_through_reach_readers_and_relays_before_the_run_is_in() {
         next = chunks.end;
     }
     assert_eq!(next, 7);
-    // A chunk the cache holds ends the parts: the reply then carries it all.
-    src.gate.add_permits(1);
+    // A chunk the cache holds ends the parts: the reply then carries it all (the gate is open:
+    // each read gives its permit back).
     let (tx, mut parts) = tokio::sync::mpsc::unbounded_channel();
     let (_, rest) = f.ensure_parts(3..8, Priority::Relay, &tx).await.unwrap();
     assert_eq!(rest, 3);
