@@ -426,17 +426,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_crossing_a_push_is_answered_from_it_and_asked_again_only_once() {
-        let key = ClusterKey::from_secret(b"a test cluster key of some length").unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = listener.local_addr().unwrap().to_string();
-        let g = Geometry::new(16 * 4096, ChunkSize::new(4096).unwrap()).unwrap();
-        let me = "127.0.0.1:1";
-        let selector = Arc::new(Mutex::new(Selector::new(me, 16, 2, 1)));
-        let sink: std::sync::Weak<dyn PushSink> = std::sync::Weak::<NoSink>::new();
-        let (skey, sname) = (key.clone(), server.clone());
-        let peer = tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            server_handshake(&mut s, &skey, &sname, Duration::from_secs(5)).await.unwrap();
+        let (conn, peer) = scripted(|mut s| async move {
             // 1. The request for chunk 2 crosses the push of 0..4: answered from the push.
             let (id, first, count) = expect_request(&mut s).await;
             assert_eq!((first, count), (2, 1));
@@ -459,9 +449,8 @@ mod tests {
             write_frame(&mut s, &Frame::with_tail(Message::Push { first: 4, count: 2 }, chunks(4..5))).await.unwrap();
             // The client closes; anything else it sent is a failure of the test.
             assert!(read_frame(&mut s).await.is_err(), "the client sent more after a bad push");
-        });
-        let conn =
-            PeerConn::connect(&server, me, &key, ([5; 32], g), Duration::from_secs(5), selector, sink).await.unwrap();
+        })
+        .await;
         assert_eq!(conn.request(2, 1, mpsc::unbounded_channel().0).await.unwrap(), chunks(2..3));
         assert_eq!(conn.request(8, 2, mpsc::unbounded_channel().0).await.unwrap(), chunks(8..10));
         assert_eq!(conn.request(12, 1, mpsc::unbounded_channel().0).await, Err(Refusal::NotHave));
@@ -472,18 +461,8 @@ mod tests {
 
     #[tokio::test]
     async fn parts_of_a_reply_come_ahead_in_order_and_the_reply_holds_the_rest() {
-        let key = ClusterKey::from_secret(b"a test cluster key of some length").unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = listener.local_addr().unwrap().to_string();
-        let g = Geometry::new(16 * 4096, ChunkSize::new(4096).unwrap()).unwrap();
-        let me = "127.0.0.1:1";
-        let selector = Arc::new(Mutex::new(Selector::new(me, 16, 2, 1)));
-        let sink: std::sync::Weak<dyn PushSink> = std::sync::Weak::<NoSink>::new();
-        let (skey, sname) = (key.clone(), server.clone());
         let (go_on, go) = oneshot::channel::<()>();
-        let peer = tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            server_handshake(&mut s, &skey, &sname, Duration::from_secs(5)).await.unwrap();
+        let (conn, peer) = scripted(|mut s| async move {
             // 1. Chunks 4..8: one part, then one of two chunks, then the reply's last chunk,
             // held back until the client has seen the parts.
             let (id, first, count) = expect_request(&mut s).await;
@@ -500,9 +479,8 @@ mod tests {
             let (id, _, _) = expect_request(&mut s).await;
             write_frame(&mut s, &Frame::with_tail(Message::Part { id, count: 2 }, chunks(10..12))).await.unwrap();
             assert!(read_frame(&mut s).await.is_err(), "the client sent more after a bad part");
-        });
-        let conn =
-            PeerConn::connect(&server, me, &key, ([5; 32], g), Duration::from_secs(5), selector, sink).await.unwrap();
+        })
+        .await;
         let (tx, mut parts) = mpsc::unbounded_channel();
         let reply = {
             let conn = conn.clone();
@@ -518,6 +496,44 @@ mod tests {
         assert_eq!(parts.recv().await.unwrap(), (8..9, chunks(8..9)));
         assert_eq!(conn.request(10, 2, mpsc::unbounded_channel().0).await, Err(Refusal::Closed));
         tokio::time::timeout(Duration::from_secs(10), peer).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn pushed_after_parts_ends_the_session() {
+        let (conn, peer) = scripted(|mut s| async move {
+            let (id, _, _) = expect_request(&mut s).await;
+            write_frame(&mut s, &Frame::with_tail(Message::Part { id, count: 1 }, chunks(0..1))).await.unwrap();
+            write_frame(&mut s, &Frame::new(Message::Pushed { id })).await.unwrap();
+            assert!(read_frame(&mut s).await.is_err(), "the client asked again after parts");
+        })
+        .await;
+        assert_eq!(conn.request(0, 2, mpsc::unbounded_channel().0).await, Err(Refusal::Closed));
+        tokio::time::timeout(Duration::from_secs(10), peer).await.unwrap().unwrap();
+    }
+
+    /// A session (16 chunks of 4 KiB) with a peer that plays `script` on the wire after the
+    /// handshake.
+    async fn scripted<F, Fut>(script: F) -> (Arc<PeerConn>, tokio::task::JoinHandle<()>)
+    where
+        F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let key = ClusterKey::from_secret(b"a test cluster key of some length").unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = listener.local_addr().unwrap().to_string();
+        let g = Geometry::new(16 * 4096, ChunkSize::new(4096).unwrap()).unwrap();
+        let me = "127.0.0.1:1";
+        let selector = Arc::new(Mutex::new(Selector::new(me, 16, 2, 1)));
+        let sink: std::sync::Weak<dyn PushSink> = std::sync::Weak::<NoSink>::new();
+        let (skey, sname) = (key.clone(), server.clone());
+        let peer = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            server_handshake(&mut s, &skey, &sname, Duration::from_secs(5)).await.unwrap();
+            script(s).await;
+        });
+        let conn =
+            PeerConn::connect(&server, me, &key, ([5; 32], g), Duration::from_secs(5), selector, sink).await.unwrap();
+        (conn, peer)
     }
 
     fn bytes(map: &RoaringBitmap) -> Vec<u8> {
