@@ -125,7 +125,7 @@ fn cut_through_relays_survive_killed_nodes_and_lying_peers() {
 fn pushing_relays_survive_killed_nodes_and_lying_peers_and_change_nothing_when_off() {
     // Pushes (vmtd's default): runs flow down the trees unasked; a push its sender's kill breaks
     // leaves its chunks to an ordinary fetch, and a liar pushes nothing.
-    for extra in [&["--kill", "0.25"][..], &["--liars", "0.25"], &["--kill", "0.25", "--push-cut-through", "false"]] {
+    for extra in [&["--kill", "0.25"][..], &["--liars", "0.25"], &["--kill", "0.25", "--push-cut-through"]] {
         let mut flags = vec!["--nodes", "24", "--strategies", "vmthunder", "--push", "--kill-at", "0.05"];
         flags.extend_from_slice(extra);
         let p = args(&flags).params().unwrap();
@@ -151,7 +151,7 @@ fn pushing_relays_survive_killed_nodes_and_lying_peers_and_change_nothing_when_o
     let ((pulled, none), (pushed, _)) = (ratio("false"), ratio("true"));
     assert_eq!(none, 0, "no pushes with --push false");
     let defaults = args(&["--strategies", "vmthunder"]).params().unwrap();
-    assert!(defaults.push && defaults.cut_through && defaults.push_cut_through, "vmtd's defaults");
+    assert!(defaults.push && defaults.cut_through && !defaults.push_cut_through, "vmtd's defaults");
     assert!(pushed < pulled && pushed <= 1.05, "pulled ×{pulled}, pushed ×{pushed}");
 }
 

@@ -18,7 +18,7 @@
 //!   offer on, so reads wait for it rather than ask; if it does not arrive, its waiters fetch it
 //!   themselves ([`FetchError::Lost`] is never a read's outcome). Every run this node obtains,
 //!   fetched or pushed, is announced to [`Fetcher::obtained`]'s subscribers (the peer server
-//!   pushes it on), and so are the chunks a relay up the tree cuts through, as they arrive. The runs obtained in the first [`BOOT_WINDOW`] after this node's own boot
+//!   pushes it on). The runs obtained in the first [`BOOT_WINDOW`] after this node's own boot
 //!   begins are kept in order ([`Fetcher::boot_log`]): a peer that starts its boot later is
 //!   pushed them ahead of its reads.
 //!
@@ -489,9 +489,6 @@ impl Fetcher {
             tx.send_if_modified(|o| o.is_none() && o.replace(Ok(part.clone())).is_none());
         }
         done.store(end - first, Ordering::Relaxed);
-        // Announced as they come too: the peer server pushes them on to the children that lack
-        // them (cut through), and once the run is whole, what of it was not pushed yet.
-        let _ = self.obtained.send(Obtained { chunks: from..end, data: Arc::downgrade(&part) });
     }
 
     /// Verifies a fetched run (unless `checked`), hands it to its waiters, announces it, stores

@@ -147,10 +147,9 @@ pub struct SimArgs {
     /// The model is coarse (DESIGN.md).
     #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub cut_through: bool,
-    /// With `--cut-through`, pushes cut through too: a relay pushes a run on as it starts
-    /// arriving, as vmtd pushes each chunk a relay up the tree cuts through as it comes;
-    /// `--push-cut-through false` pushes a run once it is in.
-    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    /// What if pushes cut through too (a push starting as the pushed run starts arriving)? vmtd
+    /// pushes a run once it is in.
+    #[arg(long)]
     pub push_cut_through: bool,
     /// Whether relays push each run they obtain (from their parent, the origin or a push) to
     /// their children in that stripe's tree that neither hold it nor fetch it, as vmtd does with

@@ -6,10 +6,9 @@
 //! slot (vmtd's parts take one per frame, only while it is written), and its last byte is
 //! delivered no earlier than one chunk time over the node link after the last of those fetches
 //! ended. Its CPU holds it up by one chunk's share at each end; the sender's rest is booked once
-//! the reply is sent, the asker's overlaps the transfer. Pushes cut through too (as vmtd pushes
-//! on each chunk cut through to it as it comes; `--push-cut-through false`: a run once it is
-//! in). Left out: vmtd answers a read waiting on a chunk as the chunk arrives; here the read
-//! waits for its run.
+//! the reply is sent, the asker's overlaps the transfer. Pushes cut through only with
+//! `--push-cut-through` (a what-if: vmtd pushes a run once it is in). Left out: vmtd answers a
+//! read waiting on a chunk as the chunk arrives; here the read waits for its run.
 //!
 //! Invariant: an early reply is delivered exactly once, by whichever comes last of its own last
 //! byte ([`Sim::reply_sent`]) and its fetches' end ([`Sim::early_upstream_done`]); a kill that
@@ -49,8 +48,7 @@ impl Sim<'_> {
                 self.start_early(r);
             }
         }
-        // Pushes cut through (unless `--push-cut-through false`): the children get the run as
-        // it arrives here.
+        // `--push-cut-through`: the children get the run as it arrives here.
         if self.p.push_cut_through {
             self.push_run(i, run, Some(f));
         }

@@ -124,7 +124,7 @@ pub struct SimParams {
     /// Relays pass each chunk of a reply on as it arrives (vmtd does).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cut_through: bool,
-    /// With `cut_through`: pushes too (vmtd pushes on each chunk cut through as it comes).
+    /// With `cut_through`: pushes too (a what-if: vmtd pushes a run once it is in).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub push_cut_through: bool,
     /// Whether relays push each run they obtain down its stripe's tree to the children that

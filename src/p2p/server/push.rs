@@ -152,10 +152,9 @@ const MAX_BACKLOG: usize = 2048;
 /// few chunks), so that a request that crossed an older one is not answered with the bytes again.
 const RECENT_PUSHES: usize = 64;
 
-/// Bytes of the runs at the back of a session's backlog that keep them (the others are read back
-/// from the cache when their turn comes). Chunks cut through are announced one by one, before
-/// their run is stored: a burst of them must keep its bytes to be pushed.
-const KEPT_BYTES: usize = 4 << 20;
+/// Runs at the back of a session's backlog that keep their bytes (the others are read back from
+/// the cache when their turn comes).
+const KEPT_BYTES: usize = 4;
 /// How soon a push that found no room in the budget tries again (unless a push ends first).
 const RETRY: std::time::Duration = std::time::Duration::from_millis(20);
 
@@ -264,7 +263,9 @@ impl PeerServer {
                         Ok(run) => {
                             if adoption.lock().unwrap().classes.contains(&export.class(run.chunks.start)) {
                                 backlog.push_back((run.chunks.clone(), run.data.upgrade()));
-                                keep_newest(&mut backlog);
+                                if let Some(k) = backlog.len().checked_sub(KEPT_BYTES + 1) {
+                                    backlog[k].1 = None;
+                                }
                                 if backlog.len() > MAX_BACKLOG {
                                     backlog.pop_front();
                                 }
@@ -382,23 +383,6 @@ impl PeerServer {
     }
 }
 
-/// Lets the runs of `backlog` past its newest [`KEPT_BYTES`] drop their bytes. Every run past
-/// them had dropped its bytes at the call before, so the walk ends at the first such run.
-fn keep_newest(backlog: &mut Backlog) {
-    let mut kept = 0;
-    for (_, data) in backlog.iter_mut().rev() {
-        match data {
-            Some(d) if kept + d.bytes.len() <= KEPT_BYTES => kept += d.bytes.len(),
-            Some(_) => {
-                kept = KEPT_BYTES + 1;
-                *data = None;
-            }
-            None if kept > KEPT_BYTES => break,
-            None => {}
-        }
-    }
-}
-
 /// The bytes of `piece` within the obtained run `data`, if it holds them all. The backlog may
 /// have cut the run since (a piece sent, the rest put back): its bytes still start at its first
 /// chunk, whatever the entry's range now says.
@@ -427,27 +411,6 @@ mod tests {
         assert_eq!(&piece_bytes(&run, 15..16, len).unwrap()[..], &[15; 4]);
         assert!(piece_bytes(&run, 7..9, len).is_none() && piece_bytes(&run, 15..17, len).is_none());
         assert!(piece_bytes(&run, 9..9, len).is_none());
-    }
-
-    #[test]
-    fn a_backlog_keeps_the_bytes_of_its_newest_runs_only() {
-        let run = |c: u32, mib: usize| {
-            let bytes = bytes::Bytes::from(vec![0u8; mib << 20]);
-            (c..c + 1, Some(Arc::new(RunData { chunks: c..c + 1, offset: 0, bytes, from_peers: true })))
-        };
-        let mut backlog = Backlog::new();
-        for c in 0..6 {
-            backlog.push_back(run(c, 1));
-            keep_newest(&mut backlog);
-        }
-        let kept: Vec<u32> = backlog.iter().filter(|(_, d)| d.is_some()).map(|(r, _)| r.start).collect();
-        assert_eq!(kept, vec![2, 3, 4, 5], "the newest 4 MiB");
-        // A run whose bytes were gone already (its announcement outlived them) changes nothing.
-        backlog.push_back((6..7, None));
-        backlog.push_back(run(7, 2));
-        keep_newest(&mut backlog);
-        let kept: Vec<u32> = backlog.iter().filter(|(_, d)| d.is_some()).map(|(r, _)| r.start).collect();
-        assert_eq!(kept, vec![4, 5, 7]);
     }
 
     #[test]
