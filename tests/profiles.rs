@@ -82,6 +82,27 @@ fn record_show_merge_and_warm_a_fresh_cache() {
     ]));
     assert!(ok(&out).contains("from 4 boots"));
 
+    // A profile made of a request trace's reads, for the same image, merges into the recorded one.
+    let (trace, t) = (env.path("boot.csv"), env.path("t.profile"));
+    let csv =
+        format!("t_s,op,offset,length\n0.5,W,0,4096\n1.0,R,{},8192\n1.25,R,{},4096\n", 70 * CHUNK, 5 * CHUNK + 100);
+    std::fs::write(&trace, csv).unwrap();
+    let from_trace = |out: &Path| {
+        run(Command::new(VMT_PROFILE).arg("from-trace").arg(&trace).arg("--like").arg(&a).arg("-o").arg(out))
+    };
+    assert!(ok(&from_trace(&t)).contains("2 chunks"));
+    let p = Profile::decode(&std::fs::read(&t).unwrap()).unwrap();
+    assert_eq!(p.entries.iter().map(|e| (e.chunk, e.deadline_ms)).collect::<Vec<_>>(), vec![(70, 0), (5, 250)]);
+    assert_eq!((p.boots, p.root.to_hex()), (1, status(&env, "img").digest));
+    let out = run(Command::new(VMT_PROFILE).args(["merge", a.to_str().unwrap(), t.to_str().unwrap(), "-o"]).arg(&m));
+    let merged = ok(&out);
+    assert!(merged.contains("6 chunks from 3 boots"), "{merged}");
+    // A read past the image's end is refused, and nothing is written.
+    std::fs::write(&trace, format!("t_s,op,offset,length\n0,R,{},4096\n", 8 << 20)).unwrap();
+    let out = from_trace(&env.path("bad.profile"));
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("past the image"));
+    assert!(!env.path("bad.profile").exists());
+
     // A fresh node cache, same profiles: warming fetches exactly the profile's chunks, after
     // which the boot's reads never wait for the origin.
     assert_eq!(vmtd.terminate(), Some(0));

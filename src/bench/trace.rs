@@ -29,6 +29,8 @@ pub enum TraceError {
     Header,
     #[error("trace line {line}: {reason}")]
     Line { line: usize, reason: String },
+    #[error("trace read {read} (offset {offset}, length {length}) ends past the image's {image_size} bytes")]
+    PastImage { read: usize, offset: u64, length: u64, image_size: u64 },
 }
 
 /// A trace holds at most this many rows (32 bytes each in memory); requests beyond it are
@@ -159,6 +161,32 @@ pub fn footprint(rows: &[Row], chunk_size: u64) -> Footprint {
     Footprint { reads, bytes_read, distinct_bytes, chunks, chunk_size }
 }
 
+/// The chunks `rows`' reads touch, each once, in the order first read, with the milliseconds
+/// from the first read to it: a boot's first touches, what a boot profile is made of
+/// (`vmt-profile from-trace`). A read past the end of an image of `image_size` bytes is refused;
+/// what this holds is bounded by the image's chunks, however long the trace.
+pub fn first_touches(rows: &[Row], chunk_size: u64, image_size: u64) -> Result<Vec<(u32, u32)>, TraceError> {
+    let chunk_size = chunk_size.max(1);
+    let mut seen = roaring::RoaringBitmap::new();
+    let mut touches = Vec::new();
+    let reads = rows.iter().filter(|r| r.op == Op::Read && r.length > 0);
+    let start = reads.clone().next().map_or(0.0, |r| r.t_s);
+    for (n, r) in reads.enumerate() {
+        let end = r.offset.saturating_add(r.length);
+        if end > image_size {
+            return Err(TraceError::PastImage { read: n + 1, offset: r.offset, length: r.length, image_size });
+        }
+        // Milliseconds as u32 saturate (49 days); chunk indices fit: the image is bounded.
+        let ms = ((r.t_s - start) * 1000.0) as u32;
+        for chunk in r.offset / chunk_size..end.div_ceil(chunk_size) {
+            if seen.insert(chunk as u32) {
+                touches.push((chunk as u32, ms));
+            }
+        }
+    }
+    Ok(touches)
+}
+
 /// Total length of the union of half-open ranges.
 fn union_len(mut ranges: Vec<(u64, u64)>) -> u64 {
     ranges.sort_unstable();
@@ -242,6 +270,23 @@ impl Tracer {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn first_touches_are_each_chunk_once_in_read_order_timed_from_the_first_read() {
+        let read = |t_s, offset, length| Row { t_s, op: Op::Read, offset, length };
+        let rows = vec![
+            Row { t_s: 0.1, op: Op::Write, offset: 0, length: 4096 },
+            read(0.5, 3 * 1024 + 10, 2 * 1024 - 10), // chunks 3 and 4, to the byte
+            Row { t_s: 0.6, op: Op::Flush, offset: 0, length: 0 },
+            read(0.75, 4 * 1024, 1), // 4 again: not a first touch
+            read(2.5, 0, 1024),
+        ];
+        assert_eq!(first_touches(&rows, 1024, 8 * 1024).unwrap(), vec![(3, 0), (4, 0), (0, 2000)]);
+        // The last byte of the image is fine, one past it is refused.
+        assert!(first_touches(&[read(0.0, 8 * 1024 - 1, 1)], 1024, 8 * 1024).is_ok());
+        let err = first_touches(&[read(0.0, 0, 1), read(0.1, 8 * 1024 - 1, 2)], 1024, 8 * 1024).unwrap_err();
+        assert!(matches!(err, TraceError::PastImage { read: 2, .. }), "{err}");
+    }
 
     #[test]
     fn parses_what_it_writes_and_tolerates_crlf_and_blank_lines() {

@@ -1,4 +1,5 @@
-//! `vmt-profile`: record, inspect and merge boot profiles (see FORMAT.md for the file format).
+//! `vmt-profile`: record, inspect and merge boot profiles, and make one from a request trace
+//! (see FORMAT.md for the file format).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -7,6 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use vmthunder::config::{format_size, parse_duration};
 use vmthunder::daemon::control::{self, Request, Response};
+use vmthunder::image::{ChunkSize, Geometry};
 use vmthunder::profile::Profile;
 
 /// Record, show and merge vmthunder boot profiles.
@@ -51,6 +53,16 @@ enum Cmd {
         /// Drop chunks missed by this many boots in a row (0: keep all).
         #[arg(long, default_value_t = 3)]
         age_out: u32,
+    },
+    /// Make a profile of the boot a request trace recorded (`vmt trace`'s CSV): the chunks its
+    /// reads touch, in the order first read. The image's digest and geometry are those of
+    /// profile LIKE (another boot of the same image); `merge` then adds the two.
+    FromTrace {
+        trace: PathBuf,
+        #[arg(long)]
+        like: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
     },
     /// List the profiles vmtd knows.
     List,
@@ -125,6 +137,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             vmthunder::fsutil::write_atomic(&output, &merged.encode(), 0o644)
                 .with_context(|| format!("writing {}", output.display()))?;
             println!("{}: {} chunks from {} boots", output.display(), merged.entries.len(), merged.boots);
+        }
+        Cmd::FromTrace { trace, like, output } => {
+            let like = load(&like)?;
+            let geometry = Geometry::new(like.image_size, ChunkSize::new(like.chunk_size)?)?;
+            let rows = vmthunder::bench::trace::load(&trace)?;
+            let touches = vmthunder::bench::trace::first_touches(&rows, like.chunk_size, like.image_size)?;
+            let p = Profile::from_touches(like.root, &geometry, &touches);
+            vmthunder::fsutil::write_atomic(&output, &p.encode(), 0o644)
+                .with_context(|| format!("writing {}", output.display()))?;
+            println!("{}: {} chunks ({}) from 1 boot", output.display(), p.entries.len(), format_size(p.bytes()));
         }
         Cmd::List => match control::ask(sock, &Request::ProfileList, TIMEOUT).await? {
             Response::Profiles { profiles } => {
