@@ -85,23 +85,39 @@ fn record_show_merge_and_warm_a_fresh_cache() {
     // A profile made of a request trace's reads, for the same image, merges into the recorded one.
     let (trace, t) = (env.path("boot.csv"), env.path("t.profile"));
     let csv =
-        format!("t_s,op,offset,length\n0.5,W,0,4096\n1.0,R,{},8192\n1.25,R,{},4096\n", 70 * CHUNK, 5 * CHUNK + 100);
+        format!("t_s,op,offset,length\n0.5,W,0,4096\n1.0,R,{},8192\n1.25,R,{},4096\n", 70 * CHUNK - 4096, 5 * CHUNK);
     std::fs::write(&trace, csv).unwrap();
     let from_trace = |out: &Path| {
         run(Command::new(VMT_PROFILE).arg("from-trace").arg(&trace).arg("--like").arg(&a).arg("-o").arg(out))
     };
-    assert!(ok(&from_trace(&t)).contains("2 chunks"));
+    let out = ok(&from_trace(&t));
+    assert!(out.contains("3 chunks (192KiB) from 1 boot"), "{out}");
     let p = Profile::decode(&std::fs::read(&t).unwrap()).unwrap();
-    assert_eq!(p.entries.iter().map(|e| (e.chunk, e.deadline_ms)).collect::<Vec<_>>(), vec![(70, 0), (5, 250)]);
+    assert_eq!(
+        p.entries.iter().map(|e| (e.chunk, e.deadline_ms)).collect::<Vec<_>>(),
+        vec![(69, 0), (70, 0), (5, 250)]
+    );
     assert_eq!((p.boots, p.root.to_hex()), (1, status(&env, "img").digest));
     let out = run(Command::new(VMT_PROFILE).args(["merge", a.to_str().unwrap(), t.to_str().unwrap(), "-o"]).arg(&m));
     let merged = ok(&out);
-    assert!(merged.contains("6 chunks from 3 boots"), "{merged}");
-    // A read past the image's end is refused, and nothing is written.
-    std::fs::write(&trace, format!("t_s,op,offset,length\n0,R,{},4096\n", 8 << 20)).unwrap();
-    let out = from_trace(&env.path("bad.profile"));
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("past the image"));
-    assert!(!env.path("bad.profile").exists());
+    assert!(merged.contains("7 chunks from 3 boots"), "{merged}");
+    // A read past the image's end, or no read at all, is refused, and OUT is left as it was.
+    let before = std::fs::read(&t).unwrap();
+    for (csv, why) in [
+        (format!("t_s,op,offset,length\n0,W,0,512\n0.5,R,{},4096\n", (8 << 20) - 512), "t_s 0.5"),
+        ("t_s,op,offset,length\n0,W,0,512\n".to_string(), "holds no read"),
+    ] {
+        std::fs::write(&trace, csv).unwrap();
+        let out = from_trace(&t);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(why), "{why}: {stderr}");
+        assert_eq!(std::fs::read(&t).unwrap(), before);
+    }
+    let leftovers = std::fs::read_dir(env.path("")).unwrap().filter(|e| {
+        let name = e.as_ref().unwrap().file_name();
+        name.to_string_lossy().contains(".tmp")
+    });
+    assert_eq!(leftovers.count(), 0);
 
     // A fresh node cache, same profiles: warming fetches exactly the profile's chunks, after
     // which the boot's reads never wait for the origin.

@@ -2,17 +2,19 @@
 //!
 //! CSV, one request a line after the header `t_s,op,offset,length`: `t_s` is seconds since the
 //! trace started (a decimal number), `op` is `R` (read), `W` (write) or `FLUSH`, `offset` and
-//! `length` are bytes (both 0 for a flush). vmtd writes them (`trace_stop`); `vmt bench replay`
-//! reads them. The recorder is [`Tracer`]: a relaxed atomic load per request while no trace runs,
-//! one short lock and a push while one does.
+//! `length` are bytes (both 0 for a flush). vmtd writes them (`trace_stop`); `vmt bench replay`,
+//! `vmt sim` and `vmt-profile from-trace` read them. The recorder is [`Tracer`]: a relaxed
+//! atomic load per request while no trace runs, one short lock and a push while one does.
 
 use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
+
+use crate::image::{ByteOffset, Geometry};
 
 /// The first line of every trace file.
 pub const HEADER: &str = "t_s,op,offset,length";
@@ -29,8 +31,10 @@ pub enum TraceError {
     Header,
     #[error("trace line {line}: {reason}")]
     Line { line: usize, reason: String },
-    #[error("trace read {read} (offset {offset}, length {length}) ends past the image's {image_size} bytes")]
-    PastImage { read: usize, offset: u64, length: u64, image_size: u64 },
+    #[error(
+        "trace: the read at t_s {t_s} (offset {offset}, length {length}) ends past the image's {image_size} bytes"
+    )]
+    PastImage { t_s: f64, offset: u64, length: u64, image_size: u64 },
 }
 
 /// A trace holds at most this many rows (32 bytes each in memory); requests beyond it are
@@ -163,24 +167,35 @@ pub fn footprint(rows: &[Row], chunk_size: u64) -> Footprint {
 
 /// The chunks `rows`' reads touch, each once, in the order first read, with the milliseconds
 /// from the first read to it: a boot's first touches, what a boot profile is made of
-/// (`vmt-profile from-trace`). A read past the end of an image of `image_size` bytes is refused;
-/// what this holds is bounded by the image's chunks, however long the trace.
-pub fn first_touches(rows: &[Row], chunk_size: u64, image_size: u64) -> Result<Vec<(u32, u32)>, TraceError> {
-    let chunk_size = chunk_size.max(1);
+/// (`vmt-profile from-trace`). Reads more than `window` after the first are left out (a
+/// recording's `record_duration`). A read past the end of the image is refused; what this holds
+/// is bounded by the image's chunks, however long the trace.
+pub fn first_touches(rows: &[Row], geometry: &Geometry, window: Duration) -> Result<Vec<(u32, u32)>, TraceError> {
+    // Whole microseconds, so that 0.7 − 0.1 s is 600 ms, not 599.
+    let micros = |t_s: f64| (t_s * 1e6).round() as u64;
+    let mut reads = rows.iter().filter(|r| r.op == Op::Read && r.length > 0);
+    let Some(start) = reads.clone().next().map(|r| micros(r.t_s)) else { return Ok(Vec::new()) };
+    let window = window.as_micros().min(u128::from(u64::MAX)) as u64;
     let mut seen = roaring::RoaringBitmap::new();
     let mut touches = Vec::new();
-    let reads = rows.iter().filter(|r| r.op == Op::Read && r.length > 0);
-    let start = reads.clone().next().map_or(0.0, |r| r.t_s);
-    for (n, r) in reads.enumerate() {
-        let end = r.offset.saturating_add(r.length);
-        if end > image_size {
-            return Err(TraceError::PastImage { read: n + 1, offset: r.offset, length: r.length, image_size });
+    for r in reads.by_ref() {
+        let since = micros(r.t_s).saturating_sub(start);
+        if since > window {
+            break;
         }
-        // Milliseconds as u32 saturate (49 days); chunk indices fit: the image is bounded.
-        let ms = ((r.t_s - start) * 1000.0) as u32;
-        for chunk in r.offset / chunk_size..end.div_ceil(chunk_size) {
-            if seen.insert(chunk as u32) {
-                touches.push((chunk as u32, ms));
+        if !geometry.contains(r.offset, r.length) {
+            return Err(TraceError::PastImage {
+                t_s: r.t_s,
+                offset: r.offset,
+                length: r.length,
+                image_size: geometry.image_size(),
+            });
+        }
+        // Saturates after 49 days, far past any window a profile keeps.
+        let ms = (since / 1000).min(u64::from(u32::MAX)) as u32;
+        for chunk in geometry.chunks_covering(ByteOffset(r.offset), r.length) {
+            if seen.insert(chunk) {
+                touches.push((chunk, ms));
             }
         }
     }
@@ -269,23 +284,35 @@ impl Tracer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::ChunkSize;
     use proptest::prelude::*;
 
     #[test]
     fn first_touches_are_each_chunk_once_in_read_order_timed_from_the_first_read() {
         let read = |t_s, offset, length| Row { t_s, op: Op::Read, offset, length };
+        let write = |t_s| Row { t_s, op: Op::Write, offset: 0, length: 4096 };
+        // 8 chunks of 4 KiB, the last one 100 bytes short.
+        const C: u64 = 4096;
+        let geo = Geometry::new(8 * C - 100, ChunkSize::new(C).unwrap()).unwrap();
+        let all = Duration::from_secs(3600);
         let rows = vec![
-            Row { t_s: 0.1, op: Op::Write, offset: 0, length: 4096 },
-            read(0.5, 3 * 1024 + 10, 2 * 1024 - 10), // chunks 3 and 4, to the byte
+            write(0.05),
+            read(0.1, 3 * C + 10, 2 * C - 10), // chunks 3 and 4, to the byte
             Row { t_s: 0.6, op: Op::Flush, offset: 0, length: 0 },
-            read(0.75, 4 * 1024, 1), // 4 again: not a first touch
-            read(2.5, 0, 1024),
+            read(0.7, 4 * C, 1),       // 4 again: not a first touch
+            read(0.7, C - 1, 2),       // 0 and 1, 600 ms after the first read (not 599)
+            read(2.6, 7 * C, C - 100), // the last chunk, to the image's end
         ];
-        assert_eq!(first_touches(&rows, 1024, 8 * 1024).unwrap(), vec![(3, 0), (4, 0), (0, 2000)]);
-        // The last byte of the image is fine, one past it is refused.
-        assert!(first_touches(&[read(0.0, 8 * 1024 - 1, 1)], 1024, 8 * 1024).is_ok());
-        let err = first_touches(&[read(0.0, 0, 1), read(0.1, 8 * 1024 - 1, 2)], 1024, 8 * 1024).unwrap_err();
-        assert!(matches!(err, TraceError::PastImage { read: 2, .. }), "{err}");
+        let want = vec![(3, 0), (4, 0), (0, 600), (1, 600), (7, 2500)];
+        assert_eq!(first_touches(&rows, &geo, all).unwrap(), want);
+        // The window leaves out what comes later than it.
+        assert_eq!(first_touches(&rows, &geo, Duration::from_secs(1)).unwrap(), want[..4]);
+        // No reads, no touches.
+        assert!(first_touches(&[write(0.0)], &geo, all).unwrap().is_empty());
+        // One byte past the image's end is refused, and the read is named by its time.
+        let err = first_touches(&[write(0.0), read(0.1, 0, 1), read(0.2, 7 * C, C - 99)], &geo, all).unwrap_err();
+        assert!(matches!(err, TraceError::PastImage { t_s: 0.2, .. }), "{err}");
+        assert!(err.to_string().contains("t_s 0.2"), "{err}");
     }
 
     #[test]

@@ -9,9 +9,10 @@ use clap::{Parser, Subcommand};
 use vmthunder::config::{format_size, parse_duration};
 use vmthunder::daemon::control::{self, Request, Response};
 use vmthunder::image::{ChunkSize, Geometry};
+use vmthunder::profile::format::MAX_PROFILE_BYTES;
 use vmthunder::profile::Profile;
 
-/// Record, show and merge vmthunder boot profiles.
+/// Record, show and merge vmthunder boot profiles, and make one from a request trace.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
@@ -54,13 +55,21 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         age_out: u32,
     },
-    /// Make a profile of the boot a request trace recorded (`vmt trace`'s CSV): the chunks its
-    /// reads touch, in the order first read. The image's digest and geometry are those of
-    /// profile LIKE (another boot of the same image); `merge` then adds the two.
+    /// Make a one-boot profile of a request trace (`vmt trace`'s CSV), to merge into an image's.
+    ///
+    /// The profile holds the chunks the trace's reads touch, each once, in the order first read,
+    /// each due at its time after the first read, up to --duration. Merge it into the image's
+    /// profile with `merge`.
     FromTrace {
+        /// The request trace.
         trace: PathBuf,
+        /// A profile of the same image: the new one takes its digest, size and chunk size.
         #[arg(long)]
         like: PathBuf,
+        /// Leave out the reads later than this after the first, as vmtd's `record_duration`.
+        #[arg(long, default_value = "120s")]
+        duration: String,
+        /// Where to write the profile (atomically).
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -138,13 +147,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("writing {}", output.display()))?;
             println!("{}: {} chunks from {} boots", output.display(), merged.entries.len(), merged.boots);
         }
-        Cmd::FromTrace { trace, like, output } => {
+        Cmd::FromTrace { trace, like, duration, output } => {
+            let window = parse_duration(&duration).map_err(|m| anyhow::anyhow!("--duration: {m}"))?;
             let like = load(&like)?;
             let geometry = Geometry::new(like.image_size, ChunkSize::new(like.chunk_size)?)?;
-            let rows = vmthunder::bench::trace::load(&trace)?;
-            let touches = vmthunder::bench::trace::first_touches(&rows, like.chunk_size, like.image_size)?;
+            let rows = vmthunder::bench::trace::load(&trace).with_context(|| trace.display().to_string())?;
+            let touches = vmthunder::bench::trace::first_touches(&rows, &geometry, window)
+                .with_context(|| format!("{} (is it a trace of the image of --like?)", trace.display()))?;
+            if touches.is_empty() {
+                // Merged in, an empty boot would count a miss against every chunk of the profile.
+                bail!("{}: the trace holds no read; no profile written", trace.display());
+            }
             let p = Profile::from_touches(like.root, &geometry, &touches);
-            vmthunder::fsutil::write_atomic(&output, &p.encode(), 0o644)
+            let bytes = p.encode();
+            if bytes.len() > MAX_PROFILE_BYTES {
+                bail!("the profile would take {} bytes, over the {MAX_PROFILE_BYTES} vmtd loads", bytes.len());
+            }
+            vmthunder::fsutil::write_atomic(&output, &bytes, 0o644)
                 .with_context(|| format!("writing {}", output.display()))?;
             println!("{}: {} chunks ({}) from 1 boot", output.display(), p.entries.len(), format_size(p.bytes()));
         }
