@@ -167,22 +167,20 @@ pub fn footprint(rows: &[Row], chunk_size: u64) -> Footprint {
 
 /// The chunks `rows`' reads touch, each once, in the order first read, with the milliseconds
 /// from the first read to it: a boot's first touches, what a boot profile is made of
-/// (`vmt-profile from-trace`). Reads more than `window` after the first are left out (a
-/// recording's `record_duration`). A read past the end of the image is refused; what this holds
+/// (`vmt-profile from-trace`). Reads more than `window` after the first are left out (as a
+/// recording's `record_duration` ends it). Any read past the end of the image is refused; what this holds
 /// is bounded by the image's chunks, however long the trace.
 pub fn first_touches(rows: &[Row], geometry: &Geometry, window: Duration) -> Result<Vec<(u32, u32)>, TraceError> {
     // Whole microseconds, so that 0.7 − 0.1 s is 600 ms, not 599.
     let micros = |t_s: f64| (t_s * 1e6).round() as u64;
-    let mut reads = rows.iter().filter(|r| r.op == Op::Read && r.length > 0);
+    let reads = rows.iter().filter(|r| r.op == Op::Read && r.length > 0);
     let Some(start) = reads.clone().next().map(|r| micros(r.t_s)) else { return Ok(Vec::new()) };
     let window = window.as_micros().min(u128::from(u64::MAX)) as u64;
     let mut seen = roaring::RoaringBitmap::new();
     let mut touches = Vec::new();
-    for r in reads.by_ref() {
-        let since = micros(r.t_s).saturating_sub(start);
-        if since > window {
-            break;
-        }
+    for r in reads {
+        // Every read is checked against the image, also those after the window: a trace of
+        // another image is refused rather than half taken.
         if !geometry.contains(r.offset, r.length) {
             return Err(TraceError::PastImage {
                 t_s: r.t_s,
@@ -190,6 +188,10 @@ pub fn first_touches(rows: &[Row], geometry: &Geometry, window: Duration) -> Res
                 length: r.length,
                 image_size: geometry.image_size(),
             });
+        }
+        let since = micros(r.t_s).saturating_sub(start);
+        if since > window {
+            continue;
         }
         // Saturates after 49 days, far past any window a profile keeps.
         let ms = (since / 1000).min(u64::from(u32::MAX)) as u32;
@@ -313,6 +315,9 @@ mod tests {
         let err = first_touches(&[write(0.0), read(0.1, 0, 1), read(0.2, 7 * C, C - 99)], &geo, all).unwrap_err();
         assert!(matches!(err, TraceError::PastImage { t_s: 0.2, .. }), "{err}");
         assert!(err.to_string().contains("t_s 0.2"), "{err}");
+        // Also after the window.
+        let late = [read(0.1, 0, 1), read(5.0, 7 * C, C)];
+        assert!(first_touches(&late, &geo, Duration::from_secs(1)).is_err());
     }
 
     #[test]

@@ -66,7 +66,8 @@ enum Cmd {
         /// A profile of the same image: the new one takes its digest, size and chunk size.
         #[arg(long)]
         like: PathBuf,
-        /// Leave out the reads later than this after the first, as vmtd's `record_duration`.
+        /// Leave out the reads later than this after the first (like vmtd's `record_duration`,
+        /// but counted from the first read).
         #[arg(long, default_value = "120s")]
         duration: String,
         /// Where to write the profile (atomically).
