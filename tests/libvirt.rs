@@ -201,7 +201,8 @@ impl Domain {
     }
 
     fn wait_shutoff(&self) {
-        wait_until("domain shut off", Duration::from_secs(60), || self.is_off());
+        // The guest powers off on its own once done; a starved TCG guest may take a while.
+        wait_until("domain shut off", BOOT_WALL_LIMIT, || self.is_off());
     }
 
     /// Starts the domain and waits for a clean power-off; returns the console.

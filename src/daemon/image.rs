@@ -425,12 +425,10 @@ impl Image {
     async fn bytes_of_runs(&self, offset: u64, len: u32, runs: Vec<Arc<RunData>>) -> Result<Option<Bytes>, ()> {
         let range = self.manifest.geometry().chunks_covering(ByteOffset(offset), u64::from(len));
         let store = self.store.clone();
-        Ok(match runs.iter().find_map(|r| Some((r.share(offset, len as usize)?, r.bytes.len()))) {
-            // The common cold read: one fetched run holds it all, share its buffer. A small read
-            // of a much longer run (a prefetch's) gets a copy instead: a reply waiting to be
-            // written then pins no more memory than the NBD budgets charge it.
-            Some((shared, run)) if shared.len() * 2 >= run => Some(shared),
-            Some((shared, _)) => Some(Bytes::copy_from_slice(&shared)),
+        // The common cold read: one fetched run holds it all, its buffer shared (or, for a small
+        // read of a much longer run, copied: see `share_or_copy`).
+        Ok(match runs.iter().find_map(|r| r.share_or_copy(offset, len as usize)) {
+            Some(bytes) => Some(bytes),
             None => {
                 let read = tokio::task::spawn_blocking(move || assemble(&store, offset, len, range, &runs));
                 read.await.map_err(|_| ())?.map(Bytes::from)
@@ -534,12 +532,11 @@ impl PeerExport for Image {
             if !self.swarm.as_ref().is_some_and(|s| s.relays_for(run.clone(), requester)) {
                 return self.cached(offset, len).await;
             }
-            if self.store.has_all(run.clone()) {
-                if let Some(bytes) = self.cached(offset, len).await {
-                    return Some(bytes);
-                }
-                // Not readable after all (the store forgets a chunk whose read failed): fetched.
+            if let Some(bytes) = self.cached(offset, len).await {
+                return Some(bytes);
             }
+            // Not held, or not readable after all (the store forgets a chunk whose read failed):
+            // fetched.
             self.relay(run, parts).await
         })
     }

@@ -134,6 +134,20 @@ impl RunData {
         let start = (offset - self.offset) as usize;
         Some(self.bytes.slice(start..start + len))
     }
+
+    /// Like [`RunData::share`], but a copy when it is under half the run (a small read of a
+    /// much longer run, a prefetch's): what waits to be written then pins no more memory than
+    /// the budgets of its reply charge it.
+    pub fn share_or_copy(&self, offset: u64, len: usize) -> Option<Bytes> {
+        let b = self.share(offset, len)?;
+        Some(if b.len() * 2 >= self.bytes.len() { b } else { Bytes::copy_from_slice(&b) })
+    }
+}
+
+/// Answers a flight's waiters with `outcome` unless they have an answer already (the first one
+/// stands: chunks handed on early keep their verified bytes).
+fn answer_once(tx: &watch::Sender<Outcome>, outcome: Result<Arc<RunData>, FetchError>) {
+    tx.send_if_modified(|o| o.is_none() && o.replace(outcome).is_none());
 }
 
 type Outcome = Option<Result<Arc<RunData>, FetchError>>;
@@ -158,8 +172,7 @@ impl Drop for Claim {
         let mut inflight = self.fetcher.inflight.lock().unwrap_or_else(|e| e.into_inner());
         for (i, tx) in self.run.drain(..) {
             release(&mut inflight, i, &tx);
-            let lost = self.lost.clone();
-            tx.send_if_modified(|o| o.is_none() && o.replace(Err(lost)).is_none());
+            answer_once(&tx, Err(self.lost.clone()));
         }
     }
 }
@@ -452,8 +465,7 @@ impl Fetcher {
                 for (i, tx) in claim.run.drain(..) {
                     release(&mut inflight, i, &tx);
                     // Chunks handed on early keep their (verified) bytes.
-                    let e = e.clone();
-                    tx.send_if_modified(|o| o.is_none() && o.replace(Err(e)).is_none());
+                    answer_once(&tx, Err(e.clone()));
                 }
                 return;
             }
@@ -484,9 +496,10 @@ impl Fetcher {
         let skip = g.run_bytes(chunks.start..from).map_or(0, |(_, n)| n);
         let Some((offset, len)) = g.run_bytes(from..end) else { return };
         let Some(part) = bytes.get(skip..skip + len).map(|_| bytes.slice(skip..skip + len)) else { return };
-        let part = Arc::new(RunData { chunks: from..end, offset: offset.0, bytes: part, from_peers: true });
+        let from_peers = self.source.waits_on_peers();
+        let part = Arc::new(RunData { chunks: from..end, offset: offset.0, bytes: part, from_peers });
         for (_, tx) in &run[(from - first) as usize..(end - first) as usize] {
-            tx.send_if_modified(|o| o.is_none() && o.replace(Ok(part.clone())).is_none());
+            answer_once(tx, Ok(part.clone()));
         }
         done.store(end - first, Ordering::Relaxed);
     }
@@ -616,8 +629,9 @@ impl Fetcher {
     }
 }
 
-/// Where [`Fetcher::ensure_parts`] sends the chunks it hands on early.
-pub type Parts = tokio::sync::mpsc::UnboundedSender<(Range<u32>, Bytes)>;
+/// Where [`Fetcher::ensure_parts`] sends the chunks it hands on early (the peer connection's
+/// own kind of channel: the parts of one request).
+pub use crate::p2p::peer::Parts;
 
 /// A cut-through reply's progress: the next chunk to send, and the reply's end.
 struct Emit<'a> {
@@ -652,15 +666,8 @@ impl Emit<'_> {
         if end <= i {
             return;
         }
-        // A part of a much longer run (a prefetch's) is a copy: a part waiting to be written then
-        // pins no more memory than its reply's reservation covers.
-        let bytes = self.g.run_bytes(i..end).and_then(|(offset, len)| run.share(offset.0, len)).map(|b| {
-            if b.len() * 2 >= run.bytes.len() {
-                b
-            } else {
-                Bytes::copy_from_slice(&b)
-            }
-        });
+        // A part of a much longer run is a copy (see `share_or_copy`).
+        let bytes = self.g.run_bytes(i..end).and_then(|(offset, len)| run.share_or_copy(offset.0, len));
         let Some(bytes) = bytes else {
             self.on = false;
             return;

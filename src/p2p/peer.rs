@@ -64,7 +64,7 @@ struct Pending {
     run: Range<u32>,
     again: bool,
     got: u32,
-    parts: Option<Parts>,
+    parts: Parts,
     reply: oneshot::Sender<Reply>,
 }
 
@@ -214,9 +214,8 @@ impl PeerConn {
                             break format!("part of chunks {from}+{count} in {} bytes", f.tail.len());
                         }
                         p.got += count;
-                        if p.parts.as_ref().is_some_and(|tx| tx.send((part, f.tail)).is_err()) {
-                            p.parts = None;
-                        }
+                        // The asker may have given up on the parts: they are dropped then.
+                        let _ = p.parts.send((part, f.tail));
                         continue;
                     }
                     Message::NotHave { id } => (id, Err(Refusal::NotHave)),
@@ -363,7 +362,7 @@ impl PeerConn {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         let run = first..first.saturating_add(count);
-        self.pending.lock().unwrap().insert(id, Pending { run, again: false, got: 0, parts: Some(parts), reply: tx });
+        self.pending.lock().unwrap().insert(id, Pending { run, again: false, got: 0, parts, reply: tx });
         self.requested.notify_one();
         let _waiting = Waiting { conn: self, id };
         if self.is_closed() {

@@ -364,19 +364,24 @@ impl Swarm {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let reply = conn.request(run.start, run.end - run.start, tx);
         tokio::pin!(reply);
-        let mut got: Vec<Bytes> = Vec::new();
+        // The parts, checked, gathered in one buffer as they come (a copy: they arrive in frames
+        // of their own).
+        let mut all: Vec<u8> = Vec::new();
         let mut at = run.start;
-        let mut take = |part: Range<u32>, bytes: Bytes, got: &mut Vec<Bytes>| {
-            progress(part.clone(), bytes.clone());
+        let mut take = |part: Range<u32>, bytes: Bytes, all: &mut Vec<u8>| {
+            if all.is_empty() {
+                all.reserve_exact(self.manifest.geometry().run_bytes(run.clone()).map_or(0, |(_, len)| len));
+            }
+            all.extend_from_slice(&bytes);
             at = part.end;
-            got.push(bytes);
+            progress(part, bytes);
         };
         let reply = loop {
             tokio::select! {
                 biased;
                 Some((part, bytes)) = rx.recv() => {
                     let bytes = self.verify(node, part.clone(), bytes).await?;
-                    take(part, bytes, &mut got);
+                    take(part, bytes, &mut all);
                 }
                 r = &mut reply => break r,
             }
@@ -384,7 +389,7 @@ impl Swarm {
         // Parts sent before the reply are in the channel already.
         while let Ok((part, bytes)) = rx.try_recv() {
             let bytes = self.verify(node, part.clone(), bytes).await?;
-            take(part, bytes, &mut got);
+            take(part, bytes, &mut all);
         }
         let rest = match reply {
             Ok(bytes) => self.verify(node, at..run.end, bytes).await?,
@@ -392,13 +397,10 @@ impl Swarm {
             Err(Refusal::Busy) => return Err(Outcome::Busy),
             Err(Refusal::Closed) => return Err(Outcome::Lost),
         };
-        if got.is_empty() {
+        if all.is_empty() {
             return Ok(rest);
         }
-        let mut all = Vec::with_capacity(got.iter().map(Bytes::len).sum::<usize>() + rest.len());
-        for b in got.iter().chain([&rest]) {
-            all.extend_from_slice(b);
-        }
+        all.extend_from_slice(&rest);
         Ok(Bytes::from(all))
     }
 
@@ -538,8 +540,8 @@ impl ChunkSource for Swarm {
                 return self.origin.read(offset, len).await.map(|d| (d, false));
             };
             if let [piece] = &pieces[..] {
-                // The usual case: one stripe, read in this task. The reply's own buffer is
-                // usually taken over without a copy.
+                // The usual case: one stripe, read in this task. The reply's buffer is taken
+                // over without a copy (a run that came in parts was gathered into it once).
                 let (bytes, checked) = self.read_piece(piece.clone(), priority, progress).await?;
                 let mut out = Vec::from(bytes);
                 out.truncate(len);

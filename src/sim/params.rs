@@ -154,6 +154,9 @@ impl SimParams {
                 Err(bad(field, format!("{v} must be a finite number, at least {min}")))
             }
         };
+        if self.push_cut_through && !(self.cut_through && self.push) {
+            return Err(bad("push-cut-through", "needs --cut-through and --push (both the default)"));
+        }
         if !(1..=1_000_000).contains(&self.nodes) {
             return Err(bad("nodes", format!("{} must be between 1 and 1000000", self.nodes)));
         }

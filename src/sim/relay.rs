@@ -218,9 +218,9 @@ impl Sim<'_> {
     pub(super) fn start_reply(&mut self, r: u32, serial: u64) {
         let Some(q) = self.reqs.get(r).filter(|q| q.serial == serial) else { return };
         let (i, j, bytes, f) = (q.client, q.server, q.bytes, q.flight);
-        if !self.nodes[j as usize].alive || (self.strategy.relays() && !q.slot && !q.early) {
-            // Gone, or released meanwhile by a kill (its asker told): a relay's reply holds a
-            // slot until it is sent (cut through, none).
+        if !self.nodes[j as usize].alive || (self.strategy.relays() && !self.nodes[j as usize].serving.contains(&r)) {
+            // Gone, or released meanwhile (a kill, a lost push it waited on): a relay's replies
+            // and pushes are being served until released.
             return;
         }
         debug_assert!(q.flow.is_none(), "one flow per reply");
