@@ -86,7 +86,7 @@ pub(super) enum Want {
 pub(super) struct Wait {
     pub node: u32,
     pub pending: u32,
-    /// Of those, the fetches that have not started receiving (`--cut-through`).
+    /// Of those, the fetches that have not started receiving (cut through, the default).
     pub unstarted: u32,
     pub failed: bool,
     pub want: Want,
@@ -98,7 +98,7 @@ pub(super) struct Flight {
     pub run: Range<u32>,
     pub waits: Vec<u32>,
     pub piece: Option<PieceRead>,
-    /// Its bytes have started arriving (`--cut-through`).
+    /// Its bytes have started arriving (cut through, the default).
     pub receiving: bool,
     /// A run a parent pushes to this node (`--push`): no source to choose, it just arrives.
     pub pushed: bool,
@@ -124,7 +124,7 @@ pub(super) struct Req {
     pub reserved: u64,
     pub slot: bool,
     pub flow: Option<FlowId>,
-    /// `--cut-through`: started before its chunks were in; when they were (ns); all sent.
+    /// Cut through (the default): started before its chunks were in; when they were (ns); all sent.
     pub early: bool,
     pub upstream_done: Option<u64>,
     pub sent: bool,
@@ -227,7 +227,7 @@ pub(super) struct Counters {
     pub events: u64,
     pub peer_requests: u64,
     pub refusals: u64,
-    /// `--cut-through`: replies begun early, and those a kill broke.
+    /// Cut through (the default): replies begun early, and those a kill broke.
     pub early_replies: u64,
     pub early_broken: u64,
     /// `--push`: runs pushed to a child, their bytes, those the sender's budget refused, and

@@ -53,7 +53,7 @@ pub struct StrategyReport {
     pub refusals: u64,
     pub killed: u64,
     pub events: u64,
-    /// With `--cut-through`: replies started before their chunks were in, and those a kill
+    /// Cut through (the default): replies started before their chunks were in, and those a kill
     /// broke.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub early_replies: u64,
