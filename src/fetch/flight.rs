@@ -36,6 +36,13 @@ use thiserror::Error;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+mod parts;
+mod run;
+
+use parts::Emit;
+pub use parts::Parts;
+pub use run::{runs, RunData};
+
 use super::slots::Slots;
 use super::{ChunkSource, SourceError};
 use crate::image::{ChunkIdx, Manifest};
@@ -107,41 +114,6 @@ pub struct FetchTuning {
     pub timeout: Duration,
     /// Largest coalesced upstream read, in chunks.
     pub max_chunks: u32,
-}
-
-/// Verified bytes of one coalesced upstream read, starting at byte `offset` of the image.
-#[derive(Debug)]
-pub struct RunData {
-    /// The chunks it holds, all of them verified.
-    pub chunks: Range<u32>,
-    pub offset: u64,
-    pub bytes: Bytes,
-    /// Every byte came from peers (and was verified by the peer-aware source), none from the
-    /// origin.
-    pub from_peers: bool,
-}
-
-impl RunData {
-    /// The bytes of `[offset, offset + len)` that this run holds, if it holds all of them.
-    pub fn slice(&self, offset: u64, len: usize) -> Option<&[u8]> {
-        let start = offset.checked_sub(self.offset)? as usize;
-        self.bytes.get(start..start.checked_add(len)?)
-    }
-
-    /// Like [`RunData::slice`], sharing the buffer instead of copying.
-    pub fn share(&self, offset: u64, len: usize) -> Option<Bytes> {
-        self.slice(offset, len)?;
-        let start = (offset - self.offset) as usize;
-        Some(self.bytes.slice(start..start + len))
-    }
-
-    /// Like [`RunData::share`], but a copy when it is under half the run (a small read of a
-    /// much longer run, a prefetch's): what waits to be written then pins no more memory than
-    /// the budgets of its reply charge it.
-    pub fn share_or_copy(&self, offset: u64, len: usize) -> Option<Bytes> {
-        let b = self.share(offset, len)?;
-        Some(if b.len() * 2 >= self.bytes.len() { b } else { Bytes::copy_from_slice(&b) })
-    }
 }
 
 /// Answers a flight's waiters with `outcome` unless they have an answer already (the first one
@@ -329,9 +301,9 @@ impl Fetcher {
         priority: Priority,
         parts: &Parts,
     ) -> Result<(Vec<Arc<RunData>>, u32), FetchError> {
-        let mut emit = Emit { g: self.manifest.geometry(), tx: parts, next: range.start, end: range.end, on: true };
+        let mut emit = Emit::new(self.manifest.geometry(), parts, range.clone());
         let runs = self.ensure_passes(range, priority, Some(&mut emit)).await?;
-        Ok((runs, emit.next))
+        Ok((runs, emit.next()))
     }
 
     async fn ensure_passes(
@@ -629,80 +601,12 @@ impl Fetcher {
     }
 }
 
-/// Where [`Fetcher::ensure_parts`] sends the chunks it hands on early (the peer connection's
-/// own kind of channel: the parts of one request).
-pub use crate::p2p::peer::Parts;
-
-/// A cut-through reply's progress: the next chunk to send, and the reply's end.
-struct Emit<'a> {
-    g: crate::image::Geometry,
-    tx: &'a Parts,
-    next: u32,
-    end: u32,
-    on: bool,
-}
-
-impl Emit<'_> {
-    /// Chunk `i` arrived in `run`: sent on if it is the next, with the chunks after it that
-    /// came in the same run (`ahead`: the waits after it, in order), all but the reply's last.
-    fn chunk(&mut self, i: u32, run: &Arc<RunData>, ahead: &[(u32, watch::Receiver<Outcome>)]) {
-        // A chunk sent already (waited on again in a later pass) changes nothing.
-        if !self.on || i < self.next {
-            return;
-        }
-        if i != self.next {
-            self.on = false;
-            return;
-        }
-        let mut end = i + 1;
-        for (j, rx) in ahead {
-            let same = matches!(&*rx.borrow(), Some(Ok(r)) if Arc::ptr_eq(r, run));
-            if *j != end || !same {
-                break;
-            }
-            end += 1;
-        }
-        let end = end.min(self.end - 1);
-        if end <= i {
-            return;
-        }
-        // A part of a much longer run is a copy (see `share_or_copy`).
-        let bytes = self.g.run_bytes(i..end).and_then(|(offset, len)| run.share_or_copy(offset.0, len));
-        let Some(bytes) = bytes else {
-            self.on = false;
-            return;
-        };
-        if self.tx.send((i..end, bytes)).is_err() {
-            self.on = false;
-            return;
-        }
-        self.next = end;
-    }
-}
-
 /// Takes chunk `i`'s entry out of the in-flight map if it is `tx`'s flight (a read may have
 /// replaced an offered push's entry with a fetch of its own).
 fn release(inflight: &mut HashMap<u32, (watch::Receiver<Outcome>, bool)>, i: u32, tx: &watch::Sender<Outcome>) {
     if inflight.get(&i).is_some_and(|(rx, _)| rx.same_channel(&tx.subscribe())) {
         inflight.remove(&i);
     }
-}
-
-/// Splits sorted chunk indices into runs of adjacent chunks, each at most `max` long and, with
-/// `boundary`, never crossing a multiple of it. Pure: `vmt sim` plans its nodes' upstream reads
-/// with it too.
-pub fn runs<T>(items: Vec<(u32, T)>, max: u32, boundary: Option<u32>) -> Vec<Vec<(u32, T)>> {
-    let mut out: Vec<Vec<(u32, T)>> = Vec::new();
-    for (i, t) in items {
-        let cut = boundary.is_some_and(|b| b > 0 && i % b == 0);
-        match out.last_mut() {
-            Some(run) if !cut && run.len() < max as usize && run.last().is_some_and(|(p, _)| p + 1 == i) => {
-                run.push((i, t))
-            }
-            _ => out.push(vec![(i, t)]),
-        }
-    }
-    out
 }
 
 #[cfg(test)]
