@@ -1,6 +1,7 @@
-//! A relay's cut-through reply as it goes: [`Emit`] hands the chunks of a reply to the peer
-//! connection in order, each as soon as it is verified, and stops at the first one that is not
-//! next (the rest then goes as one answer once all is in).
+//! A relay's cut-through reply as it goes: [`Emit`] hands the chunks of a reply, all but the
+//! last, to the peer connection in order, each as soon as it is verified; it stops at the first
+//! chunk that is not next or that the connection no longer takes. What it did not send goes as
+//! the reply's answer once all is in.
 
 use std::sync::Arc;
 
@@ -8,8 +9,8 @@ use tokio::sync::watch;
 
 use super::{Outcome, RunData};
 
-/// Where [`Fetcher::ensure_parts`](super::Fetcher::ensure_parts) sends the chunks it hands on early (the peer connection's
-/// own kind of channel: the parts of one request).
+/// Where [`Fetcher::ensure_parts`](super::Fetcher::ensure_parts) sends the chunks it hands on
+/// early (the peer connection's own kind of channel: the parts of one request).
 pub use crate::p2p::peer::Parts;
 
 /// A cut-through reply's progress: the next chunk to send, and the reply's end.

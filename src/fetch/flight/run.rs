@@ -1,6 +1,6 @@
 //! A run: adjacent chunks fetched in one upstream read, the unit the miss path fetches, hands
-//! to its waiters and stores. Every chunk a [`RunData`] holds is verified; [`runs`] is the one
-//! place that cuts chunk indices into runs (vmtd's fetches and `vmt sim`'s alike).
+//! to its waiters and stores. Every chunk a [`RunData`] holds is verified; [`runs`] cuts the miss
+//! path's upstream reads into runs (vmtd's and `vmt sim`'s alike).
 
 use std::ops::Range;
 

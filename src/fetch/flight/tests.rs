@@ -1,7 +1,7 @@
 //! The miss path against a memory source: single flight, retries, verification, pushed runs.
 
 use super::*;
-use crate::fetch::BoxFuture;
+use crate::fetch::{BoxFuture, SourceError};
 use crate::image::{ChunkSize, Geometry};
 use std::sync::atomic::AtomicBool;
 

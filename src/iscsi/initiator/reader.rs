@@ -103,7 +103,8 @@ fn handle(p: TargetPdu, shared: &Shared, writer: &Writer, n: Negotiated) -> Resu
         TargetPdu::NopIn(nop) => {
             st.update(&nop.window, nop.itt != RESERVED_TAG);
             if nop.ttt != RESERVED_TAG {
-                // The target pings: answer with its TTT, from a task of its own (see invariants).
+                // The target pings: answer with its TTT, from a task of its own (the
+                // initiator's invariants: the reader never waits on the writer).
                 let out = NopOut {
                     lun: nop.lun,
                     itt: RESERVED_TAG,

@@ -34,7 +34,7 @@ pub(super) struct State {
 }
 
 /// True when `a` comes after `b` in serial number arithmetic (RFC 1982, 32 bits).
-pub(super) fn serial_gt(a: u32, b: u32) -> bool {
+fn serial_gt(a: u32, b: u32) -> bool {
     a != b && a.wrapping_sub(b) < 1 << 31
 }
 
