@@ -151,6 +151,11 @@ pub struct SimArgs {
     /// pushes a run once it is in.
     #[arg(long)]
     pub push_cut_through: bool,
+    /// What if relays checked and passed on pieces of this size (a power of two from 1KiB to the
+    /// chunk size: subtrees of the chunk's BLAKE3 tree, their chaining values sent first) rather
+    /// than whole chunks? vmtd checks whole chunks (the default).
+    #[arg(long)]
+    pub verify_piece: Option<String>,
     /// Whether relays push each run they obtain (from their parent, the origin or a push) to
     /// their children in that stripe's tree that neither hold it nor fetch it, as vmtd does with
     /// `p2p.push` (its default); `--push false` models `p2p.push = false` (DESIGN.md).
@@ -241,6 +246,7 @@ impl SimArgs {
             max_peer_state: size("max-peer-state", &self.max_peer_state)?,
             cut_through: self.cut_through,
             push_cut_through: self.push_cut_through,
+            verify_piece: self.verify_piece.as_deref().map(|v| size("verify-piece", v)).transpose()?,
             push: self.push,
             push_boot: self.push_boot,
             first_address: self.first_address,

@@ -127,6 +127,10 @@ pub struct SimParams {
     /// With `cut_through`: pushes too (a what-if: vmtd pushes a run once it is in).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub push_cut_through: bool,
+    /// With `cut_through`: relays check and pass on pieces of this many bytes, not whole chunks
+    /// (a what-if: vmtd checks whole chunks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_piece: Option<u64>,
     /// Whether relays push each run they obtain down its stripe's tree to the children that
     /// lack it, as vmtd does with `p2p.push` (its default).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -229,6 +233,14 @@ impl SimParams {
         }
         if self.stripe < self.chunk_size {
             return Err(bad("stripe", "must be at least one chunk"));
+        }
+        if let Some(piece) = self.verify_piece {
+            if !self.cut_through {
+                return Err(bad("verify-piece", "needs --cut-through (the default)"));
+            }
+            if !piece.is_power_of_two() || !(1024..=self.chunk_size).contains(&piece) {
+                return Err(bad("verify-piece", "must be a power of two from 1KiB to the chunk size"));
+            }
         }
         if !(1..=64).contains(&self.fanout) {
             return Err(bad("fanout", "must be between 1 and 64"));

@@ -211,7 +211,7 @@ impl Sim<'_> {
         // Cut through, the first chunk's share before the first byte; the rest as it goes
         // (booked once the reply is sent, `deliver`), so the relay checks its own incoming run
         // in between.
-        let done = self.cpu(j, if self.cuts() { self.chunk_cpu() } else { cost });
+        let done = self.cpu(j, if self.cuts() { self.piece_cpu() } else { cost });
         self.at(super::engine::ns(done), Ev::StartReply(r, serial));
     }
 
@@ -276,8 +276,8 @@ impl Sim<'_> {
     pub(super) fn deliver(&mut self, r: u32) {
         let Some(q) = self.reqs.get(r) else { return };
         let (i, j, bytes) = (q.client, q.server, q.bytes);
-        // Cut through, the last chunk leaves the server at best one chunk time after it came.
-        let last = q.upstream_done.map_or(0.0, |t| t as f64 / 1e9 + self.p.chunk_size as f64 / self.p.node_rate);
+        // Cut through, the last piece leaves the server at best one piece time after it came.
+        let last = q.upstream_done.map_or(0.0, |t| t as f64 / 1e9 + self.piece() as f64 / self.p.node_rate);
         self.nodes[j as usize].uploaded += bytes;
         self.release(r);
         // The asker checks the bytes (hashing costs it CPU) once they are in.
@@ -287,9 +287,9 @@ impl Sim<'_> {
         let t = if self.cuts() {
             // The sender's share past the first chunk, and the asker's checks chunk by chunk as
             // they come: only the last chunk's check is left once it is in.
-            self.cpu(j, (cost - self.chunk_cpu()).max(0.0));
+            self.cpu(j, (cost - self.piece_cpu()).max(0.0));
             let arrived = self.secs().max(last) + lat;
-            (arrived + self.chunk_cpu()).max(verify - (cost - self.chunk_cpu()).max(0.0))
+            (arrived + self.piece_cpu()).max(verify - (cost - self.piece_cpu()).max(0.0))
         } else {
             (self.secs() + lat).max(verify)
         };
