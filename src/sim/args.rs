@@ -151,9 +151,10 @@ pub struct SimArgs {
     /// pushes a run once it is in.
     #[arg(long)]
     pub push_cut_through: bool,
-    /// What if relays checked and passed on pieces of this size (a power of two from 1KiB to the
-    /// chunk size: subtrees of the chunk's BLAKE3 tree, their chaining values sent first) rather
-    /// than whole chunks? vmtd checks whole chunks (the default).
+    /// What if peers' replies were checked and passed on in pieces of this size (a power of two
+    /// from 1KiB to the chunk size: subtrees of the chunk's BLAKE3 tree, their chaining values
+    /// sent first) rather than whole chunks? vmtd checks whole chunks (the default); runs from the
+    /// origin are checked in whole chunks either way.
     #[arg(long)]
     pub verify_piece: Option<String>,
     /// Whether relays push each run they obtain (from their parent, the origin or a push) to

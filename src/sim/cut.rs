@@ -4,11 +4,13 @@
 //! started receiving (a reply from the origin or from a peer whose bytes flow; a fetch that lost
 //! its source and asks another still counts), shares the links like any reply, takes no upload
 //! slot (vmtd's parts take one per frame, only while it is written), and its last byte is
-//! delivered no earlier than one piece time over the node link after the last of those fetches
-//! ended. Its CPU holds it up by one piece's share at each end; the sender's rest is booked once
-//! the reply is sent, the asker's overlaps the transfer. A piece is what a relay checks before
-//! passing it on: a chunk, as in vmtd, or with `--verify-piece` (a what-if) a smaller subtree of
-//! the chunk's BLAKE3 tree, checked against chaining values sent ahead of it. Pushes cut through
+//! delivered no earlier than one check unit's time over the node link after the last of those
+//! fetches ended. Its CPU holds it up by one unit's share at each end; the sender's rest is
+//! booked once the reply is sent, the asker's overlaps the transfer. The check unit is what a
+//! relay checks before passing it on: a chunk, as in vmtd, or with `--verify-piece` (a what-if)
+//! a smaller subtree of the chunk's BLAKE3 tree, checked against chaining values sent ahead of it
+//! (their bytes and any cost per piece beyond the CPU per request are not charged). A run from
+//! the origin is checked in whole chunks either way. Pushes cut through
 //! only with `--push-cut-through` (a what-if: vmtd pushes a run once it is in). Left out: vmtd
 //! answers a read waiting on a chunk as the chunk arrives; here the read waits for its run.
 //!
@@ -25,14 +27,20 @@ impl Sim<'_> {
         self.p.cut_through && self.strategy.relays()
     }
 
-    /// What a relay checks and passes on at once: a chunk (vmtd), or `--verify-piece`.
-    pub(super) fn piece(&self) -> u64 {
+    /// What a peer's reply is checked and passed on in: a chunk (vmtd), or `--verify-piece`.
+    pub(super) fn check_unit(&self) -> u64 {
         self.p.verify_piece.unwrap_or(self.p.chunk_size)
     }
 
-    /// CPU per piece of a reply, at either end.
-    pub(super) fn piece_cpu(&self) -> f64 {
-        self.p.cpu_per_request + self.piece() as f64 * self.p.cpu_per_byte
+    /// CPU per check unit of a peer's reply, at either end.
+    pub(super) fn unit_cpu(&self) -> f64 {
+        self.p.cpu_per_request + self.check_unit() as f64 * self.p.cpu_per_byte
+    }
+
+    /// CPU per chunk of a run from the origin, checked at its node: always whole chunks (the
+    /// origin sends plain bytes, no chaining values to check smaller pieces against).
+    pub(super) fn chunk_cpu(&self) -> f64 {
+        self.p.cpu_per_request + self.p.chunk_size as f64 * self.p.cpu_per_byte
     }
 
     /// Flight `f` started receiving: replies that now wait on no fetch still silent start.

@@ -132,7 +132,7 @@ impl Sim<'_> {
             let cost = f64::from(chunks) * self.p.chunk_size as f64 * self.p.cpu_per_byte + self.p.cpu_per_request;
             let verify = self.cpu(i, cost);
             let done = if self.cuts() {
-                let chunk = self.piece_cpu();
+                let chunk = self.chunk_cpu();
                 (self.secs() + chunk).max(verify - (cost - chunk).max(0.0))
             } else {
                 verify

@@ -127,8 +127,8 @@ pub struct SimParams {
     /// With `cut_through`: pushes too (a what-if: vmtd pushes a run once it is in).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub push_cut_through: bool,
-    /// With `cut_through`: relays check and pass on pieces of this many bytes, not whole chunks
-    /// (a what-if: vmtd checks whole chunks).
+    /// With `cut_through`: peers' replies are checked and passed on in pieces of this many bytes,
+    /// not whole chunks (a what-if: vmtd checks whole chunks); origin runs stay whole chunks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify_piece: Option<u64>,
     /// Whether relays push each run they obtain down its stripe's tree to the children that

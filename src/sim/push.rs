@@ -18,7 +18,7 @@
 //!   and its children's requests for those chunks wait for it rather than ask. Once stored, the
 //!   child pushes on. Pushes never go to the origin, so origin egress stays what the pulls need.
 //! - With `--push-cut-through` (a what-if), a push starts as soon as the sender's own fetch
-//!   starts receiving and ends no earlier than one piece time after it (an early reply,
+//!   starts receiving and ends no earlier than one check unit's time after it (an early reply,
 //!   `cut.rs`); vmtd pushes a run once it is in.
 //! - A node's boot log is the runs it obtained in its first [`BOOT_WINDOW`] of being active (at
 //!   most [`BOOT_LOG_RUNS`] and [`BOOT_LOG_BYTES`]), in order; when a child that is active takes

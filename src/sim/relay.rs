@@ -208,10 +208,10 @@ impl Sim<'_> {
         let Some(q) = self.reqs.get(r) else { return };
         let (j, bytes, serial) = (q.server, q.bytes, q.serial);
         let cost = self.p.cpu_per_request + bytes as f64 * self.p.cpu_per_byte;
-        // Cut through, the first chunk's share before the first byte; the rest as it goes
+        // Cut through, the first check unit's share before the first byte; the rest as it goes
         // (booked once the reply is sent, `deliver`), so the relay checks its own incoming run
         // in between.
-        let done = self.cpu(j, if self.cuts() { self.piece_cpu() } else { cost });
+        let done = self.cpu(j, if self.cuts() { self.unit_cpu() } else { cost });
         self.at(super::engine::ns(done), Ev::StartReply(r, serial));
     }
 
@@ -276,8 +276,9 @@ impl Sim<'_> {
     pub(super) fn deliver(&mut self, r: u32) {
         let Some(q) = self.reqs.get(r) else { return };
         let (i, j, bytes) = (q.client, q.server, q.bytes);
-        // Cut through, the last piece leaves the server at best one piece time after it came.
-        let last = q.upstream_done.map_or(0.0, |t| t as f64 / 1e9 + self.piece() as f64 / self.p.node_rate);
+        // Cut through, the last check unit leaves the server at best one unit's time after it
+        // came.
+        let last = q.upstream_done.map_or(0.0, |t| t as f64 / 1e9 + self.check_unit() as f64 / self.p.node_rate);
         self.nodes[j as usize].uploaded += bytes;
         self.release(r);
         // The asker checks the bytes (hashing costs it CPU) once they are in.
@@ -285,11 +286,11 @@ impl Sim<'_> {
         let cost = bytes as f64 * self.p.cpu_per_byte + self.p.cpu_per_request;
         let verify = self.cpu(i, cost);
         let t = if self.cuts() {
-            // The sender's share past the first chunk, and the asker's checks chunk by chunk as
-            // they come: only the last chunk's check is left once it is in.
-            self.cpu(j, (cost - self.piece_cpu()).max(0.0));
+            // The sender's share past the first check unit, and the asker's checks unit by unit
+            // as they come: only the last unit's check is left once it is in.
+            self.cpu(j, (cost - self.unit_cpu()).max(0.0));
             let arrived = self.secs().max(last) + lat;
-            (arrived + self.piece_cpu()).max(verify - (cost - self.piece_cpu()).max(0.0))
+            (arrived + self.unit_cpu()).max(verify - (cost - self.unit_cpu()).max(0.0))
         } else {
             (self.secs() + lat).max(verify)
         };
