@@ -168,8 +168,8 @@ pub fn footprint(rows: &[Row], chunk_size: u64) -> Footprint {
 /// The chunks `rows`' reads touch, each once, in the order first read, with the milliseconds
 /// from the first read to it: a boot's first touches, what a boot profile is made of
 /// (`vmt-profile from-trace`). Reads more than `window` after the first are left out (as a
-/// recording's `record_duration` ends it). Any read past the end of the image is refused; what this holds
-/// is bounded by the image's chunks, however long the trace.
+/// recording's `record_duration` ends it). Any read past the end of the image is refused; what
+/// this holds is bounded by the image's chunks, however long the trace.
 pub fn first_touches(rows: &[Row], geometry: &Geometry, window: Duration) -> Result<Vec<(u32, u32)>, TraceError> {
     // Whole microseconds, so that 0.7 − 0.1 s is 600 ms, not 599.
     let micros = |t_s: f64| (t_s * 1e6).round() as u64;

@@ -423,17 +423,15 @@ impl Image {
     /// The bytes of `[offset, offset + len)` from fetched `runs`, or from the cache for chunks
     /// none of them holds; `Err` if the blocking pool failed, `None` if the cache read did.
     async fn bytes_of_runs(&self, offset: u64, len: u32, runs: Vec<Arc<RunData>>) -> Result<Option<Bytes>, ()> {
-        let range = self.manifest.geometry().chunks_covering(ByteOffset(offset), u64::from(len));
-        let store = self.store.clone();
         // The common cold read: one fetched run holds it all, its buffer shared (or, for a small
         // read of a much longer run, copied: see `share_or_copy`).
-        Ok(match runs.iter().find_map(|r| r.share_or_copy(offset, len as usize)) {
-            Some(bytes) => Some(bytes),
-            None => {
-                let read = tokio::task::spawn_blocking(move || assemble(&store, offset, len, range, &runs));
-                read.await.map_err(|_| ())?.map(Bytes::from)
-            }
-        })
+        if let Some(bytes) = runs.iter().find_map(|r| r.share_or_copy(offset, len as usize)) {
+            return Ok(Some(bytes));
+        }
+        let range = self.manifest.geometry().chunks_covering(ByteOffset(offset), u64::from(len));
+        let store = self.store.clone();
+        let read = tokio::task::spawn_blocking(move || assemble(&store, offset, len, range, &runs));
+        Ok(read.await.map_err(|_| ())?.map(Bytes::from))
     }
 
     /// A relay's reply to a peer for `run`, fetched on its behalf: the chunks that arrive in

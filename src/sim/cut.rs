@@ -10,9 +10,9 @@
 //! relay checks before passing it on: a chunk, as in vmtd, or with `--verify-piece` (a what-if)
 //! a smaller subtree of the chunk's BLAKE3 tree, checked against chaining values sent ahead of it
 //! (their bytes and any cost per piece beyond the CPU per request are not charged). A run from
-//! the origin is checked in whole chunks either way. Pushes cut through
-//! only with `--push-cut-through` (a what-if: vmtd pushes a run once it is in). Left out: vmtd
-//! answers a read waiting on a chunk as the chunk arrives; here the read waits for its run.
+//! the origin is checked in whole chunks either way. Pushes cut through only with
+//! `--push-cut-through` (a what-if: vmtd pushes a run once it is in). Left out: vmtd answers a
+//! read waiting on a chunk as the chunk arrives; here the read waits for its run.
 //!
 //! Invariant: an early reply is delivered exactly once, by whichever comes last of its own last
 //! byte ([`Sim::reply_sent`]) and its fetches' end ([`Sim::early_upstream_done`]); a kill that

@@ -115,8 +115,9 @@ impl Sim<'_> {
         }
     }
 
-    /// Node `i` obtained `run` (or, with `--push-cut-through`, started receiving it in its flight `from`): it
-    /// pushes to each child in the run's tree the chunks that child neither holds nor fetches.
+    /// Node `i` obtained `run` (or, with `--push-cut-through`, started receiving it in its flight
+    /// `from`): it pushes to each child in the run's tree the chunks that child neither holds nor
+    /// fetches.
     pub(super) fn push_run(&mut self, i: u32, run: Range<u32>, from: Option<u32>) {
         if !self.pushes() || run.is_empty() {
             return;
@@ -126,7 +127,8 @@ impl Sim<'_> {
         if !n.alive || n.liar {
             return;
         }
-        // Once per run: with `--push-cut-through`, it is also handed on as it starts arriving (`from`).
+        // Once per run: with `--push-cut-through`, it is also handed on as it starts arriving
+        // (`from`).
         let (log, logged) = &mut n.boot_log;
         if from.is_none()
             && n.active
@@ -221,8 +223,8 @@ impl Sim<'_> {
         }
     }
 
-    /// Node `i` pushes `run` to its child `j` (`--push-cut-through`: while its flight `from` arrives);
-    /// false when its budget has no room.
+    /// Node `i` pushes `run` to its child `j` (`--push-cut-through`: while its flight `from`
+    /// arrives); false when its budget has no room.
     fn push_to(&mut self, i: u32, j: u32, run: Range<u32>, from: Option<u32>) -> bool {
         let bytes = u64::from(run.end - run.start) * self.p.chunk_size;
         let Some(reserved) = self.reserve_upload(i, j, bytes, true) else {
@@ -252,9 +254,9 @@ impl Sim<'_> {
 
     /// The push feeding flight `f` broke (its sender was killed, or its own fetch failed): what
     /// waits on the chunks (a read, a prefetch, a child that asked) is fetched as any miss. With
-    /// no one waiting but pushes on to this node's children (`--push-cut-through`), they are let go and
-    /// the pushes on fail with them, each child then on its own: a push never makes a node fetch
-    /// what nobody asked for, from its parent or the origin.
+    /// no one waiting but pushes on to this node's children (`--push-cut-through`), they are let
+    /// go and the pushes on fail with them, each child then on its own: a push never makes a node
+    /// fetch what nobody asked for, from its parent or the origin.
     pub(super) fn push_lost(&mut self, f: u32) {
         self.c.pushes_lost += 1;
         let Some(waits) = self.flights.get(f).map(|fl| fl.waits.clone()) else { return };
