@@ -282,6 +282,9 @@ pub struct PeerStatus {
     /// this node's parent in the run's tree, or the receive budget was spent.
     #[serde(default)]
     pub pushes_dropped: u64,
+    /// `PushPart`s taken: pieces of pushed runs handed to their readers ahead of the rest.
+    #[serde(default)]
+    pub push_parts_received: u64,
     /// Bytes uploaded to peers, replies and pushes.
     pub bytes_to_peers: u64,
     pub peer_requests: u64,
@@ -345,6 +348,9 @@ pub struct NodeP2pStatus {
     pub parts: u64,
     #[serde(default)]
     pub cut_through: u64,
+    /// `PushPart` frames sent since start: chunks of pushed runs sent as they arrived here.
+    #[serde(default)]
+    pub push_parts: u64,
 }
 
 /// A response from the daemon.

@@ -321,6 +321,7 @@ impl Image {
                     bytes_from_peers: load(&st.bytes_from_peers),
                     bytes_pushed: load(&st.bytes_pushed),
                     pushes_dropped: load(&st.pushes_dropped),
+                    push_parts_received: load(&st.push_parts),
                     bytes_to_peers: load(&self.bytes_to_peers),
                     peer_requests: load(&st.peer_requests),
                     peer_refusals: load(&st.peer_refusals),
@@ -492,8 +493,13 @@ impl PeerExport for Image {
         Some(Box::new(self.swarm.as_ref()?.admit_inbound()?))
     }
 
-    fn obtained(&self) -> Option<tokio::sync::broadcast::Receiver<crate::fetch::flight::Obtained>> {
-        self.swarm.as_ref().filter(|s| s.pushes()).map(|_| self.fetcher.obtained())
+    fn obtained(
+        &self,
+    ) -> Option<(
+        tokio::sync::broadcast::Receiver<crate::fetch::flight::Obtained>,
+        tokio::sync::broadcast::Receiver<crate::fetch::flight::Arrival>,
+    )> {
+        self.swarm.as_ref().filter(|s| s.pushes()).map(|_| (self.fetcher.obtained(), self.fetcher.arrivals()))
     }
 
     fn boot_log(&self) -> Vec<std::ops::Range<u32>> {

@@ -109,6 +109,7 @@ impl Peers {
             pushes_answered: load(&s.pushes_answered),
             parts: load(&s.parts),
             cut_through: load(&s.cut_through),
+            push_parts: load(&s.push_parts),
             trackers_up: load(&self.trackers_up),
         }
     }

@@ -36,10 +36,12 @@ use thiserror::Error;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+mod offer;
 mod parts;
 mod retry;
 mod run;
 
+pub use offer::Offered;
 use parts::Emit;
 pub use parts::Parts;
 pub use run::{runs, RunData};
@@ -162,6 +164,8 @@ pub struct Fetcher {
     upstream: Slots,
     stats: FetchStats,
     obtained: tokio::sync::broadcast::Sender<Obtained>,
+    /// Chunks of runs being fetched, as they arrive ahead of the rest (see [`Arrival`]).
+    arrived: tokio::sync::broadcast::Sender<Arrival>,
     /// This node's boot log, once its boot began.
     boot: Mutex<Option<BootLog>>,
 }
@@ -174,23 +178,22 @@ struct BootLog {
     bytes: u64,
 }
 
+/// Chunks of a run this node is fetching that arrived, verified, ahead of the rest (a peer's
+/// reply in parts): `part` of `run`, the bytes while anything still holds them. The whole run
+/// is announced as [`Obtained`] once it is in; a fetch that fails announces nothing more.
+#[derive(Debug, Clone)]
+pub struct Arrival {
+    pub run: Range<u32>,
+    pub part: Range<u32>,
+    pub data: std::sync::Weak<RunData>,
+}
+
 /// A run this node obtained, verified: its chunks, and its bytes while anything still holds
 /// them (the ring of announcements pins no memory; once gone, they are in the cache).
 #[derive(Debug, Clone)]
 pub struct Obtained {
     pub chunks: Range<u32>,
     pub data: std::sync::Weak<RunData>,
-}
-
-/// Chunks a peer offered to push, in flight here until [`Fetcher::deliver`] gets their bytes;
-/// dropped undelivered, their waiters fetch them themselves.
-pub struct Offered(Claim);
-
-impl Offered {
-    /// The chunks the offer took (those it found neither present nor in flight).
-    pub fn chunks(&self) -> impl Iterator<Item = u32> + '_ {
-        self.0.run.iter().map(|(i, _)| *i)
-    }
 }
 
 impl Fetcher {
@@ -209,6 +212,7 @@ impl Fetcher {
             upstream: Slots::new(MAX_UPSTREAM),
             stats: FetchStats::default(),
             obtained: tokio::sync::broadcast::channel(OBTAINED_BACKLOG).0,
+            arrived: tokio::sync::broadcast::channel(OBTAINED_BACKLOG).0,
             boot: Mutex::new(None),
         })
     }
@@ -238,6 +242,12 @@ impl Fetcher {
         self.obtained.subscribe()
     }
 
+    /// The chunks of every run this node fetches from now on that arrive ahead of the rest of
+    /// their run (the peer server pushes them on as they come).
+    pub fn arrivals(&self) -> tokio::sync::broadcast::Receiver<Arrival> {
+        self.arrived.subscribe()
+    }
+
     /// This node's boot begins (its guest's or its prefetch's first read): the runs it obtains
     /// from now on, for [`BOOT_WINDOW`], join its boot log. Once only.
     pub fn boot_begins(&self) {
@@ -249,31 +259,6 @@ impl Fetcher {
     /// boots the same image later will read, roughly in that order.
     pub fn boot_log(&self) -> Vec<Range<u32>> {
         self.boot.lock().unwrap().as_ref().map(|log| log.runs.clone()).unwrap_or_default()
-    }
-
-    /// Takes the chunks of `run` that are neither present nor in flight as in flight until a
-    /// push delivers them (`None`: there are none).
-    pub fn offer(self: &Arc<Self>, run: Range<u32>) -> Option<Offered> {
-        let mut inflight = self.inflight.lock().unwrap();
-        let mut mine = Vec::new();
-        for i in self.store.missing(run) {
-            if let std::collections::hash_map::Entry::Vacant(e) = inflight.entry(i) {
-                let (tx, rx) = watch::channel(None);
-                e.insert((rx, true));
-                mine.push((i, tx));
-            }
-        }
-        (!mine.is_empty()).then(|| Offered(Claim { fetcher: self.clone(), run: mine, lost: FetchError::Lost }))
-    }
-
-    /// The bytes of the run `chunks` starting at byte `offset`, pushed by a peer and verified
-    /// against the manifest already: hands them to the offer's waiters and stores them.
-    pub async fn deliver(self: &Arc<Self>, offered: Offered, chunks: Range<u32>, offset: u64, bytes: Bytes) {
-        let me = self.clone();
-        let claim = offered.0;
-        if tokio::task::spawn_blocking(move || me.finish(chunks, offset, bytes, true, claim)).await.is_err() {
-            tracing::error!("storing a pushed run failed");
-        }
     }
 
     /// Makes every chunk in `range` present, fetching what is missing. Returns the fetched runs
@@ -475,6 +460,9 @@ impl Fetcher {
             answer_once(tx, Ok(part.clone()));
         }
         done.store(end - first, Ordering::Relaxed);
+        // Nobody subscribed is no error.
+        let whole = first..run[run.len() - 1].0 + 1;
+        let _ = self.arrived.send(Arrival { run: whole, part: from..end, data: Arc::downgrade(&part) });
     }
 
     /// Verifies a fetched run (unless `checked`), hands it to its waiters, announces it, stores

@@ -41,9 +41,53 @@ pub trait PushSink: Send + Sync + 'static {
     /// `from` offers to push `run`: the chunks of it this node lacks and fetches from nowhere
     /// else now, taken as in flight; `None` when there are none (the push is dropped).
     fn offered(&self, from: &str, run: Range<u32>) -> Option<Offered>;
-    /// The bytes of an offered run: verified, handed to the offer's waiters and stored. False
-    /// when they do not match the manifest (the session then ends).
-    fn pushed(&self, from: &str, run: Range<u32>, offered: Offered, bytes: Bytes) -> BoxFuture<'_, bool>;
+    /// The bytes of an offered run, in order as they come (`PushPart`s, then the `Push`'s
+    /// rest, which ends at the run's end): each piece verified and handed to the offer's
+    /// waiters, the whole run stored. False when a piece does not match the manifest (the
+    /// session then ends); the pieces ending early (the session ended) lose the offer.
+    fn pushed(&self, from: &str, run: Range<u32>, offered: Offered, pieces: Pieces) -> BoxFuture<'_, bool>;
+}
+
+/// The pieces of one pushed run, in order: chunks and their bytes.
+pub type Pieces = mpsc::UnboundedReceiver<(Range<u32>, Bytes)>;
+
+/// A run the peer offered, until its push came or its time is up.
+struct Offer {
+    count: u32,
+    /// Chunks that came in `PushPart`s so far.
+    got: u32,
+    /// The chunks this node took as in flight (none: nothing of it was wanted, or too many
+    /// offers wait), until its first piece comes.
+    offered: Option<Offered>,
+    /// Where its pieces go once they come (the sink's task holds the offer then).
+    pieces: Option<mpsc::UnboundedSender<(Range<u32>, Bytes)>>,
+    until: tokio::time::Instant,
+}
+
+impl Offer {
+    /// Hands `piece` to the sink, starting its task with the first piece.
+    fn piece(
+        &mut self,
+        sink: &std::sync::Weak<dyn PushSink>,
+        from: &Arc<PeerConn>,
+        first: u32,
+        piece: (Range<u32>, Bytes),
+    ) {
+        if self.pieces.is_none() {
+            let (Some(offered), Some(sink)) = (self.offered.take(), sink.upgrade()) else { return };
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.pieces = Some(tx);
+            let (from, run) = (from.clone(), first..first + self.count);
+            tokio::spawn(async move {
+                if !sink.pushed(&from.node, run, offered, rx).await {
+                    from.close();
+                }
+            });
+        }
+        if let Some(tx) = &self.pieces {
+            let _ = tx.send(piece);
+        }
+    }
 }
 
 /// How a request to a peer ended, short of data.
@@ -159,7 +203,7 @@ impl PeerConn {
             // quiet; the frame itself must then keep arriving (no `stall` between its bytes).
             let mut heard = tokio::time::Instant::now();
             // Runs the peer offered, by first chunk, until their bytes come or their time is up.
-            let mut offers: HashMap<u32, (u32, Offered, tokio::time::Instant)> = HashMap::new();
+            let mut offers: HashMap<u32, Offer> = HashMap::new();
             let why = loop {
                 let waiting = !me.pending.lock().unwrap().is_empty() || !offers.is_empty();
                 let ready = tokio::select! {
@@ -181,11 +225,11 @@ impl PeerConn {
                     }
                     _ = me.stop.notified() => Err("closed by this node".to_string()),
                     _ = tokio::time::sleep_until(
-                        offers.values().map(|o| o.2).min().unwrap_or_else(|| heard + OFFER_TIMEOUT)
+                        offers.values().map(|o| o.until).min().unwrap_or_else(|| heard + OFFER_TIMEOUT)
                     ), if !offers.is_empty() => {
                         // Its readers fetch the chunks.
                         let now = tokio::time::Instant::now();
-                        offers.retain(|_, o| o.2 > now);
+                        offers.retain(|_, o| o.until > now);
                         continue;
                     }
                 };
@@ -261,29 +305,57 @@ impl PeerConn {
                             continue;
                         }
                         if let Some(o) = sink.upgrade().and_then(|s| s.offered(&me.node, run)) {
-                            offers.insert(first, (count, o, tokio::time::Instant::now() + OFFER_TIMEOUT));
+                            let until = tokio::time::Instant::now() + OFFER_TIMEOUT;
+                            offers.insert(first, Offer { count, got: 0, offered: Some(o), pieces: None, until });
                         }
+                        continue;
+                    }
+                    Message::PushPart { first, count } => {
+                        let from = first + offers.get(&first).map_or(0, |o| o.got);
+                        let part = from..from.saturating_add(count);
+                        let end = offers.get(&first).map_or(chunks, |o| first + o.count);
+                        // Parts leave at least one chunk to the offer's `Push`.
+                        if count == 0
+                            || part.end >= end
+                            || g.run_bytes(part.clone()).is_none_or(|(_, len)| len != f.tail.len())
+                        {
+                            break format!("push part of chunks {from}+{count} in {} bytes", f.tail.len());
+                        }
+                        // Of an offer not taken (nothing of it wanted, too many waiting): dropped.
+                        let Some(o) = offers.get_mut(&first) else { continue };
+                        o.got += count;
+                        o.piece(&sink, &me, first, (part, f.tail));
                         continue;
                     }
                     Message::Push { first, count } => {
                         let run = first..first.saturating_add(count);
-                        if g.run_bytes(run.clone()).is_none_or(|(_, len)| len != f.tail.len()) {
-                            break format!("push of chunks {first}+{count} in {} bytes", f.tail.len());
-                        }
-                        // Requests of ours it holds crossed it: the peer answers them `Pushed`.
-                        me.answer_from_push(g, run, &f.tail);
-                        // A push nobody here waits for (nothing of it was wanted) is dropped.
-                        let Some((offered_count, offered, _)) = offers.remove(&first) else { continue };
-                        if offered_count != count {
-                            break format!("push of chunks {first}+{count} does not match its offer");
-                        }
-                        let Some(sink) = sink.upgrade() else { continue };
-                        let (from, run) = (me.clone(), first..first + count);
-                        tokio::spawn(async move {
-                            if !sink.pushed(&from.node, run, offered, f.tail).await {
-                                from.close();
+                        let Some((_, whole)) = g.run_bytes(run.clone()).filter(|_| count > 0) else {
+                            break format!("push of chunks {first}+{count}");
+                        };
+                        let Some(mut offer) = offers.remove(&first) else {
+                            // Not waited for here: a push of the whole run answers the requests
+                            // of ours that crossed it (the peer answers them `Pushed`); the rest
+                            // of a push cut through is dropped with it.
+                            if f.tail.len() == whole {
+                                me.answer_from_push(g, run, &f.tail);
+                            } else if f.tail.len() > whole || f.tail.is_empty() {
+                                break format!("push of chunks {first}+{count} in {} bytes", f.tail.len());
                             }
-                        });
+                            continue;
+                        };
+                        // What came in parts is not in the push again.
+                        let rest = first + offer.got..run.end;
+                        if offer.count != count || g.run_bytes(rest.clone()).is_none_or(|(_, len)| len != f.tail.len())
+                        {
+                            break format!(
+                                "push of chunks {first}+{count} in {} bytes does not match its offer",
+                                f.tail.len()
+                            );
+                        }
+                        if offer.got == 0 {
+                            me.answer_from_push(g, run, &f.tail);
+                        }
+                        offer.piece(&sink, &me, first, (rest, f.tail));
                         continue;
                     }
                     other => break format!("unexpected {other:?}"),
@@ -395,169 +467,4 @@ pub(crate) fn decode_have(tail: &[u8], chunks: u32) -> Option<RoaringBitmap> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::image::{ChunkSize, Geometry};
-    use crate::p2p::conn::{read_frame, server_handshake};
-
-    struct NoSink;
-
-    impl PushSink for NoSink {
-        fn offered(&self, _: &str, _: Range<u32>) -> Option<Offered> {
-            None
-        }
-        fn pushed(&self, _: &str, _: Range<u32>, _: Offered, _: Bytes) -> BoxFuture<'_, bool> {
-            Box::pin(async { true })
-        }
-    }
-
-    /// Chunk `c`'s bytes: 4096 times `c`.
-    fn chunks(run: Range<u32>) -> Bytes {
-        Bytes::from(run.flat_map(|c| [c as u8; 4096]).collect::<Vec<u8>>())
-    }
-
-    async fn expect_request(s: &mut tokio::net::TcpStream) -> (u32, u32, u32) {
-        match read_frame(s).await.unwrap().msg {
-            Message::Request { id, first, count } => (id, first, count),
-            other => panic!("expected a request, got {other:?}"),
-        }
-    }
-
-    #[tokio::test]
-    async fn a_request_crossing_a_push_is_answered_from_it_and_asked_again_only_once() {
-        let (conn, peer) = scripted(|mut s| async move {
-            // 1. The request for chunk 2 crosses the push of 0..4: answered from the push.
-            let (id, first, count) = expect_request(&mut s).await;
-            assert_eq!((first, count), (2, 1));
-            write_frame(&mut s, &Frame::new(Message::Offer { first: 0, count: 4 })).await.unwrap();
-            write_frame(&mut s, &Frame::with_tail(Message::Push { first: 0, count: 4 }, chunks(0..4))).await.unwrap();
-            write_frame(&mut s, &Frame::new(Message::Pushed { id })).await.unwrap();
-            // 2. `Pushed` for a run the client holds from no push: it asks again, gets `Data`.
-            let (id, first, count) = expect_request(&mut s).await;
-            assert_eq!((first, count), (8, 2));
-            write_frame(&mut s, &Frame::new(Message::Pushed { id })).await.unwrap();
-            assert_eq!(expect_request(&mut s).await, (id, 8, 2), "the same request again");
-            write_frame(&mut s, &Frame::with_tail(Message::Data { id }, chunks(8..10))).await.unwrap();
-            // 3. `Pushed` twice: no third request, the client counts it as `NotHave`.
-            let (id, _, _) = expect_request(&mut s).await;
-            write_frame(&mut s, &Frame::new(Message::Pushed { id })).await.unwrap();
-            assert_eq!(expect_request(&mut s).await.0, id);
-            write_frame(&mut s, &Frame::new(Message::Pushed { id })).await.unwrap();
-            // 4. A push whose tail is not its run's length ends the session.
-            assert_eq!(expect_request(&mut s).await.1, 13);
-            write_frame(&mut s, &Frame::with_tail(Message::Push { first: 4, count: 2 }, chunks(4..5))).await.unwrap();
-            // The client closes; anything else it sent is a failure of the test.
-            assert!(read_frame(&mut s).await.is_err(), "the client sent more after a bad push");
-        })
-        .await;
-        assert_eq!(conn.request(2, 1, mpsc::unbounded_channel().0).await.unwrap(), chunks(2..3));
-        assert_eq!(conn.request(8, 2, mpsc::unbounded_channel().0).await.unwrap(), chunks(8..10));
-        assert_eq!(conn.request(12, 1, mpsc::unbounded_channel().0).await, Err(Refusal::NotHave));
-        assert_eq!(conn.request(13, 1, mpsc::unbounded_channel().0).await, Err(Refusal::Closed));
-        assert!(conn.pending.lock().unwrap().is_empty());
-        tokio::time::timeout(Duration::from_secs(10), peer).await.unwrap().unwrap();
-    }
-
-    #[tokio::test]
-    async fn parts_of_a_reply_come_ahead_in_order_and_the_reply_holds_the_rest() {
-        let (go_on, go) = oneshot::channel::<()>();
-        let (conn, peer) = scripted(|mut s| async move {
-            // 1. Chunks 4..8: one part, then one of two chunks, then the reply's last chunk,
-            // held back until the client has seen the parts.
-            let (id, first, count) = expect_request(&mut s).await;
-            assert_eq!((first, count), (4, 4));
-            write_frame(&mut s, &Frame::with_tail(Message::Part { id, count: 1 }, chunks(4..5))).await.unwrap();
-            write_frame(&mut s, &Frame::with_tail(Message::Part { id, count: 2 }, chunks(5..7))).await.unwrap();
-            go.await.unwrap();
-            write_frame(&mut s, &Frame::with_tail(Message::Data { id }, chunks(7..8))).await.unwrap();
-            // 2. A part, then `NotHave`: the part stands, the request is refused.
-            let (id, _, _) = expect_request(&mut s).await;
-            write_frame(&mut s, &Frame::with_tail(Message::Part { id, count: 1 }, chunks(8..9))).await.unwrap();
-            write_frame(&mut s, &Frame::new(Message::NotHave { id })).await.unwrap();
-            // 3. A part that leaves nothing to the reply ends the session.
-            let (id, _, _) = expect_request(&mut s).await;
-            write_frame(&mut s, &Frame::with_tail(Message::Part { id, count: 2 }, chunks(10..12))).await.unwrap();
-            assert!(read_frame(&mut s).await.is_err(), "the client sent more after a bad part");
-        })
-        .await;
-        let (tx, mut parts) = mpsc::unbounded_channel();
-        let reply = {
-            let conn = conn.clone();
-            tokio::spawn(async move { conn.request(4, 4, tx).await })
-        };
-        assert_eq!(parts.recv().await.unwrap(), (4..5, chunks(4..5)));
-        assert_eq!(parts.recv().await.unwrap(), (5..7, chunks(5..7)));
-        assert!(!reply.is_finished(), "the parts came ahead of the reply");
-        go_on.send(()).unwrap();
-        assert_eq!(reply.await.unwrap().unwrap(), chunks(7..8), "the reply is the rest");
-        let (tx, mut parts) = mpsc::unbounded_channel();
-        assert_eq!(conn.request(8, 2, tx).await, Err(Refusal::NotHave));
-        assert_eq!(parts.recv().await.unwrap(), (8..9, chunks(8..9)));
-        assert_eq!(conn.request(10, 2, mpsc::unbounded_channel().0).await, Err(Refusal::Closed));
-        tokio::time::timeout(Duration::from_secs(10), peer).await.unwrap().unwrap();
-    }
-
-    #[tokio::test]
-    async fn pushed_after_parts_ends_the_session() {
-        let (conn, peer) = scripted(|mut s| async move {
-            let (id, _, _) = expect_request(&mut s).await;
-            write_frame(&mut s, &Frame::with_tail(Message::Part { id, count: 1 }, chunks(0..1))).await.unwrap();
-            write_frame(&mut s, &Frame::new(Message::Pushed { id })).await.unwrap();
-            assert!(read_frame(&mut s).await.is_err(), "the client asked again after parts");
-        })
-        .await;
-        assert_eq!(conn.request(0, 2, mpsc::unbounded_channel().0).await, Err(Refusal::Closed));
-        tokio::time::timeout(Duration::from_secs(10), peer).await.unwrap().unwrap();
-    }
-
-    /// A session (16 chunks of 4 KiB) with a peer that plays `script` on the wire after the
-    /// handshake.
-    async fn scripted<F, Fut>(script: F) -> (Arc<PeerConn>, tokio::task::JoinHandle<()>)
-    where
-        F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = ()> + Send,
-    {
-        let key = ClusterKey::from_secret(b"a test cluster key of some length").unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = listener.local_addr().unwrap().to_string();
-        let g = Geometry::new(16 * 4096, ChunkSize::new(4096).unwrap()).unwrap();
-        let me = "127.0.0.1:1";
-        let selector = Arc::new(Mutex::new(Selector::new(me, 16, 2, 1)));
-        let sink: std::sync::Weak<dyn PushSink> = std::sync::Weak::<NoSink>::new();
-        let (skey, sname) = (key.clone(), server.clone());
-        let peer = tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            server_handshake(&mut s, &skey, &sname, Duration::from_secs(5)).await.unwrap();
-            script(s).await;
-        });
-        let conn =
-            PeerConn::connect(&server, me, &key, ([5; 32], g), Duration::from_secs(5), selector, sink).await.unwrap();
-        (conn, peer)
-    }
-
-    fn bytes(map: &RoaringBitmap) -> Vec<u8> {
-        let mut v = Vec::new();
-        map.serialize_into(&mut v).unwrap();
-        v
-    }
-
-    #[test]
-    fn have_maps_are_bounded_by_the_image() {
-        let mut map: RoaringBitmap = (0..100).collect();
-        map.insert_range(500..1000);
-        assert_eq!(decode_have(&bytes(&map), 1000), Some(map.clone()));
-        assert_eq!(decode_have(&bytes(&RoaringBitmap::new()), 1000), Some(RoaringBitmap::new()));
-        assert_eq!(decode_have(&bytes(&map), 999), None, "a chunk past the image");
-        // More containers than the image has room for: refused before decoding, whether the
-        // header counts them in the cookie (maps with runs) or in the word after it.
-        let wide: RoaringBitmap = (0..64u32).map(|c| c << 16).collect();
-        assert_eq!(decode_have(&bytes(&wide), 1000), None);
-        assert_eq!(decode_have(&bytes(&wide), u32::MAX), Some(wide));
-        let runs_cookie = (12347u32 | (999 << 16)).to_le_bytes();
-        assert_eq!(decode_have(&runs_cookie, 1000), None, "1000 run containers announced");
-        assert_eq!(decode_have(&[], 1000), None);
-        assert_eq!(decode_have(&[1, 2, 3, 4, 5, 6, 7, 8], 1000), None);
-        let b = bytes(&map);
-        assert_eq!(decode_have(&b[..b.len() - 1], 1000), None, "truncated");
-    }
-}
+mod tests;

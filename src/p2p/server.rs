@@ -21,7 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use roaring::RoaringBitmap;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::admit::{Admission, Admitted, Handshaking};
@@ -29,10 +29,11 @@ use super::auth::ClusterKey;
 use super::conn::{read_frame_within, server_handshake, write_frame, ConnError, MAX_HANDSHAKES, SMALL_FRAME};
 use super::core::upload::UploadBudget;
 use super::wire::{Bytes32, Frame, Message, MAX_TAIL};
-use crate::fetch::flight::{Obtained, Parts};
+use crate::fetch::flight::{Arrival, Obtained, Parts};
 use crate::fetch::BoxFuture;
 
 mod push;
+mod stream;
 
 /// How often a busy session announces new chunks, or pings while the peer waits on us with
 /// nothing else to send: the longest silence a waiting peer sees (it gives up on us after its
@@ -91,8 +92,9 @@ pub trait PeerExport: Send + Sync + 'static {
     /// A place among the image's sessions for one a peer opens, held until it ends; `None` when
     /// the image has its most sessions already (the peer reads elsewhere).
     fn admit_session(&self) -> Option<Box<dyn Send>>;
-    /// Every run this node obtains from now on, if it pushes them to its children.
-    fn obtained(&self) -> Option<tokio::sync::broadcast::Receiver<Obtained>>;
+    /// Every run this node obtains from now on, and the chunks of those it fetches as they
+    /// arrive ahead of the rest, if it pushes them to its children.
+    fn obtained(&self) -> Option<(broadcast::Receiver<Obtained>, broadcast::Receiver<Arrival>)>;
     /// The runs this node obtained since its own boot began, in order (`Fetcher::boot_log`).
     fn boot_log(&self) -> Vec<Range<u32>>;
     /// The trees among `classes` in which `child` may take this node as its parent (those in
@@ -155,6 +157,8 @@ pub struct ServerStats {
     /// fetched for the asker, sent as they arrived here (cut through).
     pub parts: AtomicU64,
     pub cut_through: AtomicU64,
+    /// `PushPart` frames sent: chunks of pushed runs sent as they arrived here (cut through).
+    pub push_parts: AtomicU64,
 }
 
 /// The bytes of one reply, reserved from the node's budget and its session's share from the

@@ -69,6 +69,8 @@ pub struct SwarmStats {
     pub pushes: AtomicU64,
     pub bytes_pushed: AtomicU64,
     pub pushes_dropped: AtomicU64,
+    /// Pieces of pushed runs handed to their readers ahead of the rest (a push cut through).
+    pub push_parts: AtomicU64,
     /// Latency of each origin read, and of each request to a peer (whatever its answer).
     pub origin_latency: crate::metrics::Histogram,
     pub peer_latency: crate::metrics::Histogram,

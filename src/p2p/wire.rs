@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const MAGIC: &[u8; 4] = b"VMTP";
-pub const VERSION: u16 = 7;
+pub const VERSION: u16 = 8;
 pub const HEADER_LEN: usize = 20;
 /// Largest postcard message (the peer lists of a tracker reply are the largest).
 pub const MAX_MSG: u32 = 1 << 20;
@@ -102,6 +102,10 @@ pub enum Message {
     /// they reach a server that relays them (cut through). More follow: `Part`s, then `Data`
     /// with the rest, or `NotHave` / `Busy` if the rest cannot come (the parts stand).
     Part { id: u32, count: u32 },
+    /// Server → client: the next `count` chunks of the run offered at `first` (tail: their
+    /// bytes), sent as they reach this server (a push cut through). More follow: `PushPart`s,
+    /// then the `Push` of the offer with the rest of its bytes.
+    PushPart { first: u32, count: u32 },
 }
 
 impl Message {
@@ -125,6 +129,7 @@ impl Message {
             Message::Offer { .. } => "Offer",
             Message::Push { .. } => "Push",
             Message::Pushed { .. } => "Pushed",
+            Message::PushPart { .. } => "PushPart",
         }
     }
 
@@ -137,6 +142,7 @@ impl Message {
                 | Message::Part { .. }
                 | Message::Adopt { .. }
                 | Message::Push { .. }
+                | Message::PushPart { .. }
         )
     }
 }
@@ -275,6 +281,7 @@ mod tests {
             Frame::new(Message::Offer { first: 16, count: 16 }),
             Frame::with_tail(Message::Push { first: 16, count: 1 }, Bytes::from(vec![0xCD; 4096])),
             Frame::new(Message::Pushed { id: 9 }),
+            Frame::with_tail(Message::PushPart { first: 16, count: 1 }, Bytes::from(vec![0xCE; 4096])),
             Frame::new(Message::Register { image: [4; 32], classes: 4, fanout: 4, near: 8, joined: 1_796_000_000_000 }),
             Frame::new(Message::Peers {
                 image: [4; 32],
@@ -293,6 +300,7 @@ mod tests {
         assert_eq!(number(Message::NotHave { id: 0 }), 7);
         assert_eq!(number(Message::Pushed { id: 0 }), 16);
         assert_eq!(number(Message::Part { id: 0, count: 0 }), 17);
+        assert_eq!(number(Message::PushPart { first: 0, count: 0 }), 18);
     }
 
     #[test]

@@ -147,9 +147,11 @@ pub struct SimArgs {
     /// The model is coarse (DESIGN.md).
     #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub cut_through: bool,
-    /// What if pushes cut through too (a push starting as the pushed run starts arriving)? vmtd
-    /// pushes a run once it is in.
-    #[arg(long)]
+    /// With `--cut-through` and `--push`: relays push each chunk of a run they fetch from a peer
+    /// on to their children as it arrives (the push starts as the run starts arriving), as vmtd
+    /// does; a run from the origin arrives whole and is pushed once it is in.
+    /// `--push-cut-through false` pushes every run once it is in.
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub push_cut_through: bool,
     /// What if peers' replies were checked and passed on in pieces of this size (a power of two
     /// from 1KiB to the chunk size: subtrees of the chunk's BLAKE3 tree, their chaining values

@@ -10,8 +10,9 @@
 //! relay checks before passing it on: a chunk, as in vmtd, or with `--verify-piece` (a what-if)
 //! a smaller subtree of the chunk's BLAKE3 tree, checked against chaining values sent ahead of it
 //! (their bytes and any cost per piece beyond the CPU per request are not charged). A run from
-//! the origin is checked in whole chunks either way. Pushes cut through only with
-//! `--push-cut-through` (a what-if: vmtd pushes a run once it is in). Left out: vmtd answers a
+//! the origin is checked in whole chunks either way. Pushes of runs fetched from a peer cut
+//! through too (`--push-cut-through`, on by default as in vmtd); a run from the origin arrives
+//! whole in vmtd, so it is pushed once it is in. Left out: vmtd answers a
 //! read waiting on a chunk as the chunk arrives; here the read waits for its run.
 //!
 //! Invariant: an early reply is delivered exactly once, by whichever comes last of its own last
@@ -44,7 +45,7 @@ impl Sim<'_> {
     }
 
     /// Flight `f` started receiving: replies that now wait on no fetch still silent start.
-    pub(super) fn receiving(&mut self, f: u32) {
+    pub(super) fn receiving(&mut self, f: u32, from_peer: bool) {
         if !self.cuts() {
             return;
         }
@@ -63,8 +64,8 @@ impl Sim<'_> {
                 self.start_early(r);
             }
         }
-        // `--push-cut-through`: the children get the run as it arrives here.
-        if self.p.push_cut_through {
+        // `--push-cut-through`: the children get a peer's run as it arrives here.
+        if self.p.push_cut_through && from_peer {
             self.push_run(i, run, Some(f));
         }
     }

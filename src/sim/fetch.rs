@@ -110,7 +110,7 @@ impl Sim<'_> {
         self.c.origin_bytes += bytes;
         let down = self.nodes[i as usize].down;
         self.flow(self.origin_up, down, bytes, Purpose::Origin(f));
-        self.receiving(f);
+        self.receiving(f, false);
     }
 
     pub(super) fn origin_done(&mut self, f: u32) {

@@ -124,7 +124,8 @@ pub struct SimParams {
     /// Relays pass each chunk of a reply on as it arrives (vmtd does).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cut_through: bool,
-    /// With `cut_through`: pushes too (a what-if: vmtd pushes a run once it is in).
+    /// With `cut_through` and `push`: a run fetched from a peer is pushed on chunk by chunk as
+    /// it arrives, as vmtd does (a run from the origin once it is in).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub push_cut_through: bool,
     /// With `cut_through`: peers' replies are checked and passed on in pieces of this many bytes,
@@ -158,9 +159,6 @@ impl SimParams {
                 Err(bad(field, format!("{v} must be a finite number, at least {min}")))
             }
         };
-        if self.push_cut_through && !(self.cut_through && self.push) {
-            return Err(bad("push-cut-through", "needs --cut-through and --push (both the default)"));
-        }
         if !(1..=1_000_000).contains(&self.nodes) {
             return Err(bad("nodes", format!("{} must be between 1 and 1000000", self.nodes)));
         }

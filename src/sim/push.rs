@@ -17,9 +17,11 @@
 //! - At the child the run is in flight from the moment the push is decided: the child's reads
 //!   and its children's requests for those chunks wait for it rather than ask. Once stored, the
 //!   child pushes on. Pushes never go to the origin, so origin egress stays what the pulls need.
-//! - With `--push-cut-through` (a what-if), a push starts as soon as the sender's own fetch
-//!   starts receiving and ends no earlier than one check unit's time after it (an early reply,
-//!   `cut.rs`); vmtd pushes a run once it is in.
+//! - With `--push-cut-through` (the default, as vmtd's), the push of a run the sender fetches
+//!   from a peer starts as soon as that fetch starts receiving and ends no earlier than one
+//!   check unit's time after it (an early reply, `cut.rs`): vmtd offers it with its first
+//!   chunks and sends each chunk on in a `PushPart` as it arrives. A run from the origin
+//!   arrives whole in vmtd and is pushed once it is in.
 //! - A node's boot log is the runs it obtained in its first [`BOOT_WINDOW`] of being active (at
 //!   most [`BOOT_LOG_RUNS`] and [`BOOT_LOG_BYTES`]), in order; when a child that is active takes
 //!   it as its parent in trees where it was not its parent in any tree before (vmtd: at a

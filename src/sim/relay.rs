@@ -229,7 +229,7 @@ impl Sim<'_> {
         if let Some(q) = self.reqs.get_mut(r) {
             q.flow = Some(id);
         }
-        self.receiving(f);
+        self.receiving(f, true);
     }
 
     /// Gives back what request `r` holds at its server (slot, reserved bytes, queue place).

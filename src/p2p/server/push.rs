@@ -29,17 +29,18 @@ use std::sync::{Arc, Mutex};
 use roaring::RoaringBitmap;
 use tokio::sync::{broadcast, mpsc};
 
+use super::stream::Streams;
 use super::{AbortOnDrop, Held, PeerExport, PeerServer, Queued, Reservation};
-use crate::fetch::flight::{runs, Obtained, RunData};
+use crate::fetch::flight::{runs, Arrival, Obtained, RunData};
 use crate::p2p::wire::{Frame, Message};
 
 /// What a session's peer took this node as: its parent in `classes`, holding `known`.
 #[derive(Default)]
-struct Adoption {
-    classes: Vec<u32>,
+pub(super) struct Adoption {
+    pub(super) classes: Vec<u32>,
     /// Chunks the peer holds or has asked this session for, or that were offered to it, as far
     /// as this node knows.
-    known: RoaringBitmap,
+    pub(super) known: RoaringBitmap,
     /// Chunks the peer asked this session for.
     asked: RoaringBitmap,
     /// The last runs pushed on this session ([`RECENT_PUSHES`]), oldest first, each with the
@@ -89,13 +90,27 @@ type Backlog = VecDeque<(Range<u32>, Option<Arc<RunData>>)>;
 
 /// A push waiting for its session's writer.
 pub(super) struct QueuedPush {
-    frame: Frame,
-    /// Its bytes in the budget and its place in the session's window, until written.
-    held: Reservation,
-    adoption: Arc<Mutex<Adoption>>,
-    run: Range<u32>,
-    server: Arc<PeerServer>,
-    export: Arc<dyn PeerExport>,
+    pub(super) frame: Frame,
+    pub(super) kind: PushKind,
+    /// Its bytes in the budget and its place in the session's window, until written (a
+    /// `PushPart` holds none: its push's last frame holds them).
+    pub(super) held: Option<Reservation>,
+    pub(super) adoption: Arc<Mutex<Adoption>>,
+    /// The run offered.
+    pub(super) run: Range<u32>,
+    pub(super) server: Arc<PeerServer>,
+    pub(super) export: Arc<dyn PeerExport>,
+}
+
+/// Which frame of a push a [`QueuedPush`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PushKind {
+    /// A `Push` of a whole run that was in when it was offered.
+    Whole,
+    /// A `PushPart` of a run cut through (see `stream.rs`).
+    Part,
+    /// The `Push` that ends a run cut through, with the rest of its bytes.
+    Last,
 }
 
 impl QueuedPush {
@@ -107,21 +122,30 @@ impl QueuedPush {
         {
             let mut a = self.adoption.lock().unwrap();
             if a.asked.contains_range(self.run.clone()) {
-                self.server.stats.pushes_skipped.fetch_add(1, Ordering::Relaxed);
+                if self.kind != PushKind::Part {
+                    self.server.stats.pushes_skipped.fetch_add(1, Ordering::Relaxed);
+                }
                 return None;
             }
             // From here on a request for chunks of the run is answered `Pushed`: its reply is
-            // queued after this push, which the writer writes next.
-            if a.sent.len() == RECENT_PUSHES {
-                a.sent.pop_front();
+            // queued after this push, which the writer writes next. (A request that crosses
+            // the parts of a push cut through is answered with the bytes again.)
+            if self.kind != PushKind::Part {
+                if a.sent.len() == RECENT_PUSHES {
+                    a.sent.pop_front();
+                }
+                a.sent.push_back((self.run.clone(), RoaringBitmap::new()));
             }
-            a.sent.push_back((self.run.clone(), RoaringBitmap::new()));
         }
         let len = self.frame.tail.len() as u64;
         self.server.pace(len).await;
-        self.server.stats.pushes.fetch_add(1, Ordering::Relaxed);
+        let counter = match self.kind {
+            PushKind::Part => &self.server.stats.push_parts,
+            PushKind::Whole | PushKind::Last => &self.server.stats.pushes,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         self.export.uploaded(len);
-        Some((self.frame, (None, Some(self.held))))
+        Some((self.frame, (None, self.held)))
     }
 }
 
@@ -143,7 +167,7 @@ pub(super) struct SessionQueue {
 /// queue in the session's backlog, not offered (the child asks for one when it needs it
 /// first). Pushes then fill the link's idle time instead of queueing up in front of the runs
 /// the child's guest asks for.
-const PUSH_WINDOW: usize = 2;
+pub(super) const PUSH_WINDOW: usize = 2;
 /// Most runs waiting in one session's backlog; past it the oldest is dropped.
 const MAX_BACKLOG: usize = 2048;
 
@@ -159,7 +183,7 @@ const KEPT_BYTES: usize = 4;
 const RETRY: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// How an attempt to push ended.
-enum Pushed {
+pub(super) enum Pushed {
     /// Offered (and on its way), or nothing to push.
     Sent,
     /// No room in the budget: try again later.
@@ -170,7 +194,7 @@ enum Pushed {
 
 /// Takes one push off its session's window when it is written or dropped, and wakes the
 /// session's pusher.
-pub(super) struct Window(Arc<AtomicUsize>, Arc<tokio::sync::Notify>);
+pub(super) struct Window(pub(super) Arc<AtomicUsize>, pub(super) Arc<tokio::sync::Notify>);
 
 impl Drop for Window {
     fn drop(&mut self) {
@@ -223,7 +247,7 @@ impl PeerServer {
         if classes.is_empty() {
             return Ok(());
         }
-        let Some(obtained) = export.obtained() else { return Ok(()) };
+        let Some((obtained, arrived)) = export.obtained() else { return Ok(()) };
         // Subscribed first: a run obtained meanwhile is in both, and offered once (`known`).
         let boot: Backlog = export
             .boot_log()
@@ -232,8 +256,12 @@ impl PeerServer {
             .map(|r| (r, None))
             .collect();
         let adoption = Arc::new(Mutex::new(Adoption { classes, known: have, ..Default::default() }));
-        let task =
-            tokio::spawn(self.clone().push_runs(export.clone(), adoption.clone(), (obtained, boot), queue.clone()));
+        let task = tokio::spawn(self.clone().push_runs(
+            export.clone(),
+            adoption.clone(),
+            (obtained, arrived, boot),
+            queue.clone(),
+        ));
         self.stats.children.fetch_add(1, Ordering::Relaxed);
         *pushing = Some(Pushing { server: self.clone(), adoption, _task: AbortOnDrop(task) });
         Ok(())
@@ -246,9 +274,11 @@ impl PeerServer {
         self: Arc<Self>,
         export: Arc<dyn PeerExport>,
         adoption: Arc<Mutex<Adoption>>,
-        (mut obtained, boot): (broadcast::Receiver<Obtained>, Backlog),
+        (mut obtained, mut arrived, boot): (broadcast::Receiver<Obtained>, broadcast::Receiver<Arrival>, Backlog),
         queue: SessionQueue,
     ) {
+        // Runs being pushed as they arrive here, by their first chunk.
+        let mut streams = Streams::new();
         // Runs to push, oldest first; the newest few keep their bytes, the others are read back
         // from the cache when their turn comes.
         let mut backlog = boot;
@@ -259,8 +289,23 @@ impl PeerServer {
         loop {
             if std::mem::replace(&mut waits, true) {
                 tokio::select! {
+                    // Chunks before their run: a run is offered as its first chunks arrive.
+                    biased;
+                    r = arrived.recv() => match r {
+                        Ok(a) => {
+                            if let Pushed::Closed = self.arrive(&export, &adoption, &mut streams, a, &queue).await {
+                                return;
+                            }
+                            continue;
+                        }
+                        // Parts missed: their runs' pushes carry them.
+                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                    _ = streams.expiry(), if !streams.is_empty() => continue,
                     r = obtained.recv() => match r {
                         Ok(run) => {
+                            streams.last(&self, &export, &adoption, (run.chunks.clone(), run.data.upgrade())).await;
                             if adoption.lock().unwrap().classes.contains(&export.class(run.chunks.start)) {
                                 backlog.push_back((run.chunks.clone(), run.data.upgrade()));
                                 if let Some(k) = backlog.len().checked_sub(KEPT_BYTES + 1) {
@@ -361,7 +406,8 @@ impl PeerServer {
         let frame = Frame::with_tail(Message::Push { first, count }, self.maybe_corrupt(bytes, true));
         let push = QueuedPush {
             frame,
-            held,
+            kind: PushKind::Whole,
+            held: Some(held),
             adoption: adoption.clone(),
             run: piece,
             server: self.clone(),
@@ -377,7 +423,12 @@ impl PeerServer {
     }
 
     /// Reserves `len` bytes for a push, as [`PeerServer::reserve`] does for a reply.
-    fn reserve_push(self: &Arc<Self>, len: u64, reserved: &Arc<AtomicU64>, queued: usize) -> Option<Reservation> {
+    pub(super) fn reserve_push(
+        self: &Arc<Self>,
+        len: u64,
+        reserved: &Arc<AtomicU64>,
+        queued: usize,
+    ) -> Option<Reservation> {
         let bytes = self.budget.lock().unwrap().reserve_push(reserved.load(Ordering::Relaxed), queued, len)?;
         Some(self.reserved(bytes, reserved))
     }
@@ -386,7 +437,11 @@ impl PeerServer {
 /// The bytes of `piece` within the obtained run `data`, if it holds them all. The backlog may
 /// have cut the run since (a piece sent, the rest put back): its bytes still start at its first
 /// chunk, whatever the entry's range now says.
-fn piece_bytes(data: &RunData, piece: Range<u32>, run_len: impl Fn(Range<u32>) -> Option<u64>) -> Option<bytes::Bytes> {
+pub(super) fn piece_bytes(
+    data: &RunData,
+    piece: Range<u32>,
+    run_len: impl Fn(Range<u32>) -> Option<u64>,
+) -> Option<bytes::Bytes> {
     if piece.is_empty() || piece.start < data.chunks.start || piece.end > data.chunks.end {
         return None;
     }

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use super::Swarm;
 use crate::fetch::flight::{Fetcher, Offered};
 use crate::fetch::BoxFuture;
-use crate::p2p::peer::{PeerConn, PushSink};
+use crate::p2p::peer::{PeerConn, Pieces, PushSink};
 use crate::p2p::select::Outcome;
 
 /// Pushed bytes being verified and stored at once, per image, in KiB.
@@ -120,28 +120,49 @@ impl PushSink for Swarm {
         offered
     }
 
-    fn pushed(&self, from: &str, run: Range<u32>, offered: Offered, bytes: Bytes) -> BoxFuture<'_, bool> {
+    fn pushed(&self, from: &str, run: Range<u32>, offered: Offered, mut pieces: Pieces) -> BoxFuture<'_, bool> {
         let from = from.to_string();
         Box::pin(async move {
-            let kib = (bytes.len().div_ceil(1024)).clamp(1, RECEIVE_BUDGET_KIB) as u32;
+            let g = self.manifest.geometry();
+            let len = g.run_bytes(run.clone()).map_or(0, |(_, n)| n);
+            let kib = (len.div_ceil(1024)).clamp(1, RECEIVE_BUDGET_KIB) as u32;
             let Ok(_budget) = self.push_budget.clone().try_acquire_many_owned(kib) else {
                 // Dropping the offer sends its readers to fetch.
                 self.stats.pushes_dropped.fetch_add(1, Ordering::Relaxed);
                 return true;
             };
-            let bytes = match self.verify(&from, run.clone(), bytes).await {
-                Ok(b) => b,
-                Err(_) => {
-                    tracing::warn!(peer = %from, first = run.start, count = run.len(), "pushed run does not match the manifest");
-                    self.stats.peer_verify_failures.fetch_add(1, Ordering::Relaxed);
-                    let mut sel = self.selector.lock().unwrap();
-                    sel.started(&from);
-                    sel.finished(&from, run, Outcome::Corrupt, Instant::now());
-                    return false;
-                }
-            };
             let Some(fetcher) = self.fetcher.get().and_then(Weak::upgrade) else { return true };
-            let g = self.manifest.geometry();
+            // The pieces, checked, in one buffer (a copy when there are several).
+            let mut all: Vec<u8> = Vec::new();
+            let bytes = loop {
+                // Ended early (the session ended, the offer timed out): the offer is lost.
+                let Some((piece, bytes)) = pieces.recv().await else { return true };
+                let bytes = match self.verify(&from, piece.clone(), bytes).await {
+                    Ok(b) => b,
+                    Err(_) => {
+                        tracing::warn!(peer = %from, first = piece.start, count = piece.len(), "pushed run does not match the manifest");
+                        self.stats.peer_verify_failures.fetch_add(1, Ordering::Relaxed);
+                        let mut sel = self.selector.lock().unwrap();
+                        sel.started(&from);
+                        sel.finished(&from, run, Outcome::Corrupt, Instant::now());
+                        return false;
+                    }
+                };
+                let last = piece.end >= run.end;
+                if last && all.is_empty() {
+                    break bytes;
+                }
+                if all.is_empty() {
+                    all.reserve_exact(len);
+                }
+                all.extend_from_slice(&bytes);
+                if last {
+                    break Bytes::from(all);
+                }
+                // Cut through: its readers need not wait for the rest.
+                self.stats.push_parts.fetch_add(1, Ordering::Relaxed);
+                fetcher.deliver_part(&offered, piece, bytes);
+            };
             let offset = g.chunk_offset(crate::image::ChunkIdx(run.start)).0;
             // What the offer took is what is used; the rest of the run was here or on its way.
             let used: u64 = offered.chunks().map(|i| g.chunk_len(crate::image::ChunkIdx(i)) as u64).sum();

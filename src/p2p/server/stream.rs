@@ -1,0 +1,198 @@
+//! Pushes cut through: a run this node fetches from a peer arrives a chunk per frame, and each
+//! child that lacks it gets it the same way, as it arrives, instead of once the whole run is in.
+//! The run's first chunks offer it (one `Offer` per run and child), each chunk that follows goes
+//! in a `PushPart`, and the run's `Push` carries the rest once the run is whole and checked
+//! here (so a child never waits on a part that does not come: the push is what ends the run).
+//!
+//! Invariants: a stream holds its offer's bytes in the budget and a place in the session's push
+//! window from its offer until its `Push` is written, as a whole run's push does; its frames go
+//! to the writer in order, through one forwarder per stream; the `Push` holds at least one chunk
+//! (parts stop short of the offer's last); a stream whose run is not obtained within
+//! [`OFFER_TIMEOUT`] (its fetch failed: the child has given up on the offer by then) is dropped.
+//! Runs from the origin arrive whole, so they are pushed whole.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::push::{piece_bytes, Adoption, PushKind, Pushed, QueuedPush, SessionQueue, Window, PUSH_WINDOW};
+use super::{PeerExport, PeerServer, Queued, Reservation};
+use crate::fetch::flight::{Arrival, RunData};
+use crate::p2p::peer::OFFER_TIMEOUT;
+use crate::p2p::wire::{Frame, Message};
+
+/// One run being pushed to one child as it arrives.
+struct Stream {
+    /// The chunks offered: the run's first ones the child lacked.
+    offer: Range<u32>,
+    /// The first chunk of the offer not sent yet.
+    next: u32,
+    /// The offer's bytes in the budget and its place in the window, for its last frame.
+    held: Reservation,
+    /// Its frames, in order, to the forwarder that queues them for the writer.
+    frames: mpsc::UnboundedSender<QueuedPush>,
+    until: Instant,
+}
+
+/// A session's runs being pushed as they arrive, by their run's first chunk.
+pub(super) struct Streams(HashMap<u32, Stream>);
+
+impl Streams {
+    pub(super) fn new() -> Streams {
+        Streams(HashMap::new())
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Waits until the oldest stream's time is up, and drops the streams whose time is.
+    pub(super) async fn expiry(&mut self) {
+        let Some(until) = self.0.values().map(|s| s.until).min() else { return std::future::pending().await };
+        tokio::time::sleep_until(until).await;
+        let now = Instant::now();
+        self.0.retain(|_, s| s.until > now);
+    }
+
+    /// The run `run` is in, checked (`data`: its bytes, unless they are only in the cache by
+    /// now): its stream, if it has one, ends with a `Push` of the rest of its offer. If that
+    /// rest left the cache already, the stream ends without it (the child's offer times out).
+    pub(super) async fn last(
+        &mut self,
+        server: &Arc<PeerServer>,
+        export: &Arc<dyn PeerExport>,
+        adoption: &Arc<Mutex<Adoption>>,
+        (run, data): (Range<u32>, Option<Arc<RunData>>),
+    ) {
+        let Some(s) = self.0.remove(&run.start) else { return };
+        let rest = s.next..s.offer.end;
+        let held = data.and_then(|d| piece_bytes(&d, rest.clone(), |r| export.run_len(r)));
+        let bytes = match held {
+            Some(b) => b,
+            None => match export.cached(rest).await {
+                Some(b) => b,
+                None => return,
+            },
+        };
+        let (first, count) = (s.offer.start, s.offer.end - s.offer.start);
+        let frame = Frame::with_tail(Message::Push { first, count }, server.maybe_corrupt(bytes, true));
+        let _ = s.frames.send(QueuedPush {
+            frame,
+            kind: PushKind::Last,
+            held: Some(s.held),
+            adoption: adoption.clone(),
+            run: s.offer,
+            server: server.clone(),
+            export: export.clone(),
+        });
+    }
+}
+
+impl PeerServer {
+    /// Chunks of a run this node fetches arrived: the first ones offer the run to the child
+    /// (if it lacks them and the window and budget have room), and each one the offer holds
+    /// goes to it in a `PushPart`.
+    pub(super) async fn arrive(
+        self: &Arc<Self>,
+        export: &Arc<dyn PeerExport>,
+        adoption: &Arc<Mutex<Adoption>>,
+        streams: &mut Streams,
+        a: Arrival,
+        queue: &SessionQueue,
+    ) -> Pushed {
+        let Some(data) = a.data.upgrade() else { return Pushed::Sent };
+        if !streams.0.contains_key(&a.run.start) && a.part.start == a.run.start {
+            match self.offer_stream(export, adoption, &a, queue).await {
+                Some(s) => {
+                    streams.0.insert(a.run.start, s);
+                }
+                None if queue.tx.is_closed() => return Pushed::Closed,
+                None => return Pushed::Sent,
+            }
+        }
+        let Some(s) = streams.0.get_mut(&a.run.start) else { return Pushed::Sent };
+        // A part that does not follow the last (one was missed) leaves the rest to the push.
+        let end = a.part.end.min(s.offer.end - 1);
+        if a.part.start > s.next || end <= s.next {
+            return Pushed::Sent;
+        }
+        let Some(bytes) = piece_bytes(&data, s.next..end, |r| export.run_len(r)) else { return Pushed::Sent };
+        let frame = Frame::with_tail(
+            Message::PushPart { first: s.offer.start, count: end - s.next },
+            self.maybe_corrupt(bytes, true),
+        );
+        s.next = end;
+        let part = QueuedPush {
+            frame,
+            kind: PushKind::Part,
+            held: None,
+            adoption: adoption.clone(),
+            run: s.offer.clone(),
+            server: self.clone(),
+            export: export.clone(),
+        };
+        if s.frames.send(part).is_err() {
+            return Pushed::Closed;
+        }
+        Pushed::Sent
+    }
+
+    /// Offers the first chunks of the arriving run that the child lacks, if they are more than
+    /// one (a run of one chunk is pushed whole) and the window and budget have room.
+    async fn offer_stream(
+        self: &Arc<Self>,
+        export: &Arc<dyn PeerExport>,
+        adoption: &Arc<Mutex<Adoption>>,
+        a: &Arrival,
+        queue: &SessionQueue,
+    ) -> Option<Stream> {
+        if queue.pushing.load(Ordering::Relaxed) >= PUSH_WINDOW {
+            return None;
+        }
+        let offer = {
+            let ad = adoption.lock().unwrap();
+            if !ad.classes.contains(&export.class(a.run.start)) {
+                return None;
+            }
+            let end = a.run.clone().find(|c| ad.known.contains(*c)).unwrap_or(a.run.end);
+            a.run.start..end
+        };
+        // Nothing would follow the first part: the run's push carries it all.
+        if offer.end <= a.part.end {
+            return None;
+        }
+        let len = export.run_len(offer.clone())?;
+        if !self.budget.lock().unwrap().push_fits(len) {
+            return None;
+        }
+        let mut held = self.reserve_push(len, &queue.reserved, queue.queued.load(Ordering::Relaxed))?;
+        queue.pushing.fetch_add(1, Ordering::Relaxed);
+        held.window = Some(Window(queue.pushing.clone(), queue.freed.clone()));
+        adoption.lock().unwrap().known.insert_range(offer.clone());
+        let (first, count) = (offer.start, offer.end - offer.start);
+        if queue.tx.send((Frame::new(Message::Offer { first, count }), (None, None))).await.is_err() {
+            return None;
+        }
+        // Counted among the session's requests in progress (pings go on) until its last frame
+        // is handed over.
+        if queue.queued.fetch_add(1, Ordering::Relaxed) == 0 {
+            queue.requested.notify_one();
+        }
+        let slot = Queued(queue.queued.clone());
+        let (frames, mut rx) = mpsc::unbounded_channel::<QueuedPush>();
+        let push_tx = queue.push_tx.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            while let Some(p) = rx.recv().await {
+                if push_tx.send(p).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Some(Stream { next: offer.start, offer, held, frames, until: Instant::now() + OFFER_TIMEOUT })
+    }
+}
