@@ -95,6 +95,8 @@ pub(super) struct QueuedPush {
     /// Its bytes in the budget and its place in the session's window, until written (a
     /// `PushPart` holds none: its push's last frame holds them).
     pub(super) held: Option<Reservation>,
+    /// Cleared once the writer takes it (a part of a push cut through: see `stream.rs`).
+    pub(super) written: Option<Arc<std::sync::atomic::AtomicBool>>,
     pub(super) adoption: Arc<Mutex<Adoption>>,
     /// The run offered.
     pub(super) run: Range<u32>,
@@ -119,6 +121,9 @@ impl QueuedPush {
     /// before the offer reached it (so it waits on no chunk of it), and its reply carries the
     /// bytes.
     pub(super) async fn ready(self) -> Option<(Frame, Held)> {
+        if let Some(w) = &self.written {
+            w.store(false, Ordering::Relaxed);
+        }
         {
             let mut a = self.adoption.lock().unwrap();
             if a.asked.contains_range(self.run.clone()) {
@@ -408,6 +413,7 @@ impl PeerServer {
             frame,
             kind: PushKind::Whole,
             held: Some(held),
+            written: None,
             adoption: adoption.clone(),
             run: piece,
             server: self.clone(),

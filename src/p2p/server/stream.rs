@@ -13,9 +13,10 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -31,6 +32,15 @@ struct Stream {
     offer: Range<u32>,
     /// The first chunk of the offer not sent yet.
     next: u32,
+    /// The first chunk of the offer that has not arrived (in order) yet, and the bytes of those
+    /// that arrived and were not sent (`next` onwards).
+    arrived: u32,
+    waiting: Vec<Bytes>,
+    /// A part of it waits to be written: the chunks that arrive meanwhile go in the next one
+    /// (so a busy node sends fewer, longer parts).
+    queued: Arc<AtomicBool>,
+    /// A chunk was missed (the announcements lagged): the rest goes in the push.
+    broken: bool,
     /// The offer's bytes in the budget and its place in the window, for its last frame.
     held: Reservation,
     /// Its frames, in order, to the forwarder that queues them for the writer.
@@ -84,6 +94,7 @@ impl Streams {
             frame,
             kind: PushKind::Last,
             held: Some(s.held),
+            written: None,
             adoption: adoption.clone(),
             run: s.offer,
             server: server.clone(),
@@ -115,21 +126,50 @@ impl PeerServer {
             }
         }
         let Some(s) = streams.0.get_mut(&a.run.start) else { return Pushed::Sent };
-        // A part that does not follow the last (one was missed) leaves the rest to the push.
-        let end = a.part.end.min(s.offer.end - 1);
-        if a.part.start > s.next || end <= s.next {
+        if s.broken || a.part.end <= s.arrived {
             return Pushed::Sent;
         }
-        let Some(bytes) = piece_bytes(&data, s.next..end, |r| export.run_len(r)) else { return Pushed::Sent };
+        if a.part.start > s.arrived {
+            s.broken = true;
+            return Pushed::Sent;
+        }
+        let end = a.part.end.min(s.offer.end);
+        let Some(bytes) = piece_bytes(&data, s.arrived..end, |r| export.run_len(r)) else { return Pushed::Sent };
+        s.waiting.push(bytes);
+        s.arrived = end;
+        // The part before is still queued: these chunks go with the next.
+        if s.queued.load(Ordering::Relaxed) {
+            return Pushed::Sent;
+        }
+        // Up to the offer's last chunk, which the push carries.
+        let upto = s.arrived.min(s.offer.end - 1);
+        let Some(len) = export.run_len(s.next..upto).filter(|_| upto > s.next) else { return Pushed::Sent };
+        let mut all = match s.waiting.len() {
+            1 => s.waiting.pop().expect("one"),
+            _ => s
+                .waiting
+                .drain(..)
+                .fold(BytesMut::new(), |mut b, x| {
+                    b.extend_from_slice(&x);
+                    b
+                })
+                .freeze(),
+        };
+        let part = all.split_to((len as usize).min(all.len()));
+        if !all.is_empty() {
+            s.waiting.push(all);
+        }
         let frame = Frame::with_tail(
-            Message::PushPart { first: s.offer.start, count: end - s.next },
-            self.maybe_corrupt(bytes, true),
+            Message::PushPart { first: s.offer.start, count: upto - s.next },
+            self.maybe_corrupt(part, true),
         );
-        s.next = end;
+        s.next = upto;
+        s.queued.store(true, Ordering::Relaxed);
         let part = QueuedPush {
             frame,
             kind: PushKind::Part,
             held: None,
+            written: Some(s.queued.clone()),
             adoption: adoption.clone(),
             run: s.offer.clone(),
             server: self.clone(),
@@ -193,6 +233,17 @@ impl PeerServer {
                 }
             }
         });
-        Some(Stream { next: offer.start, offer, held, frames, until: Instant::now() + OFFER_TIMEOUT })
+        let until = Instant::now() + OFFER_TIMEOUT;
+        Some(Stream {
+            next: offer.start,
+            arrived: offer.start,
+            offer,
+            waiting: Vec::new(),
+            queued: Arc::new(AtomicBool::new(false)),
+            broken: false,
+            held,
+            frames,
+            until,
+        })
     }
 }
