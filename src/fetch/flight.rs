@@ -180,12 +180,24 @@ struct BootLog {
 
 /// Chunks of a run this node is fetching that arrived, verified, ahead of the rest (a peer's
 /// reply in parts): `part` of `run`, the bytes while anything still holds them. The whole run
-/// is announced as [`Obtained`] once it is in; a fetch that fails announces nothing more.
+/// is announced as [`Obtained`] once it is in; a fetch that fails (or whose run does not match
+/// the manifest) is announced with an empty `part`: no more of that run comes.
 #[derive(Debug, Clone)]
 pub struct Arrival {
     pub run: Range<u32>,
     pub part: Range<u32>,
     pub data: std::sync::Weak<RunData>,
+}
+
+impl Arrival {
+    /// The fetch of `run` failed.
+    fn failed(run: Range<u32>) -> Arrival {
+        Arrival { part: run.end..run.end, run, data: std::sync::Weak::new() }
+    }
+
+    pub fn is_failure(&self) -> bool {
+        self.part.is_empty()
+    }
 }
 
 /// A run this node obtained, verified: its chunks, and its bytes while anything still holds
@@ -419,12 +431,15 @@ impl Fetcher {
         let (data, checked) = match read {
             Ok(read) => read,
             Err(e) => {
+                let run = claim.run[0].0..claim.run[claim.run.len() - 1].0 + 1;
                 let mut inflight = self.inflight.lock().unwrap();
                 for (i, tx) in claim.run.drain(..) {
                     release(&mut inflight, i, &tx);
                     // Chunks handed on early keep their (verified) bytes.
                     answer_once(&tx, Err(e.clone()));
                 }
+                // What is being pushed on as it arrived ends here.
+                let _ = self.arrived.send(Arrival::failed(run));
                 return;
             }
         };
@@ -490,6 +505,8 @@ impl Fetcher {
             }
             // Nobody subscribed is no error.
             let _ = self.obtained.send(Obtained { chunks: run_data.chunks.clone(), data: Arc::downgrade(&run_data) });
+        } else {
+            let _ = self.arrived.send(Arrival::failed(run_data.chunks.clone()));
         }
         // One write per stretch of adjacent verified chunks (a pushed run's claim may have gaps).
         let mut k = 0;

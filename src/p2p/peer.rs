@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::auth::ClusterKey;
 use super::conn::{client_handshake, connect_from, node_addr, read_frame_progressing, write_frame, ConnError};
 use super::select::Selector;
-use super::wire::{Bytes32, Frame, Message};
+use super::wire::{Bytes32, Frame, Message, MAX_TAIL};
 use crate::fetch::flight::Offered;
 use crate::fetch::BoxFuture;
 
@@ -301,7 +301,11 @@ impl PeerConn {
                         if count == 0 || run.end > chunks || offers.contains_key(&first) {
                             break format!("bad offer of chunks {first}+{count}");
                         }
-                        if offers.len() >= MAX_OFFERS {
+                        // Longer than one frame's tail: pieces could bring more than the receive
+                        // budget holds, so it is not waited for.
+                        if offers.len() >= MAX_OFFERS
+                            || g.run_bytes(run.clone()).is_none_or(|(_, n)| n > MAX_TAIL as usize)
+                        {
                             continue;
                         }
                         if let Some(o) = sink.upgrade().and_then(|s| s.offered(&me.node, run)) {
@@ -325,6 +329,15 @@ impl PeerConn {
                         let Some(o) = offers.get_mut(&first) else { continue };
                         o.got += count;
                         o.piece(&sink, &me, first, (part, f.tail));
+                        continue;
+                    }
+                    Message::Push { first, count: 0 } => {
+                        if !f.tail.is_empty() {
+                            break format!("withdrawal of the offer at chunk {first} with {} bytes", f.tail.len());
+                        }
+                        // The rest of the offer will not come: its readers fetch it (the parts
+                        // that came stand).
+                        offers.remove(&first);
                         continue;
                     }
                     Message::Push { first, count } => {

@@ -48,9 +48,12 @@ async fn a_request_crossing_a_push_is_answered_from_it_and_asked_again_only_once
         write_frame(&mut s, &Frame::new(Message::Pushed { id })).await.unwrap();
         assert_eq!(expect_request(&mut s).await.0, id);
         write_frame(&mut s, &Frame::new(Message::Pushed { id })).await.unwrap();
-        // 4. A push whose tail is not its run's length ends the session.
-        assert_eq!(expect_request(&mut s).await.1, 13);
-        write_frame(&mut s, &Frame::with_tail(Message::Push { first: 4, count: 2 }, chunks(4..5))).await.unwrap();
+        // 4. A push (not waited for here) whose tail is longer than its run ends the session.
+        let (id, first, _) = expect_request(&mut s).await;
+        assert_eq!(first, 13);
+        write_frame(&mut s, &Frame::with_tail(Message::Push { first: 4, count: 2 }, chunks(4..7))).await.unwrap();
+        // Answered after it: a client that read on would take this reply.
+        write_frame(&mut s, &Frame::with_tail(Message::Data { id }, chunks(13..14))).await.unwrap();
         // The client closes; anything else it sent is a failure of the test.
         assert!(read_frame(&mut s).await.is_err(), "the client sent more after a bad push");
     })
@@ -113,6 +116,38 @@ async fn pushed_after_parts_ends_the_session() {
     .await;
     assert_eq!(conn.request(0, 2, mpsc::unbounded_channel().0).await, Err(Refusal::Closed));
     tokio::time::timeout(Duration::from_secs(10), peer).await.unwrap().unwrap();
+}
+
+/// Frames of pushes cut through that break the protocol end the session (each in a session of
+/// its own): a part of no chunk, a part whose tail is not its chunks' length, a part reaching
+/// the image's end (its offer's last chunk, for an offer not taken), a withdrawal with bytes.
+#[tokio::test]
+async fn bad_push_parts_and_withdrawals_end_the_session() {
+    let bad = [
+        Frame::with_tail(Message::PushPart { first: 2, count: 0 }, Bytes::new()),
+        Frame::with_tail(Message::PushPart { first: 2, count: 2 }, chunks(2..3)),
+        Frame::with_tail(Message::PushPart { first: 12, count: 4 }, chunks(12..16)),
+        Frame::with_tail(Message::Push { first: 2, count: 0 }, chunks(2..3)),
+    ];
+    for frame in bad {
+        let what = format!("{:?}", frame.msg);
+        let (conn, peer) = scripted(move |mut s| async move {
+            let (id, _, _) = expect_request(&mut s).await;
+            write_frame(&mut s, &Frame::new(Message::Offer { first: 2, count: 8 })).await.unwrap();
+            // Withdrawn and pushed in parts as it should be: the session goes on.
+            write_frame(&mut s, &Frame::with_tail(Message::PushPart { first: 2, count: 1 }, chunks(2..3)))
+                .await
+                .unwrap();
+            write_frame(&mut s, &Frame::new(Message::Push { first: 2, count: 0 })).await.unwrap();
+            write_frame(&mut s, &frame).await.unwrap();
+            // Answered after it: a client that read on would take this reply.
+            write_frame(&mut s, &Frame::with_tail(Message::Data { id }, chunks(0..1))).await.unwrap();
+            assert!(read_frame(&mut s).await.is_err(), "the client goes on after {:?}", frame.msg);
+        })
+        .await;
+        assert_eq!(conn.request(0, 1, mpsc::unbounded_channel().0).await, Err(Refusal::Closed), "{what}");
+        tokio::time::timeout(Duration::from_secs(10), peer).await.unwrap().unwrap();
+    }
 }
 
 /// A session (16 chunks of 4 KiB) with a peer that plays `script` on the wire after the

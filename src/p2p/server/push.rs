@@ -96,7 +96,7 @@ pub(super) struct QueuedPush {
     /// `PushPart` holds none: its push's last frame holds them).
     pub(super) held: Option<Reservation>,
     /// Cleared once the writer takes it (a part of a push cut through: see `stream.rs`).
-    pub(super) written: Option<Arc<std::sync::atomic::AtomicBool>>,
+    pub(super) written: Option<(Arc<std::sync::atomic::AtomicBool>, Arc<tokio::sync::Notify>)>,
     pub(super) adoption: Arc<Mutex<Adoption>>,
     /// The run offered.
     pub(super) run: Range<u32>,
@@ -113,6 +113,8 @@ pub(super) enum PushKind {
     Part,
     /// The `Push` that ends a run cut through, with the rest of its bytes.
     Last,
+    /// The `Push` of no chunk that withdraws the rest of a run cut through.
+    Withdrawn,
 }
 
 impl QueuedPush {
@@ -122,7 +124,13 @@ impl QueuedPush {
     /// bytes.
     pub(super) async fn ready(self) -> Option<(Frame, Held)> {
         if let Some(w) = &self.written {
-            w.store(false, Ordering::Relaxed);
+            w.0.store(false, Ordering::Relaxed);
+            // What arrived meanwhile goes in the next part.
+            w.1.notify_one();
+        }
+        if self.kind == PushKind::Withdrawn {
+            self.server.stats.pushes_skipped.fetch_add(1, Ordering::Relaxed);
+            return Some((self.frame, (None, None)));
         }
         {
             let mut a = self.adoption.lock().unwrap();
@@ -146,7 +154,7 @@ impl QueuedPush {
         self.server.pace(len).await;
         let counter = match self.kind {
             PushKind::Part => &self.server.stats.push_parts,
-            PushKind::Whole | PushKind::Last => &self.server.stats.pushes,
+            PushKind::Whole | PushKind::Last | PushKind::Withdrawn => &self.server.stats.pushes,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         self.export.uploaded(len);
@@ -307,7 +315,6 @@ impl PeerServer {
                         Err(broadcast::error::RecvError::Lagged(_)) => continue,
                         Err(broadcast::error::RecvError::Closed) => return,
                     },
-                    _ = streams.expiry(), if !streams.is_empty() => continue,
                     r = obtained.recv() => match r {
                         Ok(run) => {
                             streams.last(&self, &export, &adoption, (run.chunks.clone(), run.data.upgrade())).await;
@@ -321,13 +328,17 @@ impl PeerServer {
                                 }
                             }
                         }
-                        // Runs missed are asked for when needed.
-                        Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        // Runs missed are asked for when needed; the streams among them would
+                        // never end.
+                        Err(broadcast::error::RecvError::Lagged(_)) => streams.fail_all(),
                         Err(broadcast::error::RecvError::Closed) => return,
                     },
-                    _ = queue.freed.notified(), if !backlog.is_empty() => {}
+                    // A push or a part was written.
+                    _ = queue.freed.notified(), if !backlog.is_empty() || !streams.is_empty() => {}
                     _ = tokio::time::sleep(RETRY), if blocked && !backlog.is_empty() => {}
+                    _ = streams.expiry(), if !streams.is_empty() => continue,
                 }
+                streams.flush_all(&self, &export, &adoption);
             }
             blocked = false;
             while queue.pushing.load(Ordering::Relaxed) < PUSH_WINDOW {

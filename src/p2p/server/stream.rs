@@ -7,9 +7,10 @@
 //! Invariants: a stream holds its offer's bytes in the budget and a place in the session's push
 //! window from its offer until its `Push` is written, as a whole run's push does; its frames go
 //! to the writer in order, through one forwarder per stream; the `Push` holds at least one chunk
-//! (parts stop short of the offer's last); a stream whose run is not obtained within
-//! [`OFFER_TIMEOUT`] (its fetch failed: the child has given up on the offer by then) is dropped.
-//! Runs from the origin arrive whole, so they are pushed whole.
+//! (parts stop short of the offer's last); a stream whose run will not come (its fetch failed,
+//! its bytes are gone, the announcements lagged, or [`OFFER_TIMEOUT`] passed) ends with a
+//! withdrawal, a `Push` of no chunk, so the child's readers fetch the rest at once instead of
+//! waiting out the offer. Runs from the origin arrive whole, so they are pushed whole.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -41,6 +42,10 @@ struct Stream {
     queued: Arc<AtomicBool>,
     /// A chunk was missed (the announcements lagged): the rest goes in the push.
     broken: bool,
+    /// Wakes the session's pusher when a part is written (`SessionQueue::freed`).
+    wake: Arc<tokio::sync::Notify>,
+    /// The session's server, image and adoption (for a withdrawal).
+    ctx: (Arc<PeerServer>, Arc<dyn PeerExport>, Arc<Mutex<Adoption>>),
     /// The offer's bytes in the budget and its place in the window, for its last frame.
     held: Reservation,
     /// Its frames, in order, to the forwarder that queues them for the writer.
@@ -60,17 +65,46 @@ impl Streams {
         self.0.is_empty()
     }
 
-    /// Waits until the oldest stream's time is up, and drops the streams whose time is.
+    /// Waits until the oldest stream's time is up, and withdraws the streams whose time is.
     pub(super) async fn expiry(&mut self) {
         let Some(until) = self.0.values().map(|s| s.until).min() else { return std::future::pending().await };
         tokio::time::sleep_until(until).await;
         let now = Instant::now();
-        self.0.retain(|_, s| s.until > now);
+        let over: Vec<u32> = self.0.iter().filter(|(_, s)| s.until <= now).map(|(k, _)| *k).collect();
+        for k in over {
+            self.fail(k);
+        }
+    }
+
+    /// The run starting at `first` will not come: its stream, if any, is withdrawn.
+    pub(super) fn fail(&mut self, first: u32) {
+        if let Some(s) = self.0.remove(&first) {
+            s.withdraw();
+        }
+    }
+
+    /// Every stream is withdrawn (announcements of whole runs were missed).
+    pub(super) fn fail_all(&mut self) {
+        for (_, s) in self.0.drain() {
+            s.withdraw();
+        }
+    }
+
+    /// Sends on what arrived while a part of each stream waited for the writer.
+    pub(super) fn flush_all(
+        &mut self,
+        server: &Arc<PeerServer>,
+        export: &Arc<dyn PeerExport>,
+        adoption: &Arc<Mutex<Adoption>>,
+    ) {
+        for s in self.0.values_mut() {
+            s.flush(server, export, adoption);
+        }
     }
 
     /// The run `run` is in, checked (`data`: its bytes, unless they are only in the cache by
-    /// now): its stream, if it has one, ends with a `Push` of the rest of its offer. If that
-    /// rest left the cache already, the stream ends without it (the child's offer times out).
+    /// now): its stream, if it has one, ends with a `Push` of the rest of its offer (withdrawn
+    /// if those bytes are gone from here).
     pub(super) async fn last(
         &mut self,
         server: &Arc<PeerServer>,
@@ -78,15 +112,21 @@ impl Streams {
         adoption: &Arc<Mutex<Adoption>>,
         (run, data): (Range<u32>, Option<Arc<RunData>>),
     ) {
-        let Some(s) = self.0.remove(&run.start) else { return };
+        let Some(mut s) = self.0.remove(&run.start) else { return };
         let rest = s.next..s.offer.end;
-        let held = data.and_then(|d| piece_bytes(&d, rest.clone(), |r| export.run_len(r)));
-        let bytes = match held {
-            Some(b) => b,
-            None => match export.cached(rest).await {
-                Some(b) => b,
-                None => return,
-            },
+        let held = match data {
+            Some(d) => piece_bytes(&d, rest.clone(), |r| export.run_len(r)),
+            // What arrived and was not sent is here still; the rest (the last chunk at least)
+            // only in the cache by now.
+            None if s.arrived >= rest.end => Some(s.take_waiting()),
+            None => export.cached(s.arrived..rest.end).await.map(|tail| {
+                s.waiting.push(tail);
+                s.take_waiting()
+            }),
+        };
+        let Some(bytes) = held.filter(|b| export.run_len(rest).is_some_and(|n| n as usize == b.len())) else {
+            s.withdraw();
+            return;
         };
         let (first, count) = (s.offer.start, s.offer.end - s.offer.start);
         let frame = Frame::with_tail(Message::Push { first, count }, server.maybe_corrupt(bytes, true));
@@ -97,6 +137,73 @@ impl Streams {
             written: None,
             adoption: adoption.clone(),
             run: s.offer,
+            server: server.clone(),
+            export: export.clone(),
+        });
+    }
+}
+
+impl Stream {
+    /// The bytes waiting to be sent, in one piece.
+    fn take_waiting(&mut self) -> Bytes {
+        match self.waiting.len() {
+            1 => self.waiting.pop().expect("one"),
+            _ => self
+                .waiting
+                .drain(..)
+                .fold(BytesMut::new(), |mut b, x| {
+                    b.extend_from_slice(&x);
+                    b
+                })
+                .freeze(),
+        }
+    }
+
+    /// Tells the child that the rest of the offer will not come: a `Push` of no chunk, after
+    /// the parts sent. Its bytes and window place are given back now.
+    fn withdraw(self) {
+        self.queued.store(false, Ordering::Relaxed);
+        let frame = Frame::new(Message::Push { first: self.offer.start, count: 0 });
+        let Stream { frames, held, offer, ctx: (server, export, adoption), .. } = self;
+        drop(held);
+        let _ = frames.send(QueuedPush {
+            frame,
+            kind: PushKind::Withdrawn,
+            held: None,
+            written: None,
+            adoption,
+            run: offer,
+            server,
+            export,
+        });
+    }
+
+    /// Sends what arrived and was not sent, up to the offer's last chunk, as one `PushPart`,
+    /// unless a part of the stream still waits for the writer.
+    fn flush(&mut self, server: &Arc<PeerServer>, export: &Arc<dyn PeerExport>, adoption: &Arc<Mutex<Adoption>>) {
+        if self.queued.load(Ordering::Relaxed) {
+            return;
+        }
+        let upto = self.arrived.min(self.offer.end - 1);
+        let Some(len) = export.run_len(self.next..upto).filter(|_| upto > self.next) else { return };
+        let mut all = self.take_waiting();
+        let part = all.split_to((len as usize).min(all.len()));
+        if !all.is_empty() {
+            self.waiting.push(all);
+        }
+        let frame = Frame::with_tail(
+            Message::PushPart { first: self.offer.start, count: upto - self.next },
+            server.maybe_corrupt(part, true),
+        );
+        self.next = upto;
+        self.queued.store(true, Ordering::Relaxed);
+        let _ = self.frames.send(QueuedPush {
+            frame,
+            kind: PushKind::Part,
+            held: None,
+            written: Some((self.queued.clone(), self.wake.clone())),
+            adoption: adoption.clone(),
+            run: self.offer.clone(),
             server: server.clone(),
             export: export.clone(),
         });
@@ -115,6 +222,10 @@ impl PeerServer {
         a: Arrival,
         queue: &SessionQueue,
     ) -> Pushed {
+        if a.is_failure() {
+            streams.fail(a.run.start);
+            return Pushed::Sent;
+        }
         let Some(data) = a.data.upgrade() else { return Pushed::Sent };
         if !streams.0.contains_key(&a.run.start) && a.part.start == a.run.start {
             match self.offer_stream(export, adoption, &a, queue).await {
@@ -138,44 +249,8 @@ impl PeerServer {
         s.waiting.push(bytes);
         s.arrived = end;
         // The part before is still queued: these chunks go with the next.
-        if s.queued.load(Ordering::Relaxed) {
-            return Pushed::Sent;
-        }
-        // Up to the offer's last chunk, which the push carries.
-        let upto = s.arrived.min(s.offer.end - 1);
-        let Some(len) = export.run_len(s.next..upto).filter(|_| upto > s.next) else { return Pushed::Sent };
-        let mut all = match s.waiting.len() {
-            1 => s.waiting.pop().expect("one"),
-            _ => s
-                .waiting
-                .drain(..)
-                .fold(BytesMut::new(), |mut b, x| {
-                    b.extend_from_slice(&x);
-                    b
-                })
-                .freeze(),
-        };
-        let part = all.split_to((len as usize).min(all.len()));
-        if !all.is_empty() {
-            s.waiting.push(all);
-        }
-        let frame = Frame::with_tail(
-            Message::PushPart { first: s.offer.start, count: upto - s.next },
-            self.maybe_corrupt(part, true),
-        );
-        s.next = upto;
-        s.queued.store(true, Ordering::Relaxed);
-        let part = QueuedPush {
-            frame,
-            kind: PushKind::Part,
-            held: None,
-            written: Some(s.queued.clone()),
-            adoption: adoption.clone(),
-            run: s.offer.clone(),
-            server: self.clone(),
-            export: export.clone(),
-        };
-        if s.frames.send(part).is_err() {
+        s.flush(self, export, adoption);
+        if s.frames.is_closed() {
             return Pushed::Closed;
         }
         Pushed::Sent
@@ -241,6 +316,8 @@ impl PeerServer {
             waiting: Vec::new(),
             queued: Arc::new(AtomicBool::new(false)),
             broken: false,
+            wake: queue.freed.clone(),
+            ctx: (self.clone(), export.clone(), adoption.clone()),
             held,
             frames,
             until,

@@ -125,7 +125,7 @@ impl PushSink for Swarm {
         Box::pin(async move {
             let g = self.manifest.geometry();
             let len = g.run_bytes(run.clone()).map_or(0, |(_, n)| n);
-            let kib = (len.div_ceil(1024)).clamp(1, RECEIVE_BUDGET_KIB) as u32;
+            let kib = u32::try_from(len.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
             let Ok(_budget) = self.push_budget.clone().try_acquire_many_owned(kib) else {
                 // Dropping the offer sends its readers to fetch.
                 self.stats.pushes_dropped.fetch_add(1, Ordering::Relaxed);
