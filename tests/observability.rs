@@ -227,7 +227,8 @@ fn scrapers_that_never_read_or_send_cannot_block_vmtd() {
     let port = free_port();
     let cfg = env.config(&format!("metrics_listen = \"127.0.0.1:{port}\""), &file_image("img", &img, ""));
     let _vmtd = start_vmtd(&env, &cfg);
-    assert!(http_get(port, "/readyz").is_some());
+    // Ready a moment after its control socket is (the image opened): waited for, not assumed.
+    wait_until("vmtd ready", Duration::from_secs(30), || http_get(port, "/readyz").is_some());
     // Clients that ask and never read, and clients that never even ask: more than the
     // endpoint's connection slots.
     let mut stuck = Vec::new();
