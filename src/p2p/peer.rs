@@ -56,8 +56,8 @@ struct Offer {
     count: u32,
     /// Chunks that came in `PushPart`s so far.
     got: u32,
-    /// The chunks this node took as in flight (none: nothing of it was wanted, or too many
-    /// offers wait), until its first piece comes.
+    /// The chunks this node took as in flight, until its first piece comes (then the sink's
+    /// task holds them).
     offered: Option<Offered>,
     /// Where its pieces go once they come (the sink's task holds the offer then).
     pieces: Option<mpsc::UnboundedSender<(Range<u32>, Bytes)>>,

@@ -317,7 +317,7 @@ impl PeerServer {
                     },
                     r = obtained.recv() => match r {
                         Ok(run) => {
-                            streams.last(&self, &export, &adoption, (run.chunks.clone(), run.data.upgrade())).await;
+                            streams.last((run.chunks.clone(), run.data.upgrade())).await;
                             if adoption.lock().unwrap().classes.contains(&export.class(run.chunks.start)) {
                                 backlog.push_back((run.chunks.clone(), run.data.upgrade()));
                                 if let Some(k) = backlog.len().checked_sub(KEPT_BYTES + 1) {
@@ -338,7 +338,7 @@ impl PeerServer {
                     _ = tokio::time::sleep(RETRY), if blocked && !backlog.is_empty() => {}
                     _ = streams.expiry(), if !streams.is_empty() => continue,
                 }
-                streams.flush_all(&self, &export, &adoption);
+                streams.flush_all();
             }
             blocked = false;
             while queue.pushing.load(Ordering::Relaxed) < PUSH_WINDOW {

@@ -45,7 +45,7 @@ struct Stream {
     /// Wakes the session's pusher when a part is written (`SessionQueue::freed`).
     wake: Arc<tokio::sync::Notify>,
     /// The session's server, image and adoption (for a withdrawal).
-    ctx: (Arc<PeerServer>, Arc<dyn PeerExport>, Arc<Mutex<Adoption>>),
+    ctx: Ctx,
     /// The offer's bytes in the budget and its place in the window, for its last frame.
     held: Reservation,
     /// Its frames, in order, to the forwarder that queues them for the writer.
@@ -91,28 +91,18 @@ impl Streams {
     }
 
     /// Sends on what arrived while a part of each stream waited for the writer.
-    pub(super) fn flush_all(
-        &mut self,
-        server: &Arc<PeerServer>,
-        export: &Arc<dyn PeerExport>,
-        adoption: &Arc<Mutex<Adoption>>,
-    ) {
+    pub(super) fn flush_all(&mut self) {
         for s in self.0.values_mut() {
-            s.flush(server, export, adoption);
+            s.flush();
         }
     }
 
     /// The run `run` is in, checked (`data`: its bytes, unless they are only in the cache by
     /// now): its stream, if it has one, ends with a `Push` of the rest of its offer (withdrawn
     /// if those bytes are gone from here).
-    pub(super) async fn last(
-        &mut self,
-        server: &Arc<PeerServer>,
-        export: &Arc<dyn PeerExport>,
-        adoption: &Arc<Mutex<Adoption>>,
-        (run, data): (Range<u32>, Option<Arc<RunData>>),
-    ) {
+    pub(super) async fn last(&mut self, (run, data): (Range<u32>, Option<Arc<RunData>>)) {
         let Some(mut s) = self.0.remove(&run.start) else { return };
+        let export = s.ctx.1.clone();
         let rest = s.next..s.offer.end;
         let held = match data {
             Some(d) => piece_bytes(&d, rest.clone(), |r| export.run_len(r)),
@@ -129,17 +119,10 @@ impl Streams {
             return;
         };
         let (first, count) = (s.offer.start, s.offer.end - s.offer.start);
-        let frame = Frame::with_tail(Message::Push { first, count }, server.maybe_corrupt(bytes, true));
-        let _ = s.frames.send(QueuedPush {
-            frame,
-            kind: PushKind::Last,
-            held: Some(s.held),
-            written: None,
-            adoption: adoption.clone(),
-            run: s.offer,
-            server: server.clone(),
-            export: export.clone(),
-        });
+        let held = Some(s.held);
+        let push =
+            QueuedPush::new(&s.ctx, Message::Push { first, count }, bytes, (PushKind::Last, held, None), s.offer);
+        let _ = s.frames.send(push);
     }
 }
 
@@ -163,50 +146,72 @@ impl Stream {
     /// the parts sent. Its bytes and window place are given back now.
     fn withdraw(self) {
         self.queued.store(false, Ordering::Relaxed);
-        let frame = Frame::new(Message::Push { first: self.offer.start, count: 0 });
-        let Stream { frames, held, offer, ctx: (server, export, adoption), .. } = self;
+        let Stream { frames, held, offer, ctx, .. } = self;
         drop(held);
-        let _ = frames.send(QueuedPush {
-            frame,
-            kind: PushKind::Withdrawn,
-            held: None,
-            written: None,
-            adoption,
-            run: offer,
-            server,
-            export,
-        });
+        let first = offer.start;
+        let _ = frames.send(QueuedPush::new(
+            &ctx,
+            Message::Push { first, count: 0 },
+            Bytes::new(),
+            (PushKind::Withdrawn, None, None),
+            offer,
+        ));
     }
 
     /// Sends what arrived and was not sent, up to the offer's last chunk, as one `PushPart`,
     /// unless a part of the stream still waits for the writer.
-    fn flush(&mut self, server: &Arc<PeerServer>, export: &Arc<dyn PeerExport>, adoption: &Arc<Mutex<Adoption>>) {
+    fn flush(&mut self) {
         if self.queued.load(Ordering::Relaxed) {
             return;
         }
         let upto = self.arrived.min(self.offer.end - 1);
-        let Some(len) = export.run_len(self.next..upto).filter(|_| upto > self.next) else { return };
+        let Some(len) = self.ctx.1.run_len(self.next..upto).filter(|_| upto > self.next) else { return };
         let mut all = self.take_waiting();
         let part = all.split_to((len as usize).min(all.len()));
         if !all.is_empty() {
             self.waiting.push(all);
         }
-        let frame = Frame::with_tail(
-            Message::PushPart { first: self.offer.start, count: upto - self.next },
-            server.maybe_corrupt(part, true),
-        );
+        let msg = Message::PushPart { first: self.offer.start, count: upto - self.next };
         self.next = upto;
         self.queued.store(true, Ordering::Relaxed);
-        let _ = self.frames.send(QueuedPush {
-            frame,
-            kind: PushKind::Part,
-            held: None,
-            written: Some((self.queued.clone(), self.wake.clone())),
+        let written = Some((self.queued.clone(), self.wake.clone()));
+        let _ = self.frames.send(QueuedPush::new(
+            &self.ctx,
+            msg,
+            part,
+            (PushKind::Part, None, written),
+            self.offer.clone(),
+        ));
+    }
+}
+
+/// A session's server, image and adoption, which a stream's frames carry.
+type Ctx = (Arc<PeerServer>, Arc<dyn PeerExport>, Arc<Mutex<Adoption>>);
+
+/// A part's flag that it waits for the writer, and the pusher's wake-up once it does not.
+type Written = (Arc<AtomicBool>, Arc<tokio::sync::Notify>);
+
+impl QueuedPush {
+    /// A frame of a stream of `offer`: `msg` with `bytes` (corrupted under the test switch),
+    /// of `kind`, holding `held`, clearing `written` when the writer takes it.
+    fn new(
+        (server, export, adoption): &Ctx,
+        msg: Message,
+        bytes: Bytes,
+        (kind, held, written): (PushKind, Option<Reservation>, Option<Written>),
+        offer: Range<u32>,
+    ) -> QueuedPush {
+        let bytes = if bytes.is_empty() { bytes } else { server.maybe_corrupt(bytes, true) };
+        QueuedPush {
+            frame: Frame::with_tail(msg, bytes),
+            kind,
+            held,
+            written,
             adoption: adoption.clone(),
-            run: self.offer.clone(),
+            run: offer,
             server: server.clone(),
             export: export.clone(),
-        });
+        }
     }
 }
 
@@ -249,7 +254,7 @@ impl PeerServer {
         s.waiting.push(bytes);
         s.arrived = end;
         // The part before is still queued: these chunks go with the next.
-        s.flush(self, export, adoption);
+        s.flush();
         if s.frames.is_closed() {
             return Pushed::Closed;
         }
