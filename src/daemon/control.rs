@@ -240,6 +240,12 @@ pub struct CacheHealth {
     /// Chunks evicted to keep the node within its budget.
     #[serde(default)]
     pub chunks_evicted: u64,
+    /// Reads of chunks not durable yet served from their verified bytes kept in memory.
+    #[serde(default)]
+    pub kept_reads: u64,
+    /// Bytes of chunks not durable yet kept in memory now (at most `store::KEEP_MAX`).
+    #[serde(default)]
+    pub kept_bytes: u64,
     /// True while the cache keeps failing and is not caching.
     pub degraded: bool,
 }

@@ -305,6 +305,8 @@ impl Image {
                     chunks_dropped: load(&st.chunks_dropped),
                     chunks_not_cached: load(&st.chunks_not_cached),
                     chunks_evicted: load(&st.chunks_evicted),
+                    kept_reads: load(&st.kept_reads),
+                    kept_bytes: self.store.kept_bytes(),
                     degraded: self.store.degraded(),
                 }
             },
@@ -388,6 +390,11 @@ impl Image {
         let range = self.manifest.geometry().chunks_covering(ByteOffset(offset), u64::from(len));
         let store = self.store.clone();
         if self.store.has_all(range.clone()) {
+            // Chunks stored a moment ago (pushed ahead of the guest, fetched for a child): their
+            // verified bytes, kept in memory until durable.
+            if let Some(bytes) = self.store.read_kept(offset, len as usize) {
+                return Ok(Some((bytes, Served::Hit)));
+            }
             // The common hit: the bytes are in the page cache, read at once without a hand-off.
             if let Some(bytes) = self.store.read_vec_nowait(offset, len as usize) {
                 return Ok(Some((Bytes::from(bytes), Served::Hit)));
@@ -460,6 +467,9 @@ impl Image {
             return None;
         }
         self.store.touch(range);
+        if let Some(bytes) = self.store.read_kept(offset, len as usize) {
+            return Some(bytes);
+        }
         if let Some(bytes) = self.store.read_vec_nowait(offset, len as usize) {
             return Some(Bytes::from(bytes));
         }

@@ -163,7 +163,7 @@ fn encode_images(f: &mut Families, images: &[ImageStatus]) -> Fmt {
     )?;
     f.gauge("cache_chunks", "Chunks the image's cache holds.", None, &g(|i| i.chunks_present))?;
     f.gauge("image_chunks", "Chunks in the image.", None, &g(|i| i.chunks_total))?;
-    f.gauge("chunk_size", "The image's chunk size.", bytes, &g(|i| i.chunk_size))?;
+    f.gauge("chunk_size", "The image's chunk size.", bytes.clone(), &g(|i| i.chunk_size))?;
     f.counter(
         "cache_evicted_chunks",
         "Chunks evicted to keep the node within its budget.",
@@ -176,6 +176,13 @@ fn encode_images(f: &mut Families, images: &[ImageStatus]) -> Fmt {
         None,
         &c(|i| i.cache.chunks_not_cached),
     )?;
+    f.counter(
+        "cache_kept_reads",
+        "Reads of chunks not durable yet served from their verified bytes in memory.",
+        None,
+        &c(|i| i.cache.kept_reads),
+    )?;
+    f.gauge("cache_kept", "Bytes of chunks not durable yet kept in memory.", bytes, &g(|i| i.cache.kept_bytes))?;
     f.counter("cache_write_errors", "Failed writes to the cache disk.", None, &c(|i| i.cache.write_errors))?;
     f.counter("cache_sync_errors", "Failed syncs of the cache disk.", None, &c(|i| i.cache.sync_errors))?;
     f.counter("cache_read_errors", "Failed reads of the cache disk.", None, &c(|i| i.cache.read_errors))?;

@@ -21,8 +21,10 @@
 //!
 //! Chunks are readable before they are durable: after a crash they are simply fetched again,
 //! never served from a state that claims more than the disk holds. Until its sync succeeds, a
-//! chunk's bytes are checked against the manifest on every read: a writeback may fail (and the
-//! page cache drop the data) long before the sync reports it. A cache that
+//! chunk's bytes are checked against the manifest on every read from the data file: a writeback
+//! may fail (and the page cache drop the data) long before the sync reports it; the verified
+//! bytes a `put_span_kept` was given serve its reads instead, until the sync (`presence`). A
+//! cache that
 //! keeps failing stops caching for a while ([`DEGRADE_AFTER`], [`DEGRADE_FOR`]); reads are then
 //! served from the origin or peers without it. All calls block: callers use the blocking pool.
 
@@ -30,6 +32,8 @@ pub mod budget;
 mod evict;
 pub mod gc;
 pub mod io;
+mod presence;
+mod read;
 pub mod state;
 
 use std::fs::{self, File, OpenOptions};
@@ -39,6 +43,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use roaring::RoaringBitmap;
 use thiserror::Error;
 
@@ -47,6 +52,8 @@ use crate::image::{ChunkIdx, Digest, Geometry, Manifest};
 pub use budget::Budget;
 pub use evict::{tick, Evicted};
 use io::{DataFile, Fault, FaultyFile, PlainFile};
+use presence::Presence;
+pub use presence::KEEP_MAX;
 pub use state::StateError;
 
 /// Failed writes or syncs in a row after which the cache stops caching for [`DEGRADE_FOR`].
@@ -106,6 +113,8 @@ pub struct StoreStats {
     pub chunks_not_cached: AtomicU64,
     /// Chunks evicted to keep the node within its budget.
     pub chunks_evicted: AtomicU64,
+    /// Cache reads of chunks not durable yet served from their kept bytes (no read, no check).
+    pub kept_reads: AtomicU64,
 }
 
 /// What [`ChunkStore::verify`] found.
@@ -114,14 +123,6 @@ pub struct VerifyReport {
     pub checked: u64,
     /// Chunks whose bytes do not match the manifest or cannot be read; they were dropped.
     pub bad: u64,
-}
-
-/// Which chunks can be served, under one lock so a reader sees both sets at one moment.
-struct Presence {
-    /// Chunks whose data is in the data file: safe to serve.
-    readable: RoaringBitmap,
-    /// Readable chunks whose sync has not succeeded yet: checked on every read.
-    unsettled: RoaringBitmap,
 }
 
 /// The cache of one image on this node.
@@ -235,7 +236,7 @@ impl ChunkStore {
             root,
             data: RwLock::new(data),
             _lock: lock,
-            presence: RwLock::new(Presence { readable: durable.clone(), unsettled: RoaringBitmap::new() }),
+            presence: RwLock::new(Presence::new(durable.clone())),
             manifest: manifest.clone(),
             pending: Mutex::new(Vec::new()),
             forgotten: Mutex::new(RoaringBitmap::new()),
@@ -289,6 +290,11 @@ impl ChunkStore {
         len == 0 || self.presence.read().unwrap().readable.range_cardinality(range) == len
     }
 
+    /// Bytes of chunks not durable yet kept in memory (see `presence`).
+    pub fn kept_bytes(&self) -> u64 {
+        self.presence.read().unwrap().kept_len() as u64
+    }
+
     /// Number of chunks that can be served.
     pub fn present_count(&self) -> u64 {
         self.presence.read().unwrap().readable.len()
@@ -297,93 +303,6 @@ impl ChunkStore {
     /// A copy of the set of chunks that can be served.
     pub fn present(&self) -> RoaringBitmap {
         self.presence.read().unwrap().readable.clone()
-    }
-
-    /// Reads image bytes at `offset`; the caller has checked that the chunks are present. On an
-    /// I/O error, or a chunk that is no longer present or fails its check, the chunks read are
-    /// forgotten (the next read fetches them again) and an error returned.
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let bytes = self.read_vec(offset, buf.len())?;
-        buf.copy_from_slice(&bytes);
-        Ok(())
-    }
-
-    /// Reads `len` image bytes at `offset` into a new buffer, checked as [`ChunkStore::read_at`]
-    /// says. Durable chunks are read as they are; chunks not durable yet are read whole and
-    /// checked against the manifest.
-    pub fn read_vec(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-        let range = self.geometry.chunks_covering(crate::image::ByteOffset(offset), len as u64);
-        let _reading = self.reading.read().unwrap();
-        let unsettled: Vec<u32> = {
-            let p = self.presence.read().unwrap();
-            if p.readable.range_cardinality(range.clone()) != u64::from(range.end - range.start) {
-                return Err(std::io::Error::other("chunks left the cache during the read"));
-            }
-            // Usually none: a cardinality check keeps the hot path from walking the set.
-            if p.unsettled.range_cardinality(range.clone()) == 0 {
-                Vec::new()
-            } else {
-                range.clone().filter(|i| p.unsettled.contains(*i)).collect()
-            }
-        };
-        if unsettled.is_empty() {
-            self.file().read_vec(offset, len).inspect_err(|_| self.read_failed(range))
-        } else {
-            self.read_checked(offset, len, range, &unsettled)
-        }
-    }
-
-    /// Reads the whole chunks of `range`, checks `suspects` among them against the manifest, and
-    /// returns the `len` bytes at `offset`.
-    fn read_checked(
-        &self,
-        offset: u64,
-        len: usize,
-        range: std::ops::Range<u32>,
-        suspects: &[u32],
-    ) -> std::io::Result<Vec<u8>> {
-        let (start, total) = self.geometry.run_bytes(range.clone()).ok_or(std::io::ErrorKind::InvalidInput)?;
-        let mut whole = self.file().read_vec(start.0, total).inspect_err(|_| self.read_failed(range))?;
-        for &i in suspects {
-            let idx = ChunkIdx(i);
-            let at = (self.geometry.chunk_offset(idx).0 - start.0) as usize;
-            if !self.manifest.verify(idx, &whole[at..at + self.geometry.chunk_len(idx)]) {
-                self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
-                self.forget(i..i + 1);
-                tracing::error!(cache = %self.dir.display(), %idx, "cached chunk lost before it was durable; fetching it again");
-                return Err(std::io::Error::other(format!("{idx} lost before it was durable")));
-            }
-        }
-        // In place: a long read must not cost twice its length.
-        let from = (offset - start.0) as usize;
-        whole.copy_within(from..from + len, 0);
-        whole.truncate(len);
-        Ok(whole)
-    }
-
-    /// After a failed read of `range`: forgets the chunks that fail when read one by one (one bad
-    /// sector must not cost a whole long read's chunks), or all of them if none does.
-    fn read_failed(&self, range: std::ops::Range<u32>) {
-        self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
-        let file = self.file();
-        let bad: Vec<u32> = if range.len() > 1 {
-            range
-                .clone()
-                .filter(|&i| {
-                    let idx = ChunkIdx(i);
-                    file.read_vec(self.geometry.chunk_offset(idx).0, self.geometry.chunk_len(idx)).is_err()
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        if bad.is_empty() {
-            self.forget(range);
-        } else {
-            for i in bad {
-                self.forget(i..i + 1);
-            }
-        }
     }
 
     /// True when a commit has work: chunks to record, or forgotten ones to remove from the state.
@@ -397,8 +316,7 @@ impl ChunkStore {
         let mut forgotten = self.forgotten.lock().unwrap();
         let mut presence = self.presence.write().unwrap();
         for i in range {
-            presence.unsettled.remove(i);
-            if presence.readable.remove(i) {
+            if presence.remove(i) {
                 self.stats.chunks_dropped.fetch_add(1, Ordering::Relaxed);
                 forgotten.insert(i);
             }
@@ -413,6 +331,16 @@ impl ChunkStore {
     /// Stores the verified, adjacent chunks `span` (their bytes back to back in `data`) with one
     /// write. They are served at once and made durable by the next commit.
     pub fn put_span(&self, span: std::ops::Range<u32>, data: &[u8]) -> Result<(), StoreError> {
+        self.put_inner(span, data, None)
+    }
+
+    /// [`ChunkStore::put_span`] of bytes the caller shares: until the chunks are durable, reads
+    /// of them are served from these bytes (see `presence`) instead of read back and checked.
+    pub fn put_span_kept(&self, span: std::ops::Range<u32>, data: Bytes) -> Result<(), StoreError> {
+        self.put_inner(span, &data.clone(), Some(data))
+    }
+
+    fn put_inner(&self, span: std::ops::Range<u32>, data: &[u8], keep: Option<Bytes>) -> Result<(), StoreError> {
         let first = ChunkIdx(span.start);
         let offset = match self.geometry.run_bytes(span.clone()) {
             Some((offset, want)) if data.len() == want => offset.0,
@@ -459,10 +387,16 @@ impl ChunkStore {
         self.failures.store(0, Ordering::SeqCst);
         self.touch(span.clone());
         // Unsettled before queued: a commit that takes the queue then settles what it synced.
-        let mut presence = self.presence.write().unwrap();
-        presence.readable.insert_range(span.clone());
-        presence.unsettled.insert_range(span.clone());
-        drop(presence);
+        let g = self.geometry;
+        let chunks = keep.into_iter().flat_map(|bytes| {
+            let base = g.chunk_offset(first).0;
+            span.clone().map(move |i| {
+                let c = ChunkIdx(i);
+                let at = (g.chunk_offset(c).0 - base) as usize;
+                bytes.slice(at..at + g.chunk_len(c))
+            })
+        });
+        self.presence.write().unwrap().written(span.clone(), chunks);
         self.pending.lock().unwrap().extend(span);
         Ok(())
     }
@@ -528,7 +462,7 @@ impl ChunkStore {
         self.restate.store(false, Ordering::SeqCst);
         let mut presence = self.presence.write().unwrap();
         for i in &batch {
-            presence.unsettled.remove(*i);
+            presence.settle(*i);
         }
         drop(presence);
         // Recorded as gone: these may be cached again.
@@ -548,8 +482,7 @@ impl ChunkStore {
             lost.append(&mut self.pending.lock().unwrap());
             let mut presence = self.presence.write().unwrap();
             for i in &lost {
-                presence.readable.remove(*i);
-                presence.unsettled.remove(*i);
+                presence.remove(*i);
             }
             drop(presence);
             match self.file().reopen() {
@@ -562,48 +495,6 @@ impl ChunkStore {
         tracing::error!(path = %path.display(), error = %source, dropped, "cache sync failed; chunks dropped");
         self.failed(&source);
         StoreError::SyncFailed { path, dropped, source }
-    }
-
-    /// [`ChunkStore::read_vec`] only if it can be done at once, on the calling (runtime) thread:
-    /// every chunk durable and every byte in the page cache. `None` otherwise, or on any error:
-    /// then call `read_vec` on the blocking pool.
-    pub fn read_vec_nowait(&self, offset: u64, len: usize) -> Option<Vec<u8>> {
-        let range = self.geometry.chunks_covering(crate::image::ByteOffset(offset), len as u64);
-        // An eviction in progress: not worth waiting for on a runtime thread.
-        let _reading = self.reading.try_read().ok()?;
-        {
-            let p = self.presence.read().unwrap();
-            let n = u64::from(range.end - range.start);
-            if p.readable.range_cardinality(range.clone()) != n || p.unsettled.range_cardinality(range) != 0 {
-                return None;
-            }
-        }
-        self.file().read_nowait(offset, len)
-    }
-
-    /// Reads every present chunk and checks it against `manifest`; chunks that fail are
-    /// forgotten (fetched again when read). Blocks for as long as reading the cache takes.
-    pub fn verify(&self, manifest: &Manifest) -> VerifyReport {
-        let mut report = VerifyReport::default();
-        for i in self.present() {
-            let idx = ChunkIdx(i);
-            let reading = self.reading.read().unwrap();
-            if !self.has(idx) {
-                continue; // evicted meanwhile
-            }
-            let ok = match self.file().read_vec(self.geometry.chunk_offset(idx).0, self.geometry.chunk_len(idx)) {
-                Ok(bytes) => manifest.verify(idx, &bytes),
-                Err(_) => false,
-            };
-            drop(reading);
-            report.checked += 1;
-            if !ok {
-                report.bad += 1;
-                tracing::error!(cache = %self.dir.display(), %idx, "cached chunk fails verification; dropped");
-                self.forget(i..i + 1);
-            }
-        }
-        report
     }
 }
 

@@ -164,3 +164,44 @@ fn verify_drops_chunks_that_do_not_match() {
     assert!(!s.has(ChunkIdx(3)));
     assert_eq!(s.read_vec(8300, 3000).unwrap(), &data[8300..11300], "durable chunks read as they are");
 }
+
+#[test]
+fn unsettled_chunks_are_served_from_their_kept_bytes_until_durable() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..20_000u32).map(|i| (i % 239) as u8).collect();
+    let m = manifest(&data);
+    let s = ChunkStore::open(dir.path(), &m).unwrap();
+    s.put_span_kept(0..2, Bytes::copy_from_slice(&data[..8192])).unwrap();
+    s.put(ChunkIdx(2), &data[8192..12288]).unwrap();
+    assert_eq!(s.kept_bytes(), 8192, "only what was put with its bytes shared is kept");
+    // A writeback lost under the store: the data file no longer holds chunks 1 and 2.
+    let file = OpenOptions::new().write(true).open(s.dir().join("data")).unwrap();
+    file.write_all_at(&[0u8; 8192], 4096).unwrap();
+    assert_eq!(s.read_kept(4100, 100).unwrap(), &data[4100..4200]);
+    assert_eq!(s.read_kept(0, 8192).unwrap(), &data[..8192]);
+    assert!(s.read_kept(4096, 8192).is_none(), "chunk 2 is not kept");
+    // Across a kept chunk and a checked one: the kept one from memory, the other checked,
+    // found lost and forgotten.
+    assert!(s.read_vec(4096, 8192).is_err());
+    assert!(s.has(ChunkIdx(1)) && !s.has(ChunkIdx(2)));
+    assert_eq!(s.read_vec(0, 8192).unwrap(), &data[..8192]);
+    assert_eq!(s.stats().kept_reads.load(Ordering::Relaxed), 3);
+    // Durable: no longer kept, read from the file as it is.
+    s.commit().unwrap();
+    assert_eq!(s.kept_bytes(), 0);
+    assert!(s.read_kept(0, 100).is_none());
+    assert_eq!(s.read_vec(0, 4096).unwrap(), &data[..4096]);
+}
+
+#[test]
+fn a_failed_sync_drops_kept_bytes_with_its_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..20_000u32).map(|i| (i % 233) as u8).collect();
+    let m = manifest(&data);
+    let s = ChunkStore::open_with_faults(dir.path(), &m, parse_faults("sync=eio").unwrap()).unwrap();
+    s.put_span_kept(0..2, Bytes::copy_from_slice(&data[..8192])).unwrap();
+    assert!(matches!(s.commit(), Err(StoreError::SyncFailed { dropped: 2, .. })));
+    assert_eq!(s.kept_bytes(), 0);
+    assert!(!s.has(ChunkIdx(0)) && s.read_kept(0, 100).is_none() && s.read_vec(0, 100).is_err());
+}
