@@ -545,14 +545,10 @@ impl Fetcher {
     fn store_span(&self, run: &RunData, span: Range<u32>) {
         let (offset, len) =
             self.manifest.geometry().run_bytes(span.clone()).expect("stored spans are chunks inside the image");
-        // Shared while the span is the whole run; a part is copied, so that chunks kept by the
-        // store until durable hold no more memory than their own bytes.
-        let bytes = match run.share(offset.0, len) {
-            Some(b) if b.len() == run.bytes.len() => b,
-            _ => Bytes::copy_from_slice(run.slice(offset.0, len).unwrap_or_default()),
-        };
+        let bytes = run.share(offset.0, len).unwrap_or_default();
         let n = u64::from(span.end - span.start);
-        match self.store.put_span_kept(span.clone(), bytes) {
+        // The store keeps them until durable: shared while they are the whole run, else copied.
+        match self.store.put_span_kept(span.clone(), bytes, run.bytes.len()) {
             Ok(()) => {
                 self.stats.chunks_fetched.fetch_add(n, Ordering::Relaxed);
             }

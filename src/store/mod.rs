@@ -336,11 +336,18 @@ impl ChunkStore {
 
     /// [`ChunkStore::put_span`] of bytes the caller shares: until the chunks are durable, reads
     /// of them are served from these bytes (see `presence`) instead of read back and checked.
-    pub fn put_span_kept(&self, span: std::ops::Range<u32>, data: Bytes) -> Result<(), StoreError> {
-        self.put_inner(span, &data.clone(), Some(data))
+    /// `pins` is the length of the buffer `data` is a slice of (its own length if it is all of
+    /// it): the chunks share that buffer only when they are all of it, else they are copied.
+    pub fn put_span_kept(&self, span: std::ops::Range<u32>, data: Bytes, pins: usize) -> Result<(), StoreError> {
+        self.put_inner(span, &data.clone(), Some((data, pins)))
     }
 
-    fn put_inner(&self, span: std::ops::Range<u32>, data: &[u8], keep: Option<Bytes>) -> Result<(), StoreError> {
+    fn put_inner(
+        &self,
+        span: std::ops::Range<u32>,
+        data: &[u8],
+        keep: Option<(Bytes, usize)>,
+    ) -> Result<(), StoreError> {
         let first = ChunkIdx(span.start);
         let offset = match self.geometry.run_bytes(span.clone()) {
             Some((offset, want)) if data.len() == want => offset.0,
@@ -387,18 +394,34 @@ impl ChunkStore {
         self.failures.store(0, Ordering::SeqCst);
         self.touch(span.clone());
         // Unsettled before queued: a commit that takes the queue then settles what it synced.
-        let g = self.geometry;
-        let chunks = keep.into_iter().flat_map(|bytes| {
-            let base = g.chunk_offset(first).0;
-            span.clone().map(move |i| {
-                let c = ChunkIdx(i);
-                let at = (g.chunk_offset(c).0 - base) as usize;
-                bytes.slice(at..at + g.chunk_len(c))
-            })
-        });
-        self.presence.write().unwrap().written(span.clone(), chunks);
+        let mut presence = self.presence.write().unwrap();
+        let kept = match keep {
+            Some((bytes, pins)) if presence.has_room(bytes.len()) => self.kept_chunks(span.clone(), bytes, pins),
+            _ => Vec::new(),
+        };
+        presence.written(span.clone(), kept);
+        drop(presence);
         self.pending.lock().unwrap().extend(span);
         Ok(())
+    }
+
+    /// The chunks of `span` in `bytes` (its chunks back to back, a slice of a buffer of `pins`
+    /// bytes), to keep: slices of it when it is the whole buffer, else copies.
+    fn kept_chunks(&self, span: std::ops::Range<u32>, bytes: Bytes, pins: usize) -> Vec<presence::Kept> {
+        let g = self.geometry;
+        let base = g.chunk_offset(ChunkIdx(span.start)).0;
+        let whole = pins == bytes.len();
+        span.map(|i| {
+            let c = ChunkIdx(i);
+            let at = (g.chunk_offset(c).0 - base) as usize;
+            let chunk = bytes.slice(at..at + g.chunk_len(c));
+            if whole {
+                presence::Kept { bytes: chunk, pins }
+            } else {
+                presence::Kept { pins: chunk.len(), bytes: Bytes::copy_from_slice(&chunk) }
+            }
+        })
+        .collect()
     }
 
     /// After ENOSPC: stops caching for [`FULL_FOR`] (reads are served all the same), counts the

@@ -38,7 +38,11 @@ impl ChunkStore {
             if p.unsettled.range_cardinality(range.clone()) == 0 {
                 Vec::new()
             } else {
-                range.clone().filter(|i| p.unsettled.contains(*i)).map(|i| (i, p.kept(i).cloned())).collect()
+                range
+                    .clone()
+                    .filter(|i| p.unsettled.contains(*i))
+                    .map(|i| (i, p.kept(i).map(|k| k.bytes.clone())))
+                    .collect()
             }
         };
         if unsettled.is_empty() {
@@ -62,22 +66,33 @@ impl ChunkStore {
             return None;
         }
         let g = self.geometry;
-        let slice = |i: u32| -> Option<Bytes> {
+        let end = offset.checked_add(len as u64)?;
+        let piece = |i: u32| -> Option<(Bytes, usize)> {
             let c = ChunkIdx(i);
-            let (at, end) = (g.chunk_offset(c).0, g.chunk_offset(c).0 + g.chunk_len(c) as u64);
-            let (from, to) = (offset.max(at), (offset + len as u64).min(end));
-            let (a, b) = ((from - at) as usize, (to - at) as usize);
-            p.kept(i).filter(|k| k.len() >= b).map(|k| k.slice(a..b))
+            let at = g.chunk_offset(c).0;
+            let (from, to) = (offset.max(at), end.min(at + g.chunk_len(c) as u64));
+            let (a, b) = (from.checked_sub(at)? as usize, to.checked_sub(at)? as usize);
+            let k = p.kept(i)?;
+            (a <= b && b <= k.bytes.len()).then(|| (k.bytes.slice(a..b), k.pins))
         };
         let bytes = if range.len() == 1 {
-            slice(range.start)?
+            let (bytes, pins) = piece(range.start)?;
+            // A small reply of a long shared buffer gets a copy (see `presence::Kept::pins`).
+            if bytes.len() * 2 >= pins {
+                bytes
+            } else {
+                Bytes::copy_from_slice(&bytes)
+            }
         } else {
-            let mut out = Vec::with_capacity(len);
+            let mut out = Vec::with_capacity(len.min(super::KEEP_MAX));
             for i in range {
-                out.extend_from_slice(&slice(i)?);
+                out.extend_from_slice(&piece(i)?.0);
             }
             Bytes::from(out)
         };
+        if bytes.len() != len {
+            return None;
+        }
         self.stats.kept_reads.fetch_add(1, Ordering::Relaxed);
         Some(bytes)
     }

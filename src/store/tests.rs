@@ -172,7 +172,7 @@ fn unsettled_chunks_are_served_from_their_kept_bytes_until_durable() {
     let data: Vec<u8> = (0..20_000u32).map(|i| (i % 239) as u8).collect();
     let m = manifest(&data);
     let s = ChunkStore::open(dir.path(), &m).unwrap();
-    s.put_span_kept(0..2, Bytes::copy_from_slice(&data[..8192])).unwrap();
+    s.put_span_kept(0..2, Bytes::copy_from_slice(&data[..8192]), 8192).unwrap();
     s.put(ChunkIdx(2), &data[8192..12288]).unwrap();
     assert_eq!(s.kept_bytes(), 8192, "only what was put with its bytes shared is kept");
     // A writeback lost under the store: the data file no longer holds chunks 1 and 2.
@@ -200,8 +200,58 @@ fn a_failed_sync_drops_kept_bytes_with_its_batch() {
     let data: Vec<u8> = (0..20_000u32).map(|i| (i % 233) as u8).collect();
     let m = manifest(&data);
     let s = ChunkStore::open_with_faults(dir.path(), &m, parse_faults("sync=eio").unwrap()).unwrap();
-    s.put_span_kept(0..2, Bytes::copy_from_slice(&data[..8192])).unwrap();
+    s.put_span_kept(0..2, Bytes::copy_from_slice(&data[..8192]), 8192).unwrap();
     assert!(matches!(s.commit(), Err(StoreError::SyncFailed { dropped: 2, .. })));
     assert_eq!(s.kept_bytes(), 0);
     assert!(!s.has(ChunkIdx(0)) && s.read_kept(0, 100).is_none() && s.read_vec(0, 100).is_err());
+}
+
+#[test]
+fn kept_bytes_serve_any_range_and_stand_in_for_lost_file_bytes() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..20_000u32).map(|i| (i % 229) as u8).collect();
+    let m = manifest(&data);
+    let s = ChunkStore::open(dir.path(), &m).unwrap();
+    s.put(ChunkIdx(0), &data[..4096]).unwrap();
+    s.commit().unwrap();
+    // Chunks 1-2 kept; 3 and the image's last, short chunk 4 (3,616 bytes) kept as one span.
+    s.put_span_kept(1..3, Bytes::copy_from_slice(&data[4096..12288]), 8192).unwrap();
+    s.put_span_kept(3..5, Bytes::copy_from_slice(&data[12288..]), 20_000 - 12288).unwrap();
+    assert_eq!(s.kept_bytes(), 20_000 - 4096);
+    // Their bytes lost from the file under the store.
+    let file = OpenOptions::new().write(true).open(s.dir().join("data")).unwrap();
+    file.write_all_at(&vec![0u8; 20_000 - 4096], 4096).unwrap();
+    for (at, len) in [(4100, 200), (8000, 200), (4096, 8192), (5000, 14_000), (19_000, 1000), (16_384, 3616)] {
+        assert_eq!(s.read_kept(at, len).unwrap(), &data[at as usize..at as usize + len], "{at}+{len}");
+    }
+    assert!(s.read_kept(19_000, 2000).is_none(), "past the end of the image");
+    assert!(s.read_kept(4000, 200).is_none(), "chunk 0 is durable, not kept");
+    // Durable and kept chunks in one read: the file's bytes for the first, the kept ones for
+    // the rest (nothing is checked, nothing found lost).
+    assert_eq!(s.read_vec(0, 20_000).unwrap(), data);
+    assert_eq!(s.stats().read_errors.load(Ordering::Relaxed), 0);
+    // A forgotten chunk's bytes go with it.
+    s.forget(2..3);
+    assert_eq!(s.kept_bytes(), 20_000 - 2 * 4096);
+    assert!(s.read_kept(4096, 8192).is_none());
+}
+
+#[test]
+fn kept_replies_share_a_buffer_only_when_they_are_half_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..20_000u32).map(|i| (i % 227) as u8).collect();
+    let m = manifest(&data);
+    let s = ChunkStore::open(dir.path(), &m).unwrap();
+    let run = Bytes::copy_from_slice(&data[..8192]);
+    s.put_span_kept(0..2, run.clone(), run.len()).unwrap();
+    assert_eq!(s.read_kept(4096, 4096).unwrap().as_ptr(), run[4096..].as_ptr(), "half of the run: shared");
+    let small = s.read_kept(4096, 100).unwrap();
+    assert_eq!(small, &data[4096..4196]);
+    assert_ne!(small.as_ptr(), run[4096..].as_ptr(), "a small reply of the run is a copy");
+    // A span that is part of a longer buffer is copied when kept: nothing pins the buffer.
+    let longer = Bytes::copy_from_slice(&data[8192..20_000]);
+    s.put_span_kept(2..3, longer.slice(..4096), longer.len()).unwrap();
+    assert_ne!(s.read_kept(8192, 4096).unwrap().as_ptr(), longer.as_ptr());
+    assert_eq!(s.read_kept(8192, 4096).unwrap(), &data[8192..12288]);
 }
