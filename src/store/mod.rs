@@ -24,9 +24,9 @@
 //! chunk's bytes are checked against the manifest on every read from the data file: a writeback
 //! may fail (and the page cache drop the data) long before the sync reports it; the verified
 //! bytes a `put_span_kept` was given serve its reads instead, until the sync (`presence`). A
-//! cache that
-//! keeps failing stops caching for a while ([`DEGRADE_AFTER`], [`DEGRADE_FOR`]); reads are then
-//! served from the origin or peers without it. All calls block: callers use the blocking pool.
+//! cache that keeps failing stops caching for a while ([`DEGRADE_AFTER`], [`DEGRADE_FOR`]);
+//! reads are then served from the origin or peers without it. All calls block: callers use the
+//! blocking pool.
 
 pub mod budget;
 mod evict;
@@ -339,7 +339,8 @@ impl ChunkStore {
     /// `pins` is the length of the buffer `data` is a slice of (its own length if it is all of
     /// it): the chunks share that buffer only when they are all of it, else they are copied.
     pub fn put_span_kept(&self, span: std::ops::Range<u32>, data: Bytes, pins: usize) -> Result<(), StoreError> {
-        self.put_inner(span, &data.clone(), Some((data, pins)))
+        let keep = data.clone();
+        self.put_inner(span, &data, Some((keep, pins)))
     }
 
     fn put_inner(
@@ -393,14 +394,14 @@ impl ChunkStore {
         }
         self.failures.store(0, Ordering::SeqCst);
         self.touch(span.clone());
-        // Unsettled before queued: a commit that takes the queue then settles what it synced.
-        let mut presence = self.presence.write().unwrap();
+        // Copies (if any) made outside the presence lock; `written` checks the room again under it.
+        let room = |n: usize| self.presence.read().unwrap().has_room(n);
         let kept = match keep {
-            Some((bytes, pins)) if presence.has_room(bytes.len()) => self.kept_chunks(span.clone(), bytes, pins),
+            Some((bytes, pins)) if room(bytes.len()) => self.kept_chunks(span.clone(), bytes, pins),
             _ => Vec::new(),
         };
-        presence.written(span.clone(), kept);
-        drop(presence);
+        // Unsettled before queued: a commit that takes the queue then settles what it synced.
+        self.presence.write().unwrap().written(span.clone(), kept);
         self.pending.lock().unwrap().extend(span);
         Ok(())
     }
