@@ -501,9 +501,15 @@ fn a_peer_that_never_reads_its_replies_holds_no_more_than_the_reply_budget() {
                 )
             };
             assert_eq!(r, 0);
+            // All 16 in one write, so that they arrive together: the node answers the ones it
+            // cannot take with `Busy` at once, before a reply's frames fill the session's queue
+            // behind the write that this reader stalls (then the node stops reading requests
+            // until the write times out, which is right, but leaves fewer to count).
+            let mut all = Vec::new();
             for id in 1..=16 {
-                write_frame(s, &Frame::new(Message::Request { id, first: 0, count: 512 })).await.unwrap();
+                all.extend(Frame::new(Message::Request { id, first: 0, count: 512 }).encode());
             }
+            tokio::io::AsyncWriteExt::write_all(s, &all).await.unwrap();
         }
     });
     // Replies are reserved before they are read; the rest are refused at once. Memory is sampled
