@@ -33,6 +33,7 @@ use crate::fetch::flight::{Arrival, Obtained, Parts};
 use crate::fetch::BoxFuture;
 
 mod push;
+mod reply;
 mod stream;
 
 /// How often a busy session announces new chunks, or pings while the peer waits on us with
@@ -464,134 +465,6 @@ impl PeerServer {
         let now = self.stats.buffered.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.stats.buffered_peak.fetch_max(now, Ordering::Relaxed);
         Reservation { server: self.clone(), session: reserved.clone(), bytes, window: None }
-    }
-
-    async fn reply(
-        &self,
-        export: Arc<dyn PeerExport>,
-        id: u32,
-        run: Range<u32>,
-        requester: &str,
-        bytes_held: Reservation,
-        tx: &mpsc::Sender<(Frame, Held)>,
-    ) {
-        // The reply's bytes are reserved already. From the cache, it takes its upload slot
-        // before reading, so replies waiting for a slot read nothing yet. Fetched for the asker
-        // (a relay), it takes its slot once the bytes are here: slots are waited for, and a
-        // slot held across a wait on other nodes could close a cycle of waits between them.
-        let early = if export.holds(run.clone()) {
-            Some(self.slots.clone().acquire_owned().await.expect("semaphore never closed"))
-        } else {
-            None
-        };
-        let (parts_tx, mut parts) = mpsc::unbounded_channel();
-        let lie = self.lie && early.is_none();
-        let held = early.is_some();
-        let served = async {
-            if lie {
-                return None;
-            }
-            if held {
-                // Holding its slot: never a fetch (a run that left the cache since is not here).
-                return export.cached(run.clone()).await;
-            }
-            export.serve(run.clone(), requester, &parts_tx).await
-        };
-        tokio::pin!(served);
-        // Parts go out as they come; `next` is the first chunk not sent.
-        let mut next = run.start;
-        let served = loop {
-            tokio::select! {
-                biased;
-                Some(part) = parts.recv() => next = self.part(&*export, id, part, false, tx).await,
-                s = &mut served => break s,
-            }
-        };
-        while let Ok(part) = parts.try_recv() {
-            next = self.part(&*export, id, part, false, tx).await;
-        }
-        let Some(mut bytes) = served else {
-            // Parts sent stand: the asker reads the rest elsewhere.
-            self.stats.not_have.fetch_add(1, Ordering::Relaxed);
-            drop(bytes_held);
-            let _ = tx.send((Frame::new(Message::NotHave { id }), (None, None))).await;
-            return;
-        };
-        let permit = match early {
-            Some(p) => p,
-            None => self.slots.clone().acquire_owned().await.expect("semaphore never closed"),
-        };
-        // The rest goes a chunk per frame too, but for its last: a relay below passes each on as
-        // it arrives rather than once the whole run is in.
-        let ahead = export.run_len(next..run.end - 1).map_or(0, |n| n as usize);
-        if next + 1 < run.end && ahead < bytes.len() {
-            let part = bytes.split_to(ahead);
-            self.part(&*export, id, (next..run.end - 1, part), true, tx).await;
-        }
-        self.pace(bytes.len() as u64).await;
-        let bytes = self.maybe_corrupt(bytes, false);
-        let n = bytes.len() as u64;
-        if tx.send((Frame::with_tail(Message::Data { id }, bytes), (Some(permit), Some(bytes_held)))).await.is_ok() {
-            export.uploaded(n);
-        }
-    }
-
-    /// Sends `chunks` of request `id`'s reply ahead of the rest, a chunk per frame. `holding`:
-    /// under the reply's upload slot, held until its last frame; otherwise each frame takes a
-    /// slot until it is written. A part cut through must hold none while the rest is fetched:
-    /// a slot held across a wait on other nodes could close a cycle of waits between them.
-    async fn part(
-        &self,
-        export: &dyn PeerExport,
-        id: u32,
-        (chunks, mut bytes): (Range<u32>, Bytes),
-        holding: bool,
-        tx: &mpsc::Sender<(Frame, Held)>,
-    ) -> u32 {
-        for c in chunks.clone() {
-            let n = if c + 1 == chunks.end { bytes.len() } else { export.run_len(c..c + 1).map_or(0, |n| n as usize) };
-            let chunk = bytes.split_to(n.min(bytes.len()));
-            let permit = match holding {
-                true => None,
-                false => Some(self.slots.clone().acquire_owned().await.expect("semaphore never closed")),
-            };
-            self.pace(chunk.len() as u64).await;
-            let chunk = self.maybe_corrupt(chunk, false);
-            let n = chunk.len() as u64;
-            if tx.send((Frame::with_tail(Message::Part { id, count: 1 }, chunk), (permit, None))).await.is_err() {
-                break;
-            }
-            export.uploaded(n);
-            self.stats.parts.fetch_add(1, Ordering::Relaxed);
-            if !holding {
-                self.stats.cut_through.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        chunks.end
-    }
-
-    /// `bytes` as sent (`push`: in a push): corrupted under the test switches.
-    fn maybe_corrupt(&self, bytes: Bytes, push: bool) -> Bytes {
-        if !(self.corrupt || (push && self.corrupt_pushes)) {
-            return bytes;
-        }
-        let mut v = bytes.to_vec();
-        for b in v.iter_mut().step_by(4096) {
-            *b ^= 0x5A;
-        }
-        Bytes::from(v)
-    }
-
-    /// Waits for this reply's turn under the upload rate cap.
-    async fn pace(&self, bytes: u64) {
-        let Some(rate) = self.limits.rate.filter(|r| *r > 0) else { return };
-        let start = {
-            let mut next = self.next_free.lock().unwrap();
-            let start = (*next).max(Instant::now());
-            *next = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
-            start
-        };
-        tokio::time::sleep_until(start).await;
     }
 }
 
