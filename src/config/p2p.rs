@@ -76,6 +76,11 @@ pub struct P2pConfig {
     /// asked.
     #[serde(default = "default_push")]
     pub push: bool,
+    /// Whether chunks sent to peers go packed (lz4, chunk by chunk) when that makes them
+    /// smaller: packed once where they enter the cluster and sent on as they came by every relay.
+    /// Packed chunks are always accepted.
+    #[serde(default = "default_push")]
+    pub pack: bool,
 }
 
 /// Run-time settings of the `[p2p]` section, in typed units.
@@ -98,6 +103,7 @@ pub struct P2pTuning {
     pub peers_per_address: usize,
     pub max_sessions: usize,
     pub push: bool,
+    pub pack: bool,
 }
 
 fn default_push() -> bool {
@@ -226,6 +232,7 @@ impl P2pConfig {
             peers_per_address: self.peers_per_address,
             max_sessions: self.max_sessions,
             push: self.push,
+            pack: self.pack,
         })
     }
 }

@@ -127,6 +127,8 @@ pub struct PeerContext {
     pub max_sessions: usize,
     /// Whether relays push runs down their trees.
     pub push: bool,
+    /// Whether chunks go to peers packed.
+    pub pack: bool,
 }
 
 impl Image {
@@ -187,6 +189,7 @@ impl Image {
                 classes: p.classes,
                 max_sessions: p.max_sessions,
                 push: p.push,
+                pack: p.pack,
             };
             // Its name for this image carries when it joined it (now, as vmtd opens the image):
             // the trees place the nodes that joined earlier above it.

@@ -70,6 +70,7 @@ impl Peers {
             classes: t.classes,
             max_sessions: t.max_sessions,
             push: t.push,
+            pack: t.pack,
         };
         let limits = UploadLimits {
             slots: t.upload_slots,

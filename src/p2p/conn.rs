@@ -104,7 +104,7 @@ pub async fn read_frame_progressing<R: AsyncRead + Unpin>(
 
 /// Writes one frame in one system call where the socket allows; the tail is not copied.
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<(), ConnError> {
-    Ok(crate::netio::write_all_vectored(w, &[&f.encode_head(), &f.tail]).await?)
+    Ok(crate::netio::write_all_vectored(w, &[&f.encode_head(), f.wire_tail()]).await?)
 }
 
 /// A node name is its peer address, `host:port`, and for an image maybe `@` and when it joined

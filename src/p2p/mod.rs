@@ -19,6 +19,7 @@ pub mod admit;
 pub mod auth;
 pub mod conn;
 pub mod core;
+pub mod pack;
 pub mod peer;
 pub mod select;
 pub mod server;

@@ -46,6 +46,9 @@ pub trait PushSink: Send + Sync + 'static {
     /// waiters, the whole run stored. False when a piece does not match the manifest (the
     /// session then ends); the pieces ending early (the session ended) lose the offer.
     fn pushed(&self, from: &str, run: Range<u32>, offered: Offered, pieces: Pieces) -> BoxFuture<'_, bool>;
+    /// A packed frame of chunk data, of the chunks from `first` on, came (its tail unpacked
+    /// already): its blocks may be kept to be sent on as they came (see `p2p::pack`).
+    fn packed(&self, _first: u32, _frame: &Frame) {}
 }
 
 /// The pieces of one pushed run, in order: chunks and their bytes.
@@ -242,6 +245,22 @@ impl PeerConn {
                     Ok(f) => f,
                 };
                 heard = tokio::time::Instant::now();
+                if f.packed.is_some() {
+                    // Where its chunks start; the blocks are checked against the manifest
+                    // before any is sent on (see `p2p::pack`).
+                    let first = match f.msg {
+                        Message::Data { id } | Message::Part { id, .. } => {
+                            me.pending.lock().unwrap().get(&id).map(|p| p.run.start + p.got)
+                        }
+                        Message::Push { first, .. } | Message::PushPart { first, .. } => {
+                            Some(first + offers.get(&first).map_or(0, |o| o.got))
+                        }
+                        _ => None,
+                    };
+                    if let (Some(first), Some(sink)) = (first, sink.upgrade()) {
+                        sink.packed(first, &f);
+                    }
+                }
                 let (id, reply) = match f.msg {
                     Message::Data { id } => (id, Ok(f.tail)),
                     Message::Part { id, count } => {

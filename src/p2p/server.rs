@@ -105,6 +105,11 @@ pub trait PeerExport: Send + Sync + 'static {
     fn class(&self, chunk: u32) -> u32;
     /// The bytes of `run` if this node holds it and they read back; never a fetch.
     fn cached(&self, run: Range<u32>) -> BoxFuture<'_, Option<Bytes>>;
+    /// `chunks`' bytes `raw` (read from this node's cache) packed for the wire, when the image
+    /// packs them and that makes them smaller (see `p2p::pack`).
+    fn pack(&self, _chunks: Range<u32>, _raw: &Bytes) -> Option<Bytes> {
+        None
+    }
 }
 
 /// Finds the image a peer asks for by its identity (manifest root digest).
@@ -160,6 +165,9 @@ pub struct ServerStats {
     pub cut_through: AtomicU64,
     /// `PushPart` frames sent: chunks of pushed runs sent as they arrived here (cut through).
     pub push_parts: AtomicU64,
+    /// Bytes of chunks sent packed, and what they took on the wire.
+    pub packed_bytes: AtomicU64,
+    pub packed_wire: AtomicU64,
 }
 
 /// The bytes of one reply, reserved from the node's budget and its session's share from the
@@ -396,7 +404,7 @@ impl PeerServer {
             };
             let (id, first, count) = match read {
                 Ok(Frame { msg: Message::Request { id, first, count }, .. }) => (id, first, count),
-                Ok(Frame { msg: Message::Adopt { classes }, tail }) => {
+                Ok(Frame { msg: Message::Adopt { classes }, tail, .. }) => {
                     let queue = push::SessionQueue {
                         tx: tx.clone(),
                         push_tx: push_tx.clone(),

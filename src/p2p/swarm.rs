@@ -53,6 +53,8 @@ pub struct SwarmTuning {
     pub max_sessions: usize,
     /// Whether this node asks its parents to push (and pushes to its children).
     pub push: bool,
+    /// Whether this node sends chunks to its peers packed (see `p2p::pack`).
+    pub pack: bool,
 }
 
 /// Counters of one image's peer traffic (downloads; uploads are counted by the server).
@@ -107,6 +109,8 @@ pub struct Swarm {
     /// This node's guest or prefetch has begun reading the image: only then does it adopt its
     /// parents (a node that will not read for a while is not pushed runs it may never need).
     active: std::sync::atomic::AtomicBool,
+    /// Chunks packed for the wire, kept to be sent on as they came (see `p2p::pack`).
+    packs: super::pack::Packs,
     weak: Weak<Swarm>,
 }
 
@@ -143,6 +147,7 @@ impl Swarm {
             fetcher: std::sync::OnceLock::new(),
             push_budget: Arc::new(tokio::sync::Semaphore::new(push::RECEIVE_BUDGET_KIB)),
             active: std::sync::atomic::AtomicBool::new(false),
+            packs: super::pack::Packs::new(super::pack::PACK_BUDGET),
             weak: weak.clone(),
         })
     }

@@ -2,9 +2,14 @@
 //! message and, for chunk data and have-maps, a raw byte tail (see FORMAT.md).
 //!
 //! ```text
-//! magic "VMTP" | version u16 | flags u16 (0) | msg_len u32 | tail_len u32 | crc32c u32 (msg ‖ tail)
+//! magic "VMTP" | version u16 | flags u16 | msg_len u32 | tail_len u32 | crc32c u32 (msg ‖ tail)
 //! msg: postcard(Message)           tail: chunk bytes (Data) or a serialized roaring bitmap (Have*)
+//! packed tail (flag PACKED, chunk data only): per chunk, raw_len u32 | stored_len u32 | stored
 //! ```
+//! A packed tail carries each chunk as an lz4 block (`stored_len < raw_len`) or as is
+//! (`stored_len == raw_len`); it is unpacked here, so a decoded frame's `tail` is always the
+//! chunks' bytes, and its `packed` the tail as it came (which a relay keeps and sends on, see
+//! `p2p::pack`).
 //! Pure codec, no I/O: the caller reads [`HEADER_LEN`] bytes, asks [`decode_header`] how much
 //! more to read, then [`decode_body`]. Every length is checked against a limit before anything
 //! is allocated, so a hostile peer cannot make us allocate more than one frame's worth (and a
@@ -15,7 +20,11 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub const MAGIC: &[u8; 4] = b"VMTP";
-pub const VERSION: u16 = 8;
+pub const VERSION: u16 = 9;
+/// Frame flag: the tail is packed (see the module's header).
+pub const PACKED: u16 = 1;
+/// A packed block's header: its chunk's length and the length stored.
+pub const BLOCK_HEAD: usize = 8;
 pub const HEADER_LEN: usize = 20;
 /// Largest postcard message (the peer lists of a tracker reply are the largest).
 pub const MAX_MSG: u32 = 1 << 20;
@@ -46,6 +55,8 @@ pub enum WireError {
     Malformed(String),
     #[error("a {0} frame carries no tail")]
     UnexpectedTail(&'static str),
+    #[error("packed tail malformed: {0}")]
+    BadPacking(&'static str),
 }
 
 /// One message. Handshake first (`Hello`, `Challenge`, `Proof`), then either a peer session
@@ -145,6 +156,11 @@ impl Message {
                 | Message::PushPart { .. }
         )
     }
+
+    /// Frames of chunk data, whose tail may be packed.
+    fn takes_packed(&self) -> bool {
+        matches!(self, Message::Data { .. } | Message::Part { .. } | Message::Push { .. } | Message::PushPart { .. })
+    }
 }
 
 /// One image as one tracker holds it (see `core::federation`): its node count and, per tree
@@ -161,29 +177,46 @@ pub struct Summary {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
     pub msg: Message,
+    /// The chunks' bytes (or a have-map), unpacked.
     pub tail: Bytes,
+    /// The tail as packed on the wire, when it is (chunk data only).
+    pub packed: Option<Bytes>,
 }
 
 impl Frame {
     pub fn new(msg: Message) -> Frame {
-        Frame { msg, tail: Bytes::new() }
+        Frame { msg, tail: Bytes::new(), packed: None }
     }
 
     pub fn with_tail(msg: Message, tail: Bytes) -> Frame {
-        Frame { msg, tail }
+        Frame { msg, tail, packed: None }
+    }
+
+    /// A frame of chunk data sent as `packed` (its blocks, see [`pack_block`]), which unpacks
+    /// to `tail`.
+    pub fn packed(msg: Message, tail: Bytes, packed: Bytes) -> Frame {
+        debug_assert!(msg.takes_packed());
+        Frame { msg, tail, packed: Some(packed) }
+    }
+
+    /// The tail as it goes on the wire.
+    pub fn wire_tail(&self) -> &Bytes {
+        self.packed.as_ref().unwrap_or(&self.tail)
     }
 
     /// The header and the message; the tail follows on the wire as is (no copy of chunk data).
     pub fn encode_head(&self) -> Vec<u8> {
         let msg = postcard::to_allocvec(&self.msg).expect("messages always serialize");
+        let tail = self.wire_tail();
         let mut crc = crc32c::crc32c(&msg);
-        crc = crc32c::crc32c_append(crc, &self.tail);
+        crc = crc32c::crc32c_append(crc, tail);
+        let flags = if self.packed.is_some() { PACKED } else { 0 };
         let mut out = Vec::with_capacity(HEADER_LEN + msg.len());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_be_bytes());
-        out.extend_from_slice(&0u16.to_be_bytes());
+        out.extend_from_slice(&flags.to_be_bytes());
         out.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-        out.extend_from_slice(&(self.tail.len() as u32).to_be_bytes());
+        out.extend_from_slice(&(tail.len() as u32).to_be_bytes());
         out.extend_from_slice(&crc.to_be_bytes());
         out.extend_from_slice(&msg);
         out
@@ -192,9 +225,72 @@ impl Frame {
     /// The whole frame in one buffer (tests and small frames).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = self.encode_head();
-        out.extend_from_slice(&self.tail);
+        out.extend_from_slice(self.wire_tail());
         out
     }
+}
+
+/// Appends one chunk's block to a packed tail: lz4 when that is smaller, else the bytes as is.
+pub fn pack_block(raw: &[u8], out: &mut Vec<u8>) {
+    let at = out.len();
+    out.extend_from_slice(&(raw.len() as u32).to_be_bytes());
+    out.extend_from_slice(&(raw.len() as u32).to_be_bytes());
+    let start = out.len();
+    out.resize(start + lz4_flex::block::get_maximum_output_size(raw.len()), 0);
+    match lz4_flex::block::compress_into(raw, &mut out[start..]) {
+        Ok(n) if n < raw.len() => {
+            out.truncate(start + n);
+            out[at + 4..at + 8].copy_from_slice(&(n as u32).to_be_bytes());
+        }
+        _ => {
+            out.truncate(start);
+            out.extend_from_slice(raw);
+        }
+    }
+}
+
+/// The blocks of a packed tail, each whole (header and what it stores) with the length of the
+/// chunk it holds; an error when the tail is malformed or holds more than [`MAX_TAIL`] unpacked.
+pub fn blocks(packed: &Bytes) -> Result<Vec<(Bytes, usize)>, WireError> {
+    let mut out = Vec::new();
+    let (mut at, mut total) = (0usize, 0usize);
+    while at < packed.len() {
+        let head = packed.get(at..at + BLOCK_HEAD).ok_or(WireError::BadPacking("a block header is cut short"))?;
+        let raw = u32::from_be_bytes(head[0..4].try_into().expect("4 bytes")) as usize;
+        let stored = u32::from_be_bytes(head[4..8].try_into().expect("4 bytes")) as usize;
+        if raw == 0 || stored == 0 || stored > raw {
+            return Err(WireError::BadPacking("a block's lengths are impossible"));
+        }
+        total += raw;
+        if total > MAX_TAIL as usize {
+            return Err(WireError::BadPacking("it unpacks to more than a tail may hold"));
+        }
+        let end = at + BLOCK_HEAD + stored;
+        if end > packed.len() {
+            return Err(WireError::BadPacking("a block is cut short"));
+        }
+        out.push((packed.slice(at..end), raw));
+        at = end;
+    }
+    Ok(out)
+}
+
+/// Unpacks a packed tail: every block to exactly its stated length.
+pub fn unpack(packed: &Bytes) -> Result<Bytes, WireError> {
+    let blocks = blocks(packed)?;
+    let mut out = vec![0u8; blocks.iter().map(|(_, raw)| raw).sum()];
+    let mut at = 0;
+    for (block, raw) in blocks {
+        let stored = &block[BLOCK_HEAD..];
+        let into = &mut out[at..at + raw];
+        if stored.len() == raw {
+            into.copy_from_slice(stored);
+        } else if !matches!(lz4_flex::block::decompress_into(stored, into), Ok(n) if n == raw) {
+            return Err(WireError::BadPacking("a block does not unpack to its length"));
+        }
+        at += raw;
+    }
+    Ok(Bytes::from(out))
 }
 
 /// What a header announces: the body that follows.
@@ -203,6 +299,8 @@ pub struct Header {
     pub msg_len: u32,
     pub tail_len: u32,
     pub crc: u32,
+    /// The tail is packed.
+    pub packed: bool,
 }
 
 impl Header {
@@ -221,7 +319,7 @@ pub fn decode_header(h: &[u8; HEADER_LEN]) -> Result<Header, WireError> {
         return Err(WireError::BadVersion(version));
     }
     let flags = u16::from_be_bytes([h[6], h[7]]);
-    if flags != 0 {
+    if flags & !PACKED != 0 {
         return Err(WireError::BadFlags(flags));
     }
     let msg_len = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
@@ -229,11 +327,12 @@ pub fn decode_header(h: &[u8; HEADER_LEN]) -> Result<Header, WireError> {
     if msg_len > MAX_MSG || tail_len > MAX_TAIL {
         return Err(WireError::TooBig { msg: msg_len, tail: tail_len });
     }
-    Ok(Header { msg_len, tail_len, crc: u32::from_be_bytes([h[16], h[17], h[18], h[19]]) })
+    let crc = u32::from_be_bytes([h[16], h[17], h[18], h[19]]);
+    Ok(Header { msg_len, tail_len, crc, packed: flags & PACKED != 0 })
 }
 
 /// Checks and decodes the body announced by `header`: its message part and its tail (kept in
-/// a buffer of its own, so chunk data is handed on without a copy).
+/// a buffer of its own, so chunk data is handed on without a copy; a packed tail is unpacked).
 pub fn decode_body(header: &Header, msg: &[u8], tail: Bytes) -> Result<Frame, WireError> {
     if msg.len() != header.msg_len as usize || tail.len() != header.tail_len as usize {
         return Err(WireError::BadLength);
@@ -245,7 +344,13 @@ pub fn decode_body(header: &Header, msg: &[u8], tail: Bytes) -> Result<Frame, Wi
     if !tail.is_empty() && !msg.takes_tail() {
         return Err(WireError::UnexpectedTail(msg.name()));
     }
-    Ok(Frame { msg, tail })
+    if !header.packed {
+        return Ok(Frame { msg, tail, packed: None });
+    }
+    if !msg.takes_packed() || tail.is_empty() {
+        return Err(WireError::BadFlags(PACKED));
+    }
+    Ok(Frame { msg, tail: unpack(&tail)?, packed: Some(tail) })
 }
 
 /// Decodes one whole frame from `buf` (tests and fuzzing).

@@ -58,6 +58,10 @@ impl PeerExport for Image {
         self.swarm.as_ref().map_or(0, |s| s.class(chunk))
     }
 
+    fn pack(&self, chunks: std::ops::Range<u32>, raw: &Bytes) -> Option<Bytes> {
+        self.swarm.as_ref()?.pack(chunks, raw)
+    }
+
     fn cached(&self, run: std::ops::Range<u32>) -> BoxFuture<'_, Option<Bytes>> {
         Box::pin(async move {
             let len = u32::try_from(self.run_len(run.clone())?).ok()?;

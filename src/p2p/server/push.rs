@@ -419,7 +419,7 @@ impl PeerServer {
         if queue.tx.send((Frame::new(Message::Offer { first, count }), (None, None))).await.is_err() {
             return Pushed::Closed;
         }
-        let frame = Frame::with_tail(Message::Push { first, count }, self.maybe_corrupt(bytes, true));
+        let frame = self.data_frame(&**export, Message::Push { first, count }, piece.clone(), bytes, true);
         let push = QueuedPush {
             frame,
             kind: PushKind::Whole,

@@ -74,14 +74,16 @@ impl PeerServer {
         // The rest goes a chunk per frame too, but for its last: a relay below passes each on as
         // it arrives rather than once the whole run is in.
         let ahead = export.run_len(next..run.end - 1).map_or(0, |n| n as usize);
+        let mut rest = next..run.end;
         if next + 1 < run.end && ahead < bytes.len() {
             let part = bytes.split_to(ahead);
             self.part(&*export, id, (next..run.end - 1, part), true, tx).await;
+            rest = run.end - 1..run.end;
         }
-        self.pace(bytes.len() as u64).await;
-        let bytes = self.maybe_corrupt(bytes, false);
         let n = bytes.len() as u64;
-        if tx.send((Frame::with_tail(Message::Data { id }, bytes), (Some(permit), Some(bytes_held)))).await.is_ok() {
+        let frame = self.data_frame(&*export, Message::Data { id }, rest, bytes, false);
+        self.pace(frame.wire_tail().len() as u64).await;
+        if tx.send((frame, (Some(permit), Some(bytes_held)))).await.is_ok() {
             export.uploaded(n);
         }
     }
@@ -105,10 +107,10 @@ impl PeerServer {
                 true => None,
                 false => Some(self.slots.clone().acquire_owned().await.expect("semaphore never closed")),
             };
-            self.pace(chunk.len() as u64).await;
-            let chunk = self.maybe_corrupt(chunk, false);
             let n = chunk.len() as u64;
-            if tx.send((Frame::with_tail(Message::Part { id, count: 1 }, chunk), (permit, None))).await.is_err() {
+            let frame = self.data_frame(export, Message::Part { id, count: 1 }, c..c + 1, chunk, false);
+            self.pace(frame.wire_tail().len() as u64).await;
+            if tx.send((frame, (permit, None))).await.is_err() {
                 break;
             }
             export.uploaded(n);
@@ -120,8 +122,32 @@ impl PeerServer {
         chunks.end
     }
 
+    /// The frame `msg` carrying `chunks`' bytes (`push`: a push's): corrupted under the test
+    /// switches (and then never packed, so the corruption reaches the peer as it is), else
+    /// packed when the image packs and that makes them smaller.
+    pub(super) fn data_frame(
+        &self,
+        export: &dyn PeerExport,
+        msg: Message,
+        chunks: Range<u32>,
+        bytes: Bytes,
+        push: bool,
+    ) -> Frame {
+        if bytes.is_empty() || self.corrupt || (push && self.corrupt_pushes) {
+            return Frame::with_tail(msg, self.maybe_corrupt(bytes, push));
+        }
+        match export.pack(chunks, &bytes) {
+            Some(packed) => {
+                self.stats.packed_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                self.stats.packed_wire.fetch_add(packed.len() as u64, Ordering::Relaxed);
+                Frame::packed(msg, bytes, packed)
+            }
+            None => Frame::with_tail(msg, bytes),
+        }
+    }
+
     /// `bytes` as sent (`push`: in a push): corrupted under the test switches.
-    pub(super) fn maybe_corrupt(&self, bytes: Bytes, push: bool) -> Bytes {
+    fn maybe_corrupt(&self, bytes: Bytes, push: bool) -> Bytes {
         if !(self.corrupt || (push && self.corrupt_pushes)) {
             return bytes;
         }

@@ -114,14 +114,14 @@ impl Streams {
                 s.take_waiting()
             }),
         };
-        let Some(bytes) = held.filter(|b| export.run_len(rest).is_some_and(|n| n as usize == b.len())) else {
+        let Some(bytes) = held.filter(|b| export.run_len(rest.clone()).is_some_and(|n| n as usize == b.len())) else {
             s.withdraw();
             return;
         };
         let (first, count) = (s.offer.start, s.offer.end - s.offer.start);
         let held = Some(s.held);
-        let push =
-            QueuedPush::new(&s.ctx, Message::Push { first, count }, bytes, (PushKind::Last, held, None), s.offer);
+        let msg = Message::Push { first, count };
+        let push = QueuedPush::new(&s.ctx, msg, (rest, bytes), (PushKind::Last, held, None), s.offer);
         let _ = s.frames.send(push);
     }
 }
@@ -152,7 +152,7 @@ impl Stream {
         let _ = frames.send(QueuedPush::new(
             &ctx,
             Message::Push { first, count: 0 },
-            Bytes::new(),
+            (first..first, Bytes::new()),
             (PushKind::Withdrawn, None, None),
             offer,
         ));
@@ -172,13 +172,14 @@ impl Stream {
             self.waiting.push(all);
         }
         let msg = Message::PushPart { first: self.offer.start, count: upto - self.next };
+        let chunks = self.next..upto;
         self.next = upto;
         self.queued.store(true, Ordering::Relaxed);
         let written = Some((self.queued.clone(), self.wake.clone()));
         let _ = self.frames.send(QueuedPush::new(
             &self.ctx,
             msg,
-            part,
+            (chunks, part),
             (PushKind::Part, None, written),
             self.offer.clone(),
         ));
@@ -192,18 +193,18 @@ type Ctx = (Arc<PeerServer>, Arc<dyn PeerExport>, Arc<Mutex<Adoption>>);
 type Written = (Arc<AtomicBool>, Arc<tokio::sync::Notify>);
 
 impl QueuedPush {
-    /// A frame of a stream of `offer`: `msg` with `bytes` (corrupted under the test switch),
-    /// of `kind`, holding `held`, clearing `written` when the writer takes it.
+    /// A frame of a stream of `offer`: `msg` with `chunks`' bytes `bytes` (corrupted under
+    /// the test switch, or packed), of `kind`, holding `held`, clearing `written` when the
+    /// writer takes it.
     fn new(
         (server, export, adoption): &Ctx,
         msg: Message,
-        bytes: Bytes,
+        (chunks, bytes): (Range<u32>, Bytes),
         (kind, held, written): (PushKind, Option<Reservation>, Option<Written>),
         offer: Range<u32>,
     ) -> QueuedPush {
-        let bytes = if bytes.is_empty() { bytes } else { server.maybe_corrupt(bytes, true) };
         QueuedPush {
-            frame: Frame::with_tail(msg, bytes),
+            frame: server.data_frame(&**export, msg, chunks, bytes, true),
             kind,
             held,
             written,

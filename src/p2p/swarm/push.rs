@@ -5,7 +5,9 @@
 //! offer from anyone else is dropped); every pushed chunk is verified against the manifest
 //! before it is handed on or stored, and a mismatch bans the parent as a corrupt reply does;
 //! pushed bytes being verified and stored are bounded ([`RECEIVE_BUDGET_KIB`]), a push past
-//! that is dropped and its chunks are fetched as if never offered.
+//! that is dropped and its chunks are fetched as if never offered. Chunk data that comes packed
+//! (from parents and from peers alike) leaves its blocks in the image's `Packs`, to be sent on
+//! as it came.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -20,6 +22,7 @@ use crate::fetch::flight::{Fetcher, Offered};
 use crate::fetch::BoxFuture;
 use crate::p2p::peer::{PeerConn, Pieces, PushSink};
 use crate::p2p::select::Outcome;
+use crate::p2p::wire::Frame;
 
 /// Pushed bytes being verified and stored at once, per image, in KiB.
 pub(super) const RECEIVE_BUDGET_KIB: usize = 32 << 10;
@@ -103,7 +106,26 @@ impl Swarm {
     }
 }
 
+impl Swarm {
+    /// The packed tail of `chunks` (whose bytes `raw` come from the cache) for a peer, when
+    /// this node packs and packing makes them smaller.
+    pub fn pack(&self, chunks: Range<u32>, raw: &Bytes) -> Option<Bytes> {
+        self.tuning.pack.then(|| self.packs.tail(&self.manifest, chunks, raw)).flatten()
+    }
+
+    /// Packed blocks kept, and the bytes they hold.
+    pub fn packs_held(&self) -> (usize, usize) {
+        self.packs.held()
+    }
+}
+
 impl PushSink for Swarm {
+    fn packed(&self, first: u32, frame: &Frame) {
+        if self.tuning.pack {
+            self.packs.keep(first, frame);
+        }
+    }
+
     fn offered(&self, from: &str, run: Range<u32>) -> Option<Offered> {
         let parent = {
             let sel = self.selector.lock().unwrap();
