@@ -76,9 +76,9 @@ pub struct P2pConfig {
     /// asked.
     #[serde(default = "default_push")]
     pub push: bool,
-    /// Whether chunks sent to peers go packed (lz4, chunk by chunk) when that makes them
-    /// smaller: packed once where they enter the cluster and sent on as they came by every relay.
-    /// Packed chunks are always accepted.
+    /// Whether chunks sent to peers go packed (lz4, chunk by chunk, each only where that makes
+    /// it smaller): packed once where they enter the cluster and sent on as they came by every
+    /// relay. Packed chunks are always accepted.
     #[serde(default = "default_push")]
     pub pack: bool,
 }

@@ -293,6 +293,15 @@ pub struct PeerStatus {
     pub push_parts_received: u64,
     /// Bytes uploaded to peers, replies and pushes.
     pub bytes_to_peers: u64,
+    /// Chunks this node packed to send to peers (it is where they entered the cluster), and
+    /// chunks it sent on in the packed form they came in.
+    #[serde(default)]
+    pub chunks_packed: u64,
+    #[serde(default)]
+    pub chunks_sent_as_received: u64,
+    /// Bytes of packed chunks kept now to be sent on (at most 32 MiB).
+    #[serde(default)]
+    pub pack_bytes: u64,
     pub peer_requests: u64,
     /// Requests a peer answered with not-have or busy.
     pub peer_refusals: u64,
@@ -357,6 +366,11 @@ pub struct NodeP2pStatus {
     /// `PushPart` frames sent since start: chunks of pushed runs sent as they arrived here.
     #[serde(default)]
     pub push_parts: u64,
+    /// Bytes of chunks sent packed since start, and the bytes they took on the wire.
+    #[serde(default)]
+    pub packed_bytes: u64,
+    #[serde(default)]
+    pub packed_wire_bytes: u64,
 }
 
 /// A response from the daemon.

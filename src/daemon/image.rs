@@ -316,6 +316,7 @@ impl Image {
             },
             p2p: self.swarm.as_ref().zip(summary.as_ref()).map(|(s, sum)| {
                 let st = s.stats();
+                let packs = s.pack_stats();
                 PeerStatus {
                     peers_usable: sum.usable,
                     sessions: s.sessions(),
@@ -329,6 +330,9 @@ impl Image {
                     pushes_dropped: load(&st.pushes_dropped),
                     push_parts_received: load(&st.push_parts),
                     bytes_to_peers: load(&self.bytes_to_peers),
+                    chunks_packed: packs.packed,
+                    chunks_sent_as_received: packs.sent_as_received,
+                    pack_bytes: packs.bytes,
                     peer_requests: load(&st.peer_requests),
                     peer_refusals: load(&st.peer_refusals),
                     peer_failures: load(&st.peer_failures),

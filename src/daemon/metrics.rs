@@ -118,6 +118,24 @@ fn encode_images(f: &mut Families, images: &[ImageStatus]) -> Fmt {
         &p2p(|p| p.bytes_pushed),
     )?;
     f.counter("peer_sent", "Bytes uploaded to peers, replies and pushes.", bytes.clone(), &p2p(|p| p.bytes_to_peers))?;
+    f.counter(
+        "peer_chunks_packed",
+        "Chunks packed here to send to peers (each enters the cluster packed once).",
+        None,
+        &p2p(|p| p.chunks_packed),
+    )?;
+    f.counter(
+        "peer_chunks_sent_as_received",
+        "Chunks sent to peers in the packed form they came in.",
+        None,
+        &p2p(|p| p.chunks_sent_as_received),
+    )?;
+    f.gauge(
+        "peer_pack_held",
+        "Bytes of packed chunks kept to be sent on.",
+        bytes.clone(),
+        &p2p(|p| p.pack_bytes).into_iter().map(|(l, v)| (l, v as i64)).collect::<Vec<_>>(),
+    )?;
     f.counter("guest_reads", "Guest reads.", None, &c(|i| i.reads))?;
     f.counter("guest_reads_waited", "Guest reads that waited for a fetch.", None, &c(|i| i.reads_waited))?;
     f.gauge("guest_reads_in_flight", "Guest reads being answered.", None, &g(|i| i.reads_in_flight))?;

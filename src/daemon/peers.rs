@@ -111,6 +111,8 @@ impl Peers {
             parts: load(&s.parts),
             cut_through: load(&s.cut_through),
             push_parts: load(&s.push_parts),
+            packed_bytes: load(&s.packed_bytes),
+            packed_wire_bytes: load(&s.packed_wire),
             trackers_up: load(&self.trackers_up),
         }
     }

@@ -12,6 +12,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use bytes::Bytes;
@@ -29,6 +30,21 @@ const ENTRY_COST: usize = 96;
 pub struct Packs {
     budget: usize,
     inner: Mutex<Inner>,
+    /// Chunks packed here to be sent, and chunks sent in the packed form they came in.
+    packed: AtomicU64,
+    sent_as_received: AtomicU64,
+}
+
+/// What a node's [`Packs`] did and holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PackStats {
+    /// Chunks packed here to be sent to peers (a chunk that enters the cluster here).
+    pub packed: u64,
+    /// Chunks sent to peers in the packed form they came in from a peer.
+    pub sent_as_received: u64,
+    /// Blocks kept now, and what they cost (their bytes and their entries).
+    pub blocks: u64,
+    pub bytes: u64,
 }
 
 #[derive(Default)]
@@ -63,7 +79,7 @@ impl Inner {
 
 impl Packs {
     pub fn new(budget: usize) -> Packs {
-        Packs { budget, inner: Mutex::new(Inner::default()) }
+        Packs { budget, inner: Mutex::new(Inner::default()), packed: AtomicU64::new(0), sent_as_received: AtomicU64::new(0) }
     }
 
     /// Keeps the blocks of `frame`, a packed frame of the chunks from `first` on, each with the
@@ -87,11 +103,13 @@ impl Packs {
 
     /// The packed tail of `chunks`, whose bytes `raw` come from this node's cache: each
     /// chunk's kept block if it unpacks to the manifest's bytes, else packed now (and kept).
-    /// `None` when packing gains nothing, or `raw` is not those chunks' bytes.
+    /// A tail that does not pack is still sent packed (its blocks stored as they are, 8 bytes
+    /// more per chunk), so that the relays below keep its blocks too and never try again to
+    /// pack what does not pack. `None` when `raw` is not those chunks' bytes.
     pub fn tail(&self, manifest: &Manifest, chunks: Range<u32>, raw: &Bytes) -> Option<Bytes> {
         let g = manifest.geometry();
         let mut out = Vec::with_capacity(raw.len() / 2);
-        let mut at = 0;
+        let (mut at, mut packed, mut kept) = (0, 0, 0);
         for c in chunks {
             let len = g.chunk_len(ChunkIdx(c));
             let bytes = raw.get(at..at + len)?;
@@ -99,21 +117,32 @@ impl Packs {
             let want = manifest.digest(ChunkIdx(c))?;
             let mut inner = self.inner.lock().unwrap();
             match inner.blocks.get(&c) {
-                Some((block, digest)) if digest == want => out.extend_from_slice(block),
+                Some((block, digest)) if digest == want => {
+                    out.extend_from_slice(block);
+                    kept += 1;
+                }
                 _ => {
                     let start = out.len();
                     wire::pack_block(bytes, &mut out);
                     inner.keep(self.budget, c, Bytes::copy_from_slice(&out[start..]), *want);
+                    packed += 1;
                 }
             }
         }
-        (at == raw.len() && out.len() < raw.len()).then(|| Bytes::from(out))
+        let tail = (at == raw.len()).then(|| Bytes::from(out))?;
+        self.packed.fetch_add(packed, Ordering::Relaxed);
+        self.sent_as_received.fetch_add(kept, Ordering::Relaxed);
+        Some(tail)
     }
 
-    /// Blocks kept, and their bytes with what each costs beyond them.
-    pub fn held(&self) -> (usize, usize) {
+    pub fn stats(&self) -> PackStats {
         let inner = self.inner.lock().unwrap();
-        (inner.blocks.len(), inner.bytes)
+        PackStats {
+            packed: self.packed.load(Ordering::Relaxed),
+            sent_as_received: self.sent_as_received.load(Ordering::Relaxed),
+            blocks: inner.blocks.len() as u64,
+            bytes: inner.bytes as u64,
+        }
     }
 }
 
@@ -149,12 +178,16 @@ mod tests {
         let tail = packs.tail(&m, 1..4, &raw).expect("text packs");
         assert!(tail.len() < raw.len() / 2, "{} of {}", tail.len(), raw.len());
         assert_eq!(wire::unpack(&tail).unwrap(), raw);
-        assert_eq!(packs.held().0, 3);
+        assert_eq!(packs.stats().blocks, 3);
         // A relay that received it keeps its blocks and sends the same bytes on.
         let relay = Packs::new(PACK_BUDGET);
         relay.keep(1, &Frame::packed(Message::Data { id: 1 }, raw.clone(), tail.clone()));
-        assert_eq!(relay.held().0, 3);
-        assert_eq!(relay.tail(&m, 2..4, &data.slice(2 * 65536..4 * 65536)).unwrap(), tail.slice(tail.len() - relay_len(&tail, 2)..));
+        assert_eq!(relay.stats().blocks, 3);
+        let on = relay.tail(&m, 2..4, &data.slice(2 * 65536..4 * 65536)).unwrap();
+        assert_eq!(on, tail.slice(tail.len() - relay_len(&tail, 2)..));
+        let s = relay.stats();
+        assert_eq!((s.packed, s.sent_as_received), (0, 2));
+        assert_eq!(packs.stats().packed, 3);
     }
 
     /// The length of the last `n` blocks of a packed tail.
@@ -172,7 +205,7 @@ mod tests {
         let mut lie = Vec::new();
         wire::pack_block(&wrong, &mut lie);
         packs.keep(0, &Frame::packed(Message::Push { first: 0, count: 1 }, wrong, Bytes::from(lie.clone())));
-        assert_eq!(packs.held().0, 1);
+        assert_eq!(packs.stats().blocks, 1);
         let tail = packs.tail(&m, 0..1, &data.slice(0..65536)).unwrap();
         assert_ne!(&tail[..], &lie[..]);
         assert_eq!(wire::unpack(&tail).unwrap(), data.slice(0..65536));
@@ -185,12 +218,12 @@ mod tests {
         let (m, data) = image(8);
         let one = Packs::new(PACK_BUDGET);
         one.tail(&m, 0..1, &data.slice(0..65536)).unwrap();
-        let per = one.held().1;
+        let per = one.stats().bytes as usize;
         let packs = Packs::new(3 * per + per / 2);
         for c in 0..8u32 {
             let at = (c as usize) << 16;
             packs.tail(&m, c..c + 1, &data.slice(at..at + 65536)).unwrap();
-            assert!(packs.held().1 <= 3 * per + per / 2);
+            assert!(packs.stats().bytes as usize <= 3 * per + per / 2);
         }
         let inner = packs.inner.lock().unwrap();
         assert!(inner.blocks.contains_key(&7) && !inner.blocks.contains_key(&0), "{:?}", inner.order);

@@ -425,8 +425,8 @@ mod tests {
         b[5] = 9;
         assert_eq!(decode(&b), Err(WireError::BadVersion(9)));
         let mut b = good.clone();
-        b[7] = 1;
-        assert_eq!(decode(&b), Err(WireError::BadFlags(1)));
+        b[7] = 4;
+        assert_eq!(decode(&b), Err(WireError::BadFlags(4)));
         let mut b = good.clone();
         *b.last_mut().unwrap() ^= 1;
         assert_eq!(decode(&b), Err(WireError::BadChecksum));
@@ -439,7 +439,102 @@ mod tests {
         assert_eq!(decode(&f.encode()), Err(WireError::UnexpectedTail("Ping")));
     }
 
+    /// Two chunks: one that packs (text), one that does not (noise).
+    fn two_chunks() -> (Bytes, Bytes) {
+        let mut raw: Vec<u8> = b"a line of text that repeats\n".iter().copied().cycle().take(4096).collect();
+        let mut x = 0x2545_f491_u32;
+        raw.extend((0..4096).map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        }));
+        let mut packed = Vec::new();
+        pack_block(&raw[..4096], &mut packed);
+        pack_block(&raw[4096..], &mut packed);
+        (Bytes::from(raw), Bytes::from(packed))
+    }
+
+    #[test]
+    fn packed_frames_unpack_to_their_chunks_and_keep_what_came() {
+        let (raw, packed) = two_chunks();
+        assert!(packed.len() < raw.len() / 2 + 4096 && packed.len() > 4096, "{}", packed.len());
+        let b = blocks(&packed).unwrap();
+        assert_eq!(b.iter().map(|(_, r)| *r).collect::<Vec<_>>(), vec![4096, 4096]);
+        // The noise is stored as it is.
+        assert_eq!(&b[1].0[BLOCK_HEAD..], &raw[4096..]);
+        for msg in [
+            Message::Data { id: 5 },
+            Message::Part { id: 5, count: 2 },
+            Message::Push { first: 3, count: 2 },
+            Message::PushPart { first: 3, count: 2 },
+        ] {
+            let f = Frame::packed(msg, raw.clone(), packed.clone());
+            let wire = f.encode();
+            assert_eq!(wire.len(), HEADER_LEN + postcard::to_allocvec(&f.msg).unwrap().len() + packed.len());
+            assert_eq!(u16::from_be_bytes([wire[6], wire[7]]), PACKED);
+            assert_eq!(decode(&wire).unwrap(), f);
+        }
+    }
+
+    #[test]
+    fn damaged_packed_tails_are_refused() {
+        let (raw, packed) = two_chunks();
+        let frame = |msg: Message, packed: Vec<u8>| {
+            Frame { msg, tail: raw.clone(), packed: Some(Bytes::from(packed)) }.encode()
+        };
+        let data = Message::Data { id: 1 };
+        let bad = |p: Vec<u8>| decode(&frame(data.clone(), p));
+        let p = packed.to_vec();
+        assert!(matches!(bad(p[..p.len() - 1].to_vec()), Err(WireError::BadPacking(_))), "cut short");
+        assert!(matches!(bad(p[..5].to_vec()), Err(WireError::BadPacking(_))), "header cut short");
+        let mut q = p.clone();
+        q[4..8].copy_from_slice(&5000u32.to_be_bytes());
+        assert!(matches!(bad(q), Err(WireError::BadPacking(_))), "stored > raw");
+        let mut q = p.clone();
+        q[0..4].copy_from_slice(&0u32.to_be_bytes());
+        assert!(matches!(bad(q), Err(WireError::BadPacking(_))), "an empty chunk");
+        let mut q = p.clone();
+        q[0..4].copy_from_slice(&4097u32.to_be_bytes());
+        assert!(matches!(bad(q), Err(WireError::BadPacking(_))), "unpacks short of its length");
+        // The lz4 block a byte short (its header says so): it no longer unpacks.
+        let stored = u32::from_be_bytes(p[4..8].try_into().unwrap()) as usize;
+        let mut q = p.clone();
+        q.remove(BLOCK_HEAD + stored - 1);
+        q[4..8].copy_from_slice(&(stored as u32 - 1).to_be_bytes());
+        assert!(matches!(bad(q), Err(WireError::BadPacking(_))), "a damaged lz4 block");
+        // A block that claims more than a tail may hold unpacked.
+        let mut q = Vec::new();
+        for _ in 0..2 {
+            q.extend_from_slice(&(MAX_TAIL / 2 + 1).to_be_bytes());
+            q.extend_from_slice(&1u32.to_be_bytes());
+            q.push(0);
+        }
+        assert!(matches!(bad(q), Err(WireError::BadPacking(_))), "over the tail limit");
+        // The flag on a frame that carries no chunk data, or with no tail.
+        assert_eq!(decode(&frame(Message::Have, p.clone())), Err(WireError::BadFlags(PACKED)));
+        let mut empty = Frame::new(Message::Data { id: 1 }).encode();
+        empty[7] = 1;
+        assert_eq!(decode(&empty), Err(WireError::BadFlags(PACKED)));
+        let mut b = Frame::new(Message::Ping).encode();
+        b[7] = 2;
+        assert_eq!(decode(&b), Err(WireError::BadFlags(2)));
+    }
+
     proptest! {
+        #[test]
+        fn arbitrary_packed_tails_never_panic(tail in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = unpack(&Bytes::from(tail));
+        }
+
+        #[test]
+        fn packing_round_trips(raw in proptest::collection::vec(0u8..4, 1..20_000)) {
+            let mut packed = Vec::new();
+            pack_block(&raw, &mut packed);
+            prop_assert!(packed.len() <= raw.len() + BLOCK_HEAD);
+            prop_assert_eq!(unpack(&Bytes::from(packed)).unwrap(), Bytes::from(raw));
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic(buf in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = decode(&buf);

@@ -124,7 +124,7 @@ impl PeerServer {
 
     /// The frame `msg` carrying `chunks`' bytes (`push`: a push's): corrupted under the test
     /// switches (and then never packed, so the corruption reaches the peer as it is), else
-    /// packed when the image packs and that makes them smaller.
+    /// packed when the image packs.
     pub(super) fn data_frame(
         &self,
         export: &dyn PeerExport,

@@ -108,14 +108,14 @@ impl Swarm {
 
 impl Swarm {
     /// The packed tail of `chunks` (whose bytes `raw` come from the cache) for a peer, when
-    /// this node packs and packing makes them smaller.
+    /// this node packs.
     pub fn pack(&self, chunks: Range<u32>, raw: &Bytes) -> Option<Bytes> {
         self.tuning.pack.then(|| self.packs.tail(&self.manifest, chunks, raw)).flatten()
     }
 
-    /// Packed blocks kept, and the bytes they hold.
-    pub fn packs_held(&self) -> (usize, usize) {
-        self.packs.held()
+    /// What this image's packed blocks did and hold.
+    pub fn pack_stats(&self) -> crate::p2p::pack::PackStats {
+        self.packs.stats()
     }
 }
 
