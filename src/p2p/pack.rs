@@ -79,7 +79,12 @@ impl Inner {
 
 impl Packs {
     pub fn new(budget: usize) -> Packs {
-        Packs { budget, inner: Mutex::new(Inner::default()), packed: AtomicU64::new(0), sent_as_received: AtomicU64::new(0) }
+        Packs {
+            budget,
+            inner: Mutex::new(Inner::default()),
+            packed: AtomicU64::new(0),
+            sent_as_received: AtomicU64::new(0),
+        }
     }
 
     /// Keeps the blocks of `frame`, a packed frame of the chunks from `first` on, each with the
@@ -181,7 +186,7 @@ mod tests {
         assert_eq!(packs.stats().blocks, 3);
         // A relay that received it keeps its blocks and sends the same bytes on.
         let relay = Packs::new(PACK_BUDGET);
-        relay.keep(1, &Frame::packed(Message::Data { id: 1 }, raw.clone(), tail.clone()));
+        relay.keep(1, &Frame { msg: Message::Data { id: 1 }, tail: raw.clone(), packed: Some(tail.clone()) });
         assert_eq!(relay.stats().blocks, 3);
         let on = relay.tail(&m, 2..4, &data.slice(2 * 65536..4 * 65536)).unwrap();
         assert_eq!(on, tail.slice(tail.len() - relay_len(&tail, 2)..));
@@ -204,7 +209,10 @@ mod tests {
         let wrong = data.slice(65536..2 * 65536);
         let mut lie = Vec::new();
         wire::pack_block(&wrong, &mut lie);
-        packs.keep(0, &Frame::packed(Message::Push { first: 0, count: 1 }, wrong, Bytes::from(lie.clone())));
+        packs.keep(
+            0,
+            &Frame { msg: Message::Push { first: 0, count: 1 }, tail: wrong, packed: Some(Bytes::from(lie.clone())) },
+        );
         assert_eq!(packs.stats().blocks, 1);
         let tail = packs.tail(&m, 0..1, &data.slice(0..65536)).unwrap();
         assert_ne!(&tail[..], &lie[..]);

@@ -91,6 +91,8 @@ type Backlog = VecDeque<(Range<u32>, Option<Arc<RunData>>)>;
 /// A push waiting for its session's writer.
 pub(super) struct QueuedPush {
     pub(super) frame: Frame,
+    /// The bytes of the chunks it carries (its tail may be packed).
+    pub(super) bytes: u64,
     pub(super) kind: PushKind,
     /// Its bytes in the budget and its place in the session's window, until written (a
     /// `PushPart` holds none: its push's last frame holds them).
@@ -150,14 +152,13 @@ impl QueuedPush {
                 a.sent.push_back((self.run.clone(), RoaringBitmap::new()));
             }
         }
-        let len = self.frame.tail.len() as u64;
-        self.server.pace(len).await;
+        self.server.pace(self.frame.wire_tail().len() as u64).await;
         let counter = match self.kind {
             PushKind::Part => &self.server.stats.push_parts,
             PushKind::Whole | PushKind::Last | PushKind::Withdrawn => &self.server.stats.pushes,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        self.export.uploaded(len);
+        self.export.uploaded(self.bytes);
         Some((self.frame, (None, self.held)))
     }
 }
@@ -419,9 +420,11 @@ impl PeerServer {
         if queue.tx.send((Frame::new(Message::Offer { first, count }), (None, None))).await.is_err() {
             return Pushed::Closed;
         }
+        let len = bytes.len() as u64;
         let frame = self.data_frame(&**export, Message::Push { first, count }, piece.clone(), bytes, true);
         let push = QueuedPush {
             frame,
+            bytes: len,
             kind: PushKind::Whole,
             held: Some(held),
             written: None,

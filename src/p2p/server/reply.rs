@@ -140,7 +140,7 @@ impl PeerServer {
             Some(packed) => {
                 self.stats.packed_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 self.stats.packed_wire.fetch_add(packed.len() as u64, Ordering::Relaxed);
-                Frame::packed(msg, bytes, packed)
+                Frame::packed(msg, packed)
             }
             None => Frame::with_tail(msg, bytes),
         }

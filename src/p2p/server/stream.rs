@@ -204,6 +204,7 @@ impl QueuedPush {
         offer: Range<u32>,
     ) -> QueuedPush {
         QueuedPush {
+            bytes: bytes.len() as u64,
             frame: server.data_frame(&**export, msg, chunks, bytes, true),
             kind,
             held,
