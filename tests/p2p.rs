@@ -233,11 +233,11 @@ fn relay_chains_climb_to_the_root_of_each_stripe() {
     // chunk is packed where it enters the cluster: the relays below send on what they received.
     let packed: u64 = status.iter().map(|s| s.packed_bytes).sum();
     let wire: u64 = status.iter().map(|s| s.packed_wire_bytes).sum();
-    assert!(packed >= total / 2 && wire < packed - packed / 10, "{wire} bytes on the wire for {packed}");
+    assert!(packed >= total / 2 && wire < packed - packed / 20, "{wire} bytes on the wire for {packed}");
     let p2p: Vec<_> = nodes.iter().map(|&i| c.nodes[i].status().p2p).collect();
     let here: u64 = p2p.iter().map(|p| p.chunks_packed).sum();
     let on: u64 = p2p.iter().map(|p| p.chunks_sent_as_received).sum();
-    assert!(on > 2 * here, "{here} chunks packed, {on} sent on as received");
+    assert!(on > here, "{here} chunks packed, {on} sent on as received");
 }
 
 /// Reads on `readers` while `victim` (which holds everything and serves slowly) is taken out

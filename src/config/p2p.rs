@@ -79,7 +79,7 @@ pub struct P2pConfig {
     /// Whether chunks sent to peers go packed (lz4, chunk by chunk, each only where that makes
     /// it smaller): packed once where they enter the cluster and sent on as they came by every
     /// relay. Packed chunks are always accepted.
-    #[serde(default = "default_push")]
+    #[serde(default = "default_pack")]
     pub pack: bool,
 }
 
@@ -107,6 +107,9 @@ pub struct P2pTuning {
 }
 
 fn default_push() -> bool {
+    true
+}
+fn default_pack() -> bool {
     true
 }
 fn default_max_sessions() -> usize {

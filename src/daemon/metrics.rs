@@ -120,7 +120,7 @@ fn encode_images(f: &mut Families, images: &[ImageStatus]) -> Fmt {
     f.counter("peer_sent", "Bytes uploaded to peers, replies and pushes.", bytes.clone(), &p2p(|p| p.bytes_to_peers))?;
     f.counter(
         "peer_chunks_packed",
-        "Chunks packed here to send to peers (each enters the cluster packed once).",
+        "Chunks packed here to send to peers (where they entered the cluster, or no longer kept packed).",
         None,
         &p2p(|p| p.chunks_packed),
     )?;

@@ -99,7 +99,7 @@ pub async fn read_frame_progressing<R: AsyncRead + Unpin>(
             return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
         }
     }
-    Ok(wire::decode_body(&header, &msg, tail.freeze())?)
+    Ok(wire::decode_body_within(&header, &msg, tail.freeze(), max)?)
 }
 
 /// Writes one frame in one system call where the socket allows; the tail is not copied.

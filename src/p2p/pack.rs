@@ -2,13 +2,13 @@
 //! chunk is packed about once in the whole cluster: where it enters it (the node that read it
 //! from the origin), then sent on as it came by every relay below.
 //!
-//! Invariants: a block goes out for chunk `c` only if it unpacks to `c`'s bytes as the manifest
-//! has them. A block that came from a peer is kept with the digest of what it unpacked to, and
-//! that digest is checked against the manifest's before the block is sent (a peer cannot make
-//! this node send on bytes it never verified); a block packed here, from this node's own cache,
-//! is kept with the manifest's digest. At most [`PACK_BUDGET`] bytes of blocks are kept per
-//! image, the oldest dropped first; a block received is copied out of its frame, so the budget
-//! counts what is really held.
+//! Invariants: a block goes out in place of bytes only if it unpacks to exactly those bytes,
+//! which the sender read from its cache (so they matched the manifest). A block packed here is
+//! so by construction; a block that came from a peer is kept unchecked, and checked once, by
+//! unpacking it and comparing, the first time it would be sent (a peer cannot make this node
+//! send on bytes it never verified; a node that never sends a chunk on never pays for the
+//! check). At most [`PACK_BUDGET`] bytes of blocks are kept per image, the oldest dropped
+//! first; a block received is copied out of its frame, so the budget counts what is really held.
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 
 use super::wire::{self, Frame};
-use crate::image::{ChunkIdx, Digest, Manifest};
+use crate::image::{ChunkIdx, Geometry, Manifest};
 
 /// Bytes of packed blocks kept per image: the Debian guest's boot working set (803 chunks of
 /// 64 KiB) packs to about 21 MiB.
@@ -47,22 +47,31 @@ pub struct PackStats {
     pub bytes: u64,
 }
 
+/// Where a kept block came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// Packed here, from the cache's bytes.
+    Here,
+    /// From a peer; `true` once checked to unpack to the cache's bytes.
+    Peer(bool),
+}
+
 #[derive(Default)]
 struct Inner {
-    /// Chunk → its block (header included) and the digest of what it unpacks to.
-    blocks: HashMap<u32, (Bytes, Digest)>,
+    /// Chunk → its block (header included), and where it came from.
+    blocks: HashMap<u32, (Bytes, Origin)>,
     /// Chunks in the order their blocks were kept, oldest first.
     order: VecDeque<u32>,
     bytes: usize,
 }
 
 impl Inner {
-    fn keep(&mut self, budget: usize, chunk: u32, block: Bytes, digest: Digest) {
+    fn keep(&mut self, budget: usize, chunk: u32, block: Bytes, origin: Origin) {
         let cost = block.len() + ENTRY_COST;
         if cost > budget {
             return;
         }
-        match self.blocks.insert(chunk, (block, digest)) {
+        match self.blocks.insert(chunk, (block, origin)) {
             // Replaced in its place: it keeps its age.
             Some((old, _)) => self.bytes -= old.len() + ENTRY_COST,
             None => self.order.push_back(chunk),
@@ -87,57 +96,71 @@ impl Packs {
         }
     }
 
-    /// Keeps the blocks of `frame`, a packed frame of the chunks from `first` on, each with the
-    /// digest of what it unpacked to (a frame that is not packed, or whose blocks do not match
-    /// its bytes, leaves nothing).
-    pub fn keep(&self, first: u32, frame: &Frame) {
+    /// Keeps the blocks of `frame`, a packed frame of `chunks` (as its session checked them),
+    /// unchecked: one block per chunk, each of its chunk's length, or nothing is kept.
+    pub fn keep(&self, g: Geometry, chunks: Range<u32>, frame: &Frame) {
         let Some(packed) = &frame.packed else { return };
-        let Ok(blocks) = wire::blocks(packed) else { return };
-        let mut at = 0;
-        let mut kept = Vec::with_capacity(blocks.len());
-        for (i, (block, raw)) in blocks.into_iter().enumerate() {
-            let Some(bytes) = frame.tail.get(at..at + raw) else { return };
-            at += raw;
-            kept.push((first.saturating_add(i as u32), Bytes::copy_from_slice(&block), Digest::of(bytes)));
+        let Ok(blocks) = wire::blocks(packed, frame.tail.len()) else { return };
+        if blocks.len() != chunks.len() || chunks.clone().zip(&blocks).any(|(c, (_, n))| g.chunk_len(ChunkIdx(c)) != *n)
+        {
+            return;
         }
         let mut inner = self.inner.lock().unwrap();
-        for (chunk, block, digest) in kept {
-            inner.keep(self.budget, chunk, block, digest);
+        for (c, (block, _)) in chunks.zip(blocks) {
+            inner.keep(self.budget, c, Bytes::copy_from_slice(&block), Origin::Peer(false));
         }
     }
 
     /// The packed tail of `chunks`, whose bytes `raw` come from this node's cache: each
-    /// chunk's kept block if it unpacks to the manifest's bytes, else packed now (and kept).
-    /// A tail that does not pack is still sent packed (its blocks stored as they are, 8 bytes
-    /// more per chunk), so that the relays below keep its blocks too and never try again to
-    /// pack what does not pack. `None` when `raw` is not those chunks' bytes.
+    /// chunk's kept block if it unpacks to those bytes (a block from a peer is checked the first
+    /// time), else packed now (and kept if the bytes match the manifest: a bad read of the
+    /// cache is sent once, and refused by the peer, but not kept). A tail that does not pack
+    /// is still sent packed (its blocks stored as they are, 8 bytes more per chunk), so that
+    /// the relays below keep its blocks too and never try again to pack what does not pack.
+    /// `None` when `raw` is not as long as those chunks.
     pub fn tail(&self, manifest: &Manifest, chunks: Range<u32>, raw: &Bytes) -> Option<Bytes> {
         let g = manifest.geometry();
+        if g.run_bytes(chunks.clone()).map(|(_, n)| n) != Some(raw.len()) {
+            return None;
+        }
         let mut out = Vec::with_capacity(raw.len() / 2);
         let (mut at, mut packed, mut kept) = (0, 0, 0);
         for c in chunks {
-            let len = g.chunk_len(ChunkIdx(c));
-            let bytes = raw.get(at..at + len)?;
-            at += len;
-            let want = manifest.digest(ChunkIdx(c))?;
-            let mut inner = self.inner.lock().unwrap();
-            match inner.blocks.get(&c) {
-                Some((block, digest)) if digest == want => {
-                    out.extend_from_slice(block);
-                    kept += 1;
+            let bytes = &raw[at..at + g.chunk_len(ChunkIdx(c))];
+            at += bytes.len();
+            let found = self.inner.lock().unwrap().blocks.get(&c).cloned();
+            // Checked outside the lock: other sessions send meanwhile.
+            let good = found.filter(|(block, origin)| {
+                *origin != Origin::Peer(false) || wire::unpack(block, bytes.len()).is_ok_and(|b| b == bytes)
+            });
+            match good {
+                Some((block, origin)) => {
+                    out.extend_from_slice(&block);
+                    if origin == Origin::Peer(false) {
+                        if let Some(e) = self.inner.lock().unwrap().blocks.get_mut(&c) {
+                            if e.0 == block {
+                                e.1 = Origin::Peer(true);
+                            }
+                        }
+                    }
+                    if origin != Origin::Here {
+                        kept += 1;
+                    }
                 }
-                _ => {
+                None => {
                     let start = out.len();
                     wire::pack_block(bytes, &mut out);
-                    inner.keep(self.budget, c, Bytes::copy_from_slice(&out[start..]), *want);
+                    if manifest.verify(ChunkIdx(c), bytes) {
+                        let block = Bytes::copy_from_slice(&out[start..]);
+                        self.inner.lock().unwrap().keep(self.budget, c, block, Origin::Here);
+                    }
                     packed += 1;
                 }
             }
         }
-        let tail = (at == raw.len()).then(|| Bytes::from(out))?;
         self.packed.fetch_add(packed, Ordering::Relaxed);
         self.sent_as_received.fetch_add(kept, Ordering::Relaxed);
-        Some(tail)
+        Some(Bytes::from(out))
     }
 
     pub fn stats(&self) -> PackStats {
@@ -175,50 +198,73 @@ mod tests {
         (m, data.into())
     }
 
+    /// A decoded frame of `tail` (as a peer's session would hand it on).
+    fn received(tail: &Bytes) -> Frame {
+        Frame { msg: Message::Data { id: 1 }, tail: wire::unpack(tail, usize::MAX).unwrap(), packed: Some(tail.clone()) }
+    }
+
     #[test]
     fn a_tail_packed_here_unpacks_to_the_chunks_and_is_sent_on_as_kept() {
         let (m, data) = image(4);
+        let g = m.geometry();
         let packs = Packs::new(PACK_BUDGET);
         let raw = data.slice(65536..4 * 65536);
         let tail = packs.tail(&m, 1..4, &raw).expect("text packs");
         assert!(tail.len() < raw.len() / 2, "{} of {}", tail.len(), raw.len());
-        assert_eq!(wire::unpack(&tail).unwrap(), raw);
+        assert_eq!(wire::unpack(&tail, usize::MAX).unwrap(), raw);
         assert_eq!(packs.stats().blocks, 3);
+        // Sent again from where it was packed: neither packed again nor counted as received.
+        assert_eq!(packs.tail(&m, 1..4, &raw).unwrap(), tail);
+        assert_eq!((packs.stats().packed, packs.stats().sent_as_received), (3, 0));
         // A relay that received it keeps its blocks and sends the same bytes on.
         let relay = Packs::new(PACK_BUDGET);
-        relay.keep(1, &Frame { msg: Message::Data { id: 1 }, tail: raw.clone(), packed: Some(tail.clone()) });
+        relay.keep(g, 1..4, &received(&tail));
         assert_eq!(relay.stats().blocks, 3);
         let on = relay.tail(&m, 2..4, &data.slice(2 * 65536..4 * 65536)).unwrap();
-        assert_eq!(on, tail.slice(tail.len() - relay_len(&tail, 2)..));
-        let s = relay.stats();
-        assert_eq!((s.packed, s.sent_as_received), (0, 2));
-        assert_eq!(packs.stats().packed, 3);
-    }
-
-    /// The length of the last `n` blocks of a packed tail.
-    fn relay_len(tail: &Bytes, n: usize) -> usize {
-        let b = wire::blocks(tail).unwrap();
-        b[b.len() - n..].iter().map(|(x, _)| x.len()).sum()
+        let b = wire::blocks(&tail, usize::MAX).unwrap();
+        assert_eq!(on, tail.slice(b[0].0.len()..));
+        assert_eq!((relay.stats().packed, relay.stats().sent_as_received), (0, 2));
+        // Kept only as the chunks the session says it carries, each of its length.
+        let other = Packs::new(PACK_BUDGET);
+        other.keep(g, 1..3, &received(&tail));
+        other.keep(g, 0..3, &received(&tail.slice(b[0].0.len()..)));
+        other.keep(g, 2..4, &Frame::with_tail(Message::Data { id: 1 }, raw.slice(..2 * 65536)));
+        assert_eq!(other.stats().blocks, 0);
     }
 
     #[test]
     fn a_block_that_unpacks_to_other_bytes_is_never_sent_on() {
         let (m, data) = image(2);
+        let g = m.geometry();
         let packs = Packs::new(PACK_BUDGET);
-        // A peer sends chunk 0's place the bytes of chunk 1, packed: kept under what they are.
-        let wrong = data.slice(65536..2 * 65536);
+        // A peer sends, as chunk 0, the bytes of chunk 1 packed: kept, unchecked.
         let mut lie = Vec::new();
-        wire::pack_block(&wrong, &mut lie);
-        packs.keep(
-            0,
-            &Frame { msg: Message::Push { first: 0, count: 1 }, tail: wrong, packed: Some(Bytes::from(lie.clone())) },
-        );
+        wire::pack_block(&data[65536..], &mut lie);
+        packs.keep(g, 0..1, &received(&Bytes::from(lie.clone())));
         assert_eq!(packs.stats().blocks, 1);
         let tail = packs.tail(&m, 0..1, &data.slice(0..65536)).unwrap();
         assert_ne!(&tail[..], &lie[..]);
-        assert_eq!(wire::unpack(&tail).unwrap(), data.slice(0..65536));
-        // Raw bytes that are not the chunks': nothing.
+        assert_eq!(wire::unpack(&tail, usize::MAX).unwrap(), data.slice(0..65536));
+        // Packed here in its place: the lie is gone.
+        assert_eq!((packs.stats().packed, packs.stats().sent_as_received), (1, 0));
+        assert_eq!(packs.tail(&m, 0..1, &data.slice(0..65536)).unwrap(), tail);
+        assert_eq!(packs.stats().packed, 1);
+        // Bytes of another length than the chunks': nothing.
         assert!(packs.tail(&m, 0..2, &data.slice(0..65536)).is_none());
+    }
+
+    #[test]
+    fn bytes_that_do_not_match_the_manifest_are_packed_but_not_kept() {
+        let (m, data) = image(1);
+        let packs = Packs::new(PACK_BUDGET);
+        let mut bad = data.to_vec();
+        bad[100] ^= 1;
+        let tail = packs.tail(&m, 0..1, &Bytes::from(bad.clone())).unwrap();
+        assert_eq!(wire::unpack(&tail, usize::MAX).unwrap(), Bytes::from(bad));
+        assert_eq!(packs.stats().blocks, 0);
+        let good = packs.tail(&m, 0..1, &data).unwrap();
+        assert_eq!(wire::unpack(&good, usize::MAX).unwrap(), data);
+        assert_eq!(packs.stats().blocks, 1);
     }
 
     #[test]

@@ -46,9 +46,9 @@ pub trait PushSink: Send + Sync + 'static {
     /// waiters, the whole run stored. False when a piece does not match the manifest (the
     /// session then ends); the pieces ending early (the session ended) lose the offer.
     fn pushed(&self, from: &str, run: Range<u32>, offered: Offered, pieces: Pieces) -> BoxFuture<'_, bool>;
-    /// A packed frame of chunk data, of the chunks from `first` on, came (its tail unpacked
-    /// already): its blocks may be kept to be sent on as they came (see `p2p::pack`).
-    fn packed(&self, _first: u32, _frame: &Frame) {}
+    /// A packed frame of chunk data came, carrying `chunks` (its tail unpacked, its length
+    /// checked): its blocks may be kept to be sent on as they came (see `p2p::pack`).
+    fn packed(&self, _chunks: Range<u32>, _frame: &Frame) {}
 }
 
 /// The pieces of one pushed run, in order: chunks and their bytes.
@@ -245,24 +245,23 @@ impl PeerConn {
                     Ok(f) => f,
                 };
                 heard = tokio::time::Instant::now();
-                if f.packed.is_some() {
-                    // Where its chunks start; the blocks are checked against the manifest
-                    // before any is sent on (see `p2p::pack`).
-                    let first = match f.msg {
-                        Message::Data { id } | Message::Part { id, .. } => {
-                            me.pending.lock().unwrap().get(&id).map(|p| p.run.start + p.got)
-                        }
-                        Message::Push { first, .. } | Message::PushPart { first, .. } => {
-                            Some(first + offers.get(&first).map_or(0, |o| o.got))
-                        }
-                        _ => None,
-                    };
-                    if let (Some(first), Some(sink)) = (first, sink.upgrade()) {
-                        sink.packed(first, &f);
+                // A packed frame's blocks, once its chunks and length are checked below, may be
+                // kept to be sent on (checked against the bytes they stand for first).
+                let keep = |chunks: Range<u32>, f: &Frame| {
+                    if let (Some(_), Some(sink)) = (&f.packed, sink.upgrade()) {
+                        sink.packed(chunks, f);
                     }
-                }
+                };
                 let (id, reply) = match f.msg {
-                    Message::Data { id } => (id, Ok(f.tail)),
+                    Message::Data { id } => {
+                        if let Some(p) = me.pending.lock().unwrap().get(&id) {
+                            let rest = p.run.start + p.got..p.run.end;
+                            if g.run_bytes(rest.clone()).is_some_and(|(_, n)| n == f.tail.len()) {
+                                keep(rest, &f);
+                            }
+                        }
+                        (id, Ok(f.tail))
+                    }
                     Message::Part { id, count } => {
                         let mut pending = me.pending.lock().unwrap();
                         // A reply nobody waits for any more (answered from a push, timed out).
@@ -277,6 +276,7 @@ impl PeerConn {
                             break format!("part of chunks {from}+{count} in {} bytes", f.tail.len());
                         }
                         p.got += count;
+                        keep(part.clone(), &f);
                         // The asker may have given up on the parts: they are dropped then.
                         let _ = p.parts.send((part, f.tail));
                         continue;
@@ -347,6 +347,7 @@ impl PeerConn {
                         // Of an offer not taken (nothing of it wanted, too many waiting): dropped.
                         let Some(o) = offers.get_mut(&first) else { continue };
                         o.got += count;
+                        keep(part.clone(), &f);
                         o.piece(&sink, &me, first, (part, f.tail));
                         continue;
                     }
@@ -369,6 +370,7 @@ impl PeerConn {
                             // of ours that crossed it (the peer answers them `Pushed`); the rest
                             // of a push cut through is dropped with it.
                             if f.tail.len() == whole {
+                                keep(run.clone(), &f);
                                 me.answer_from_push(g, run, &f.tail);
                             } else if f.tail.len() > whole || f.tail.is_empty() {
                                 break format!("push of chunks {first}+{count} in {} bytes", f.tail.len());
@@ -384,6 +386,7 @@ impl PeerConn {
                                 f.tail.len()
                             );
                         }
+                        keep(rest.clone(), &f);
                         if offer.got == 0 {
                             me.answer_from_push(g, run, &f.tail);
                         }

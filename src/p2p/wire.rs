@@ -250,20 +250,26 @@ pub fn pack_block(raw: &[u8], out: &mut Vec<u8>) {
 }
 
 /// The blocks of a packed tail, each whole (header and what it stores) with the length of the
-/// chunk it holds; an error when the tail is malformed or holds more than [`MAX_TAIL`] unpacked.
-pub fn blocks(packed: &Bytes) -> Result<Vec<(Bytes, usize)>, WireError> {
-    let mut out = Vec::new();
+/// chunk it holds; an error when the tail is malformed or holds more than `limit` bytes
+/// unpacked. Checked before anything is allocated: each block but the last holds at least a
+/// smallest chunk (so a tail has at most [`MAX_TAIL`] / 4 KiB + 1 blocks), and states no more
+/// than LZ4 can unpack from what it stores (255 bytes per byte, and a little).
+pub fn blocks(packed: &Bytes, limit: usize) -> Result<Vec<(Bytes, usize)>, WireError> {
+    let mut out: Vec<(Bytes, usize)> = Vec::new();
     let (mut at, mut total) = (0usize, 0usize);
     while at < packed.len() {
         let head = packed.get(at..at + BLOCK_HEAD).ok_or(WireError::BadPacking("a block header is cut short"))?;
         let raw = u32::from_be_bytes(head[0..4].try_into().expect("4 bytes")) as usize;
         let stored = u32::from_be_bytes(head[4..8].try_into().expect("4 bytes")) as usize;
-        if raw == 0 || stored == 0 || stored > raw {
+        if raw == 0 || stored == 0 || stored > raw || raw > stored.saturating_mul(255).saturating_add(64) {
             return Err(WireError::BadPacking("a block's lengths are impossible"));
         }
-        total += raw;
-        if total > MAX_TAIL as usize {
-            return Err(WireError::BadPacking("it unpacks to more than a tail may hold"));
+        if out.last().is_some_and(|(_, r)| *r < MIN_BLOCK) {
+            return Err(WireError::BadPacking("a block before the last is shorter than a chunk"));
+        }
+        total = total.saturating_add(raw);
+        if total > limit.min(MAX_TAIL as usize) {
+            return Err(WireError::BadPacking("it unpacks to more than the frame may hold"));
         }
         let end = at + BLOCK_HEAD + stored;
         if end > packed.len() {
@@ -275,9 +281,14 @@ pub fn blocks(packed: &Bytes) -> Result<Vec<(Bytes, usize)>, WireError> {
     Ok(out)
 }
 
-/// Unpacks a packed tail: every block to exactly its stated length.
-pub fn unpack(packed: &Bytes) -> Result<Bytes, WireError> {
-    let blocks = blocks(packed)?;
+/// The smallest chunk (`image::geometry::MIN_CHUNK_SIZE`): every block of a packed tail but
+/// its last (the image's last chunk may be shorter) holds at least this much.
+const MIN_BLOCK: usize = 4096;
+
+/// Unpacks a packed tail of at most `limit` bytes unpacked: every block to exactly its stated
+/// length.
+pub fn unpack(packed: &Bytes, limit: usize) -> Result<Bytes, WireError> {
+    let blocks = blocks(packed, limit)?;
     let mut out = vec![0u8; blocks.iter().map(|(_, raw)| raw).sum()];
     let mut at = 0;
     for (block, raw) in blocks {
@@ -334,6 +345,12 @@ pub fn decode_header(h: &[u8; HEADER_LEN]) -> Result<Header, WireError> {
 /// Checks and decodes the body announced by `header`: its message part and its tail (kept in
 /// a buffer of its own, so chunk data is handed on without a copy; a packed tail is unpacked).
 pub fn decode_body(header: &Header, msg: &[u8], tail: Bytes) -> Result<Frame, WireError> {
+    decode_body_within(header, msg, tail, usize::MAX)
+}
+
+/// [`decode_body`] for a reader that takes bodies of at most `max` bytes: a packed tail may not
+/// unpack to more than that either.
+pub fn decode_body_within(header: &Header, msg: &[u8], tail: Bytes, max: usize) -> Result<Frame, WireError> {
     if msg.len() != header.msg_len as usize || tail.len() != header.tail_len as usize {
         return Err(WireError::BadLength);
     }
@@ -350,7 +367,7 @@ pub fn decode_body(header: &Header, msg: &[u8], tail: Bytes) -> Result<Frame, Wi
     if !msg.takes_packed() || tail.is_empty() {
         return Err(WireError::BadFlags(PACKED));
     }
-    Ok(Frame { msg, tail: unpack(&tail)?, packed: Some(tail) })
+    Ok(Frame { msg, tail: unpack(&tail, max)?, packed: Some(tail) })
 }
 
 /// Decodes one whole frame from `buf` (tests and fuzzing).
@@ -459,7 +476,7 @@ mod tests {
     fn packed_frames_unpack_to_their_chunks_and_keep_what_came() {
         let (raw, packed) = two_chunks();
         assert!(packed.len() < raw.len() / 2 + 4096 && packed.len() > 4096, "{}", packed.len());
-        let b = blocks(&packed).unwrap();
+        let b = blocks(&packed, usize::MAX).unwrap();
         assert_eq!(b.iter().map(|(_, r)| *r).collect::<Vec<_>>(), vec![4096, 4096]);
         // The noise is stored as it is.
         assert_eq!(&b[1].0[BLOCK_HEAD..], &raw[4096..]);
@@ -504,14 +521,35 @@ mod tests {
         q.remove(BLOCK_HEAD + stored - 1);
         q[4..8].copy_from_slice(&(stored as u32 - 1).to_be_bytes());
         assert!(matches!(bad(q), Err(WireError::BadPacking(_))), "a damaged lz4 block");
-        // A block that claims more than a tail may hold unpacked.
+        // More than LZ4 can unpack from what a block stores: refused before anything is
+        // allocated for it.
+        let mut q = Vec::new();
+        q.extend_from_slice(&(MAX_TAIL / 2).to_be_bytes());
+        q.extend_from_slice(&1u32.to_be_bytes());
+        q.push(0);
+        assert!(matches!(bad(q), Err(WireError::BadPacking(_))), "a ratio LZ4 cannot reach");
+        // Blocks that add up to more than a tail may hold unpacked.
+        let (half, stored) = (MAX_TAIL / 2 + 1, (MAX_TAIL / 2) / 255 + 1);
         let mut q = Vec::new();
         for _ in 0..2 {
-            q.extend_from_slice(&(MAX_TAIL / 2 + 1).to_be_bytes());
-            q.extend_from_slice(&1u32.to_be_bytes());
-            q.push(0);
+            q.extend_from_slice(&half.to_be_bytes());
+            q.extend_from_slice(&stored.to_be_bytes());
+            q.resize(q.len() + stored as usize, 0);
         }
         assert!(matches!(bad(q), Err(WireError::BadPacking(_))), "over the tail limit");
+        // A block short of a chunk before another.
+        let mut q = Vec::new();
+        pack_block(&raw[..100], &mut q);
+        pack_block(&raw[..4096], &mut q);
+        assert!(matches!(bad(q), Err(WireError::BadPacking(_))), "a short block before the last");
+        // Where only small frames may come, a packed one may not unpack past the limit either.
+        let f = Frame::packed(Message::Data { id: 1 }, packed.clone());
+        let wire = f.encode();
+        let header = decode_header(wire[..HEADER_LEN].try_into().unwrap()).unwrap();
+        let (msg, tail) = wire[HEADER_LEN..].split_at(header.msg_len as usize);
+        let tail = Bytes::copy_from_slice(tail);
+        assert!(tail.len() < 8192 && decode_body_within(&header, msg, tail.clone(), 8192).is_ok());
+        assert!(matches!(decode_body_within(&header, msg, tail, 8191), Err(WireError::BadPacking(_))));
         // The flag on a frame that carries no chunk data, or with no tail.
         assert_eq!(decode(&frame(Message::Have, p.clone())), Err(WireError::BadFlags(PACKED)));
         let mut empty = Frame::new(Message::Data { id: 1 }).encode();
@@ -524,8 +562,21 @@ mod tests {
 
     proptest! {
         #[test]
-        fn arbitrary_packed_tails_never_panic(tail in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let _ = unpack(&Bytes::from(tail));
+        fn arbitrary_packed_tails_never_panic(
+            blocks in proptest::collection::vec((1u32..70_000, proptest::collection::vec(any::<u8>(), 1..300)), 0..4),
+            cut in 0usize..16,
+        ) {
+            // Well-formed headers over arbitrary contents, so the LZ4 decoder is reached.
+            let mut tail = Vec::new();
+            for (raw, stored) in &blocks {
+                tail.extend_from_slice(&raw.to_be_bytes());
+                tail.extend_from_slice(&(stored.len() as u32).to_be_bytes());
+                tail.extend_from_slice(stored);
+            }
+            tail.truncate(tail.len().saturating_sub(cut));
+            if let Ok(raw) = unpack(&Bytes::from(tail), usize::MAX) {
+                prop_assert!(raw.len() <= MAX_TAIL as usize);
+            }
         }
 
         #[test]
@@ -533,7 +584,7 @@ mod tests {
             let mut packed = Vec::new();
             pack_block(&raw, &mut packed);
             prop_assert!(packed.len() <= raw.len() + BLOCK_HEAD);
-            prop_assert_eq!(unpack(&Bytes::from(packed)).unwrap(), Bytes::from(raw));
+            prop_assert_eq!(unpack(&Bytes::from(packed), usize::MAX).unwrap(), Bytes::from(raw));
         }
 
         #[test]

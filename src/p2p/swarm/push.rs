@@ -120,9 +120,9 @@ impl Swarm {
 }
 
 impl PushSink for Swarm {
-    fn packed(&self, first: u32, frame: &Frame) {
+    fn packed(&self, chunks: Range<u32>, frame: &Frame) {
         if self.tuning.pack {
-            self.packs.keep(first, frame);
+            self.packs.keep(self.manifest.geometry(), chunks, frame);
         }
     }
 
