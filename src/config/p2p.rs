@@ -76,10 +76,11 @@ pub struct P2pConfig {
     /// asked.
     #[serde(default = "default_push")]
     pub push: bool,
-    /// Whether chunks sent to peers go packed (lz4, chunk by chunk, each only where that makes
-    /// it smaller): packed once where they enter the cluster and sent on as they came by every
-    /// relay. Packed chunks are always accepted.
-    #[serde(default = "default_pack")]
+    /// Whether chunks sent to peers go packed (LZ4, chunk by chunk, each only where that makes
+    /// it smaller): packed once where they enter the cluster and sent on as they came by
+    /// relays. It halves the bytes on the links for some CPU per chunk at each receiver: for
+    /// clusters whose links, not CPUs, bound a bulk boot. Packed chunks are always read.
+    #[serde(default)]
     pub pack: bool,
 }
 
@@ -107,9 +108,6 @@ pub struct P2pTuning {
 }
 
 fn default_push() -> bool {
-    true
-}
-fn default_pack() -> bool {
     true
 }
 fn default_max_sessions() -> usize {

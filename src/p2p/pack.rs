@@ -200,7 +200,11 @@ mod tests {
 
     /// A decoded frame of `tail` (as a peer's session would hand it on).
     fn received(tail: &Bytes) -> Frame {
-        Frame { msg: Message::Data { id: 1 }, tail: wire::unpack(tail, usize::MAX).unwrap(), packed: Some(tail.clone()) }
+        Frame {
+            msg: Message::Data { id: 1 },
+            tail: wire::unpack(tail, usize::MAX).unwrap(),
+            packed: Some(tail.clone()),
+        }
     }
 
     #[test]

@@ -106,7 +106,7 @@ pub trait PeerExport: Send + Sync + 'static {
     /// The bytes of `run` if this node holds it and they read back; never a fetch.
     fn cached(&self, run: Range<u32>) -> BoxFuture<'_, Option<Bytes>>;
     /// `chunks`' bytes `raw` (read from this node's cache) packed for the wire, when the image
-    /// packs them (see `p2p::pack`).
+    /// packs them (`p2p.pack`; see `p2p::pack`).
     fn pack(&self, _chunks: Range<u32>, _raw: &Bytes) -> Option<Bytes> {
         None
     }

@@ -124,7 +124,8 @@ impl PeerServer {
 
     /// The frame `msg` carrying `chunks`' bytes (`push`: a push's): corrupted under the test
     /// switches (and then never packed, so the corruption reaches the peer as it is), else
-    /// packed when the image packs. Counted as sent packed when built (`packed_bytes`).
+    /// packed when the image packs (`p2p.pack`). Counted as sent packed when built
+    /// (`packed_bytes`).
     pub(super) fn data_frame(
         &self,
         export: &dyn PeerExport,

@@ -67,7 +67,7 @@ async fn a_guest_miss_overtakes_queued_prefetch_at_the_origin() {
         classes: 4,
         max_sessions: 64,
         push: true,
-        pack: true,
+        pack: false,
     };
     let swarm = Swarm::new("127.0.0.1:9", key, m.clone(), origin.clone(), tuning);
     let dir = tempfile::tempdir().unwrap();
