@@ -205,21 +205,6 @@ fn concurrent_readers_take_each_chunk_from_the_origin_about_once() {
 }
 
 #[test]
-fn packed_pushes_and_replies_reach_every_reader_intact() {
-    // Pushes on (the default) and chunks packed: every node serves the image identically, the
-    // origin sends it about once, and no packed chunk fails its check at a receiver.
-    let mut c = Cluster::new(16 * MIB);
-    let nodes: Vec<usize> = (0..3).map(|_| c.add_node("pack = true", &[])).collect();
-    let size = read_everywhere_at_once(&c, &nodes);
-    let packed: u64 = nodes.iter().map(|&i| c.nodes[i].node_status().packed_bytes).sum();
-    assert!(packed >= size / 2, "{packed} bytes sent packed for an image of {size}");
-    for &i in &nodes {
-        let s = c.nodes[i].status();
-        assert_eq!((s.failed, s.p2p.peer_verify_failures, s.p2p.bans), (0, 0, 0), "{:?}", s.p2p);
-    }
-}
-
-#[test]
 fn relay_chains_climb_to_the_root_of_each_stripe() {
     // Fan-out 1 turns every stripe's tree into a chain through all five nodes: reads climb up
     // to four relays, each fetching the run from the next before serving it. Without pushes:
@@ -227,7 +212,7 @@ fn relay_chains_climb_to_the_root_of_each_stripe() {
     // twice (3–6% of the bytes in the storms of BENCHMARKS.md), which this count of each link
     // carrying the image once would take for a relay fault.
     let mut c = Cluster::new(16 * MIB);
-    let nodes: Vec<usize> = (0..5).map(|_| c.add_node("fanout = 1\npush = false\npack = true", &[])).collect();
+    let nodes: Vec<usize> = (0..5).map(|_| c.add_node("fanout = 1\npush = false", &[])).collect();
     let size = read_everywhere_at_once(&c, &nodes);
     let relayed: Vec<u64> = nodes.iter().map(|&i| c.nodes[i].status().p2p.bytes_to_peers).collect();
     // In a chain every node but the last relays each stripe once: about 4 × the image in all,
@@ -244,15 +229,6 @@ fn relay_chains_climb_to_the_root_of_each_stripe() {
     let chunk = 64 << 10;
     assert!(parts * chunk >= total / 2, "{parts} parts for {total} bytes relayed");
     assert!(cut > 0 && cut <= parts, "{cut} of {parts} parts cut through");
-    // With `pack`, chunks go packed (every seventh chunk of the test image is zeros, the rest
-    // noise), and a chunk is packed where it enters the cluster: relays send on what they got.
-    let packed: u64 = status.iter().map(|s| s.packed_bytes).sum();
-    let wire: u64 = status.iter().map(|s| s.packed_wire_bytes).sum();
-    assert!(packed >= total / 2 && wire < packed - packed / 20, "{wire} bytes on the wire for {packed}");
-    let p2p: Vec<_> = nodes.iter().map(|&i| c.nodes[i].status().p2p).collect();
-    let here: u64 = p2p.iter().map(|p| p.chunks_packed).sum();
-    let on: u64 = p2p.iter().map(|p| p.chunks_sent_as_received).sum();
-    assert!(on > here, "{here} chunks packed, {on} sent on as received");
 }
 
 /// Reads on `readers` while `victim` (which holds everything and serves slowly) is taken out

@@ -2,13 +2,15 @@
 //! chunk is packed about once in the whole cluster: where it enters it (the node that read it
 //! from the origin), then sent on as it came by every relay below.
 //!
-//! Invariants: a block goes out in place of bytes only if it unpacks to exactly those bytes,
-//! which the sender read from its cache (so they matched the manifest). A block packed here is
-//! so by construction; a block that came from a peer is kept unchecked, and checked once, by
-//! unpacking it and comparing, the first time it would be sent (a peer cannot make this node
-//! send on bytes it never verified; a node that never sends a chunk on never pays for the
-//! check). At most [`PACK_BUDGET`] bytes of blocks are kept per image, the oldest dropped
-//! first; a block received is copied out of its frame, so the budget counts what is really held.
+//! Invariants: a block goes out in place of a chunk's bytes only if it unpacks to bytes that
+//! matched the manifest. A block packed here is kept only if the bytes it was packed from
+//! matched; a block that came from a peer is kept unchecked, and checked once, by unpacking it
+//! and comparing with the bytes the sender would send otherwise (from its cache, or fetched and
+//! checked for the asker), the first time it would be sent: a peer cannot make this node send
+//! on bytes it never verified, and a node that never sends a chunk on never pays for the check.
+//! A checked block is never replaced by a later peer's. At most [`PACK_BUDGET`] bytes of blocks
+//! are kept per image, the oldest dropped first; a block received is copied out of its frame,
+//! so the budget counts what is really held.
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
@@ -17,7 +19,7 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 
-use super::wire::{self, Frame};
+use super::wire;
 use crate::image::{ChunkIdx, Geometry, Manifest};
 
 /// Bytes of packed blocks kept per image: the Debian guest's boot working set (803 chunks of
@@ -96,29 +98,42 @@ impl Packs {
         }
     }
 
-    /// Keeps the blocks of `frame`, a packed frame of `chunks` (as its session checked them),
-    /// unchecked: one block per chunk, each of its chunk's length, or nothing is kept.
-    pub fn keep(&self, g: Geometry, chunks: Range<u32>, frame: &Frame) {
-        let Some(packed) = &frame.packed else { return };
-        let Ok(blocks) = wire::blocks(packed, frame.tail.len()) else { return };
+    /// Keeps the blocks of `packed`, the packed tail of a frame of `chunks` (as its session
+    /// checked them), unchecked: one block per chunk, each of its chunk's length, or nothing
+    /// is kept. A chunk already kept is left as it is unless its block is an unchecked one from
+    /// a peer (so a peer cannot make this node check or pack anew what it holds already).
+    pub fn keep(&self, g: Geometry, chunks: Range<u32>, packed: &Bytes) {
+        let Some((_, len)) = g.run_bytes(chunks.clone()) else { return };
+        let Ok(blocks) = wire::blocks(packed, len) else { return };
         if blocks.len() != chunks.len() || chunks.clone().zip(&blocks).any(|(c, (_, n))| g.chunk_len(ChunkIdx(c)) != *n)
         {
             return;
         }
+        let fresh: Vec<u32> = {
+            let inner = self.inner.lock().unwrap();
+            chunks.clone().filter(|c| inner.blocks.get(c).is_none_or(|(_, o)| *o == Origin::Peer(false))).collect()
+        };
+        // Copied out of the frame (so the budget counts what is held) before the lock is taken.
+        let copies: Vec<(u32, Bytes)> = chunks
+            .zip(blocks)
+            .filter(|(c, _)| fresh.contains(c))
+            .map(|(c, (block, _))| (c, Bytes::copy_from_slice(&block)))
+            .collect();
         let mut inner = self.inner.lock().unwrap();
-        for (c, (block, _)) in chunks.zip(blocks) {
-            inner.keep(self.budget, c, Bytes::copy_from_slice(&block), Origin::Peer(false));
+        for (c, block) in copies {
+            inner.keep(self.budget, c, block, Origin::Peer(false));
         }
     }
 
-    /// The packed tail of `chunks`, whose bytes `raw` come from this node's cache: each
+    /// The packed tail of `chunks`, whose bytes `raw` this node would send otherwise: each
     /// chunk's kept block if it unpacks to those bytes (a block from a peer is checked the first
     /// time), else packed now (and kept if the bytes match the manifest: a bad read of the
     /// cache is sent once, and refused by the peer, but not kept). A tail that does not pack
     /// is still sent packed (its blocks stored as they are, 8 bytes more per chunk), so that
     /// the relays below keep its blocks too and never try again to pack what does not pack.
-    /// `None` when `raw` is not as long as those chunks.
-    pub fn tail(&self, manifest: &Manifest, chunks: Range<u32>, raw: &Bytes) -> Option<Bytes> {
+    /// `None` when `raw` is not as long as those chunks, or the tail would be longer than
+    /// `limit`.
+    pub fn tail(&self, manifest: &Manifest, chunks: Range<u32>, raw: &Bytes, limit: usize) -> Option<Bytes> {
         let g = manifest.geometry();
         if g.run_bytes(chunks.clone()).map(|(_, n)| n) != Some(raw.len()) {
             return None;
@@ -138,7 +153,8 @@ impl Packs {
                     out.extend_from_slice(&block);
                     if origin == Origin::Peer(false) {
                         if let Some(e) = self.inner.lock().unwrap().blocks.get_mut(&c) {
-                            if e.0 == block {
+                            // The block checked, not one a peer sent since.
+                            if e.0.as_ptr() == block.as_ptr() {
                                 e.1 = Origin::Peer(true);
                             }
                         }
@@ -157,6 +173,9 @@ impl Packs {
                     packed += 1;
                 }
             }
+        }
+        if out.len() > limit {
+            return None;
         }
         self.packed.fetch_add(packed, Ordering::Relaxed);
         self.sent_as_received.fetch_add(kept, Ordering::Relaxed);
@@ -177,7 +196,6 @@ impl Packs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::p2p::wire::Message;
 
     /// A manifest of `n` chunks of 64 KiB, each compressible (text) but distinct.
     fn image(n: u32) -> (Manifest, Bytes) {
@@ -198,41 +216,34 @@ mod tests {
         (m, data.into())
     }
 
-    /// A decoded frame of `tail` (as a peer's session would hand it on).
-    fn received(tail: &Bytes) -> Frame {
-        Frame {
-            msg: Message::Data { id: 1 },
-            tail: wire::unpack(tail, usize::MAX).unwrap(),
-            packed: Some(tail.clone()),
-        }
-    }
-
     #[test]
     fn a_tail_packed_here_unpacks_to_the_chunks_and_is_sent_on_as_kept() {
         let (m, data) = image(4);
         let g = m.geometry();
         let packs = Packs::new(PACK_BUDGET);
         let raw = data.slice(65536..4 * 65536);
-        let tail = packs.tail(&m, 1..4, &raw).expect("text packs");
+        let tail = packs.tail(&m, 1..4, &raw, usize::MAX).expect("text packs");
         assert!(tail.len() < raw.len() / 2, "{} of {}", tail.len(), raw.len());
         assert_eq!(wire::unpack(&tail, usize::MAX).unwrap(), raw);
         assert_eq!(packs.stats().blocks, 3);
         // Sent again from where it was packed: neither packed again nor counted as received.
-        assert_eq!(packs.tail(&m, 1..4, &raw).unwrap(), tail);
+        assert_eq!(packs.tail(&m, 1..4, &raw, usize::MAX).unwrap(), tail);
         assert_eq!((packs.stats().packed, packs.stats().sent_as_received), (3, 0));
         // A relay that received it keeps its blocks and sends the same bytes on.
         let relay = Packs::new(PACK_BUDGET);
-        relay.keep(g, 1..4, &received(&tail));
+        relay.keep(g, 1..4, &tail);
         assert_eq!(relay.stats().blocks, 3);
-        let on = relay.tail(&m, 2..4, &data.slice(2 * 65536..4 * 65536)).unwrap();
+        let on = relay.tail(&m, 2..4, &data.slice(2 * 65536..4 * 65536), usize::MAX).unwrap();
         let b = wire::blocks(&tail, usize::MAX).unwrap();
         assert_eq!(on, tail.slice(b[0].0.len()..));
         assert_eq!((relay.stats().packed, relay.stats().sent_as_received), (0, 2));
+        // A tail longer than the frame may carry: not sent packed, and not counted.
+        assert!(relay.tail(&m, 2..4, &data.slice(2 * 65536..4 * 65536), on.len() - 1).is_none());
+        assert_eq!((relay.stats().packed, relay.stats().sent_as_received), (0, 2));
         // Kept only as the chunks the session says it carries, each of its length.
         let other = Packs::new(PACK_BUDGET);
-        other.keep(g, 1..3, &received(&tail));
-        other.keep(g, 0..3, &received(&tail.slice(b[0].0.len()..)));
-        other.keep(g, 2..4, &Frame::with_tail(Message::Data { id: 1 }, raw.slice(..2 * 65536)));
+        other.keep(g, 1..3, &tail);
+        other.keep(g, 0..3, &tail.slice(b[0].0.len()..b[0].0.len() + b[1].0.len()));
         assert_eq!(other.stats().blocks, 0);
     }
 
@@ -244,17 +255,19 @@ mod tests {
         // A peer sends, as chunk 0, the bytes of chunk 1 packed: kept, unchecked.
         let mut lie = Vec::new();
         wire::pack_block(&data[65536..], &mut lie);
-        packs.keep(g, 0..1, &received(&Bytes::from(lie.clone())));
+        packs.keep(g, 0..1, &Bytes::from(lie.clone()));
         assert_eq!(packs.stats().blocks, 1);
-        let tail = packs.tail(&m, 0..1, &data.slice(0..65536)).unwrap();
+        let tail = packs.tail(&m, 0..1, &data.slice(0..65536), usize::MAX).unwrap();
         assert_ne!(&tail[..], &lie[..]);
         assert_eq!(wire::unpack(&tail, usize::MAX).unwrap(), data.slice(0..65536));
         // Packed here in its place: the lie is gone.
         assert_eq!((packs.stats().packed, packs.stats().sent_as_received), (1, 0));
-        assert_eq!(packs.tail(&m, 0..1, &data.slice(0..65536)).unwrap(), tail);
+        // Sent again, even after the peer sends the lie again: the block packed here stays.
+        packs.keep(g, 0..1, &Bytes::from(lie.clone()));
+        assert_eq!(packs.tail(&m, 0..1, &data.slice(0..65536), usize::MAX).unwrap(), tail);
         assert_eq!(packs.stats().packed, 1);
         // Bytes of another length than the chunks': nothing.
-        assert!(packs.tail(&m, 0..2, &data.slice(0..65536)).is_none());
+        assert!(packs.tail(&m, 0..2, &data.slice(0..65536), usize::MAX).is_none());
     }
 
     #[test]
@@ -263,10 +276,10 @@ mod tests {
         let packs = Packs::new(PACK_BUDGET);
         let mut bad = data.to_vec();
         bad[100] ^= 1;
-        let tail = packs.tail(&m, 0..1, &Bytes::from(bad.clone())).unwrap();
+        let tail = packs.tail(&m, 0..1, &Bytes::from(bad.clone()), usize::MAX).unwrap();
         assert_eq!(wire::unpack(&tail, usize::MAX).unwrap(), Bytes::from(bad));
         assert_eq!(packs.stats().blocks, 0);
-        let good = packs.tail(&m, 0..1, &data).unwrap();
+        let good = packs.tail(&m, 0..1, &data, usize::MAX).unwrap();
         assert_eq!(wire::unpack(&good, usize::MAX).unwrap(), data);
         assert_eq!(packs.stats().blocks, 1);
     }
@@ -275,12 +288,12 @@ mod tests {
     fn blocks_past_the_budget_go_oldest_first() {
         let (m, data) = image(8);
         let one = Packs::new(PACK_BUDGET);
-        one.tail(&m, 0..1, &data.slice(0..65536)).unwrap();
+        one.tail(&m, 0..1, &data.slice(0..65536), usize::MAX).unwrap();
         let per = one.stats().bytes as usize;
         let packs = Packs::new(3 * per + per / 2);
         for c in 0..8u32 {
             let at = (c as usize) << 16;
-            packs.tail(&m, c..c + 1, &data.slice(at..at + 65536)).unwrap();
+            packs.tail(&m, c..c + 1, &data.slice(at..at + 65536), usize::MAX).unwrap();
             assert!(packs.stats().bytes as usize <= 3 * per + per / 2);
         }
         let inner = packs.inner.lock().unwrap();

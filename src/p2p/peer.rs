@@ -47,8 +47,9 @@ pub trait PushSink: Send + Sync + 'static {
     /// session then ends); the pieces ending early (the session ended) lose the offer.
     fn pushed(&self, from: &str, run: Range<u32>, offered: Offered, pieces: Pieces) -> BoxFuture<'_, bool>;
     /// A packed frame of chunk data came, carrying `chunks` (its tail unpacked, its length
-    /// checked): its blocks may be kept to be sent on as they came (see `p2p::pack`).
-    fn packed(&self, _chunks: Range<u32>, _frame: &Frame) {}
+    /// checked) packed as `packed`: its blocks may be kept to be sent on as they came (see
+    /// `p2p::pack`).
+    fn packed(&self, _chunks: Range<u32>, _packed: &Bytes) {}
 }
 
 /// The pieces of one pushed run, in order: chunks and their bytes.
@@ -247,18 +248,20 @@ impl PeerConn {
                 heard = tokio::time::Instant::now();
                 // A packed frame's blocks, once its chunks and length are checked below, may be
                 // kept to be sent on (checked against the bytes they stand for first).
-                let keep = |chunks: Range<u32>, f: &Frame| {
-                    if let (Some(_), Some(sink)) = (&f.packed, sink.upgrade()) {
-                        sink.packed(chunks, f);
+                // (Called with no lock held: it copies the blocks.)
+                let packed = f.packed.clone();
+                let keep = |chunks: Range<u32>| {
+                    if let (Some(packed), Some(sink)) = (&packed, sink.upgrade()) {
+                        sink.packed(chunks, packed);
                     }
                 };
                 let (id, reply) = match f.msg {
                     Message::Data { id } => {
-                        if let Some(p) = me.pending.lock().unwrap().get(&id) {
-                            let rest = p.run.start + p.got..p.run.end;
-                            if g.run_bytes(rest.clone()).is_some_and(|(_, n)| n == f.tail.len()) {
-                                keep(rest, &f);
-                            }
+                        let rest = me.pending.lock().unwrap().get(&id).map(|p| p.run.start + p.got..p.run.end);
+                        if let Some(rest) =
+                            rest.filter(|r| g.run_bytes(r.clone()).is_some_and(|(_, n)| n == f.tail.len()))
+                        {
+                            keep(rest);
                         }
                         (id, Ok(f.tail))
                     }
@@ -276,9 +279,10 @@ impl PeerConn {
                             break format!("part of chunks {from}+{count} in {} bytes", f.tail.len());
                         }
                         p.got += count;
-                        keep(part.clone(), &f);
                         // The asker may have given up on the parts: they are dropped then.
-                        let _ = p.parts.send((part, f.tail));
+                        let _ = p.parts.send((part.clone(), f.tail));
+                        drop(pending);
+                        keep(part);
                         continue;
                     }
                     Message::NotHave { id } => (id, Err(Refusal::NotHave)),
@@ -347,7 +351,7 @@ impl PeerConn {
                         // Of an offer not taken (nothing of it wanted, too many waiting): dropped.
                         let Some(o) = offers.get_mut(&first) else { continue };
                         o.got += count;
-                        keep(part.clone(), &f);
+                        keep(part.clone());
                         o.piece(&sink, &me, first, (part, f.tail));
                         continue;
                     }
@@ -370,7 +374,7 @@ impl PeerConn {
                             // of ours that crossed it (the peer answers them `Pushed`); the rest
                             // of a push cut through is dropped with it.
                             if f.tail.len() == whole {
-                                keep(run.clone(), &f);
+                                keep(run.clone());
                                 me.answer_from_push(g, run, &f.tail);
                             } else if f.tail.len() > whole || f.tail.is_empty() {
                                 break format!("push of chunks {first}+{count} in {} bytes", f.tail.len());
@@ -386,7 +390,7 @@ impl PeerConn {
                                 f.tail.len()
                             );
                         }
-                        keep(rest.clone(), &f);
+                        keep(rest.clone());
                         if offer.got == 0 {
                             me.answer_from_push(g, run, &f.tail);
                         }

@@ -105,8 +105,9 @@ pub trait PeerExport: Send + Sync + 'static {
     fn class(&self, chunk: u32) -> u32;
     /// The bytes of `run` if this node holds it and they read back; never a fetch.
     fn cached(&self, run: Range<u32>) -> BoxFuture<'_, Option<Bytes>>;
-    /// `chunks`' bytes `raw` (read from this node's cache) packed for the wire, when the image
-    /// packs them (`p2p.pack`; see `p2p::pack`).
+    /// `chunks`' bytes `raw` (from this node's cache, or fetched and checked for a peer) packed
+    /// for the wire, when the image packs them (`p2p.pack`) and they fit a frame packed (see
+    /// `p2p::pack`).
     fn pack(&self, _chunks: Range<u32>, _raw: &Bytes) -> Option<Bytes> {
         None
     }

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::{Held, PeerExport, PeerServer, Reservation};
-use crate::p2p::wire::{Frame, Message, MAX_TAIL};
+use crate::p2p::wire::{Frame, Message};
 
 impl PeerServer {
     pub(super) async fn reply(
@@ -124,8 +124,8 @@ impl PeerServer {
 
     /// The frame `msg` carrying `chunks`' bytes (`push`: a push's): corrupted under the test
     /// switches (and then never packed, so the corruption reaches the peer as it is), else
-    /// packed when the image packs (`p2p.pack`). Counted as sent packed when built
-    /// (`packed_bytes`).
+    /// packed when the image packs (`p2p.pack`) and the packed tail fits a frame. Counted as
+    /// sent packed when built (`packed_bytes`).
     pub(super) fn data_frame(
         &self,
         export: &dyn PeerExport,
@@ -138,8 +138,8 @@ impl PeerServer {
             return Frame::with_tail(msg, self.maybe_corrupt(bytes, push));
         }
         // A tail of incompressible chunks packs to 8 bytes more per chunk: a run that fills a
-        // frame goes as it is then.
-        match export.pack(chunks, &bytes).filter(|p| p.len() <= MAX_TAIL as usize) {
+        // frame goes as it is then (`pack` answers `None`).
+        match export.pack(chunks, &bytes) {
             Some(packed) => {
                 self.stats.packed_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 self.stats.packed_wire.fetch_add(packed.len() as u64, Ordering::Relaxed);

@@ -5,9 +5,9 @@
 //! offer from anyone else is dropped); every pushed chunk is verified against the manifest
 //! before it is handed on or stored, and a mismatch bans the parent as a corrupt reply does;
 //! pushed bytes being verified and stored are bounded ([`RECEIVE_BUDGET_KIB`]), a push past
-//! that is dropped and its chunks are fetched as if never offered. Chunk data that comes packed
-//! (from parents and from peers alike) leaves its blocks in the image's `Packs`, to be sent on
-//! as it came.
+//! that is dropped and its chunks are fetched as if never offered. With `p2p.pack`, chunk data
+//! that comes packed (from parents and from peers alike) leaves its blocks in the image's
+//! `Packs`, to be sent on as it came.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -22,7 +22,7 @@ use crate::fetch::flight::{Fetcher, Offered};
 use crate::fetch::BoxFuture;
 use crate::p2p::peer::{PeerConn, Pieces, PushSink};
 use crate::p2p::select::Outcome;
-use crate::p2p::wire::Frame;
+use crate::p2p::wire::MAX_TAIL;
 
 /// Pushed bytes being verified and stored at once, per image, in KiB.
 pub(super) const RECEIVE_BUDGET_KIB: usize = 32 << 10;
@@ -110,7 +110,7 @@ impl Swarm {
     /// The packed tail of `chunks` (whose bytes `raw` come from the cache) for a peer, when
     /// this node packs.
     pub fn pack(&self, chunks: Range<u32>, raw: &Bytes) -> Option<Bytes> {
-        self.tuning.pack.then(|| self.packs.tail(&self.manifest, chunks, raw)).flatten()
+        self.tuning.pack.then(|| self.packs.tail(&self.manifest, chunks, raw, MAX_TAIL as usize)).flatten()
     }
 
     /// What this image's packed blocks did and hold.
@@ -120,9 +120,9 @@ impl Swarm {
 }
 
 impl PushSink for Swarm {
-    fn packed(&self, chunks: Range<u32>, frame: &Frame) {
+    fn packed(&self, chunks: Range<u32>, packed: &Bytes) {
         if self.tuning.pack {
-            self.packs.keep(self.manifest.geometry(), chunks, frame);
+            self.packs.keep(self.manifest.geometry(), chunks, packed);
         }
     }
 
