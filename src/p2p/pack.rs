@@ -109,19 +109,24 @@ impl Packs {
         {
             return;
         }
-        let fresh: Vec<u32> = {
+        let replaceable = |inner: &Inner, c: u32| inner.blocks.get(&c).is_none_or(|(_, o)| *o == Origin::Peer(false));
+        let fresh: Vec<bool> = {
             let inner = self.inner.lock().unwrap();
-            chunks.clone().filter(|c| inner.blocks.get(c).is_none_or(|(_, o)| *o == Origin::Peer(false))).collect()
+            chunks.clone().map(|c| replaceable(&inner, c)).collect()
         };
         // Copied out of the frame (so the budget counts what is held) before the lock is taken.
         let copies: Vec<(u32, Bytes)> = chunks
             .zip(blocks)
-            .filter(|(c, _)| fresh.contains(c))
-            .map(|(c, (block, _))| (c, Bytes::copy_from_slice(&block)))
+            .zip(fresh)
+            .filter(|(_, fresh)| *fresh)
+            .map(|((c, (block, _)), _)| (c, Bytes::copy_from_slice(&block)))
             .collect();
         let mut inner = self.inner.lock().unwrap();
         for (c, block) in copies {
-            inner.keep(self.budget, c, block, Origin::Peer(false));
+            // Checked or packed meanwhile by another session: that one stays.
+            if replaceable(&inner, c) {
+                inner.keep(self.budget, c, block, Origin::Peer(false));
+            }
         }
     }
 
