@@ -109,22 +109,12 @@ impl Packs {
         {
             return;
         }
-        let replaceable = |inner: &Inner, c: u32| inner.blocks.get(&c).is_none_or(|(_, o)| *o == Origin::Peer(false));
-        let fresh: Vec<bool> = {
-            let inner = self.inner.lock().unwrap();
-            chunks.clone().map(|c| replaceable(&inner, c)).collect()
-        };
         // Copied out of the frame (so the budget counts what is held) before the lock is taken.
-        let copies: Vec<(u32, Bytes)> = chunks
-            .zip(blocks)
-            .zip(fresh)
-            .filter(|(_, fresh)| *fresh)
-            .map(|((c, (block, _)), _)| (c, Bytes::copy_from_slice(&block)))
-            .collect();
+        let copies: Vec<(u32, Bytes)> =
+            chunks.zip(blocks).map(|(c, (block, _))| (c, Bytes::copy_from_slice(&block))).collect();
         let mut inner = self.inner.lock().unwrap();
         for (c, block) in copies {
-            // Checked or packed meanwhile by another session: that one stays.
-            if replaceable(&inner, c) {
+            if inner.blocks.get(&c).is_none_or(|(_, o)| *o == Origin::Peer(false)) {
                 inner.keep(self.budget, c, block, Origin::Peer(false));
             }
         }
