@@ -284,9 +284,9 @@ pub fn blocks(packed: &Bytes, limit: usize) -> Result<Vec<(Bytes, usize)>, WireE
     Ok(out)
 }
 
-/// The smallest chunk (`image::geometry::MIN_CHUNK_SIZE`): every block of a packed tail but
-/// its last (the image's last chunk may be shorter) holds at least this much.
-const MIN_BLOCK: usize = 4096;
+/// Every block of a packed tail but its last (the image's last chunk may be shorter) holds at
+/// least a smallest chunk.
+const MIN_BLOCK: usize = crate::image::geometry::MIN_CHUNK_SIZE as usize;
 
 /// Unpacks a packed tail of at most `limit` bytes unpacked: every block to exactly its stated
 /// length.
