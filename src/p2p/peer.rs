@@ -257,11 +257,15 @@ impl PeerConn {
                 };
                 let (id, reply) = match f.msg {
                     Message::Data { id } => {
-                        let rest = me.pending.lock().unwrap().get(&id).map(|p| p.run.start + p.got..p.run.end);
-                        if let Some(rest) =
-                            rest.filter(|r| g.run_bytes(r.clone()).is_some_and(|(_, n)| n == f.tail.len()))
-                        {
-                            keep(rest);
+                        // Only a packed reply looks up its request here (the reply path does it
+                        // anyway): a frame as it is costs no extra lock.
+                        if packed.is_some() {
+                            let rest = me.pending.lock().unwrap().get(&id).map(|p| p.run.start + p.got..p.run.end);
+                            if let Some(rest) =
+                                rest.filter(|r| g.run_bytes(r.clone()).is_some_and(|(_, n)| n == f.tail.len()))
+                            {
+                                keep(rest);
+                            }
                         }
                         (id, Ok(f.tail))
                     }
