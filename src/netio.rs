@@ -2,6 +2,7 @@
 //! copied into a staging buffer) and reads into fresh buffers that are not zeroed first.
 
 use std::io::IoSlice;
+use std::os::fd::AsRawFd;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -16,6 +17,29 @@ pub async fn read_exact_vec<R: AsyncRead + Unpin>(r: &mut R, len: usize) -> std:
         }
     }
     Ok(buf)
+}
+
+/// Caps what socket `s` sends at `bytes_per_second`, paced by the kernel packet by packet
+/// (`SO_MAX_PACING_RATE`; TCP paces by itself once it is set, whatever the qdisc). A burst
+/// written at once then leaves over time instead of filling the link's queue.
+pub fn set_pacing_rate(s: &impl AsRawFd, bytes_per_second: u64) -> std::io::Result<()> {
+    // 64 bits wide: the kernel takes an unsigned long where the option value is that long.
+    let rate: u64 = bytes_per_second;
+    // SAFETY: a plain setsockopt on an open descriptor, with a value the call owns and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MAX_PACING_RATE,
+            (&rate as *const u64).cast(),
+            std::mem::size_of::<u64>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Most slices handed to one `writev` (Linux accepts 1024).
@@ -39,6 +63,31 @@ pub async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, bufs: &[&[u8]]
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_pacing_rate_is_set_on_the_socket() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let read = |s: &tokio::net::TcpStream| {
+            let mut v: u64 = 0;
+            let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+            // SAFETY: getsockopt into a u64 the test owns, its size given.
+            let rc = unsafe {
+                libc::getsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_MAX_PACING_RATE,
+                    (&mut v as *mut u64).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(rc, 0);
+            v
+        };
+        assert_eq!(read(&s), u64::MAX, "unpaced at first");
+        set_pacing_rate(&s, 12 << 20).unwrap();
+        assert_eq!(read(&s), 12 << 20);
+    }
     use std::pin::Pin;
     use std::task::{Context, Poll};
 

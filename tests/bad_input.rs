@@ -250,6 +250,8 @@ fn bad_configs_fail_with_the_key_named() {
         (p2p("listen = \"10.0.0.5:7000\"\nupload_slots = 0", &key), "p2p.upload_slots"),
         (p2p("listen = \"10.0.0.5:7000\"\nfanout = 0", &key), "p2p.fanout"),
         (p2p("listen = \"10.0.0.5:7000\"\nupload_buffer = \"512KiB\"", &key), "p2p.upload_buffer"),
+        (p2p("listen = \"10.0.0.5:7000\"\nsession_rate = \"1KiB\"", &key), "p2p.session_rate"),
+        (p2p("listen = \"10.0.0.5:7000\"\nsession_rate = \"fast\"", &key), "p2p.session_rate"),
         (p2p("listen = \"10.0.0.5:7000\"\npeers_per_address = 0", &key), "p2p.peers_per_address"),
         (p2p("listen = \"10.0.0.5:7000\"\npeers = []", &key), "peers"),
         (p2p("listen = \"10.0.0.5:7000\"\ntracker_replicas = 2", &key), "p2p.tracker_replicas"),

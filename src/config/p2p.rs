@@ -60,6 +60,11 @@ pub struct P2pConfig {
     /// Optional cap on upload traffic to peers, e.g. "50MiB" (per second).
     #[serde(default)]
     pub upload_rate: Option<String>,
+    /// Optional cap on what each peer session sends, e.g. "12MiB" (per second), enforced by the
+    /// kernel packet by packet (`SO_MAX_PACING_RATE`): uploads to children then never fill the
+    /// node's link queue ahead of its own requests and acknowledgements.
+    #[serde(default)]
+    pub session_rate: Option<String>,
     /// Bytes of replies to peers held at once, node-wide, each from its request's arrival until
     /// it is written; a request past it gets `Busy`.
     #[serde(default = "default_upload_buffer")]
@@ -100,6 +105,7 @@ pub struct P2pTuning {
     pub classes: u32,
     pub upload_slots: usize,
     pub upload_rate: Option<u64>,
+    pub session_rate: Option<u64>,
     pub upload_buffer: u64,
     pub peers_per_address: usize,
     pub max_sessions: usize,
@@ -205,6 +211,16 @@ impl P2pConfig {
         }
         let upload_rate =
             self.upload_rate.as_deref().map(parse_size).transpose().map_err(|m| invalid("p2p.upload_rate", m))?;
+        let session_rate = self
+            .session_rate
+            .as_deref()
+            .map(parse_size)
+            .transpose()
+            .map_err(|m| invalid("p2p.session_rate", m))?
+            .filter(|r| *r > 0);
+        if session_rate.is_some_and(|r| r < 64 << 10) {
+            return Err(invalid("p2p.session_rate", "must be at least 64KiB (per second), or 0 for none"));
+        }
         let upload_buffer = parse_size(&self.upload_buffer).map_err(|m| invalid("p2p.upload_buffer", m))?;
         if !(1 << 20..=crate::p2p::server::MAX_BUFFER).contains(&upload_buffer) {
             return Err(invalid("p2p.upload_buffer", "must be between 1MiB and 2GiB"));
@@ -229,6 +245,7 @@ impl P2pConfig {
             classes: self.classes,
             upload_slots: self.upload_slots,
             upload_rate,
+            session_rate,
             upload_buffer,
             peers_per_address: self.peers_per_address,
             max_sessions: self.max_sessions,

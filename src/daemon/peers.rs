@@ -75,6 +75,7 @@ impl Peers {
         let limits = UploadLimits {
             slots: t.upload_slots,
             rate: t.upload_rate,
+            session_rate: t.session_rate,
             max_queue: MAX_QUEUE,
             buffer: t.upload_buffer,
             per_address: t.peers_per_address,

@@ -125,6 +125,8 @@ pub struct UploadLimits {
     pub slots: usize,
     /// Bytes per second, node-wide; `None` for no cap.
     pub rate: Option<u64>,
+    /// Bytes per second each session sends, paced by the kernel; `None` for no cap.
+    pub session_rate: Option<u64>,
     /// Requests one session may have queued before it gets `Busy`.
     pub max_queue: usize,
     /// Bytes of replies held at once, node-wide, from their request's arrival until written;
@@ -137,6 +139,9 @@ pub struct UploadLimits {
 }
 
 pub use super::core::upload::MAX_BUFFER;
+
+/// A session the kernel would not pace is warned about once in a while, not per session.
+static PACING_WARNING: crate::throttle::Throttle = crate::throttle::Throttle::new();
 
 /// Counters of the peer server.
 #[derive(Debug, Default)]
@@ -278,6 +283,13 @@ impl PeerServer {
                 r = listener.accept() => match r { Ok((s, a)) => (s, a.ip()), Err(_) => continue },
                 _ = shutdown.wait_for(|v| *v) => return,
             };
+            if let Some(rate) = self.limits.session_rate {
+                if let Err(e) = crate::netio::set_pacing_rate(&s, rate) {
+                    if PACING_WARNING.due() {
+                        tracing::warn!(error = %e, "cannot pace a peer session (p2p.session_rate); it sends unpaced");
+                    }
+                }
+            }
             let (Ok(permit), Ok(shaking)) =
                 (sessions.clone().try_acquire_owned(), handshakes.clone().try_acquire_owned())
             else {
