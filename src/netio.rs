@@ -23,16 +23,16 @@ pub async fn read_exact_vec<R: AsyncRead + Unpin>(r: &mut R, len: usize) -> std:
 /// (`SO_MAX_PACING_RATE`; TCP paces by itself once it is set, whatever the qdisc). A burst
 /// written at once then leaves over time instead of filling the link's queue.
 pub fn set_pacing_rate(s: &impl AsRawFd, bytes_per_second: u64) -> std::io::Result<()> {
-    // 64 bits wide: the kernel takes an unsigned long where the option value is that long.
-    let rate: u64 = bytes_per_second;
+    // The kernel reads an unsigned long where the value is that long (4.20 and later).
+    let rate = libc::c_ulong::try_from(bytes_per_second).unwrap_or(libc::c_ulong::MAX);
     // SAFETY: a plain setsockopt on an open descriptor, with a value the call owns and its size.
     let rc = unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_MAX_PACING_RATE,
-            (&rate as *const u64).cast(),
-            std::mem::size_of::<u64>() as libc::socklen_t,
+            (&rate as *const libc::c_ulong).cast(),
+            std::mem::size_of::<libc::c_ulong>() as libc::socklen_t,
         )
     };
     if rc == 0 {
@@ -63,33 +63,33 @@ pub async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, bufs: &[&[u8]]
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
 
     #[tokio::test]
     async fn a_pacing_rate_is_set_on_the_socket() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let s = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let read = |s: &tokio::net::TcpStream| {
-            let mut v: u64 = 0;
-            let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-            // SAFETY: getsockopt into a u64 the test owns, its size given.
+            let mut v: libc::c_ulong = 0;
+            let mut len = std::mem::size_of::<libc::c_ulong>() as libc::socklen_t;
+            // SAFETY: getsockopt into a c_ulong the test owns, its size given.
             let rc = unsafe {
                 libc::getsockopt(
                     s.as_raw_fd(),
                     libc::SOL_SOCKET,
                     libc::SO_MAX_PACING_RATE,
-                    (&mut v as *mut u64).cast(),
+                    (&mut v as *mut libc::c_ulong).cast(),
                     &mut len,
                 )
             };
-            assert_eq!(rc, 0);
+            assert_eq!((rc, len as usize), (0, std::mem::size_of::<libc::c_ulong>()));
             v
         };
-        assert_eq!(read(&s), u64::MAX, "unpaced at first");
+        assert_eq!(read(&s), libc::c_ulong::MAX, "unpaced at first");
         set_pacing_rate(&s, 12 << 20).unwrap();
         assert_eq!(read(&s), 12 << 20);
     }
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
 
     /// Takes at most `step` bytes per call, like a socket with a small send buffer.
     struct Trickle {

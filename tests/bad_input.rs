@@ -274,6 +274,13 @@ fn bad_configs_fail_with_the_key_named() {
     }
     let cfg = env.config(&p2p("listen = \"10.0.0.5:7000\"", &key), "");
     assert!(run(Command::new(VMTD).arg("--check").arg("--config").arg(&cfg)).status.success());
+    // No pacing ("0"), and a rate that lets two default stripes (1 MiB) go within the default
+    // peer_timeout (10 s); a slower one is refused.
+    for (rate, ok) in [("0", true), ("205KiB", true), ("204KiB", false), ("12MiB", true)] {
+        let cfg = env.config(&p2p(&format!("listen = \"10.0.0.5:7000\"\nsession_rate = \"{rate}\""), &key), "");
+        let out = run(Command::new(VMTD).arg("--check").arg("--config").arg(&cfg));
+        assert_eq!(out.status.success(), ok, "session_rate = {rate}: {}", String::from_utf8_lossy(&out.stderr));
+    }
     let cases = [
         ("bogus_key = 1", "", "bogus_key"),
         ("", "[[image]]\nname = \"a b\"\norigin = \"file:///x\"\n", "image[0].name"),

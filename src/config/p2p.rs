@@ -218,8 +218,14 @@ impl P2pConfig {
             .transpose()
             .map_err(|m| invalid("p2p.session_rate", m))?
             .filter(|r| *r > 0);
-        if session_rate.is_some_and(|r| r < 64 << 10) {
-            return Err(invalid("p2p.session_rate", "must be at least 64KiB (per second), or 0 for none"));
+        // Paced slower, a reply of one stripe could not reach its asker within its peer_timeout,
+        // and every session would be taken for a failed one.
+        let floor = ((2 * stripe) as f64 / peer_timeout.as_secs_f64()).ceil().max(f64::from(64u32 << 10)) as u64;
+        if session_rate.is_some_and(|r| r < floor) {
+            return Err(invalid(
+                "p2p.session_rate",
+                format!("must be at least {floor} bytes per second (two stripes within p2p.peer_timeout, and 64KiB), or 0 for none"),
+            ));
         }
         let upload_buffer = parse_size(&self.upload_buffer).map_err(|m| invalid("p2p.upload_buffer", m))?;
         if !(1 << 20..=crate::p2p::server::MAX_BUFFER).contains(&upload_buffer) {
